@@ -1,0 +1,204 @@
+"""The `fedrad` command: one entry point for hospital IT, consortium operators and fine-tuning sites.
+
+Every subcommand imports its implementation lazily, so `fedrad --help` and the Flower processes that
+import this package stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Flower phones home and checks for updates unless told not to; fedrad runs on closed networks.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+EPILOG = """\
+hospital IT:   fedrad scan /data/dicom        (see what would be used; nothing is sent)
+               fedrad node --data /data/dicom --superlink coordinator:9092
+operator:      fedrad coordinator; fedrad run --superlink 127.0.0.1 ; fedrad release RUN_DIR --key K
+fine-tuning:   fedrad verify BUNDLE --pubkey P; fedrad finetune BUNDLE --data DIR --labels CSV
+everything at once on this machine:  fedrad demo
+"""
+
+
+def _lazy(target: str):
+    """Return a handler that imports `module:function` only when the subcommand runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        module, func = target.split(":")
+        return int(getattr(importlib.import_module(module), func)(args) or 0)
+
+    return run
+
+
+def _add_scan(sub) -> None:
+    p = sub.add_parser("scan", help="inventory a folder of DICOMs (or PNG+CSV) a site would train on")
+    p.add_argument("data", help="folder to walk recursively (any file names, .dcm or not)")
+    p.add_argument("--json", dest="json_out", default=None, help="where to write the inventory JSON "
+                   "(default: <data>/.fedrad-scan.json if writable, else ./fedrad-scan.json)")
+    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode pixels to prove each image is usable (default on)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_lazy("fedrad.client.scan:cmd_scan"))
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="centralised contrastive pretraining on one folder (baseline)")
+    p.add_argument("data", help="DICOM folder, or PNG folder with manifest.csv")
+    p.add_argument("--objective", default="simclr", choices=["simclr", "supcon", "micle", "simsiam"])
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--label-fields", default="view,body_part,sex,age",
+                   help="header fields whose combination is the SupCon label")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=None, help="decoded-image cache folder (default <data>/.fedrad-cache)")
+    p.add_argument("--out", default="pretrained.safetensors")
+    p.set_defaults(func=_lazy("fedrad.client.pretrain:cmd_pretrain"))
+
+
+def _add_federation(sub) -> None:
+    p = sub.add_parser("coordinator", help="start the consortium's Flower SuperLink")
+    p.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on")
+    p.add_argument("--state", default="fedrad-coordinator", help="folder for the SuperLink database and logs")
+    p.add_argument("--certs", default=None, help="folder from `fedrad certs init` (TLS + node auth)")
+    p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_coordinator"))
+
+    p = sub.add_parser("node", help="start a site's Flower SuperNode next to its DICOMs")
+    p.add_argument("--data", required=True, help="the site's image folder")
+    p.add_argument("--superlink", default="127.0.0.1:9092", help="coordinator Fleet API address HOST:PORT")
+    p.add_argument("--cache", default=None, help="decoded-image cache (default <data>/.fedrad-cache)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--port", type=int, default=9094, help="local ClientAppIo port (unique per node)")
+    p.add_argument("--labels", default=None, help="optional CSV of labels to keep site-local")
+    p.add_argument("--certs", default=None, help="site folder from `fedrad certs init` (CA + node key)")
+    p.add_argument("--site-name", default=None, help="name of this site's key in the certs folder")
+    p.add_argument("--no-scan", action="store_true", help="skip the inventory scan before joining")
+    p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_node"))
+
+    p = sub.add_parser("run", help="submit a pretraining run to the coordinator and follow it")
+    p.add_argument("--superlink", default="127.0.0.1:9093", help="coordinator Control API HOST:PORT")
+    p.add_argument("--run-dir", default=None, help="where checkpoints, metrics and plots go")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--config", "-c", action="append", default=[],
+                   help="run-config override KEY=VALUE (e.g. -c num-server-rounds=5), repeatable")
+    p.add_argument("--certs", default=None, help="folder with the consortium CA (TLS)")
+    p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_run"))
+
+    p = sub.add_parser("demo", help="a real local consortium: 3 synthetic hospitals, SuperLink + 3 SuperNodes")
+    p.add_argument("--workdir", default="fedrad-demo", help="folder for the sites, run directory and bundle")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--objective", default="supcon", choices=["simclr", "supcon", "micle", "simsiam"])
+    p.add_argument("--secure", action="store_true", help="TLS + SuperNode authentication on loopback")
+    p.add_argument("--config", "-c", action="append", default=[], help="extra run-config KEY=VALUE")
+    p.set_defaults(func=_lazy("fedrad.deploy.demo:cmd_demo"))
+
+
+def _add_release(sub) -> None:
+    p = sub.add_parser("keys", help="consortium signing keys")
+    ks = p.add_subparsers(dest="keys_cmd", required=True)
+    g = ks.add_parser("generate", help="make an Ed25519 signing key pair")
+    g.add_argument("--out", default="fedrad-signing", help="path prefix: writes PREFIX.key (0600) and PREFIX.pub")
+    g.set_defaults(func=_lazy("fedrad.server.release:cmd_keys_generate"))
+
+    p = sub.add_parser("release", help="write a signed foundation-weights bundle from a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--key", required=True, help="private signing key (from `fedrad keys generate`)")
+    p.add_argument("--out", default=None, help="bundle folder (default RUN_DIR/release)")
+    p.set_defaults(func=_lazy("fedrad.server.release:cmd_release"))
+
+    p = sub.add_parser("verify", help="check a bundle's signature and weight hash")
+    p.add_argument("bundle")
+    p.add_argument("--pubkey", required=True)
+    p.set_defaults(func=_lazy("fedrad.server.release:cmd_verify"))
+
+    p = sub.add_parser("finetune", help="label-efficiency fine-tuning of a bundle on a site's labelled set")
+    p.add_argument("bundle")
+    p.add_argument("--pubkey", default=None, help="verify the bundle first (required unless --insecure)")
+    p.add_argument("--insecure", action="store_true", help="skip signature verification")
+    p.add_argument("--data", required=True, help="DICOM folder, PNG folder, or a .npz (MedMNIST layout)")
+    p.add_argument("--labels", default=None, help="CSV of labels (file or SOPInstanceUID -> label columns)")
+    p.add_argument("--target", default=None, help="label column(s), comma separated (multi-label if several)")
+    p.add_argument("--mode", default="linear", choices=["linear", "mlp", "full"])
+    p.add_argument("--fractions", default="0.1,1.0")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--compare", default=None, help="a second bundle to compare against")
+    p.add_argument("--dp-epsilon", type=float, default=None)
+    p.add_argument("--dp-delta", type=float, default=1e-5)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="finetune-results")
+    p.set_defaults(func=_lazy("fedrad.client.finetune:cmd_finetune"))
+
+    p = sub.add_parser("embed", help="write embeddings (npy + CSV) and a t-SNE plot for a folder")
+    p.add_argument("bundle")
+    p.add_argument("--pubkey", default=None)
+    p.add_argument("--insecure", action="store_true")
+    p.add_argument("--data", required=True)
+    p.add_argument("--color-by", default=None, help="label column to colour the t-SNE plot")
+    p.add_argument("--out", default="embeddings")
+    p.set_defaults(func=_lazy("fedrad.client.embed:cmd_embed"))
+
+
+def _add_security(sub) -> None:
+    p = sub.add_parser("certs", help="consortium CA, coordinator TLS certificate and site keys")
+    cs = p.add_subparsers(dest="certs_cmd", required=True)
+    i = cs.add_parser("init", help="make a CA, a coordinator certificate and per-site node keys")
+    i.add_argument("--out", default="fedrad-certs")
+    i.add_argument("--sites", default="site-a,site-b,site-c", help="site names, comma separated")
+    i.add_argument("--hosts", default="localhost,127.0.0.1,::1", help="coordinator DNS names / IPs (SANs)")
+    i.set_defaults(func=_lazy("fedrad.deploy.certs:cmd_certs_init"))
+    r = cs.add_parser("register", help="enrol a site's public key with the coordinator")
+    r.add_argument("pubkey", help="the site's node public key file")
+    r.add_argument("--superlink", default="127.0.0.1:9093")
+    r.add_argument("--certs", required=True, help="folder holding the consortium CA")
+    r.set_defaults(func=_lazy("fedrad.deploy.certs:cmd_register"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedrad",
+        description="Federated contrastive pretraining for radiology: only model weights leave a site.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_scan(sub)
+    _add_pretrain(sub)
+    _add_federation(sub)
+    _add_release(sub)
+    _add_security(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from importlib.metadata import version
+
+        print(f"fedrad {version('fedrad')}")
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, PermissionError) as exc:
+        # Bad input: say what and where, without a traceback wall.
+        print(f"fedrad {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
