@@ -17,7 +17,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 EPILOG = """\
 hospital IT:   fedrad scan /data/dicom        (see what would be used; nothing is sent)
-               fedrad node --data /data/dicom --superlink coordinator:9092
+               fedrad node --data /data/dicom --superlink coordinator:8000
 operator:      fedrad coordinator; fedrad run --superlink 127.0.0.1 ; fedrad release RUN_DIR --key K
 fine-tuning:   fedrad verify BUNDLE --pubkey P; fedrad finetune BUNDLE --data DIR --labels CSV
 everything at once on this machine:  fedrad demo
@@ -65,14 +65,15 @@ def _add_pretrain(sub) -> None:
 
 def _add_federation(sub) -> None:
     p = sub.add_parser("coordinator", help="start the consortium's Flower SuperLink")
-    p.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on")
+    p.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="the SuperLink's one port (Fleet + Control API)")
     p.add_argument("--state", default="fedrad-coordinator", help="folder for the SuperLink database and logs")
     p.add_argument("--certs", default=None, help="folder from `fedrad certs init` (TLS + node auth)")
     p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_coordinator"))
 
     p = sub.add_parser("node", help="start a site's Flower SuperNode next to its DICOMs")
     p.add_argument("--data", required=True, help="the site's image folder")
-    p.add_argument("--superlink", default="127.0.0.1:9092", help="coordinator Fleet API address HOST:PORT")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help="coordinator address HOST:PORT")
     p.add_argument("--cache", default=None, help="decoded-image cache (default <data>/.fedrad-cache)")
     p.add_argument("--device", default="auto")
     p.add_argument("--port", type=int, default=9094, help="local ClientAppIo port (unique per node)")
@@ -80,10 +81,12 @@ def _add_federation(sub) -> None:
     p.add_argument("--certs", default=None, help="site folder from `fedrad certs init` (CA + node key)")
     p.add_argument("--site-name", default=None, help="name of this site's key in the certs folder")
     p.add_argument("--no-scan", action="store_true", help="skip the inventory scan before joining")
+    p.add_argument("--audit-dir", default=None,
+                   help="log a description of every outgoing message (names, shapes, numbers) here")
     p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_node"))
 
     p = sub.add_parser("run", help="submit a pretraining run to the coordinator and follow it")
-    p.add_argument("--superlink", default="127.0.0.1:9093", help="coordinator Control API HOST:PORT")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help="coordinator address HOST:PORT")
     p.add_argument("--run-dir", default=None, help="where checkpoints, metrics and plots go")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--config", "-c", action="append", default=[],
@@ -156,7 +159,7 @@ def _add_security(sub) -> None:
     i.set_defaults(func=_lazy("fedrad.deploy.certs:cmd_certs_init"))
     r = cs.add_parser("register", help="enrol a site's public key with the coordinator")
     r.add_argument("pubkey", help="the site's node public key file")
-    r.add_argument("--superlink", default="127.0.0.1:9093")
+    r.add_argument("--superlink", default="127.0.0.1:8000")
     r.add_argument("--certs", required=True, help="folder holding the consortium CA")
     r.set_defaults(func=_lazy("fedrad.deploy.certs:cmd_register"))
 

@@ -1,0 +1,31 @@
+"""Flower ClientApp: what runs at a hospital for every message from the coordinator.
+
+Flower starts a fresh process per message, so this module imports only Flower; torch, timm and pydicom
+are imported inside the handlers (via `fedrad.client.task`).
+"""
+
+from __future__ import annotations
+
+from fedrad.client.wire_guard import wire_guard_mod
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+# The wire guard is the last thing a reply passes on its way out: it refuses anything that is not model
+# arrays of the model's own shapes plus numeric metrics, and can log every outgoing message for audit.
+app = ClientApp(mods=[wire_guard_mod])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local contrastive pretraining on this site's images, starting from the global weights."""
+    from fedrad.client.task import handle_train
+
+    return handle_train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Held-out contrastive loss and alignment/uniformity of the global model on this site's images."""
+    from fedrad.client.task import handle_evaluate
+
+    return handle_evaluate(msg, context)

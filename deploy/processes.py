@@ -1,0 +1,375 @@
+"""Start and stop the real Flower processes: SuperLink (coordinator), SuperNodes (sites), `flwr run`.
+
+Everything started here is tracked in a `ProcessGroup` that stops its processes (their whole process
+groups, so Flower's own children such as flower-superexec and flwr-clientapp go too) on exit, on
+Ctrl-C and on failure: nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PORT = 8000  # flwr 1.41 SuperLink: Fleet, Control and Runtime APIs share one HTTP port
+
+
+def flower_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: no telemetry, no update check, this venv's tools on PATH."""
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def tool(name: str) -> str:
+    """Path of a Flower executable installed beside this Python."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"'{name}' not found: is flwr installed in this environment?")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args[0] if proc.args else ''} exited with {proc.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
+
+
+class ProcessGroup:
+    """Owns every process it starts and stops all of them, however the program ends."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self._logs: list = []
+        atexit.register(self.stop)
+
+    def start(self, name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> subprocess.Popen:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_fh = open(log_path, "ab")
+        self._logs.append(log_fh)
+        proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=env or flower_env(),
+                                cwd=cwd, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def kill(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to the process's whole group (used by tests to crash a node or the coordinator)."""
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def stop(self, grace: float = 5.0) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + grace
+        for _, proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        for _, proc in self.procs:
+            # SIGKILL the group even if the leader exited: its children (flwr-clientapp) may linger.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.procs.clear()
+        for fh in self._logs:
+            fh.close()
+        self._logs.clear()
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@dataclass
+class TlsFiles:
+    """Paths from `fedrad certs init` (see fedrad.deploy.certs)."""
+
+    ca_cert: Path
+    server_cert: Path | None = None
+    server_key: Path | None = None
+    node_private_key: Path | None = None
+    node_public_key: Path | None = None
+
+
+def superlink_command(state_dir: Path, host: str, port: int, tls: TlsFiles | None = None,
+                      node_auth: bool = False) -> list[str]:
+    cmd = [tool("flower-superlink"), "--disable-runtime-dependency-installation",
+           "--database", str(state_dir / "superlink.db"), "--host", host, "--port", str(port)]
+    if tls is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+                "--ssl-keyfile", str(tls.server_key)]
+        if node_auth:
+            cmd.append("--enable-supernode-auth")
+    return cmd
+
+
+def toml_value(value: object) -> str:
+    """A node-config / run-config value as Flower's parser wants it (TOML scalars)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    if '"' in text:
+        raise ValueError(f"value {text!r} may not contain a double quote")
+    return json.dumps(text)
+
+
+def node_config_string(config: dict[str, object]) -> str:
+    return " ".join(f"{k}={toml_value(v)}" for k, v in config.items() if v not in (None, ""))
+
+
+def supernode_command(superlink: str, port: int, node_config: dict[str, object],
+                      tls: TlsFiles | None = None) -> list[str]:
+    cmd = [tool("flower-supernode"), "--superlink", superlink, "--port", str(port),
+           "--node-config", node_config_string(node_config)]
+    if tls is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(tls.ca_cert)]
+        if tls.node_private_key:
+            cmd += ["--auth-supernode-private-key", str(tls.node_private_key)]
+            if tls.node_public_key:
+                cmd += ["--auth-supernode-public-key", str(tls.node_public_key)]
+    return cmd
+
+
+def app_dir() -> Path:
+    """The Flower app folder: fedrad's project root (its pyproject.toml is the app config)."""
+    root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if pyproject.exists() and "tool" in (data := tomllib.loads(pyproject.read_text())) and "flwr" in data["tool"]:
+        return root
+    raise FileNotFoundError(
+        f"no Flower app config at {pyproject}: install fedrad from its source folder (pip install -e .)")
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """`KEY=VALUE` strings -> typed values (TOML if it parses, else a plain string)."""
+    out: dict[str, object] = {}
+    for item in items:
+        for part in item.split():
+            if "=" not in part:
+                raise ValueError(f"run-config override '{part}' is not KEY=VALUE")
+            key, raw = part.split("=", 1)
+            try:
+                out[key] = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                out[key] = raw
+    return out
+
+
+def write_flwr_home(home: Path, address: str, ca_cert: Path | None = None) -> Path:
+    """A private FLWR_HOME whose config.toml names the coordinator's Control API as connection 'fedrad'."""
+    home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", 'default = "fedrad"', "", "[superlink.fedrad]", f"address = {json.dumps(address)}"]
+    if ca_cert is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f"root-certificates = {json.dumps(str(ca_cert))}")
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+    return home
+
+
+def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | None = None,
+               ca_cert: Path | None = None, timeout: float | None = None, app: Path | None = None,
+               echo: bool = True) -> int:
+    """`flwr run <fedrad app> fedrad --stream` with overrides; returns flwr's exit code.
+
+    The output streams to this terminal (and to `log_path` when given) so an operator watches the rounds.
+    """
+    home = write_flwr_home(Path(tempfile.mkdtemp(prefix="fedrad-flwr-")), superlink, ca_cert)
+    cmd = [tool("flwr"), "run", str(app or app_dir()), "fedrad", "--stream"]
+    if overrides:
+        cmd += ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())]
+    env = flower_env({"FLWR_HOME": str(home)})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            start_new_session=True)
+    log_fh = open(log_path, "a", encoding="utf-8") if log_path else None
+    # A watchdog, because a stalled run prints nothing that a line-by-line check could notice.
+    watchdog = threading.Timer(timeout, _kill_group, args=(proc,)) if timeout else None
+    if watchdog:
+        watchdog.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if log_fh:
+                log_fh.write(line)
+                log_fh.flush()
+            if echo and _worth_showing(line):
+                print(line.rstrip(), flush=True)
+        return proc.wait()
+    finally:
+        if watchdog:
+            watchdog.cancel()
+        if proc.poll() is None:
+            _kill_group(proc)
+        if log_fh:
+            log_fh.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _worth_showing(line: str) -> bool:
+    """Keep the operator's terminal readable: fedrad's own progress lines, warnings and errors."""
+    return "fedrad" in line or "ERROR" in line or "WARNING" in line or "Successfully" in line
+
+
+# --- CLI handlers ----------------------------------------------------------------------------------
+
+
+def _tls_from(certs: str | None, site: str | None = None) -> TlsFiles | None:
+    if not certs:
+        return None
+    from fedrad.deploy.certs import tls_files
+
+    return tls_files(Path(certs), site)
+
+
+def cmd_coordinator(args) -> int:
+    state = Path(args.state).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    tls = _tls_from(args.certs)
+    cmd = superlink_command(state, args.host, args.port, tls, node_auth=tls is not None)
+    print(f"fedrad coordinator: SuperLink on {args.host}:{args.port} "
+          f"({'TLS + node authentication' if tls else 'insecure, loopback/trusted network only'}); "
+          f"state in {state}. Ctrl-C stops it.", flush=True)
+    return _run_foreground(cmd, flower_env())
+
+
+def cmd_node(args) -> int:
+    data = Path(args.data).resolve()
+    if not data.is_dir():
+        raise FileNotFoundError(f"--data {data}: no such folder")
+    if not args.no_scan:
+        from fedrad.client.scan import scan_folder
+
+        print(f"fedrad node: scanning {data} to show what this site would train on ...", flush=True)
+        report = scan_folder(data, decode=False, progress=True)
+        usable = report.get("usable", report.get("images_usable", "?"))
+        print(f"fedrad node: {usable} usable images. Only model weights and aggregate numbers will leave "
+              f"this machine; images and headers stay here.", flush=True)
+    node_config = {"data-dir": str(data), "cache-dir": args.cache, "device": args.device,
+                   "labels": args.labels, "audit-dir": getattr(args, "audit_dir", None)}
+    tls = _tls_from(args.certs, args.site_name)
+    cmd = supernode_command(args.superlink, args.port, node_config, tls)
+    print(f"fedrad node: joining the coordinator at {args.superlink} (ClientApp port {args.port}). "
+          "Ctrl-C leaves.", flush=True)
+    return _run_foreground(cmd, flower_env())
+
+
+def cmd_run(args) -> int:
+    overrides = parse_overrides(args.config)
+    if args.resume:
+        run_dir = Path(args.resume).resolve()
+        if not (run_dir / "run.json").exists():
+            raise FileNotFoundError(f"--resume {run_dir}: not a fedrad run directory (no run.json)")
+        # The original run's config, then any new overrides (e.g. a new timeout).
+        original = json.loads((run_dir / "run.json").read_text())["config"]
+        merged = {k: v for k, v in original.items() if k not in ("resume", "run-dir")}
+        merged.update(overrides)
+        overrides = merged
+        overrides["resume"] = True
+    else:
+        run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    overrides["run-dir"] = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ca = _tls_from(args.certs).ca_cert if args.certs else None
+    print(f"fedrad run: submitting to {args.superlink}; run directory {run_dir}", flush=True)
+    code = submit_run(args.superlink, overrides, log_path=run_dir / "flwr-run.log", ca_cert=ca)
+    return report_run(run_dir, code)
+
+
+def report_run(run_dir: Path, flwr_code: int) -> int:
+    """Exit status from what the run left behind: flwr's own exit code says little about the ServerApp."""
+    summary = run_dir / "summary.json"
+    if flwr_code == 0 and summary.exists():
+        s = json.loads(summary.read_text())
+        print(f"fedrad run: finished {s['rounds']} rounds; global weights {run_dir / s['global_weights']}")
+        return 0
+    print(f"fedrad run: the run did not finish (flwr exit {flwr_code}); see {run_dir / 'flwr-run.log'}. "
+          f"Continue it with: fedrad run --resume {run_dir}", file=sys.stderr)
+    return 1
+
+
+def _run_foreground(cmd: list[str], env: dict[str, str]) -> int:
+    """Run a long-lived Flower process in the foreground; Ctrl-C/SIGTERM stop it and its children."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, _frame):
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        forward(signal.SIGINT, None)
+        try:
+            return proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return 130
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

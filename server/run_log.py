@@ -1,0 +1,80 @@
+"""The run directory's human side: `metrics.jsonl` (one line per round) and PNG plots refreshed each round."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedrad.common.atomic import atomic_write
+
+
+def append_metrics(run_dir: Path, entry: dict[str, Any]) -> None:
+    """Append one round's record. A resumed run first drops lines for rounds it is about to redo."""
+    path = Path(run_dir) / "metrics.jsonl"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry, sort_keys=True) + "\n")
+        fh.flush()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash; the round is redone on resume
+    return rows
+
+
+def truncate_metrics(run_dir: Path, last_round: int) -> None:
+    """Keep only rounds <= last_round (used on resume so a crashed round is not counted twice)."""
+    rows = [r for r in read_metrics(run_dir) if int(r.get("round", 0)) <= last_round]
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    atomic_write(Path(run_dir) / "metrics.jsonl", lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def plot_run(run_dir: Path) -> Path | None:
+    """Loss per round (global and per site) and, when DP is on, epsilon per round, as one PNG."""
+    rows = read_metrics(run_dir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    has_eps = any(r.get("dp_epsilon") is not None for r in rows)
+    fig, axes = plt.subplots(1, 3 if has_eps else 2, figsize=(14 if has_eps else 10, 4))
+    ax = axes[0]
+    ax.plot(rounds, [r.get("train_loss") for r in rows], "o-", label="train (weighted mean)")
+    if any(r.get("eval_loss") is not None for r in rows):
+        ax.plot(rounds, [r.get("eval_loss") for r in rows], "s--", label="held-out (weighted mean)")
+    ax.set(title="contrastive loss per round", xlabel="round", ylabel="loss")
+    ax.legend()
+    ax = axes[1]
+    sites: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        for node, m in (r.get("sites") or {}).items():
+            if m.get("train_loss") is not None:
+                sites.setdefault(node, []).append((r["round"], m["train_loss"]))
+    for node, pts in sorted(sites.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"node {node}")
+    ax.set(title="train loss per site", xlabel="round", ylabel="loss")
+    if sites:
+        ax.legend(fontsize=7)
+    if has_eps:
+        ax = axes[2]
+        ax.plot(rounds, [r.get("dp_epsilon") for r in rows], "o-", color="crimson")
+        ax.set(title="privacy spent (epsilon)", xlabel="round", ylabel="epsilon")
+    fig.tight_layout()
+    out = Path(run_dir) / "plots" / "loss.png"
+    atomic_write(out, lambda p: fig.savefig(p, dpi=90, format="png"))
+    plt.close(fig)
+    return out

@@ -1,0 +1,191 @@
+"""Federation on real Flower processes: a SuperLink and SuperNodes on loopback, a tiny model, real DICOMs.
+
+Each test starts its own consortium and stops every process it started.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedrad.server.run_log import read_metrics
+from federation_harness import POISON_APP, Consortium
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory) -> list[Path]:
+    from fedrad.deploy.synthetic import write_synthetic_sites
+
+    root = tmp_path_factory.mktemp("sites")
+    return write_synthetic_sites(root, n_sites=3, patients_per_site=6, images_per_patient=(1, 3), size=64, seed=1)
+
+
+@pytest.fixture
+def consortium(tmp_path):
+    c = Consortium(tmp_path)
+    yield c
+    c.stop()
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_rounds_checkpoints_and_wire_content(consortium, sites, tmp_path):
+    """Two sites, two rounds: the run directory is complete and only model arrays and numbers left the sites."""
+    consortium.start_link()
+    for i, site in enumerate(sites[:2]):
+        consortium.start_node(f"s{i}", site)
+    run_dir = tmp_path / "run"
+    code = consortium.run({"num-server-rounds": 2, "objective": "micle", "run-dir": str(run_dir)})
+    assert code == 0
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["sites_aggregated"] == 2 for r in rows)
+    assert all(np.isfinite(r["train_loss"]) for r in rows)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.safetensors",
+                                                                          "round-0002.safetensors"]
+    assert (run_dir / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    import safetensors.torch
+    import timm
+
+    backbone = timm.create_model("test_resnet", in_chans=1, num_classes=0)
+    backbone.load_state_dict(safetensors.torch.load_file(run_dir / "global.safetensors"))
+
+    # What crossed the wire, as recorded by each site's outgoing-message audit.
+    from fedrad.common.models import build_model
+
+    model_shapes = {k: list(v.shape) for k, v in build_model("test_resnet", "micle", 32, proj_dim=32)
+                    .state_dict().items()}
+    header_strings = _header_strings(sites[:2])
+    entries = []
+    for name in ("s0", "s1"):
+        lines = (tmp_path / "audit" / name / "outgoing.jsonl").read_text().splitlines()
+        entries += [json.loads(line) for line in lines]
+    assert {e["message_type"] for e in entries} == {"train", "evaluate"}
+    assert len(entries) == 2 * 2 * 2  # 2 sites x 2 rounds x (train + evaluate)
+    for e in entries:
+        assert e["blocked"] is None
+        for record in e["content"].values():
+            assert record["kind"] in ("arrays", "metrics"), record
+            if record["kind"] == "arrays":
+                shapes = {k: v["shape"] for k, v in record["arrays"].items()}
+                assert shapes == model_shapes  # exactly the model's arrays, nothing shaped like an image
+            else:
+                for value in record["values"].values():
+                    assert isinstance(value, int | float)
+        text = json.dumps(e)
+        for s in header_strings:
+            assert s not in text, f"header value {s!r} left the site"
+
+
+def _header_strings(sites: list[Path]) -> set[str]:
+    """Identifying strings from the sites' DICOM headers (IDs, UIDs, names) that must never be sent."""
+    import pydicom
+
+    out: set[str] = set()
+    for site in sites:
+        for path in sorted(site.rglob("*.dcm"))[:10]:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            for tag in ("PatientID", "PatientName", "StudyInstanceUID", "SOPInstanceUID", "InstitutionName"):
+                value = str(ds.get(tag, "") or "")
+                if len(value) >= 4:
+                    out.add(value)
+    assert out, "the synthetic sites should carry identifiers to look for"
+    return out
+
+
+def test_poisoned_update_is_rejected(consortium, sites, tmp_path):
+    """A site sending NaN and a site sending a scaled update are rejected; the round goes on with the rest."""
+    consortium.start_link()
+    consortium.start_node("good", sites[0])
+    consortium.start_node("nan", sites[1], env={"FEDRAD_TEST_POISON": "nan"})
+    consortium.start_node("scaled", sites[2], env={"FEDRAD_TEST_POISON": "scale"})
+    run_dir = tmp_path / "run"
+    code = consortium.run({"num-server-rounds": 1, "objective": "simclr", "run-dir": str(run_dir),
+                           "min-train-nodes": 1, "min-available-nodes": 3}, app=POISON_APP)
+    assert code == 0
+    (row,) = read_metrics(run_dir)
+    assert row["sites_answered"] == 3
+    assert row["sites_aggregated"] == 1
+    reasons = sorted(row["rejected"].values())
+    assert len(reasons) == 2
+    assert any("NaN" in r for r in reasons)
+    assert any("update norm" in r for r in reasons)
+    from safetensors.numpy import load_file
+
+    tensors = load_file(run_dir / "checkpoints" / "round-0001.safetensors")
+    assert all(np.isfinite(v).all() for v in tensors.values() if v.dtype.kind == "f")
+
+
+def test_node_killed_mid_round_then_rejoins(consortium, sites, tmp_path):
+    """SIGKILL one of three nodes during round 1: the round completes with two; restarted, it takes part again."""
+    consortium.start_link()
+    for i, site in enumerate(sites):
+        consortium.start_node(f"s{i}", site)
+    run_dir = tmp_path / "run"
+
+    import threading
+
+    result: dict[str, int] = {}
+    runner = threading.Thread(target=lambda: result.setdefault("code", consortium.run(
+        {"num-server-rounds": 3, "objective": "simclr", "run-dir": str(run_dir), "min-train-nodes": 2,
+         "min-available-nodes": 2, "round-timeout": 90.0, "local-steps": 6})))
+    runner.start()
+    victim_log = tmp_path / "logs" / "node-s2.log"
+    # Kill the node once it has received its first training message (its ClientApp is then running).
+    _wait_for(lambda: victim_log.exists() and re.search(r"Received|train", victim_log.read_text()) is not None,
+              240, "node s2 to receive a training message")
+    consortium.group.kill(consortium.nodes["s2"])
+    _wait_for(lambda: bool(read_metrics(run_dir)), 240, "round 1 to complete without s2")
+    consortium.start_node("s2", sites[2])
+    runner.join(timeout=500)
+    assert result.get("code") == 0
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[0]["sites_aggregated"] == 2
+    assert max(r["sites_aggregated"] for r in rows[1:]) == 3, "the restarted node should take part again"
+
+
+def test_coordinator_crash_and_resume(consortium, sites, tmp_path):
+    """Kill the SuperLink after round 1; a restarted coordinator resumes and the run ends with all rounds."""
+    consortium.start_link()
+    for i, site in enumerate(sites[:2]):
+        consortium.start_node(f"s{i}", site)
+    run_dir = tmp_path / "run"
+
+    import threading
+
+    result: dict[str, int] = {}
+    cfg = {"num-server-rounds": 3, "objective": "supcon", "run-dir": str(run_dir), "strategy": "fedadam"}
+    runner = threading.Thread(target=lambda: result.setdefault("code", consortium.run(cfg)))
+    runner.start()
+    _wait_for(lambda: (run_dir / "checkpoints" / "round-0001.safetensors").exists(), 300, "round 1 checkpoint")
+    consortium.group.kill(consortium.link)
+    runner.join(timeout=60)
+    assert not (run_dir / "summary.json").exists()
+    done = [r["round"] for r in read_metrics(run_dir)]
+    assert done and done[-1] < 3
+
+    consortium.start_link()  # same port and database: the SuperNodes reconnect by themselves
+    code = consortium.run(dict(cfg, resume=True))
+    assert code == 0
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 3
+    run_info = json.loads((run_dir / "run.json").read_text())
+    assert run_info["start_round"] == done[-1] + 1
