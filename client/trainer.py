@@ -1,0 +1,404 @@
+"""The local training loop every site runs, for every objective, in a Flower round or `fedrad pretrain`.
+
+One loop: the objective decides how the second view is built (augmentation or another image of the same
+patient) and whether labels are passed. torch is imported lazily: a Flower ClientApp process imports this
+module for every message, and the dataclasses must be usable without paying for torch/timm.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from fedrad.client.site_data import SiteData
+    from torch import nn
+
+EVAL_SEED = 1234  # fixed: held-out views are the same in every round and at every site
+HOLDOUT_FRACTION = 0.1
+MAX_EVAL_IMAGES = 512
+MIN_HOLDOUT_SITE = 20
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "simclr"
+    steps: int = 100
+    batch_size: int = 32
+    lr: float = 3e-4
+    optimizer: str = "adamw"  # adamw | sgd | lars
+    weight_decay: float = 1e-4
+    temperature: float = 0.1
+    label_fields: list[str] | str = field(default_factory=lambda: ["view", "body_part", "sex", "age"])
+    device: str = "auto"
+    seed: int = 0
+    grad_clip: float | None = 1.0  # max global grad norm; None/0 disables
+    amp: str | bool = "auto"  # auto: bf16 autocast on CUDA, off on CPU; "bf16" / True forces; "off" / False
+    hflip: bool = False
+    image_size: int | None = None  # None: the data's size; else views are resized on the device
+    channels_last: bool | None = None  # None: on for CUDA only (slower for small convs on CPU)
+    holdout: bool = True  # keep ~10% of patients out of training for evaluate_local
+
+    def fields_list(self) -> list[str]:
+        if isinstance(self.label_fields, str):
+            return [f.strip() for f in self.label_fields.split(",") if f.strip()]
+        return list(self.label_fields)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    steps: int
+    examples: int
+    seconds: float
+    metrics: list[dict[str, float]] = field(default_factory=list)  # per step: loss, grad_norm, lr, time
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto -> cuda if available, then mps, else cpu."""
+    import torch
+
+    if name and name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device):
+    import torch
+
+    amp = cfg.amp
+    if amp in (False, "off", "none", "fp32", None):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if amp in (True, "bf16", "bfloat16"):
+        return torch.bfloat16
+    raise ValueError(f"amp must be auto, bf16 or off, not {amp!r}")
+
+
+def split_indices(data: SiteData, holdout: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(train, eval) image indices; the split is by patient so one patient's images never straddle it.
+
+    Deterministic (fixed seed) so every round trains and evaluates on the same images. With fewer than
+    MIN_HOLDOUT_SITE images everything is used for both (a tiny site cannot spare any for evaluation).
+    """
+    import numpy as np
+
+    n = len(data)
+    all_idx = np.arange(n)
+    if not holdout or n < MIN_HOLDOUT_SITE:
+        return all_idx, all_idx
+    groups = np.asarray(data.group_ids())
+    uniq = np.unique(groups)
+    rng = np.random.default_rng(EVAL_SEED)
+    rng.shuffle(uniq)
+    target = max(2, int(round(HOLDOUT_FRACTION * n)))
+    counts = {g: c for g, c in zip(*np.unique(groups, return_counts=True), strict=True)}
+    held, total = [], 0
+    for g in uniq:
+        if total >= target:
+            break
+        held.append(g)
+        total += counts[g]
+    is_eval = np.isin(groups, held)
+    train, ev = all_idx[~is_eval], all_idx[is_eval]
+    if len(train) < 2 or len(ev) < 2:
+        return all_idx, all_idx
+    return train, ev
+
+
+class _PairSampler:
+    """Draws batches without repeats (a fresh permutation per epoch) and, for MICLe, each anchor's partner."""
+
+    def __init__(self, data: SiteData, indices: np.ndarray, batch_size: int, generator: torch.Generator,
+                 patient_pairs: bool) -> None:
+        import numpy as np
+
+        self.indices = np.asarray(indices)
+        self.batch_size = min(batch_size, len(self.indices))
+        self.g = generator
+        self.perm = np.empty(0, dtype=np.int64)
+        self.pos = 0
+        self.patient_pairs = patient_pairs
+        if patient_pairs:
+            groups = np.asarray(data.group_ids())[self.indices]
+            order = np.argsort(groups, kind="stable")
+            sorted_groups = groups[order]
+            starts = np.searchsorted(sorted_groups, sorted_groups, side="left")
+            sizes = np.searchsorted(sorted_groups, sorted_groups, side="right") - starts
+            pos_in_group = np.arange(len(order)) - starts
+            # per position in self.indices: where its group starts in `order`, its size, its rank
+            self.order = order
+            self.start = np.empty_like(starts)
+            self.size = np.empty_like(sizes)
+            self.rank = np.empty_like(pos_in_group)
+            self.start[order], self.size[order], self.rank[order] = starts, sizes, pos_in_group
+            self.groups = groups
+
+    def next(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(anchor indices, partner indices or None, positions of anchors in self.indices)."""
+        import numpy as np
+        import torch
+
+        if self.pos + self.batch_size > len(self.perm):
+            self.perm = torch.randperm(len(self.indices), generator=self.g).numpy()
+            self.pos = 0
+        p = self.perm[self.pos: self.pos + self.batch_size]
+        self.pos += self.batch_size
+        if not self.patient_pairs:
+            return self.indices[p], None, p
+        u = torch.rand(len(p), generator=self.g).numpy()
+        size = self.size[p]
+        off = 1 + np.floor(u * np.maximum(size - 1, 1)).astype(np.int64)
+        partner_pos = np.where(size > 1, self.order[self.start[p] + (self.rank[p] + off) % size], p)
+        return self.indices[p], self.indices[partner_pos], p
+
+
+def _fetch(data: SiteData, idx: np.ndarray, device: torch.device, size: int | None) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    x = data.as_float(idx)
+    x = x.to(device, non_blocking=True)
+    if size is not None and x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+class LARS:
+    """LARS-lite: SGD+momentum whose per-tensor step is scaled by ||w|| / ||g|| (trust ratio) for weight
+    tensors (biases and norm parameters are left plain), the large-batch recipe from SimCLR."""
+
+    @staticmethod
+    def build(params_decay: list, params_plain: list, lr: float, weight_decay: float,
+              momentum: float = 0.9, eta: float = 0.001):
+        import torch
+
+        class _Lars(torch.optim.Optimizer):
+            def __init__(self) -> None:
+                super().__init__([
+                    {"params": params_decay, "weight_decay": weight_decay, "lars": True},
+                    {"params": params_plain, "weight_decay": 0.0, "lars": False},
+                ], {"lr": lr, "momentum": momentum, "eta": eta})
+
+            @torch.no_grad()
+            def step(self, closure=None):  # noqa: D401
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is None:
+                            continue
+                        d = p.grad
+                        if group["weight_decay"]:
+                            d = d.add(p, alpha=group["weight_decay"])
+                        if group["lars"]:
+                            wn, gn = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                            ok = (wn > 0) & (gn > 0)
+                            trust = torch.where(ok, group["eta"] * wn / gn, torch.ones_like(wn))
+                            d = d * trust
+                        buf = self.state[p].get("mu")
+                        if buf is None:
+                            buf = self.state[p]["mu"] = d.clone()
+                        else:
+                            buf.mul_(group["momentum"]).add_(d)
+                        p.add_(buf, alpha=-group["lr"])
+
+        return _Lars()
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig):
+    """AdamW / SGD / LARS; no weight decay on biases and norm parameters (standard SSL practice)."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    plain = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    name = cfg.optimizer.lower()
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, foreach=True)
+    if name == "lars":
+        return LARS.build(decay, plain, cfg.lr, cfg.weight_decay)
+    raise ValueError(f"unknown optimizer '{cfg.optimizer}' (adamw, sgd, lars)")
+
+
+@dataclass
+class _Setup:
+    device: Any
+    objective: Any
+    aug: Any
+    amp_dtype: Any
+    channels_last: bool
+    size: int | None
+    labels: Any  # np.ndarray of label ids / group ids, or None
+
+
+def _setup(model: nn.Module, data: SiteData, cfg: TrainConfig) -> _Setup:
+    import numpy as np
+    import torch
+    from fedrad.common.augment import AugmentConfig
+    from fedrad.common.losses import get_objective
+
+    device = resolve_device(cfg.device)
+    objective = get_objective(cfg.objective, temperature=cfg.temperature)
+    labels = None
+    if objective.needs_labels:
+        labels = np.asarray(data.label_ids(cfg.fields_list()), dtype=np.int64)
+    elif objective.pairing == "patient":
+        labels = np.asarray(data.group_ids(), dtype=np.int64)
+    cl = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    model.to(device)
+    if cl:
+        model.to(memory_format=torch.channels_last)
+    size = cfg.image_size if cfg.image_size and cfg.image_size != data.image_size else None
+    aug = AugmentConfig(hflip=cfg.hflip)
+    return _Setup(device, objective, aug, _amp_dtype(cfg, device), cl, size, labels)
+
+
+def _views(st: _Setup, data: SiteData, sampler: _PairSampler, gen_aug) -> tuple:
+    import torch
+    from fedrad.common.augment import make_views
+
+    anchors, partners, _ = sampler.next()
+    x = _fetch(data, anchors, st.device, st.size)
+    if partners is None:
+        v1, v2 = make_views(x, st.aug, gen_aug)
+    else:
+        from fedrad.common.augment import augment
+
+        v1 = augment(x, st.aug, gen_aug)
+        v2 = augment(_fetch(data, partners, st.device, st.size), st.aug, gen_aug)
+    if st.channels_last:
+        v1 = v1.contiguous(memory_format=torch.channels_last)
+        v2 = v2.contiguous(memory_format=torch.channels_last)
+    labels = None
+    if st.labels is not None:
+        labels = torch.from_numpy(st.labels[anchors]).to(st.device, non_blocking=True)
+    return v1, v2, labels, len(anchors)
+
+
+def _generators(seed: int, device: torch.device):
+    """CPU generator for batch sampling, one on the training device for the augmentations (no host sync)."""
+    import torch
+
+    g_idx = torch.Generator().manual_seed(seed)
+    try:
+        g_aug = torch.Generator(device=device).manual_seed(seed + 1)
+    except RuntimeError:  # devices without generator support (e.g. some mps builds)
+        g_aug = torch.Generator().manual_seed(seed + 1)
+    return g_idx, g_aug
+
+
+def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bool = True,
+                proximal: tuple[float, dict[str, torch.Tensor]] | None = None) -> TrainResult:
+    """Run `cfg.steps` optimizer steps of `cfg.objective` on the site's training split; per-step losses.
+
+    A fresh optimizer every call (each federated round starts from the aggregated weights). Seeded: the same
+    model init, data and cfg give the same losses on CPU. `proximal=(mu, start_state)` adds FedProx's
+    mu/2 ||w - w_start||^2 on the parameters (as a gradient term; the reported loss is the objective's).
+    """
+    import contextlib
+
+    import torch
+    from tqdm.auto import tqdm
+
+    if len(data) < 2:
+        raise ValueError(f"need at least 2 images to train contrastively, the site has {len(data)}")
+    st = _setup(model, data, cfg)
+    train_idx, _ = split_indices(data, cfg.holdout)
+    g_idx, g_aug = _generators(cfg.seed, st.device)
+    sampler = _PairSampler(data, train_idx, cfg.batch_size, g_idx, st.objective.pairing == "patient")
+    opt = make_optimizer(model, cfg)
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    prox = None
+    if proximal is not None and proximal[0] > 0:
+        mu, start = proximal
+        prox = (float(mu), [start[k].to(p.device, p.dtype) for k, p in named])
+    model.train()
+    autocast = (torch.autocast(st.device.type, dtype=st.amp_dtype) if st.amp_dtype is not None
+                else contextlib.nullcontext())
+    loss_hist: list[torch.Tensor] = []
+    norm_hist: list[torch.Tensor] = []
+    times: list[float] = []
+    examples = 0
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc=f"{cfg.objective} train", unit="step", disable=not progress,
+               leave=False)
+    every = max(1, cfg.steps // 50)
+    for step in bar:
+        v1, v2, labels, b = _views(st, data, sampler, g_aug)
+        with autocast:
+            loss = st.objective.loss(model, v1, v2, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if prox is not None:
+            with torch.no_grad():
+                for p, p0 in zip(params, prox[1], strict=True):
+                    if p.grad is not None:
+                        p.grad.add_(p - p0, alpha=prox[0])
+        if cfg.grad_clip:
+            norm_hist.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True).detach())
+        opt.step()
+        loss_hist.append(loss.detach())
+        examples += b
+        times.append(time.perf_counter() - t0)
+        if progress and (step % every == 0 or step == cfg.steps - 1):
+            bar.set_postfix(loss=f"{loss_hist[-1].item():.4f}")
+    bar.close()
+    losses = torch.stack(loss_hist).float().cpu().tolist() if loss_hist else []
+    seconds = time.perf_counter() - t0
+    norms = torch.stack(norm_hist).float().cpu().tolist() if norm_hist else [float("nan")] * len(losses)
+    metrics = [{"step": i, "loss": loss_v, "grad_norm": n, "lr": cfg.lr, "seconds": t}
+               for i, (loss_v, n, t) in enumerate(zip(losses, norms, times, strict=True))]
+    return TrainResult(losses=losses, steps=len(losses), examples=examples, seconds=seconds, metrics=metrics)
+
+
+def evaluate_local(model: nn.Module, data: SiteData, cfg: TrainConfig) -> dict[str, float]:
+    """Held-out contrastive loss, alignment and uniformity (Wang & Isola 2020) on deterministic views.
+
+    alignment = E ||z1 - z2||^2 over positive pairs (lower: views agree);
+    uniformity = log E exp(-2 ||zi - zj||^2) over distinct held-out images (lower: embeddings spread on the
+    sphere; ~0 means collapse). Both on L2-normalised projections, in eval mode (BN running statistics).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if len(data) < 2:
+        raise ValueError(f"need at least 2 images to evaluate, the site has {len(data)}")
+    st = _setup(model, data, cfg)
+    _, eval_idx = split_indices(data, cfg.holdout)
+    eval_idx = eval_idx[:MAX_EVAL_IMAGES]
+    g_idx, g_aug = _generators(EVAL_SEED, st.device)
+    sampler = _PairSampler(data, eval_idx, cfg.batch_size, g_idx, st.objective.pairing == "patient")
+    sampler.perm = torch.arange(len(eval_idx)).numpy()  # in order, one pass
+    n_batches = max(1, len(eval_idx) // sampler.batch_size)
+    was_training = model.training
+    model.eval()
+    losses, z1s, z2s = [], [], []
+    try:
+        with torch.no_grad():
+            for _ in range(n_batches):
+                v1, v2, labels, _b = _views(st, data, sampler, g_aug)
+                with (torch.autocast(st.device.type, dtype=st.amp_dtype) if st.amp_dtype is not None
+                      else torch.autocast(st.device.type, enabled=False)):
+                    losses.append(float(st.objective.loss(model, v1, v2, labels)))
+                    z1s.append(F.normalize(model(v1).float(), dim=1))
+                    z2s.append(F.normalize(model(v2).float(), dim=1))
+    finally:
+        model.train(was_training)
+    z1, z2 = torch.cat(z1s), torch.cat(z2s)
+    alignment = float((z1 - z2).pow(2).sum(1).mean())
+    sq = torch.pdist(z1, p=2).pow(2)
+    uniformity = float(sq.mul(-2).exp().mean().log()) if sq.numel() else 0.0
+    return {"eval_loss": sum(losses) / len(losses), "alignment": alignment, "uniformity": uniformity,
+            "eval_examples": float(z1.shape[0])}
+
+
+__all__ = ["TrainConfig", "TrainResult", "evaluate_local", "resolve_device", "split_indices", "train_local"]

@@ -1,0 +1,149 @@
+"""Grayscale timm backbones, the contrastive heads around them, and their safetensors files.
+
+The file a site receives holds only the backbone's state_dict under timm's own key names, so it loads with
+plain `timm.create_model(name, in_chans=1, num_classes=0).load_state_dict(load_file(path))` and nothing of
+fedrad is needed to use the weights (ViTs also need the `img_size` they were trained at, which the file's
+metadata records).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# Names known to work here (in_chans=1, small inputs). Any other timm name is passed through to timm.
+# `test_resnet` is timm's own 0.37M-parameter ResNet: fast enough for tests and CPU demos.
+KNOWN_MODELS = ("test_resnet", "resnet10t", "resnet18", "resnet50", "vit_tiny_patch16_224",
+                "vit_small_patch16_224")
+TINY_MODEL = "test_resnet"
+# Objectives whose loss compares a predictor output with a stop-gradient projection.
+PREDICTOR_OBJECTIVES = ("simsiam", "byol")
+
+
+def _takes_img_size(name: str) -> bool:
+    """Transformers fix their position embeddings to one input size, so they must be told it."""
+    return name.split(".")[0].startswith(("vit_", "deit_", "eva", "test_vit"))
+
+
+def create_backbone(name: str, in_chans: int = 1, image_size: int | None = None) -> nn.Module:
+    """A timm feature extractor (num_classes=0: pooled features, `.num_features` wide), never pretrained."""
+    import timm
+
+    kwargs: dict = {"in_chans": in_chans, "num_classes": 0, "pretrained": False}
+    if image_size is not None and _takes_img_size(name):
+        kwargs["img_size"] = image_size
+    try:
+        return timm.create_model(name, **kwargs)
+    except RuntimeError as exc:  # timm's "Unknown model" is a RuntimeError; make it a clean CLI error
+        if "Unknown model" in str(exc):
+            raise ValueError(f"unknown model '{name}' (try one of {', '.join(KNOWN_MODELS)})") from exc
+        raise
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
+    """SimCLR/SimSiam-style head: Linear-BN-ReLU-Linear."""
+    return nn.Sequential(
+        nn.Linear(d_in, d_hidden, bias=False),
+        nn.BatchNorm1d(d_hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(d_hidden, d_out),
+    )
+
+
+class ContrastiveModel(nn.Module):
+    """Backbone + projection MLP (+ predictor MLP for simsiam/byol). Only the backbone is released.
+
+    `forward(x)` returns the projection z; `predictor(z)` (when present) gives p.
+    """
+
+    def __init__(self, backbone: nn.Module, proj_dim: int = 128, predictor: bool = False,
+                 hidden_dim: int | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        nf = int(backbone.num_features)
+        hidden = hidden_dim or max(nf, 256)
+        self.projector = _mlp(nf, hidden, proj_dim)
+        self.predictor: nn.Module | None = (
+            _mlp(proj_dim, max(proj_dim // 2, 64), proj_dim) if predictor else None)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Backbone features (what downstream users get)."""
+        return self.backbone(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.projector(self.backbone(x))
+
+
+def build_model(model_name: str, objective: str, image_size: int, proj_dim: int = 128) -> ContrastiveModel:
+    """The model every site and the server build identically for a run (same names, same state_dict keys)."""
+    backbone = create_backbone(model_name, in_chans=1, image_size=image_size)
+    return ContrastiveModel(backbone, proj_dim=proj_dim, predictor=objective in PREDICTOR_OBJECTIVES)
+
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """Everything federated averaging must carry: parameters and BN running statistics (full state_dict)."""
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def save_backbone(backbone: nn.Module, path: str | os.PathLike, metadata: Mapping[str, object]) -> None:
+    """Write the backbone's state_dict as safetensors, metadata in the header; atomic (temp + os.replace)."""
+    from safetensors.torch import save_file
+
+    if isinstance(backbone, ContrastiveModel):
+        backbone = backbone.backbone
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.state_dict().items()}
+    meta = {str(k): str(v) for k, v in metadata.items()}
+    meta.setdefault("format", "pt")
+    meta.setdefault("in_chans", "1")
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata stored in a safetensors header (model, image_size, objective, ...)."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_backbone(model_name: str, path: str | os.PathLike, image_size: int | None = None) -> nn.Module:
+    """Build `model_name` and load the weights strictly (a mismatch is an error, not a partial load)."""
+    from safetensors.torch import load_file
+
+    if image_size is None and _takes_img_size(model_name):
+        size = read_metadata(path).get("image_size")
+        image_size = int(size) if size else None
+    backbone = create_backbone(model_name, in_chans=1, image_size=image_size)
+    backbone.load_state_dict(load_file(os.fspath(path)), strict=True)
+    return backbone
+
+
+__all__ = [
+    "KNOWN_MODELS",
+    "TINY_MODEL",
+    "ContrastiveModel",
+    "build_model",
+    "create_backbone",
+    "load_backbone",
+    "read_metadata",
+    "save_backbone",
+    "trainable_state",
+]
