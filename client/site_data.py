@@ -1,0 +1,294 @@
+"""A site's images as training data: decoded once through the cache, with weak labels and patient keys.
+
+Two layouts are accepted, because that is what hospitals hand over:
+* a DICOM folder, walked recursively with any file names (PACS exports often have no extension);
+  header fields give weak labels (modality, body_part, view, sex, age bucket); an optional labels CSV
+  (`file` relative path or `sop_uid`, plus label columns) adds site labels. A `labels.csv` with a `file`
+  or `sop_uid` column inside the folder is picked up automatically.
+* a PNG/JPEG folder with `manifest.csv` or `labels.csv` (`image` relative path, `patient_id`, label columns).
+Raw patient IDs are turned into salted HMAC keys on the way in and never kept in SiteData.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from fedrad.common.cache import DecodedCache
+from fedrad.common.header_signals import UNKNOWN, age_bucket, load_or_create_salt, patient_key
+from fedrad.common.image_ops import fit_square
+
+if TYPE_CHECKING:
+    import torch
+
+HEADER_FIELDS = ("modality", "body_part", "view", "sex", "age")
+IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
+CACHE_DIRNAME = ".fedrad-cache"
+# Files that are certainly not DICOM: not decoded, reported as "ignored" (not as unusable images).
+IGNORED_EXTS = {
+    ".csv", ".md", ".txt", ".json", ".xml", ".html", ".htm", ".pdf", ".py", ".sh", ".bat", ".exe", ".log",
+    ".ini", ".cfg", ".yaml", ".yml", ".toml", ".zip", ".gz", ".tgz", ".tar", ".7z", ".png", ".jpg",
+    ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".db", ".npz", ".npy", ".safetensors", ".pt", ".lock",
+}
+IGNORED_NAMES = {"DICOMDIR", "Thumbs.db", "desktop.ini"}
+
+
+@dataclass
+class SiteData:
+    """Decoded images (uint16, value/65535 in [0, 1]) with aligned paths, patient keys and labels."""
+
+    images: np.ndarray
+    paths: list[str]
+    patient_keys: list[str]
+    labels: dict[str, list[str]]
+    skipped: Counter = field(default_factory=Counter)
+    image_size: int = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def label_ids(self, fields: Sequence[str]) -> np.ndarray:
+        """int64 id per image of the combined label `fields` (equal strings -> equal id, sorted order)."""
+        if not fields:
+            return np.zeros(len(self), dtype=np.int64)
+        missing = [f for f in fields if f not in self.labels]
+        if missing:
+            raise KeyError(f"unknown label field(s) {missing}; have {sorted(self.labels)}")
+        combo = ["\x1f".join(self.labels[f][i] for f in fields) for i in range(len(self))]
+        return _ids(combo)
+
+    def group_ids(self) -> np.ndarray:
+        """int64 id per image of its patient (images of one patient share an id)."""
+        return _ids(self.patient_keys)
+
+    def as_float(self, idx) -> torch.Tensor:
+        """Images `idx` (int, slice, index array) as float32 [B, 1, S, S] in [0, 1]."""
+        import torch
+
+        arr = self.images[idx]
+        if arr.ndim == 2:
+            arr = arr[None]
+        out = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+        return out.mul_(1.0 / 65535.0).unsqueeze(1)
+
+    def subset(self, idx: Sequence[int] | np.ndarray) -> SiteData:
+        """A SiteData of the images `idx` (for patient-level splits); images are copied into memory."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return SiteData(
+            images=np.asarray(self.images[idx]),
+            paths=[self.paths[i] for i in idx],
+            patient_keys=[self.patient_keys[i] for i in idx],
+            labels={k: [v[i] for i in idx] for k, v in self.labels.items()},
+            skipped=Counter(self.skipped),
+            image_size=self.image_size,
+        )
+
+
+def _ids(values: Sequence[str]) -> np.ndarray:
+    if not len(values):
+        return np.zeros(0, dtype=np.int64)
+    _, inv = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
+    return inv.astype(np.int64).reshape(-1)
+
+
+# -- discovery ------------------------------------------------------------------------------------
+def walk_files(root: str | os.PathLike[str]) -> list[Path]:
+    """Every regular file under `root`, sorted, skipping hidden files and folders (.fedrad-cache, .git)."""
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                p = Path(dirpath) / name
+                if p.is_file():
+                    out.append(p)
+    return out
+
+
+def split_candidates(files: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """(files that may be DICOM, files ignored as clearly something else by name/extension)."""
+    cands, ignored = [], []
+    for p in files:
+        if p.suffix.lower() in IGNORED_EXTS or p.name in IGNORED_NAMES:
+            ignored.append(p)
+        else:
+            cands.append(p)
+    return cands, ignored
+
+
+def csv_columns(path: Path) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return [c.strip() for c in next(csv.reader(f), [])]
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
+def detect_layout(data_dir: str | os.PathLike[str]) -> tuple[str, Path | None]:
+    """('images', manifest) for a PNG/JPEG folder with a manifest, else ('dicom', labels CSV or None)."""
+    root = Path(data_dir)
+    for name in ("manifest.csv", "labels.csv"):
+        p = root / name
+        if p.is_file() and "image" in csv_columns(p):
+            return "images", p
+    p = root / "labels.csv"
+    if p.is_file() and {"file", "sop_uid"} & set(csv_columns(p)):
+        return "dicom", p
+    return "dicom", None
+
+
+def is_writable_dir(path: Path) -> bool:
+    """Writable for us *and* not marked read-only: root bypasses permissions, but a folder with no write
+    bit (e.g. a shared archive, r-x) was made read-only on purpose and must not get a cache inside it."""
+    try:
+        return path.is_dir() and bool(path.stat().st_mode & 0o222) and os.access(path, os.W_OK)
+    except OSError:
+        return False
+
+
+def default_cache_dir(data_dir: str | os.PathLike[str]) -> Path:
+    """`<data>/.fedrad-cache` when writable, else `~/.cache/fedrad/<hash of the absolute data path>`."""
+    root = Path(data_dir).resolve()
+    cand = root / CACHE_DIRNAME
+    try:
+        if not cand.is_dir() and not is_writable_dir(root):
+            raise PermissionError(str(root))
+        cand.mkdir(exist_ok=True)
+        probe = cand / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return cand
+    except OSError:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        digest = hashlib.sha256(str(root).encode("utf-8")).hexdigest()[:16]
+        return base / "fedrad" / digest
+
+
+# -- PNG / JPEG ----------------------------------------------------------------------------------
+def image_entry(path: str, size: int, salt: bytes) -> tuple[np.ndarray, dict]:
+    """Decoder for PNG/JPEG files (cache worker): 8-bit /255, 16-bit min-max, colour -> luminance."""
+    from fedrad.common.dicom_io import SkipImage
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                arr = np.asarray(im, dtype=np.float32)
+                lo, hi = float(arr.min()), float(arr.max())
+                arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+            else:
+                arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise SkipImage("decode-failed", f"{type(exc).__name__}: {exc}"[:200]) from None
+    if arr.ndim != 2 or arr.size == 0:
+        raise SkipImage("bad-dimensions", f"shape {arr.shape}")
+    return fit_square(arr, size), {}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _norm_header_value(name: str, value: str) -> str:
+    value = (value or "").strip()
+    if not value:
+        return UNKNOWN
+    if name == "age":
+        try:
+            return age_bucket(float(value))
+        except ValueError:
+            return value if value in ("0-17", "18-39", "40-59", "60-79", "80+") else UNKNOWN
+    value = value.upper()
+    if name == "sex":
+        return value[:1] if value[:1] in ("M", "F", "O") else UNKNOWN
+    if name == "view" and value in ("LL", "RL", "LAT", "LATERAL"):
+        return "LATERAL"
+    return value
+
+
+def _load_images(root: Path, manifest: Path, image_size: int, cache_dir: Path, progress: bool) -> SiteData:
+    rows = read_csv(manifest)
+    cache = DecodedCache(cache_dir, image_size, decoder=image_entry)
+    paths = [str((root / r["image"]).resolve()) for r in rows]
+    images, kept, skipped = cache.load(paths, progress=progress)
+    extra = [c for c in (rows[0].keys() if rows else []) if c not in ("image", "patient_id", "")]
+    labels: dict[str, list[str]] = {}
+    for name in dict.fromkeys([*HEADER_FIELDS, *extra]):
+        if name in HEADER_FIELDS:
+            labels[name] = [_norm_header_value(name, rows[i].get(name, "")) for i in kept]
+        else:
+            labels[name] = [rows[i].get(name, "") for i in kept]
+    keys = [patient_key(rows[i].get("patient_id", ""), f"image:{rows[i]['image']}", cache.salt) for i in kept]
+    return SiteData(images=images, paths=[paths[i] for i in kept], patient_keys=keys, labels=labels,
+                    skipped=Counter(skipped.values()), image_size=image_size)
+
+
+# -- DICOM ---------------------------------------------------------------------------------------
+def _dicom_labels(root: Path, labels_csv: Path, paths: list[str], sops: list[str]) -> dict[str, list[str]]:
+    rows = read_csv(labels_csv)
+    if not rows:
+        return {}
+    cols = [c for c in rows[0] if c not in ("file", "sop_uid", "")]
+    by_file = {str((root / r["file"]).resolve()): r for r in rows if r.get("file")}
+    by_sop = {r["sop_uid"]: r for r in rows if r.get("sop_uid")}
+    if not by_file and not by_sop:
+        raise ValueError(f"{labels_csv}: needs a 'file' or 'sop_uid' column")
+    out: dict[str, list[str]] = {c: [] for c in cols}
+    for p, sop in zip(paths, sops, strict=True):
+        row = by_file.get(str(Path(p).resolve())) or by_sop.get(sop) or {}
+        for c in cols:
+            out[c].append(row.get(c, ""))  # '' = not labelled
+    return out
+
+
+def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str | os.PathLike[str] | None = None,
+              progress: bool = True, labels_csv: str | os.PathLike[str] | None = None) -> SiteData:
+    """Load a site folder (DICOM tree or PNG/JPEG + manifest) through the decoded-image cache.
+
+    `labels_csv` (DICOM only) overrides the auto-detected `<data>/labels.csv`; unlabelled images get ''.
+    Raises FileNotFoundError if the folder does not exist (the CLI turns that into exit code 2).
+    """
+    root = Path(data_dir).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {data_dir}")
+    cdir = Path(cache_dir) if cache_dir else default_cache_dir(root)
+    layout, found = detect_layout(root)
+    if layout == "images":
+        return _load_images(root, found, image_size, cdir, progress)
+
+    cands, _ignored = split_candidates(walk_files(root))
+    paths = [str(p) for p in cands]
+    cache = DecodedCache(cdir, image_size)
+    images, kept, skipped = cache.load(paths, progress=progress)
+    metas = [cache.meta(paths[i]) for i in kept]
+    kept_paths = [paths[i] for i in kept]
+    labels: dict[str, list[str]] = {
+        "modality": [m.get("modality") or UNKNOWN for m in metas],
+        "body_part": [m.get("body_part") or UNKNOWN for m in metas],
+        "view": [m.get("view") or UNKNOWN for m in metas],
+        "sex": [_norm_header_value("sex", m.get("sex", "")) for m in metas],
+        "age": [age_bucket(m.get("age_years")) for m in metas],
+    }
+    csv_path = Path(labels_csv) if labels_csv else found
+    if csv_path is not None:
+        extra = _dicom_labels(root, csv_path, kept_paths, [m.get("sop_uid", "") for m in metas])
+        clash = set(extra) & set(labels)
+        labels.update({(f"csv_{k}" if k in clash else k): v for k, v in extra.items()})
+    keys = [m.get("patient_key") or UNKNOWN for m in metas]
+    return SiteData(images=images, paths=kept_paths, patient_keys=keys, labels=labels,
+                    skipped=Counter(skipped.values()), image_size=image_size)
+
+
+def site_salt(cache_dir: str | os.PathLike[str]) -> bytes:
+    """The site's pseudonymisation salt (same file DecodedCache uses)."""
+    return load_or_create_salt(Path(cache_dir) / "salt.bin")

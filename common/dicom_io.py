@@ -1,0 +1,354 @@
+"""Read DICOM headers and decode X-ray pixels into a normalised [0, 1] square image.
+
+Every way a hospital file can be unusable ends in `SkipImage(reason, detail)` with a short stable reason
+code, never another exception type: the scan report, the cache and the site loader count and list these,
+and one bad file must never stop a site from training.
+
+Decoding uses pydicom 3 with its plugins (pylibjpeg-libjpeg/openjpeg/rle, Pillow), which covers
+uncompressed, RLE, JPEG baseline, 12-bit JPEG extended, JPEG lossless, JPEG-LS and JPEG 2000.
+
+Multi-frame files are skipped (`multi-frame`), not reduced to frame 0: in projection radiography a
+multi-frame object is a tomosynthesis stack, fluoroscopy cine or a CT/MR volume, where frame 0 is an
+arbitrary slice rather than "the radiograph"; silently training on it would pollute the data, and decoding
+a whole stack to keep one frame is slow. The scan lists them, so a site can export them differently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from fedrad.common.header_signals import age_from_dates, parse_age
+from fedrad.common.image_ops import fit_square, robust_minmax
+
+REASONS = (
+    "not-dicom",
+    "empty-file",
+    "truncated",
+    "no-pixel-data",
+    "multi-frame",
+    "colour",
+    "bad-dimensions",
+    "decode-failed",
+    "unsupported-syntax",
+    "unreadable",  # permission denied / I/O error: the file exists but cannot be opened
+)
+
+# Tags a real DICOM image object has; a non-DICOM file read with force=True has none of them.
+_PLAUSIBLE = (0x00080016, 0x00080018, 0x00080060, 0x0020000D, 0x00280010, 0x00280011, 0x7FE00010)
+_LATERAL = {"LL", "RL", "LAT", "LATERAL", "LAT."}
+
+
+class SkipImage(Exception):
+    """A file that cannot be used; `.reason` is a stable code from REASONS, `.detail` says more."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self):  # survive pickling across decode worker processes
+        return (SkipImage, (self.reason, self.detail))
+
+
+@dataclass
+class HeaderInfo:
+    """The header fields fedrad uses: weak labels, inventory columns and pseudonymisation inputs."""
+
+    modality: str
+    body_part: str
+    view: str
+    sex: str
+    age_years: float | None
+    photometric: str
+    transfer_syntax: str
+    transfer_syntax_name: str
+    bits_stored: int
+    rows: int
+    cols: int
+    frames: int
+    patient_id: str
+    study_uid: str
+    sop_uid: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _import_pydicom():
+    import pydicom  # local: keeps `import fedrad.common.dicom_io` cheap for the CLI
+
+    return pydicom
+
+
+@contextlib.contextmanager
+def _quiet_pydicom_log(level: int = logging.ERROR) -> Iterator[None]:
+    """pydicom also *logs* what it warns (e.g. on garbage read with force=True); we report via SkipImage."""
+    log = logging.getLogger("pydicom")
+    old = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
+
+
+def _read(path: str | os.PathLike[str], pixels: bool):
+    """dcmread with force=True, but only after checks that keep text/garbage files out (`not-dicom`)."""
+    pydicom = _import_pydicom()
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except FileNotFoundError as exc:
+        raise SkipImage("unreadable", f"file not found: {exc}") from None
+    except OSError as exc:
+        raise SkipImage("unreadable", str(exc)) from None
+    if size == 0:
+        raise SkipImage("empty-file", "0 bytes")
+    has_magic = len(head) == 132 and head[128:132] == b"DICM"
+    try:
+        with warnings.catch_warnings(record=True) as caught, _quiet_pydicom_log():
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=not pixels)
+            truncated = _truncation(ds, size, caught)
+            # Parse every element now (pydicom is lazy): corrupt values surface here, not later.
+            for _ in ds.iterall():
+                pass
+    except (EOFError, InvalidDicomError, ValueError, KeyError, TypeError, OverflowError, OSError,
+            IndexError, AttributeError, NotImplementedError, RuntimeError, UnicodeError, MemoryError) as exc:
+        msg = str(exc) or type(exc).__name__
+        if not has_magic:
+            raise SkipImage("not-dicom", f"no DICM preamble and unparseable ({msg[:120]})") from None
+        if isinstance(exc, EOFError) or "end of file" in msg.lower() or "truncat" in msg.lower():
+            raise SkipImage("truncated", msg[:200]) from None
+        raise SkipImage("not-dicom", f"unparseable DICOM ({msg[:160]})") from None
+    if truncated and (has_magic or len(ds) > 3):
+        raise SkipImage("truncated", truncated)
+    if not has_magic:
+        tags = {int(t) for t in ds.keys()}
+        if not tags.intersection(_PLAUSIBLE) or "SOPClassUID" not in ds and "Rows" not in ds:
+            raise SkipImage("not-dicom", "no DICM preamble and no DICOM image attributes")
+    return ds
+
+
+def _truncation(ds, size: int, caught: list) -> str:
+    """Why the file looks cut short ('' if it does not): pydicom reads a short file without raising."""
+    for w in caught:
+        msg = str(w.message)
+        if "end of file" in msg.lower() or "truncat" in msg.lower():
+            return " ".join(msg.split())[:200]
+    keys = list(ds.keys())
+    if not keys:
+        return "no data elements after the file meta header"
+    last = ds.get_item(max(keys))
+    length, tell = getattr(last, "length", None), getattr(last, "value_tell", None)
+    if length is not None and tell is not None and length != 0xFFFFFFFF and tell + length > size:
+        return f"element {last.tag} declares {length} bytes, file ends after {max(0, size - tell)}"
+    return ""
+
+
+def _str(ds, keyword: str) -> str:
+    v = ds.get(keyword, "")
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+        v = v[0] if len(v) else ""
+    return str(v).strip()
+
+
+def _int(ds, keyword: str, default: int = 0) -> int:
+    try:
+        v = ds.get(keyword, None)
+        return int(v) if v not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _header(ds) -> HeaderInfo:
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if not ts:
+        ts = "1.2.840.10008.1.2"  # no meta: pydicom parsed it as implicit VR little endian
+    ts_name = UID(ts).name if ts else ""
+    view = _str(ds, "ViewPosition").upper()
+    age = parse_age(_str(ds, "PatientAge"))
+    if age is None:
+        age = age_from_dates(_str(ds, "PatientBirthDate"),
+                             _str(ds, "StudyDate") or _str(ds, "AcquisitionDate") or _str(ds, "ContentDate"))
+    return HeaderInfo(
+        modality=_str(ds, "Modality").upper(),
+        body_part=_str(ds, "BodyPartExamined").upper(),
+        view="LATERAL" if view in _LATERAL else view,
+        sex=_str(ds, "PatientSex").upper()[:1],
+        age_years=None if age is None else round(float(age), 2),
+        photometric=_str(ds, "PhotometricInterpretation").upper(),
+        transfer_syntax=ts,
+        transfer_syntax_name=ts_name,
+        bits_stored=_int(ds, "BitsStored", _int(ds, "BitsAllocated", 0)),
+        rows=_int(ds, "Rows"),
+        cols=_int(ds, "Columns"),
+        frames=max(1, _int(ds, "NumberOfFrames", 1)),
+        patient_id=_str(ds, "PatientID"),
+        study_uid=_str(ds, "StudyInstanceUID"),
+        sop_uid=_str(ds, "SOPInstanceUID"),
+    )
+
+
+def read_header(path: str | os.PathLike[str]) -> HeaderInfo:
+    """Header only (pixels not read or decoded): fast inventory. Raises SkipImage.
+
+    View positions LL/RL/LAT/LATERAL are normalised to 'LATERAL' so the weak label agrees across sites.
+    """
+    return _header(_read(path, pixels=False))
+
+
+def _check_image(ds, h: HeaderInfo) -> None:
+    """Reject what decode cannot turn into one grayscale radiograph, before spending time decoding."""
+    if "PixelData" not in ds:
+        other = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
+        raise SkipImage("no-pixel-data", "only float pixel data" if other else "no (7FE0,0010) Pixel Data")
+    if h.frames > 1:
+        raise SkipImage("multi-frame", f"{h.frames} frames (only single-frame radiographs are used)")
+    spp = _int(ds, "SamplesPerPixel", 1)
+    if spp > 1 or h.photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise SkipImage("colour", f"SamplesPerPixel={spp}, {h.photometric or 'no photometric'}")
+    if h.rows <= 0 or h.cols <= 0:
+        raise SkipImage("bad-dimensions", f"Rows={h.rows} Columns={h.cols}")
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(h.transfer_syntax)
+    except (NotImplementedError, ValueError) as exc:
+        raise SkipImage("unsupported-syntax", f"{h.transfer_syntax_name or h.transfer_syntax}: {exc}") from None
+    if not decoder.is_available:
+        raise SkipImage("unsupported-syntax",
+                        f"{h.transfer_syntax_name}: no decoder plugin installed (pylibjpeg-*/pillow)")
+    if not decoder.is_encapsulated:
+        bits_alloc = _int(ds, "BitsAllocated", 0)
+        if bits_alloc not in (1, 8, 16, 32):
+            raise SkipImage("bad-dimensions", f"BitsAllocated={bits_alloc}")
+        expected = math.ceil(h.rows * h.cols * bits_alloc / 8)
+        have = len(ds.PixelData)
+        if have < expected:
+            raise SkipImage("bad-dimensions",
+                            f"Pixel Data has {have} bytes, {h.rows}x{h.cols}x{bits_alloc} bit needs {expected}")
+
+
+def _voi_range(ds) -> tuple[float, float]:
+    """Output range of pydicom's windowing (mirrors apply_windowing), to map the window to [0, 1]."""
+    if ds.get("ModalityLUTSequence"):
+        lo, hi = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    elif _int(ds, "PixelRepresentation", 0) == 0:
+        lo, hi = 0.0, float(2 ** _int(ds, "BitsStored", 8) - 1)
+    else:
+        bs = _int(ds, "BitsStored", 8)
+        lo, hi = float(-(2 ** (bs - 1))), float(2 ** (bs - 1) - 1)
+    slope, icpt = ds.get("RescaleSlope", None), ds.get("RescaleIntercept", None)
+    if slope is not None and icpt is not None:
+        lo, hi = lo * float(slope) + float(icpt), hi * float(slope) + float(icpt)
+    return min(lo, hi), max(lo, hi)
+
+
+def _degenerate(x: np.ndarray) -> bool:
+    """A window that clips (almost) everything to one value: wrong tags, so fall back to min-max."""
+    step = max(1, int(np.sqrt(x.size / 100_000)))
+    s = x[::step, ::step]
+    return float(s.std()) < 1e-3 or max(float((s <= 0.0).mean()), float((s >= 1.0).mean())) > 0.95
+
+
+def _to_unit(arr: np.ndarray, ds) -> np.ndarray:
+    """Stored values -> [0, 1] display intensities: BitsStored mask, Modality LUT, VOI LUT/window, MONO1."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    bits_stored = _int(ds, "BitsStored", 0)
+    if arr.dtype.kind == "u" and 0 < bits_stored < arr.dtype.itemsize * 8:
+        arr = arr & np.asarray((1 << bits_stored) - 1, dtype=arr.dtype)  # drop overlay/garbage high bits
+    values = apply_modality_lut(arr, ds)
+    out: np.ndarray | None = None
+    if ds.get("VOILUTSequence"):
+        try:
+            v = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float32)
+            lo, hi = float(v.min()), float(v.max())
+            out = (v - lo) / (hi - lo) if hi > lo else None
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+            out = None
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        try:
+            v = apply_voi_lut(values, ds, index=0, prefer_lut=False)
+            lo, hi = _voi_range(ds)
+            out = ((v - lo) / (hi - lo)).astype(np.float32) if hi > lo else None
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+            out = None
+    if out is not None:
+        out = np.clip(out, 0.0, 1.0)
+        if _degenerate(out):
+            out = None
+    if out is None:
+        out = robust_minmax(np.asarray(values, dtype=np.float32))
+    if _str(ds, "PhotometricInterpretation").upper() == "MONOCHROME1":
+        out = 1.0 - out
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def decode_with_header(path: str | os.PathLike[str], size: int) -> tuple[np.ndarray, HeaderInfo]:
+    """decode_dicom plus the header it read on the way (one file read for both: the cache stores both)."""
+    ds = _read(path, pixels=True)
+    try:
+        h = _header(ds)
+    except Exception as exc:  # noqa: BLE001 - any oddity in header values means the file is unusable
+        raise SkipImage("not-dicom", f"unreadable header values ({exc})") from None
+    _check_image(ds, h)
+    try:
+        with warnings.catch_warnings(), _quiet_pydicom_log(logging.CRITICAL):
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
+    except MemoryError:
+        raise SkipImage("decode-failed", "out of memory decoding") from None
+    except Exception as exc:  # noqa: BLE001 - decoder plugins raise anything; the contract is SkipImage
+        msg = " ".join(str(exc).split())[:240]
+        if "expected length" in msg or "doesn't match" in msg or "reshape" in msg:
+            raise SkipImage("bad-dimensions", msg) from None
+        if isinstance(exc, EOFError):
+            raise SkipImage("truncated", msg) from None
+        raise SkipImage("decode-failed", f"{h.transfer_syntax_name}: {msg}") from None
+    if arr.ndim != 2 or arr.shape != (h.rows, h.cols):
+        raise SkipImage("bad-dimensions", f"decoded shape {arr.shape}, header says {h.rows}x{h.cols}")
+    try:
+        unit = _to_unit(arr, ds)
+    except Exception as exc:  # noqa: BLE001
+        raise SkipImage("decode-failed", f"intensity mapping failed: {exc}") from None
+    if not np.isfinite(unit).all():
+        raise SkipImage("decode-failed", "non-finite pixel values")
+    return fit_square(unit, size), h
+
+
+def decode_dicom(path: str | os.PathLike[str], size: int) -> np.ndarray:
+    """float32 [size, size] in [0, 1]: Modality LUT, VOI LUT/window (else robust min-max), MONOCHROME1
+    inverted, aspect kept and zero-padded to a square. Raises SkipImage for anything unusable."""
+    return decode_with_header(path, size)[0]
+
+
+def check_dicom(path: str | os.PathLike[str]) -> HeaderInfo:
+    """Header plus every structural check decode_dicom makes, without decoding pixels (`scan --no-decode`).
+
+    Catches missing pixels, multi-frame, colour, short Pixel Data and missing codecs; only a corrupt
+    compressed bitstream needs a real decode to be found.
+    """
+    ds = _read(path, pixels=True)
+    try:
+        h = _header(ds)
+    except Exception as exc:  # noqa: BLE001
+        raise SkipImage("not-dicom", f"unreadable header values ({exc})") from None
+    _check_image(ds, h)
+    return h

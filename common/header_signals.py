@@ -1,0 +1,112 @@
+"""Weak labels and pseudonyms from DICOM headers: age buckets, salted patient keys, the site salt.
+
+Patient keys let a site group images of one patient (positives for MICLe, patient-level splits) without
+ever keeping the raw PatientID in training data or metrics. The salt never leaves the site, so keys from
+two sites cannot be linked, and a key cannot be reversed by hashing a list of known IDs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import tempfile
+from datetime import date
+from pathlib import Path
+
+AGE_BUCKETS = ("0-17", "18-39", "40-59", "60-79", "80+")
+UNKNOWN = "unknown"
+SALT_BYTES = 32
+
+_AGE_RE = re.compile(r"^\s*(\d{1,3})\s*([DWMY]?)\s*$", re.IGNORECASE)
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0, "": 1.0}
+
+
+def parse_age(value: object) -> float | None:
+    """DICOM Age String ('045Y', '006M', '010W', '003D'; lenient: '45') -> years, None if absent/invalid."""
+    if value is None:
+        return None
+    m = _AGE_RE.match(str(value))
+    if not m:
+        return None
+    years = int(m.group(1)) * _AGE_UNIT_YEARS[m.group(2).upper()]
+    return years if 0 <= years < 130 else None
+
+
+def age_from_dates(birth: object, when: object) -> float | None:
+    """Age in years from DICOM dates (YYYYMMDD) when PatientAge is missing; None if either is unusable."""
+    try:
+        b, w = str(birth).strip(), str(when).strip()
+        db = date(int(b[:4]), int(b[4:6]), int(b[6:8]))
+        dw = date(int(w[:4]), int(w[4:6]), int(w[6:8]))
+    except (ValueError, TypeError, IndexError):
+        return None
+    years = (dw - db).days / 365.25
+    return years if 0 <= years < 130 else None
+
+
+def age_bucket(age_years: float | None) -> str:
+    """Coarse age band: fine enough as a SupCon weak label, too coarse to help re-identify anyone."""
+    if age_years is None or age_years != age_years or age_years < 0:  # None or NaN
+        return UNKNOWN
+    if age_years < 18:
+        return "0-17"
+    if age_years < 40:
+        return "18-39"
+    if age_years < 60:
+        return "40-59"
+    if age_years < 80:
+        return "60-79"
+    return "80+"
+
+
+def patient_key(patient_id: str | None, study_uid: str | None, salt: bytes) -> str:
+    """HMAC-SHA256(salt, PatientID) hex[:16]; falls back to the StudyInstanceUID when PatientID is empty.
+
+    The fallback keeps images of one study together (better than one group per image); an image with
+    neither gets a key of its own only if the caller passes something unique, else the shared 'unknown'.
+    """
+    pid = (patient_id or "").strip()
+    src = f"pid:{pid}" if pid else f"study:{(study_uid or '').strip()}"
+    if src == "study:":
+        return UNKNOWN
+    return hmac.new(salt, src.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+
+
+def load_or_create_salt(path: str | os.PathLike[str]) -> bytes:
+    """Read the site salt, or create 32 random bytes (mode 0600, atomic temp + os.replace).
+
+    Atomic creation matters: two processes starting at once (scan and node) must not end up with different
+    salts, so the loser of the race re-reads the winner's file instead of overwriting it.
+    """
+    p = Path(path)
+    if p.exists():
+        data = p.read_bytes()
+        if len(data) >= 16:
+            return data
+    p.parent.mkdir(parents=True, exist_ok=True)
+    salt = secrets.token_bytes(SALT_BYTES)
+    fd, tmp = tempfile.mkstemp(prefix=".salt-", dir=p.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(salt)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, p)  # fails if another process created the salt meanwhile: keep theirs
+        except FileExistsError:
+            existing = p.read_bytes()
+            if len(existing) >= 16:
+                return existing
+            os.replace(tmp, p)
+            tmp = ""
+        except OSError:  # filesystems without hard links
+            os.replace(tmp, p)
+            tmp = ""
+    finally:
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+    return p.read_bytes()

@@ -1,0 +1,113 @@
+"""DecodedCache: decode once, reuse, refresh changed files, remember skips, atomic files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from dicom_fixtures import make_corrupt_files, shared_data, small_dicom
+from fedrad.common import cache as cache_mod
+from fedrad.common.cache import DecodedCache, dicom_entry
+from fedrad.common.dicom_io import decode_dicom
+
+CALLS: list[str] = []
+
+
+def counting_entry(path: str, size: int, salt: bytes):
+    """Module-level (picklable) decoder that records each call."""
+    CALLS.append(path)
+    return dicom_entry(path, size, salt)
+
+
+def _folder(tmp_path, n=4):
+    d = tmp_path / "data"
+    paths = [str(small_dicom(d / f"img{i}.dcm", rows=40, cols=30 + i, patient_id=f"P{i % 2}")) for i in range(n)]
+    expected = make_corrupt_files(d / "bad")
+    return paths + [str(d / "bad" / n) for n in sorted(expected)], expected
+
+
+def test_second_load_does_not_decode(tmp_path):
+    CALLS.clear()
+    paths, expected = _folder(tmp_path)
+    c1 = DecodedCache(tmp_path / "cache", 32, decoder=counting_entry, workers=1)
+    imgs, kept, skipped = c1.load(paths, progress=False)
+    assert imgs.shape == (4, 32, 32) and imgs.dtype == np.uint16 and kept == [0, 1, 2, 3]
+    assert {os.path.basename(p): r for p, r in skipped.items()} == expected
+    assert len(CALLS) == len(paths)
+    np.testing.assert_allclose(imgs[1] / 65535.0, decode_dicom(paths[1], 32), atol=1 / 65535)
+
+    CALLS.clear()
+    c2 = DecodedCache(tmp_path / "cache", 32, decoder=counting_entry, workers=1)
+    imgs2, kept2, skipped2 = c2.load(paths, progress=False)
+    assert CALLS == []  # neither good nor corrupt files are decoded again
+    assert kept2 == kept and skipped2 == skipped and np.array_equal(np.asarray(imgs2), np.asarray(imgs))
+    assert c2.stats["decoded"] == 0 and c2.stats["reused"] == len(paths)
+    assert c2.meta(paths[0])["patient_key"] == c1.meta(paths[0])["patient_key"]
+    assert "patient_id" not in c2.meta(paths[0])  # raw IDs never stored in the cache index
+    assert c2.entry(skipped2 and next(iter(skipped2)))["detail"]
+
+
+def test_changed_and_new_files_refresh(tmp_path):
+    CALLS.clear()
+    paths, _ = _folder(tmp_path, n=3)
+    DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=1).load(paths, progress=False)
+    again = DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=1)
+    before = np.array(again.load(paths, progress=False)[0][0])
+    small_dicom(tmp_path / "data" / "img0.dcm", rows=40, cols=30, value=100)  # rewrite: new content
+    st = os.stat(paths[0])
+    os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
+    new = str(small_dicom(tmp_path / "data" / "new.dcm", rows=20, cols=20))
+    CALLS.clear()
+    c = DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=1)
+    imgs, kept, _ = c.load([*paths, new], progress=False)
+    assert sorted(CALLS) == sorted([paths[0], new])
+    assert imgs.shape[0] == 4 and not np.array_equal(imgs[0], before)
+    # one consolidated chunk is left, old chunks are garbage-collected, no temp files
+    files = sorted(p.name for p in (tmp_path / "c" / "s32").iterdir())
+    assert len([f for f in files if f.startswith("chunk-")]) == 1
+    assert not [f for f in files if f.endswith(".tmp")]
+    index = json.loads((tmp_path / "c" / "s32" / "index.json").read_text())
+    assert len(index["entries"]) == len(paths) + 1
+
+
+def test_sizes_are_separate_and_subset_order(tmp_path):
+    paths, _ = _folder(tmp_path, n=3)
+    a, _, _ = DecodedCache(tmp_path / "c", 32, workers=1).load(paths[:3], progress=False)
+    b, _, _ = DecodedCache(tmp_path / "c", 16, workers=1).load(paths[:3], progress=False)
+    assert a.shape == (3, 32, 32) and b.shape == (3, 16, 16)
+    rev, kept, _ = DecodedCache(tmp_path / "c", 32, workers=1).load(paths[:3][::-1], progress=False)
+    assert np.array_equal(np.asarray(rev), np.asarray(a)[::-1])
+    rev[0] = 0  # copy-on-write memmap: callers may write, the cache file is untouched
+    again, _, _ = DecodedCache(tmp_path / "c", 32, workers=1).load(paths[:3], progress=False)
+    assert np.array_equal(np.asarray(again), np.asarray(a))
+
+
+def test_atomic_write_leaves_old_index_on_failure(tmp_path, monkeypatch):
+    paths, _ = _folder(tmp_path, n=2)
+    DecodedCache(tmp_path / "c", 32, workers=1).load(paths[:1], progress=False)
+    index = tmp_path / "c" / "s32" / "index.json"
+    old = index.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cache_mod.os, "replace", boom)
+    try:
+        DecodedCache(tmp_path / "c", 32, workers=1).load(paths[:2], progress=False)
+    except OSError:
+        pass
+    monkeypatch.undo()
+    assert index.read_bytes() == old  # never a torn or half-written index
+    assert not [p for p in index.parent.iterdir() if p.name.endswith(".tmp")]
+    imgs, kept, _ = DecodedCache(tmp_path / "c", 32, workers=1).load(paths[:2], progress=False)
+    assert imgs.shape[0] == 2
+
+
+def test_cache_on_shared_data_reuses(tmp_path):
+    files = sorted(str(p) for p in (shared_data() / "dicom").glob("*.dcm"))
+    imgs, kept, skipped = DecodedCache(tmp_path / "c", 32).load(files, progress=False)
+    assert len(kept) == 12 and sorted(skipped.values()) == ["decode-failed", "no-pixel-data"]
+    c = DecodedCache(tmp_path / "c", 32)
+    imgs2, kept2, _ = c.load(files, progress=False)
+    assert c.stats["decoded"] == 0 and np.array_equal(np.asarray(imgs), np.asarray(imgs2))

@@ -1,0 +1,56 @@
+"""`fedrad scan`: exit codes, inventory JSON with every skip and its reason, no identifiers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from dicom_fixtures import make_corrupt_files, shared_data, small_dicom
+from fedrad.client.scan import NOTHING_SENT, cmd_scan, scan_folder
+
+
+def _args(data, json_out=None, decode=True):
+    return argparse.Namespace(data=str(data), json_out=json_out, decode=decode, quiet=True)
+
+
+def test_scan_folder_with_corrupt_files(tmp_path, capsys):
+    root = tmp_path / "site"
+    for i in range(4):
+        small_dicom(root / "ok" / f"im{i}.dcm", patient_id=f"SECRET-{i % 2}")
+    expected = make_corrupt_files(root / "bad")
+    (root / "notes.csv").write_text("a,b\n")
+    out = tmp_path / "inv.json"
+    assert cmd_scan(_args(root, str(out))) == 0
+    text = capsys.readouterr().out
+    assert NOTHING_SENT in text and "images usable         4 of 9" in text
+    report = json.loads(out.read_text())
+    assert {s["file"].split("/")[-1]: s["reason"] for s in report["skipped"]} == expected
+    assert all(s["detail"] for s in report["skipped"])
+    assert report["usable"] == 4 and report["patients"] == 2 and report["ignored"] == ["notes.csv"]
+    assert report["images_per_patient"] == {"min": 2, "median": 2.0, "max": 2}
+    assert report["network_used"] is False and len(report["files"]) == 9
+    assert "SECRET" not in out.read_text() and "SECRET" not in text  # IDs counted, never written
+
+
+def test_scan_default_json_location_and_no_decode(tmp_path, capsys):
+    root = tmp_path / "site"
+    small_dicom(root / "a.dcm")
+    make_corrupt_files(root / "bad")
+    assert cmd_scan(_args(root, decode=False)) == 0
+    report = json.loads((root / ".fedrad-scan.json").read_text())
+    assert report["decoded"] is False and report["usable"] == 1 and len(report["skipped"]) == 5
+
+
+def test_scan_missing_folder_exits_2(tmp_path, capsys):
+    assert cmd_scan(_args(tmp_path / "nope")) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_scan_shared_dicom_lists_all_files(tmp_path):
+    root = shared_data() / "dicom"
+    report = scan_folder(root, decode=True, progress=False)
+    assert report["candidates"] == 14 and len(report["files"]) == 14
+    assert report["usable"] == 12
+    assert report["skipped_by_reason"] == {"no-pixel-data": 1, "decode-failed": 1}
+    assert sum(report["transfer_syntax"].values()) == 12 and len(report["transfer_syntax"]) == 10
+    assert report["photometric"] == {"MONOCHROME2": 6, "MONOCHROME1": 6}
