@@ -87,17 +87,17 @@ class ProcessGroup:
         return proc
 
     def kill(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-        """Send `sig` to the process's whole group (used by tests to crash a node or the coordinator)."""
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
+        """Send `sig` to the process, its group and every descendant (tests crash a node or the coordinator)."""
+        _signal_tree(proc.pid, sig)
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
 
     def stop(self, grace: float = 5.0) -> None:
+        # Flower's children (flower-superexec, flwr-serverapp, flwr-clientapp) may start sessions of their
+        # own, so a process-group kill alone can miss them: collect all descendants first.
+        family = {pid for _, proc in self.procs for pid in _descendants(proc.pid)}
         for _, proc in reversed(self.procs):
             if proc.poll() is None:
                 try:
@@ -112,10 +112,9 @@ class ProcessGroup:
                 pass
         for _, proc in self.procs:
             # SIGKILL the group even if the leader exited: its children (flwr-clientapp) may linger.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            _signal_tree(proc.pid, signal.SIGKILL)
+        for pid in family:
+            _kill_pid(pid, signal.SIGKILL)
         self.procs.clear()
         for fh in self._logs:
             fh.close()
@@ -126,6 +125,42 @@ class ProcessGroup:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _descendants(root: int) -> list[int]:
+    """All live descendants of `root`, from /proc (Linux); empty where /proc is not available."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    family = _descendants(pid)
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    _kill_pid(pid, sig)
+    for child in family:
+        _kill_pid(child, sig)
 
 
 @dataclass
@@ -260,10 +295,7 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    _signal_tree(proc.pid, signal.SIGKILL)
 
 
 def _worth_showing(line: str) -> bool:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+import numpy as np
 from fedrad.common.run_config import RunConfig
 from fedrad.server.screening import ScreeningReport, screen_replies
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as fl
 
 log = logging.getLogger("fedrad.server")
@@ -53,7 +54,21 @@ class ScreeningMixin:
             log.warning("round %d: only %d usable updates (minimum %d): the global model is kept",
                         server_round, len(kept), getattr(self, "min_train_nodes", 1))
             return None, None
-        return super().aggregate_train(server_round, kept)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
+        return _restore_dtypes(arrays, self.global_arrays), metrics
+
+
+def _restore_dtypes(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:
+    """Averaging turns integer buffers (BatchNorm's num_batches_tracked) into floats; cast back to the model's."""
+    if arrays is None:
+        return None
+    out = {}
+    for key, ref in reference.items():
+        value = arrays[key].numpy()
+        target = ref.numpy().dtype
+        cast = np.rint(value).astype(target) if target.kind in "iu" else value.astype(target, copy=False)
+        out[key] = Array(np.asarray(cast))
+    return ArrayRecord(out)
 
 
 def build_strategy(cfg: RunConfig):

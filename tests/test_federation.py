@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from fedrad.server.run_log import read_metrics
 from federation_harness import POISON_APP, Consortium
+from fedrad.server.run_log import read_metrics
 
 pytestmark = pytest.mark.slow
 
