@@ -48,7 +48,7 @@ def _flatten_state(strategy) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         else:
             continue
         for key, arr in items.items():
-            tensors[f"strategy/{attr}/{key}"] = np.ascontiguousarray(arr)
+            tensors[f"strategy/{attr}/{key}"] = np.array(arr, order="C", copy=True)
     return tensors, kinds
 
 
@@ -68,7 +68,7 @@ def _restore_state(strategy, tensors: dict[str, np.ndarray], kinds: dict[str, st
 def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, strategy, info: dict) -> Path:
     from safetensors.numpy import save_file
 
-    tensors = {f"model/{k}": np.ascontiguousarray(v.numpy()) for k, v in arrays.items()}
+    tensors = {f"model/{k}": np.array(v.numpy(), order="C", copy=True) for k, v in arrays.items()}
     state, kinds = _flatten_state(strategy)
     tensors.update(state)
     header = {"server_round": server_round, "strategy_kinds": kinds, "info": info}

@@ -156,6 +156,7 @@ def test_node_killed_mid_round_then_rejoins(consortium, sites, tmp_path):
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert rows[0]["sites_aggregated"] == 2
+    assert all(r["aggregated"] for r in rows)
     assert max(r["sites_aggregated"] for r in rows[1:]) == 3, "the restarted node should take part again"
 
 
@@ -184,6 +185,7 @@ def test_coordinator_crash_and_resume(consortium, sites, tmp_path):
     assert code == 0
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(r["sites_aggregated"] == 2 and r["aggregated"] for r in rows), rows
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 3
     run_info = json.loads((run_dir / "run.json").read_text())
