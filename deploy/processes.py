@@ -213,9 +213,8 @@ def supernode_command(superlink: str, port: int, node_config: dict[str, object],
     else:
         cmd += ["--root-certificates", str(tls.ca_cert)]
         if tls.node_private_key:
+            # flwr 1.41 derives the public key from the private one (--auth-supernode-public-key is deprecated)
             cmd += ["--auth-supernode-private-key", str(tls.node_private_key)]
-            if tls.node_public_key:
-                cmd += ["--auth-supernode-public-key", str(tls.node_public_key)]
     return cmd
 
 

@@ -1,0 +1,220 @@
+"""Consortium PKI: a CA, the coordinator's TLS certificate, and one node-authentication key pair per site.
+
+Layout written by `init_certs(out_dir, sites, hosts)` (private keys 0600, written atomically, never logged):
+
+    ca.pem, ca.key                      consortium CA (keep ca.key offline after init)
+    coordinator.pem, coordinator.key    SuperLink TLS certificate (SANs: `hosts`) and key
+    sites/<site>/node.key, node.pub     the site's SuperNode auth key pair (EC P-384, OpenSSH format:
+                                        `flower-supernode --auth-supernode-private-key`, `flwr supernode register`)
+
+A site needs only `ca.pem` and its own `sites/<site>/` folder; the coordinator needs `ca.pem`,
+`coordinator.pem/.key` and every site's `node.pub` (to register it). See docs/PRIVACY.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from fedrad.deploy.processes import TlsFiles
+
+CA_DAYS = 3650
+LEAF_DAYS = 825
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a secret with mode 0600 from the first byte, atomically (temp file in the same folder + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _san_entries(hosts: list[str]):
+    from cryptography import x509
+
+    out = []
+    for host in hosts:
+        host = host.strip()
+        if not host:
+            continue
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            out.append(x509.DNSName(host))
+    return out
+
+
+def _check_site_name(site: str) -> str:
+    site = site.strip()
+    if not site or "/" in site or site.startswith(".") or "\\" in site:
+        raise ValueError(f"site name {site!r} must be a plain folder name")
+    return site
+
+
+def init_certs(out_dir: Path | str, sites: list[str], hosts: list[str] | None = None) -> None:
+    """Make the consortium CA, a coordinator certificate for `hosts` and an auth key pair per site.
+
+    Existing files are replaced (re-running init starts a new consortium: every site must get the new CA).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out = Path(out_dir)
+    hosts = list(hosts or ["localhost", "127.0.0.1", "::1"])
+    sites = [_check_site_name(s) for s in sites]
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    pem = serialization.Encoding.PEM
+    no_pw = serialization.NoEncryption()
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedrad consortium CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+
+    srv_key = ec.generate_private_key(ec.SECP384R1())
+    cn = next((h for h in hosts if h.strip()), "localhost")
+    srv_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(ca_name)
+        .public_key(srv_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=LEAF_DAYS))
+        .add_extension(x509.SubjectAlternativeName(_san_entries(hosts)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+
+    _write_private(out / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_pw))
+    _write_public(out / "ca.pem", ca_cert.public_bytes(pem))
+    _write_private(out / "coordinator.key", srv_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_pw))
+    _write_public(out / "coordinator.pem", srv_cert.public_bytes(pem))
+    for site in sites:
+        node_key = ec.generate_private_key(ec.SECP384R1())
+        folder = out / "sites" / site
+        _write_private(folder / "node.key",
+                       node_key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, no_pw))
+        _write_public(folder / "node.pub", node_key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + f" fedrad-{site}\n".encode())
+        _write_public(folder / "ca.pem", ca_cert.public_bytes(pem))
+    os.chmod(out, 0o700)
+
+
+def tls_files(certs_dir: Path | str, site: str | None = None) -> TlsFiles:
+    """Paths for the coordinator (`site=None`) or for one site's SuperNode; checks they exist."""
+    root = Path(certs_dir).resolve()
+    ca = root / "ca.pem"
+    if site is None:
+        files = TlsFiles(ca_cert=ca, server_cert=root / "coordinator.pem", server_key=root / "coordinator.key")
+        needed = [files.ca_cert, files.server_cert, files.server_key]
+    else:
+        folder = root / "sites" / _check_site_name(site)
+        if not folder.is_dir() and (root / "node.key").exists():
+            folder = root  # a site's own copy: ca.pem + node.key + node.pub in one folder
+        if not ca.exists() and (folder / "ca.pem").exists():
+            ca = folder / "ca.pem"
+        files = TlsFiles(ca_cert=ca, node_private_key=folder / "node.key", node_public_key=folder / "node.pub")
+        needed = [files.ca_cert, files.node_private_key]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"certificate files missing (run `fedrad certs init`): {', '.join(missing)}")
+    return files
+
+
+def register_node(pubkey_path: Path | str, superlink_address: str, certs_dir: Path | str,
+                  timeout: float = 60.0) -> str:
+    """Enrol a site's public key with the SuperLink (`flwr supernode register`) over TLS; returns flwr's output."""
+    from fedrad.deploy.processes import flower_env, tool, write_flwr_home
+
+    pub = Path(pubkey_path).resolve()
+    if not pub.exists():
+        raise FileNotFoundError(f"public key {pub} does not exist")
+    ca = Path(certs_dir).resolve() / "ca.pem"
+    if not ca.exists():
+        raise FileNotFoundError(f"{ca}: no consortium CA (run `fedrad certs init`)")
+    with tempfile.TemporaryDirectory(prefix="fedrad-flwr-") as home:
+        write_flwr_home(Path(home), superlink_address, ca)
+        env = flower_env({"FLWR_HOME": home})
+        last = ""
+        deadline = _now() + timeout
+        while True:  # the SuperLink may still be starting its Control API
+            proc = subprocess.run([tool("flwr"), "supernode", "register", str(pub), "fedrad"], env=env,
+                                  capture_output=True, text=True, timeout=timeout)
+            last = (proc.stdout + proc.stderr).strip()
+            if proc.returncode == 0:
+                return last
+            if "already" in last.lower():
+                return last
+            if _now() > deadline:
+                raise RuntimeError(f"`flwr supernode register {pub.name}` failed ({proc.returncode}): {last[-800:]}")
+            import time
+
+            time.sleep(1.0)
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+# --- CLI handlers ----------------------------------------------------------------------------------
+
+
+def cmd_certs_init(args) -> int:
+    sites = [s for s in str(args.sites).split(",") if s.strip()]
+    hosts = [h for h in str(args.hosts).split(",") if h.strip()]
+    init_certs(Path(args.out), sites, hosts)
+    out = Path(args.out).resolve()
+    print(f"fedrad certs: CA and coordinator certificate (SANs: {', '.join(hosts)}) in {out}; node key pairs for "
+          f"{', '.join(sites)} in {out / 'sites'}.\n"
+          f"  coordinator: fedrad coordinator --certs {out} --host 0.0.0.0\n"
+          f"  register each site: fedrad certs register {out}/sites/SITE/node.pub --certs {out} "
+          "--superlink HOST:8000\n"
+          f"  give site SITE the folder {out}/sites/SITE (ca.pem, node.key, node.pub) only; keep ca.key offline.")
+    return 0
+
+
+def cmd_register(args) -> int:
+    text = register_node(Path(args.pubkey), args.superlink, Path(args.certs))
+    print(f"fedrad certs register: {Path(args.pubkey).name} enrolled at {args.superlink}\n{text}")
+    return 0
