@@ -6,13 +6,16 @@ are imported inside the handlers (via `fedrad.client.task`).
 
 from __future__ import annotations
 
+from fedrad.client.privacy_mods import privacy_mod
 from fedrad.client.wire_guard import wire_guard_mod
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 # The wire guard is the last thing a reply passes on its way out: it refuses anything that is not model
 # arrays of the model's own shapes plus numeric metrics, and can log every outgoing message for audit.
-app = ClientApp(mods=[wire_guard_mod])
+# privacy_mod (outermost) runs Flower's SecAgg+ (and DP clipping) when the run-config asks for it and
+# refuses a mismatch between the run-config and what the coordinator sends.
+app = ClientApp(mods=[privacy_mod, wire_guard_mod])
 
 
 @app.train()

@@ -60,6 +60,30 @@ def train_config_for(cfg: RunConfig, device: str, server_round: int, node_seed: 
     )
 
 
+def model_keys(cfg: RunConfig) -> list[str]:
+    """The model's state-dict names in order (SecAgg+'s legacy messages carry arrays without names)."""
+    from fedrad.common.models import build_model
+
+    return list(build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim).state_dict().keys())
+
+
+def _reply_arrays(model, received: ArrayRecord, cfg: RunConfig) -> ArrayRecord:
+    """The trained weights in the dtypes the coordinator sent. Under DP the integer buffers (BatchNorm batch
+    counters) are returned as received, so the clipped update holds only the trained floats."""
+    import numpy as np
+    from flwr.app import Array
+
+    state = model.state_dict()
+    out = {}
+    for key, ref in received.items():
+        ref_np = ref.numpy()
+        value = state[key].detach().cpu().numpy()
+        if cfg.dp != "none" and (value.dtype.kind in "iu" or ref_np.dtype.kind in "iu"):
+            value = ref_np
+        out[key] = Array(np.ascontiguousarray(value.astype(ref_np.dtype, copy=False)))
+    return ArrayRecord(out)
+
+
 def _model_from(msg: Message, cfg: RunConfig):
     from fedrad.common.models import build_model
 
@@ -100,7 +124,9 @@ def handle_train(msg: Message, context: Context) -> Message:
         "seconds": float(seconds),
         "train_seconds": float(result.seconds),
     })
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    if cfg.dp == "client":
+        metrics["dp-weight"] = 1.0  # equal weights: the DP noise is calibrated to an unweighted mean
+    content = RecordDict({"arrays": _reply_arrays(model, msg.content["arrays"], cfg), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 

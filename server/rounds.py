@@ -14,7 +14,8 @@ from pathlib import Path
 from fedrad.common.atomic import atomic_write_json
 from fedrad.common.run_config import RunConfig
 from fedrad.server.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from fedrad.server.run_log import append_metrics, plot_run, truncate_metrics
+from fedrad.server.privacy import PrivacyLedger, check_privacy_config, privacy_summary, wrap_dp_strategy
+from fedrad.server.run_log import append_metrics, plot_run, read_metrics, truncate_metrics
 from fedrad.server.strategies import build_strategy
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.common.logger import log
@@ -41,6 +42,15 @@ def initial_arrays(cfg: RunConfig) -> ArrayRecord:
     return ArrayRecord(model.state_dict())
 
 
+def _float_buffers(arrays: ArrayRecord) -> ArrayRecord:
+    """Under dp=client the integer buffers travel as float32 (Flower's clipping scales every array)."""
+    import numpy as np
+    from flwr.app import Array
+
+    return ArrayRecord({k: Array(v.numpy().astype(np.float32)) if v.numpy().dtype.kind in "iu" else v
+                        for k, v in arrays.items()})
+
+
 def save_global_backbone(arrays: ArrayRecord, cfg: RunConfig, run_dir: Path, rounds_done: int) -> Path:
     """Write the backbone alone as safetensors that timm loads with in_chans=1, num_classes=0."""
     from fedrad.common.models import build_model, save_backbone
@@ -62,15 +72,18 @@ def resolve_run_dir(cfg: RunConfig) -> Path:
 
 def run_federation(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flower(dict(context.run_config))
+    check_privacy_config(cfg)
     run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     strategy = build_strategy(cfg)
 
     start_round = 1
+    privacy_rounds: list = []
     ckpt_path = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, strategy)
         arrays, start_round = ckpt.arrays, ckpt.server_round + 1
+        privacy_rounds = list(ckpt.info.get("privacy_rounds", []))
         truncate_metrics(run_dir, ckpt.server_round)
         log(INFO, "fedrad: resuming %s after round %d (checkpoint %s)", run_dir, ckpt.server_round, ckpt_path.name)
     else:
@@ -78,6 +91,8 @@ def run_federation(grid: Grid, context: Context) -> None:
             log(WARNING, "fedrad: --resume asked but %s has no checkpoint: starting at round 1", run_dir)
         arrays = initial_arrays(cfg)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if cfg.dp == "client" and not cfg.secagg:
+        arrays = _float_buffers(arrays)
     array_order = list(arrays.keys())
     atomic_write_json(run_dir / "run.json", {
         "run_id": context.run_id, "config": dict(context.run_config), "started": time.time(),
@@ -86,28 +101,101 @@ def run_federation(grid: Grid, context: Context) -> None:
     log(INFO, "fedrad: %s with %s, objective %s, model %s, %d rounds -> %s", type(strategy).__name__,
         cfg.strategy, cfg.objective, cfg.model, cfg.num_server_rounds, run_dir)
 
+    ledger = None
+    if cfg.dp == "client":
+        ledger = PrivacyLedger.for_run(cfg, max(cfg.min_available_nodes, len(list(grid.get_node_ids()))))
+        ledger.restore(privacy_rounds)
+    plain_dp = cfg.dp == "client" and not cfg.secagg
+    train_strategy = wrap_dp_strategy(strategy, cfg, cfg.min_train_nodes) if plain_dp else strategy
+    secagg = None
+    if cfg.secagg:
+        from fedrad.server.secagg import SecAggTrainer
+
+        secagg = SecAggTrainer(grid, context, cfg)
+    stopped = "completed"
+    rounds_done = start_round - 1
+    try:
+        rounds_done, stopped, arrays = _round_loop(grid, cfg, run_dir, strategy, train_strategy, secagg, ledger,
+                                                   arrays, array_order, start_round)
+    finally:
+        if secagg is not None:
+            secagg.close()
+
+    weights = save_global_backbone(arrays, cfg, run_dir, rounds_done)
+    sites_seen = len({n for r in read_metrics(run_dir) for n in (r.get("sites") or {})})
+    site_eps = {n: m["dp_epsilon"] for r in read_metrics(run_dir) for n, m in (r.get("sites") or {}).items()
+                if "dp_epsilon" in m}
+    atomic_write_json(run_dir / "summary.json", {
+        "rounds": rounds_done, "rounds_planned": cfg.num_server_rounds, "stopped": stopped,
+        "finished": time.time(), "global_weights": weights.name, "config": dict(context.run_config),
+        "privacy": privacy_summary(cfg, ledger, rounds_done, sites_seen, site_eps),
+    })
+    log(INFO, "fedrad: run finished (%s); global backbone %s, metrics %s", stopped, weights,
+        run_dir / "metrics.jsonl")
+
+
+def _round_loop(grid, cfg, run_dir, strategy, train_strategy, secagg, ledger, arrays, array_order,
+                start_round):
+    rounds_done = start_round - 1
     for rnd in range(start_round, cfg.num_server_rounds + 1):
         t0 = time.time()
+        if ledger is not None:
+            available = len(list(grid.get_node_ids()))
+            expected = max(int(available * cfg.fraction_train), cfg.min_train_nodes)
+            exceed, eps_next = ledger.would_exceed(expected)
+            if exceed:
+                why = (f"dp-epsilon-budget {cfg.dp_epsilon_budget:g} reached: round {rnd} would bring epsilon "
+                       f"from {ledger.epsilon:.4f} to {eps_next:.4f} (delta {cfg.dp_delta:g}); stopped after "
+                       f"round {rnd - 1}")
+                log(WARNING, "fedrad: %s", why)
+                return rounds_done, why, arrays
         log(INFO, "fedrad: [round %d/%d] sending the global model to the sites", rnd, cfg.num_server_rounds)
-        train_msgs = strategy.configure_train(rnd, arrays, ConfigRecord({"server-round": rnd}), grid)
-        train_replies = list(grid.send_and_receive(messages=train_msgs, timeout=cfg.round_timeout))
-        agg_arrays, agg_train = strategy.aggregate_train(rnd, train_replies)
-        report = strategy.last_report
-        if agg_arrays is not None:
-            arrays = agg_arrays
+        privacy_entry: dict = {}
+        if secagg is not None:
+            res = secagg.train_round(rnd, arrays)
+            arrays, agg_train, report, agg_arrays = res.arrays, res.metrics, None, res.arrays
+            n_sent, answered, aggregated = res.sampled, res.aggregated, res.aggregated
+            train_replies: list[Message] = []
+            secagg_sites = res.site_metrics
+        else:
+            train_msgs = list(train_strategy.configure_train(rnd, arrays, ConfigRecord({"server-round": rnd}),
+                                                             grid))
+            if train_strategy is not strategy:
+                train_strategy.num_sampled_clients = max(1, len(train_msgs))
+            train_replies = list(grid.send_and_receive(messages=train_msgs, timeout=cfg.round_timeout))
+            ok = [m for m in train_replies if not m.has_error()]
+            if train_msgs and not ok:
+                reasons = sorted({m.error.reason for m in train_replies if m.has_error()})[:3]
+                raise RuntimeError(f"round {rnd}: none of {len(train_msgs)} sites returned a result "
+                                   f"({'; '.join(reasons) or 'no replies'}): refusing to go on training nothing")
+            strategy.last_report = None
+            agg_arrays, agg_train = train_strategy.aggregate_train(rnd, train_replies)
+            report = strategy.last_report
+            if agg_arrays is not None:
+                arrays = agg_arrays
+            n_sent, answered = len(train_msgs), len(ok)
+            aggregated = len(report.accepted) if report and agg_arrays is not None else 0
+            secagg_sites = None
+        if ledger is not None:
+            eps = ledger.record(rnd, n_sent, aggregated if agg_arrays is not None else 0)
+            privacy_entry = {"dp_epsilon": eps, "dp_delta": cfg.dp_delta}
         eval_msgs = strategy.configure_evaluate(rnd, arrays, ConfigRecord({"server-round": rnd}), grid)
         eval_replies = list(grid.send_and_receive(messages=eval_msgs, timeout=cfg.round_timeout))
         agg_eval = strategy.aggregate_evaluate(rnd, eval_replies)
 
         sites = _site_metrics(train_replies, ("train_loss", "train_loss_first", "num-examples", "steps",
-                                              "seconds"))
+                                              "seconds", "dp_epsilon"))
+        if secagg_sites is not None:
+            sites = {n: {k: v for k, v in m.items() if k in ("train_loss", "train_loss_first", "num-examples",
+                                                             "steps", "seconds")} for n, m in secagg_sites.items()}
         for node, m in _site_metrics(eval_replies, ("eval_loss", "alignment", "uniformity")).items():
             sites.setdefault(node, {}).update(m)
         entry = {
             "round": rnd,
             "seconds": round(time.time() - t0, 3),
-            "sites_answered": len([m for m in train_replies if not m.has_error()]),
-            "sites_aggregated": len(report.accepted) if report else 0,
+            "sites_answered": answered,
+            "sites_aggregated": aggregated,
+            "secagg": bool(cfg.secagg),
             "rejected": {str(k): v for k, v in (report.rejected if report else {}).items()},
             "aggregated": agg_arrays is not None,
             "sites": sites,
@@ -116,20 +204,18 @@ def run_federation(grid: Grid, context: Context) -> None:
             entry[key] = value
         for key, value in (agg_eval or {}).items():
             entry[key] = value
-        save_checkpoint(run_dir, rnd, arrays, strategy, {"array_order": array_order, "time": time.time()})
+        entry.update(privacy_entry)
+        info = {"array_order": array_order, "time": time.time()}
+        if ledger is not None:
+            info["privacy_rounds"] = ledger.rounds
+        save_checkpoint(run_dir, rnd, arrays, strategy, info)
         append_metrics(run_dir, entry)
         plot_run(run_dir)
         log(INFO, "fedrad: [round %d/%d] %d/%d sites aggregated, train loss %s, held-out loss %s (%.1fs)",
-            rnd, cfg.num_server_rounds, entry["sites_aggregated"], len(train_msgs) if hasattr(train_msgs,
-            "__len__") else entry["sites_answered"], _fmt(entry.get("train_loss")),
+            rnd, cfg.num_server_rounds, entry["sites_aggregated"], n_sent, _fmt(entry.get("train_loss")),
             _fmt(entry.get("eval_loss")), entry["seconds"])
-
-    weights = save_global_backbone(arrays, cfg, run_dir, cfg.num_server_rounds)
-    atomic_write_json(run_dir / "summary.json", {
-        "rounds": cfg.num_server_rounds, "finished": time.time(), "global_weights": weights.name,
-        "config": dict(context.run_config),
-    })
-    log(INFO, "fedrad: run finished; global backbone %s, metrics %s", weights, run_dir / "metrics.jsonl")
+        rounds_done = rnd
+    return rounds_done, "completed", arrays
 
 
 def _fmt(value) -> str:

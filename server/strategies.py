@@ -84,6 +84,8 @@ def build_strategy(cfg: RunConfig):
         min_evaluate_nodes=min(cfg.min_train_nodes, cfg.min_available_nodes),
         min_available_nodes=cfg.min_available_nodes,
     )
+    if cfg.dp == "client":
+        kwargs["weighted_by_key"] = "dp-weight"  # equal site weights: DP noise is calibrated to a plain mean
     if name == "fedavgm":
         kwargs.update(server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum)
     elif name == "fedprox":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fedrad.deploy.processes import (
     ProcessGroup,
+    TlsFiles,
     flower_env,
     free_port,
     submit_run,
@@ -36,24 +37,27 @@ class Consortium:
     port: int = 0
     link: subprocess.Popen | None = None
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    tls: TlsFiles | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start_link(self) -> None:
+    def start_link(self, tls: TlsFiles | None = None, node_auth: bool = False) -> None:
         if not self.port:
             self.port = free_port()
+        self.tls = tls
         state = self.workdir / "coordinator"
         state.mkdir(parents=True, exist_ok=True)
-        self.link = self.group.start("superlink", superlink_command(state, "127.0.0.1", self.port),
+        self.link = self.group.start("superlink", superlink_command(state, "127.0.0.1", self.port, tls, node_auth),
                                      self.workdir / "logs" / "superlink.log")
         wait_for_port("127.0.0.1", self.port, 60, self.link)
 
-    def start_node(self, name: str, site: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start_node(self, name: str, site: Path, env: dict[str, str] | None = None,
+                   tls: TlsFiles | None = None) -> subprocess.Popen:
         cfg = {"data-dir": str(site), "cache-dir": str(self.workdir / "cache" / name), "device": "cpu",
                "audit-dir": str(self.workdir / "audit" / name)}
-        proc = self.group.start(f"node-{name}", supernode_command(self.address, free_port(), cfg),
+        proc = self.group.start(f"node-{name}", supernode_command(self.address, free_port(), cfg, tls),
                                 self.workdir / "logs" / f"node-{name}.log", env=flower_env(env))
         self.nodes[name] = proc
         return proc
@@ -61,8 +65,9 @@ class Consortium:
     def run(self, overrides: dict[str, object], app: Path | None = None, timeout: float = 600) -> int:
         cfg = dict(TINY_RUN)
         cfg.update(overrides)
+        ca = self.tls.ca_cert if self.tls else None
         return submit_run(self.address, cfg, log_path=self.workdir / "logs" / "flwr-run.log", app=app,
-                          timeout=timeout, echo=False)
+                          timeout=timeout, echo=False, ca_cert=ca)
 
     def stop(self) -> None:
         self.group.stop()

@@ -1,0 +1,128 @@
+"""Site-side privacy mods: SecAgg+ (Flower's `secaggplus_mod`) and DP clipping, chosen by the run-config.
+
+`privacy_mod` sits outside the wire guard. With run-config `secagg = false` it passes messages through; with
+`secagg = true` training messages go through
+
+    secaggplus_mod -> update edge -> [fixedclipping_mod when dp = client] -> legacy edge -> wire guard -> handler
+
+so `task.handle_train` trains exactly as in plain mode: the legacy edge turns Flower's legacy FitIns into the
+fedrad message (named arrays + config) and the reply back into a FitRes; the update edge replaces the
+(clipped) weights by the update (weights minus the global weights) that SecAgg+ masks. What leaves the site
+in secagg mode is Flower's masked integer vectors, public keys and encrypted key shares, plus the numeric
+metrics the wire guard has checked.
+
+A mismatch between the run-config and what the coordinator sends is refused loudly: a secagg run never
+answers a plain training message (that would expose the site's update), and a plain run never joins a
+SecAgg+ exchange (which would train nothing).
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Error, Message
+from flwr.app.message_type import MessageType
+
+SECAGG_RECORD = "secaggplus"
+FIT_PARAMS = "fitins.parameters"
+FIT_CONFIG = "fitins.config"
+
+
+def _secagg_on(context: Context) -> bool:
+    value = context.run_config.get("secagg", False)
+    return value if isinstance(value, bool) else str(value).lower() == "true"
+
+
+def _refuse(msg: Message, why: str) -> Message:
+    return Message(Error(code=409, reason=f"fedrad privacy: {why}"), reply_to=msg)
+
+
+def privacy_mod(msg: Message, context: Context, call_next) -> Message:
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
+    has_secagg = SECAGG_RECORD in msg.content.config_records
+    if _secagg_on(context) and not has_secagg:
+        return _refuse(msg, "run-config secagg=true but the coordinator sent a plain training message; refusing "
+                            "to send this site's update unmasked (is the coordinator's ServerApp fedrad's?)")
+    if not _secagg_on(context):
+        if has_secagg:
+            return _refuse(msg, "the coordinator speaks SecAgg+ but run-config secagg=false; refusing")
+        return call_next(msg, context)
+    from flwr.client.mod import fixedclipping_mod, secaggplus_mod
+
+    dp_client = str(context.run_config.get("dp", "none")) == "client"
+
+    def inner(m: Message, c: Context) -> Message:
+        return _legacy_edge(m, c, call_next)
+
+    def clipped(m: Message, c: Context) -> Message:
+        return fixedclipping_mod(m, c, inner) if dp_client else inner(m, c)
+
+    def update(m: Message, c: Context) -> Message:
+        return _update_edge(m, c, clipped)
+
+    return secaggplus_mod(msg, context, update)
+
+
+def _model_keys(context: Context) -> list[str]:
+    from fedrad.client.task import model_keys
+    from fedrad.common.run_config import RunConfig
+
+    return model_keys(RunConfig.from_flower(dict(context.run_config)))
+
+
+def _legacy_edge(msg: Message, context: Context, call_next) -> Message:
+    """FitIns (unnamed arrays) -> fedrad's named-arrays message; the reply -> FitRes with the full weights."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    names = _model_keys(context)
+    global_nd = msg.content.array_records[FIT_PARAMS].to_numpy_ndarrays()
+    if len(global_nd) != len(names):
+        return _refuse(msg, f"the coordinator sent {len(global_nd)} arrays, this model has {len(names)}")
+    config = dict(msg.content.config_records[FIT_CONFIG])
+    msg.content = RecordDict({
+        "arrays": ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in zip(names, global_nd, strict=True)}),
+        "config": ConfigRecord({"server-round": int(config.get("server-round", 0))}),
+    })
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    arrays = reply.content["arrays"]
+    metrics = {k: v for k, v in reply.content["metrics"].items() if isinstance(v, int | float)}
+    # Integer buffers travel as float64 from here on, so Flower's clipping arithmetic can scale them.
+    weights = [arrays[n].numpy().astype(np.float64 if g.dtype.kind in "iu" else g.dtype, copy=False)
+               for n, g in zip(names, global_nd, strict=True)]
+    num_examples = int(metrics.get("num-examples", 1))
+    if str(context.run_config.get("dp", "none")) == "client":
+        num_examples = int(float(config.get("secagg-max-weight", 1)))  # equal weights: DP noise assumes them
+    else:
+        num_examples = min(num_examples, int(float(config.get("secagg-max-weight", num_examples))))
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(weights), max(1, num_examples), metrics)
+    reply.content = compat.fitres_to_recorddict(fitres, keep_input=True)
+    return reply
+
+
+def _update_edge(msg: Message, context: Context, call_next) -> Message:
+    """Replace the reply's weights by the update (float; zero for integer buffers) that SecAgg+ will mask."""
+    import numpy as np
+    from flwr.common import ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    global_nd = [a.copy() for a in msg.content.array_records[FIT_PARAMS].to_numpy_ndarrays()]
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    from flwr.common import parameters_to_ndarrays
+
+    local = parameters_to_ndarrays(fitres.parameters)
+    deltas = []
+    for g, w in zip(global_nd, local, strict=True):
+        if g.dtype.kind in "iu":
+            deltas.append(np.zeros(g.shape, dtype=np.float32))
+        else:
+            deltas.append((w.astype(np.float64) - g.astype(np.float64)).astype(np.float32))
+    fitres.parameters = ndarrays_to_parameters(deltas)
+    reply.content = compat.fitres_to_recorddict(fitres, keep_input=True)
+    return reply
