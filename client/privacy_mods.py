@@ -82,7 +82,7 @@ def _legacy_edge(msg: Message, context: Context, call_next) -> Message:
         return _refuse(msg, f"the coordinator sent {len(global_nd)} arrays, this model has {len(names)}")
     config = dict(msg.content.config_records[FIT_CONFIG])
     msg.content = RecordDict({
-        "arrays": ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in zip(names, global_nd, strict=True)}),
+        "arrays": ArrayRecord({n: Array(np.array(a, order="C")) for n, a in zip(names, global_nd, strict=True)}),
         "config": ConfigRecord({"server-round": int(config.get("server-round", 0))}),
     })
     reply = call_next(msg, context)

@@ -80,7 +80,7 @@ def _reply_arrays(model, received: ArrayRecord, cfg: RunConfig) -> ArrayRecord:
         value = state[key].detach().cpu().numpy()
         if cfg.dp != "none" and (value.dtype.kind in "iu" or ref_np.dtype.kind in "iu"):
             value = ref_np
-        out[key] = Array(np.ascontiguousarray(value.astype(ref_np.dtype, copy=False)))
+        out[key] = Array(np.array(value, dtype=ref_np.dtype, order="C"))  # keeps 0-d arrays 0-d
     return ArrayRecord(out)
 
 

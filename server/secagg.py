@@ -186,7 +186,7 @@ def apply_mean_update(arrays: ArrayRecord, mean_update: list[np.ndarray], local_
             new = (base.astype(np.float64) + upd).astype(base.dtype)
             if not np.isfinite(new).all():
                 raise SecAggRoundFailed(f"SecAgg+ aggregate of '{key}' is not finite")
-        out[key] = Array(np.ascontiguousarray(new))
+        out[key] = Array(np.array(new, order="C"))
     return ArrayRecord(out)
 
 
