@@ -21,7 +21,7 @@ from __future__ import annotations
 from flwr.app import Context, Error, Message
 from flwr.app.message_type import MessageType
 
-SECAGG_RECORD = "secaggplus"
+SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
 FIT_PARAMS = "fitins.parameters"
 FIT_CONFIG = "fitins.config"
 

@@ -55,7 +55,7 @@ def _train_message(secagg: bool):
 
     content = RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": 1})})
     if secagg:
-        content["secaggplus"] = ConfigRecord({"stage": "setup"})
+        content["secaggplus_configs"] = ConfigRecord({"stage": "setup"})
     return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
 
 
