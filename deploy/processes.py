@@ -384,10 +384,7 @@ def _run_foreground(cmd: list[str], env: dict[str, str]) -> int:
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def forward(signum, _frame):
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        _signal_tree(proc.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
     try:
@@ -397,10 +394,6 @@ def _run_foreground(cmd: list[str], env: dict[str, str]) -> int:
         try:
             return proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
             return 130
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _signal_tree(proc.pid, signal.SIGKILL)
