@@ -1,4 +1,7 @@
-"""Write files so that a crash never leaves a half-written one: write a temp file beside it, then rename."""
+"""Write files so that a crash never leaves a half-written one: write a temp file beside it, then rename.
+
+The one implementation every module uses (checkpoints, cache index, salts, keys, manifests, JSON).
+"""
 
 from __future__ import annotations
 
@@ -11,18 +14,24 @@ from typing import Any
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None], mode: int | None = None) -> Path:
-    """Call `writer(tmp_path)` and move the result onto `path` in one rename (same folder, same disk)."""
+    """Call `writer(tmp_path)` and move the result onto `path` in one rename (same folder, same disk).
+
+    `mode` is applied before anything is written, so a secret is never readable by others, not even
+    for an instant.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     tmp_path = Path(tmp)
     try:
         if mode is not None:
-            os.chmod(tmp_path, mode)
+            os.fchmod(fd, mode)
+        os.close(fd)
         writer(tmp_path)
         if mode is not None:
             os.chmod(tmp_path, mode)
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
