@@ -1,0 +1,51 @@
+"""A fake run directory and a signed bundle, without running a federation.
+
+`make_run_dir` mirrors what server/rounds.py writes at the end of a run: `global.safetensors` (the backbone
+via common.models.save_backbone, metadata model/in_chans/image_size/objective/rounds), `run.json`
+({"config": run-config}), `metrics.jsonl` (one JSON line per round) and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MODEL = "test_resnet"
+SIZE = 32
+
+
+def make_run_dir(root: Path, model: str = MODEL, size: int = SIZE, rounds: int = 2, dp: str = "none",
+                 seed: int = 0) -> Path:
+    import torch
+    from fedrad.common.models import build_model, save_backbone
+
+    run = root / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model_ = build_model(model, "simclr", size, proj_dim=32)
+    save_backbone(model_.backbone, run / "global.safetensors",
+                  {"model": model, "in_chans": "1", "image_size": str(size), "objective": "simclr",
+                   "rounds": str(rounds)})
+    config = {"model": model, "objective": "simclr", "image-size": size, "num-server-rounds": rounds,
+              "batch-size": 8, "local-steps": 3, "secagg": False, "dp": dp, "dp-delta": 1e-5, "strategy": "fedavg"}
+    (run / "run.json").write_text(json.dumps({"run_id": 1, "config": config, "started": 0.0, "start_round": 1}))
+    lines = []
+    for r in range(1, rounds + 1):
+        entry = {"round": r, "sites_answered": 3, "sites_aggregated": 3, "train_loss": 3.0 - r * 0.1,
+                 "sites": {str(n): {"train_loss": 3.0, "num-examples": 20.0, "steps": 3.0} for n in range(3)}}
+        if dp != "none":
+            entry["dp_epsilon"] = 0.5 * r
+        lines.append(json.dumps(entry))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (run / "summary.json").write_text(json.dumps({"rounds": rounds, "finished": 0.0,
+                                                  "global_weights": "global.safetensors", "config": config}))
+    return run
+
+
+def make_bundle(root: Path, **kw) -> tuple[Path, Path, Path]:
+    """(bundle folder, private key, public key) from a fake run directory."""
+    from fedrad.server.release import generate_keys, release_bundle
+
+    run = make_run_dir(root, **kw)
+    key, pub = generate_keys(root / "keys" / "consortium")
+    return release_bundle(run, key, root / "bundle"), key, pub
