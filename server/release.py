@@ -166,12 +166,12 @@ def build_manifest(run_dir: Path, weights: Path, signer_fingerprint: str) -> dic
         raise ValueError(f"{weights}: metadata names no model and {run_dir / 'run.json'} has none")
     size = meta.get("image_size") or config.get("image-size")
     batch = int(config.get("batch-size", 0) or 0)
+    # Per site and round: its reported examples_seen, else steps x batch size. (A round's top-level
+    # metrics are the strategy's weighted *averages* over sites, so they are not summed here.)
     seen = 0
     for r in rows:
-        if r.get("examples_seen") is not None:
-            seen += int(r["examples_seen"])
-        else:
-            seen += sum(int(s.get("steps", 0)) * batch for s in (r.get("sites") or {}).values())
+        for s in (r.get("sites") or {}).values():
+            seen += int(s["examples_seen"]) if "examples_seen" in s else int(s.get("steps", 0)) * batch
     site_images = 0
     if rows:
         site_images = int(sum(float(s.get("num-examples", 0)) for s in (rows[-1].get("sites") or {}).values()))
