@@ -141,4 +141,6 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     scores = evaluate_local(model, data, tcfg)
     metrics = {k: float(v) for k, v in scores.items()}
     metrics["num-examples"] = int(len(data))
+    if cfg.dp == "client":
+        metrics["dp-weight"] = 1.0  # the strategy averages with equal weights under DP (train and evaluate)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
