@@ -183,8 +183,9 @@ def _round_loop(grid, cfg, run_dir, strategy, train_strategy, secagg, ledger, ar
         eval_replies = list(grid.send_and_receive(messages=eval_msgs, timeout=cfg.round_timeout))
         agg_eval = strategy.aggregate_evaluate(rnd, eval_replies)
 
-        sites = _site_metrics(train_replies, ("train_loss", "train_loss_first", "num-examples", "steps",
-                                              "seconds", "dp_epsilon"))
+        site_keys = ("train_loss", "train_loss_first", "num-examples", "examples_seen", "steps", "seconds",
+                     "dp_epsilon")
+        sites = _site_metrics(train_replies, site_keys)
         if secagg_sites is not None:
             sites = {n: {k: v for k, v in m.items() if k in ("train_loss", "train_loss_first", "num-examples",
                                                              "steps", "seconds")} for n, m in secagg_sites.items()}
