@@ -24,10 +24,8 @@ PneumoniaMNIST: CC BY 4.0, MedMNIST (Yang et al., Scientific Data 2023). Data: $
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -39,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common_bench import machine  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 # Share of each class's images that goes to hospitals 0, 1, 2: hospital 0 is mostly normal films (an
@@ -49,19 +50,6 @@ LABEL_SKEW = {0: (0.6, 0.3, 0.1), 1: (0.15, 0.35, 0.5)}
 def shared_data() -> Path:
     env = os.environ.get("FEDRAD_SHARED_DATA")
     return Path(env) if env else REPO.parent / "shared" / "data"
-
-
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu} ({torch.get_num_threads()} threads); {gpu}"
 
 
 def write_hospitals(images: np.ndarray, labels: np.ndarray, root: Path, seed: int = 0) -> list[Path]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import platform
 import shlex
 import sys
 import time
@@ -29,6 +28,9 @@ from fedrad.client.trainer import TrainConfig, resolve_device, train_local
 from fedrad.common.augment import AugmentConfig, make_views
 from fedrad.common.losses import get_objective
 from fedrad.common.models import build_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common_bench import machine  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -109,17 +111,6 @@ def fedrad_loop(model, site, cfg: TrainConfig, device: torch.device) -> float:
     train_local(model, site, cfg, progress=False)
     _sync(device)
     return time.perf_counter() - t0
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu} ({torch.get_num_threads()} threads); {gpu}"
 
 
 def main(argv: list[str] | None = None) -> int:

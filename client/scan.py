@@ -29,7 +29,8 @@ from fedrad.client.site_data import (
     split_candidates,
     walk_files,
 )
-from fedrad.common.cache import atomic_write_bytes, map_files
+from fedrad.common.atomic import atomic_write_bytes
+from fedrad.common.cache import map_files
 from fedrad.common.dicom_io import SkipImage, check_dicom, decode_with_header
 from fedrad.common.header_signals import UNKNOWN, age_bucket, patient_key
 

@@ -33,6 +33,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from fedrad.common.atomic import atomic_write_bytes
 from fedrad.common.dicom_io import SkipImage, decode_with_header
 from fedrad.common.header_signals import load_or_create_salt, patient_key
 from fedrad.common.image_ops import to_uint16
@@ -111,20 +112,6 @@ def map_files(fn: Callable, items: Sequence, paths: Sequence[str], progress: boo
             yield res
     finally:
         bar.close()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class DecodedCache:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedrad.common.atomic import atomic_write_bytes
+from fedrad.server.run_log import read_metrics
 
 if TYPE_CHECKING:
     from torch import nn
@@ -112,20 +113,6 @@ def sha256_file(path: Path) -> str:
 
 
 # -- release --------------------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line of a crashed run; the checkpointed rounds are the record
-    return rows
-
-
 def _fedrad_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -160,7 +147,7 @@ def build_manifest(run_dir: Path, weights: Path, signer_fingerprint: str) -> dic
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     config: dict[str, Any] = dict(run.get("config", {}))
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    rows = _read_jsonl(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir)
     model = meta.get("model") or config.get("model")
     if not model:
         raise ValueError(f"{weights}: metadata names no model and {run_dir / 'run.json'} has none")
