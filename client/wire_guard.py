@@ -17,8 +17,9 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 
-# Keys added by Flower's own SecAgg+ / DP mods are checked by those mods; they are numeric by construction.
-_SECAGG_KEY = "secaggplus"
+# Flower's SecAgg+ protocol record (flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS):
+# masked integer vectors and public keys, produced by Flower's own mod.
+_SECAGG_KEY = "secaggplus_configs"
 
 
 def describe_content(msg: Message) -> dict[str, Any]:
