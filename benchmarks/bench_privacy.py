@@ -51,8 +51,8 @@ def round_times(args) -> dict[str, float]:
             rows = read_metrics(run_dir)
             if code != 0 or len(rows) != args.rounds:
                 raise RuntimeError(f"{name} run failed (code {code}); logs in {root / 'logs'}")
-            out[name] = float(rows[-1]["seconds"])
-            print(f"{name}: round times {[r['seconds'] for r in rows]} (run {time.time() - t0:.0f}s)", flush=True)
+            out[name] = float(rows[-1]["round_seconds"])
+            print(f"{name}: round times {[r['round_seconds'] for r in rows]} (run {time.time() - t0:.0f}s)", flush=True)
     finally:
         c.stop()
     return out

@@ -56,7 +56,7 @@ def federated(site: Path, cfg: dict, work: Path, rounds: int) -> list[float]:
         code = c.run(overrides)
         if code != 0:
             raise RuntimeError(f"federated run failed; see {work / 'logs'}")
-        return [r["seconds"] for r in read_metrics(work / "run")]
+        return [r["round_seconds"] for r in read_metrics(work / "run")]
     finally:
         c.stop()
 
