@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from fedrad.common.atomic import atomic_write_bytes
 from fedrad.deploy.processes import TlsFiles
 
 CA_DAYS = 3650
@@ -27,32 +28,12 @@ LEAF_DAYS = 825
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a secret with mode 0600 from the first byte, atomically (temp file in the same folder + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A secret: mode 0600 from the first byte, written atomically."""
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data, mode=0o644)
 
 
 def _san_entries(hosts: list[str]):
