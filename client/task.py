@@ -20,14 +20,6 @@ def _node_setting(context: Context, key: str, default: str = "") -> str:
     return str(context.node_config.get(key, default) or default)
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name in ("", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def load_site_for(context: Context, cfg: RunConfig):
     """The SiteData of this node, decoded once into the site-local cache and reused across rounds."""
     from fedrad.client.site_data import load_site
@@ -99,8 +91,10 @@ def handle_train(msg: Message, context: Context) -> Message:
 
     cfg = RunConfig.from_flower(dict(context.run_config))
     server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
-    device = resolve_device(_node_setting(context, "device", "auto"))
-    torch.set_num_threads(max(1, int(_node_setting(context, "threads", "0") or 0)) or torch.get_num_threads())
+    device = _node_setting(context, "device", "auto")  # the trainer resolves "auto"
+    threads = int(_node_setting(context, "threads", "0") or 0)
+    if threads > 0:  # unset: torch's own default (all cores)
+        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     data = load_site_for(context, cfg)
     model = _model_from(msg, cfg)
@@ -134,7 +128,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     from fedrad.client.trainer import evaluate_local
 
     cfg = RunConfig.from_flower(dict(context.run_config))
-    device = resolve_device(_node_setting(context, "device", "auto"))
+    device = _node_setting(context, "device", "auto")
     data = load_site_for(context, cfg)
     model = _model_from(msg, cfg)
     tcfg = train_config_for(cfg, device, 0, 0)

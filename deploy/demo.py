@@ -9,6 +9,7 @@ Every process started here is stopped at the end, on Ctrl-C and on failure.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -93,6 +94,7 @@ def cmd_demo(args) -> int:
                 register_node(tls_files(workdir / "certs", site.name).node_public_key, address,
                               workdir / "certs")
         _step("starting 3 site nodes (Flower SuperNodes), one per hospital")
+        threads = max(1, (os.cpu_count() or 1) // len(sites))  # the sites share this machine's cores
         for site in sites:
             node_tls = None
             if tls is not None:
@@ -100,6 +102,7 @@ def cmd_demo(args) -> int:
 
                 node_tls = tls_files(workdir / "certs", site.name)
             cfg = {"data-dir": str(site), "cache-dir": str(workdir / "cache" / site.name), "device": "cpu",
+                   "threads": threads,
                    "audit-dir": str(workdir / "audit" / site.name)}
             group.start(f"node-{site.name}", supernode_command(address, free_port(), cfg, node_tls),
                         workdir / "logs" / f"node-{site.name}.log")
