@@ -317,37 +317,6 @@ def _loader(tensors: tuple, batch_size: int, seed: int, drop_last: bool):
                       drop_last=drop_last)
 
 
-def _no_inplace(model: nn.Module) -> None:
-    """Make a network safe for Opacus' per-sample-gradient hooks.
-
-    The hooks keep layer inputs and wrap hooked layers' outputs in a custom autograd Function, whose output
-    must not be modified in place: so no in-place activations, and every GroupNorm's output is cloned
-    (timm's residual blocks do `x += shortcut` on the norm output).
-    """
-    from torch import nn
-
-    for m in model.modules():
-        if hasattr(m, "inplace") and isinstance(m.inplace, bool):
-            m.inplace = False
-
-    class CloneOut(nn.Module):
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(x).clone()
-
-    def wrap(parent: nn.Module) -> None:
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.GroupNorm):
-                setattr(parent, name, CloneOut(child))
-            else:
-                wrap(child)
-
-    wrap(model)
-
-
 def _train_loop(model: nn.Module, opt, loader, epochs: int, device: str, size: int | None,
                 images: bool) -> None:
     import warnings
@@ -425,8 +394,8 @@ def fit_full(backbone: nn.Module, img_tr: np.ndarray, ytr: np.ndarray, img_te: n
              device: str = "cpu", batch_size: int = 64) -> tuple[np.ndarray, float | None]:
     """End-to-end fine-tune of a copy of `backbone` + linear head (backbone lr 10x lower).
 
-    With DP: BatchNorm -> GroupNorm (Opacus ModuleValidator.fix; BN mixes samples, so per-sample gradients
-    would not exist), no in-place activations, DP-SGD to the target epsilon.
+    With DP: BatchNorm -> GroupNorm (BN mixes samples, so per-sample gradients would not exist), the
+    opacus-safe structure of `fedrad.common.norms`, DP-SGD to the target epsilon.
     """
     import torch
     from torch import nn
@@ -435,13 +404,9 @@ def fit_full(backbone: nn.Module, img_tr: np.ndarray, ytr: np.ndarray, img_te: n
     net = copy.deepcopy(backbone)
     model = nn.Sequential(net, nn.Linear(int(net.num_features), ytr.shape[1]))
     if dp is not None:
-        from opacus.validators import ModuleValidator
+        from fedrad.common.norms import to_group_norm
 
-        model = ModuleValidator.fix(model)
-        _no_inplace(model)
-        errors = ModuleValidator.validate(model, strict=False)
-        if errors:
-            raise ValueError(f"model cannot be trained with DP-SGD: {errors[:3]}")
+        to_group_norm(model)  # no-op for a backbone already trained with dp=sample
     model.to(device)
     bs = min(batch_size, len(img_tr))
     loader = _loader((torch.from_numpy(img_tr.astype(np.float32)), torch.from_numpy(ytr.astype(np.float32))),
@@ -451,10 +416,16 @@ def fit_full(backbone: nn.Module, img_tr: np.ndarray, ytr: np.ndarray, img_te: n
               {"params": model[1].parameters(), "lr": HEAD_LR}]
     opt = torch.optim.AdamW(groups, weight_decay=1e-4)
     engine = None
+    eps = None
     if dp is not None:
-        engine, model, opt, loader = _make_private(model, opt, loader, epochs, dp)
-    _train_loop(model, opt, loader, epochs, device, size, images=True)
-    eps = float(engine.get_epsilon(dp[1])) if engine is not None else None
+        from fedrad.common.norms import opacus_safe
+
+        with opacus_safe(model):
+            engine, model, opt, loader = _make_private(model, opt, loader, epochs, dp)
+            _train_loop(model, opt, loader, epochs, device, size, images=True)
+        eps = float(engine.get_epsilon(dp[1]))
+    else:
+        _train_loop(model, opt, loader, epochs, device, size, images=True)
     model.eval()
     out = []
     with torch.no_grad():
@@ -579,13 +550,13 @@ def write_outputs(out_dir: Path, rows: list[dict[str, Any]], meta: dict[str, Any
     return table
 
 
-def random_arm(model: str, size: int | None, seed: int = 20240101) -> Arm:
+def random_arm(model: str, size: int | None, seed: int = 20240101, norm: str = "batch") -> Arm:
     """Same architecture, random init: the baseline every pretrained number is compared against."""
     import torch
     from fedrad.common.models import create_backbone
 
     torch.manual_seed(seed)
-    return Arm("random-init", create_backbone(model, in_chans=1, image_size=size).eval(), size)
+    return Arm("random-init", create_backbone(model, in_chans=1, image_size=size, norm=norm).eval(), size)
 
 
 def _parse_fractions(text: str) -> list[float]:
@@ -621,7 +592,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not args.insecure:
         print(f"fedrad finetune: bundle {args.bundle} verified", file=sys.stderr)
     size = int(manifest.get("input_size") or 64)
-    arms.insert(1, random_arm(manifest["model"], manifest.get("input_size")))
+    arms.insert(1, random_arm(manifest["model"], manifest.get("input_size"),
+                                norm=manifest.get("norm", "batch")))
     targets = [t.strip() for t in args.target.split(",")] if args.target else None
     data = load_data(args.data, size, args.labels, targets)
     if data.split and "test" in data.split:
@@ -666,7 +638,7 @@ def demo_finetune(bundle: str | Path, pubkey: str | Path, sites: list[Path], out
                        targets=parts[0].targets, groups=np.concatenate([p.groups for p in parts]),
                        source=", ".join(str(s) for s in sites))
     train_idx, test_idx = patient_split(data.groups, data.y, seed=0)
-    arms = [Arm("pretrained", backbone, size), random_arm(manifest["model"], size)]
+    arms = [Arm("pretrained", backbone, size), random_arm(manifest["model"], size, norm=manifest.get("norm", "batch"))]
     rows = run_experiment(arms, data, train_idx, test_idx, [0.25, 1.0], "linear", seeds=3)
     meta = {"bundle": str(bundle), "sites": len(sites), "images": len(data), "test_images": len(test_idx),
             "split": "patient-level, pooled sites", "mode": "linear", "seeds": 3}

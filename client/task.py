@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from fedrad.common.run_config import RunConfig
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 
 log = logging.getLogger("fedrad.client")
 
@@ -31,6 +31,28 @@ def load_site_for(context: Context, cfg: RunConfig):
     labels = _node_setting(context, "labels") or None
     kwargs = {"labels_csv": labels} if labels else {}
     return load_site(Path(data_dir), cfg.image_size, cache_dir=cache_dir, progress=False, **kwargs)
+
+
+def dp_ledger_path(context: Context) -> Path:
+    """The site's sample-DP ledger: beside the decoded-image cache, outliving ClientApp processes and runs."""
+    from fedrad.client.sample_dp import LEDGER_FILE
+    from fedrad.client.site_data import default_cache_dir
+
+    cache_dir = _node_setting(context, "cache-dir")
+    return Path(cache_dir or default_cache_dir(Path(_node_setting(context, "data-dir")))) / LEDGER_FILE
+
+
+def _sample_dp_for(msg: Message, context: Context, cfg: RunConfig, n_train: int):
+    """(SampleDP with this run's history so far, run key, ledger path, projected ε), or an Error reply text
+    when the round's steps would take this site past `dp-epsilon-budget` (the site enforces it itself)."""
+    from fedrad.client.sample_dp import SampleDP, ledger_history, projected_epsilon
+
+    config = msg.content["config"] if "config" in msg.content else {}
+    run_key = str(config.get("run-key", "") or f"flwr-run-{context.run_id}")
+    path = dp_ledger_path(context)
+    dp = SampleDP(cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, cfg.dp_epsilon_budget, ledger_history(path, run_key))
+    eps_after = projected_epsilon(dp, n_train, cfg.batch_size, cfg.local_steps)
+    return dp, run_key, path, eps_after
 
 
 def train_config_for(cfg: RunConfig, device: str, server_round: int, node_seed: int):
@@ -56,7 +78,8 @@ def model_keys(cfg: RunConfig) -> list[str]:
     """The model's state-dict names in order (SecAgg+'s legacy messages carry arrays without names)."""
     from fedrad.common.models import build_model
 
-    return list(build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim).state_dict().keys())
+    model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim, norm=cfg.model_norm)
+    return list(model.state_dict().keys())
 
 
 def _reply_arrays(model, received: ArrayRecord, cfg: RunConfig) -> ArrayRecord:
@@ -79,7 +102,7 @@ def _reply_arrays(model, received: ArrayRecord, cfg: RunConfig) -> ArrayRecord:
 def _model_from(msg: Message, cfg: RunConfig):
     from fedrad.common.models import build_model
 
-    model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim)
+    model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim, norm=cfg.model_norm)
     state = msg.content["arrays"].to_torch_state_dict()
     model.load_state_dict(state, strict=True)
     return model
@@ -104,7 +127,19 @@ def handle_train(msg: Message, context: Context) -> Message:
     else:
         proximal = None
     tcfg = train_config_for(cfg, device, server_round, context.node_id % 100_000)
-    result = train_local(model, data, tcfg, progress=False, proximal=proximal)
+    dp = None
+    if cfg.dp == "sample":
+        from fedrad.client.trainer import split_indices
+
+        n_train = len(split_indices(data, tcfg.holdout)[0])
+        dp, run_key, ledger, eps_after = _sample_dp_for(msg, context, cfg, n_train)
+        if cfg.dp_epsilon_budget > 0 and eps_after > cfg.dp_epsilon_budget:
+            why = (f"fedrad privacy: dp epsilon budget: this round's {cfg.local_steps} steps would take this "
+                   f"site's image-level epsilon to {eps_after:.4f} > dp-epsilon-budget {cfg.dp_epsilon_budget:g} "
+                   f"(delta {cfg.dp_delta:g}); not training")
+            log.warning(why)
+            return Message(Error(code=429, reason=why), reply_to=msg)
+    result = train_local(model, data, tcfg, progress=False, proximal=proximal, dp=dp)
     model.to("cpu")
     seconds = time.perf_counter() - t0
     log.info("round %s: %d local steps on %d images, loss %.4f -> %.4f in %.1fs", server_round,
@@ -120,6 +155,16 @@ def handle_train(msg: Message, context: Context) -> Message:
     })
     if cfg.dp == "client":
         metrics["dp-weight"] = 1.0  # equal weights: the DP noise is calibrated to an unweighted mean
+    if dp is not None:
+        from fedrad.client.sample_dp import ledger_record, projected_epsilon
+
+        # Recorded before the weights leave: a crash after this over-counts, never under-counts.
+        eps = ledger_record(ledger, run_key, result.dp_history, cfg.dp_delta, server_round)
+        dp.history = result.dp_history
+        metrics["dp_epsilon"] = float(eps)
+        metrics["dp_epsilon_next"] = float(projected_epsilon(dp, n_train, cfg.batch_size, cfg.local_steps))
+        log.info("round %s: DP-SGD at this site, image-level epsilon %.4f at delta %g (ledger %s)", server_round,
+                 eps, cfg.dp_delta, ledger)
     content = RecordDict({"arrays": _reply_arrays(model, msg.content["arrays"], cfg), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 

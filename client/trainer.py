@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
     import torch
+    from fedrad.client.sample_dp import SampleDP
     from fedrad.client.site_data import SiteData
     from torch import nn
 
@@ -55,6 +56,8 @@ class TrainResult:
     examples: int
     seconds: float
     metrics: list[dict[str, float]] = field(default_factory=list)  # per step: loss, grad_norm, lr, time
+    dp_history: list[tuple[float, float, int]] | None = None  # sample-level DP: accounting after this call
+    dp_epsilon: float | None = None
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -262,10 +265,14 @@ def _setup(model: nn.Module, data: SiteData, cfg: TrainConfig) -> _Setup:
 
 
 def _views(st: _Setup, data: SiteData, sampler: _PairSampler, gen_aug) -> tuple:
+    anchors, partners, _ = sampler.next()
+    return _views_of(st, data, anchors, partners, gen_aug)
+
+
+def _views_of(st: _Setup, data: SiteData, anchors: np.ndarray, partners: np.ndarray | None, gen_aug) -> tuple:
     import torch
     from fedrad.common.augment import make_views
 
-    anchors, partners, _ = sampler.next()
     x = _fetch(data, anchors, st.device, st.size)
     if partners is None:
         v1, v2 = make_views(x, st.aug, gen_aug)
@@ -296,25 +303,51 @@ def _generators(seed: int, device: torch.device):
 
 
 def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bool = True,
-                proximal: tuple[float, dict[str, torch.Tensor]] | None = None) -> TrainResult:
+                proximal: tuple[float, dict[str, torch.Tensor]] | None = None,
+                dp: SampleDP | None = None) -> TrainResult:
     """Run `cfg.steps` optimizer steps of `cfg.objective` on the site's training split; per-step losses.
 
     A fresh optimizer every call (each federated round starts from the aggregated weights). Seeded: the same
     model init, data and cfg give the same losses on CPU. `proximal=(mu, start_state)` adds FedProx's
     mu/2 ||w - w_start||^2 on the parameters (as a gradient term; the reported loss is the objective's).
+    `dp` trains with opacus DP-SGD instead (per-image clipping and noise, Poisson-sampled batches, secret
+    randomness, so not seeded); the result carries the accounting history and ε.
     """
     import contextlib
+    import dataclasses
 
     import torch
     from tqdm.auto import tqdm
 
     if len(data) < 2:
         raise ValueError(f"need at least 2 images to train contrastively, the site has {len(data)}")
+    if dp is not None:
+        if proximal is not None:
+            raise ValueError("sample-level DP does not combine with FedProx's proximal term")
+        # bf16 per-sample gradients and channels_last buy little here and complicate opacus's hooks.
+        cfg = dataclasses.replace(cfg, amp="off", channels_last=False)
     st = _setup(model, data, cfg)
     train_idx, _ = split_indices(data, cfg.holdout)
     g_idx, g_aug = _generators(cfg.seed, st.device)
     sampler = _PairSampler(data, train_idx, cfg.batch_size, g_idx, st.objective.pairing == "patient")
     opt = make_optimizer(model, cfg)
+    dp_run = None
+    stack = contextlib.ExitStack()
+    if dp is not None:
+        from fedrad.client.sample_dp import DPTraining, check_model
+        from fedrad.common.norms import opacus_safe
+
+        check_model(model, st.objective)
+        # Separate forward passes per view: opacus sums an image's two views into one per-image gradient.
+        st.objective = dataclasses.replace(st.objective, joint_forward=False)
+        stack.enter_context(opacus_safe(model))
+        try:
+            dp_run = DPTraining(model, opt, dp, len(train_idx), cfg.batch_size, st.device)
+        except BaseException:
+            stack.close()
+            raise
+        stack.callback(dp_run.close)
+        opt = dp_run.optimizer
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     prox = None
@@ -332,32 +365,55 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
     bar = tqdm(range(cfg.steps), desc=f"{cfg.objective} train", unit="step", disable=not progress,
                leave=False)
     every = max(1, cfg.steps // 50)
-    for step in bar:
-        v1, v2, labels, b = _views(st, data, sampler, g_aug)
-        with autocast:
-            loss = st.objective.loss(model, v1, v2, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if prox is not None:
-            with torch.no_grad():
-                for p, p0 in zip(params, prox[1], strict=True):
-                    if p.grad is not None:
-                        p.grad.add_(p - p0, alpha=prox[0])
-        if cfg.grad_clip:
-            norm_hist.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True).detach())
-        opt.step()
-        loss_hist.append(loss.detach())
-        examples += b
-        times.append(time.perf_counter() - t0)
-        if progress and (step % every == 0 or step == cfg.steps - 1):
-            bar.set_postfix(loss=f"{loss_hist[-1].item():.4f}")
+    with stack:
+        for step in bar:
+            if dp_run is None:
+                v1, v2, labels, b = _views(st, data, sampler, g_aug)
+                with autocast:
+                    loss = st.objective.loss(model, v1, v2, labels)
+            else:
+                loss, b = _dp_loss(st, data, dp_run.draw(train_idx), model, g_aug)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if prox is not None:
+                with torch.no_grad():
+                    for p, p0 in zip(params, prox[1], strict=True):
+                        if p.grad is not None:
+                            p.grad.add_(p - p0, alpha=prox[0])
+            if dp_run is not None:
+                dp_run.step()  # per-image clipping to dp-clip, Gaussian noise, one accountant step
+            else:
+                if cfg.grad_clip:
+                    norm_hist.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True).detach())
+                opt.step()
+            loss_hist.append(loss.detach())
+            examples += b
+            times.append(time.perf_counter() - t0)
+            if progress and (step % every == 0 or step == cfg.steps - 1):
+                bar.set_postfix(loss=f"{loss_hist[-1].item():.4f}")
     bar.close()
     losses = torch.stack(loss_hist).float().cpu().tolist() if loss_hist else []
     seconds = time.perf_counter() - t0
     norms = torch.stack(norm_hist).float().cpu().tolist() if norm_hist else [float("nan")] * len(losses)
     metrics = [{"step": i, "loss": loss_v, "grad_norm": n, "lr": cfg.lr, "seconds": t}
                for i, (loss_v, n, t) in enumerate(zip(losses, norms, times, strict=True))]
-    return TrainResult(losses=losses, steps=len(losses), examples=examples, seconds=seconds, metrics=metrics)
+    result = TrainResult(losses=losses, steps=len(losses), examples=examples, seconds=seconds, metrics=metrics)
+    if dp_run is not None:
+        result.dp_history, result.dp_epsilon = dp_run.history, dp_run.epsilon
+    return result
+
+
+def _dp_loss(st: _Setup, data: SiteData, anchors: np.ndarray, model: nn.Module, gen_aug) -> tuple:
+    """The DP step's loss on a Poisson batch. An empty draw still takes a (noise-only) step, as the
+    accountant assumes: one blank image with zero weight gives opacus a per-sample gradient of exactly 0."""
+    import torch
+
+    if len(anchors) == 0:
+        size = st.size or data.image_size
+        blank = torch.zeros(1, 1, size, size, device=st.device)
+        return st.objective.loss(model, blank, blank, None) * 0.0, 0
+    v1, v2, labels, b = _views_of(st, data, anchors, None, gen_aug)
+    return st.objective.loss(model, v1, v2, labels), b
 
 
 def evaluate_local(model: nn.Module, data: SiteData, cfg: TrainConfig) -> dict[str, float]:

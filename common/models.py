@@ -32,19 +32,27 @@ def _takes_img_size(name: str) -> bool:
     return name.split(".")[0].startswith(("vit_", "deit_", "eva", "test_vit"))
 
 
-def create_backbone(name: str, in_chans: int = 1, image_size: int | None = None) -> nn.Module:
-    """A timm feature extractor (num_classes=0: pooled features, `.num_features` wide), never pretrained."""
+def create_backbone(name: str, in_chans: int = 1, image_size: int | None = None, norm: str = "batch") -> nn.Module:
+    """A timm feature extractor (num_classes=0: pooled features, `.num_features` wide), never pretrained.
+
+    `norm="group"` swaps BatchNorm for GroupNorm (the variant trained with sample-level DP).
+    """
     import timm
+    from fedrad.common.norms import NORMS, to_group_norm
+
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm '{norm}' (choose from {', '.join(NORMS)})")
 
     kwargs: dict = {"in_chans": in_chans, "num_classes": 0, "pretrained": False}
     if image_size is not None and _takes_img_size(name):
         kwargs["img_size"] = image_size
     try:
-        return timm.create_model(name, **kwargs)
+        backbone = timm.create_model(name, **kwargs)
     except RuntimeError as exc:  # timm's "Unknown model" is a RuntimeError; make it a clean CLI error
         if "Unknown model" in str(exc):
             raise ValueError(f"unknown model '{name}' (try one of {', '.join(KNOWN_MODELS)})") from exc
         raise
+    return to_group_norm(backbone) if norm == "group" else backbone
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -81,10 +89,19 @@ class ContrastiveModel(nn.Module):
         return self.projector(self.backbone(x))
 
 
-def build_model(model_name: str, objective: str, image_size: int, proj_dim: int = 128) -> ContrastiveModel:
-    """The model every site and the server build identically for a run (same names, same state_dict keys)."""
-    backbone = create_backbone(model_name, in_chans=1, image_size=image_size)
-    return ContrastiveModel(backbone, proj_dim=proj_dim, predictor=objective in PREDICTOR_OBJECTIVES)
+def build_model(model_name: str, objective: str, image_size: int, proj_dim: int = 128,
+                norm: str = "batch") -> ContrastiveModel:
+    """The model every site and the server build identically for a run (same names, same state_dict keys).
+
+    `norm="group"`: GroupNorm in the backbone and the heads (RunConfig.model_norm, for dp = "sample").
+    """
+    from fedrad.common.norms import to_group_norm
+
+    backbone = create_backbone(model_name, in_chans=1, image_size=image_size, norm=norm)
+    model = ContrastiveModel(backbone, proj_dim=proj_dim, predictor=objective in PREDICTOR_OBJECTIVES)
+    if norm == "group":
+        to_group_norm(model)
+    return model
 
 
 def trainable_state(model: nn.Module) -> dict[str, Tensor]:
@@ -125,13 +142,17 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def load_backbone(model_name: str, path: str | os.PathLike, image_size: int | None = None) -> nn.Module:
-    """Build `model_name` and load the weights strictly (a mismatch is an error, not a partial load)."""
+    """Build `model_name` and load the weights strictly (a mismatch is an error, not a partial load).
+
+    The file's metadata says whether it is the GroupNorm variant (`norm`) and, for ViTs, its input size.
+    """
     from safetensors.torch import load_file
 
+    meta = read_metadata(path)
     if image_size is None and _takes_img_size(model_name):
-        size = read_metadata(path).get("image_size")
+        size = meta.get("image_size")
         image_size = int(size) if size else None
-    backbone = create_backbone(model_name, in_chans=1, image_size=image_size)
+    backbone = create_backbone(model_name, in_chans=1, image_size=image_size, norm=meta.get("norm", "batch"))
     backbone.load_state_dict(load_file(os.fspath(path)), strict=True)
     return backbone
 

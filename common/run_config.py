@@ -82,5 +82,10 @@ class RunConfig:
         return cls(**values)
 
     @property
+    def model_norm(self) -> str:
+        """GroupNorm when sites train with per-image DP-SGD (BatchNorm mixes the images of a batch)."""
+        return "group" if self.dp == "sample" else "batch"
+
+    @property
     def label_field_list(self) -> list[str]:
         return [f.strip() for f in self.label_fields.split(",") if f.strip()]

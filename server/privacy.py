@@ -51,9 +51,9 @@ def check_privacy_config(cfg: RunConfig) -> None:
                 "epsilon would be false. Use objective=simsiam, or dp=client for a site-level guarantee.")
         if cfg.secagg:
             raise ValueError("run-config dp=sample with secagg=true is not supported; use dp=client with secagg")
-        # Refuse rather than train without the promised guarantee: the site-side opacus hook is not built yet.
-        raise ValueError("run-config dp=sample (per-image DP-SGD at each site) is not implemented in this version; "
-                         "use dp=client for a site-level guarantee")
+        if cfg.strategy.lower() == "fedprox":
+            raise ValueError("run-config dp=sample does not combine with strategy=fedprox (its proximal gradient "
+                             "term is not clipped per image); choose another strategy")
 
 
 @dataclass

@@ -122,8 +122,10 @@ def _fedrad_version() -> str:
         return "unknown"
 
 
-def _privacy(config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run's privacy guarantees as a site would want to read them (ε/δ or 'none')."""
+def _privacy(config: dict[str, Any], rows: list[dict[str, Any]], summary: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
+    """The run's privacy guarantees as a site would want to read them (ε/δ or 'none'), with the mechanism,
+    its unit (site or image) and whether it is a formal guarantee, from summary.json when the run wrote it."""
     dp = str(config.get("dp", "none") or "none")
     eps = [r["dp_epsilon"] for r in rows if r.get("dp_epsilon") is not None]
     out: dict[str, Any] = {
@@ -136,6 +138,11 @@ def _privacy(config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, An
         out.update({"epsilon": float(eps[-1]) if eps else "not reported",
                     "delta": float(config.get("dp-delta", 1e-5)),
                     "clip": config.get("dp-clip"), "noise_multiplier": config.get("dp-noise")})
+    written = (summary or {}).get("privacy") or {}
+    for key in ("mechanism", "unit", "formal_guarantee", "statement", "accountant", "site_epsilons", "sites",
+                "rounds"):
+        if key in written:
+            out[key] = written[key]
     return out
 
 
@@ -169,19 +176,28 @@ def build_manifest(run_dir: Path, weights: Path, signer_fingerprint: str) -> dic
         "input_size": int(size) if size else None,
         "intensity": INTENSITY,
         "objective": meta.get("objective") or config.get("objective"),
+        "norm": meta.get("norm", "batch"),
         "rounds": int(meta.get("rounds") or summary.get("rounds") or len(rows)),
         "sites": max((int(r.get("sites_aggregated", 0)) for r in rows), default=0),
         "site_images": site_images,
         "examples_seen": seen,
         "strategy": config.get("strategy"),
-        "privacy": _privacy(config, rows),
+        "privacy": _privacy(config, rows, summary),
         "fedrad_version": _fedrad_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "weights": {"file": WEIGHTS, "sha256": sha256_file(weights), "bytes": weights.stat().st_size},
         "signer": {"algorithm": "Ed25519", "public_key_sha256": signer_fingerprint},
-        "load_with": f"timm.create_model({model!r}, in_chans=1, num_classes=0).load_state_dict("
-                     f"safetensors.torch.load_file('{WEIGHTS}'))",
+        "load_with": _load_with(model, meta.get("norm", "batch")),
     }
+
+
+def _load_with(model: str, norm: str) -> str:
+    """How to load the weights without fedrad's CLI (the GroupNorm variant needs fedrad's converter)."""
+    if norm == "group":
+        return (f"fedrad.common.models.create_backbone({model!r}, in_chans=1, norm='group').load_state_dict("
+                f"safetensors.torch.load_file('{WEIGHTS}'))  # BatchNorm replaced by GroupNorm (dp=sample)")
+    return (f"timm.create_model({model!r}, in_chans=1, num_classes=0).load_state_dict("
+            f"safetensors.torch.load_file('{WEIGHTS}'))")
 
 
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:
@@ -267,7 +283,8 @@ def read_manifest_unverified(bundle: Path) -> dict[str, Any]:
         size = meta.get("image_size")
         return {"model": meta.get("model"), "in_chans": int(meta.get("in_chans", 1)),
                 "input_size": int(size) if size else None, "intensity": INTENSITY,
-                "objective": meta.get("objective"), "weights": {"file": bundle.name}}
+                "objective": meta.get("objective"), "norm": meta.get("norm", "batch"),
+                "weights": {"file": bundle.name}}
     path = bundle / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{bundle}: no {MANIFEST} (not a fedrad bundle)")
@@ -293,7 +310,7 @@ def load_verified_backbone(bundle: str | os.PathLike[str], pubkey: str | os.Path
     if not manifest.get("model"):
         raise ValueError(f"{bundle}: the manifest/metadata names no model")
     backbone = create_backbone(manifest["model"], in_chans=int(manifest.get("in_chans", 1)),
-                               image_size=manifest.get("input_size"))
+                               image_size=manifest.get("input_size"), norm=manifest.get("norm", "batch"))
     backbone.load_state_dict(load_file(os.fspath(weights)), strict=True)
     backbone.eval()
     return backbone, manifest

@@ -8,6 +8,7 @@ evaluate) but starts at an arbitrary round, which `Strategy.start` cannot, so a 
 from __future__ import annotations
 
 import time
+import uuid
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def initial_arrays(cfg: RunConfig) -> ArrayRecord:
     from fedrad.common.models import build_model
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim)
+    model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim, norm=cfg.model_norm)
     return ArrayRecord(model.state_dict())
 
 
@@ -55,10 +56,10 @@ def save_global_backbone(arrays: ArrayRecord, cfg: RunConfig, run_dir: Path, rou
     """Write the backbone alone as safetensors that timm loads with in_chans=1, num_classes=0."""
     from fedrad.common.models import build_model, save_backbone
 
-    model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim)
+    model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim, norm=cfg.model_norm)
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     meta = {"model": cfg.model, "in_chans": "1", "image_size": str(cfg.image_size),
-            "objective": cfg.objective, "rounds": str(rounds_done)}
+            "objective": cfg.objective, "rounds": str(rounds_done), "norm": cfg.model_norm}
     path = run_dir / "global.safetensors"
     save_backbone(model.backbone, path, meta)
     return path
@@ -79,11 +80,15 @@ def run_federation(grid: Grid, context: Context) -> None:
 
     start_round = 1
     privacy_rounds: list = []
+    # Names this run to the sites across resumes (Flower gives a resumed run a new run id): a site keys its
+    # sample-DP ledger by it, so a resumed run keeps adding to the same epsilon.
+    run_key = uuid.uuid4().hex
     ckpt_path = latest_checkpoint(run_dir) if cfg.resume else None
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, strategy)
         arrays, start_round = ckpt.arrays, ckpt.server_round + 1
         privacy_rounds = list(ckpt.info.get("privacy_rounds", []))
+        run_key = str(ckpt.info.get("run_key") or run_key)
         truncate_metrics(run_dir, ckpt.server_round)
         log(INFO, "fedrad: resuming %s after round %d (checkpoint %s)", run_dir, ckpt.server_round, ckpt_path.name)
     else:
@@ -96,7 +101,7 @@ def run_federation(grid: Grid, context: Context) -> None:
     array_order = list(arrays.keys())
     atomic_write_json(run_dir / "run.json", {
         "run_id": context.run_id, "config": dict(context.run_config), "started": time.time(),
-        "start_round": start_round,
+        "start_round": start_round, "run_key": run_key,
     })
     log(INFO, "fedrad: %s with %s, objective %s, model %s, %d rounds -> %s", type(strategy).__name__,
         cfg.strategy, cfg.objective, cfg.model, cfg.num_server_rounds, run_dir)
@@ -116,7 +121,7 @@ def run_federation(grid: Grid, context: Context) -> None:
     rounds_done = start_round - 1
     try:
         rounds_done, stopped, arrays = _round_loop(grid, cfg, run_dir, strategy, train_strategy, secagg, ledger,
-                                                   arrays, array_order, start_round)
+                                                   arrays, array_order, start_round, run_key)
     finally:
         if secagg is not None:
             secagg.close()
@@ -134,11 +139,35 @@ def run_federation(grid: Grid, context: Context) -> None:
         run_dir / "metrics.jsonl")
 
 
+def _sample_dp_stop(cfg: RunConfig, run_dir: Path, rnd: int) -> str | None:
+    """dp=sample: the reason to stop before round `rnd`, when a site's projected ε would pass the budget."""
+    if cfg.dp != "sample" or cfg.dp_epsilon_budget <= 0:
+        return None
+    rows = read_metrics(run_dir)
+    if not rows:
+        return None
+    nxt = [float(m["dp_epsilon_next"]) for m in (rows[-1].get("sites") or {}).values() if "dp_epsilon_next" in m]
+    if nxt and max(nxt) > cfg.dp_epsilon_budget:
+        return (f"dp-epsilon-budget {cfg.dp_epsilon_budget:g} reached: round {rnd} would bring a site's image-level "
+                f"epsilon to {max(nxt):.4f} (delta {cfg.dp_delta:g}); stopped after round {rnd - 1}")
+    return None
+
+
+def _budget_refusals(replies: list[Message]) -> bool:
+    """Every error is a site refusing because its own DP budget would be exceeded."""
+    errors = [m for m in replies if m.has_error()]
+    return bool(errors) and all("dp epsilon budget" in (m.error.reason or "") for m in errors)
+
+
 def _round_loop(grid, cfg, run_dir, strategy, train_strategy, secagg, ledger, arrays, array_order,
-                start_round):
+                start_round, run_key):
     rounds_done = start_round - 1
     for rnd in range(start_round, cfg.num_server_rounds + 1):
         t0 = time.time()
+        why = _sample_dp_stop(cfg, run_dir, rnd)
+        if why:
+            log(WARNING, "fedrad: %s", why)
+            return rounds_done, why, arrays
         if ledger is not None:
             available = len(list(grid.get_node_ids()))
             expected = max(int(available * cfg.fraction_train), cfg.min_train_nodes)
@@ -158,12 +187,17 @@ def _round_loop(grid, cfg, run_dir, strategy, train_strategy, secagg, ledger, ar
             train_replies: list[Message] = []
             secagg_sites = res.site_metrics
         else:
-            train_msgs = list(train_strategy.configure_train(rnd, arrays, ConfigRecord({"server-round": rnd}),
-                                                             grid))
+            train_msgs = list(train_strategy.configure_train(
+                rnd, arrays, ConfigRecord({"server-round": rnd, "run-key": run_key}), grid))
             if train_strategy is not strategy:
                 train_strategy.num_sampled_clients = max(1, len(train_msgs))
             train_replies = list(grid.send_and_receive(messages=train_msgs, timeout=cfg.round_timeout))
             ok = [m for m in train_replies if not m.has_error()]
+            if train_msgs and not ok and _budget_refusals(train_replies):
+                why = (f"dp-epsilon-budget {cfg.dp_epsilon_budget:g} reached: every site refused round {rnd} "
+                       f"(its image-level epsilon would pass the budget); stopped after round {rnd - 1}")
+                log(WARNING, "fedrad: %s", why)
+                return rounds_done, why, arrays
             if train_msgs and not ok:
                 reasons = sorted({m.error.reason for m in train_replies if m.has_error()})[:3]
                 raise RuntimeError(f"round {rnd}: none of {len(train_msgs)} sites returned a result "
@@ -184,7 +218,7 @@ def _round_loop(grid, cfg, run_dir, strategy, train_strategy, secagg, ledger, ar
         agg_eval = strategy.aggregate_evaluate(rnd, eval_replies)
 
         site_keys = ("train_loss", "train_loss_first", "num-examples", "examples_seen", "steps", "seconds",
-                     "dp_epsilon")
+                     "dp_epsilon", "dp_epsilon_next")
         sites = _site_metrics(train_replies, site_keys)
         if secagg_sites is not None:
             sites = {n: {k: v for k, v in m.items() if k in ("train_loss", "train_loss_first", "num-examples",
@@ -205,6 +239,12 @@ def _round_loop(grid, cfg, run_dir, strategy, train_strategy, secagg, ledger, ar
         for key, value in (agg_eval or {}).items():
             entry[key] = value
         entry.update(privacy_entry)
+        if cfg.dp == "sample":
+            # The strategy averaged the sites' ε like any metric; the honest number is the worst site's.
+            site_eps = [m["dp_epsilon"] for m in sites.values() if "dp_epsilon" in m]
+            entry.pop("dp_epsilon_next", None)
+            entry["dp_epsilon"] = max(site_eps) if site_eps else None
+            entry["dp_delta"] = cfg.dp_delta
         # Set last: the sites' aggregated metrics carry their own "seconds" (local work per site).
         entry["round_seconds"] = round(time.time() - t0, 3)
         info = {"array_order": array_order, "time": time.time()}

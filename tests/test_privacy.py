@@ -17,8 +17,6 @@ def test_dp_sample_refuses_coupled_objectives():
     for objective in ("simclr", "supcon", "micle"):
         with pytest.raises(ValueError, match="couples the images of a batch"):
             check_privacy_config(RunConfig(dp="sample", objective=objective, dp_noise=1.0))
-    with pytest.raises(ValueError, match="not implemented"):  # never a silent non-private run
-        check_privacy_config(RunConfig(dp="sample", objective="simsiam", dp_noise=1.0))
     with pytest.raises(ValueError, match="dp-noise"):
         check_privacy_config(RunConfig(dp="client", dp_noise=0.0))
     with pytest.raises(ValueError, match="unknown"):
@@ -186,3 +184,52 @@ def test_plain_dp_round(consortium3):
 
     timm.create_model("test_resnet", in_chans=1, num_classes=0).load_state_dict(
         safetensors.torch.load_file(run_dir / "global.safetensors"))
+
+
+@pytest.mark.slow
+def test_sample_dp_run_ledgers_budget_and_release(consortium3, tmp_path):
+    """dp=sample on real processes: GroupNorm simsiam trained with opacus at each site, each site's ε in
+    its own ledger and in metrics.jsonl, the budget stops the run before a site would pass it, and the
+    released bundle says image-level DP and loads as the GroupNorm variant."""
+    from fedrad.client.sample_dp import epsilon_of
+    from fedrad.client.site_data import load_site
+    from fedrad.server.release import generate_keys, load_verified_backbone, release_bundle
+    from fedrad.server.run_log import read_metrics
+
+    c, root = consortium3
+    sites = sorted(p for p in (root / "sites").iterdir() if p.is_dir())
+    sizes = [len(load_site(s, 32, cache_dir=tmp_path / s.name, progress=False)) for s in sites]
+    assert all(n < 20 for n in sizes)  # tiny sites: no held-out split, every image is sampled
+    qs = [min(1.0, 8 / n) for n in sizes]
+    eps2 = max(epsilon_of([(1.0, q, 6)], 1e-5) for q in qs)
+    eps3 = max(epsilon_of([(1.0, q, 9)], 1e-5) for q in qs)
+    budget = round((eps2 + eps3) / 2, 3)
+    run_dir = root / "dp-sample"
+    code = c.run({"num-server-rounds": 4, "objective": "simsiam", "run-dir": str(run_dir), "dp": "sample",
+                  "dp-noise": 1.0, "dp-clip": 1.0, "dp-epsilon-budget": budget,
+                  "min-train-nodes": 3, "min-available-nodes": 3})
+    assert code == 0
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["sites_aggregated"] == 3 for r in rows)
+    for r in rows:  # the round's ε is the worst site's, not an average
+        assert r["dp_epsilon"] == max(m["dp_epsilon"] for m in r["sites"].values())
+    assert rows[1]["dp_epsilon"] == pytest.approx(eps2, rel=1e-6)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "dp-epsilon-budget" in summary["stopped"] and summary["rounds"] == 2
+    p = summary["privacy"]
+    assert p["formal_guarantee"] and p["unit"].startswith("image") and len(p["site_epsilons"]) == 3
+    assert max(p["site_epsilons"].values()) <= budget
+    # every site kept its own ledger, keyed by the run (not Flower's per-submission run id)
+    run_key = json.loads((run_dir / "run.json").read_text())["run_key"]
+    for i in range(3):
+        ledger = json.loads((root / "cache" / f"s{i}" / "dp_sample_ledger.json").read_text())
+        entry = ledger["runs"][run_key]
+        assert entry["steps"] == 6 and entry["last_round"] == 2
+        assert entry["epsilon"] == pytest.approx(epsilon_of([tuple(h) for h in entry["history"]], 1e-5))
+    # the released weights are the GroupNorm variant and say what protects them
+    key, pub = generate_keys(tmp_path / "keys")
+    bundle = release_bundle(run_dir, key)
+    backbone, manifest = load_verified_backbone(bundle, pub)
+    assert manifest["norm"] == "group" and manifest["privacy"]["unit"].startswith("image")
+    assert any(isinstance(m, __import__("torch").nn.GroupNorm) for m in backbone.modules())

@@ -34,6 +34,8 @@ class SimSiam(Objective):
         if predictor is None:
             raise ValueError("simsiam needs a model with a predictor (build_model(..., objective='simsiam'))")
         z1, z2 = self.embed_pair(model, view1, view2)
+        if not self.joint_forward:
+            return simsiam_loss(predictor(z1), predictor(z2), z1, z2)
         n = z1.shape[0]
         p = predictor(torch.cat([z1, z2], dim=0))
         return simsiam_loss(p[:n], p[n:], z1, z2)

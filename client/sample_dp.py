@@ -1,0 +1,177 @@
+"""Sample-level DP-SGD at a site (run-config `dp = "sample"`): opacus's per-image clipping and noise, an RDP
+accountant, and the site's own ε ledger that outlives the per-message ClientApp processes.
+
+The guarantee is per image at this site: the weights the site sends are nearly as likely whether or not any
+one of its images was used. It holds only for objectives whose loss for one image depends on no other image
+(SimSiam) and for models without BatchNorm (`build_model(..., norm="group")`); `check_model` refuses the
+rest. Two things opacus's analysis assumes are kept secret from the coordinator here: which images each
+step samples (Poisson sampling) and the noise, both drawn from generators seeded with OS entropy rather
+than the run-config seed the coordinator knows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedrad.common.atomic import atomic_write_json
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+LEDGER_FILE = "dp_sample_ledger.json"
+
+
+@dataclass
+class SampleDP:
+    """DP-SGD settings for one call of `train_local`, and the accounting history of earlier calls."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    epsilon_budget: float = 0.0  # 0: none
+    history: list[tuple[float, float, int]] = field(default_factory=list)  # opacus RDP (sigma, q, steps)
+
+
+def _secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator the coordinator cannot reproduce (the run-config seed is shared with it)."""
+    import torch
+
+    seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+    try:
+        return torch.Generator(device=device).manual_seed(seed)
+    except RuntimeError:
+        return torch.Generator().manual_seed(seed)
+
+
+def check_model(model: nn.Module, objective) -> None:
+    """Refuse combinations where opacus's per-sample guarantee would not hold; ValueError says why."""
+    from fedrad.common.norms import has_batch_norm
+
+    if not getattr(objective, "per_sample", False):
+        raise ValueError(f"sample-level DP needs a per-sample objective (simsiam); '{objective.name}' compares "
+                         "the images of a batch with each other, so clipping one image's gradient does not "
+                         "bound its influence")
+    if has_batch_norm(model):
+        raise ValueError("sample-level DP needs a model without BatchNorm (BatchNorm mixes the images of a "
+                         "batch): build it with norm='group'")
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+    """ε at `delta` of the composed sampled-Gaussian steps in `history` (opacus RDP); 0 with no steps."""
+    from opacus.accountants import RDPAccountant
+
+    if not history:
+        return 0.0
+    acc = RDPAccountant()
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta))
+
+
+class DPTraining:
+    """Opacus around one local training call: per-sample gradients, clipping, noise, accounting.
+
+    The model is wrapped by opacus's GradSampleModule only for the duration (`close` removes the hooks),
+    so its state_dict is exactly the plain model's afterwards.
+    """
+
+    def __init__(self, model: nn.Module, optimizer, dp: SampleDP, n_train: int, batch_size: int,
+                 device: torch.device) -> None:
+        import warnings
+
+        from opacus import GradSampleModule
+        from opacus.accountants import RDPAccountant
+        from opacus.optimizers import DPOptimizer
+
+        # The first layer's input needs no gradient, which makes torch warn on every step; harmless here.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        if dp.noise_multiplier <= 0 or dp.max_grad_norm <= 0:
+            raise ValueError("sample-level DP needs dp-noise > 0 and dp-clip > 0")
+        self.dp = dp
+        self.n_train = int(n_train)
+        self.sample_rate = min(1.0, batch_size / max(1, n_train))
+        self.expected_batch = max(1, round(self.sample_rate * n_train))
+        self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        self.optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                     expected_batch_size=self.expected_batch, loss_reduction="mean",
+                                     generator=_secret_generator(device))
+        self.accountant = RDPAccountant()
+        self.accountant.history = [tuple(h) for h in dp.history]
+        self._sampler = _secret_generator("cpu")
+
+    def draw(self, indices: np.ndarray) -> np.ndarray:
+        """Poisson sampling: each training image joins this step independently with probability q."""
+        import torch
+
+        mask = torch.rand(len(indices), generator=self._sampler) < self.sample_rate
+        return indices[mask.numpy()]
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.accountant.step(noise_multiplier=self.dp.noise_multiplier, sample_rate=self.sample_rate)
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        return [tuple(h) for h in self.accountant.history]
+
+    @property
+    def epsilon(self) -> float:
+        return epsilon_of(self.history, self.dp.delta)
+
+    def projected_epsilon(self, steps: int) -> float:
+        """ε if `steps` more steps at this sampling rate were taken (for the budget check)."""
+        hist = self.history + [(self.dp.noise_multiplier, self.sample_rate, int(steps))]
+        return epsilon_of(hist, self.dp.delta)
+
+    def close(self) -> None:
+        self.gsm._close()  # removes the hooks and the per-sample gradient attributes
+
+
+def projected_epsilon(dp: SampleDP, n_train: int, batch_size: int, steps: int) -> float:
+    """ε after `steps` more steps on a site of `n_train` training images (no opacus objects needed)."""
+    q = min(1.0, batch_size / max(1, n_train))
+    return epsilon_of(list(dp.history) + [(dp.noise_multiplier, q, int(steps))], dp.delta)
+
+
+# -- the site's ledger -----------------------------------------------------------------------------
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {"format": 1, "runs": {}}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        # Refuse rather than start from zero: a lost ledger would under-report the privacy spent.
+        raise ValueError(f"{path}: the site's DP ledger is unreadable ({exc}); restore it from backup or "
+                         "move it away knowingly (its epsilon would restart at 0)") from exc
+    if not isinstance(data.get("runs"), dict):
+        raise ValueError(f"{path}: not a fedrad DP ledger (no 'runs' table)")
+    return data
+
+
+def ledger_history(path: str | os.PathLike, run_key: str) -> list[tuple[float, float, int]]:
+    """The accounting history this site has spent on `run_key` so far (empty for a new run)."""
+    entry = _read(Path(path))["runs"].get(run_key) or {}
+    return [(float(s), float(q), int(n)) for s, q, n in entry.get("history", [])]
+
+
+def ledger_record(path: str | os.PathLike, run_key: str, history: list[tuple[float, float, int]],
+                  delta: float, server_round: int) -> float:
+    """Store the run's history (atomically, before the weights leave the site); return its ε."""
+    path = Path(path)
+    data = _read(path)
+    eps = epsilon_of(history, delta)
+    data["runs"][run_key] = {"history": [list(h) for h in history], "delta": delta, "epsilon": eps,
+                             "steps": int(sum(h[2] for h in history)), "last_round": int(server_round),
+                             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write_json(path, data)
+    return eps
+
+
+__all__ = ["LEDGER_FILE", "DPTraining", "SampleDP", "check_model", "epsilon_of", "ledger_history",
+           "ledger_record", "projected_epsilon"]
