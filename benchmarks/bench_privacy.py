@@ -5,8 +5,8 @@
 1. One consortium (SuperLink + 3 SuperNodes on loopback, synthetic DICOM sites); the same run three times:
    plain, `secagg=true`, `dp=client`. Round time = the ServerApp's per-round wall time in metrics.jsonl
    (train + evaluate, incl. Flower's process start per message); the last round of each run is compared.
-2. Local training throughput with sample-level DP-SGD (opacus, per-sample clipping + noise, simsiam, the
-   model with BatchNorm replaced by GroupNorm as opacus requires) vs the same model without DP.
+2. Local training throughput of the shipping trainer with sample-level DP-SGD (dp = "sample": opacus,
+   per-image clipping + noise, simsiam, the GroupNorm model) vs the same trainer and model without DP.
 Ratios are appended to benchmarks/RESULTS.md with the machine and the command.
 """
 
@@ -59,64 +59,28 @@ def round_times(args) -> dict[str, float]:
 
 
 def dp_sgd_throughput(args) -> tuple[float, float]:
-    """Images/s of simsiam steps without and with opacus DP-SGD on the same GroupNorm model."""
+    """Images/s of the shipping trainer (`train_local`, simsiam, the GroupNorm model of dp=sample) without and
+    with `dp=SampleDP(...)`: opacus per-image gradients, clipping, noise, Poisson batches, accounting."""
     import torch
-    from fedrad.common.losses.simsiam import simsiam_loss
+    from fake_site import make_fake_site
+    from fedrad.client.sample_dp import SampleDP
+    from fedrad.client.trainer import TrainConfig, train_local
     from fedrad.common.models import build_model
-    from opacus import PrivacyEngine
-    from opacus.validators import ModuleValidator
 
-    torch.manual_seed(0)
-    batch, steps = 32, args.dp_steps
-    x1 = torch.rand(batch * steps, 1, args.image_size, args.image_size)
-    x2 = torch.rand_like(x1)
+    data = make_fake_site(n=args.dp_images, size=args.image_size)
+    cfg = TrainConfig(objective="simsiam", steps=args.dp_steps, batch_size=32, device=args.device)
 
-    class CloneOut(torch.nn.Module):
-        """timm's ResNet adds the shortcut in place onto the norm output, which opacus's hooks forbid."""
+    def rate(dp) -> float:
+        torch.manual_seed(0)
+        model = build_model(args.model, "simsiam", args.image_size, proj_dim=128, norm="group")
+        train_local(model, data, TrainConfig(objective="simsiam", steps=1, batch_size=32, device=args.device),
+                    progress=False, dp=dp)  # warm-up (allocator, opacus hooks)
+        res = train_local(model, data, cfg, progress=False, dp=dp)
+        print(f"{'DP-SGD' if dp else 'no DP'}: {res.examples} images in {res.seconds:.1f}s", flush=True)
+        return res.examples / res.seconds
 
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(x).clone()
-
-    def fresh():
-        model = ModuleValidator.fix(build_model(args.model, "simsiam", args.image_size, proj_dim=128))
-        for m in list(model.modules()):
-            if isinstance(m, torch.nn.ReLU):
-                m.inplace = False
-            for name, child in list(m.named_children()):
-                if isinstance(child, torch.nn.GroupNorm):
-                    setattr(m, name, CloneOut(child))
-        return model
-
-    def step_loss(model, a, b):
-        z1, z2 = model(a), model(b)
-        p1, p2 = model.predictor(z1), model.predictor(z2)
-        return simsiam_loss(p1, p2, z1, z2)
-
-    def run(model, opt, loader_batches) -> float:
-        model.train()
-        for i, (a, b) in enumerate(loader_batches):
-            if i == 1:
-                t0 = time.perf_counter()  # first step is warm-up
-            opt.zero_grad()
-            step_loss(model, a, b).backward()
-            opt.step()
-        return batch * (len(loader_batches) - 1) / (time.perf_counter() - t0)
-
-    batches = [(x1[i * batch:(i + 1) * batch], x2[i * batch:(i + 1) * batch]) for i in range(steps)]
-    model = fresh()
-    plain = run(model, torch.optim.SGD(model.parameters(), lr=0.01), batches)
-    model = fresh()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    data = torch.utils.data.TensorDataset(x1, x2)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch)
-    model, opt, loader = PrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader,
-                                                      noise_multiplier=1.0, max_grad_norm=1.0,
-                                                      poisson_sampling=False, grad_sample_mode=args.grad_sample_mode)
-    private = run(model, opt, batches)
+    plain = rate(None)
+    private = rate(SampleDP(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5))
     return plain, private
 
 
@@ -127,9 +91,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dp-steps", type=int, default=6)
+    ap.add_argument("--dp-images", type=int, default=400, help="images of the in-memory site for DP-SGD")
+    ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-federation", action="store_true")
-    ap.add_argument("--grad-sample-mode", default="hooks",
-                    help="opacus per-sample gradient mode")
     args = ap.parse_args()
     import torch
 
@@ -141,16 +105,16 @@ def main() -> int:
         lines.append(f"- dp=client / plain round time: **{t['dp-client'] / t['plain']:.2f}x** "
                      f"({t['dp-client']:.1f}s vs {t['plain']:.1f}s)")
     plain, private = dp_sgd_throughput(args)
-    lines.append(f"- DP-SGD (opacus, simsiam, GroupNorm {args.model}, batch 32) / no-DP training throughput: "
-                 f"**{private / plain:.2f}x** ({private:.1f} vs {plain:.1f} images/s)")
+    lines.append(f"- DP-SGD (`train_local(..., dp=SampleDP)`: opacus, simsiam, GroupNorm {args.model}, expected "
+                 f"batch 32, {args.dp_steps} steps) / the same trainer without DP: **{private / plain:.2f}x** "
+                 f"({private:.1f} vs {plain:.1f} images/s)")
     cpu = os.cpu_count()
+    where = ("3 SuperNodes on loopback; round time = last round's train+evaluate wall time, incl. Flower's "
+             "process start per message") if not args.skip_federation else "DP-SGD throughput only"
     header = (f"\n## Privacy cost ({time.strftime('%Y-%m-%d')})\n\n"
               f"Machine: {platform.machine()}, {cpu} CPU threads visible, torch {torch.__version__} "
-              f"({'CUDA' if torch.cuda.is_available() else 'CPU only'}); the CPU was shared with other jobs, so "
-              f"treat absolute times as rough.\n"
-              f"Command: `.venv/bin/python benchmarks/bench_privacy.py --model {args.model} --image-size "
-              f"{args.image_size} --steps {args.steps} --rounds {args.rounds}` (3 SuperNodes on loopback; round time "
-              f"= last round's train+evaluate wall time, incl. Flower's process start per message)\n\n")
+              f"({'CUDA' if torch.cuda.is_available() else 'CPU only'}).\n"
+              f"Command: `.venv/bin/python benchmarks/bench_privacy.py {' '.join(sys.argv[1:])}` ({where})\n\n")
     text = header + "\n".join(lines) + "\n"
     print(text)
     results = Path(__file__).resolve().parent / "RESULTS.md"
