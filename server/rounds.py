@@ -247,7 +247,7 @@ def _round_loop(grid, cfg, run_dir, strategy, train_strategy, secagg, ledger, ar
             entry["dp_delta"] = cfg.dp_delta
         # Set last: the sites' aggregated metrics carry their own "seconds" (local work per site).
         entry["round_seconds"] = round(time.time() - t0, 3)
-        info = {"array_order": array_order, "time": time.time()}
+        info = {"array_order": array_order, "time": time.time(), "run_key": run_key}
         if ledger is not None:
             info["privacy_rounds"] = ledger.rounds
         save_checkpoint(run_dir, rnd, arrays, strategy, info)

@@ -179,6 +179,7 @@ def test_coordinator_crash_and_resume(consortium, sites, tmp_path):
     assert not (run_dir / "summary.json").exists()
     done = [r["round"] for r in read_metrics(run_dir)]
     assert done and done[-1] < 3
+    first_key = json.loads((run_dir / "run.json").read_text())["run_key"]
 
     consortium.start_link()  # same port and database: the SuperNodes reconnect by themselves
     code = consortium.run(dict(cfg, resume=True))
@@ -190,3 +191,4 @@ def test_coordinator_crash_and_resume(consortium, sites, tmp_path):
     assert summary["rounds"] == 3
     run_info = json.loads((run_dir / "run.json").read_text())
     assert run_info["start_round"] == done[-1] + 1
+    assert run_info["run_key"] == first_key  # the sites' sample-DP ledgers keep counting the same run
