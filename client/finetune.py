@@ -415,7 +415,6 @@ def fit_full(backbone: nn.Module, img_tr: np.ndarray, ytr: np.ndarray, img_te: n
     groups = [{"params": model[0].parameters(), "lr": HEAD_LR * BACKBONE_LR_FACTOR},
               {"params": model[1].parameters(), "lr": HEAD_LR}]
     opt = torch.optim.AdamW(groups, weight_decay=1e-4)
-    engine = None
     eps = None
     if dp is not None:
         from fedrad.common.norms import opacus_safe

@@ -35,7 +35,6 @@ class SampleDP:
     noise_multiplier: float
     max_grad_norm: float
     delta: float
-    epsilon_budget: float = 0.0  # 0: none
     history: list[tuple[float, float, int]] = field(default_factory=list)  # opacus RDP (sigma, q, steps)
 
 
@@ -61,6 +60,11 @@ def check_model(model: nn.Module, objective) -> None:
     if has_batch_norm(model):
         raise ValueError("sample-level DP needs a model without BatchNorm (BatchNorm mixes the images of a "
                          "batch): build it with norm='group'")
+
+
+def sample_rate(batch_size: int, n_train: int) -> float:
+    """Poisson sampling rate q: the expected batch is `batch_size` of the site's `n_train` training images."""
+    return min(1.0, batch_size / max(1, n_train))
 
 
 def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
@@ -94,8 +98,7 @@ class DPTraining:
         if dp.noise_multiplier <= 0 or dp.max_grad_norm <= 0:
             raise ValueError("sample-level DP needs dp-noise > 0 and dp-clip > 0")
         self.dp = dp
-        self.n_train = int(n_train)
-        self.sample_rate = min(1.0, batch_size / max(1, n_train))
+        self.sample_rate = sample_rate(batch_size, n_train)
         self.expected_batch = max(1, round(self.sample_rate * n_train))
         self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
@@ -124,18 +127,13 @@ class DPTraining:
     def epsilon(self) -> float:
         return epsilon_of(self.history, self.dp.delta)
 
-    def projected_epsilon(self, steps: int) -> float:
-        """ε if `steps` more steps at this sampling rate were taken (for the budget check)."""
-        hist = self.history + [(self.dp.noise_multiplier, self.sample_rate, int(steps))]
-        return epsilon_of(hist, self.dp.delta)
-
     def close(self) -> None:
         self.gsm._close()  # removes the hooks and the per-sample gradient attributes
 
 
 def projected_epsilon(dp: SampleDP, n_train: int, batch_size: int, steps: int) -> float:
     """ε after `steps` more steps on a site of `n_train` training images (no opacus objects needed)."""
-    q = min(1.0, batch_size / max(1, n_train))
+    q = sample_rate(batch_size, n_train)
     return epsilon_of(list(dp.history) + [(dp.noise_multiplier, q, int(steps))], dp.delta)
 
 
@@ -174,4 +172,4 @@ def ledger_record(path: str | os.PathLike, run_key: str, history: list[tuple[flo
 
 
 __all__ = ["LEDGER_FILE", "DPTraining", "SampleDP", "check_model", "epsilon_of", "ledger_history",
-           "ledger_record", "projected_epsilon"]
+           "ledger_record", "projected_epsilon", "sample_rate"]

@@ -43,14 +43,14 @@ def dp_ledger_path(context: Context) -> Path:
 
 
 def _sample_dp_for(msg: Message, context: Context, cfg: RunConfig, n_train: int):
-    """(SampleDP with this run's history so far, run key, ledger path, projected ε), or an Error reply text
-    when the round's steps would take this site past `dp-epsilon-budget` (the site enforces it itself)."""
+    """(SampleDP with this run's history so far, run key, ledger path, ε after this round's steps); the
+    caller refuses the round when that ε would pass `dp-epsilon-budget` (the site enforces it itself)."""
     from fedrad.client.sample_dp import SampleDP, ledger_history, projected_epsilon
 
     config = msg.content["config"] if "config" in msg.content else {}
     run_key = str(config.get("run-key", "") or f"flwr-run-{context.run_id}")
     path = dp_ledger_path(context)
-    dp = SampleDP(cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, cfg.dp_epsilon_budget, ledger_history(path, run_key))
+    dp = SampleDP(cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, ledger_history(path, run_key))
     eps_after = projected_epsilon(dp, n_train, cfg.batch_size, cfg.local_steps)
     return dp, run_key, path, eps_after
 
