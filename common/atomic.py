@@ -13,19 +13,26 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    """The process umask (only readable by setting it; set straight back)."""
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None], mode: int | None = None) -> Path:
     """Call `writer(tmp_path)` and move the result onto `path` in one rename (same folder, same disk).
 
     `mode` is applied before anything is written, so a secret is never readable by others, not even
-    for an instant.
+    for an instant. Without `mode` the file gets what `open()` would give it (0666 less the umask):
+    `mkstemp` alone would make every output 0600, which hides plots and results from the people meant to read them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp_path = Path(tmp)
     try:
-        if mode is not None:
-            os.fchmod(fd, mode)
+        os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
         os.close(fd)
         writer(tmp_path)
         if mode is not None:
