@@ -3,10 +3,11 @@ accountant, and the site's own ε ledger that outlives the per-message ClientApp
 
 The guarantee is per image at this site: the weights the site sends are nearly as likely whether or not any
 one of its images was used. It holds only for objectives whose loss for one image depends on no other image
-(SimSiam) and for models without BatchNorm (`build_model(..., norm="group")`); `check_model` refuses the
-rest. Two things opacus's analysis assumes are kept secret from the coordinator here: which images each
-step samples (Poisson sampling) and the noise, both drawn from generators seeded with OS entropy rather
-than the run-config seed the coordinator knows.
+(the registry's `per_sample` ones: SimSiam, BYOL) and for models without BatchNorm
+(`build_model(..., norm="group")`); `check_model` refuses the rest. Two things opacus's analysis assumes
+are kept secret from the coordinator here: which images each step samples (Poisson sampling) and the
+noise, both drawn from generators seeded with OS entropy rather than the run-config seed the coordinator
+knows.
 """
 
 from __future__ import annotations
@@ -51,12 +52,13 @@ def _secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
 
 def check_model(model: nn.Module, objective) -> None:
     """Refuse combinations where opacus's per-sample guarantee would not hold; ValueError says why."""
+    from fedrad.common.losses import per_sample_objectives
     from fedrad.common.norms import has_batch_norm
 
     if not getattr(objective, "per_sample", False):
-        raise ValueError(f"sample-level DP needs a per-sample objective (simsiam); '{objective.name}' compares "
-                         "the images of a batch with each other, so clipping one image's gradient does not "
-                         "bound its influence")
+        raise ValueError(f"sample-level DP needs a per-sample objective ({', '.join(per_sample_objectives())}); "
+                         f"'{objective.name}' compares the images of a batch with each other, so clipping one "
+                         "image's gradient does not bound its influence")
     if has_batch_norm(model):
         raise ValueError("sample-level DP needs a model without BatchNorm (BatchNorm mixes the images of a "
                          "batch): build it with norm='group'")

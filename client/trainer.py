@@ -1,8 +1,9 @@
 """The local training loop every site runs, for every objective, in a Flower round or `fedrad pretrain`.
 
-One loop: the objective decides how the second view is built (augmentation or another image of the same
-patient) and whether labels are passed. torch is imported lazily: a Flower ClientApp process imports this
-module for every message, and the dataclasses must be usable without paying for torch/timm.
+One loop: the objective (common/losses registry) decides how many views are built, whether the second is
+another image of the same patient, which labels are passed, and what happens after each optimizer step.
+torch is imported lazily: a Flower ClientApp process imports this module for every message, and the
+dataclasses must be usable without paying for torch/timm.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     import torch
     from fedrad.client.sample_dp import SampleDP
     from fedrad.client.site_data import SiteData
+    from fedrad.common.losses import Batch
     from torch import nn
 
 EVAL_SEED = 1234  # fixed: held-out views are the same in every round and at every site
@@ -30,7 +32,7 @@ class TrainConfig:
     steps: int = 100
     batch_size: int = 32
     lr: float = 3e-4
-    optimizer: str = "adamw"  # adamw | sgd | lars
+    optimizer: str = "adamw"  # adamw | sgd | lars (timm.optim)
     weight_decay: float = 1e-4
     temperature: float = 0.1
     label_fields: list[str] | str = field(default_factory=lambda: ["view", "body_part", "sex", "age"])
@@ -174,61 +176,19 @@ def _fetch(data: SiteData, idx: np.ndarray, device: torch.device, size: int | No
     return x
 
 
-class LARS:
-    """LARS-lite: SGD+momentum whose per-tensor step is scaled by ||w|| / ||g|| (trust ratio) for weight
-    tensors (biases and norm parameters are left plain), the large-batch recipe from SimCLR."""
-
-    @staticmethod
-    def build(params_decay: list, params_plain: list, lr: float, weight_decay: float,
-              momentum: float = 0.9, eta: float = 0.001):
-        import torch
-
-        class _Lars(torch.optim.Optimizer):
-            def __init__(self) -> None:
-                super().__init__([
-                    {"params": params_decay, "weight_decay": weight_decay, "lars": True},
-                    {"params": params_plain, "weight_decay": 0.0, "lars": False},
-                ], {"lr": lr, "momentum": momentum, "eta": eta})
-
-            @torch.no_grad()
-            def step(self, closure=None):  # noqa: D401
-                for group in self.param_groups:
-                    for p in group["params"]:
-                        if p.grad is None:
-                            continue
-                        d = p.grad
-                        if group["weight_decay"]:
-                            d = d.add(p, alpha=group["weight_decay"])
-                        if group["lars"]:
-                            wn, gn = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                            ok = (wn > 0) & (gn > 0)
-                            trust = torch.where(ok, group["eta"] * wn / gn, torch.ones_like(wn))
-                            d = d * trust
-                        buf = self.state[p].get("mu")
-                        if buf is None:
-                            buf = self.state[p]["mu"] = d.clone()
-                        else:
-                            buf.mul_(group["momentum"]).add_(d)
-                        p.add_(buf, alpha=-group["lr"])
-
-        return _Lars()
+OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig):
-    """AdamW / SGD / LARS; no weight decay on biases and norm parameters (standard SSL practice)."""
-    import torch
+    """timm's AdamW / SGD (Nesterov momentum 0.9) / LARS (momentum 0.9, trust ratio on the decayed tensors),
+    with timm's grouping: no weight decay on biases and norm parameters (standard SSL practice)."""
+    from timm.optim import create_optimizer_v2
 
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    plain = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
     name = cfg.optimizer.lower()
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, foreach=True)
-    if name == "lars":
-        return LARS.build(decay, plain, cfg.lr, cfg.weight_decay)
-    raise ValueError(f"unknown optimizer '{cfg.optimizer}' (adamw, sgd, lars)")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{cfg.optimizer}' ({', '.join(OPTIMIZERS)})")
+    return create_optimizer_v2(model, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.9,
+                               foreach=True, filter_bias_and_bn=True)
 
 
 @dataclass
@@ -251,9 +211,9 @@ def _setup(model: nn.Module, data: SiteData, cfg: TrainConfig) -> _Setup:
     device = resolve_device(cfg.device)
     objective = get_objective(cfg.objective, temperature=cfg.temperature)
     labels = None
-    if objective.needs_labels:
+    if objective.positives == "labels":
         labels = np.asarray(data.label_ids(cfg.fields_list()), dtype=np.int64)
-    elif objective.pairing == "patient":
+    elif objective.positives == "patient":
         labels = np.asarray(data.group_ids(), dtype=np.int64)
     cl = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     model.to(device)
@@ -264,30 +224,30 @@ def _setup(model: nn.Module, data: SiteData, cfg: TrainConfig) -> _Setup:
     return _Setup(device, objective, aug, _amp_dtype(cfg, device), cl, size, labels)
 
 
-def _views(st: _Setup, data: SiteData, sampler: _PairSampler, gen_aug) -> tuple:
+def _views(st: _Setup, data: SiteData, sampler: _PairSampler, gen_aug, n_views: int) -> tuple[Batch, int]:
     anchors, partners, _ = sampler.next()
-    return _views_of(st, data, anchors, partners, gen_aug)
+    return _views_of(st, data, anchors, partners, gen_aug, n_views)
 
 
-def _views_of(st: _Setup, data: SiteData, anchors: np.ndarray, partners: np.ndarray | None, gen_aug) -> tuple:
+def _views_of(st: _Setup, data: SiteData, anchors: np.ndarray, partners: np.ndarray | None, gen_aug,
+              n_views: int) -> tuple[Batch, int]:
+    """`n_views` augmented views of the anchors (the second of a patient's partner image when given), their
+    labels as the objective's positives need them, and the batch size."""
     import torch
-    from fedrad.common.augment import make_views
+    from fedrad.common.augment import augment
+    from fedrad.common.losses import Batch
 
     x = _fetch(data, anchors, st.device, st.size)
-    if partners is None:
-        v1, v2 = make_views(x, st.aug, gen_aug)
-    else:
-        from fedrad.common.augment import augment
-
-        v1 = augment(x, st.aug, gen_aug)
-        v2 = augment(_fetch(data, partners, st.device, st.size), st.aug, gen_aug)
+    sources = [x] * n_views
+    if partners is not None and n_views > 1:
+        sources[1] = _fetch(data, partners, st.device, st.size)
+    views = tuple(augment(src, st.aug, gen_aug) for src in sources)
     if st.channels_last:
-        v1 = v1.contiguous(memory_format=torch.channels_last)
-        v2 = v2.contiguous(memory_format=torch.channels_last)
+        views = tuple(v.contiguous(memory_format=torch.channels_last) for v in views)
     labels = None
     if st.labels is not None:
         labels = torch.from_numpy(st.labels[anchors]).to(st.device, non_blocking=True)
-    return v1, v2, labels, len(anchors)
+    return Batch(views, labels), len(anchors)
 
 
 def _generators(seed: int, device: torch.device):
@@ -329,8 +289,9 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
     st = _setup(model, data, cfg)
     train_idx, _ = split_indices(data, cfg.holdout)
     g_idx, g_aug = _generators(cfg.seed, st.device)
-    sampler = _PairSampler(data, train_idx, cfg.batch_size, g_idx, st.objective.pairing == "patient")
+    sampler = _PairSampler(data, train_idx, cfg.batch_size, g_idx, st.objective.positives == "patient")
     opt = make_optimizer(model, cfg)
+    n_views = st.objective.n_views
     dp_run = None
     stack = contextlib.ExitStack()
     if dp is not None:
@@ -340,6 +301,7 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
         check_model(model, st.objective)
         # Separate forward passes per view: opacus sums an image's two views into one per-image gradient.
         st.objective = dataclasses.replace(st.objective, joint_forward=False)
+        st.objective.start(model)  # before opacus: a target network must be a plain copy it never hooks
         stack.enter_context(opacus_safe(model))
         try:
             dp_run = DPTraining(model, opt, dp, len(train_idx), cfg.batch_size, st.device)
@@ -348,6 +310,8 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
             raise
         stack.callback(dp_run.close)
         opt = dp_run.optimizer
+    else:
+        st.objective.start(model)
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     prox = None
@@ -368,9 +332,9 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
     with stack:
         for step in bar:
             if dp_run is None:
-                v1, v2, labels, b = _views(st, data, sampler, g_aug)
+                batch, b = _views(st, data, sampler, g_aug, n_views)
                 with autocast:
-                    loss = st.objective.loss(model, v1, v2, labels)
+                    loss = st.objective.batch_loss(model, batch)
             else:
                 loss, b = _dp_loss(st, data, dp_run.draw(train_idx), model, g_aug)
             opt.zero_grad(set_to_none=True)
@@ -386,6 +350,7 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
                 if cfg.grad_clip:
                     norm_hist.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True).detach())
                 opt.step()
+            st.objective.after_step(model)
             loss_hist.append(loss.detach())
             examples += b
             times.append(time.perf_counter() - t0)
@@ -407,13 +372,15 @@ def _dp_loss(st: _Setup, data: SiteData, anchors: np.ndarray, model: nn.Module, 
     """The DP step's loss on a Poisson batch. An empty draw still takes a (noise-only) step, as the
     accountant assumes: one blank image with zero weight gives opacus a per-sample gradient of exactly 0."""
     import torch
+    from fedrad.common.losses import Batch
 
+    n_views = st.objective.n_views
     if len(anchors) == 0:
         size = st.size or data.image_size
         blank = torch.zeros(1, 1, size, size, device=st.device)
-        return st.objective.loss(model, blank, blank, None) * 0.0, 0
-    v1, v2, labels, b = _views_of(st, data, anchors, None, gen_aug)
-    return st.objective.loss(model, v1, v2, labels), b
+        return st.objective.batch_loss(model, Batch((blank,) * n_views)) * 0.0, 0
+    batch, b = _views_of(st, data, anchors, None, gen_aug, n_views)
+    return st.objective.batch_loss(model, batch), b
 
 
 def evaluate_local(model: nn.Module, data: SiteData, cfg: TrainConfig) -> dict[str, float]:
@@ -423,6 +390,8 @@ def evaluate_local(model: nn.Module, data: SiteData, cfg: TrainConfig) -> dict[s
     uniformity = log E exp(-2 ||zi - zj||^2) over distinct held-out images (lower: embeddings spread on the
     sphere; ~0 means collapse). Both on L2-normalised projections, in eval mode (BN running statistics).
     """
+    import dataclasses
+
     import torch
     import torch.nn.functional as F
 
@@ -432,19 +401,23 @@ def evaluate_local(model: nn.Module, data: SiteData, cfg: TrainConfig) -> dict[s
     _, eval_idx = split_indices(data, cfg.holdout)
     eval_idx = eval_idx[:MAX_EVAL_IMAGES]
     g_idx, g_aug = _generators(EVAL_SEED, st.device)
-    sampler = _PairSampler(data, eval_idx, cfg.batch_size, g_idx, st.objective.pairing == "patient")
+    sampler = _PairSampler(data, eval_idx, cfg.batch_size, g_idx, st.objective.positives == "patient")
     sampler.perm = torch.arange(len(eval_idx)).numpy()  # in order, one pass
     n_batches = max(1, len(eval_idx) // sampler.batch_size)
+    n_views = st.objective.n_views
+    st.objective.start(model)  # BYOL: the target is the model being evaluated
     was_training = model.training
     model.eval()
     losses, z1s, z2s = [], [], []
     try:
         with torch.no_grad():
             for _ in range(n_batches):
-                v1, v2, labels, _b = _views(st, data, sampler, g_aug)
+                batch, _b = _views(st, data, sampler, g_aug, max(2, n_views))  # two for alignment
+                v1, v2 = batch.views[:2]
                 with (torch.autocast(st.device.type, dtype=st.amp_dtype) if st.amp_dtype is not None
                       else torch.autocast(st.device.type, enabled=False)):
-                    losses.append(float(st.objective.loss(model, v1, v2, labels)))
+                    own = dataclasses.replace(batch, views=batch.views[:n_views])
+                    losses.append(float(st.objective.batch_loss(model, own)))
                     z1s.append(F.normalize(model(v1).float(), dim=1))
                     z2s.append(F.normalize(model(v2).float(), dim=1))
     finally:

@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 KNOWN_MODELS = ("test_resnet", "resnet10t", "resnet18", "resnet50", "vit_tiny_patch16_224",
                 "vit_small_patch16_224")
 TINY_MODEL = "test_resnet"
-# Objectives whose loss compares a predictor output with a stop-gradient projection.
-PREDICTOR_OBJECTIVES = ("simsiam", "byol")
 
 
 def _takes_img_size(name: str) -> bool:
@@ -55,31 +53,20 @@ def create_backbone(name: str, in_chans: int = 1, image_size: int | None = None,
     return to_group_norm(backbone) if norm == "group" else backbone
 
 
-def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
-    """SimCLR/SimSiam-style head: Linear-BN-ReLU-Linear."""
-    return nn.Sequential(
-        nn.Linear(d_in, d_hidden, bias=False),
-        nn.BatchNorm1d(d_hidden),
-        nn.ReLU(inplace=True),
-        nn.Linear(d_hidden, d_out),
-    )
-
-
 class ContrastiveModel(nn.Module):
-    """Backbone + projection MLP (+ predictor MLP for simsiam/byol). Only the backbone is released.
-
-    `forward(x)` returns the projection z; `predictor(z)` (when present) gives p.
+    """Backbone + the objective's heads (a projector; a predictor for simsiam/byol). Only the backbone is
+    released. `forward(x)` returns the projection z; heads are attributes named as the objective declares
+    them (`model.predictor(z)` gives p), so the state_dict names are `backbone.*`, `projector.*`, ...
     """
 
-    def __init__(self, backbone: nn.Module, proj_dim: int = 128, predictor: bool = False,
-                 hidden_dim: int | None = None) -> None:
+    def __init__(self, backbone: nn.Module, heads: Mapping[str, nn.Module]) -> None:
         super().__init__()
         self.backbone = backbone
-        nf = int(backbone.num_features)
-        hidden = hidden_dim or max(nf, 256)
-        self.projector = _mlp(nf, hidden, proj_dim)
-        self.predictor: nn.Module | None = (
-            _mlp(proj_dim, max(proj_dim // 2, 64), proj_dim) if predictor else None)
+        if "backbone" in heads:
+            raise ValueError("an objective's head cannot be called 'backbone'")
+        self.head_names = tuple(heads)
+        for name, module in heads.items():
+            self.add_module(name, module)
 
     def embed(self, x: Tensor) -> Tensor:
         """Backbone features (what downstream users get)."""
@@ -93,12 +80,15 @@ def build_model(model_name: str, objective: str, image_size: int, proj_dim: int 
                 norm: str = "batch") -> ContrastiveModel:
     """The model every site and the server build identically for a run (same names, same state_dict keys).
 
-    `norm="group"`: GroupNorm in the backbone and the heads (RunConfig.model_norm, for dp = "sample").
+    The heads are the registered objective's (`Objective.heads`). `norm="group"`: GroupNorm in the backbone
+    and the heads (RunConfig.model_norm, for dp = "sample").
     """
+    from fedrad.common.losses import get_objective
     from fedrad.common.norms import to_group_norm
 
+    spec = get_objective(objective)
     backbone = create_backbone(model_name, in_chans=1, image_size=image_size, norm=norm)
-    model = ContrastiveModel(backbone, proj_dim=proj_dim, predictor=objective in PREDICTOR_OBJECTIVES)
+    model = ContrastiveModel(backbone, spec.heads(int(backbone.num_features), proj_dim))
     if norm == "group":
         to_group_norm(model)
     return model

@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from fedrad.common.losses import OBJECTIVES
+
 # Flower phones home and checks for updates unless told not to; fedrad runs on closed networks.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -48,7 +50,7 @@ def _add_scan(sub) -> None:
 def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="centralised contrastive pretraining on one folder (baseline)")
     p.add_argument("data", help="DICOM folder, or PNG folder with manifest.csv")
-    p.add_argument("--objective", default="simclr", choices=["simclr", "supcon", "micle", "simsiam"])
+    p.add_argument("--objective", default="simclr", choices=OBJECTIVES)
     p.add_argument("--model", default="resnet18")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=32)
@@ -97,7 +99,7 @@ def _add_federation(sub) -> None:
     p = sub.add_parser("demo", help="a real local consortium: 3 synthetic hospitals, SuperLink + 3 SuperNodes")
     p.add_argument("--workdir", default="fedrad-demo", help="folder for the sites, run directory and bundle")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--objective", default="supcon", choices=["simclr", "supcon", "micle", "simsiam"])
+    p.add_argument("--objective", default="supcon", choices=OBJECTIVES)
     p.add_argument("--secure", action="store_true", help="TLS + SuperNode authentication on loopback")
     p.add_argument("--config", "-c", action="append", default=[], help="extra run-config KEY=VALUE")
     p.set_defaults(func=_lazy("fedrad.deploy.demo:cmd_demo"))

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
+from fedrad.common.losses import per_sample_objectives
 from fedrad.common.run_config import RunConfig
 from flwr.common.logger import log
 
 DP_MODES = ("none", "client", "sample")
-# Objectives whose loss for one image depends on no other image in the batch (opacus's premise).
-PER_SAMPLE_OBJECTIVES = ("simsiam",)
+# Objectives whose loss for one image depends on no other image in the batch (opacus's premise), as the
+# objective registry declares them.
+PER_SAMPLE_OBJECTIVES = per_sample_objectives()
 
 
 def check_privacy_config(cfg: RunConfig) -> None:
@@ -48,7 +50,8 @@ def check_privacy_config(cfg: RunConfig) -> None:
                 f"run-config dp=sample needs a per-sample objective ({', '.join(PER_SAMPLE_OBJECTIVES)}); "
                 f"'{cfg.objective}' couples the images of a batch (NT-Xent/SupCon/MICLe compare every image with "
                 "every other), so per-sample clipping would not bound one image's influence and the reported "
-                "epsilon would be false. Use objective=simsiam, or dp=client for a site-level guarantee.")
+                f"epsilon would be false. Use objective={' or '.join(PER_SAMPLE_OBJECTIVES)}, or dp=client for a "
+                "site-level guarantee.")
         if cfg.secagg:
             raise ValueError("run-config dp=sample with secagg=true is not supported; use dp=client with secagg")
         if cfg.strategy.lower() == "fedprox":

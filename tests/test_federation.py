@@ -192,3 +192,28 @@ def test_coordinator_crash_and_resume(consortium, sites, tmp_path):
     run_info = json.loads((run_dir / "run.json").read_text())
     assert run_info["start_round"] == done[-1] + 1
     assert run_info["run_key"] == first_key  # the sites' sample-DP ledgers keep counting the same run
+
+
+def test_byol_round_with_sample_dp(consortium, sites, tmp_path):
+    """One BYOL round on real processes with dp=sample: each site trains the GroupNorm online network under
+    opacus with its EMA target kept locally, and sends exactly the arrays the coordinator built."""
+    consortium.start_link()
+    for i, site in enumerate(sites[:2]):
+        consortium.start_node(f"s{i}", site)
+    run_dir = tmp_path / "run"
+    code = consortium.run({"num-server-rounds": 1, "objective": "byol", "run-dir": str(run_dir), "dp": "sample",
+                           "dp-noise": 1.0, "dp-clip": 1.0})
+    assert code == 0
+    (row,) = read_metrics(run_dir)
+    assert row["sites_aggregated"] == 2 and np.isfinite(row["train_loss"]) and row["dp_epsilon"] > 0
+
+    from fedrad.common.models import build_model
+
+    model_shapes = {k: list(v.shape) for k, v in build_model("test_resnet", "byol", 32, proj_dim=32, norm="group")
+                    .state_dict().items()}
+    assert any(k.startswith("predictor.") for k in model_shapes)
+    for name in ("s0", "s1"):
+        for line in (tmp_path / "audit" / name / "outgoing.jsonl").read_text().splitlines():
+            for record in json.loads(line)["content"].values():
+                if record["kind"] == "arrays":  # the online network only: no target network left the site
+                    assert {k: v["shape"] for k, v in record["arrays"].items()} == model_shapes

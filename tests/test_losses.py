@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from fedrad.common.losses import OBJECTIVES, get_objective
+import torch.nn.functional as F
+from fedrad.common.losses import OBJECTIVES, REGISTRY, get_objective, per_sample_objectives
+from fedrad.common.losses.base import POSITIVES
+from fedrad.common.losses.byol import byol_loss
 from fedrad.common.losses.ntxent import supcon_loss
 from fedrad.common.losses.simsiam import simsiam_loss
 from torch import nn
@@ -131,13 +136,118 @@ def test_simsiam_model_level_decomposable_in_eval_mode() -> None:
 def test_get_objective_flags() -> None:
     flags = {n: (get_objective(n).needs_labels, get_objective(n).per_sample) for n in OBJECTIVES}
     assert flags == {"simclr": (False, False), "supcon": (True, False), "micle": (False, False),
-                     "simsiam": (False, True)}
+                     "simsiam": (False, True), "byol": (False, True)}
+    assert {n: REGISTRY[n].positives for n in OBJECTIVES} == {
+        "simclr": "augment", "supcon": "labels", "micle": "patient", "simsiam": "augment", "byol": "augment"}
+    assert per_sample_objectives() == ("simsiam", "byol")
     assert get_objective("micle").pairing == "patient"
     assert get_objective("SimCLR").name == "simclr"
-    with pytest.raises(ValueError, match="unknown objective"):
+    with pytest.raises(ValueError, match="unknown objective 'moco'.*byol"):
         get_objective("moco")
     with pytest.raises(ValueError):
         get_objective("supcon").loss(nn.Identity(), torch.ones(2, 2), torch.ones(2, 2), None)
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_registry_entries_are_complete(name: str) -> None:
+    """Each registered objective names itself, declares known positives, and its heads are the model's."""
+    from fedrad.common.models import build_model
+
+    cls = REGISTRY[name]
+    assert cls.name == name and cls.positives in POSITIVES and cls.n_views in (1, 2)
+    heads = get_objective(name).heads(64, 16)
+    assert "projector" in heads and "backbone" not in heads
+    model = build_model("test_resnet", name, 32, proj_dim=16)
+    assert model.head_names == tuple(heads)
+    prefixes = {k.split(".")[0] for k in model.state_dict()}
+    assert prefixes == {"backbone", *heads}
+    assert get_objective(name) is not get_objective(name)  # one fresh instance per training call
+
+
+def test_registry_import_does_not_import_torch() -> None:
+    code = ("import sys, fedrad.common.losses as m; "
+            "print(len(m.OBJECTIVES), m.per_sample_objectives(), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split(maxsplit=1)[1].strip().endswith("False")
+
+
+def test_byol_loss_by_hand() -> None:
+    p1 = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    p2 = torch.tensor([[0.0, 2.0], [1.0, 1.0]])
+    t1 = torch.tensor([[1.0, 1.0], [-2.0, 0.0]])
+    t2 = torch.tensor([[3.0, 0.0], [0.0, -1.0]])
+    # sample 0: cos(p1,t2) = 1, cos(p2,t1) = 1/sqrt2; sample 1: cos(p1,t2) = -1, cos(p2,t1) = -1/sqrt2
+    per = [2.0 - (1.0 + 1 / math.sqrt(2)), 2.0 - (-1.0 - 1 / math.sqrt(2))]
+    got = byol_loss(p1, p2, t1, t2, reduction="none")
+    assert got.tolist() == pytest.approx(per, rel=1e-6)
+    assert byol_loss(p1, p2, t1, t2).item() == pytest.approx(sum(per) / 2, rel=1e-6)
+    # the same value as mean ||p/|p| - t/|t|||^2 over both directions (2 - 2cos, averaged)
+    def sq(a, b):
+        return (F.normalize(a, dim=1) - F.normalize(b, dim=1)).pow(2).sum(1)
+    assert got.tolist() == pytest.approx(((sq(p1, t2) + sq(p2, t1)) / 2).tolist(), rel=1e-6)
+
+
+def test_byol_objective_matches_hand_computation_on_a_model() -> None:
+    """The objective's loss is byol_loss of the online predictions against the target's projections, and
+    only the online network gets gradients."""
+    from fedrad.common.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("test_resnet", "byol", 32, proj_dim=16).eval()
+    obj = get_objective("byol")
+    obj.start(model)
+    with torch.no_grad():  # make the target differ from the online network
+        for p in obj.target.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x1, x2 = torch.rand(3, 1, 32, 32), torch.rand(3, 1, 32, 32)
+    loss = obj.loss(model, x1, x2)
+    with torch.no_grad():
+        p1, p2 = model.predictor(model(x1)), model.predictor(model(x2))
+        t1, t2 = obj.target(x1), obj.target(x2)
+        cos = F.cosine_similarity
+        expected = (2.0 - (cos(p1, t2, dim=1) + cos(p2, t1, dim=1))).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in obj.target.parameters())
+
+
+def test_byol_per_sample_decomposable() -> None:
+    g = torch.Generator().manual_seed(1)
+    p1, p2, t1, t2 = (torch.randn(5, 4, generator=g, requires_grad=True) for _ in range(4))
+    per = byol_loss(p1, p2, t1, t2, reduction="none")
+    for i in range(5):
+        assert byol_loss(p1[i:i + 1], p2[i:i + 1], t1[i:i + 1], t2[i:i + 1]).item() == pytest.approx(
+            per[i].item(), rel=1e-6)
+    grads = torch.autograd.grad(per[2], [p1, p2, t1, t2], allow_unused=True)
+    for gp in grads[:2]:
+        assert torch.count_nonzero(gp[[0, 1, 3, 4]]) == 0 and torch.count_nonzero(gp[2]) > 0
+    assert all(gt is None or torch.count_nonzero(gt) == 0 for gt in grads[2:])  # stop-grad on the target
+
+
+def test_byol_ema_hook_moves_the_target_by_tau() -> None:
+    from fedrad.common.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("test_resnet", "byol", 32, proj_dim=16)
+    keys = list(model.state_dict())
+    obj = get_objective("byol")
+    assert obj.momentum == 0.99
+    obj.start(model)
+    target = obj.target
+    online = [*model.backbone.parameters(), *model.projector.parameters()]
+    assert len(online) == len(list(target.parameters()))
+    assert all(torch.equal(o, t) for o, t in zip(online, target.parameters(), strict=True))
+    before = [t.detach().clone() for t in target.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    obj.after_step(model)
+    for b, o, t in zip(before, online, target.parameters(), strict=True):
+        torch.testing.assert_close(t, 0.99 * b + 0.01 * o.detach())
+        assert float((t - b).abs().max()) == pytest.approx(0.01, rel=1e-3)  # moved by (1 - tau) * 1.0
+    assert list(model.state_dict()) == keys  # the target is not in the model that crosses the wire
+    assert not any(k.startswith("target") for k in keys)
 
 
 def test_supcon_bf16_inputs_computed_in_fp32(emb) -> None:

@@ -36,11 +36,12 @@ def test_unknown_model_is_value_error() -> None:
 
 
 @pytest.mark.parametrize("objective,has_pred", [("simclr", False), ("supcon", False), ("micle", False),
-                                                 ("simsiam", True)])
+                                                 ("simsiam", True), ("byol", True)])
 def test_build_model_heads(objective: str, has_pred: bool) -> None:
     m = build_model("test_resnet", objective, 32, proj_dim=16)
     assert isinstance(m, ContrastiveModel)
-    assert (m.predictor is not None) == has_pred
+    assert m.head_names == (("projector", "predictor") if has_pred else ("projector",))
+    assert (getattr(m, "predictor", None) is not None) == has_pred
     z = m(torch.rand(4, 1, 32, 32))
     assert z.shape == (4, 16)
     assert m.embed(torch.rand(4, 1, 32, 32)).shape == (4, m.backbone.num_features)

@@ -17,9 +17,9 @@ from fedrad.common.run_config import RunConfig
 from fedrad.server.privacy import check_privacy_config
 
 
-def _dp_model(seed: int = 0):
+def _dp_model(seed: int = 0, objective: str = "simsiam"):
     torch.manual_seed(seed)
-    return build_model("test_resnet", "simsiam", 32, proj_dim=16, norm="group")
+    return build_model("test_resnet", objective, 32, proj_dim=16, norm="group")
 
 
 def test_group_norm_model_is_the_same_everywhere_and_reloads(tmp_path):
@@ -44,13 +44,15 @@ def test_opacus_safe_restores_structure():
     assert list(model.state_dict()) == keys
 
 
-def test_per_image_gradients_sum_both_views_and_ignore_the_batch():
+@pytest.mark.parametrize("name", ["simsiam", "byol"])
+def test_per_image_gradients_sum_both_views_and_ignore_the_batch(name: str):
     """What opacus clips is one image's gradient: its two views summed, unaffected by the other images."""
     from opacus import GradSampleModule
 
-    model = _dp_model()
-    objective = get_objective("simsiam")
+    model = _dp_model(objective=name)
+    objective = get_objective(name)
     objective = type(objective)(joint_forward=False)
+    objective.start(model)  # BYOL's target: a plain copy made before opacus hooks the model
     g = torch.Generator().manual_seed(0)
     v1, v2 = torch.rand(4, 1, 32, 32, generator=g), torch.rand(4, 1, 32, 32, generator=g)
 
@@ -101,6 +103,41 @@ def test_train_local_with_dp_accounts_and_refuses_unsound_setups():
                     TrainConfig(objective="simclr", steps=1, device="cpu"), progress=False, dp=dp)
 
 
+def test_byol_trains_under_sample_dp_with_its_target_outside_opacus(monkeypatch):
+    """BYOL with dp=sample: opacus trains the online network only; the EMA target is a separate GroupNorm copy
+    that gets no gradients and never enters the state_dict that is sent."""
+    from fedrad.common.losses.byol import BYOL
+
+    started: list[BYOL] = []
+    original_start = BYOL.start
+
+    def spy(self, model):
+        started.append(self)
+        original_start(self, model)
+
+    monkeypatch.setattr(BYOL, "start", spy)
+    data = make_fake_site(n=40)
+    model = _dp_model(objective="byol")
+    keys = list(model.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_local(model, data, TrainConfig(objective="byol", steps=4, batch_size=8, device="cpu"),
+                         progress=False, dp=SampleDP(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5))
+    assert list(model.state_dict()) == keys and result.dp_epsilon > 0 and result.dp_history[-1][2] == 4
+    assert not any(getattr(p, "grad_sample", None) is not None for p in model.parameters())
+    (objective,) = started
+    assert not objective.joint_forward  # the views ran separately, so opacus summed them per image
+    target = objective.target
+    assert not has_batch_norm(target)
+    assert all(not p.requires_grad and p.grad is None and getattr(p, "grad_sample", None) is None
+               for p in target.parameters())
+    online = [*model.backbone.parameters(), *model.projector.parameters()]
+    start = [before[k] for k in keys if k.startswith(("backbone.", "projector.")) and k in dict(
+        model.named_parameters())]
+    # the target moved from the start weights towards the trained ones, but lags them (EMA)
+    assert any(not torch.equal(t, s0) for t, s0 in zip(target.parameters(), start, strict=True))
+    assert any(not torch.equal(t, o) for t, o in zip(target.parameters(), online, strict=True))
+
+
 def test_empty_poisson_draw_still_takes_a_noise_step():
     data = make_fake_site(n=40)
     model = _dp_model()
@@ -130,6 +167,7 @@ def test_ledger_round_trip_and_corruption_is_loud(tmp_path):
 
 def test_config_checks():
     check_privacy_config(RunConfig(dp="sample", objective="simsiam", dp_noise=1.0))
+    check_privacy_config(RunConfig(dp="sample", objective="byol", dp_noise=1.0))
     for objective in ("simclr", "supcon", "micle"):
         with pytest.raises(ValueError, match="couples the images of a batch"):
             check_privacy_config(RunConfig(dp="sample", objective=objective, dp_noise=1.0))

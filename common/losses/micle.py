@@ -11,18 +11,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fedrad.common.losses.base import Objective
-from fedrad.common.losses.ntxent import supcon_loss
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class MICLe(Objective):
-    name: str = "micle"
-    pairing: str = "patient"
+    name = "micle"
+    positives = "patient"
+
     patient_positives: bool = True
 
     def loss(self, model: nn.Module, view1: Tensor, view2: Tensor, labels: Tensor | None = None) -> Tensor:
+        from fedrad.common.losses.ntxent import supcon_loss
+
         z1, z2 = self.embed_pair(model, view1, view2)
         return supcon_loss(z1, z2, labels if self.patient_positives else None, self.temperature)

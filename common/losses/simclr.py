@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fedrad.common.losses.base import Objective
-from fedrad.common.losses.ntxent import supcon_loss
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
 
-@dataclass(frozen=True)
 class SimCLR(Objective):
-    name: str = "simclr"
+    name = "simclr"
 
     def loss(self, model: nn.Module, view1: Tensor, view2: Tensor, labels: Tensor | None = None) -> Tensor:
         """NT-Xent: SupCon with one distinct label per pair (`labels` is ignored)."""
+        from fedrad.common.losses.ntxent import supcon_loss
+
         z1, z2 = self.embed_pair(model, view1, view2)
         return supcon_loss(z1, z2, None, self.temperature)

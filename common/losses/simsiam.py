@@ -6,11 +6,8 @@ what per-sample gradient clipping for DP assumes (BatchNorm in train mode still 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
 from fedrad.common.losses.base import Objective
 
 if TYPE_CHECKING:
@@ -19,24 +16,38 @@ if TYPE_CHECKING:
 
 def simsiam_loss(p1: Tensor, p2: Tensor, z1: Tensor, z2: Tensor, reduction: str = "mean") -> Tensor:
     """-(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2 per sample; `reduction` "mean" or "none"."""
+    import torch.nn.functional as F
+
     per = -0.5 * (F.cosine_similarity(p1.float(), z2.detach().float(), dim=1)
                   + F.cosine_similarity(p2.float(), z1.detach().float(), dim=1))
     return per.mean() if reduction == "mean" else per
 
 
-@dataclass(frozen=True)
+def predict_pair(objective: Objective, model: nn.Module, z1: Tensor, z2: Tensor) -> tuple[Tensor, Tensor]:
+    """The predictor head on both projections (one call when the objective runs views jointly)."""
+    import torch
+
+    predictor = getattr(model, "predictor", None)
+    if predictor is None:
+        raise ValueError(f"{objective.name} needs a model with a predictor "
+                         f"(build_model(..., objective='{objective.name}'))")
+    if not objective.joint_forward:
+        return predictor(z1), predictor(z2)
+    n = z1.shape[0]
+    p = predictor(torch.cat([z1, z2], dim=0))
+    return p[:n], p[n:]
+
+
 class SimSiam(Objective):
-    name: str = "simsiam"
-    per_sample: bool = True
+    name = "simsiam"
+    per_sample = True
+
+    def heads(self, num_features: int, proj_dim: int) -> dict[str, nn.Module]:
+        from fedrad.common.losses.heads import predictor
+
+        return {**super().heads(num_features, proj_dim), "predictor": predictor(proj_dim)}
 
     def loss(self, model: nn.Module, view1: Tensor, view2: Tensor, labels: Tensor | None = None) -> Tensor:
-        predictor = getattr(model, "predictor", None)
-        if predictor is None:
-            raise ValueError("simsiam needs a model with a predictor (build_model(..., objective='simsiam'))")
         z1, z2 = self.embed_pair(model, view1, view2)
-        if not self.joint_forward:
-            return simsiam_loss(predictor(z1), predictor(z2), z1, z2)
-        n = z1.shape[0]
-        p = predictor(torch.cat([z1, z2], dim=0))
-        return simsiam_loss(p[:n], p[n:], z1, z2)
-
+        p1, p2 = predict_pair(self, model, z1, z2)
+        return simsiam_loss(p1, p2, z1, z2)

@@ -5,22 +5,21 @@ The labels come free with every DICOM, so a site needs no annotation to get labe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fedrad.common.losses.base import Objective
-from fedrad.common.losses.ntxent import supcon_loss
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
 
-@dataclass(frozen=True)
 class SupCon(Objective):
-    name: str = "supcon"
-    needs_labels: bool = True
+    name = "supcon"
+    positives = "labels"
 
     def loss(self, model: nn.Module, view1: Tensor, view2: Tensor, labels: Tensor | None = None) -> Tensor:
+        from fedrad.common.losses.ntxent import supcon_loss
+
         if labels is None:
             raise ValueError("supcon needs label ids (data.label_ids(label_fields))")
         z1, z2 = self.embed_pair(model, view1, view2)
