@@ -30,7 +30,7 @@ def _folder(tmp_path, n=4):
 def test_second_load_does_not_decode(tmp_path):
     CALLS.clear()
     paths, expected = _folder(tmp_path)
-    c1 = DecodedCache(tmp_path / "cache", 32, decoder=counting_entry, workers=1)
+    c1 = DecodedCache(tmp_path / "cache", 32, decoder=counting_entry, workers=0)
     imgs, kept, skipped = c1.load(paths, progress=False)
     assert imgs.shape == (4, 32, 32) and imgs.dtype == np.uint16 and kept == [0, 1, 2, 3]
     assert {os.path.basename(p): r for p, r in skipped.items()} == expected
@@ -38,7 +38,7 @@ def test_second_load_does_not_decode(tmp_path):
     np.testing.assert_allclose(imgs[1] / 65535.0, decode_dicom(paths[1], 32), atol=1 / 65535)
 
     CALLS.clear()
-    c2 = DecodedCache(tmp_path / "cache", 32, decoder=counting_entry, workers=1)
+    c2 = DecodedCache(tmp_path / "cache", 32, decoder=counting_entry, workers=0)
     imgs2, kept2, skipped2 = c2.load(paths, progress=False)
     assert CALLS == []  # neither good nor corrupt files are decoded again
     assert kept2 == kept and skipped2 == skipped and np.array_equal(np.asarray(imgs2), np.asarray(imgs))
@@ -51,15 +51,15 @@ def test_second_load_does_not_decode(tmp_path):
 def test_changed_and_new_files_refresh(tmp_path):
     CALLS.clear()
     paths, _ = _folder(tmp_path, n=3)
-    DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=1).load(paths, progress=False)
-    again = DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=1)
+    DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=0).load(paths, progress=False)
+    again = DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=0)
     before = np.array(again.load(paths, progress=False)[0][0])
-    small_dicom(tmp_path / "data" / "img0.dcm", rows=40, cols=30, value=100)  # rewrite: new content
+    small_dicom(tmp_path / "data" / "img0.dcm", rows=40, cols=29)  # rewrite: new content
     st = os.stat(paths[0])
     os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
     new = str(small_dicom(tmp_path / "data" / "new.dcm", rows=20, cols=20))
     CALLS.clear()
-    c = DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=1)
+    c = DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=0)
     imgs, kept, _ = c.load([*paths, new], progress=False)
     assert sorted(CALLS) == sorted([paths[0], new])
     assert imgs.shape[0] == 4 and not np.array_equal(imgs[0], before)
