@@ -174,13 +174,13 @@ def format_report(r: dict) -> str:
     lines.append(row("images skipped", str(len(r["skipped"]))))
     for reason, n in r["skipped_by_reason"].items():
         lines.append(row(f"  {reason}", str(n)))
+    for s in r["skipped"]:
+        detail = s["detail"] if len(s["detail"]) <= 150 else s["detail"][:147] + "..."
+        lines.append(f"      - {s['file']}: {s['reason']}" + (f" ({detail})" if detail else ""))
     if r.get("folders_skipped"):
         lines.append(row("folders not read", str(len(r["folders_skipped"]))))
         for f in r["folders_skipped"]:
             lines.append(f"      - {f['folder']}/: {f['reason']} ({f['detail']})")
-    for s in r["skipped"]:
-        detail = s["detail"] if len(s["detail"]) <= 150 else s["detail"][:147] + "..."
-        lines.append(f"      - {s['file']}: {s['reason']}" + (f" ({detail})" if detail else ""))
     if r["layout"] == "dicom":
         for key, label in (("modality", "modality"), ("body_part", "body part"), ("view", "view"),
                            ("photometric", "photometric"), ("transfer_syntax", "transfer syntax"),
