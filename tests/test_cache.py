@@ -111,3 +111,31 @@ def test_cache_on_shared_data_reuses(tmp_path):
     c = DecodedCache(tmp_path / "c", 32)
     imgs2, kept2, _ = c.load(files, progress=False)
     assert c.stats["decoded"] == 0 and np.array_equal(np.asarray(imgs), np.asarray(imgs2))
+
+
+def test_moving_the_folder_does_not_decode_again(tmp_path):
+    """Entries are keyed by content: a renamed/moved site folder costs a hash, not a decode."""
+    CALLS.clear()
+    paths, _ = _folder(tmp_path, n=3)
+    c1 = DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=0)
+    imgs, kept, skipped = c1.load(paths, progress=False)
+    keys = [c1.meta(p)["patient_key"] for p in paths[:3]]
+    os.rename(tmp_path / "data", tmp_path / "moved")
+    moved = [p.replace(str(tmp_path / "data"), str(tmp_path / "moved")) for p in paths]
+    CALLS.clear()
+    c2 = DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=0)
+    imgs2, kept2, skipped2 = c2.load(moved, progress=False)
+    assert CALLS == [] and c2.stats["decoded"] == 0 and c2.stats["hashed"] == len(moved)
+    assert kept2 == kept and np.array_equal(np.asarray(imgs2), np.asarray(imgs))
+    assert [c2.meta(p)["patient_key"] for p in moved[:3]] == keys  # salted keys unchanged
+    assert sorted(skipped2.values()) == sorted(skipped.values())
+    # and a third load at the new place neither hashes nor decodes
+    c3 = DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=0)
+    c3.load(moved, progress=False)
+    assert CALLS == [] and c3.stats["hashed"] == 0
+
+
+def test_default_workers_decode_in_isolated_processes(tmp_path):
+    paths, expected = _folder(tmp_path, n=2)
+    imgs, kept, skipped = DecodedCache(tmp_path / "c", 32, workers=2).load(paths, progress=False)
+    assert kept == [0, 1] and {os.path.basename(p): r for p, r in skipped.items()} == expected

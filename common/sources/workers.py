@@ -83,7 +83,8 @@ def map_isolated(fn: Callable, items: Sequence, on_crash: Callable[[object, str]
     try:
         if workers >= 1 and items:
             try:
-                yield from _isolated(fn, items, on_crash, min(workers, len(items)), limit, bar)
+                # a worker costs ~0.5-1 s to start: one per 8 items at most
+                yield from _isolated(fn, items, on_crash, min(workers, max(1, len(items) // 8)), limit, bar)
                 return
             except (OSError, pickle.PicklingError, _PoolsUnavailable) as exc:
                 # e.g. __main__ not importable by spawn (stdin, notebooks): decode here, unisolated.
