@@ -24,7 +24,7 @@ from fedrad.client.site_data import is_writable_dir
 from fedrad.common.atomic import atomic_write_bytes
 from fedrad.common.header_signals import UNKNOWN, age_bucket, patient_key
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
-from fedrad.common.sources.errors import skip_from
+from fedrad.common.sources.errors import reraise_fatal, skip_from
 from fedrad.common.sources.layout import csv_columns, detect_source, open_source
 from fedrad.common.sources.walk import display_name, walk_folder
 from fedrad.common.sources.workers import map_isolated
@@ -44,7 +44,8 @@ def _scan_one(entry, check, decode: bool, salt: bytes, max_pixels: int, locator:
         else:
             d = dict(check(locator, max_pixels))
             key = None
-    except Exception as exc:  # noqa: BLE001 - SkipImage, or anything a decoder let through: report it
+    except BaseException as exc:  # noqa: BLE001 - SkipImage, or anything a decoder let through: report it
+        reraise_fatal(exc)
         skip = skip_from(exc)
         return {"ok": False, "reason": skip.reason, "detail": skip.detail}
     pid, study = d.pop("patient_id", None), d.pop("study_uid", None)

@@ -38,7 +38,7 @@ from fedrad.common.image_ops import to_uint16
 from fedrad.common.sources.base import Item
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.dicom_folder import dicom_entry
-from fedrad.common.sources.errors import skip_from
+from fedrad.common.sources.errors import reraise_fatal, skip_from
 from fedrad.common.sources.workers import default_workers, map_isolated
 
 __all__ = ["DecodedCache", "dicom_entry", "default_workers", "map_files", "file_fingerprint"]
@@ -57,7 +57,8 @@ def _work(decoder: Decoder, size: int, salt: bytes, budget: int | None, item: tu
         if img.shape != (size, size):
             return i, None, {}, "bad-dimensions", f"decoder returned {img.shape}"
         return i, to_uint16(img), meta, "", ""
-    except Exception as exc:  # noqa: BLE001 - report, do not crash the site
+    except BaseException as exc:  # noqa: BLE001 - report, do not crash the site
+        reraise_fatal(exc)
         skip = skip_from(exc)
         return i, None, {}, skip.reason, skip.detail
 

@@ -37,7 +37,7 @@ from fedrad.common.sources.budget import (
     check_pixel_budget,
     first_fragment,
 )
-from fedrad.common.sources.errors import REASONS, SkipImage, skip_from
+from fedrad.common.sources.errors import REASONS, SkipImage, reraise_fatal, skip_from
 
 __all__ = ["REASONS", "SkipImage", "HeaderInfo", "read_header", "check_dicom", "decode_dicom",
            "decode_with_header", "DEFAULT_MAX_PIXELS"]
@@ -134,7 +134,8 @@ def _read(src: str | os.PathLike[str] | bytes, pixels: bool, max_pixels: int = D
         if isinstance(exc, EOFError) or "end of file" in msg.lower() or "truncat" in msg.lower():
             raise SkipImage("truncated", msg[:200]) from None
         raise SkipImage("not-dicom", f"unparseable DICOM ({msg[:160]})") from None
-    except Exception as exc:  # noqa: BLE001 - pydicom raises its own types too (BytesLengthException, ...)
+    except BaseException as exc:  # noqa: BLE001 - pydicom raises its own types too (BytesLengthException, ...)
+        reraise_fatal(exc)
         raise skip_from(exc, "reading") from None
     if truncated and (has_magic or len(ds) > 3):
         raise SkipImage("truncated", truncated)
@@ -221,7 +222,8 @@ def read_header(path: str | os.PathLike[str] | bytes) -> HeaderInfo:
     ds = _read(path, pixels=False)
     try:
         return _header(ds)
-    except Exception as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001
+        reraise_fatal(exc)
         raise SkipImage("not-dicom", f"unreadable header values ({' '.join(str(exc).split())[:160]})") from None
 
 
@@ -351,7 +353,8 @@ def _parse(src, max_pixels: int):
     ds = _read(src, pixels=True, max_pixels=max_pixels)
     try:
         h = _header(ds)
-    except Exception as exc:  # noqa: BLE001 - any oddity in header values means the file is unusable
+    except BaseException as exc:  # noqa: BLE001 - any oddity in header values means the file is unusable
+        reraise_fatal(exc)
         raise SkipImage("not-dicom", f"unreadable header values ({' '.join(str(exc).split())[:160]})") from None
     _check_image(ds, h, max_pixels)
     return ds, h
@@ -365,7 +368,8 @@ def decode_with_header(path: str | os.PathLike[str] | bytes, size: int, max_pixe
         with warnings.catch_warnings(), _quiet_pydicom_log(logging.CRITICAL):
             warnings.simplefilter("ignore")
             arr = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - decoder plugins raise anything; the contract is SkipImage
+    except BaseException as exc:  # noqa: BLE001 - decoder plugins raise anything; the contract is SkipImage
+        reraise_fatal(exc)
         raise skip_from(exc, h.transfer_syntax_name) from None
     if arr.ndim != 2 or arr.shape != (h.rows, h.cols):
         raise SkipImage("bad-dimensions", f"decoded shape {arr.shape}, header says {h.rows}x{h.cols}")
@@ -373,7 +377,8 @@ def decode_with_header(path: str | os.PathLike[str] | bytes, size: int, max_pixe
         raise SkipImage("blank", f"every pixel is {arr.flat[0]}")
     try:
         unit = _to_unit(arr, ds)
-    except Exception as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001
+        reraise_fatal(exc)
         raise skip_from(exc, "intensity mapping") from None
     if not np.isfinite(unit).all():
         raise SkipImage("decode-failed", "non-finite pixel values")

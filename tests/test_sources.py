@@ -55,8 +55,8 @@ def test_layout_dispatch_and_readers(tmp_path):
 
 
 def test_png_over_budget_is_too_large_before_decoding(tmp_path):
-    from PIL import Image
     from fedrad.common.sources.image_folder import image_entry
+    from PIL import Image
 
     Image.fromarray(np.arange(100 * 100, dtype=np.uint8).reshape(100, 100)).save(tmp_path / "a.png")
     with pytest.raises(SkipImage) as exc:

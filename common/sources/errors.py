@@ -40,10 +40,21 @@ class SkipImage(Exception):
         return (SkipImage, (self.reason, self.detail))
 
 
+FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def reraise_fatal(exc: BaseException) -> None:
+    """Handlers catch BaseException because Rust decoders (pylibjpeg-rle via pyo3) raise PanicException,
+    which is not an Exception; only interpreter-level exits must still propagate."""
+    if isinstance(exc, FATAL):
+        raise exc
+
+
 def skip_from(exc: BaseException, context: str = "") -> SkipImage:
     """Any exception raised while reading or decoding one item -> the SkipImage that reports it."""
     if isinstance(exc, SkipImage):
         return exc
+    reraise_fatal(exc)
     msg = " ".join(str(exc).split())[:240] or type(exc).__name__
     prefix = f"{context}: " if context else ""
     if isinstance(exc, MemoryError):

@@ -17,7 +17,7 @@ import numpy as np
 from fedrad.common.image_ops import fit_square
 from fedrad.common.sources.base import Item, Listing, Reader
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS, check_pixel_budget
-from fedrad.common.sources.errors import SkipImage, skip_from
+from fedrad.common.sources.errors import SkipImage, reraise_fatal, skip_from
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
 
@@ -27,19 +27,22 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _open(path: str, max_pixels: int):
+def _open(path: str | bytes, max_pixels: int):
+    """Pillow image with only its header read, after the pixel budget check. `path` may be the bytes."""
+    import io
+
     from PIL import Image
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = Image.open(path)  # reads the header only
+        im = Image.open(io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path)  # header only
     w, h = im.size
     bands = len(im.getbands())
     check_pixel_budget(h, w, 1, bands, 16 if im.mode.startswith("I") else 8, max_pixels)
     return im
 
 
-def image_entry(path: str, size: int, salt: bytes = b"", max_pixels: int = DEFAULT_MAX_PIXELS,
+def image_entry(path: str | bytes, size: int, salt: bytes = b"", max_pixels: int = DEFAULT_MAX_PIXELS,
                 ) -> tuple[np.ndarray, dict]:
     """Decoder for PNG/JPEG files (cache worker): 8-bit /255, 16-bit min-max, colour -> luminance."""
     try:
@@ -54,7 +57,8 @@ def image_entry(path: str, size: int, salt: bytes = b"", max_pixels: int = DEFAU
                 arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
     except SkipImage:
         raise
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types on hostile files; the contract is SkipImage
+    except BaseException as exc:  # noqa: BLE001 - Pillow raises many types on hostile files; the contract is SkipImage
+        reraise_fatal(exc)
         if type(exc).__name__ in ("DecompressionBombError", "DecompressionBombWarning"):
             raise SkipImage("too-large", " ".join(str(exc).split())[:200]) from None
         if isinstance(exc, (FileNotFoundError, PermissionError)):
@@ -66,7 +70,8 @@ def image_entry(path: str, size: int, salt: bytes = b"", max_pixels: int = DEFAU
         raise SkipImage("blank", "every pixel has the same value")
     try:
         return fit_square(arr, size), {}
-    except Exception as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001
+        reraise_fatal(exc)
         raise skip_from(exc, "resize") from None
 
 
@@ -79,7 +84,8 @@ def image_check(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
             return {"rows": im.size[1], "cols": im.size[0], "mode": im.mode}
     except SkipImage:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001
+        reraise_fatal(exc)
         raise skip_from(exc, "header") from None
 
 

@@ -41,6 +41,7 @@ def _limit_memory(limit: int) -> None:
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["RUST_BACKTRACE"] = "0"  # a panicking Rust decoder becomes one SkipImage, not 60 lines of stderr
 
 
 def _ping() -> bool:
