@@ -66,8 +66,8 @@ def _file_row(rel: str, r: dict) -> dict:
     """Per-file line of the inventory (no identifiers: only technical header fields)."""
     row = {"file": rel, "status": "ok" if r["ok"] else r["reason"]}
     for k in ("modality", "photometric", "bits_stored", "rows", "cols", "transfer_syntax_name"):
-        if k in r:
-            row[k] = r[k]
+        if k in r:  # header strings come from the file: escaped like names
+            row[k] = display_name(r[k]) if isinstance(r[k], str) else r[k]
     return row
 
 
@@ -136,7 +136,7 @@ def scan_folder(path: str | os.PathLike[str], decode: bool = True, progress: boo
         report["sex"] = _counts(r["sex"] for r in good)
         report["age"] = _counts(age_bucket(r["age_years"]) for r in good)
         if layout.csv is not None:
-            report["labels_csv"] = layout.csv.name
+            report["labels_csv"] = display_name(layout.csv.name)
 
     skipped = [{"file": rel[i], "reason": r["reason"], "detail": display_name(r.get("detail", ""))}
                for i, r in enumerate(results) if not r["ok"]]

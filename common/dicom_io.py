@@ -233,7 +233,10 @@ def _syntax_kind(ts: str) -> str:
         return "rle"
     if ts.startswith("1.2.840.10008.1.2.4."):
         n = ts.rsplit(".", 1)[-1]
-        return "jpeg2000" if n.startswith("9") or n.startswith("20") else "jpeg"
+        if n in ("50", "51", "57", "70", "80", "81"):  # JPEG baseline/extended/lossless, JPEG-LS
+            return "jpeg"
+        if n in ("90", "91", "92", "93", "201", "202", "203"):  # JPEG 2000, HTJ2K
+            return "jpeg2000"
     return ""
 
 

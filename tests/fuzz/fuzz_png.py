@@ -21,6 +21,9 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 - atheris' required name
 
 
 if __name__ == "__main__":
+    import os
+
+    os.environ["RUST_BACKTRACE"] = "0"  # a Rust decoder panic (caught) otherwise spends seconds symbolising
     import warnings
 
     warnings.simplefilter("ignore")
