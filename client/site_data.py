@@ -25,7 +25,6 @@ import numpy as np
 from fedrad.common.cache import DecodedCache
 from fedrad.common.header_signals import UNKNOWN, age_bucket, load_site_salt, patient_key
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
-from fedrad.common.sources.dicom_folder import NOT_IMAGE_EXTS, NOT_IMAGE_NAMES
 from fedrad.common.sources.image_folder import IMAGE_EXTS, image_entry, read_csv
 from fedrad.common.sources.layout import csv_columns, detect_source, open_source
 
@@ -34,8 +33,6 @@ if TYPE_CHECKING:
 
 HEADER_FIELDS = ("modality", "body_part", "view", "sex", "age")
 CACHE_DIRNAME = ".fedrad-cache"
-IGNORED_EXTS = NOT_IMAGE_EXTS  # names kept for callers of the old module
-IGNORED_NAMES = NOT_IMAGE_NAMES
 __all__ = ["SiteData", "load_site", "detect_layout", "default_cache_dir", "site_salt", "read_csv",
            "csv_columns", "image_entry", "IMAGE_EXTS", "HEADER_FIELDS", "is_writable_dir"]
 

@@ -41,7 +41,7 @@ from fedrad.common.sources.dicom_folder import dicom_entry
 from fedrad.common.sources.errors import reraise_fatal, skip_from
 from fedrad.common.sources.workers import default_workers, map_isolated
 
-__all__ = ["DecodedCache", "dicom_entry", "default_workers", "map_files", "file_fingerprint"]
+__all__ = ["DecodedCache", "dicom_entry", "default_workers", "file_fingerprint"]
 
 FORMAT_VERSION = 2  # 2: entries keyed by content fingerprint (1 was keyed by absolute path)
 HASH_BLOCK = 1 << 20
@@ -65,15 +65,6 @@ def _work(decoder: Decoder, size: int, salt: bytes, budget: int | None, item: tu
 
 def _crashed(item: tuple[int, str], detail: str):
     return item[0], None, {}, "decoder-crashed", detail
-
-
-def map_files(fn: Callable, items: Sequence, paths: Sequence[str] | None = None, progress: bool = True,
-              desc: str = "", workers: int | None = None) -> Iterator:
-    """`fn(item)` for each item, in order, in memory-limited worker processes (see sources.workers).
-
-    fn must be picklable and must not raise; an item whose worker dies yields None. `paths` is unused
-    (kept for callers of the old signature)."""
-    return map_isolated(fn, items, lambda _item, _detail: None, workers=workers, progress=progress, desc=desc)
 
 
 def file_fingerprint(path: str) -> str:

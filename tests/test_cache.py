@@ -139,3 +139,14 @@ def test_default_workers_decode_in_isolated_processes(tmp_path):
     paths, expected = _folder(tmp_path, n=2)
     imgs, kept, skipped = DecodedCache(tmp_path / "c", 32, workers=2).load(paths, progress=False)
     assert kept == [0, 1] and {os.path.basename(p): r for p, r in skipped.items()} == expected
+
+
+def test_budget_skip_is_rejudged_when_the_budget_changes(tmp_path):
+    paths, _ = _folder(tmp_path, n=2)
+    small = DecodedCache(tmp_path / "c", 32, workers=0, max_pixels=100)
+    _, kept, skipped = small.load(paths[:2], progress=False)
+    assert kept == [] and set(skipped.values()) == {"too-large"}
+    assert "budget" in small.entry(paths[0])["detail"]
+    again = DecodedCache(tmp_path / "c", 32, workers=0)
+    _, kept, _ = again.load(paths[:2], progress=False)
+    assert kept == [0, 1] and again.stats["decoded"] == 2

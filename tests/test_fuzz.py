@@ -44,3 +44,13 @@ def test_short_deterministic_fuzz_run_finds_no_crash(tmp_path):
         crashes = sorted(p.name for p in tmp_path.glob("crash-*")) + sorted(p.name for p in tmp_path.glob("oom-*"))
         assert proc.returncode == 0 and not crashes, (harness, crashes, proc.stderr[-4000:])
         assert "Done" in proc.stderr or "stat::number_of_executed_units" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_regressions_through_the_cache_workers(tmp_path):
+    """The same inputs through the decode worker processes: each is one skipped file, never a dead load."""
+    from fedrad.common.cache import DecodedCache
+
+    dicoms = [p for p in REGRESSIONS if p.suffix == ".dcm"]
+    imgs, kept, skipped = DecodedCache(tmp_path / "c", 16, workers=1).load(dicoms, progress=False)
+    assert len(kept) + len(skipped) == len(dicoms)
+    assert all(reason != "decoder-crashed" for reason in skipped.values())
