@@ -20,66 +20,59 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-from fedrad.client.site_data import (
-    csv_columns,
-    detect_layout,
-    image_entry,
-    is_writable_dir,
-    read_csv,
-    split_candidates,
-    walk_files,
-)
+from fedrad.client.site_data import is_writable_dir
 from fedrad.common.atomic import atomic_write_bytes
-from fedrad.common.cache import map_files
-from fedrad.common.dicom_io import SkipImage, check_dicom, decode_with_header
 from fedrad.common.header_signals import UNKNOWN, age_bucket, patient_key
+from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
+from fedrad.common.sources.errors import reraise_fatal, skip_from
+from fedrad.common.sources.layout import csv_columns, detect_source, open_source
+from fedrad.common.sources.walk import display_name, walk_folder
+from fedrad.common.sources.workers import map_isolated
 
 SCAN_SIZE = 32  # decode target: the full-resolution decode is the proof, the small output is thrown away
 MAX_FILES_LISTED = 200  # larger folders: per-file lines only in the JSON
 NOTHING_SENT = "Nothing was sent anywhere: this scan read local files only and used no network."
 
 
-def _scan_dicom_one(decode: bool, salt: bytes, path: str) -> dict:
-    """One file -> a JSON-able record (never raises: a worker must survive any file)."""
+def _scan_one(entry, check, decode: bool, salt: bytes, max_pixels: int, locator: str) -> dict:
+    """One item -> a JSON-able record (never raises: a worker must survive any file)."""
     try:
-        h = decode_with_header(path, SCAN_SIZE)[1] if decode else check_dicom(path)
-    except SkipImage as exc:
-        return {"ok": False, "reason": exc.reason, "detail": exc.detail}
-    except Exception as exc:  # noqa: BLE001 - report rather than crash the scan
-        return {"ok": False, "reason": "decode-failed", "detail": f"{type(exc).__name__}: {exc}"[:240]}
-    d = h.as_dict()
-    pid, study = d.pop("patient_id"), d.pop("study_uid")
-    d["patient"] = patient_key(pid, study or h.sop_uid or path, salt)
-    d.pop("sop_uid")
+        if decode:
+            _img, d = entry(locator, SCAN_SIZE, salt, max_pixels)
+            d = dict(d)
+            key = d.pop("patient_key", None)
+        else:
+            d = dict(check(locator, max_pixels))
+            key = None
+    except BaseException as exc:  # noqa: BLE001 - SkipImage, or anything a decoder let through: report it
+        reraise_fatal(exc)
+        skip = skip_from(exc)
+        return {"ok": False, "reason": skip.reason, "detail": skip.detail}
+    pid, study = d.pop("patient_id", None), d.pop("study_uid", None)
+    if key is None and (pid is not None or study is not None):
+        key = patient_key(pid, study or d.get("sop_uid") or locator, salt)
+    if key is not None:
+        d["patient"] = key
+    d.pop("sop_uid", None)
     d["ok"] = True
     return d
 
 
-def _scan_image_one(decode: bool, path: str) -> dict:
-    if not os.path.isfile(path):
-        return {"ok": False, "reason": "unreadable", "detail": "listed in the manifest but not found"}
-    if not decode:
-        return {"ok": True}
-    try:
-        image_entry(path, SCAN_SIZE, b"")
-    except SkipImage as exc:
-        return {"ok": False, "reason": exc.reason, "detail": exc.detail}
-    except Exception as exc:  # noqa: BLE001
-        return {"ok": False, "reason": "decode-failed", "detail": f"{type(exc).__name__}: {exc}"[:240]}
-    return {"ok": True}
+def _crashed(_locator: str, detail: str) -> dict:
+    return {"ok": False, "reason": "decoder-crashed", "detail": detail}
 
 
 def _file_row(rel: str, r: dict) -> dict:
     """Per-file line of the inventory (no identifiers: only technical header fields)."""
     row = {"file": rel, "status": "ok" if r["ok"] else r["reason"]}
     for k in ("modality", "photometric", "bits_stored", "rows", "cols", "transfer_syntax_name"):
-        if k in r:
-            row[k] = r[k]
+        if k in r:  # header strings come from the file: escaped like names
+            row[k] = display_name(r[k]) if isinstance(r[k], str) else r[k]
     return row
 
 
 def _counts(values) -> dict[str, int]:
-    return dict(Counter(str(v) if v not in (None, "") else UNKNOWN for v in values).most_common())
+    return dict(Counter(display_name(str(v)) if v not in (None, "") else UNKNOWN for v in values).most_common())
 
 
 def _per_patient(keys: list[str]) -> dict[str, float]:
@@ -89,48 +82,50 @@ def _per_patient(keys: list[str]) -> dict[str, float]:
     return {"min": min(per), "median": float(statistics.median(per)), "max": max(per)}
 
 
-def scan_folder(path: str | os.PathLike[str], decode: bool = True, progress: bool = True) -> dict:
+def scan_folder(path: str | os.PathLike[str], decode: bool = True, progress: bool = True,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Inventory of a DICOM folder (or PNG/JPEG folder with manifest.csv/labels.csv) as a JSON-able dict.
 
     Raises FileNotFoundError if `path` is not a folder. Unusable files never raise; they are listed in
-    `skipped` with their reason.
+    `skipped` with their reason, folders that could not be walked in `folders_skipped`. File names in the
+    report are escaped for display (non-UTF-8 bytes as \\xNN, control characters escaped).
     """
     t0 = time.perf_counter()
     root = Path(path).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"folder not found: {path}")
-    layout, found = detect_layout(root)
-    files = walk_files(root)
+    layout = detect_source(root)
+    reader = open_source(root, max_pixels, layout)
     salt = secrets.token_bytes(32)  # in memory only: patients can be counted but not identified
-    report: dict = {"folder": str(root), "layout": layout, "decoded": bool(decode), "files_seen": len(files)}
+    report: dict = {"folder": display_name(str(root)), "layout": layout.kind, "decoded": bool(decode)}
+    listing = reader.list_items()
+    items = listing.items
+    work = partial(_scan_one, reader.entry, reader.check, decode, salt, max_pixels)
+    results = list(map_isolated(work, [it.locator for it in items], _crashed, progress=progress,
+                                desc="decoding" if decode else "reading headers"))
+    ok = [i for i, r in enumerate(results) if r["ok"]]
+    rel = [display_name(it.item_id) for it in items]
 
-    if layout == "images":
-        rows = read_csv(found)
-        paths = [str((root / r.get("image", "")).resolve()) for r in rows]
-        results = list(map_files(partial(_scan_image_one, decode), paths, paths, progress=progress,
-                                 desc="checking images"))
-        listed = set(paths)
-        report["manifest"] = found.name
-        report["not_in_manifest"] = sum(1 for p in files if str(p) not in listed and p != found
+    if layout.kind == "images":
+        walk = walk_folder(root)
+        rows = reader.rows
+        listed = {it.locator for it in items}
+        report["files_seen"] = len(walk.files)
+        report["manifest"] = layout.csv.name
+        report["not_in_manifest"] = sum(1 for p in walk.files if str(p) not in listed and p != layout.csv
                                         and p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        ok = [i for i, r in enumerate(results) if r["ok"]]
         keys = [patient_key(rows[i].get("patient_id", ""), f"image:{rows[i].get('image', '')}", salt) for i in ok]
-        label_cols = [c for c in csv_columns(found) if c not in ("image", "patient_id")]
-        report["labels"] = {c: _counts(rows[i].get(c, "") for i in ok) for c in label_cols
+        label_cols = [c for c in csv_columns(layout.csv) if c not in ("image", "patient_id")]
+        report["labels"] = {display_name(c): _counts(rows[i].get(c, "") for i in ok) for c in label_cols
                             if len({rows[i].get(c, "") for i in ok}) <= 20}
-        rel = [rows[i].get("image", "") for i in range(len(rows))]
         report["candidates"] = len(rows)
         report["ignored"] = []
+        listing.folders.extend(walk.folders)
     else:
-        cands, ignored = split_candidates(files)
-        paths = [str(p) for p in cands]
-        results = list(map_files(partial(_scan_dicom_one, decode, salt), paths, paths, progress=progress,
-                                 desc="decoding" if decode else "reading headers"))
-        ok = [i for i, r in enumerate(results) if r["ok"]]
+        report["files_seen"] = listing.files_seen
         keys = [results[i]["patient"] for i in ok]
-        rel = [os.path.relpath(p, root) for p in paths]
-        report["candidates"] = len(cands)
-        report["ignored"] = [os.path.relpath(p, root) for p in ignored]
+        report["candidates"] = len(items)
+        report["ignored"] = [display_name(p) for p in listing.ignored]
         good = [results[i] for i in ok]
         report["modality"] = _counts(r["modality"] for r in good)
         report["body_part"] = _counts(r["body_part"] for r in good)
@@ -140,17 +135,22 @@ def scan_folder(path: str | os.PathLike[str], decode: bool = True, progress: boo
         report["bits_stored"] = _counts(r["bits_stored"] for r in good)
         report["sex"] = _counts(r["sex"] for r in good)
         report["age"] = _counts(age_bucket(r["age_years"]) for r in good)
-        if found is not None:
-            report["labels_csv"] = found.name
+        if layout.csv is not None:
+            report["labels_csv"] = display_name(layout.csv.name)
 
-    skipped = [{"file": rel[i], "reason": r["reason"], "detail": r.get("detail", "")}
+    skipped = [{"file": rel[i], "reason": r["reason"], "detail": display_name(r.get("detail", ""))}
                for i, r in enumerate(results) if not r["ok"]]
+    skipped += [{"file": display_name(p.path), "reason": p.reason, "detail": p.detail} for p in listing.skipped]
     report["files"] = [_file_row(rel[i], r) for i, r in enumerate(results)]
+    report["files"] += [{"file": display_name(p.path), "status": p.reason} for p in listing.skipped]
     report["usable"] = len(ok)
     report["skipped"] = skipped
     report["skipped_by_reason"] = dict(Counter(s["reason"] for s in skipped).most_common())
+    report["folders_skipped"] = [{"folder": display_name(p.path), "reason": p.reason, "detail": p.detail}
+                                 for p in listing.folders]
     report["patients"] = len(set(keys))
     report["images_per_patient"] = _per_patient(keys)
+    report["max_pixels"] = max_pixels
     report["seconds"] = round(time.perf_counter() - t0, 3)
     report["network_used"] = False
     return report
@@ -178,6 +178,10 @@ def format_report(r: dict) -> str:
     for s in r["skipped"]:
         detail = s["detail"] if len(s["detail"]) <= 150 else s["detail"][:147] + "..."
         lines.append(f"      - {s['file']}: {s['reason']}" + (f" ({detail})" if detail else ""))
+    if r.get("folders_skipped"):
+        lines.append(row("folders not read", str(len(r["folders_skipped"]))))
+        for f in r["folders_skipped"]:
+            lines.append(f"      - {f['folder']}/: {f['reason']} ({f['detail']})")
     if r["layout"] == "dicom":
         for key, label in (("modality", "modality"), ("body_part", "body part"), ("view", "view"),
                            ("photometric", "photometric"), ("transfer_syntax", "transfer syntax"),
@@ -228,11 +232,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
     """CLI handler: print the inventory, write the JSON atomically, exit 0 (2 if the folder is missing)."""
     data = Path(args.data)
     if not data.is_dir():
-        print(f"fedrad scan: error: folder not found: {args.data}", file=sys.stderr)
+        print(f"fedrad scan: error: folder not found: {display_name(str(args.data))}", file=sys.stderr)
         return 2
-    report = scan_folder(data, decode=getattr(args, "decode", True), progress=not getattr(args, "quiet", False))
+    report = scan_folder(data, decode=getattr(args, "decode", True), progress=not getattr(args, "quiet", False),
+                         max_pixels=getattr(args, "max_pixels", None) or DEFAULT_MAX_PIXELS)
     print(format_report(report))
     out = _write_json(report, getattr(args, "json_out", None), data.resolve())
-    print(f"\ninventory written to {out}")
+    print(f"\ninventory written to {display_name(str(out))}")
     print(NOTHING_SENT)
     return 0

@@ -7,11 +7,12 @@ Two layouts are accepted, because that is what hospitals hand over:
   or `sop_uid` column inside the folder is picked up automatically.
 * a PNG/JPEG folder with `manifest.csv` or `labels.csv` (`image` relative path, `patient_id`, label columns).
 Raw patient IDs are turned into salted HMAC keys on the way in and never kept in SiteData.
+Which layout a folder is, listing it and decoding an item belong to the readers in fedrad.common.sources;
+this module joins their output with labels and patient keys.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 from collections import Counter
@@ -22,22 +23,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from fedrad.common.cache import DecodedCache
-from fedrad.common.header_signals import UNKNOWN, age_bucket, load_or_create_salt, patient_key
-from fedrad.common.image_ops import fit_square
+from fedrad.common.header_signals import UNKNOWN, age_bucket, load_site_salt, patient_key
+from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
+from fedrad.common.sources.image_folder import IMAGE_EXTS, image_entry, read_csv
+from fedrad.common.sources.layout import csv_columns, detect_source, open_source
 
 if TYPE_CHECKING:
     import torch
 
 HEADER_FIELDS = ("modality", "body_part", "view", "sex", "age")
-IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
 CACHE_DIRNAME = ".fedrad-cache"
-# Files that are certainly not DICOM: not decoded, reported as "ignored" (not as unusable images).
-IGNORED_EXTS = {
-    ".csv", ".md", ".txt", ".json", ".xml", ".html", ".htm", ".pdf", ".py", ".sh", ".bat", ".exe", ".log",
-    ".ini", ".cfg", ".yaml", ".yml", ".toml", ".zip", ".gz", ".tgz", ".tar", ".7z", ".png", ".jpg",
-    ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".db", ".npz", ".npy", ".safetensors", ".pt", ".lock",
-}
-IGNORED_NAMES = {"DICOMDIR", "Thumbs.db", "desktop.ini"}
+__all__ = ["SiteData", "load_site", "detect_layout", "default_cache_dir", "site_salt", "read_csv",
+           "csv_columns", "image_entry", "IMAGE_EXTS", "HEADER_FIELDS", "is_writable_dir"]
 
 
 @dataclass
@@ -99,49 +96,12 @@ def _ids(values: Sequence[str]) -> np.ndarray:
 
 
 # -- discovery ------------------------------------------------------------------------------------
-def walk_files(root: str | os.PathLike[str]) -> list[Path]:
-    """Every regular file under `root`, sorted, skipping hidden files and folders (.fedrad-cache, .git)."""
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                p = Path(dirpath) / name
-                if p.is_file():
-                    out.append(p)
-    return out
-
-
-def split_candidates(files: Sequence[Path]) -> tuple[list[Path], list[Path]]:
-    """(files that may be DICOM, files ignored as clearly something else by name/extension)."""
-    cands, ignored = [], []
-    for p in files:
-        if p.suffix.lower() in IGNORED_EXTS or p.name in IGNORED_NAMES:
-            ignored.append(p)
-        else:
-            cands.append(p)
-    return cands, ignored
-
-
-def csv_columns(path: Path) -> list[str]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            return [c.strip() for c in next(csv.reader(f), [])]
-    except (OSError, UnicodeDecodeError):
-        return []
-
-
 def detect_layout(data_dir: str | os.PathLike[str]) -> tuple[str, Path | None]:
-    """('images', manifest) for a PNG/JPEG folder with a manifest, else ('dicom', labels CSV or None)."""
-    root = Path(data_dir)
-    for name in ("manifest.csv", "labels.csv"):
-        p = root / name
-        if p.is_file() and "image" in csv_columns(p):
-            return "images", p
-    p = root / "labels.csv"
-    if p.is_file() and {"file", "sop_uid"} & set(csv_columns(p)):
-        return "dicom", p
-    return "dicom", None
+    """('images', manifest) for a PNG/JPEG folder with a manifest, else ('dicom', labels CSV or None).
+
+    A thin wrapper of fedrad.common.sources.detect_source, kept for its callers."""
+    layout = detect_source(data_dir)
+    return layout.kind, layout.csv
 
 
 def is_writable_dir(path: Path) -> bool:
@@ -171,34 +131,6 @@ def default_cache_dir(data_dir: str | os.PathLike[str]) -> Path:
         return base / "fedrad" / digest
 
 
-# -- PNG / JPEG ----------------------------------------------------------------------------------
-def image_entry(path: str, size: int, salt: bytes) -> tuple[np.ndarray, dict]:
-    """Decoder for PNG/JPEG files (cache worker): 8-bit /255, 16-bit min-max, colour -> luminance."""
-    from fedrad.common.dicom_io import SkipImage
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = np.asarray(im, dtype=np.float32)
-                lo, hi = float(arr.min()), float(arr.max())
-                arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-            else:
-                arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise SkipImage("decode-failed", f"{type(exc).__name__}: {exc}"[:200]) from None
-    if arr.ndim != 2 or arr.size == 0:
-        raise SkipImage("bad-dimensions", f"shape {arr.shape}")
-    return fit_square(arr, size), {}
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def _norm_header_value(name: str, value: str) -> str:
     value = (value or "").strip()
     if not value:
@@ -216,11 +148,13 @@ def _norm_header_value(name: str, value: str) -> str:
     return value
 
 
-def _load_images(root: Path, manifest: Path, image_size: int, cache_dir: Path, progress: bool) -> SiteData:
-    rows = read_csv(manifest)
-    cache = DecodedCache(cache_dir, image_size, decoder=image_entry)
-    paths = [str((root / r["image"]).resolve()) for r in rows]
-    images, kept, skipped = cache.load(paths, progress=progress)
+def _load_images(reader, image_size: int, cache: DecodedCache, progress: bool) -> SiteData:
+    rows = reader.rows
+    if rows and "image" not in rows[0]:
+        raise ValueError(f"{reader.manifest}: needs an 'image' column")
+    items = reader.list_items().items
+    paths = [it.locator for it in items]
+    images, kept, skipped = cache.load_items(items, progress=progress)
     extra = [c for c in (rows[0].keys() if rows else []) if c not in ("image", "patient_id", "")]
     labels: dict[str, list[str]] = {}
     for name in dict.fromkeys([*HEADER_FIELDS, *extra]):
@@ -252,26 +186,31 @@ def _dicom_labels(root: Path, labels_csv: Path, paths: list[str], sops: list[str
 
 
 def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str | os.PathLike[str] | None = None,
-              progress: bool = True, labels_csv: str | os.PathLike[str] | None = None) -> SiteData:
+              progress: bool = True, labels_csv: str | os.PathLike[str] | None = None,
+              state_dir: str | os.PathLike[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> SiteData:
     """Load a site folder (DICOM tree or PNG/JPEG + manifest) through the decoded-image cache.
 
     `labels_csv` (DICOM only) overrides the auto-detected `<data>/labels.csv`; unlabelled images get ''.
+    `state_dir`: the site state directory holding the salt (see header_signals.load_site_salt); `max_pixels`
+    the pixel budget (files over it are skipped as too-large). Files found but unusable, including formats
+    without a reader (NIfTI, archives), are counted in `SiteData.skipped` by reason.
     Raises FileNotFoundError if the folder does not exist (the CLI turns that into exit code 2).
     """
     root = Path(data_dir).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {data_dir}")
     cdir = Path(cache_dir) if cache_dir else default_cache_dir(root)
-    layout, found = detect_layout(root)
-    if layout == "images":
-        return _load_images(root, found, image_size, cdir, progress)
+    layout = detect_source(root)
+    reader = open_source(root, max_pixels, layout)
+    cache = DecodedCache(cdir, image_size, decoder=reader.entry, state_dir=state_dir, max_pixels=max_pixels)
+    if layout.kind == "images":
+        return _load_images(reader, image_size, cache, progress)
 
-    cands, _ignored = split_candidates(walk_files(root))
-    paths = [str(p) for p in cands]
-    cache = DecodedCache(cdir, image_size)
-    images, kept, skipped = cache.load(paths, progress=progress)
-    metas = [cache.meta(paths[i]) for i in kept]
-    kept_paths = [paths[i] for i in kept]
+    listing = reader.list_items()
+    items = listing.items
+    images, kept, skipped = cache.load_items(items, progress=progress)
+    metas = [cache.meta(items[i].item_id) for i in kept]
+    kept_paths = [items[i].locator for i in kept]
     labels: dict[str, list[str]] = {
         "modality": [m.get("modality") or UNKNOWN for m in metas],
         "body_part": [m.get("body_part") or UNKNOWN for m in metas],
@@ -279,16 +218,18 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
         "sex": [_norm_header_value("sex", m.get("sex", "")) for m in metas],
         "age": [age_bucket(m.get("age_years")) for m in metas],
     }
-    csv_path = Path(labels_csv) if labels_csv else found
+    csv_path = Path(labels_csv) if labels_csv else layout.csv
     if csv_path is not None:
         extra = _dicom_labels(root, csv_path, kept_paths, [m.get("sop_uid", "") for m in metas])
         clash = set(extra) & set(labels)
         labels.update({(f"csv_{k}" if k in clash else k): v for k, v in extra.items()})
     keys = [m.get("patient_key") or UNKNOWN for m in metas]
+    reasons = Counter(skipped.values())
+    reasons.update(p.reason for p in listing.skipped)
     return SiteData(images=images, paths=kept_paths, patient_keys=keys, labels=labels,
-                    skipped=Counter(skipped.values()), image_size=image_size)
+                    skipped=reasons, image_size=image_size)
 
 
-def site_salt(cache_dir: str | os.PathLike[str]) -> bytes:
-    """The site's pseudonymisation salt (same file DecodedCache uses)."""
-    return load_or_create_salt(Path(cache_dir) / "salt.bin")
+def site_salt(cache_dir: str | os.PathLike[str], state_dir: str | os.PathLike[str] | None = None) -> bytes:
+    """The site's pseudonymisation salt (the same one DecodedCache uses)."""
+    return load_site_salt(cache_dir, state_dir)

@@ -4,13 +4,16 @@ Why: JPEG 2000 / JPEG-LS films decode at ~5-30 images/s, and Flower starts a fre
 every message, so without a cache a site would re-decode its archive every round.
 
 Layout under `cache_dir`:
-  salt.bin                  site salt for patient pseudonyms (0600; see header_signals)
-  s<size>/index.json        entries keyed by absolute path, valid while (file size, mtime_ns) match
+  salt.bin                  site salt for patient pseudonyms (0600; see header_signals), unless the site
+                            keeps it in a state directory (`state_dir/salt`), which clearing the cache keeps
+  s<size>/index.json        entries keyed by content fingerprint (sha256 of the file, or the source's own
+                            fingerprint for a server), plus a memo path -> (size, mtime_ns, fingerprint)
   s<size>/chunk-<id>.u16    raw uint16 [rows, size, size] (value/65535 = intensity), read via np.memmap
   s<size>/.lock             fcntl lock: concurrent loaders (scan, node, clientapp) wait rather than race
 Unusable files are remembered with their SkipImage reason, so a corrupt file is not re-decoded each run
-unless it changes. Every write is a new temp file + os.replace (a crash leaves the old state or the new
-one, never a torn file); chunk files are immutable once written and unreferenced ones are deleted.
+unless it changes. Decoding runs in worker processes under an address-space limit (sources/workers.py).
+Every write is a new temp file + os.replace (a crash leaves the old state or the new one, never a torn
+file); chunk files are immutable once written and unreferenced ones are deleted.
 """
 
 from __future__ import annotations
@@ -18,142 +21,123 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import inspect
 import json
 import os
-import pickle
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from functools import partial
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 from fedrad.common.atomic import atomic_write_bytes
-from fedrad.common.dicom_io import SkipImage, decode_with_header
-from fedrad.common.header_signals import load_or_create_salt, patient_key
+from fedrad.common.header_signals import load_site_salt
 from fedrad.common.image_ops import to_uint16
+from fedrad.common.sources.base import Item
+from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
+from fedrad.common.sources.dicom_folder import dicom_entry
+from fedrad.common.sources.errors import reraise_fatal, skip_from
+from fedrad.common.sources.workers import default_workers, map_isolated
 
-FORMAT_VERSION = 1
-POOL_MIN_FILES = 256  # a pool is used from this many files, or from POOL_MIN_BYTES of input
-POOL_MIN_BYTES = 48 << 20  # below both, worker start-up (~1 s each) costs more than it saves
+__all__ = ["DecodedCache", "dicom_entry", "default_workers", "file_fingerprint"]
 
-Decoder = Callable[[str, int, bytes], tuple[np.ndarray, dict]]
+FORMAT_VERSION = 2  # 2: entries keyed by content fingerprint (1 was keyed by absolute path)
+HASH_BLOCK = 1 << 20
 
-
-def dicom_entry(path: str, size: int, salt: bytes) -> tuple[np.ndarray, dict]:
-    """Default decoder: pixels plus header metadata, with the raw PatientID replaced by its salted key."""
-    img, h = decode_with_header(path, size)
-    meta = h.as_dict()
-    pid, study = meta.pop("patient_id"), meta.pop("study_uid")
-    # No PatientID and no study: a key of its own (by SOP UID or path), never one shared 'unknown' group.
-    meta["patient_key"] = patient_key(pid, study or h.sop_uid or f"path:{path}", salt)
-    return img, meta
+Decoder = Callable[..., tuple[np.ndarray, dict]]  # (locator, size, salt[, max_pixels]) -> (image, meta)
 
 
-def _work(decoder: Decoder, size: int, salt: bytes, item: tuple[int, str]):
+def _work(decoder: Decoder, size: int, salt: bytes, budget: int | None, item: tuple[int, str]):
     """Worker body: never raises, so one odd file cannot take down a pool of thousands."""
     i, path = item
     try:
-        img, meta = decoder(path, size, salt)
+        img, meta = decoder(path, size, salt) if budget is None else decoder(path, size, salt, budget)
         if img.shape != (size, size):
             return i, None, {}, "bad-dimensions", f"decoder returned {img.shape}"
         return i, to_uint16(img), meta, "", ""
-    except SkipImage as exc:
-        return i, None, {}, exc.reason, exc.detail
-    except Exception as exc:  # noqa: BLE001 - report, do not crash the site
-        return i, None, {}, "decode-failed", f"{type(exc).__name__}: {exc}"[:240]
+    except BaseException as exc:  # noqa: BLE001 - report, do not crash the site
+        reraise_fatal(exc)
+        skip = skip_from(exc)
+        return i, None, {}, skip.reason, skip.detail
 
 
-def _worth_a_pool(paths: Sequence[str]) -> bool:
-    if len(paths) >= POOL_MIN_FILES:
-        return True
-    total = 0
-    for p in paths:
-        with contextlib.suppress(OSError):
-            total += os.path.getsize(p)
-    return total >= POOL_MIN_BYTES
+def _crashed(item: tuple[int, str], detail: str):
+    return item[0], None, {}, "decoder-crashed", detail
 
 
-def default_workers() -> int:
-    """Decode worker processes: FEDRAD_DECODE_WORKERS, else up to 8 CPUs (1 = never use a pool)."""
-    env = os.environ.get("FEDRAD_DECODE_WORKERS")
-    return max(1, int(env)) if env else min(8, os.cpu_count() or 1)
+def file_fingerprint(path: str) -> str:
+    """Content identity of a local file: sha256 of its bytes (so a moved or renamed file is recognised)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
 
 
-def map_files(fn: Callable, items: Sequence, paths: Sequence[str], progress: bool = True, desc: str = "",
-              workers: int | None = None) -> Iterator:
-    """`fn(item)` for each item, in order, with a tqdm bar; a spawn process pool when the files are many
-    or large (fn must be picklable and must not raise). Falls back to this process if the pool fails."""
-    from tqdm import tqdm
-
-    workers = default_workers() if workers is None else workers
-    bar = tqdm(total=len(items), desc=desc, unit="file", disable=not progress, dynamic_ncols=True)
-    done = 0
+def _takes_budget(decoder: Decoder) -> bool:
     try:
-        if workers > 1 and _worth_a_pool(paths):
-            n = min(workers, max(1, len(items) // 8))
-            try:
-                with ProcessPoolExecutor(max_workers=n, mp_context=get_context("spawn")) as pool:
-                    for res in pool.map(fn, items, chunksize=4):
-                        done += 1
-                        bar.update(1)
-                        yield res
-            except (BrokenProcessPool, OSError, RuntimeError, pickle.PicklingError) as exc:
-                # e.g. __main__ not importable by spawn (stdin, notebooks): finish in this process.
-                warnings.warn(f"decode pool failed ({type(exc).__name__}); continuing serially", stacklevel=2)
-        for item in items[done:]:
-            res = fn(item)
-            bar.update(1)
-            yield res
-    finally:
-        bar.close()
+        params = inspect.signature(decoder).parameters
+    except (TypeError, ValueError):
+        return False
+    return "max_pixels" in params
 
 
 class DecodedCache:
-    """Decode-once cache for one image size. `load(paths)` -> (images uint16 [N,S,S], kept, skipped).
+    """Decode-once cache for one image size. `load(paths)` / `load_items(items)` -> (images uint16 [N,S,S],
+    kept, skipped).
 
-    `decoder(path, size, salt) -> (float32 [S,S] in [0,1], json-able meta)` must be a module-level
-    function (it may run in worker processes); the default decodes DICOM and records header fields.
+    Entries are keyed by content fingerprint (sha256 of a local file's bytes, or the fingerprint a server
+    source gives its items), so a moved or renamed folder is not decoded again; a memo of (path, size,
+    mtime) -> fingerprint avoids re-hashing unchanged files. `decoder(locator, size, salt[, max_pixels])
+    -> (float32 [S,S] in [0,1], json-able meta)` must be a module-level function (it runs in memory-limited
+    worker processes); the default decodes DICOM and records header fields. The site salt lives in
+    `state_dir/salt` when `state_dir` is given, else `cache_dir/salt.bin` (see header_signals.load_site_salt).
     """
 
     def __init__(self, cache_dir: str | os.PathLike[str], size: int, decoder: Decoder | None = None,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, state_dir: str | os.PathLike[str] | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.root = Path(cache_dir)
         self.size = int(size)
         self.dir = self.root / f"s{self.size}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.decoder: Decoder = decoder or dicom_entry
         self.decoder_name = f"{self.decoder.__module__}.{self.decoder.__qualname__}"
-        self.salt = load_or_create_salt(self.root / "salt.bin")
+        self.max_pixels = int(max_pixels)
+        self._budget_arg = self.max_pixels if _takes_budget(self.decoder) else None
+        self.salt = load_site_salt(self.root, state_dir)
         self.salt_id = hmac.new(self.salt, b"fedrad-salt-id", hashlib.sha256).hexdigest()[:12]
         self.workers = workers if workers is not None else default_workers()
         self.index_path = self.dir / "index.json"
         self._entries: dict[str, dict] = {}
-        self.stats: dict[str, float] = {"decoded": 0, "reused": 0, "seconds": 0.0}
+        self._files: dict[str, list] = {}  # absolute path -> [size, mtime_ns, fingerprint]
+        self._key_of: dict[str, str] = {}  # item id / locator of the last load -> fingerprint
+        self.stats: dict[str, float] = {"decoded": 0, "reused": 0, "hashed": 0, "seconds": 0.0}
 
     # -- index -------------------------------------------------------------------------------------
-    def _read_index(self) -> dict[str, dict]:
+    def _read_index(self) -> tuple[dict[str, dict], dict[str, list]]:
         try:
             data = json.loads(self.index_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return {}
+            return {}, {}
         if (data.get("version") != FORMAT_VERSION or data.get("size") != self.size
                 or data.get("salt_id") != self.salt_id):
-            return {}
+            return {}, {}
         entries = data.get("entries", {})
         # A chunk that vanished (manual cleanup) invalidates the entries that pointed into it.
         chunks = {e["chunk"] for e in entries.values() if e.get("chunk")}
         missing = {c for c in chunks if not (self.dir / c).exists()}
-        return {k: e for k, e in entries.items() if e.get("chunk") not in missing}
+        return {k: e for k, e in entries.items() if e.get("chunk") not in missing}, data.get("files", {})
 
     def _write_index(self) -> None:
+        files = {p: v for p, v in self._files.items() if v[2] in self._entries and os.path.exists(p)}
+        # Keep what this load used and what a file still on disk holds; forget content nothing points to.
+        live = set(self._key_of.values()) | {v[2] for v in files.values()}
+        self._entries = {k: e for k, e in self._entries.items() if k in live}
         payload = {"version": FORMAT_VERSION, "size": self.size, "salt_id": self.salt_id,
-                   "entries": self._entries}
+                   "entries": self._entries, "files": files}
         atomic_write_bytes(self.index_path, json.dumps(payload, separators=(",", ":")).encode("utf-8"))
 
     @contextlib.contextmanager
@@ -170,9 +154,28 @@ class DecodedCache:
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
-    def _fresh(self, entry: dict | None, st: os.stat_result) -> bool:
-        return (entry is not None and entry.get("file_size") == st.st_size
-                and entry.get("mtime_ns") == st.st_mtime_ns and entry.get("decoder") == self.decoder_name)
+    def _fresh(self, entry: dict | None) -> bool:
+        if entry is None or entry.get("decoder") != self.decoder_name:
+            return False
+        # a budget skip is only as good as the budget it was judged against
+        return entry.get("reason") != "too-large" or entry.get("max_pixels") == self.max_pixels
+
+    def _fingerprint(self, item: Item) -> str | None:
+        """The item's content key: given by the source, else the local file's hash (memoised by stat)."""
+        if item.fingerprint:
+            return item.fingerprint
+        path = os.path.abspath(item.locator)
+        try:
+            st = os.stat(path)
+            memo = self._files.get(path)
+            if memo and memo[0] == st.st_size and memo[1] == st.st_mtime_ns:
+                return memo[2]
+            fp = file_fingerprint(path)
+        except OSError:
+            return None
+        self.stats["hashed"] += 1
+        self._files[path] = [st.st_size, st.st_mtime_ns, fp]
+        return fp
 
     # -- chunks ------------------------------------------------------------------------------------
     def _chunk(self, name: str, rows: int) -> np.ndarray:
@@ -213,33 +216,37 @@ class DecodedCache:
                 rows[e["chunk"]] = max(rows.get(e["chunk"], 0), e["row"] + 1)
         return rows
 
-    # -- decode ------------------------------------------------------------------------------------
+    # -- decode ----------------------------------------------------------------------------------------
     def _decode(self, todo: list[tuple[int, str]], progress: bool) -> Iterator[tuple]:
-        work = partial(_work, self.decoder, self.size, self.salt)
-        yield from map_files(work, todo, [p for _, p in todo], progress=progress,
-                             desc=f"decoding {self.size}px", workers=self.workers)
+        work = partial(_work, self.decoder, self.size, self.salt, self._budget_arg)
+        yield from map_isolated(work, todo, _crashed, workers=self.workers, progress=progress,
+                                desc=f"decoding {self.size}px")
 
     def load(self, paths: Sequence[str | os.PathLike[str]], progress: bool = True,
              ) -> tuple[np.ndarray, list[int], dict[str, str]]:
-        """Images for `paths` in order, decoding only new or changed files.
+        """Images for local files `paths` in order (skipped is keyed by the path as given); see load_items."""
+        given = [os.fspath(p) for p in paths]
+        return self.load_items([Item(g, os.path.abspath(g)) for g in given], progress)
 
-        Returns (images uint16 [len(kept), S, S], kept: indices into `paths` that decoded,
-        skipped: {path as given: reason}). `entry(path)` gives the stored meta / skip detail.
+    def load_items(self, items: Sequence[Item], progress: bool = True,
+                   ) -> tuple[np.ndarray, list[int], dict[str, str]]:
+        """Images for a source's `items` in order, decoding only content not seen before.
+
+        Returns (images uint16 [len(kept), S, S], kept: indices into `items` that decoded,
+        skipped: {item_id: reason}). `entry(item_id)` gives the stored meta / skip detail.
         """
         t0 = time.perf_counter()
-        given = [os.fspath(p) for p in paths]
-        absolute = [os.path.abspath(p) for p in given]
-        stats: list[os.stat_result | None] = []
-        for p in absolute:
-            try:
-                stats.append(os.stat(p))
-            except OSError:
-                stats.append(None)
         with self._locked():
-            self._entries = self._read_index()
-            todo = [(i, p) for i, (p, st) in enumerate(zip(absolute, stats, strict=True))
-                    if st is not None and not self._fresh(self._entries.get(p), st)]
-            changed = bool(todo)
+            self._entries, self._files = self._read_index()
+            hashed = self.stats["hashed"]
+            fps = [self._fingerprint(it) for it in items]
+            todo: list[tuple[int, str]] = []
+            queued: set[str] = set()
+            for i, (it, fp) in enumerate(zip(items, fps, strict=True)):
+                if fp is not None and fp not in queued and not self._fresh(self._entries.get(fp)):
+                    todo.append((i, it.locator))
+                    queued.add(fp)
+            changed = bool(todo) or self.stats["hashed"] > hashed
             if todo:
                 results: dict[int, tuple] = {}
                 ok: list[int] = []
@@ -263,26 +270,32 @@ class DecodedCache:
                     with contextlib.suppress(OSError):
                         (self.dir / tmp_name).unlink()
                 rows = {i: r for r, i in enumerate(ok)}
-                for i, _p in todo:
-                    st = stats[i]
+                for i, _loc in todo:
                     meta, reason, detail = results[i]
-                    entry = {"file_size": st.st_size, "mtime_ns": st.st_mtime_ns, "decoder": self.decoder_name}
+                    entry: dict = {"decoder": self.decoder_name}
                     if i in rows:
                         entry.update(chunk=chunk, row=rows[i], meta=meta)
                     else:
                         entry.update(reason=reason, detail=detail)
-                    self._entries[absolute[i]] = entry
+                        if reason == "too-large":
+                            entry["max_pixels"] = self.max_pixels
+                    self._entries[fps[i]] = entry
                 self.stats["decoded"] += len(todo)
-            self.stats["reused"] += len(given) - len(todo)
+            self.stats["reused"] += len(items) - len(todo)
 
-            kept = [i for i, p in enumerate(absolute) if stats[i] is not None and "chunk" in self._entries[p]]
-            skipped = {}
-            for i, p in enumerate(absolute):
-                if stats[i] is None:
-                    skipped[given[i]] = "unreadable"
-                elif "chunk" not in self._entries[p]:
-                    skipped[given[i]] = self._entries[p].get("reason", "decode-failed")
-            images, consolidated = self._gather([absolute[i] for i in kept])
+            self._key_of = {}
+            kept, skipped = [], {}
+            for i, (it, fp) in enumerate(zip(items, fps, strict=True)):
+                if fp is None:
+                    skipped[it.item_id] = "unreadable"
+                    continue
+                self._key_of[it.item_id] = fp
+                self._key_of[os.path.abspath(it.locator)] = fp
+                if "chunk" in self._entries[fp]:
+                    kept.append(i)
+                else:
+                    skipped[it.item_id] = self._entries[fp].get("reason", "decode-failed")
+            images, consolidated = self._gather([fps[i] for i in kept])
             if changed or consolidated:
                 self._write_index()
                 self._gc()
@@ -311,10 +324,12 @@ class DecodedCache:
             self._entries[k]["chunk"], self._entries[k]["row"] = name, j
         return self._chunk(name, n), True
 
-    def entry(self, path: str | os.PathLike[str]) -> dict | None:
-        """The index entry for a path after `load`: `meta` for decoded files, `reason`/`detail` for skips."""
-        return self._entries.get(os.path.abspath(os.fspath(path)))
+    def entry(self, key: str | os.PathLike[str]) -> dict | None:
+        """The index entry for an item id or path of the last load: `meta` if decoded, else `reason`/`detail`."""
+        k = os.fspath(key)
+        fp = self._key_of.get(k) or self._key_of.get(os.path.abspath(k))
+        return self._entries.get(fp) if fp else None
 
-    def meta(self, path: str | os.PathLike[str]) -> dict:
-        e = self.entry(path)
+    def meta(self, key: str | os.PathLike[str]) -> dict:
+        e = self.entry(key)
         return dict(e.get("meta", {})) if e else {}

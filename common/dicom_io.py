@@ -7,6 +7,9 @@ and one bad file must never stop a site from training.
 Decoding uses pydicom 3 with its plugins (pylibjpeg-libjpeg/openjpeg/rle, Pillow), which covers
 uncompressed, RLE, JPEG baseline, 12-bit JPEG extended, JPEG lossless, JPEG-LS and JPEG 2000.
 
+Before any decoder runs, the header's geometry and the codec's own declared size are checked against a
+pixel budget (`too-large`, see sources/budget.py); constant images and RescaleSlope 0/inf are `blank`.
+
 Multi-frame files are skipped (`multi-frame`), not reduced to frame 0: in projection radiography a
 multi-frame object is a tomosynthesis stack, fluoroscopy cine or a CT/MR volume, where frame 0 is an
 arbitrary slice rather than "the radiograph"; silently training on it would pollute the data, and decoding
@@ -16,9 +19,11 @@ a whole stack to keep one frame is slow. The scan lists them, so a site can expo
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
+import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -26,35 +31,21 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from fedrad.common.header_signals import age_from_dates, parse_age
 from fedrad.common.image_ops import fit_square, robust_minmax
-
-REASONS = (
-    "not-dicom",
-    "empty-file",
-    "truncated",
-    "no-pixel-data",
-    "multi-frame",
-    "colour",
-    "bad-dimensions",
-    "decode-failed",
-    "unsupported-syntax",
-    "unreadable",  # permission denied / I/O error: the file exists but cannot be opened
+from fedrad.common.sources.budget import (
+    DEFAULT_MAX_PIXELS,
+    check_codec_size,
+    check_pixel_budget,
+    first_fragment,
 )
+from fedrad.common.sources.errors import REASONS, SkipImage, reraise_fatal, skip_from
+
+__all__ = ["REASONS", "SkipImage", "HeaderInfo", "read_header", "check_dicom", "decode_dicom",
+           "decode_with_header", "DEFAULT_MAX_PIXELS"]
+
 
 # Tags a real DICOM image object has; a non-DICOM file read with force=True has none of them.
 _PLAUSIBLE = (0x00080016, 0x00080018, 0x00080060, 0x0020000D, 0x00280010, 0x00280011, 0x7FE00010)
 _LATERAL = {"LL", "RL", "LAT", "LATERAL", "LAT."}
-
-
-class SkipImage(Exception):
-    """A file that cannot be used; `.reason` is a stable code from REASONS, `.detail` says more."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
-    def __reduce__(self):  # survive pickling across decode worker processes
-        return (SkipImage, (self.reason, self.detail))
 
 
 @dataclass
@@ -99,44 +90,62 @@ def _quiet_pydicom_log(level: int = logging.ERROR) -> Iterator[None]:
         log.setLevel(old)
 
 
-def _read(path: str | os.PathLike[str], pixels: bool):
-    """dcmread with force=True, but only after checks that keep text/garbage files out (`not-dicom`)."""
+def _read(src: str | os.PathLike[str] | bytes, pixels: bool, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """dcmread with force=True, but only after checks that keep text/garbage files out (`not-dicom`).
+
+    `src` is a path or the file's bytes. A file too big to hold the budget's pixels is judged on its header
+    alone, so an 8 GB uncompressed bomb is never read into memory.
+    """
     pydicom = _import_pydicom()
     from pydicom.errors import InvalidDicomError
 
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except FileNotFoundError as exc:
-        raise SkipImage("unreadable", f"file not found: {exc}") from None
-    except OSError as exc:
-        raise SkipImage("unreadable", str(exc)) from None
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+        size, head, fp = len(data), data[:132], io.BytesIO(data)
+    else:
+        try:
+            size = os.path.getsize(src)
+            with open(src, "rb") as f:
+                head = f.read(132)
+        except OSError as exc:
+            raise skip_from(exc) if isinstance(exc, PermissionError) else SkipImage("unreadable", str(exc)) \
+                from None
+        fp = src
     if size == 0:
         raise SkipImage("empty-file", "0 bytes")
     has_magic = len(head) == 132 and head[128:132] == b"DICM"
+    header_only = not pixels or size > max_pixels * 4 + (64 << 20)
     try:
         with warnings.catch_warnings(record=True) as caught, _quiet_pydicom_log():
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(path, force=True, stop_before_pixels=not pixels)
-            truncated = _truncation(ds, size, caught)
+            ds = pydicom.dcmread(fp, force=True, stop_before_pixels=header_only)
+            truncated = "" if header_only and pixels else _truncation(ds, size, caught)
             # Parse every element now (pydicom is lazy): corrupt values surface here, not later.
             for _ in ds.iterall():
                 pass
     except (EOFError, InvalidDicomError, ValueError, KeyError, TypeError, OverflowError, OSError,
-            IndexError, AttributeError, NotImplementedError, RuntimeError, UnicodeError, MemoryError) as exc:
-        msg = str(exc) or type(exc).__name__
+            IndexError, AttributeError, NotImplementedError, RuntimeError, UnicodeError, MemoryError,
+            struct.error) as exc:
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, MemoryError):
+            raise SkipImage("too-large", "out of memory reading the header") from None
         if not has_magic:
             raise SkipImage("not-dicom", f"no DICM preamble and unparseable ({msg[:120]})") from None
         if isinstance(exc, EOFError) or "end of file" in msg.lower() or "truncat" in msg.lower():
             raise SkipImage("truncated", msg[:200]) from None
         raise SkipImage("not-dicom", f"unparseable DICOM ({msg[:160]})") from None
+    except BaseException as exc:  # noqa: BLE001 - pydicom raises its own types too (BytesLengthException, ...)
+        reraise_fatal(exc)
+        raise skip_from(exc, "reading") from None
     if truncated and (has_magic or len(ds) > 3):
         raise SkipImage("truncated", truncated)
     if not has_magic:
         tags = {int(t) for t in ds.keys()}
         if not tags.intersection(_PLAUSIBLE) or "SOPClassUID" not in ds and "Rows" not in ds:
             raise SkipImage("not-dicom", "no DICM preamble and no DICOM image attributes")
+    if header_only and pixels:  # the file alone is bigger than any image within budget
+        _budget(ds, max_pixels)
+        raise SkipImage("too-large", f"{size / 2**20:.0f} MiB file, over the pixel budget's size")
     return ds
 
 
@@ -205,19 +214,56 @@ def _header(ds) -> HeaderInfo:
     )
 
 
-def read_header(path: str | os.PathLike[str]) -> HeaderInfo:
+def read_header(path: str | os.PathLike[str] | bytes) -> HeaderInfo:
     """Header only (pixels not read or decoded): fast inventory. Raises SkipImage.
 
     View positions LL/RL/LAT/LATERAL are normalised to 'LATERAL' so the weak label agrees across sites.
     """
-    return _header(_read(path, pixels=False))
+    ds = _read(path, pixels=False)
+    try:
+        return _header(ds)
+    except BaseException as exc:  # noqa: BLE001
+        reraise_fatal(exc)
+        raise SkipImage("not-dicom", f"unreadable header values ({' '.join(str(exc).split())[:160]})") from None
 
 
-def _check_image(ds, h: HeaderInfo) -> None:
+def _syntax_kind(ts: str) -> str:
+    """Which codec header check applies to a transfer syntax: 'rle', 'jpeg' (incl. JPEG-LS), 'jpeg2000'."""
+    if ts == "1.2.840.10008.1.2.5":
+        return "rle"
+    if ts.startswith("1.2.840.10008.1.2.4."):
+        n = ts.rsplit(".", 1)[-1]
+        if n in ("50", "51", "57", "70", "80", "81"):  # JPEG baseline/extended/lossless, JPEG-LS
+            return "jpeg"
+        if n in ("90", "91", "92", "93", "201", "202", "203"):  # JPEG 2000, HTJ2K
+            return "jpeg2000"
+    return ""
+
+
+def _budget(ds, max_pixels: int) -> None:
+    """The pixel budget from header numbers only (no pixel data needed)."""
+    check_pixel_budget(_int(ds, "Rows"), _int(ds, "Columns"), max(1, _int(ds, "NumberOfFrames", 1)),
+                       _int(ds, "SamplesPerPixel", 1), _int(ds, "BitsAllocated", 16), max_pixels)
+
+
+def _check_blank_tags(ds) -> None:
+    slope = ds.get("RescaleSlope", None)
+    if slope in (None, ""):
+        return
+    try:
+        value = float(slope)
+    except (TypeError, ValueError):
+        raise SkipImage("blank", f"RescaleSlope {str(slope)[:40]!r} is not a number") from None
+    if value == 0 or not math.isfinite(value):
+        raise SkipImage("blank", f"RescaleSlope {value}: every pixel maps to one value")
+
+
+def _check_image(ds, h: HeaderInfo, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     """Reject what decode cannot turn into one grayscale radiograph, before spending time decoding."""
     if "PixelData" not in ds:
         other = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
         raise SkipImage("no-pixel-data", "only float pixel data" if other else "no (7FE0,0010) Pixel Data")
+    _budget(ds, max_pixels)
     if h.frames > 1:
         raise SkipImage("multi-frame", f"{h.frames} frames (only single-frame radiographs are used)")
     spp = _int(ds, "SamplesPerPixel", 1)
@@ -225,6 +271,7 @@ def _check_image(ds, h: HeaderInfo) -> None:
         raise SkipImage("colour", f"SamplesPerPixel={spp}, {h.photometric or 'no photometric'}")
     if h.rows <= 0 or h.cols <= 0:
         raise SkipImage("bad-dimensions", f"Rows={h.rows} Columns={h.cols}")
+    _check_blank_tags(ds)
     from pydicom.pixels import get_decoder
 
     try:
@@ -234,15 +281,19 @@ def _check_image(ds, h: HeaderInfo) -> None:
     if not decoder.is_available:
         raise SkipImage("unsupported-syntax",
                         f"{h.transfer_syntax_name}: no decoder plugin installed (pylibjpeg-*/pillow)")
+    bits_alloc = _int(ds, "BitsAllocated", 0)
+    if bits_alloc not in (1, 8, 16, 32) or not 0 < h.bits_stored <= bits_alloc:
+        raise SkipImage("bad-dimensions", f"BitsAllocated={bits_alloc} BitsStored={h.bits_stored}")
     if not decoder.is_encapsulated:
-        bits_alloc = _int(ds, "BitsAllocated", 0)
-        if bits_alloc not in (1, 8, 16, 32):
-            raise SkipImage("bad-dimensions", f"BitsAllocated={bits_alloc}")
         expected = math.ceil(h.rows * h.cols * bits_alloc / 8)
         have = len(ds.PixelData)
         if have < expected:
             raise SkipImage("bad-dimensions",
                             f"Pixel Data has {have} bytes, {h.rows}x{h.cols}x{bits_alloc} bit needs {expected}")
+    else:
+        kind = _syntax_kind(h.transfer_syntax)
+        if kind:
+            check_codec_size(kind, first_fragment(ds.PixelData), h.rows, h.cols, spp, bits_alloc, max_pixels)
 
 
 def _voi_range(ds) -> tuple[float, float]:
@@ -301,54 +352,55 @@ def _to_unit(arr: np.ndarray, ds) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def decode_with_header(path: str | os.PathLike[str], size: int) -> tuple[np.ndarray, HeaderInfo]:
-    """decode_dicom plus the header it read on the way (one file read for both: the cache stores both)."""
-    ds = _read(path, pixels=True)
+def _parse(src, max_pixels: int):
+    ds = _read(src, pixels=True, max_pixels=max_pixels)
     try:
         h = _header(ds)
-    except Exception as exc:  # noqa: BLE001 - any oddity in header values means the file is unusable
-        raise SkipImage("not-dicom", f"unreadable header values ({exc})") from None
-    _check_image(ds, h)
+    except BaseException as exc:  # noqa: BLE001 - any oddity in header values means the file is unusable
+        reraise_fatal(exc)
+        raise SkipImage("not-dicom", f"unreadable header values ({' '.join(str(exc).split())[:160]})") from None
+    _check_image(ds, h, max_pixels)
+    return ds, h
+
+
+def decode_with_header(path: str | os.PathLike[str] | bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       ) -> tuple[np.ndarray, HeaderInfo]:
+    """decode_dicom plus the header it read on the way (one file read for both: the cache stores both)."""
+    ds, h = _parse(path, max_pixels)
     try:
         with warnings.catch_warnings(), _quiet_pydicom_log(logging.CRITICAL):
             warnings.simplefilter("ignore")
             arr = ds.pixel_array
-    except MemoryError:
-        raise SkipImage("decode-failed", "out of memory decoding") from None
-    except Exception as exc:  # noqa: BLE001 - decoder plugins raise anything; the contract is SkipImage
-        msg = " ".join(str(exc).split())[:240]
-        if "expected length" in msg or "doesn't match" in msg or "reshape" in msg:
-            raise SkipImage("bad-dimensions", msg) from None
-        if isinstance(exc, EOFError):
-            raise SkipImage("truncated", msg) from None
-        raise SkipImage("decode-failed", f"{h.transfer_syntax_name}: {msg}") from None
+    except BaseException as exc:  # noqa: BLE001 - decoder plugins raise anything; the contract is SkipImage
+        reraise_fatal(exc)
+        raise skip_from(exc, h.transfer_syntax_name) from None
     if arr.ndim != 2 or arr.shape != (h.rows, h.cols):
         raise SkipImage("bad-dimensions", f"decoded shape {arr.shape}, header says {h.rows}x{h.cols}")
+    if arr.size and arr.min() == arr.max():
+        raise SkipImage("blank", f"every pixel is {arr.flat[0]}")
     try:
         unit = _to_unit(arr, ds)
-    except Exception as exc:  # noqa: BLE001
-        raise SkipImage("decode-failed", f"intensity mapping failed: {exc}") from None
+    except BaseException as exc:  # noqa: BLE001
+        reraise_fatal(exc)
+        raise skip_from(exc, "intensity mapping") from None
     if not np.isfinite(unit).all():
         raise SkipImage("decode-failed", "non-finite pixel values")
+    if float(unit.max()) - float(unit.min()) < 1e-6:
+        raise SkipImage("blank", "constant image after the intensity mapping")
     return fit_square(unit, size), h
 
 
-def decode_dicom(path: str | os.PathLike[str], size: int) -> np.ndarray:
+def decode_dicom(path: str | os.PathLike[str] | bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 ) -> np.ndarray:
     """float32 [size, size] in [0, 1]: Modality LUT, VOI LUT/window (else robust min-max), MONOCHROME1
     inverted, aspect kept and zero-padded to a square. Raises SkipImage for anything unusable."""
-    return decode_with_header(path, size)[0]
+    return decode_with_header(path, size, max_pixels)[0]
 
 
-def check_dicom(path: str | os.PathLike[str]) -> HeaderInfo:
+def check_dicom(path: str | os.PathLike[str] | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> HeaderInfo:
     """Header plus every structural check decode_dicom makes, without decoding pixels (`scan --no-decode`).
 
-    Catches missing pixels, multi-frame, colour, short Pixel Data and missing codecs; only a corrupt
-    compressed bitstream needs a real decode to be found.
+    Catches missing pixels, over-budget sizes, multi-frame, colour, short Pixel Data and missing codecs;
+    only a corrupt compressed bitstream needs a real decode to be found.
     """
-    ds = _read(path, pixels=True)
-    try:
-        h = _header(ds)
-    except Exception as exc:  # noqa: BLE001
-        raise SkipImage("not-dicom", f"unreadable header values ({exc})") from None
-    _check_image(ds, h)
-    return h
+    return _parse(path, max_pixels)[1]

@@ -110,3 +110,46 @@ def load_or_create_salt(path: str | os.PathLike[str]) -> bytes:
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
     return p.read_bytes()
+
+
+SALT_FILE = "salt"  # in the site state directory
+LEGACY_SALT_FILE = "salt.bin"  # in the cache directory (before the state directory existed)
+
+
+def load_site_salt(cache_dir: str | os.PathLike[str], state_dir: str | os.PathLike[str] | None = None) -> bytes:
+    """The site salt: `state_dir/salt` when a state directory is given, else `cache_dir/salt.bin`.
+
+    A state directory without a salt adopts the cache's existing one (copied, same bytes), so patient keys
+    stay the same when a site moves to a state directory; from then on clearing the cache keeps the salt.
+    """
+    if state_dir is None:
+        return load_or_create_salt(Path(cache_dir) / LEGACY_SALT_FILE)
+    target = Path(state_dir) / SALT_FILE
+    legacy = Path(cache_dir) / LEGACY_SALT_FILE
+    if not target.exists() and legacy.is_file():
+        old = legacy.read_bytes()
+        if len(old) >= 16:
+            _create_exclusive(target, old)
+    return load_or_create_salt(target)
+
+
+def _create_exclusive(path: Path, data: bytes) -> None:
+    """Write `data` to `path` (0600) unless it exists; a concurrent creator's file wins."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".salt-", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError:  # filesystems without hard links
+            if not path.exists():
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

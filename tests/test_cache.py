@@ -30,7 +30,7 @@ def _folder(tmp_path, n=4):
 def test_second_load_does_not_decode(tmp_path):
     CALLS.clear()
     paths, expected = _folder(tmp_path)
-    c1 = DecodedCache(tmp_path / "cache", 32, decoder=counting_entry, workers=1)
+    c1 = DecodedCache(tmp_path / "cache", 32, decoder=counting_entry, workers=0)
     imgs, kept, skipped = c1.load(paths, progress=False)
     assert imgs.shape == (4, 32, 32) and imgs.dtype == np.uint16 and kept == [0, 1, 2, 3]
     assert {os.path.basename(p): r for p, r in skipped.items()} == expected
@@ -38,7 +38,7 @@ def test_second_load_does_not_decode(tmp_path):
     np.testing.assert_allclose(imgs[1] / 65535.0, decode_dicom(paths[1], 32), atol=1 / 65535)
 
     CALLS.clear()
-    c2 = DecodedCache(tmp_path / "cache", 32, decoder=counting_entry, workers=1)
+    c2 = DecodedCache(tmp_path / "cache", 32, decoder=counting_entry, workers=0)
     imgs2, kept2, skipped2 = c2.load(paths, progress=False)
     assert CALLS == []  # neither good nor corrupt files are decoded again
     assert kept2 == kept and skipped2 == skipped and np.array_equal(np.asarray(imgs2), np.asarray(imgs))
@@ -51,15 +51,15 @@ def test_second_load_does_not_decode(tmp_path):
 def test_changed_and_new_files_refresh(tmp_path):
     CALLS.clear()
     paths, _ = _folder(tmp_path, n=3)
-    DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=1).load(paths, progress=False)
-    again = DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=1)
+    DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=0).load(paths, progress=False)
+    again = DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=0)
     before = np.array(again.load(paths, progress=False)[0][0])
-    small_dicom(tmp_path / "data" / "img0.dcm", rows=40, cols=30, value=100)  # rewrite: new content
+    small_dicom(tmp_path / "data" / "img0.dcm", rows=40, cols=29)  # rewrite: new content
     st = os.stat(paths[0])
     os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
     new = str(small_dicom(tmp_path / "data" / "new.dcm", rows=20, cols=20))
     CALLS.clear()
-    c = DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=1)
+    c = DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=0)
     imgs, kept, _ = c.load([*paths, new], progress=False)
     assert sorted(CALLS) == sorted([paths[0], new])
     assert imgs.shape[0] == 4 and not np.array_equal(imgs[0], before)
@@ -111,3 +111,42 @@ def test_cache_on_shared_data_reuses(tmp_path):
     c = DecodedCache(tmp_path / "c", 32)
     imgs2, kept2, _ = c.load(files, progress=False)
     assert c.stats["decoded"] == 0 and np.array_equal(np.asarray(imgs), np.asarray(imgs2))
+
+
+def test_moving_the_folder_does_not_decode_again(tmp_path):
+    """Entries are keyed by content: a renamed/moved site folder costs a hash, not a decode."""
+    CALLS.clear()
+    paths, _ = _folder(tmp_path, n=3)
+    c1 = DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=0)
+    imgs, kept, skipped = c1.load(paths, progress=False)
+    keys = [c1.meta(p)["patient_key"] for p in paths[:3]]
+    os.rename(tmp_path / "data", tmp_path / "moved")
+    moved = [p.replace(str(tmp_path / "data"), str(tmp_path / "moved")) for p in paths]
+    CALLS.clear()
+    c2 = DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=0)
+    imgs2, kept2, skipped2 = c2.load(moved, progress=False)
+    assert CALLS == [] and c2.stats["decoded"] == 0 and c2.stats["hashed"] == len(moved)
+    assert kept2 == kept and np.array_equal(np.asarray(imgs2), np.asarray(imgs))
+    assert [c2.meta(p)["patient_key"] for p in moved[:3]] == keys  # salted keys unchanged
+    assert sorted(skipped2.values()) == sorted(skipped.values())
+    # and a third load at the new place neither hashes nor decodes
+    c3 = DecodedCache(tmp_path / "c", 32, decoder=counting_entry, workers=0)
+    c3.load(moved, progress=False)
+    assert CALLS == [] and c3.stats["hashed"] == 0
+
+
+def test_default_workers_decode_in_isolated_processes(tmp_path):
+    paths, expected = _folder(tmp_path, n=2)
+    imgs, kept, skipped = DecodedCache(tmp_path / "c", 32, workers=2).load(paths, progress=False)
+    assert kept == [0, 1] and {os.path.basename(p): r for p, r in skipped.items()} == expected
+
+
+def test_budget_skip_is_rejudged_when_the_budget_changes(tmp_path):
+    paths, _ = _folder(tmp_path, n=2)
+    small = DecodedCache(tmp_path / "c", 32, workers=0, max_pixels=100)
+    _, kept, skipped = small.load(paths[:2], progress=False)
+    assert kept == [] and set(skipped.values()) == {"too-large"}
+    assert "budget" in small.entry(paths[0])["detail"]
+    again = DecodedCache(tmp_path / "c", 32, workers=0)
+    _, kept, _ = again.load(paths[:2], progress=False)
+    assert kept == [0, 1] and again.stats["decoded"] == 2

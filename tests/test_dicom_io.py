@@ -163,9 +163,19 @@ def test_monochrome1_and_window_tags(tmp_path):
     assert win[0, 0] < 0.01 and 0.4 < win[4, 0] < 0.6
 
 
-def test_constant_image_is_finite(tmp_path):
-    img = decode_dicom(small_dicom(tmp_path / "flat.dcm", value=700), 16)
-    assert np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1
+def test_constant_and_zero_slope_images_are_blank(tmp_path):
+    import pydicom
+
+    with pytest.raises(SkipImage) as exc:
+        decode_dicom(small_dicom(tmp_path / "flat.dcm", value=700), 16)
+    assert exc.value.reason == "blank"
+    for slope in ("0", "inf", "nan"):
+        ds = pydicom.dcmread(small_dicom(tmp_path / "g.dcm"))
+        ds.RescaleSlope, ds.RescaleIntercept = slope, "0"
+        ds.save_as(tmp_path / f"slope-{slope}.dcm")
+        with pytest.raises(SkipImage) as exc:
+            decode_dicom(tmp_path / f"slope-{slope}.dcm", 16)
+        assert exc.value.reason == "blank", slope
 
 
 # -- image_ops / header_signals --------------------------------------------------------------------

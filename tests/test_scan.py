@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from dicom_fixtures import make_corrupt_files, shared_data, small_dicom
 from fedrad.client.scan import NOTHING_SENT, cmd_scan, scan_folder
@@ -54,3 +55,20 @@ def test_scan_shared_dicom_lists_all_files(tmp_path):
     assert report["skipped_by_reason"] == {"no-pixel-data": 1, "decode-failed": 1}
     assert sum(report["transfer_syntax"].values()) == 12 and len(report["transfer_syntax"]) == 10
     assert report["photometric"] == {"MONOCHROME2": 6, "MONOCHROME1": 6}
+
+
+def test_scan_odd_file_names_are_escaped_never_fatal(tmp_path, capsys):
+    import os
+
+    root = tmp_path / "site"
+    small_dicom(root / "plain.dcm")
+    small_dicom(Path(os.fsdecode(os.fsencode(str(root)) + b"/M\xfcller.dcm")))  # Latin-1 name
+    small_dicom(root / "evil\x1b]0;title\x07\nname.dcm")
+    out = tmp_path / "inv.json"
+    assert cmd_scan(_args(root, str(out))) == 0
+    text = capsys.readouterr().out
+    assert "\x1b" not in text and "\x07" not in text and "M\\xfcller.dcm" in text
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["usable"] == 3
+    assert sorted(f["file"] for f in report["files"]) == ["M\\xfcller.dcm", "evil\\x1b]0;title\\x07\\x0aname.dcm",
+                                                         "plain.dcm"]

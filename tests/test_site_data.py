@@ -107,3 +107,25 @@ def test_real_dicom_folder_readonly_cache_fallback(tmp_path, monkeypatch):
     data = load_site(root, 16, progress=False)
     assert len(data) == 12 and sum(data.skipped.values()) == 2
     assert (cdir / "salt.bin").is_file()
+
+
+def test_state_dir_salt_adopts_cache_salt_and_survives_cache_clear(tmp_path):
+    import shutil
+
+    from fedrad.client.site_data import site_salt
+
+    root = tmp_path / "site"
+    for i in range(3):
+        small_dicom(root / f"im{i}.dcm", patient_id=f"P{i}")
+    (root / "vol.nii.gz").write_bytes(b"\x1f\x8b" + b"\x00" * 40)
+    cache, state = tmp_path / "cache", tmp_path / "state"
+    before = load_site(root, 16, cache_dir=cache, progress=False)  # today's layout: salt in the cache
+    assert before.skipped["unsupported-format"] == 1  # the NIfTI file is counted, not silently dropped
+    after = load_site(root, 16, cache_dir=cache, progress=False, state_dir=state)
+    assert (state / "salt").read_bytes() == (cache / "salt.bin").read_bytes()
+    assert after.patient_keys == before.patient_keys  # adopted: keys stable
+    assert oct((state / "salt").stat().st_mode & 0o777) == "0o600"
+    shutil.rmtree(cache)
+    again = load_site(root, 16, cache_dir=cache, progress=False, state_dir=state)
+    assert again.patient_keys == before.patient_keys  # clearing the cache does not reset the salt
+    assert site_salt(cache, state) == (state / "salt").read_bytes()

@@ -1,0 +1,111 @@
+"""A PNG/JPEG folder described by a CSV (`manifest.csv` or `labels.csv` with an `image` column).
+
+Each CSV row is one item (`image` = path relative to the folder, the item id); `patient_id` and the other
+columns are labels the site loader reads from `rows`. The decoder lives here: 8-bit /255, 16-bit min-max,
+colour -> luminance, with Pillow's own size read from the file header checked against the pixel budget
+before any pixels are decoded.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from fedrad.common.image_ops import fit_square
+from fedrad.common.sources.base import Item, Listing, Reader
+from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS, check_pixel_budget
+from fedrad.common.sources.errors import SkipImage, reraise_fatal, skip_from
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _open(path: str | bytes, max_pixels: int):
+    """Pillow image with only its header read, after the pixel budget check. `path` may be the bytes."""
+    import io
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = Image.open(io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path)  # header only
+    w, h = im.size
+    bands = len(im.getbands())
+    check_pixel_budget(h, w, 1, bands, 16 if im.mode.startswith("I") else 8, max_pixels)
+    return im
+
+
+def image_entry(path: str | bytes, size: int, salt: bytes = b"", max_pixels: int = DEFAULT_MAX_PIXELS,
+                ) -> tuple[np.ndarray, dict]:
+    """Decoder for PNG/JPEG files (cache worker): 8-bit /255, 16-bit min-max, colour -> luminance."""
+    try:
+        with _open(path, max_pixels) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                arr = np.asarray(im, dtype=np.float32)
+                lo, hi = float(arr.min()), float(arr.max())
+                arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+            else:
+                arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except SkipImage:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - Pillow raises many types on hostile files; the contract is SkipImage
+        reraise_fatal(exc)
+        if type(exc).__name__ in ("DecompressionBombError", "DecompressionBombWarning"):
+            raise SkipImage("too-large", " ".join(str(exc).split())[:200]) from None
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise SkipImage("unreadable", str(exc)[:200]) from None
+        raise SkipImage("decode-failed", f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:200]) from None
+    if arr.ndim != 2 or arr.size == 0:
+        raise SkipImage("bad-dimensions", f"shape {arr.shape}")
+    if float(arr.max()) - float(arr.min()) < 1e-6:
+        raise SkipImage("blank", "every pixel has the same value")
+    try:
+        return fit_square(arr, size), {}
+    except BaseException as exc:  # noqa: BLE001
+        reraise_fatal(exc)
+        raise skip_from(exc, "resize") from None
+
+
+def image_check(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """The file exists, Pillow recognises its header, and its size is within budget."""
+    if not os.path.isfile(path):
+        raise SkipImage("unreadable", "listed in the manifest but not found")
+    try:
+        with _open(path, max_pixels) as im:
+            return {"rows": im.size[1], "cols": im.size[0], "mode": im.mode}
+    except SkipImage:
+        raise
+    except BaseException as exc:  # noqa: BLE001
+        reraise_fatal(exc)
+        raise skip_from(exc, "header") from None
+
+
+class ImageFolderReader(Reader):
+    """The rows of a manifest CSV; item id = the row's `image` path, `rows[i]` its label columns."""
+
+    kind = "images"
+    entry = staticmethod(image_entry)
+    check = staticmethod(image_check)
+
+    def __init__(self, root: str | os.PathLike[str], manifest: str | os.PathLike[str],
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        super().__init__(max_pixels)
+        self.root = Path(root).resolve()
+        self.manifest = Path(manifest)
+        self.rows = read_csv(self.manifest)
+
+    def list_items(self) -> Listing:
+        out = Listing(files_seen=len(self.rows))
+        for r in self.rows:
+            rel = r.get("image", "")
+            out.items.append(Item(rel, str((self.root / rel).resolve())))
+        return out

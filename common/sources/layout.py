@@ -1,0 +1,59 @@
+"""Which kind of source a folder is, decided in one place for site data, scan and fine-tuning.
+
+A folder with `manifest.csv` or `labels.csv` holding an `image` column is a PNG/JPEG folder; anything else
+is a DICOM folder (whose `labels.csv` with a `file` or `sop_uid` column, if any, adds labels). A new source
+kind adds its test here and its reader module beside this one.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedrad.common.sources.base import Reader
+from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
+
+MANIFEST_NAMES = ("manifest.csv", "labels.csv")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """`kind` is 'dicom' or 'images'; `csv` the manifest (images) or the auto-detected labels CSV (dicom)."""
+
+    kind: str
+    csv: Path | None
+
+
+def csv_columns(path: Path) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return [c.strip() for c in next(csv.reader(f), [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def detect_source(folder: str | os.PathLike[str]) -> Layout:
+    """The layout of a site folder (see the module docstring)."""
+    root = Path(folder)
+    for name in MANIFEST_NAMES:
+        p = root / name
+        if p.is_file() and "image" in csv_columns(p):
+            return Layout("images", p)
+    p = root / "labels.csv"
+    if p.is_file() and {"file", "sop_uid"} & set(csv_columns(p)):
+        return Layout("dicom", p)
+    return Layout("dicom", None)
+
+
+def open_source(folder: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS,
+                layout: Layout | None = None) -> Reader:
+    """The reader for a site folder, chosen by `detect_source` (or the `layout` already detected)."""
+    from fedrad.common.sources.dicom_folder import DicomFolderReader
+    from fedrad.common.sources.image_folder import ImageFolderReader
+
+    layout = layout or detect_source(folder)
+    if layout.kind == "images":
+        return ImageFolderReader(folder, layout.csv, max_pixels)
+    return DicomFolderReader(folder, max_pixels)
