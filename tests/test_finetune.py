@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedrad.client.finetune import (
-    _binarise,
+    auc_score,
+    binarise,
     bootstrap_ci,
-    demo_finetune,
     patient_split,
     subsample_patients,
 )
 from fedrad.deploy.cli import main
+from fedrad.deploy.demo import demo_finetune
 from release_fixtures import make_bundle
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -139,7 +140,7 @@ def test_patient_split_and_subsample_keep_patients_whole():
 
 
 def test_binarise_and_multilabel_ci():
-    y, names, mask = _binarise({"finding": ["1", "0", "", "1"], "view": ["AP", "PA", "AP", "LAT"]})
+    y, names, mask = binarise({"finding": ["1", "0", "", "1"], "view": ["AP", "PA", "AP", "LAT"]})
     assert names == ["finding", "view=AP", "view=LAT", "view=PA"] and mask.tolist() == [True, True, False, True]
     rng = np.random.default_rng(0)
     yy = rng.integers(0, 2, (60, 2)).astype(np.float32)

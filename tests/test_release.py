@@ -7,13 +7,9 @@ import shutil
 import stat
 
 import pytest
+from fedrad.common.bundle import BundleVerificationError, load_verified_backbone, verify_bundle
 from fedrad.deploy.cli import main
-from fedrad.server.release import (
-    BundleVerificationError,
-    generate_keys,
-    load_verified_backbone,
-    verify_bundle,
-)
+from fedrad.server.release import generate_keys
 from release_fixtures import MODEL, SIZE, make_bundle
 
 
