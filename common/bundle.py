@@ -70,10 +70,17 @@ def manifest_bytes(manifest: dict[str, Any]) -> bytes:
 
 
 def read_bounded(path: Path, limit: int, what: str) -> bytes:
-    """All of `path` in one read, refusing (BundleVerificationError) a file longer than `limit` bytes."""
+    """All of `path` in one read, refusing (BundleVerificationError) a file longer than `limit` bytes.
+
+    The read is sized by the open file (+1 to notice one growing meanwhile), never by `limit` alone:
+    a signed manifest may state any size, and a buffer of that size must not be allocated on its word.
+    """
     try:
         with open(path, "rb") as f:
-            data = f.read(limit + 1)
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise BundleVerificationError(f"{path}: the {what} is larger than {limit} bytes")
+            data = f.read(size + 1)
     except FileNotFoundError:
         raise BundleVerificationError(f"missing file: {path}") from None
     except IsADirectoryError:
@@ -280,11 +287,15 @@ def read_verified(bundle: str | os.PathLike[str], pubkey, policy: ReleasePolicy 
     (policy or ReleasePolicy()).check(manifest, bundle)
     want = manifest["weights"]
     data = read_bounded(bundle / WEIGHTS, want["bytes"], "weights file")
-    got = _digest(data)
-    if got != want["sha256"] or len(data) != want["bytes"]:
+    if len(data) != want["bytes"]:
         raise BundleVerificationError(
-            f"weights hash mismatch: {bundle / WEIGHTS} has sha256 {got[:16]}... ({len(data)} bytes), the signed "
-            f"manifest says {want['sha256'][:16]}... ({want['bytes']} bytes) (file modified or corrupted)")
+            f"weights size mismatch: {bundle / WEIGHTS} has {len(data)} bytes, the signed manifest says "
+            f"{str(want['bytes'])[:24]} (file modified or corrupted)")
+    got = _digest(data)
+    if got != want["sha256"]:
+        raise BundleVerificationError(
+            f"weights hash mismatch: {bundle / WEIGHTS} has sha256 {got[:16]}..., the signed manifest says "
+            f"{want['sha256'][:16]}... (file modified or corrupted)")
     return VerifiedBundle(bundle, manifest, data)
 
 

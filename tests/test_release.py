@@ -166,7 +166,7 @@ def test_weights_swapped_after_hashing_never_load_as_verified(bundle_copy, tmp_p
     for k, v in signed_state.items():
         assert torch.equal(loaded[k], v), k  # the signed weights, not the swapped ones
     monkeypatch.setattr(bundle_mod, "_digest", real_digest)
-    with pytest.raises(BundleVerificationError, match="weights hash mismatch"):
+    with pytest.raises(BundleVerificationError, match="weights (hash|size) mismatch"):
         load_verified_backbone(bundle, pub)  # the swapped file itself is refused
 
 
@@ -186,6 +186,20 @@ def test_each_bundle_file_is_read_once(bundle_copy, monkeypatch):
     load_verified_backbone(bundle, pub)
     assert sorted(opened) == sorted(str(bundle / n) for n in ("manifest.json", "manifest.sig",
                                                               "weights.safetensors"))
+
+
+@pytest.mark.parametrize("claimed", [2**70, 10**15, 0])
+def test_signed_manifest_claiming_any_weights_size_is_refused_cleanly(signer_copy, claimed):
+    """Fuzzing found it: a signed `weights.bytes` of 2**70 (OverflowError) or 10**15 (MemoryError) was used
+    as the read size. The read is now sized by the file."""
+    from fedrad.common.bundle import manifest_bytes
+
+    bundle, key, pub = signer_copy
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["weights"]["bytes"] = claimed
+    resign(bundle, key, manifest_bytes(m))
+    with pytest.raises(BundleVerificationError, match="weights"):
+        verify_bundle(bundle, pub)
 
 
 # -- rollback (issue 12 item 5) -----------------------------------------------------------------------

@@ -15,9 +15,11 @@ Replay one input: .venv/bin/python tests/fuzz/fuzz_bundle.py crash-<sha1>
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -47,6 +49,7 @@ WEIGHT_BYTES = save({"conv.weight": np.arange(24, dtype=np.float32).reshape(2, 3
 # In memory where the system has it: the three files are rewritten for every input.
 BUNDLE = Path(tempfile.mkdtemp(prefix="fuzz-bundle-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)) / "bundle"
 BUNDLE.mkdir()
+atexit.register(shutil.rmtree, BUNDLE.parent, True)
 
 
 def valid_manifest(weights: bytes = WEIGHT_BYTES) -> dict:
