@@ -37,7 +37,7 @@ def _folder_rows(data_dir: Path, size: int) -> tuple[np.ndarray, list[dict[str, 
 
 
 def _npz_rows(path: Path, size: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    from fedrad.client.finetune import load_npz
+    from fedrad.client.finetune.data import load_npz
 
     ds = load_npz(path, size)
     split = np.empty(len(ds), dtype=object)
@@ -94,15 +94,17 @@ def write_index(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     """Verify (unless --insecure), embed every usable image, write npy + index + t-SNE."""
-    from fedrad.client.finetune import embed_images
+    from fedrad.client.finetune.heads import embed_images
     from fedrad.common.atomic import atomic_write
-    from fedrad.server.release import BundleVerificationError, load_verified_backbone
+    from fedrad.common.bundle import BundleVerificationError, load_verified_backbone, policy_from_args
 
     if not args.insecure and not args.pubkey:
         print("fedrad embed: error: pass --pubkey to verify the bundle (or --insecure to skip)", file=sys.stderr)
         return 2
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: exists and is not a folder")
     try:
-        backbone, manifest = load_verified_backbone(args.bundle, args.pubkey, args.insecure)
+        backbone, manifest = load_verified_backbone(args.bundle, args.pubkey, args.insecure, policy_from_args(args))
     except BundleVerificationError as exc:
         print(f"fedrad embed: bundle verification FAILED: {exc}", file=sys.stderr)
         return 1

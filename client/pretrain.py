@@ -6,13 +6,30 @@ Same model, loop and file format as a federated run, so the two are directly com
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def check_out_file(out: str | os.PathLike[str]) -> Path:
+    """`--out` must be a file we can write, checked before training so a finished run is never lost to it."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {path}: is a folder; give a file name such as {path / 'pretrained.safetensors'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the nearest folder that exists: save_backbone creates the rest
+    if not parent.is_dir():
+        raise ValueError(f"--out {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {path}: cannot write in {parent}")
+    return path
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -24,6 +41,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.batch_size < 2 or args.image_size < 16:
         raise ValueError("need --steps >= 1, --batch-size >= 2 and --image-size >= 16")
+    check_out_file(args.out)
     device = resolve_device(args.device)
     print(f"fedrad pretrain: loading {args.data} at {args.image_size} px", file=sys.stderr)
     data = load_site(args.data, args.image_size, cache_dir=args.cache, progress=True)

@@ -17,6 +17,7 @@ class KeyFileError(ValueError):
 
 def load_public_key(path: str | os.PathLike[str]):
     """The Ed25519 public key in PEM file `path`, or KeyFileError naming the file and the problem."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -25,7 +26,7 @@ def load_public_key(path: str | os.PathLike[str]):
         raise KeyFileError(f"public key {path} not found")
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
-    except (ValueError, TypeError) as exc:  # not PEM, or a key type this build of cryptography does not know
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # not PEM, or a key type (SM2) not known here
         raise KeyFileError(f"public key {path} is not a PEM public key this version understands "
                            f"({type(exc).__name__})") from None
     except OSError as exc:

@@ -121,7 +121,8 @@ def _add_release(sub) -> None:
     p = sub.add_parser("verify", help="check a bundle's signature and weight hash")
     p.add_argument("bundle")
     p.add_argument("--pubkey", required=True)
-    p.set_defaults(func=_lazy("fedrad.server.release:cmd_verify"))
+    _add_release_policy(p)
+    p.set_defaults(func=_lazy("fedrad.common.bundle:cmd_verify"))
 
     p = sub.add_parser("finetune", help="label-efficiency fine-tuning of a bundle on a site's labelled set")
     p.add_argument("bundle")
@@ -133,13 +134,15 @@ def _add_release(sub) -> None:
     p.add_argument("--mode", default="linear", choices=["linear", "mlp", "full"])
     p.add_argument("--fractions", default="0.1,1.0")
     p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--compare", default=None, help="a second bundle to compare against")
+    p.add_argument("--compare", default=None, help="a second bundle to compare against (the --expect-run/"
+                   "--min-* checks apply to BUNDLE only)")
     p.add_argument("--dp-epsilon", type=float, default=None)
     p.add_argument("--dp-delta", type=float, default=1e-5)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="finetune-results")
-    p.set_defaults(func=_lazy("fedrad.client.finetune:cmd_finetune"))
+    _add_release_policy(p)
+    p.set_defaults(func=_lazy("fedrad.client.finetune.command:cmd_finetune"))
 
     p = sub.add_parser("embed", help="write embeddings (npy + CSV) and a t-SNE plot for a folder")
     p.add_argument("bundle")
@@ -148,7 +151,18 @@ def _add_release(sub) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--color-by", default=None, help="label column to colour the t-SNE plot")
     p.add_argument("--out", default="embeddings")
+    _add_release_policy(p)
     p.set_defaults(func=_lazy("fedrad.client.embed:cmd_embed"))
+
+
+def _add_release_policy(p) -> None:
+    """What a site insists on beyond a valid signature: refuse an older bundle signed by the same key."""
+    p.add_argument("--expect-run", default=None, metavar="RUN_ID",
+                   help="refuse a bundle not released from this run (run id or run key, as `verify` prints)")
+    p.add_argument("--min-sequence", type=int, default=None, metavar="N",
+                   help="refuse a bundle whose release number within its run is below N")
+    p.add_argument("--min-created", default=None, metavar="DATE",
+                   help="refuse a bundle signed before DATE (UTC; 2026-01-31 or 2026-01-31T12:00:00Z)")
 
 
 def _add_security(sub) -> None:

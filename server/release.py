@@ -1,45 +1,38 @@
-"""Signed foundation-weights bundles: what the consortium hands to sites, and how a site checks it.
+"""Signing a foundation-weights bundle: the consortium's keys, the manifest of a run, and the release.
 
-A bundle is a folder with three files:
-
-* `weights.safetensors`: the backbone's state_dict only, under timm's key names, so
-  `timm.create_model(manifest["model"], in_chans=1, num_classes=0).load_state_dict(load_file(...))` works
-  without fedrad;
-* `manifest.json`: how the weights were made and how to feed them (model, input size, intensity scaling,
-  objective, rounds, sites, privacy settings, fedrad version) plus the sha256 of the weights file;
-* `manifest.sig`: the raw 64-byte Ed25519 signature over the exact bytes of manifest.json. It also checks
-  with plain OpenSSL: `openssl pkeyutl -verify -pubin -inkey K.pub -rawin -in manifest.json -sigfile manifest.sig`.
-
-Signing the manifest (not the weights) keeps the signature small and the hash binds the weights to it.
+What a bundle contains and how anyone checks it is `fedrad.common.bundle` (the verifying half, shared with
+the sites). Signing the manifest (not the weights) keeps the signature small; the hash in the manifest
+binds the weights to it. Every release of a run directory gets the next sequence number, recorded in
+RUN_DIR/releases.jsonl before anything is signed, so numbers only grow (a crashed release skips one).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedrad.common.atomic import atomic_write_bytes
+from fedrad.common.bundle import (
+    BUNDLE_FORMAT,
+    CREATED_FORMAT,
+    INTENSITY,
+    MANIFEST,
+    SIGNATURE,
+    WEIGHTS,
+    manifest_bytes,
+    parse_weights,
+    read_verified,
+    sha256_bytes,
+)
+from fedrad.common.keys import key_fingerprint
 from fedrad.server.run_log import read_metrics
 
-if TYPE_CHECKING:
-    from torch import nn
-
-WEIGHTS = "weights.safetensors"
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
-BUNDLE_FORMAT = "fedrad-bundle/1"
-INTENSITY = "[0,1] grayscale, zero-padded square"
-
-
-class BundleVerificationError(Exception):
-    """A bundle failed a check; the message names the check and the file."""
+RELEASES = "releases.jsonl"
 
 
 # -- keys -----------------------------------------------------------------------------------------
@@ -69,50 +62,26 @@ def generate_keys(prefix: str | os.PathLike[str], overwrite: bool = True) -> tup
     return key_path, pub_path
 
 
-def _load_private(path: Path):
+def load_private_key(path: str | os.PathLike[str]):
+    """The Ed25519 signing key in PEM file `path`; ValueError/FileNotFoundError (exit 2) naming the file."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    if not Path(path).is_file():
+    path = Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"signing key not found: {path}")
-    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ValueError(f"{path}: not an unencrypted PEM private key this version understands "
+                         f"({type(exc).__name__})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path}: not an Ed25519 private key (make one with `fedrad keys generate`)")
     return key
 
 
-def _load_public(path: Path):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    if not Path(path).is_file():
-        raise BundleVerificationError(f"missing file: public key {path} not found")
-    try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except ValueError as exc:
-        raise BundleVerificationError(f"public key {path} is not a PEM public key: {exc}") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise BundleVerificationError(f"public key {path} is not an Ed25519 key")
-    return key
-
-
-def key_fingerprint(public_key) -> str:
-    """sha256 of the raw 32-byte public key (hex): names the signer in the manifest and in messages."""
-    from cryptography.hazmat.primitives import serialization
-
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# -- release --------------------------------------------------------------------------------------
+# -- manifest -------------------------------------------------------------------------------------
 def _fedrad_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -146,18 +115,70 @@ def _privacy(config: dict[str, Any], rows: list[dict[str, Any]], summary: dict[s
     return out
 
 
-def build_manifest(run_dir: Path, weights: Path, signer_fingerprint: str) -> dict[str, Any]:
-    """Collect the manifest from the run directory (global.safetensors metadata, run.json, metrics.jsonl)."""
-    from fedrad.common.models import read_metadata
+def _read_json(path: Path, required: bool) -> dict[str, Any]:
+    """A run directory's JSON file as a dict; ValueError/FileNotFoundError naming it (exit 2)."""
+    if not path.is_file():
+        if required:
+            raise FileNotFoundError(f"{path} not found: is {path.parent} a fedrad run directory?")
+        return {}
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return obj
 
-    meta = read_metadata(weights)
-    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    config: dict[str, Any] = dict(run.get("config", {}))
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+
+def read_weights_metadata(path: Path) -> dict[str, str]:
+    """The string metadata in a safetensors file's header; ValueError naming the file if it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="numpy") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise ValueError(f"{path}: not a valid safetensors file ({str(exc)[:200]})") from None
+
+
+def next_sequence(run_dir: Path) -> int:
+    """1 + the highest release sequence recorded in RUN_DIR/releases.jsonl (1 for a first release)."""
+    path = run_dir / RELEASES
+    if not path.is_file():
+        return 1
+    last = 0
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            last = max(last, int(json.loads(line)["sequence"]))
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path}:{n}: not a release record (fix or remove the line)") from None
+    return last + 1
+
+
+def _record_release(run_dir: Path, record: dict[str, Any]) -> None:
+    path = run_dir / RELEASES
+    old = path.read_bytes() if path.is_file() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    atomic_write_bytes(path, old + (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def build_manifest(run_dir: Path, weights: bytes, meta: dict[str, str], signer_fingerprint: str,
+                   sequence: int) -> dict[str, Any]:
+    """The manifest of `weights` (bytes of global.safetensors, `meta` its header metadata) from the run
+    directory's run.json, summary.json and metrics.jsonl, as release #`sequence` of the run."""
+    run = _read_json(run_dir / "run.json", required=True)
+    if run.get("run_id") is None:
+        raise ValueError(f"{run_dir / 'run.json'}: no run_id (not written by a fedrad run)")
+    config: dict[str, Any] = dict(run.get("config") or {})
+    summary = _read_json(run_dir / "summary.json", required=False)
     rows = read_metrics(run_dir)
     model = meta.get("model") or config.get("model")
     if not model:
-        raise ValueError(f"{weights}: metadata names no model and {run_dir / 'run.json'} has none")
+        raise ValueError(f"{run_dir / 'global.safetensors'}: metadata names no model and "
+                         f"{run_dir / 'run.json'} has none")
     size = meta.get("image_size") or config.get("image-size")
     batch = int(config.get("batch-size", 0) or 0)
     # Per site and round: its reported examples_seen, else steps x batch size. (A round's top-level
@@ -169,6 +190,7 @@ def build_manifest(run_dir: Path, weights: Path, signer_fingerprint: str) -> dic
     site_images = 0
     if rows:
         site_images = int(sum(float(s.get("num-examples", 0)) for s in (rows[-1].get("sites") or {}).values()))
+    norm = meta.get("norm", "batch")
     return {
         "format": BUNDLE_FORMAT,
         "model": model,
@@ -176,7 +198,7 @@ def build_manifest(run_dir: Path, weights: Path, signer_fingerprint: str) -> dic
         "input_size": int(size) if size else None,
         "intensity": INTENSITY,
         "objective": meta.get("objective") or config.get("objective"),
-        "norm": meta.get("norm", "batch"),
+        "norm": norm,
         "rounds": int(meta.get("rounds") or summary.get("rounds") or len(rows)),
         "sites": max((int(r.get("sites_aggregated", 0)) for r in rows), default=0),
         "site_images": site_images,
@@ -184,10 +206,11 @@ def build_manifest(run_dir: Path, weights: Path, signer_fingerprint: str) -> dic
         "strategy": config.get("strategy"),
         "privacy": _privacy(config, rows, summary),
         "fedrad_version": _fedrad_version(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "weights": {"file": WEIGHTS, "sha256": sha256_file(weights), "bytes": weights.stat().st_size},
+        "created": time.strftime(CREATED_FORMAT, time.gmtime()),
+        "release": {"run_id": str(run["run_id"]), "run_key": run.get("run_key"), "sequence": int(sequence)},
+        "weights": {"file": WEIGHTS, "sha256": sha256_bytes(weights), "bytes": len(weights)},
         "signer": {"algorithm": "Ed25519", "public_key_sha256": signer_fingerprint},
-        "load_with": _load_with(model, meta.get("norm", "batch")),
+        "load_with": _load_with(model, norm),
     }
 
 
@@ -200,120 +223,57 @@ def _load_with(model: str, norm: str) -> str:
             f"safetensors.torch.load_file('{WEIGHTS}'))")
 
 
-def manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+def _check_loads(data: bytes, meta: dict[str, str], where: Path) -> None:
+    """The weights parse and load strictly into a fresh backbone of the model they name (ValueError if not)."""
+    from fedrad.common.models import create_backbone
+
+    state = parse_weights(data, where)
+    model = meta.get("model", "")
+    size = meta.get("image_size")
+    try:
+        backbone = create_backbone(model, in_chans=int(meta.get("in_chans", 1)), image_size=int(size) if size
+                                   else None, norm=meta.get("norm", "batch"))
+        backbone.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{where}: not a plain {model or '(unnamed)'} backbone ({first})") from None
 
 
 def release_bundle(run_dir: str | os.PathLike[str], key_path: str | os.PathLike[str],
                    out_dir: str | os.PathLike[str] | None = None) -> Path:
     """Write weights.safetensors, manifest.json and manifest.sig into `out_dir` (default RUN_DIR/release).
 
-    The weights are checked to load strictly into a fresh timm backbone before anything is signed, so a
-    consortium never signs a file sites cannot use. Each file is written atomically; the signature last.
+    global.safetensors is read once; those bytes are checked to load strictly into a fresh backbone before
+    anything is signed (a consortium never signs a file sites cannot use), hashed, and written. Each file
+    is written atomically, the signature last; the finished bundle is then verified as a site would.
     """
-    from fedrad.common.models import load_backbone, read_metadata
-
     run_dir = Path(run_dir)
     src = run_dir / "global.safetensors"
     if not src.is_file():
         raise FileNotFoundError(f"{src} not found: is {run_dir} a finished fedrad run directory?")
-    key = _load_private(Path(key_path))
+    key = load_private_key(key_path)
     fingerprint = key_fingerprint(key.public_key())
+    data = src.read_bytes()
+    parse_weights(data, src)  # a corrupt file is a one-line error before anything is written
     out = Path(out_dir) if out_dir else run_dir / "release"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     # Stale signature out of the way first: a crash part-way leaves an unsigned (unverifiable) bundle,
     # never an old signature beside new files.
     (out / SIGNATURE).unlink(missing_ok=True)
-    data = src.read_bytes()
-    weights = atomic_write_bytes(out / WEIGHTS, data, mode=0o644)
-    meta = read_metadata(weights)
-    load_backbone(meta.get("model", ""), weights)  # strict load: raises if not a plain backbone
-    manifest = build_manifest(run_dir, weights, fingerprint)
+    # The metadata is read from the copy just written, so it comes from the same bytes that are signed.
+    meta = read_weights_metadata(atomic_write_bytes(out / WEIGHTS, data, mode=0o644))
+    _check_loads(data, meta, src)
+    sequence = next_sequence(run_dir)
+    manifest = build_manifest(run_dir, data, meta, fingerprint, sequence)
     body = manifest_bytes(manifest)
     atomic_write_bytes(out / MANIFEST, body, mode=0o644)
+    _record_release(run_dir, {"sequence": sequence, "created": manifest["created"], "bundle": str(out),
+                              "weights_sha256": manifest["weights"]["sha256"]})
     atomic_write_bytes(out / SIGNATURE, key.sign(body), mode=0o644)
+    read_verified(out, key.public_key())
     return out
-
-
-# -- verify ---------------------------------------------------------------------------------------
-def verify_bundle(bundle: str | os.PathLike[str], pub_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check signature (with `pub_path`) then the weights hash; return the manifest or raise with the reason."""
-    from cryptography.exceptions import InvalidSignature
-
-    bundle = Path(bundle)
-    if not bundle.is_dir():
-        raise BundleVerificationError(f"missing file: bundle folder {bundle} not found")
-    for name in (MANIFEST, SIGNATURE, WEIGHTS):
-        if not (bundle / name).is_file():
-            raise BundleVerificationError(f"missing file: {bundle / name}")
-    public = _load_public(Path(pub_path))
-    body = (bundle / MANIFEST).read_bytes()
-    sig = (bundle / SIGNATURE).read_bytes()
-    try:
-        public.verify(sig, body)
-    except InvalidSignature:
-        expected = key_fingerprint(public)
-        try:
-            claimed = json.loads(body)["signer"]["public_key_sha256"]
-        except (ValueError, KeyError, TypeError):
-            claimed = None
-        if claimed and claimed != expected:
-            raise BundleVerificationError(
-                f"signature invalid: wrong key: {bundle / MANIFEST} was signed by key {claimed[:16]}..., "
-                f"not by {pub_path} ({expected[:16]}...)") from None
-        raise BundleVerificationError(
-            f"signature invalid: {bundle / MANIFEST} or {SIGNATURE} was modified after signing "
-            f"(does not verify with {pub_path})") from None
-    manifest = json.loads(body)
-    want = manifest.get("weights", {}).get("sha256")
-    got = sha256_file(bundle / WEIGHTS)
-    if want != got:
-        raise BundleVerificationError(
-            f"weights hash mismatch: {bundle / WEIGHTS} has sha256 {got[:16]}..., the signed manifest says "
-            f"{str(want)[:16]}... (file modified or corrupted)")
-    return manifest
-
-
-def read_manifest_unverified(bundle: Path) -> dict[str, Any]:
-    """Manifest of a bundle, or one made from a bare .safetensors file's metadata (for --insecure)."""
-    from fedrad.common.models import read_metadata
-
-    if bundle.is_file():
-        meta = read_metadata(bundle)
-        size = meta.get("image_size")
-        return {"model": meta.get("model"), "in_chans": int(meta.get("in_chans", 1)),
-                "input_size": int(size) if size else None, "intensity": INTENSITY,
-                "objective": meta.get("objective"), "norm": meta.get("norm", "batch"),
-                "weights": {"file": bundle.name}}
-    path = bundle / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{bundle}: no {MANIFEST} (not a fedrad bundle)")
-    return json.loads(path.read_text())
-
-
-def load_verified_backbone(bundle: str | os.PathLike[str], pubkey: str | os.PathLike[str] | None,
-                           insecure: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """(backbone in eval mode, manifest). Verified unless `insecure`; `insecure` also accepts a bare file."""
-    from fedrad.common.models import create_backbone
-    from safetensors.torch import load_file
-
-    bundle = Path(bundle)
-    if insecure:
-        print(f"fedrad: WARNING: using {bundle} WITHOUT signature verification (--insecure)", file=sys.stderr)
-        manifest = read_manifest_unverified(bundle)
-        weights = bundle if bundle.is_file() else bundle / manifest.get("weights", {}).get("file", WEIGHTS)
-    else:
-        if not pubkey:
-            raise BundleVerificationError("no public key given: pass --pubkey (or --insecure to skip the check)")
-        manifest = verify_bundle(bundle, pubkey)
-        weights = bundle / WEIGHTS
-    if not manifest.get("model"):
-        raise ValueError(f"{bundle}: the manifest/metadata names no model")
-    backbone = create_backbone(manifest["model"], in_chans=int(manifest.get("in_chans", 1)),
-                               image_size=manifest.get("input_size"), norm=manifest.get("norm", "batch"))
-    backbone.load_state_dict(load_file(os.fspath(weights)), strict=True)
-    backbone.eval()
-    return backbone, manifest
 
 
 # -- CLI ------------------------------------------------------------------------------------------
@@ -332,33 +292,11 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 def cmd_release(args: argparse.Namespace) -> int:
     out = release_bundle(Path(args.run_dir), Path(args.key), Path(args.out) if args.out else None)
     m = json.loads((out / MANIFEST).read_text())
+    r = m["release"]
     print(f"released {out}: {m['model']} {m['input_size']}px, {m['objective']}, {m['rounds']} rounds, "
-          f"{m['sites']} sites; weights sha256 {m['weights']['sha256']}")
+          f"{m['sites']} sites; run {r['run_id']} release #{r['sequence']}; weights sha256 {m['weights']['sha256']}")
     return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    try:
-        m = verify_bundle(Path(args.bundle), Path(args.pubkey))
-    except BundleVerificationError as exc:
-        print(f"fedrad verify: FAILED: {exc}", file=sys.stderr)
-        return 1
-    p = m.get("privacy", {})
-    print(f"OK {args.bundle}\n  signature: valid Ed25519 signature by {args.pubkey} over {MANIFEST}\n"
-          f"  weights:   {WEIGHTS} sha256 {m['weights']['sha256']} matches the manifest\n"
-          f"  model:     {m['model']} in_chans={m['in_chans']} input {m['input_size']}px ({m['intensity']})\n"
-          f"  training:  {m['objective']}, {m['rounds']} rounds, {m['sites']} sites, "
-          f"{m.get('examples_seen', '?')} examples seen\n"
-          f"  privacy:   DP {p.get('differential_privacy')} (epsilon {p.get('epsilon')}, delta {p.get('delta')}), "
-          f"secure aggregation {'on' if p.get('secure_aggregation') else 'off'}\n"
-          f"  fedrad:    {m.get('fedrad_version')}")
-    return 0
-
-
-def signature_b64(bundle: Path) -> str:
-    """The signature as base64 text (for logs and tickets)."""
-    return base64.b64encode((Path(bundle) / SIGNATURE).read_bytes()).decode()
-
-
-__all__ = ["BundleVerificationError", "cmd_keys_generate", "cmd_release", "cmd_verify",
-           "generate_keys", "load_verified_backbone", "release_bundle", "verify_bundle"]
+__all__ = ["RELEASES", "build_manifest", "cmd_keys_generate", "cmd_release", "generate_keys", "load_private_key",
+           "next_sequence", "release_bundle"]

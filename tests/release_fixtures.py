@@ -49,3 +49,42 @@ def make_bundle(root: Path, **kw) -> tuple[Path, Path, Path]:
     run = make_run_dir(root, **kw)
     key, pub = generate_keys(root / "keys" / "consortium")
     return release_bundle(run, key, root / "bundle"), key, pub
+
+
+def resign(bundle: Path, key: Path, manifest: bytes) -> None:
+    """Write `manifest` as the bundle's manifest.json and sign it with `key`: a signed-but-odd bundle."""
+    from fedrad.server.release import load_private_key
+
+    (bundle / "manifest.json").write_bytes(manifest)
+    (bundle / "manifest.sig").write_bytes(load_private_key(key).sign(manifest))
+
+
+def set_weights(bundle: Path, key: Path, data: bytes) -> None:
+    """Replace the weights and re-sign a manifest whose hash and size match them (the signer vouches)."""
+    import hashlib
+
+    from fedrad.common.bundle import manifest_bytes
+
+    (bundle / "weights.safetensors").write_bytes(data)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["weights"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    resign(bundle, key, manifest_bytes(m))
+
+
+def fedrad_cli(*args: str, timeout: float = 300):
+    """The real `fedrad` command in a child process (what a user runs), with its exit code and output."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("fedrad")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "fedrad.deploy.cli"]
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(proc) -> str:
+    """The stderr of a command that must end bad input with one clear line and no traceback."""
+    err = proc.stderr.strip()
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip() and "WARNING" not in line]
+    assert len(lines) == 1, err
+    return lines[0]

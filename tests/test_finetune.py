@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedrad.client.finetune import (
-    _binarise,
+    auc_score,
+    binarise,
     bootstrap_ci,
-    demo_finetune,
     patient_split,
     subsample_patients,
 )
 from fedrad.deploy.cli import main
+from fedrad.deploy.demo import demo_finetune
 from release_fixtures import make_bundle
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -139,7 +140,7 @@ def test_patient_split_and_subsample_keep_patients_whole():
 
 
 def test_binarise_and_multilabel_ci():
-    y, names, mask = _binarise({"finding": ["1", "0", "", "1"], "view": ["AP", "PA", "AP", "LAT"]})
+    y, names, mask = binarise({"finding": ["1", "0", "", "1"], "view": ["AP", "PA", "AP", "LAT"]})
     assert names == ["finding", "view=AP", "view=LAT", "view=PA"] and mask.tolist() == [True, True, False, True]
     rng = np.random.default_rng(0)
     yy = rng.integers(0, 2, (60, 2)).astype(np.float32)
@@ -166,3 +167,46 @@ def test_demo_finetune(bundle, sites, tmp_path):
     table = demo_finetune(b, pub, sites, tmp_path / "demo")
     assert "pretrained" in table and "random-init" in table and "25%" in table
     assert (tmp_path / "demo" / "auc_vs_fraction.png").read_bytes()[:8] == PNG
+
+
+def test_auc_is_sklearns_with_ties_and_nan_for_one_class():
+    from sklearn.metrics import roc_auc_score
+
+    y = np.array([0, 0, 1, 1, 0, 1], dtype=np.float32)
+    s = np.array([0.1, 0.4, 0.35, 0.8, 0.4, 0.4])  # ties across classes count one half
+    # pairs (pos, neg): 0.35>0.1, 0.35<0.4 x2; 0.8 beats 3; 0.4 vs 0.1 wins, vs 0.4 x2 ties -> 5.0 of 9
+    assert auc_score(y, s) == pytest.approx(5.0 / 9) == roc_auc_score(y, s)
+    assert math.isnan(auc_score(np.ones(4), np.arange(4.0)))
+
+
+def test_finetune_needs_no_scipy():
+    """scipy is not a declared dependency: the metrics come from scikit-learn's public API only."""
+    import ast
+
+    import fedrad.client.finetune as pkg
+
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not any(m.split(".")[0] == "scipy" for m in mods), path
+
+
+def test_common_split_patients_is_the_one_patient_split():
+    from fedrad.common.splits import split_patients
+
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(30), rng.integers(1, 4, 30))
+    strata = (groups < 6).astype(int)  # 6 positive patients, 24 negative
+    chosen, rest = split_patients(groups, 0.5, seed=3, strata=strata)
+    assert sorted(np.concatenate([chosen, rest]).tolist()) == list(range(len(groups)))
+    assert not set(groups[chosen]) & set(groups[rest])
+    assert len(set(groups[chosen]) & set(range(6))) == 3 and len(set(groups[chosen]) - set(range(6))) == 12
+    again, _ = split_patients(groups, 0.5, seed=3, strata=strata)
+    assert np.array_equal(chosen, again)  # deterministic
+    # both_sides: a tiny fraction still takes one patient per stratum and leaves one behind
+    chosen, rest = split_patients(np.array([0, 1, 2, 3]), 0.01, seed=0, strata=np.array([1, 1, 0, 0]),
+                                  both_sides=True)
+    assert len(chosen) == 2 and len(rest) == 2 and set(chosen.tolist()) & {0, 1} and set(chosen.tolist()) & {2, 3}
+    with pytest.raises(ValueError):
+        split_patients(groups, 1.5)

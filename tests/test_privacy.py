@@ -193,7 +193,8 @@ def test_sample_dp_run_ledgers_budget_and_release(consortium3, tmp_path):
     released bundle says image-level DP and loads as the GroupNorm variant."""
     from fedrad.client.sample_dp import epsilon_of
     from fedrad.client.site_data import load_site
-    from fedrad.server.release import generate_keys, load_verified_backbone, release_bundle
+    from fedrad.common.bundle import load_verified_backbone
+    from fedrad.server.release import generate_keys, release_bundle
     from fedrad.server.run_log import read_metrics
 
     c, root = consortium3
