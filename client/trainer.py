@@ -430,4 +430,5 @@ def evaluate_local(model: nn.Module, data: SiteData, cfg: TrainConfig) -> dict[s
             "eval_examples": float(z1.shape[0])}
 
 
-__all__ = ["TrainConfig", "TrainResult", "evaluate_local", "resolve_device", "split_indices", "train_local"]
+__all__ = ["OPTIMIZERS", "TrainConfig", "TrainResult", "evaluate_local", "make_optimizer", "resolve_device",
+           "split_indices", "train_local"]

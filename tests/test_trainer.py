@@ -162,6 +162,7 @@ def test_optimizers_are_timms_with_no_decay_on_biases_and_norms(optimizer: str, 
     assert by_decay[0.05] == {id(p) for p in params.values() if p.ndim > 1}
     if optimizer != "adamw":
         assert all(g["momentum"] == 0.9 for g in opt.param_groups)
+    assert opt.defaults.get("nesterov", False) == (optimizer == "sgd")  # as before: Nesterov SGD, plain LARS
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_optimizer(model, TrainConfig(optimizer="adagrad"))
 
