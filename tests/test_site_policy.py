@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from federation_harness import TINY_RUN
+from federation_harness import TINY_RUN, Consortium
 from fedrad.client.policy import (
     PolicyError,
     check_coordinator_ca,
@@ -409,3 +409,72 @@ def test_state_folder_rules(tmp_path):
     a, b = default_state_dir(tmp_path / "a"), default_state_dir(tmp_path / "b")
     assert a != b and a.parent == b.parent and a.parent.name == "fedrad"
     assert a == default_state_dir(tmp_path / "x" / ".." / "a")  # one folder, however the path is written
+
+
+# --- real processes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_consortium_of_sites_with_different_policies(tmp_path):
+    """Four real SuperNodes, one run asking for a CSV label column at 32 px without DP: the site whose policy
+    allows it trains; the others refuse (label field, image size, DP floor) naming the rule in their own audit,
+    and nothing of the rules or of a site's private column names reaches the coordinator's logs or metrics."""
+    import csv
+
+    from fedrad.deploy.synthetic import write_synthetic_sites
+    from fedrad.server.run_log import read_metrics
+
+    sites = write_synthetic_sites(tmp_path / "sites", n_sites=4, patients_per_site=5, images_per_patient=(1, 2),
+                                  size=48, seed=5)
+    private = tmp_path / "private-labels.csv"  # site b's own label file: a column the coordinator must never see
+    with open(sites[1] / "labels.csv", newline="") as src, open(private, "w", newline="") as dst:
+        rows = list(csv.DictReader(src))
+        w = csv.writer(dst)
+        w.writerow(["file", "hiv_status"])
+        w.writerows([r["file"], "positive" if i % 3 == 0 else "negative"] for i, r in enumerate(rows))
+    allow_finding = 'label_fields = ["view", "body_part", "sex", "age", "finding"]\n'
+    policies = {
+        "a": "[training]\n" + allow_finding,
+        "b": None,  # the built-in default: header fields only
+        "c": "[training]\nmax_image_size = 24\n" + allow_finding,
+        "d": "[training]\n" + allow_finding + '[privacy]\ndp_modes = ["sample"]\nmin_dp_noise = 1.0\n',
+    }
+    c = Consortium(tmp_path)
+    try:
+        c.start_link()
+        for (name, text), site in zip(policies.items(), sites, strict=True):
+            config: dict[str, object] = {}
+            if text is not None:
+                (tmp_path / f"{name}.toml").write_text(text)
+                config["policy"] = str(tmp_path / f"{name}.toml")
+            if name == "b":
+                config["labels"] = str(private)
+            c.start_node(name, site, config=config)
+        run_dir = tmp_path / "run"
+        code = c.run({"num-server-rounds": 1, "objective": "supcon", "label-fields": "view,finding",
+                      "run-dir": str(run_dir), "min-train-nodes": 1, "min-available-nodes": 4})
+    finally:
+        c.stop()
+    assert code == 0
+    (row,) = read_metrics(run_dir)
+    assert row["sites_aggregated"] == 1 and len(row["rejected"]) == 3
+    assert all(why.endswith(ERROR_TEXT[ErrorCode.POLICY_REFUSED]) or "4001" in why for why in row["rejected"].values())
+    expected = {"a": None, "b": "label_fields", "c": "max_image_size", "d": "dp_modes"}
+    for name, rule in expected.items():
+        audit = tmp_path / "audit" / name
+        if rule is None:
+            assert not (audit / "refusals.jsonl").exists()
+            assert (audit / "outgoing.jsonl").exists()  # it trained and replied
+            continue
+        refusals = [json.loads(line) for line in (audit / "refusals.jsonl").read_text().splitlines()]
+        assert {r["rule"] for r in refusals} == {rule}
+        assert {r["message_type"] for r in refusals} == {"train", "evaluate"}
+        assert all(r["reply"] == {"error_code": int(ErrorCode.POLICY_REFUSED)} for r in refusals)
+    # the coordinator's side: run directory and its logs (not the sites' node logs)
+    coordinator_files = [p for p in run_dir.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".log")]
+    coordinator_files += [tmp_path / "logs" / "flwr-run.log", tmp_path / "logs" / "superlink.log"]
+    text = "\n".join(p.read_text(errors="replace") for p in coordinator_files)
+    assert "refused by site policy" in text  # the fixed text did arrive ...
+    for secret in ("hiv_status", "label_fields", "max_image_size", "dp_modes", "this site", "private-labels",
+                   ".toml", str(tmp_path / "audit")):
+        assert secret not in text, secret  # ... and nothing else of the site's reasons did
