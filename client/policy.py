@@ -22,6 +22,10 @@ from fedrad.common.run_config import RunConfig
 
 DP_MODES = ("none", "client", "sample")
 HEADER_LABEL_FIELDS = ("view", "body_part", "sex", "age", "modality")  # derived from DICOM headers
+# The default policy's models: those fedrad knows to work (common.models.KNOWN_MODELS, kept equal by a test).
+# Not imported from there because that module imports torch, and this policy is read for every message,
+# SecAgg+'s key-exchange stages included, which otherwise never load torch.
+DEFAULT_MODELS = ("test_resnet", "resnet10t", "resnet18", "resnet50", "vit_tiny_patch16_224", "vit_small_patch16_224")
 # A plain timm architecture name (optionally with timm's ".tag"). Hub and path references such as
 # "hf-hub:org/name", "timm/name", "local-dir:/x" all hold ':' or '/' and make timm fetch or read files.
 _TIMM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -72,7 +76,6 @@ _LAYOUT: dict[str, tuple[str, ...]] = {
 
 def _default_text() -> str:
     from fedrad.common.losses import OBJECTIVES
-    from fedrad.common.models import KNOWN_MODELS
 
     def toml_list(items) -> str:
         return "[" + ", ".join(f'"{x}"' for x in items) + "]"
@@ -95,7 +98,7 @@ ca_sha256 = ""
 objectives = {toml_list(OBJECTIVES)}
 # Models: plain timm architecture names only. Hub or path references (hf-hub:..., timm/..., local-dir:...,
 # anything with '/' or ':') are never accepted: they would make this node download or read code and weights.
-models = {toml_list(KNOWN_MODELS)}
+models = {toml_list(DEFAULT_MODELS)}
 max_image_size = 512       # pixels per side
 max_batch_size = 128       # images per step
 max_local_steps = 1000     # steps per round
@@ -389,7 +392,7 @@ def cmd_policy_check(args) -> int:
     return 0
 
 
-__all__ = ["DP_MODES", "HEADER_LABEL_FIELDS", "PolicyError", "Refusal", "SitePolicy", "ca_fingerprint",
-           "check_coordinator_ca", "check_models_known", "check_run", "default_policy", "default_policy_text",
-           "cmd_policy_check", "cmd_policy_init", "epsilon_limit", "load_policy", "parse_policy",
-           "policy_for"]
+__all__ = ["DEFAULT_MODELS", "DP_MODES", "HEADER_LABEL_FIELDS", "PolicyError", "Refusal", "SitePolicy",
+           "ca_fingerprint", "check_coordinator_ca", "check_models_known", "check_run", "cmd_policy_check",
+           "cmd_policy_init", "default_policy", "default_policy_text", "epsilon_limit", "load_policy",
+           "parse_policy", "policy_for"]
