@@ -290,9 +290,12 @@ def check_run(policy: SitePolicy, cfg: RunConfig) -> Refusal | None:
                               ("max_local_steps", cfg.local_steps, policy.max_local_steps)):
         if asked > limit:
             return Refusal(key, f"run asks for {asked}, this site allows at most {limit}")
-    for name in cfg.label_field_list:
-        if name not in policy.label_fields:
-            return Refusal("label_fields", f"label field {name!r} is not in this site's label_fields")
+    from fedrad.common.losses import get_objective
+
+    if get_objective(cfg.objective).needs_labels:  # only SupCon trains on label fields
+        for name in cfg.label_field_list:
+            if name not in policy.label_fields:
+                return Refusal("label_fields", f"label field {name!r} is not in this site's label_fields")
     if policy.require_secagg and not cfg.secagg:
         return Refusal("require_secagg", "run has secagg = false; this site requires SecAgg+")
     if cfg.dp not in policy.dp_modes:

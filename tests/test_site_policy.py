@@ -100,7 +100,7 @@ def test_partial_file_keeps_defaults_and_fingerprint_accepts_colons():
 def test_every_rule_refuses_with_its_name():
     p = parse_policy("""
 [training]
-objectives = ["simclr", "simsiam"]
+objectives = ["simclr", "supcon", "simsiam"]
 models = ["test_resnet", "resnet18"]
 max_image_size = 64
 max_batch_size = 16
@@ -118,11 +118,12 @@ dp_delta = 1e-6
     cases = {
         "models": [{"model": "hf-hub:timm/resnet18.a1_in1k"}, {"model": "timm/resnet18"}, {"model": "local-dir:/m"},
                    {"model": "resnet18/../../etc"}, {"model": "a:b"}, {"model": "resnet50"}],
-        "objectives": [{"objective": "supcon"}],
+        "objectives": [{"objective": "micle"}],
         "max_image_size": [{"image-size": 65}],
         "max_batch_size": [{"batch-size": 17}],
         "max_local_steps": [{"local-steps": 21}],
-        "label_fields": [{"label-fields": "view,hiv_status"}, {"label-fields": "body_part"}],
+        "label_fields": [{"objective": "supcon", "label-fields": "view,hiv_status"},
+                         {"objective": "supcon", "label-fields": "body_part"}],
         "require_secagg": [{"secagg": False}],
         "dp_modes": [{"dp": "none"}],
         "min_dp_noise": [{"dp-noise": 0.5}],
@@ -132,6 +133,9 @@ dp_delta = 1e-6
         for change in variants:
             refusal = check_run(p, _cfg(**dict(ok, **change)))
             assert refusal is not None and refusal.rule == rule, (rule, change, refusal)
+    # label fields only matter to an objective that trains on them (SupCon)
+    assert check_run(p, _cfg(**dict(ok, objective="supcon"))) is None
+    assert check_run(p, _cfg(**dict(ok, **{"label-fields": "hiv_status"}))) is None  # simclr: never read
     # a hub model is refused even when the policy file lists nothing else: the name rule comes first
     assert check_run(default_policy(), _cfg(model="hf-hub:timm/resnet18")).rule == "models"
 
