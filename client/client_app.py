@@ -6,6 +6,7 @@ are imported inside the handlers (via `fedrad.client.task`).
 
 from __future__ import annotations
 
+from fedrad.client.policy_mod import site_policy_mod
 from fedrad.client.privacy_mods import privacy_mod
 from fedrad.client.wire_guard import wire_guard_mod
 from flwr.app import Context, Message
@@ -15,7 +16,7 @@ from flwr.clientapp import ClientApp
 # arrays of the model's own shapes plus numeric metrics, and can log every outgoing message for audit.
 # privacy_mod (outermost) runs Flower's SecAgg+ (and DP clipping) when the run-config asks for it and
 # refuses a mismatch between the run-config and what the coordinator sends.
-app = ClientApp(mods=[privacy_mod, wire_guard_mod])
+app = ClientApp(mods=[site_policy_mod, privacy_mod, wire_guard_mod])  # site policy first: refuses before all
 
 
 @app.train()

@@ -140,38 +140,55 @@ def projected_epsilon(dp: SampleDP, n_train: int, batch_size: int, steps: int) -
 
 
 # -- the site's ledger -----------------------------------------------------------------------------
+# One file per site (in the site's state folder, see client/site_state.py), one entry per run for reporting.
+# The site's ε is that of ALL runs' steps composed: a new run key adds an entry, it never starts from zero.
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        return {"format": 1, "runs": {}}
+        return {"format": 2, "runs": {}}
     try:
         data = json.loads(path.read_text())
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         # Refuse rather than start from zero: a lost ledger would under-report the privacy spent.
         raise ValueError(f"{path}: the site's DP ledger is unreadable ({exc}); restore it from backup or "
                          "move it away knowingly (its epsilon would restart at 0)") from exc
-    if not isinstance(data.get("runs"), dict):
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
         raise ValueError(f"{path}: not a fedrad DP ledger (no 'runs' table)")
     return data
 
 
+def _history(entry: dict) -> list[tuple[float, float, int]]:
+    return [(float(s), float(q), int(n)) for s, q, n in (entry or {}).get("history", [])]
+
+
 def ledger_history(path: str | os.PathLike, run_key: str) -> list[tuple[float, float, int]]:
     """The accounting history this site has spent on `run_key` so far (empty for a new run)."""
-    entry = _read(Path(path))["runs"].get(run_key) or {}
-    return [(float(s), float(q), int(n)) for s, q, n in entry.get("history", [])]
+    return _history(_read(Path(path))["runs"].get(run_key) or {})
+
+
+def site_history(path: str | os.PathLike, except_run: str | None = None) -> list[tuple[float, float, int]]:
+    """Every run's history in the site's ledger, concatenated (RDP composes across runs on the same images);
+    `except_run` leaves one run out (the caller adds that run's up-to-date history itself)."""
+    runs = _read(Path(path))["runs"]
+    return [h for key in sorted(runs) if key != except_run for h in _history(runs[key])]
 
 
 def ledger_record(path: str | os.PathLike, run_key: str, history: list[tuple[float, float, int]],
                   delta: float, server_round: int) -> float:
-    """Store the run's history (atomically, before the weights leave the site); return its ε."""
+    """Store the run's history (atomically, before the weights leave the site); return the run's ε.
+    The file also keeps the site's ε over all runs at `delta` (`site_epsilon`)."""
     path = Path(path)
     data = _read(path)
     eps = epsilon_of(history, delta)
     data["runs"][run_key] = {"history": [list(h) for h in history], "delta": delta, "epsilon": eps,
                              "steps": int(sum(h[2] for h in history)), "last_round": int(server_round),
                              "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    data["format"] = 2
+    data["site_epsilon"] = epsilon_of([h for key in sorted(data["runs"]) for h in _history(data["runs"][key])],
+                                      delta)
+    data["site_delta"] = delta
     atomic_write_json(path, data)
     return eps
 
 
 __all__ = ["LEDGER_FILE", "DPTraining", "SampleDP", "check_model", "epsilon_of", "ledger_history",
-           "ledger_record", "projected_epsilon", "sample_rate"]
+           "ledger_record", "projected_epsilon", "sample_rate", "site_history"]

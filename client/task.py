@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from fedrad.common.run_config import RunConfig
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 log = logging.getLogger("fedrad.client")
 
@@ -22,37 +22,59 @@ def _node_setting(context: Context, key: str, default: str = "") -> str:
 
 def load_site_for(context: Context, cfg: RunConfig):
     """The SiteData of this node, decoded once into the site-local cache and reused across rounds."""
+    import inspect
+
     from fedrad.client.site_data import load_site
+    from fedrad.client.site_state import state_paths
 
     data_dir = _node_setting(context, "data-dir")
     if not data_dir:
         raise ValueError("node-config 'data-dir' is not set: start the node with `fedrad node --data DIR`")
     cache_dir = _node_setting(context, "cache-dir") or None
     labels = _node_setting(context, "labels") or None
-    kwargs = {"labels_csv": labels} if labels else {}
+    kwargs: dict = {"labels_csv": labels} if labels else {}
+    if "state_dir" in inspect.signature(load_site).parameters:  # the salt lives in the state folder, not the cache
+        kwargs["state_dir"] = state_paths(context.node_config).root
     return load_site(Path(data_dir), cfg.image_size, cache_dir=cache_dir, progress=False, **kwargs)
 
 
 def dp_ledger_path(context: Context) -> Path:
-    """The site's sample-DP ledger: beside the decoded-image cache, outliving ClientApp processes and runs."""
-    from fedrad.client.sample_dp import LEDGER_FILE
-    from fedrad.client.site_data import default_cache_dir
+    """The site's sample-DP ledger: in the site's state folder (node-config `state-dir`), never in the
+    disposable cache, so clearing the cache never resets ε."""
+    from fedrad.client.site_state import state_paths
 
-    cache_dir = _node_setting(context, "cache-dir")
-    return Path(cache_dir or default_cache_dir(Path(_node_setting(context, "data-dir")))) / LEDGER_FILE
+    return state_paths(context.node_config).ledger
 
 
-def _sample_dp_for(msg: Message, context: Context, cfg: RunConfig, n_train: int):
-    """(SampleDP with this run's history so far, run key, ledger path, ε after this round's steps); the
-    caller refuses the round when that ε would pass `dp-epsilon-budget` (the site enforces it itself)."""
-    from fedrad.client.sample_dp import SampleDP, ledger_history, projected_epsilon
+def _sample_dp_for(msg: Message, context: Context, cfg: RunConfig, n_train: int, server_round: int):
+    """(SampleDP continuing this run's history, run key, SiteState, Refusal or None).
+
+    The budget is the stricter of the site policy's `epsilon_budget` and the run's `dp-epsilon-budget`,
+    applied to the site's ε over ALL runs in its ledger: a fresh run key from the coordinator adds a run,
+    it never resets ε. When the round fits, its steps are written to the ledger before training starts
+    (a crash over-counts, never under-counts; concurrent runs cannot both spend the last of the budget).
+    """
+    from fedrad.client.policy import Refusal, epsilon_limit, policy_for
+    from fedrad.client.sample_dp import SampleDP, epsilon_of, ledger_history, ledger_record, sample_rate, site_history
+    from fedrad.client.site_state import locked, open_state, state_paths
 
     config = msg.content["config"] if "config" in msg.content else {}
     run_key = str(config.get("run-key", "") or f"flwr-run-{context.run_id}")
-    path = dp_ledger_path(context)
-    dp = SampleDP(cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, ledger_history(path, run_key))
-    eps_after = projected_epsilon(dp, n_train, cfg.batch_size, cfg.local_steps)
-    return dp, run_key, path, eps_after
+    state = state_paths(context.node_config)
+    limit = epsilon_limit(policy_for(dict(context.node_config)), cfg)
+    with locked(state):
+        run_history = ledger_history(state.ledger, run_key)
+        dp = SampleDP(cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, run_history)
+        planned = [*run_history, (cfg.dp_noise, sample_rate(cfg.batch_size, n_train), int(cfg.local_steps))]
+        site_eps = epsilon_of(site_history(state.ledger, except_run=run_key) + planned, cfg.dp_delta)
+        if limit > 0 and site_eps > limit:
+            return dp, run_key, state, Refusal(
+                "epsilon_budget", f"this round's {cfg.local_steps} steps would take this site's image-level epsilon "
+                f"over all runs to {site_eps:.4f} > budget {limit:g} (delta {cfg.dp_delta:g}; the stricter of the "
+                f"site policy's and the run's); not training")
+        ledger_record(state.ledger, run_key, planned, cfg.dp_delta, server_round)
+    open_state(state)  # marks the ledger as held: losing it later refuses training instead of restarting at 0
+    return dp, run_key, state, None
 
 
 def train_config_for(cfg: RunConfig, device: str, server_round: int, node_seed: int):
@@ -129,16 +151,18 @@ def handle_train(msg: Message, context: Context) -> Message:
     tcfg = train_config_for(cfg, device, server_round, context.node_id % 100_000)
     dp = None
     if cfg.dp == "sample":
+        from fedrad.client.policy_mod import refuse
+        from fedrad.client.site_state import state_paths
         from fedrad.client.trainer import split_indices
+        from fedrad.common.protocol import ErrorCode
 
         n_train = len(split_indices(data, tcfg.holdout)[0])
-        dp, run_key, ledger, eps_after = _sample_dp_for(msg, context, cfg, n_train)
-        if cfg.dp_epsilon_budget > 0 and eps_after > cfg.dp_epsilon_budget:
-            why = (f"fedrad privacy: dp epsilon budget: this round's {cfg.local_steps} steps would take this "
-                   f"site's image-level epsilon to {eps_after:.4f} > dp-epsilon-budget {cfg.dp_epsilon_budget:g} "
-                   f"(delta {cfg.dp_delta:g}); not training")
-            log.warning(why)
-            return Message(Error(code=429, reason=why), reply_to=msg)
+        try:
+            dp, run_key, state, refusal = _sample_dp_for(msg, context, cfg, n_train, server_round)
+        except ValueError as exc:  # an unreadable ledger or state: refuse, never restart ε at 0
+            return refuse(msg, state_paths(context.node_config), "dp_ledger", str(exc), ErrorCode.PRIVACY_BUDGET)
+        if refusal is not None:
+            return refuse(msg, state, refusal.rule, refusal.detail, ErrorCode.PRIVACY_BUDGET)
     result = train_local(model, data, tcfg, progress=False, proximal=proximal, dp=dp)
     model.to("cpu")
     seconds = time.perf_counter() - t0
@@ -157,14 +181,16 @@ def handle_train(msg: Message, context: Context) -> Message:
         metrics["dp-weight"] = 1.0  # equal weights: the DP noise is calibrated to an unweighted mean
     if dp is not None:
         from fedrad.client.sample_dp import ledger_record, projected_epsilon
+        from fedrad.client.site_state import locked
 
         # Recorded before the weights leave: a crash after this over-counts, never under-counts.
-        eps = ledger_record(ledger, run_key, result.dp_history, cfg.dp_delta, server_round)
+        with locked(state):
+            eps = ledger_record(state.ledger, run_key, result.dp_history, cfg.dp_delta, server_round)
         dp.history = result.dp_history
         metrics["dp_epsilon"] = float(eps)
         metrics["dp_epsilon_next"] = float(projected_epsilon(dp, n_train, cfg.batch_size, cfg.local_steps))
         log.info("round %s: DP-SGD at this site, image-level epsilon %.4f at delta %g (ledger %s)", server_round,
-                 eps, cfg.dp_delta, ledger)
+                 eps, cfg.dp_delta, state.ledger)
     content = RecordDict({"arrays": _reply_arrays(model, msg.content["arrays"], cfg), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 

@@ -84,7 +84,12 @@ def _add_federation(sub) -> None:
     p.add_argument("--site-name", default=None, help="name of this site's key in the certs folder")
     p.add_argument("--no-scan", action="store_true", help="skip the inventory scan before joining")
     p.add_argument("--audit-dir", default=None,
-                   help="log a description of every outgoing message (names, shapes, numbers) here")
+                   help="log a description of every outgoing message (names, shapes, numbers) here "
+                        "(default <state-dir>/audit)")
+    p.add_argument("--policy", default=None, help="this site's policy file (`fedrad policy init`); default: the "
+                   "built-in default policy")
+    p.add_argument("--state-dir", default=None, help="the site's salt, DP ledger and audit, kept apart from the "
+                   "cache (default $XDG_STATE_HOME/fedrad/<hash of --data>, i.e. ~/.local/state/fedrad/...)")
     p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_node"))
 
     p = sub.add_parser("run", help="submit a pretraining run to the coordinator and follow it")
@@ -103,6 +108,19 @@ def _add_federation(sub) -> None:
     p.add_argument("--secure", action="store_true", help="TLS + SuperNode authentication on loopback")
     p.add_argument("--config", "-c", action="append", default=[], help="extra run-config KEY=VALUE")
     p.set_defaults(func=_lazy("fedrad.deploy.demo:cmd_demo"))
+
+
+def _add_policy(sub) -> None:
+    p = sub.add_parser("policy", help="the site's policy: what this node agrees to run, whatever the coordinator asks")
+    ps = p.add_subparsers(dest="policy_cmd", required=True)
+    i = ps.add_parser("init", help="write the commented default policy file")
+    i.add_argument("path", nargs="?", default=None, help="where (default fedrad-site-policy.toml)")
+    i.add_argument("--force", action="store_true", help="replace an existing file")
+    i.set_defaults(func=_lazy("fedrad.client.policy:cmd_policy_init"))
+    c = ps.add_parser("check", help="validate a policy file (errors name the line; exit 2)")
+    c.add_argument("path")
+    c.add_argument("--ca", default=None, help="also check this CA certificate against coordinator.ca_sha256")
+    c.set_defaults(func=_lazy("fedrad.client.policy:cmd_policy_check"))
 
 
 def _add_release(sub) -> None:
@@ -192,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scan(sub)
     _add_pretrain(sub)
     _add_federation(sub)
+    _add_policy(sub)
     _add_release(sub)
     _add_security(sub)
     return parser

@@ -336,9 +336,17 @@ def cmd_node(args) -> int:
         usable = report.get("usable", report.get("images_usable", "?"))
         print(f"fedrad node: {usable} usable images. Only model weights and aggregate numbers will leave "
               f"this machine; images and headers stay here.", flush=True)
+    from fedrad.client.policy import check_coordinator_ca, default_policy, load_policy
+    from fedrad.client.site_state import node_state_config
+
+    policy = load_policy(args.policy) if args.policy else default_policy()  # bad file: one line, exit 2
     node_config = {"data-dir": str(data), "cache-dir": args.cache, "device": args.device,
-                   "labels": args.labels, "audit-dir": getattr(args, "audit_dir", None)}
+                   "labels": args.labels, "policy": str(Path(args.policy).resolve()) if args.policy else None,
+                   **node_state_config(args.state_dir, data, args.cache, getattr(args, "audit_dir", None))}
     tls = _tls_from(args.certs, args.site_name)
+    check_coordinator_ca(policy, tls.ca_cert if tls else None)
+    print(f"fedrad node: site policy {policy.source}; state (salt, DP ledger) in {node_config['state-dir']}; "
+          f"audit in {node_config['audit-dir']}", flush=True)
     cmd = supernode_command(args.superlink, args.port, node_config, tls)
     print(f"fedrad node: joining the coordinator at {args.superlink} (ClientApp port {args.port}). "
           "Ctrl-C leaves.", flush=True)

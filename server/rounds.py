@@ -13,6 +13,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 from fedrad.common.atomic import atomic_write_json
+from fedrad.common.protocol import ErrorCode
 from fedrad.common.run_config import RunConfig
 from fedrad.server.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fedrad.server.privacy import PrivacyLedger, check_privacy_config, privacy_summary, wrap_dp_strategy
@@ -156,7 +157,7 @@ def _sample_dp_stop(cfg: RunConfig, run_dir: Path, rnd: int) -> str | None:
 def _budget_refusals(replies: list[Message]) -> bool:
     """Every error is a site refusing because its own DP budget would be exceeded."""
     errors = [m for m in replies if m.has_error()]
-    return bool(errors) and all("dp epsilon budget" in (m.error.reason or "") for m in errors)
+    return bool(errors) and all(m.error.code == ErrorCode.PRIVACY_BUDGET for m in errors)
 
 
 def _round_loop(grid, cfg, run_dir, strategy, train_strategy, secagg, ledger, arrays, array_order,

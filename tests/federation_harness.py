@@ -54,9 +54,10 @@ class Consortium:
         wait_for_port("127.0.0.1", self.port, 60, self.link)
 
     def start_node(self, name: str, site: Path, env: dict[str, str] | None = None,
-                   tls: TlsFiles | None = None) -> subprocess.Popen:
+                   tls: TlsFiles | None = None, config: dict[str, object] | None = None) -> subprocess.Popen:
         cfg = {"data-dir": str(site), "cache-dir": str(self.workdir / "cache" / name), "device": "cpu",
-               "audit-dir": str(self.workdir / "audit" / name)}
+               "audit-dir": str(self.workdir / "audit" / name), "state-dir": str(self.workdir / "state" / name),
+               **(config or {})}  # e.g. "policy": a site policy file
         proc = self.group.start(f"node-{name}", supernode_command(self.address, free_port(), cfg, tls),
                                 self.workdir / "logs" / f"node-{name}.log", env=flower_env(env))
         self.nodes[name] = proc

@@ -224,7 +224,7 @@ def test_sample_dp_run_ledgers_budget_and_release(consortium3, tmp_path):
     # every site kept its own ledger, keyed by the run (not Flower's per-submission run id)
     run_key = json.loads((run_dir / "run.json").read_text())["run_key"]
     for i in range(3):
-        ledger = json.loads((root / "cache" / f"s{i}" / "dp_sample_ledger.json").read_text())
+        ledger = json.loads((root / "state" / f"s{i}" / "dp_sample_ledger.json").read_text())
         entry = ledger["runs"][run_key]
         assert entry["steps"] == 6 and entry["last_round"] == 2
         assert entry["epsilon"] == pytest.approx(epsilon_of([tuple(h) for h in entry["history"]], 1e-5))

@@ -1,0 +1,401 @@
+"""The site's policy: what this hospital's node agrees to run, whatever the coordinator's run-config says.
+
+The run-config comes from the coordinator, who may be compromised. The policy is a TOML file the hospital
+owns (`fedrad node --policy FILE`, written by `fedrad policy init`); the node reads it for every message, and
+`policy_mod.site_policy_mod` refuses a run that breaks it before any image is loaded. `check_run` returns the
+first rule broken as a `Refusal(rule, detail)`: both stay at the site (log and audit), the coordinator gets
+only a fixed error code. Without a file the node uses `DEFAULT_POLICY_TOML` (the file `policy init` writes).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fedrad.common.run_config import RunConfig
+
+DP_MODES = ("none", "client", "sample")
+HEADER_LABEL_FIELDS = ("view", "body_part", "sex", "age", "modality")  # derived from DICOM headers
+# The default policy's models: those fedrad knows to work (common.models.KNOWN_MODELS, kept equal by a test).
+# Not imported from there because that module imports torch, and this policy is read for every message,
+# SecAgg+'s key-exchange stages included, which otherwise never load torch.
+DEFAULT_MODELS = ("test_resnet", "resnet10t", "resnet18", "resnet50", "vit_tiny_patch16_224", "vit_small_patch16_224")
+# A plain timm architecture name (optionally with timm's ".tag"). Hub and path references such as
+# "hf-hub:org/name", "timm/name", "local-dir:/x" all hold ':' or '/' and make timm fetch or read files.
+_TIMM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class PolicyError(ValueError):
+    """The policy file is unreadable or breaks its own rules; the message starts with `FILE:LINE:`."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why this site will not handle a message: the policy rule (its key) and a detail for the site's staff.
+    Neither is ever sent to the coordinator."""
+
+    rule: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """The parsed policy; field names are the TOML keys (tables: coordinator, training, privacy)."""
+
+    ca_sha256: str = ""
+    objectives: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    max_image_size: int = 0
+    max_batch_size: int = 0
+    max_local_steps: int = 0
+    max_rounds_per_day: int = 0
+    label_fields: tuple[str, ...] = ()
+    require_secagg: bool = False
+    dp_modes: tuple[str, ...] = ()
+    min_dp_noise: float = 0.0
+    dp_delta: float = 0.0
+    epsilon_budget: float = 0.0
+    source: str = "built-in default"
+
+
+# table -> keys it may hold
+_LAYOUT: dict[str, tuple[str, ...]] = {
+    "coordinator": ("ca_sha256",),
+    "training": ("objectives", "models", "max_image_size", "max_batch_size", "max_local_steps",
+                 "max_rounds_per_day", "label_fields"),
+    "privacy": ("require_secagg", "dp_modes", "min_dp_noise", "dp_delta", "epsilon_budget"),
+}
+
+
+def _default_text() -> str:
+    from fedrad.common.losses import OBJECTIVES
+
+    def toml_list(items) -> str:
+        return "[" + ", ".join(f'"{x}"' for x in items) + "]"
+
+    return f"""\
+# fedrad site policy: what this hospital's node agrees to run. The node reads this file for every message
+# from the coordinator; the coordinator can neither see nor change it. A run that breaks a rule is refused
+# before any image is loaded: the rule is written to this site's audit folder (refusals.jsonl) and the
+# coordinator receives only a fixed error code. Check an edited copy with `fedrad policy check FILE` and use
+# it with `fedrad node --policy FILE`. A key left out takes the value shown here.
+
+[coordinator]
+# SHA-256 fingerprint of the consortium CA certificate this node may talk to, e.g. from
+# `openssl x509 -in ca.pem -noout -fingerprint -sha256` (colons optional). When set, `fedrad node` refuses
+# to start unless --certs holds exactly this CA. Empty: any CA given with --certs.
+ca_sha256 = ""
+
+[training]
+# Pretraining objectives this site runs.
+objectives = {toml_list(OBJECTIVES)}
+# Models: plain timm architecture names only. Hub or path references (hf-hub:..., timm/..., local-dir:...,
+# anything with '/' or ':') are never accepted: they would make this node download or read code and weights.
+models = {toml_list(DEFAULT_MODELS)}
+max_image_size = 512       # pixels per side
+max_batch_size = 128       # images per step
+max_local_steps = 1000     # steps per round
+max_rounds_per_day = 500   # training rounds accepted in any 24 hours, all runs together (0: no limit)
+# Label fields a run may train on (SupCon). The default is the fields derived from DICOM headers. A column of
+# your labels CSV (e.g. "finding") is used only if you add it here: the coordinator cannot pick one.
+label_fields = {toml_list(HEADER_LABEL_FIELDS)}
+
+[privacy]
+require_secagg = false     # true: refuse runs without SecAgg+ (the coordinator then sees only the sum)
+# DP modes accepted: "none", "client" (site-level; the coordinator adds the noise, so it is the coordinator's
+# promise), "sample" (DP-SGD here, accounted here). Remove "none" to require DP.
+dp_modes = {toml_list(DP_MODES)}
+min_dp_noise = 0.0         # lowest noise multiplier accepted when dp is "client" or "sample"
+dp_delta = 1e-05           # loosest dp-delta accepted; also the delta of this site's own epsilon
+# This site's image-level epsilon budget for dp = "sample" across ALL runs: the ledger in the node's state
+# folder adds up every run's steps, so a new run does not start again from 0. 0: no site-wide limit
+# (a run's own dp-epsilon-budget is still applied to the site's total).
+epsilon_budget = 20.0
+"""
+
+
+def default_policy_text() -> str:
+    """The commented default policy file (`fedrad policy init` writes exactly this)."""
+    return _default_text()
+
+
+def _line_of(text: str, table: str | None, key: str | None) -> int:
+    """1-based line of `key` in `[table]` (or of the table header); 0 when not found (a default value)."""
+    current = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        header = re.match(r"^\[\s*([A-Za-z0-9_.-]+)\s*\]", stripped)
+        if header:
+            current = header.group(1)
+            if key is None and current == table:
+                return number
+            continue
+        if key is not None and current == table and re.match(rf"^{re.escape(key)}\s*=", stripped):
+            return number
+    return 0
+
+
+def _fail(source: str, text: str, table: str | None, key: str | None, message: str) -> PolicyError:
+    line = _line_of(text, table, key) if text else 0
+    return PolicyError(f"{source}:{line}: {message}" if line else f"{source}: {message}")
+
+
+def _plain_model_name(name: str) -> bool:
+    return bool(_TIMM_NAME.match(name))
+
+
+def _norm_fingerprint(value: str) -> str:
+    return value.replace(":", "").replace(" ", "").strip().lower()
+
+
+def _coerce(source: str, text: str, table: str, key: str, value: Any, kind: Any) -> Any:
+    where = f"{table}.{key}"
+
+    def bad(what: str) -> PolicyError:
+        return _fail(source, text, table, key, f"{where} must be {what}, got {value!r}")
+
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad("a whole number >= 0")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (value >= 0) or value == float("inf"):
+            raise bad("a finite number >= 0")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    # tuple of strings
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise bad("a list of non-empty strings")
+    return tuple(v.strip() for v in value)
+
+
+def parse_policy(text: str, source: str = "<policy>") -> SitePolicy:
+    """Parse and validate policy TOML; missing keys take the default. PolicyError names FILE:LINE and key."""
+    return _parse(text, source, default_policy())
+
+
+def _parse(text: str, source: str, base: SitePolicy | None) -> SitePolicy:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        m = re.search(r"\(at line (\d+), column \d+\)", msg)
+        line = int(m.group(1)) if m else max(1, len(text.splitlines()))
+        raise PolicyError(f"{source}:{line}: not valid TOML: {re.sub(r' [(]at .*[)]$', '', msg)}") from None
+    kinds = {f.name: f.type for f in fields(SitePolicy)}
+    kind_of = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple}
+    values: dict[str, Any] = {}
+    for table, body in data.items():
+        if table not in _LAYOUT:
+            raise _fail(source, text, table, None, f"unknown table [{table}] (known: {', '.join(_LAYOUT)})")
+        if not isinstance(body, dict):
+            raise _fail(source, text, None, table, f"'{table}' must be a table [{table}]")
+        for key, value in body.items():
+            if key not in _LAYOUT[table]:
+                raise _fail(source, text, table, key,
+                            f"unknown key {table}.{key} (known: {', '.join(_LAYOUT[table])})")
+            values[key] = _coerce(source, text, table, key, value, kind_of[str(kinds[key])])
+    merged = {f.name: getattr(base, f.name) for f in fields(SitePolicy)} if base else {}
+    merged.update(values)
+    merged["source"] = source
+    policy = SitePolicy(**merged)
+    _validate(policy, text, source)
+    return policy
+
+
+def _validate(p: SitePolicy, text: str, source: str) -> None:
+    from fedrad.common.losses import OBJECTIVES
+
+    def fail(table: str, key: str, message: str) -> PolicyError:
+        return _fail(source, text, table, key, message)
+
+    if p.ca_sha256 and not _HEX64.match(_norm_fingerprint(p.ca_sha256)):
+        raise fail("coordinator", "ca_sha256", "coordinator.ca_sha256 must be a SHA-256 fingerprint "
+                   "(64 hex digits, colons allowed) or empty")
+    if not p.objectives:
+        raise fail("training", "objectives", "training.objectives is empty: every run would be refused")
+    for name in p.objectives:
+        if name not in OBJECTIVES:
+            raise fail("training", "objectives", f"unknown objective '{name}' (choose from {', '.join(OBJECTIVES)})")
+    if not p.models:
+        raise fail("training", "models", "training.models is empty: every run would be refused")
+    for name in p.models:
+        if not _plain_model_name(name):
+            raise fail("training", "models", f"model '{name}' is not a plain timm name: hub or path references "
+                       "(hf-hub:, timm/, local-dir:, anything with '/' or ':') are never allowed")
+    for key in ("max_image_size", "max_batch_size", "max_local_steps"):
+        if getattr(p, key) < 1:
+            raise fail("training", key, f"training.{key} must be at least 1")
+    for name in p.label_fields:
+        if "," in name:
+            raise fail("training", "label_fields", f"label field '{name}' may not contain a comma")
+    if not p.dp_modes:
+        raise fail("privacy", "dp_modes", "privacy.dp_modes is empty: every run would be refused")
+    for mode in p.dp_modes:
+        if mode not in DP_MODES:
+            raise fail("privacy", "dp_modes", f"unknown dp mode '{mode}' (choose from {', '.join(DP_MODES)})")
+    if not 0 < p.dp_delta < 1:
+        raise fail("privacy", "dp_delta", "privacy.dp_delta must be between 0 and 1 (e.g. 1e-5)")
+
+
+@functools.cache
+def default_policy() -> SitePolicy:
+    """The policy a node uses without `--policy` (parsed from the very text `fedrad policy init` writes)."""
+    return _parse(_default_text(), "built-in default", None)
+
+
+def load_policy(path: str | os.PathLike[str]) -> SitePolicy:
+    """Read and validate a policy file; PolicyError (a ValueError) names the file, line and key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolicyError(f"{path}: policy file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"{path}: policy file unreadable ({exc})") from None
+    return parse_policy(text, str(path))
+
+
+def policy_for(node_config: dict[str, Any]) -> SitePolicy:
+    """The node's policy: node-config `policy` (a file that must load; never silently the default) or the
+    built-in default when no policy is configured."""
+    path = str(node_config.get("policy") or "")
+    return load_policy(path) if path else default_policy()
+
+
+def check_run(policy: SitePolicy, cfg: RunConfig) -> Refusal | None:
+    """The first policy rule `cfg` breaks, or None. Checked before any data is read or model is built."""
+    if not _plain_model_name(cfg.model):
+        return Refusal("models", f"model {cfg.model!r} is a hub or path reference, never allowed")
+    if cfg.model not in policy.models:
+        return Refusal("models", f"model {cfg.model!r} is not in this site's models")
+    if cfg.objective not in policy.objectives:
+        return Refusal("objectives", f"objective {cfg.objective!r} is not in this site's objectives")
+    for key, asked, limit in (("max_image_size", cfg.image_size, policy.max_image_size),
+                              ("max_batch_size", cfg.batch_size, policy.max_batch_size),
+                              ("max_local_steps", cfg.local_steps, policy.max_local_steps)):
+        if asked > limit:
+            return Refusal(key, f"run asks for {asked}, this site allows at most {limit}")
+    from fedrad.common.losses import get_objective
+
+    if get_objective(cfg.objective).needs_labels:  # only SupCon trains on label fields
+        for name in cfg.label_field_list:
+            if name not in policy.label_fields:
+                return Refusal("label_fields", f"label field {name!r} is not in this site's label_fields")
+    if policy.require_secagg and not cfg.secagg:
+        return Refusal("require_secagg", "run has secagg = false; this site requires SecAgg+")
+    if cfg.dp not in policy.dp_modes:
+        return Refusal("dp_modes", f"run has dp = {cfg.dp!r}; this site accepts {list(policy.dp_modes)}")
+    if cfg.dp != "none":
+        if cfg.dp_noise < policy.min_dp_noise:
+            return Refusal("min_dp_noise", f"run has dp-noise {cfg.dp_noise:g} < this site's {policy.min_dp_noise:g}")
+        if cfg.dp_delta > policy.dp_delta:
+            return Refusal("dp_delta", f"run has dp-delta {cfg.dp_delta:g} > this site's {policy.dp_delta:g}")
+    return None
+
+
+def epsilon_limit(policy: SitePolicy, cfg: RunConfig) -> float:
+    """The stricter of the site's and the run's ε budgets (0: neither sets one); applied to the site's ε
+    across all runs."""
+    budgets = [b for b in (policy.epsilon_budget, cfg.dp_epsilon_budget) if b > 0]
+    return min(budgets) if budgets else 0.0
+
+
+def ca_fingerprint(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a PEM certificate's DER bytes (hex, lower case): what `openssl x509 -fingerprint -sha256`
+    prints, without colons."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    path = Path(path)
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except OSError as exc:
+        raise PolicyError(f"{path}: CA certificate unreadable ({exc.strerror})") from None
+    except ValueError:
+        raise PolicyError(f"{path}: not a PEM certificate") from None
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def check_coordinator_ca(policy: SitePolicy, ca_cert: str | os.PathLike[str] | None) -> None:
+    """At node start: with `ca_sha256` set, the CA the node is given must be exactly that one."""
+    if not policy.ca_sha256:
+        return
+    if ca_cert is None:
+        raise PolicyError(f"{policy.source}: coordinator.ca_sha256 is set, so this node talks only to that "
+                          "consortium CA: start it with --certs")
+    found = ca_fingerprint(ca_cert)
+    if found != _norm_fingerprint(policy.ca_sha256):
+        raise PolicyError(f"{ca_cert}: CA fingerprint {found} is not the one this site's policy "
+                          f"({policy.source}) allows; refusing to join")
+
+
+def check_models_known(policy: SitePolicy, text: str, source: str) -> None:
+    """`fedrad policy check`: every listed model is an architecture this timm knows (imports timm)."""
+    import timm
+
+    for name in policy.models:
+        if not timm.is_model(name.split(".")[0]):
+            raise _fail(source, text, "training", "models", f"model '{name}' is not a timm architecture")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a policy file (logged at node start so the audit says which policy was in force)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# -- CLI: fedrad policy init / check ----------------------------------------------------------------
+DEFAULT_POLICY_FILE = "fedrad-site-policy.toml"
+
+
+def cmd_policy_init(args) -> int:
+    """`fedrad policy init [PATH]`: write the commented default policy (never over an existing file)."""
+    from fedrad.common.atomic import atomic_write_bytes
+
+    path = Path(args.path or DEFAULT_POLICY_FILE)
+    if path.exists() and not args.force:
+        raise PolicyError(f"{path}: already exists (use --force to replace it)")
+    atomic_write_bytes(path, default_policy_text().encode("utf-8"))
+    print(f"fedrad policy: wrote {path}. Edit it, check it with `fedrad policy check {path}`, and start the "
+          f"node with `fedrad node --policy {path} ...`.")
+    return 0
+
+
+def cmd_policy_check(args) -> int:
+    """`fedrad policy check FILE [--ca CA.pem]`: validate (line-numbered errors, exit 2) and summarise."""
+    path = Path(args.path)
+    policy = load_policy(path)
+    check_models_known(policy, path.read_text(encoding="utf-8"), str(path))
+    if args.ca:
+        check_coordinator_ca(policy, args.ca)
+    dp_floor = "DP optional" if "none" in policy.dp_modes else f"dp in {list(policy.dp_modes)}"
+    print(f"{path}: OK (sha256 {file_sha256(path)[:16]})\n"
+          f"  objectives {', '.join(policy.objectives)}; models {', '.join(policy.models)}\n"
+          f"  at most: image {policy.max_image_size} px, batch {policy.max_batch_size}, "
+          f"{policy.max_local_steps} local steps, {policy.max_rounds_per_day or 'unlimited'} rounds/day\n"
+          f"  label fields {', '.join(policy.label_fields) or '(none)'}\n"
+          f"  privacy floor: secagg {'required' if policy.require_secagg else 'optional'}, {dp_floor}, "
+          f"dp-noise >= {policy.min_dp_noise:g}, dp-delta <= {policy.dp_delta:g}; site epsilon budget "
+          f"{policy.epsilon_budget:g} over all runs{' (none)' if not policy.epsilon_budget else ''}\n"
+          f"  coordinator CA: {policy.ca_sha256 or 'any given with --certs'}")
+    return 0
+
+
+__all__ = ["DEFAULT_MODELS", "DP_MODES", "HEADER_LABEL_FIELDS", "PolicyError", "Refusal", "SitePolicy",
+           "ca_fingerprint", "check_coordinator_ca", "check_models_known", "check_run", "cmd_policy_check",
+           "cmd_policy_init", "default_policy", "default_policy_text", "epsilon_limit", "load_policy",
+           "parse_policy", "policy_for"]

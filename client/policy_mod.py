@@ -1,0 +1,100 @@
+"""The outermost Flower mod at a site: the site's policy and state are checked before anything else runs.
+
+For every message (train, evaluate, any SecAgg+ stage) the coordinator's run-config is held against the
+site's policy (`client/policy.py`) and the site's state folder is checked (`client/site_state.py`) before
+any image is loaded, any model is built or any SecAgg+ key is made. A refusal is logged and written to
+`<audit>/refusals.jsonl` with the rule; the reply carries only a code from `fedrad.common.protocol` and its
+fixed text, so neither the rule nor anything about the site's data reaches the coordinator.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context, Error, Message
+from flwr.app.message_type import MessageType
+
+log = logging.getLogger("fedrad.client.policy")
+
+_SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
+_SECAGG_TRAIN_STAGE = "collect_masked_vectors"  # the SecAgg+ stage in which the site trains
+
+
+def refusal_reply(msg: Message, code) -> Message:
+    """An error reply holding only `code` and its fixed text (fedrad.common.protocol)."""
+    from fedrad.common.protocol import ERROR_TEXT
+
+    return Message(Error(code=int(code), reason=ERROR_TEXT[code]), reply_to=msg)
+
+
+def refuse(msg: Message, state, rule: str, detail: str, code) -> Message:
+    """Log and audit a refusal at the site (rule and detail), then reply with the code alone."""
+    from fedrad.client.site_state import record_refusal
+
+    log.warning("fedrad site policy: refused %s message of run %s: rule %s: %s", msg.metadata.message_type,
+                msg.metadata.run_id, rule, detail)
+    if state is not None:
+        try:
+            record_refusal(state, rule, detail, int(code), str(msg.metadata.message_type), int(msg.metadata.run_id))
+        except OSError as exc:  # the refusal stands even if the audit folder is not writable
+            log.error("fedrad site policy: cannot write the refusal audit %s: %s", state.refusals, exc)
+    return refusal_reply(msg, code)
+
+
+def _trains(msg: Message) -> bool:
+    """True for the one message per round in which this site trains (plain, or SecAgg+'s masking stage)."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return False
+    if _SECAGG_RECORD not in msg.content.config_records:
+        return True
+    return str(msg.content.config_records[_SECAGG_RECORD].get("stage", "")) == _SECAGG_TRAIN_STAGE
+
+
+def _cache_dir(node_config) -> str | None:
+    cache = str(node_config.get("cache-dir") or "")
+    if cache:
+        return cache
+    data = str(node_config.get("data-dir") or "")
+    if not data:
+        return None
+    from fedrad.client.site_data import default_cache_dir
+
+    return str(default_cache_dir(data))
+
+
+def site_policy_mod(msg: Message, context: Context, call_next) -> Message:
+    from fedrad.client.policy import PolicyError, check_run, policy_for
+    from fedrad.client.site_state import SiteStateError, count_round, open_state, state_paths
+    from fedrad.common.protocol import ErrorCode
+    from fedrad.common.run_config import RunConfig
+
+    node_config = dict(context.node_config)
+    try:
+        state = state_paths(node_config)
+    except SiteStateError as exc:
+        return refuse(msg, None, "site_state", str(exc), ErrorCode.SITE_FAILED)
+    try:
+        open_state(state, _cache_dir(node_config))
+    except (SiteStateError, OSError) as exc:
+        return refuse(msg, state, "site_state", str(exc), ErrorCode.SITE_FAILED)
+    try:
+        policy = policy_for(node_config)
+    except PolicyError as exc:  # a configured policy that does not load refuses everything
+        return refuse(msg, state, "policy_file", str(exc), ErrorCode.POLICY_REFUSED)
+    try:
+        cfg = RunConfig.from_flower(dict(context.run_config))
+    except ValueError as exc:
+        return refuse(msg, state, "run_config", str(exc), ErrorCode.POLICY_REFUSED)
+    refusal = check_run(policy, cfg)
+    if refusal is not None:
+        return refuse(msg, state, refusal.rule, f"{refusal.detail} (policy {policy.source})", ErrorCode.POLICY_REFUSED)
+    if _trains(msg):
+        try:
+            seen = count_round(state, policy.max_rounds_per_day)
+        except SiteStateError as exc:
+            return refuse(msg, state, "site_state", str(exc), ErrorCode.SITE_FAILED)
+        if seen is not None:
+            return refuse(msg, state, "max_rounds_per_day", f"{seen} training rounds accepted in the last 24 "
+                          f"hours; this site allows {policy.max_rounds_per_day} (policy {policy.source})",
+                          ErrorCode.POLICY_REFUSED)
+    return call_next(msg, context)
