@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from fedrad.common.atomic import atomic_write_json
+from fedrad.common.header_signals import SALT_FILE  # patient-pseudonym salt (0600), one name for all readers
 
 STATE_FILE = "state.json"  # the site's id and which files it has held (the "expected" marks)
-SALT_FILE = "salt.bin"  # patient-pseudonym salt (0600); same format as header_signals.load_or_create_salt
 LEDGER_FILE = "dp_sample_ledger.json"  # the site's sample-DP ledger: every run's accounting, one total
 ACTIVITY_FILE = "rounds.json"  # times of recently accepted training rounds (policy max_rounds_per_day)
 AUDIT_DIRNAME = "audit"  # default audit folder (wire guard's outgoing.jsonl, refusals.jsonl)

@@ -112,7 +112,7 @@ def load_or_create_salt(path: str | os.PathLike[str]) -> bytes:
     return p.read_bytes()
 
 
-SALT_FILE = "salt"  # in the site state directory
+SALT_FILE = "salt.bin"  # in the site state directory (client/site_state.py names the same file)
 LEGACY_SALT_FILE = "salt.bin"  # in the cache directory (before the state directory existed)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from dicom_fixtures import make_corrupt_files, shared_data, small_dicom
 from fedrad.client.site_data import default_cache_dir, detect_layout, load_site
+from fedrad.common.header_signals import SALT_FILE
 from fedrad.deploy.synthetic import write_synthetic_sites
 
 
@@ -122,10 +123,10 @@ def test_state_dir_salt_adopts_cache_salt_and_survives_cache_clear(tmp_path):
     before = load_site(root, 16, cache_dir=cache, progress=False)  # today's layout: salt in the cache
     assert before.skipped["unsupported-format"] == 1  # the NIfTI file is counted, not silently dropped
     after = load_site(root, 16, cache_dir=cache, progress=False, state_dir=state)
-    assert (state / "salt").read_bytes() == (cache / "salt.bin").read_bytes()
+    assert (state / SALT_FILE).read_bytes() == (cache / "salt.bin").read_bytes()
     assert after.patient_keys == before.patient_keys  # adopted: keys stable
-    assert oct((state / "salt").stat().st_mode & 0o777) == "0o600"
+    assert oct((state / SALT_FILE).stat().st_mode & 0o777) == "0o600"
     shutil.rmtree(cache)
     again = load_site(root, 16, cache_dir=cache, progress=False, state_dir=state)
     assert again.patient_keys == before.patient_keys  # clearing the cache does not reset the salt
-    assert site_salt(cache, state) == (state / "salt").read_bytes()
+    assert site_salt(cache, state) == (state / SALT_FILE).read_bytes()

@@ -76,7 +76,7 @@ def test_default_policy_is_the_init_file_and_lets_the_shipped_configs_run():
     ("[privacy]\ndp_delta = 0.5e1\n", 2, "between 0 and 1"),
     ("[privacy]\ndp_modes = []\n", 2, "dp_modes is empty"),
     ("[privacy]\ndp_modes = [\"central\"]\n", 2, "unknown dp mode 'central'"),
-    ("[training]\nobjectives = [\"byol\"]\n", 2, "unknown objective 'byol'"),
+    ("[training]\nobjectives = [\"mae\"]\n", 2, "unknown objective 'mae'"),
     ("[training]\nmodels = []\n", 2, "models is empty"),
     ("[training]\nmodels = [\"resnet18\", \"hf-hub:timm/resnet18.a1_in1k\"]\n", 2, "not a plain timm name"),
     ("[training]\nmodels = [\"timm/resnet18\"]\n", 2, "not a plain timm name"),
