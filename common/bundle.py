@@ -18,6 +18,10 @@ Reads are bounded (manifest 1 MiB, signature 64 bytes, weights the size the sign
 Release order: `release.sequence` counts the releases made from one run directory (1, 2, ...; the operator
 keeps the count in RUN_DIR/releases.jsonl); `created` (UTC, signed) orders releases across runs. A site
 refuses an older bundle with a `ReleasePolicy` (`--expect-run`, `--min-sequence`, `--min-created`).
+
+Sections, in the order a bundle passes them: bounded reading, the manifest's shape, the release policy,
+verification, loading, and `fedrad verify`'s report. They stay in one module (~450 lines) on purpose: it is
+the whole of what a site must trust before using weights, so it can be audited in one read.
 """
 
 from __future__ import annotations

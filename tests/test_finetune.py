@@ -174,8 +174,8 @@ def test_auc_is_sklearns_with_ties_and_nan_for_one_class():
 
     y = np.array([0, 0, 1, 1, 0, 1], dtype=np.float32)
     s = np.array([0.1, 0.4, 0.35, 0.8, 0.4, 0.4])  # ties across classes count one half
-    # pairs (pos, neg): 0.35>0.1, 0.35<0.4 x2; 0.8 beats 3; 0.4 vs 0.1 wins, vs 0.4 x2 ties -> 5.0 of 9
-    assert auc_score(y, s) == pytest.approx(5.0 / 9) == roc_auc_score(y, s)
+    # positives 0.35, 0.8, 0.4 vs negatives 0.1, 0.4, 0.4: 1 + 3 + (1 + 2 ties x 0.5) = 6 of 9 pairs
+    assert auc_score(y, s) == pytest.approx(6.0 / 9) == roc_auc_score(y, s)
     assert math.isnan(auc_score(np.ones(4), np.arange(4.0)))
 
 
