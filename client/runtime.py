@@ -137,15 +137,19 @@ def error_reply(message, code: ErrorCode):
 # --- one message: `task` ------------------------------------------------------------------------------
 
 
-def _runtime_client(address: str, interceptors: list):
+def _runtime_client(address: str, interceptors: list, max_tries: int | None = None):
+    """A client of the SuperNode's Runtime API on loopback (Flower's own client, retries and interceptors)."""
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
+    retry = make_simple_http_retry_invoker()
+    if max_tries is not None:
+        retry.max_tries = max_tries
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), *interceptors],
-        retry_invoker=make_simple_http_retry_invoker())
+        retry_invoker=retry)
 
 
 def run_task(address: str, token: str, trust: SiteTrust) -> int:
@@ -246,17 +250,22 @@ def serve(port: int, trust: SiteTrust, supernode_cmd: list[str]) -> int:
         _wait_for_port(port, node, 120)
         secret_file.unlink()
         secret_dir.rmdir()
+        # One try per poll: when the SuperNode goes away the loop must notice, not retry forever.
         client = _runtime_client(f"127.0.0.1:{port}", [SuperExecAuthHttpInterceptor(
-            master_secret=secret, protected_methods={_ACQUIRE_TASK})])
+            master_secret=secret, protected_methods={_ACQUIRE_TASK})], max_tries=1)
         task_cmd = [sys.executable, "-I", "-u", "-m", "fedrad.client.runtime", "task",
                     "--port", str(port), *trust.args()]
         whose = f"runs signed by {trust.consortium_key}" if trust.consortium_key else "unsigned runs"
         log.info("fedrad runtime: serving %s for %s", trust.client_app, whose)
         while node.poll() is None:
-            res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-            if res.HasField("task") and res.token:
+            try:
+                res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            except Exception as exc:  # the SuperNode is stopping or restarting its API: look again shortly
+                log.debug("fedrad runtime: AcquireTask failed: %s", exc)
+                res = None
+            if res is not None and res.HasField("task") and res.token:
                 env = dict(os.environ, **{TOKEN_ENV: res.token})
-                tasks.append(subprocess.Popen(task_cmd, env=env))
+                tasks.append(subprocess.Popen(task_cmd, env=env, preexec_fn=_die_with_parent))  # noqa: PLW1509
             tasks = [t for t in tasks if t.poll() is None]
             time.sleep(POLL_SECONDS)
         return node.returncode or 0
