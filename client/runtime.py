@@ -99,15 +99,21 @@ def _signature_problem(key_path: Path | None, fab_bytes: bytes, run_config: dict
 
 
 def audit_refusal(node_config: dict[str, Any], entry: dict[str, Any]) -> None:
-    """Append one JSON line to `<audit-dir>/refusals.jsonl` (node-config `audit-dir`), and to the node log."""
-    log.error("fedrad runtime: refused run %s: %s", entry.get("run_id"), entry.get("reason"))
+    """One JSON line per error reply the runtime itself sends, in `<audit-dir>/refusals.jsonl` and the node log.
+
+    An audit folder that cannot be written is logged; it never turns a refusal into something else.
+    """
+    log.error("fedrad runtime: %s run %s: %s", entry.get("event"), entry.get("run_id"), entry.get("reason"))
     audit_dir = node_config.get("audit-dir")
     if not audit_dir:
         return
-    path = Path(str(audit_dir))
-    path.mkdir(parents=True, exist_ok=True)
-    with open(path / "refusals.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"time": time.time(), **entry}) + "\n")
+    try:
+        path = Path(str(audit_dir))
+        path.mkdir(parents=True, exist_ok=True)
+        with open(path / "refusals.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"time": time.time(), **entry}) + "\n")
+    except OSError as exc:
+        log.error("fedrad runtime: cannot write the audit log in %s: %s", audit_dir, exc)
 
 
 def load_site_app(trust: SiteTrust):
@@ -182,10 +188,13 @@ def run_task(address: str, token: str, trust: SiteTrust) -> int:
             context.run_config = run_config
             reply = load_site_app(trust)(message=message, context=context)
         status, exit_code = SubStatus.COMPLETED, 0
-    except Exception:
+    except Exception as exc:
         log.exception("fedrad runtime: the site's ClientApp failed")  # the details stay in the node's log
         if message is not None:
             reply = error_reply(message, ErrorCode.SITE_FAILED)
+            audit_refusal(context.node_config if context is not None else {}, {
+                "event": "failed", "code": int(ErrorCode.SITE_FAILED), "reason": type(exc).__name__,
+                "run_id": message.metadata.run_id, "message_type": message.metadata.message_type})
     finally:
         try:
             if reply is not None and context is not None:

@@ -415,7 +415,8 @@ def cmd_run(args) -> int:
             raise FileNotFoundError(f"--resume {run_dir}: not a fedrad run directory (no run.json)")
         # The original run's config, then any new overrides (e.g. a new timeout).
         original = json.loads((run_dir / "run.json").read_text())["config"]
-        merged = {k: v for k, v in original.items() if k not in ("resume", "run-dir")}
+        # The old signature covered the old config; the resumed run is signed afresh (--sign-key).
+        merged = {k: v for k, v in original.items() if k not in ("resume", "run-dir", "run-signature")}
         merged.update(overrides)
         overrides = merged
         overrides["resume"] = True

@@ -89,12 +89,13 @@ def _refusals(audit: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_rogue_fab_never_runs_and_only_consortium_signed_runs_train(tmp_path):
-    """Two sites: `loyal` trusts the consortium key, `other` trusts another consortium's key.
+    """`loyal` trusts the consortium key, `other` another consortium's key; `broken` trusts the consortium but
+    its data folder is gone.
 
-    1. A rogue FAB carrying a genuine signature replayed from the real FAB: both refuse, its code never runs
-       (no marker, nothing of it on disk), the coordinator sees only the fixed refusal text.
+    1. A rogue FAB carrying a genuine signature replayed from the real FAB: all refuse before touching data,
+       its code never runs (no marker, nothing of it on disk), the coordinator sees only the fixed text.
     2. The genuine FAB signed by the consortium: `loyal` trains, `other` refuses it (signed by a key it does
-       not trust), each refusal audited at the site with its reason.
+       not trust), `broken` fails with a fixed code and no path; every error reply audited at its site.
     """
     from fedrad.deploy.synthetic import write_synthetic_sites
     from fedrad.server.run_log import read_metrics
@@ -111,10 +112,12 @@ def test_rogue_fab_never_runs_and_only_consortium_signed_runs_train(tmp_path):
         c.start_node("loyal", sites[0], env={**env, "FLWR_HOME": str(homes["loyal"])})
         c.start_node("other", sites[1], env={**env, "FLWR_HOME": str(homes["other"])},
                      trust=SiteTrust(consortium_key=other_pub))
+        broken_data = tmp_path / "gone" / "PATIENT-FOLDER-XYZ"
+        c.start_node("broken", broken_data, env=env)
 
         # 1. Rogue FAB with a replayed genuine signature over the same run-config.
         cfg = {"num-server-rounds": 1, "objective": "simclr", "run-dir": str(tmp_path / "rogue-run"),
-               "min-train-nodes": 1, "min-available-nodes": 2, "round-timeout": 90.0}
+               "min-train-nodes": 1, "min-available-nodes": 3, "round-timeout": 90.0}
         from federation_harness import TINY_RUN
 
         genuine = parse_config_args([run_config_string({**TINY_RUN, **cfg}, app_dir(), c.consortium_key)])
@@ -126,6 +129,7 @@ def test_rogue_fab_never_runs_and_only_consortium_signed_runs_train(tmp_path):
         loyal, other = _refusals(c.audit_dir("loyal")), _refusals(c.audit_dir("other"))
         assert loyal and all(r["code"] == ErrorCode.RUN_NOT_SIGNED and "does not match" in r["reason"] for r in loyal)
         assert other and all("not by the consortium key" in r["reason"] for r in other)
+        assert all(r["event"] == "refused" for r in _refusals(c.audit_dir("broken")))  # refused before its data
         run_log = (tmp_path / "logs" / "flwr-run.log").read_text()
         assert ERROR_TEXT[ErrorCode.RUN_NOT_SIGNED] in run_log
         assert "does not match" not in run_log and str(sites[0]) not in run_log  # reasons stay at the site
@@ -139,6 +143,9 @@ def test_rogue_fab_never_runs_and_only_consortium_signed_runs_train(tmp_path):
         assert row["sites_aggregated"] == 1
         assert len(_refusals(c.audit_dir("loyal"))) == len(loyal)  # nothing new refused at the loyal site
         assert len(_refusals(c.audit_dir("other"))) > n_other
+        assert "failed" in {r["event"] for r in _refusals(c.audit_dir("broken"))}
+        run_log = (tmp_path / "logs" / "flwr-run.log").read_text()
+        assert ERROR_TEXT[ErrorCode.SITE_FAILED] in run_log and "PATIENT-FOLDER-XYZ" not in run_log
         assert not marker.exists()
     finally:
         c.stop()
