@@ -129,6 +129,10 @@ def pretrain_federated(sites: list[Path], args, work: Path) -> Path:
         "lr": args.lr, "proj-dim": args.proj_dim, "seed": args.seed, "min-train-nodes": 3,
         "min-available-nodes": 3, "round-timeout": 900.0, "run-dir": str(run_dir),
     }
+    from fedrad.client.runtime import SiteTrust
+    from fedrad.server.release import generate_keys
+
+    sign_key, consortium_pub = generate_keys(work / "keys" / "consortium")  # sites run only signed runs
     with ProcessGroup() as group:
         port = free_port()
         state = work / "coordinator"
@@ -136,11 +140,13 @@ def pretrain_federated(sites: list[Path], args, work: Path) -> Path:
         link = group.start("superlink", superlink_command(state, "127.0.0.1", port), work / "logs" / "superlink.log")
         wait_for_port("127.0.0.1", port, 60, link)
         for site in sites:
-            cfg = {"data-dir": str(site), "cache-dir": str(work / "cache" / site.name), "device": "cpu"}
-            group.start(f"node-{site.name}", supernode_command(f"127.0.0.1:{port}", free_port(), cfg),
+            cfg = {"data-dir": str(site), "cache-dir": str(work / "cache" / site.name), "device": "cpu",
+                   "state-dir": str(work / "state" / site.name)}
+            group.start(f"node-{site.name}", supernode_command(f"127.0.0.1:{port}", free_port(), cfg,
+                                                                 trust=SiteTrust(consortium_pub)),
                         work / "logs" / f"node-{site.name}.log")
         code = submit_run(f"127.0.0.1:{port}", overrides, log_path=work / "logs" / "flwr-run.log",
-                          timeout=3000, echo=False)
+                          timeout=3000, echo=False, sign_key=sign_key)
     if code != 0 or not (run_dir / "global.safetensors").exists():
         raise RuntimeError(f"federated run failed (flwr exit {code}); see {work / 'logs'}")
     return run_dir

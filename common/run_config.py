@@ -53,6 +53,9 @@ class RunConfig:
     dp_noise: float = 0.0
     dp_delta: float = 1e-5
     dp_epsilon_budget: float = 0.0
+    # The consortium's signature over the FAB and this config (fedrad.common.run_signature); set by
+    # `fedrad run --sign-key`, checked by each site's runtime before its data is touched.
+    run_signature: str = ""
 
     @classmethod
     def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:

@@ -19,8 +19,10 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 EPILOG = """\
 hospital IT:   fedrad scan /data/dicom        (see what would be used; nothing is sent)
-               fedrad node --data /data/dicom --superlink coordinator:8000
-operator:      fedrad coordinator; fedrad run --superlink 127.0.0.1 ; fedrad release RUN_DIR --key K
+               fedrad node --data /data/dicom --superlink coordinator:8000 --certs site-certs \
+                 --site-name site-a --consortium-key consortium.pub
+operator:      fedrad keys generate --out consortium; fedrad coordinator
+               fedrad run --superlink 127.0.0.1:8000 --sign-key consortium.key ; fedrad release RUN_DIR --key K
 fine-tuning:   fedrad verify BUNDLE --pubkey P; fedrad finetune BUNDLE --data DIR --labels CSV
 everything at once on this machine:  fedrad demo
 """
@@ -78,7 +80,7 @@ def _add_federation(sub) -> None:
     p.add_argument("--superlink", default="127.0.0.1:8000", help="coordinator address HOST:PORT")
     p.add_argument("--cache", default=None, help="decoded-image cache (default <data>/.fedrad-cache)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--port", type=int, default=9094, help="local ClientAppIo port (unique per node)")
+    p.add_argument("--port", type=int, default=9094, help="local Runtime API port on 127.0.0.1 (unique per node)")
     p.add_argument("--labels", default=None, help="optional CSV of labels to keep site-local")
     p.add_argument("--certs", default=None, help="site folder from `fedrad certs init` (CA + node key)")
     p.add_argument("--site-name", default=None, help="name of this site's key in the certs folder")
@@ -90,6 +92,15 @@ def _add_federation(sub) -> None:
                    "built-in default policy")
     p.add_argument("--state-dir", default=None, help="the site's salt, DP ledger and audit, kept apart from the "
                    "cache (default $XDG_STATE_HOME/fedrad/<hash of --data>, i.e. ~/.local/state/fedrad/...)")
+    p.add_argument("--consortium-key", default=None, metavar="CONSORTIUM_PUB",
+                   help="the consortium's public key (consortium.pub): only runs it signed are run here")
+    p.add_argument("--allow-unsigned", action="store_true",
+                   help="also run unsigned runs (local experiments only; still only this site's own code)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plaintext to a coordinator that is not on this machine (no --certs)")
+    p.add_argument("--client-app", default="fedrad.client.client_app:app", metavar="MODULE:ATTR",
+                   help="the ClientApp installed here that answers the coordinator (default: fedrad's)")
+    p.add_argument("--client-app-dir", default=None, help="folder holding --client-app's module, if not installed")
     p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_node"))
 
     p = sub.add_parser("run", help="submit a pretraining run to the coordinator and follow it")
@@ -99,6 +110,8 @@ def _add_federation(sub) -> None:
     p.add_argument("--config", "-c", action="append", default=[],
                    help="run-config override KEY=VALUE (e.g. -c num-server-rounds=5), repeatable")
     p.add_argument("--certs", default=None, help="folder with the consortium CA (TLS)")
+    p.add_argument("--sign-key", default=None, metavar="CONSORTIUM_KEY",
+                   help="consortium private key (`fedrad keys generate`): signs the run so sites accept it")
     p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_run"))
 
     p = sub.add_parser("demo", help="a real local consortium: 3 synthetic hospitals, SuperLink + 3 SuperNodes")

@@ -13,6 +13,7 @@ import signal
 import time
 from pathlib import Path
 
+from fedrad.client.runtime import SiteTrust
 from fedrad.deploy.processes import (
     ProcessGroup,
     free_port,
@@ -68,6 +69,12 @@ def cmd_demo(args) -> int:
     overrides.update({"num-server-rounds": args.rounds, "objective": args.objective, "run-dir": str(run_dir)})
     overrides.update(parse_overrides(args.config))
 
+    _step("making the consortium signing key (the sites run only what it signed)")
+    from fedrad.server.release import generate_keys
+
+    consortium_key, consortium_pub = generate_keys(workdir / "keys" / "consortium")
+    trust = SiteTrust(consortium_key=consortium_pub)
+
     tls = None
     if args.secure:
         _step("making a consortium CA, coordinator certificate and site keys (TLS + node authentication)")
@@ -102,12 +109,12 @@ def cmd_demo(args) -> int:
                 node_tls = tls_files(workdir / "certs", site.name)
             cfg = {"data-dir": str(site), "cache-dir": str(workdir / "cache" / site.name), "device": "cpu",
                    "threads": threads,
-                   "audit-dir": str(workdir / "audit" / site.name)}
-            group.start(f"node-{site.name}", supernode_command(address, free_port(), cfg, node_tls),
+                   "audit-dir": str(workdir / "audit" / site.name), "state-dir": str(workdir / "state" / site.name)}
+            group.start(f"node-{site.name}", supernode_command(address, free_port(), cfg, node_tls, trust),
                         workdir / "logs" / f"node-{site.name}.log")
-        _step(f"running {args.rounds} rounds of {args.objective} pretraining (progress below)")
+        _step(f"running {args.rounds} rounds of {args.objective} pretraining, signed (progress below)")
         code = submit_run(address, overrides, log_path=workdir / "logs" / "flwr-run.log",
-                          ca_cert=tls.ca_cert if tls else None)
+                          ca_cert=tls.ca_cert if tls else None, sign_key=consortium_key)
     status = report_run(run_dir, code)
     if status != 0:
         print(f"fedrad demo: failed; logs in {workdir / 'logs'}")

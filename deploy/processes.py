@@ -22,6 +22,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedrad.client.runtime import SiteTrust
+
 DEFAULT_PORT = 8000  # flwr 1.41 SuperLink: Fleet, Control and Runtime APIs share one HTTP port
 
 
@@ -205,17 +207,39 @@ def node_config_string(config: dict[str, object]) -> str:
 
 
 def supernode_command(superlink: str, port: int, node_config: dict[str, object],
-                      tls: TlsFiles | None = None) -> list[str]:
-    cmd = [tool("flower-supernode"), "--superlink", superlink, "--port", str(port),
-           "--node-config", node_config_string(node_config)]
+                      tls: TlsFiles | None = None, trust: SiteTrust | None = None) -> list[str]:
+    """The command that starts a site: fedrad's runtime (client/runtime.py), which runs the SuperNode.
+
+    The SuperNode runs with process isolation: it never installs or imports the run's FAB; the runtime
+    answers each message with the ClientApp installed here, for runs the consortium signed (`trust`).
+    `port` is the SuperNode's Runtime API port on 127.0.0.1 (unique per node on one machine).
+    """
+    trust = trust or SiteTrust()
+    node = [tool("flower-supernode"), "--superlink", superlink, "--node-config", node_config_string(node_config)]
     if tls is None:
-        cmd.append("--insecure")
+        node.append("--insecure")
     else:
-        cmd += ["--root-certificates", str(tls.ca_cert)]
+        node += ["--root-certificates", str(tls.ca_cert)]
         if tls.node_private_key:
             # flwr 1.41 derives the public key from the private one (--auth-supernode-public-key is deprecated)
-            cmd += ["--auth-supernode-private-key", str(tls.node_private_key)]
-    return cmd
+            node += ["--auth-supernode-private-key", str(tls.node_private_key)]
+    # -I: the runtime imports nothing from the working directory or PYTHON* variables.
+    return [sys.executable, "-I", "-u", "-m", "fedrad.client.runtime", "serve", "--port", str(port),
+            *trust.args(), "--", *node]
+
+
+def is_loopback(address: str) -> bool:
+    """True when HOST:PORT names this machine (127.0.0.0/8, ::1, localhost): plaintext never leaves it."""
+    import ipaddress
+
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def app_dir() -> Path:
@@ -255,17 +279,38 @@ def write_flwr_home(home: Path, address: str, ca_cert: Path | None = None) -> Pa
     return home
 
 
+def run_config_string(overrides: dict[str, object], app: Path, sign_key: Path | None = None) -> str:
+    """The `--run-config` string for `flwr run`; with `sign_key`, plus the consortium's `run-signature`.
+
+    The signature covers the FAB `flwr run` will build from `app` (Flower's build is byte-deterministic)
+    and the run-config the sites will fuse from it and these overrides, as Flower itself parses them.
+    """
+    text = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
+    if sign_key is None:
+        return text
+    from fedrad.common.run_signature import SIGNATURE_KEY
+    from fedrad.server.run_signing import build_fab, load_signing_key, sign_run
+    from flwr.common.config import parse_config_args
+
+    key = load_signing_key(sign_key)  # a missing or wrong key fails before the FAB is built
+    signature = sign_run(build_fab(app), parse_config_args([text]) if text else {}, key)
+    return f"{text} {SIGNATURE_KEY}={toml_value(signature)}".strip()
+
+
 def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | None = None,
                ca_cert: Path | None = None, timeout: float | None = None, app: Path | None = None,
-               echo: bool = True) -> int:
-    """`flwr run <fedrad app> fedrad --stream` with overrides; returns flwr's exit code.
+               echo: bool = True, sign_key: Path | None = None) -> int:
+    """`flwr run <fedrad app> fedrad --stream` with overrides (signed with `sign_key` when given).
 
-    The output streams to this terminal (and to `log_path` when given) so an operator watches the rounds.
+    Returns flwr's exit code. The output streams to this terminal (and to `log_path` when given) so an
+    operator watches the rounds.
     """
+    app = Path(app or app_dir())
+    config_text = run_config_string(overrides, app, sign_key)
     home = write_flwr_home(Path(tempfile.mkdtemp(prefix="fedrad-flwr-")), superlink, ca_cert)
-    cmd = [tool("flwr"), "run", str(app or app_dir()), "fedrad", "--stream"]
-    if overrides:
-        cmd += ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())]
+    cmd = [tool("flwr"), "run", str(app), "fedrad", "--stream"]
+    if config_text:
+        cmd += ["--run-config", config_text]
     env = flower_env({"FLWR_HOME": str(home)})
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                             start_new_session=True)
@@ -328,6 +373,21 @@ def cmd_node(args) -> int:
     data = Path(args.data).resolve()
     if not data.is_dir():
         raise FileNotFoundError(f"--data {data}: no such folder")
+    trust = SiteTrust(
+        consortium_key=Path(args.consortium_key).resolve() if args.consortium_key else None,
+        allow_unsigned=args.allow_unsigned,
+        client_app=args.client_app,
+        client_app_dir=Path(args.client_app_dir).resolve() if args.client_app_dir else None)
+    if trust.consortium_key is None and not trust.allow_unsigned:
+        raise ValueError("--consortium-key is required (the consortium's public key, e.g. consortium.pub): this "
+                         "node runs only what the consortium signed (--allow-unsigned: local experiments only)")
+    if trust.consortium_key is not None:
+        from fedrad.common.keys import load_public_key
+
+        load_public_key(trust.consortium_key)  # KeyFileError (a ValueError) names the file
+    if not args.certs and not args.insecure and not is_loopback(args.superlink):
+        raise ValueError(f"--superlink {args.superlink} is not on this machine and --certs is not given: "
+                         "give the site folder from `fedrad certs init` (TLS), or --insecure to send in plaintext")
     if not args.no_scan:
         from fedrad.client.scan import scan_folder
 
@@ -347,9 +407,11 @@ def cmd_node(args) -> int:
     check_coordinator_ca(policy, tls.ca_cert if tls else None)
     print(f"fedrad node: site policy {policy.source}; state (salt, DP ledger) in {node_config['state-dir']}; "
           f"audit in {node_config['audit-dir']}", flush=True)
-    cmd = supernode_command(args.superlink, args.port, node_config, tls)
-    print(f"fedrad node: joining the coordinator at {args.superlink} (ClientApp port {args.port}). "
-          "Ctrl-C leaves.", flush=True)
+    cmd = supernode_command(args.superlink, args.port, node_config, tls, trust)
+    signed_by = f"runs signed by {trust.consortium_key}" if trust.consortium_key else "UNSIGNED runs too"
+    print(f"fedrad node: joining the coordinator at {args.superlink} "
+          f"({'TLS' if tls else 'plaintext'}); running {trust.client_app} for {signed_by}. Ctrl-C leaves.",
+          flush=True)
     return _run_foreground(cmd, flower_env())
 
 
@@ -361,7 +423,8 @@ def cmd_run(args) -> int:
             raise FileNotFoundError(f"--resume {run_dir}: not a fedrad run directory (no run.json)")
         # The original run's config, then any new overrides (e.g. a new timeout).
         original = json.loads((run_dir / "run.json").read_text())["config"]
-        merged = {k: v for k, v in original.items() if k not in ("resume", "run-dir")}
+        # The old signature covered the old config; the resumed run is signed afresh (--sign-key).
+        merged = {k: v for k, v in original.items() if k not in ("resume", "run-dir", "run-signature")}
         merged.update(overrides)
         overrides = merged
         overrides["resume"] = True
@@ -370,8 +433,12 @@ def cmd_run(args) -> int:
     overrides["run-dir"] = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ca = _tls_from(args.certs).ca_cert if args.certs else None
+    sign_key = Path(args.sign_key).resolve() if args.sign_key else None
+    if sign_key is None:
+        print("fedrad run: warning: unsigned run (no --sign-key): sites refuse it unless started with "
+              "--allow-unsigned", file=sys.stderr, flush=True)
     print(f"fedrad run: submitting to {args.superlink}; run directory {run_dir}", flush=True)
-    code = submit_run(args.superlink, overrides, log_path=run_dir / "flwr-run.log", ca_cert=ca)
+    code = submit_run(args.superlink, overrides, log_path=run_dir / "flwr-run.log", ca_cert=ca, sign_key=sign_key)
     return report_run(run_dir, code)
 
 

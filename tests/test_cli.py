@@ -42,3 +42,35 @@ def test_missing_folder_is_a_clear_error(tmp_path, capsys):
     code = main(["node", "--data", str(missing), "--no-scan"])
     assert code == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_node_refuses_to_start_without_a_consortium_key(tmp_path, capsys):
+    code = main(["node", "--data", str(tmp_path), "--no-scan"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--consortium-key" in err and len(err.strip().splitlines()) == 1
+
+
+def test_node_refuses_plaintext_to_a_remote_coordinator(tmp_path, capsys):
+    from fedrad.server.release import generate_keys
+
+    _, pub = generate_keys(tmp_path / "consortium")
+    code = main(["node", "--data", str(tmp_path), "--no-scan", "--consortium-key", str(pub),
+                 "--superlink", "10.1.2.3:8000"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "10.1.2.3:8000" in err and "--insecure" in err and len(err.strip().splitlines()) == 1
+
+
+def test_node_names_a_bad_consortium_key(tmp_path, capsys):
+    bad = tmp_path / "consortium.pub"
+    bad.write_text("not a key")
+    assert main(["node", "--data", str(tmp_path), "--no-scan", "--consortium-key", str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_run_names_a_missing_signing_key(tmp_path, capsys):
+    missing = tmp_path / "consortium.key"
+    code = main(["run", "--run-dir", str(tmp_path / "run"), "--sign-key", str(missing)])
+    assert code == 2
+    assert str(missing) in capsys.readouterr().err

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from federation_harness import POISON_APP, Consortium
+from federation_harness import POISON_APP, POISON_CLIENT, Consortium
+from fedrad.client.runtime import SiteTrust
 from fedrad.server.run_log import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -110,12 +111,14 @@ def _header_strings(sites: list[Path]) -> set[str]:
 def test_poisoned_update_is_rejected(consortium, sites, tmp_path):
     """A site sending NaN and a site sending a scaled update are rejected; the round goes on with the rest."""
     consortium.start_link()
+    # The two lying sites run the poisoning ClientApp of their own choice (the FAB cannot choose it).
+    liar = SiteTrust(consortium_key=consortium.consortium_pub, client_app=POISON_CLIENT, client_app_dir=POISON_APP)
     consortium.start_node("good", sites[0])
-    consortium.start_node("nan", sites[1], env={"FEDRAD_TEST_POISON": "nan"})
-    consortium.start_node("scaled", sites[2], env={"FEDRAD_TEST_POISON": "scale"})
+    consortium.start_node("nan", sites[1], env={"FEDRAD_TEST_POISON": "nan"}, trust=liar)
+    consortium.start_node("scaled", sites[2], env={"FEDRAD_TEST_POISON": "scale"}, trust=liar)
     run_dir = tmp_path / "run"
     code = consortium.run({"num-server-rounds": 1, "objective": "simclr", "run-dir": str(run_dir),
-                           "min-train-nodes": 1, "min-available-nodes": 3}, app=POISON_APP)
+                           "min-train-nodes": 1, "min-available-nodes": 3})
     assert code == 0
     (row,) = read_metrics(run_dir)
     assert row["sites_answered"] == 3

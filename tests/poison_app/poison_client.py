@@ -1,4 +1,8 @@
-"""fedrad's ClientApp with a poisoning mod, switched on per SuperNode by FEDRAD_TEST_POISON=nan|scale."""
+"""fedrad's ClientApp with a poisoning mod, switched on per SuperNode by FEDRAD_TEST_POISON=nan|scale.
+
+A lying site's own choice: started with `SiteTrust(client_app="poison_client:app", client_app_dir=<this folder>)`
+(`fedrad node --client-app ... --client-app-dir ...`); no FAB can make a site run it.
+"""
 
 from __future__ import annotations
 

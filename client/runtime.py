@@ -1,0 +1,341 @@
+"""fedrad's site runtime: the only code that answers the coordinator at a site, whatever the run's FAB says.
+
+Flower's default SuperNode installs the FAB sent with each run and imports the `clientapp` its pyproject
+names, so whoever submits a run chooses the Python that runs next to the hospital's images. Here the
+SuperNode runs with `--isolation process` (it only stores messages; it never installs or imports a FAB) and
+this runtime, started by `fedrad node`, does the ClientApp side itself:
+
+- `serve` starts the SuperNode as its child (Runtime API on loopback, AcquireTask guarded by a per-start
+  secret), claims each pending message token and hands it to a fresh `task` process;
+- `task` pulls the message, the run and the FAB bytes, checks the consortium's signature over the FAB's
+  sha256 and the fused run-config (fedrad.common.run_signature) with the site's `consortium.pub`, and only
+  then imports the ClientApp INSTALLED at the site (fedrad's own, or one the site names itself). The FAB is
+  never unpacked to disk, installed or imported. A refusal is an error reply with a fixed code and text
+  (fedrad.common.protocol), and a line with the reason in the site's audit log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedrad.common.protocol import ERROR_TEXT, ErrorCode
+from fedrad.common.run_signature import SIGNATURE_KEY, fused_run_config, parse_signature, run_statement, sha256_hex
+
+DEFAULT_CLIENT_APP = "fedrad.client.client_app:app"
+TOKEN_ENV = "FEDRAD_RUNTIME_TOKEN"  # the task token travels in the child's environment, not on its command line
+POLL_SECONDS = 0.5
+_ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
+log = logging.getLogger("fedrad.runtime")
+
+
+@dataclass(frozen=True)
+class SiteTrust:
+    """What a site runs and for whom: its own ClientApp, for runs signed by the key it trusts."""
+
+    consortium_key: Path | None = None
+    allow_unsigned: bool = False  # local experiments only: run unsigned runs (still the site's own code)
+    client_app: str = DEFAULT_CLIENT_APP
+    client_app_dir: Path | None = None  # folder holding a site-named ClientApp module (tests, site extensions)
+
+    def args(self) -> list[str]:
+        """Command-line form, shared by `fedrad node`, the demo and the test harness."""
+        out = ["--client-app", self.client_app]
+        if self.consortium_key is not None:
+            out += ["--consortium-key", str(self.consortium_key)]
+        if self.allow_unsigned:
+            out.append("--allow-unsigned")
+        if self.client_app_dir is not None:
+            out += ["--client-app-dir", str(self.client_app_dir)]
+        return out
+
+
+# --- the signature check (pure: no network, no site data) ---------------------------------------------
+
+
+def check_run(trust: SiteTrust, fab_bytes: bytes, run_config: dict[str, Any]) -> str | None:
+    """Why this run may not run here (for the site's audit log), or None when it may."""
+    reason = _signature_problem(trust.consortium_key, fab_bytes, run_config)
+    if reason is not None and trust.allow_unsigned:
+        log.warning("fedrad runtime: running an unverified run (--allow-unsigned): %s", reason)
+        return None
+    return reason
+
+
+def _signature_problem(key_path: Path | None, fab_bytes: bytes, run_config: dict[str, Any]) -> str | None:
+    from fedrad.common.keys import KeyFileError, key_fingerprint, load_public_key, signature_valid
+
+    if key_path is None:
+        return "this node has no consortium key (start it with --consortium-key consortium.pub)"
+    try:
+        public_key = load_public_key(key_path)
+    except KeyFileError as exc:
+        return f"consortium key unusable: {exc}"
+    raw = run_config.get(SIGNATURE_KEY, "")
+    if not raw:
+        return "the run carries no signature"
+    parsed = parse_signature(raw)
+    if parsed is None:
+        return "the run's signature is malformed"
+    signer, signature = parsed
+    trusted = key_fingerprint(public_key)
+    if signer != trusted:
+        return f"the run is signed by key {signer[:16]}..., not by the consortium key {trusted[:16]}..."
+    if not signature_valid(public_key, signature, run_statement(sha256_hex(fab_bytes), run_config)):
+        return "the signature does not match this FAB and run-config (altered or signed for another run)"
+    return None
+
+
+def audit_refusal(node_config: dict[str, Any], entry: dict[str, Any]) -> None:
+    """One JSON line per error reply the runtime itself sends, in `<audit-dir>/refusals.jsonl` and the node log.
+
+    An audit folder that cannot be written is logged; it never turns a refusal into something else.
+    """
+    log.error("fedrad runtime: %s run %s: %s", entry.get("event"), entry.get("run_id"), entry.get("reason"))
+    audit_dir = node_config.get("audit-dir")
+    if not audit_dir:
+        return
+    try:
+        path = Path(str(audit_dir))
+        path.mkdir(parents=True, exist_ok=True)
+        with open(path / "refusals.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"time": time.time(), **entry}) + "\n")
+    except OSError as exc:
+        log.error("fedrad runtime: cannot write the audit log in %s: %s", audit_dir, exc)
+
+
+def load_site_app(trust: SiteTrust):
+    """The ClientApp installed at this site (never anything from the FAB)."""
+    from flwr.clientapp import ClientApp
+
+    if trust.client_app == DEFAULT_CLIENT_APP and trust.client_app_dir is None:
+        from fedrad.client.client_app import app
+    else:
+        from flwr.clientapp.client_app import LoadClientAppError
+        from flwr.supercore.object_ref import load_app
+
+        app = load_app(trust.client_app, LoadClientAppError, trust.client_app_dir or Path.cwd())
+    if not isinstance(app, ClientApp):
+        raise TypeError(f"--client-app {trust.client_app} is not a Flower ClientApp")
+    return app
+
+
+def error_reply(message, code: ErrorCode):
+    """A reply that carries only the code and its fixed text: nothing of the site crosses in an error."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+
+    return Message(Error(code=int(code), reason=ERROR_TEXT[code]), reply_to=message)
+
+
+# --- one message: `task` ------------------------------------------------------------------------------
+
+
+def _runtime_client(address: str, interceptors: list, max_tries: int | None = None):
+    """A client of the SuperNode's Runtime API on loopback (Flower's own client, retries and interceptors)."""
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    retry = make_simple_http_retry_invoker()
+    if max_tries is not None:
+        retry.max_tries = max_tries
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), *interceptors],
+        retry_invoker=retry)
+
+
+def run_task(address: str, token: str, trust: SiteTrust) -> int:
+    """Handle the one message behind `token`: verify the run, run the site's ClientApp, push the reply."""
+    from flwr.common.constant import SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    client = _runtime_client(address, [RuntimeTokenHttpInterceptor(token)])
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    message = context = reply = None
+    status, exit_code = SubStatus.FAILED, 1
+    try:
+        message, context, run, fab = pull_task_input(client)
+        try:
+            run_config = fused_run_config(fab.content, run.override_config)
+            reason = check_run(trust, fab.content, run_config)
+        except Exception as exc:  # an unreadable FAB or config is a run nobody signed
+            run_config, reason = {}, f"the FAB or its run-config cannot be read ({type(exc).__name__})"
+        if reason is not None:
+            audit_refusal(context.node_config, {
+                "event": "refused", "code": int(ErrorCode.RUN_NOT_SIGNED), "reason": reason,
+                "run_id": run.run_id, "message_type": message.metadata.message_type,
+                "fab_id": run.fab_id, "fab_version": run.fab_version, "fab_sha256": sha256_hex(fab.content)})
+            reply = error_reply(message, ErrorCode.RUN_NOT_SIGNED)
+        else:
+            # The ClientApp sees exactly the config that was verified, not whatever the node state holds.
+            context.run_config = run_config
+            reply = load_site_app(trust)(message=message, context=context)
+        status, exit_code = SubStatus.COMPLETED, 0
+    except Exception as exc:
+        log.exception("fedrad runtime: the site's ClientApp failed")  # the details stay in the node's log
+        if message is not None:
+            reply = error_reply(message, ErrorCode.SITE_FAILED)
+            audit_refusal(context.node_config if context is not None else {}, {
+                "event": "failed", "code": int(ErrorCode.SITE_FAILED), "reason": type(exc).__name__,
+                "run_id": message.metadata.run_id, "message_type": message.metadata.message_type})
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+        except Exception:
+            log.exception("fedrad runtime: could not push the reply to the SuperNode")
+            exit_code = 1
+        push_task_output(client=client, context=context, sub_status=status, details="")
+        heartbeat.stop()
+        client.close()
+    return exit_code
+
+
+# --- the site process: `serve` ------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Linux: the SuperNode gets SIGTERM when this runtime dies, however it dies (no orphan node)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the SuperNode exited with {proc.returncode} before it was ready")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"the SuperNode's Runtime API did not open 127.0.0.1:{port} in {timeout:.0f}s")
+
+
+def serve(port: int, trust: SiteTrust, supernode_cmd: list[str]) -> int:
+    """Run the SuperNode (process isolation) and hand every message it receives to a fresh `task` process."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
+
+    secret = secrets.token_bytes(32)
+    secret_dir = Path(tempfile.mkdtemp(prefix="fedrad-node-"))  # 0700: only this user reads the secret
+    secret_file = secret_dir / "runtime.secret"
+    fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secret)
+    cmd = [*supernode_cmd, "--isolation", "process", "--host", "127.0.0.1", "--port", str(port),
+           "--superexec-auth-secret-file", str(secret_file)]
+    node = subprocess.Popen(cmd, preexec_fn=_die_with_parent)  # noqa: PLW1509 (single-threaded here)
+    tasks: list[subprocess.Popen] = []
+
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        _wait_for_port(port, node, 120)
+        secret_file.unlink()
+        secret_dir.rmdir()
+        # One try per poll: when the SuperNode goes away the loop must notice, not retry forever.
+        client = _runtime_client(f"127.0.0.1:{port}", [SuperExecAuthHttpInterceptor(
+            master_secret=secret, protected_methods={_ACQUIRE_TASK})], max_tries=1)
+        task_cmd = [sys.executable, "-I", "-u", "-m", "fedrad.client.runtime", "task",
+                    "--port", str(port), *trust.args()]
+        whose = f"runs signed by {trust.consortium_key}" if trust.consortium_key else "unsigned runs"
+        log.info("fedrad runtime: serving %s for %s", trust.client_app, whose)
+        while node.poll() is None:
+            try:
+                res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            except Exception as exc:  # the SuperNode is stopping or restarting its API: look again shortly
+                log.debug("fedrad runtime: AcquireTask failed: %s", exc)
+                res = None
+            if res is not None and res.HasField("task") and res.token:
+                env = dict(os.environ, **{TOKEN_ENV: res.token})
+                tasks.append(subprocess.Popen(task_cmd, env=env, preexec_fn=_die_with_parent))  # noqa: PLW1509
+            tasks = [t for t in tasks if t.poll() is None]
+            time.sleep(POLL_SECONDS)
+        return node.returncode or 0
+    finally:
+        for proc in [*tasks, node]:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in [*tasks, node]:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        secret_file.unlink(missing_ok=True)
+        if secret_dir.exists():
+            secret_dir.rmdir()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fedrad.client.runtime", description=__doc__.split("\n")[0])
+    p.add_argument("mode", choices=["serve", "task"])
+    p.add_argument("--port", type=int, required=True, help="the SuperNode's Runtime API port on 127.0.0.1")
+    p.add_argument("--consortium-key", type=Path, default=None, help="consortium.pub: runs must be signed by it")
+    p.add_argument("--allow-unsigned", action="store_true", help="also run unsigned runs (local experiments)")
+    p.add_argument("--client-app", default=DEFAULT_CLIENT_APP, help="the installed ClientApp, module:attribute")
+    p.add_argument("--client-app-dir", type=Path, default=None, help="folder holding --client-app's module")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    supernode_cmd: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, supernode_cmd = argv[:cut], argv[cut + 1:]
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
+    trust = SiteTrust(args.consortium_key, args.allow_unsigned, args.client_app, args.client_app_dir)
+    if args.mode == "task":
+        token = os.environ.pop(TOKEN_ENV, "")
+        if not token:
+            print(f"fedrad runtime: error: no task token in ${TOKEN_ENV}", file=sys.stderr)
+            return 2
+        return run_task(f"127.0.0.1:{args.port}", token, trust)
+    if not supernode_cmd:
+        print("fedrad runtime: error: serve needs the SuperNode command after '--'", file=sys.stderr)
+        return 2
+    if trust.consortium_key is None and not trust.allow_unsigned:
+        print("fedrad runtime: error: give --consortium-key consortium.pub (or --allow-unsigned for local "
+              "experiments)", file=sys.stderr)
+        return 2
+    if trust.consortium_key is not None:
+        from fedrad.common.keys import KeyFileError, load_public_key
+
+        try:
+            load_public_key(trust.consortium_key)
+        except KeyFileError as exc:
+            print(f"fedrad runtime: error: --consortium-key: {exc}", file=sys.stderr)
+            return 2
+    return serve(args.port, trust, supernode_cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Pinned site code: a site runs only its own installed ClientApp, and only for runs the consortium signed.
+
+The fast tests check what is signed and what the site checks; the real-process test submits a rogue FAB
+(its pyproject names `clientapp = "evil_client:app"`, same publisher/name/version as fedrad) and a wrongly
+signed genuine run to real SuperNodes, and a signed run that trains.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from federation_harness import Consortium
+from fedrad.client.runtime import SiteTrust, check_run
+from fedrad.common.protocol import ERROR_TEXT, ErrorCode
+from fedrad.common.run_signature import SIGNATURE_KEY, fused_run_config
+from fedrad.deploy.processes import app_dir, is_loopback, run_config_string
+from fedrad.server.release import generate_keys
+from fedrad.server.run_signing import build_fab
+from flwr.common.config import parse_config_args
+
+ROGUE_CLIENT = Path(__file__).parent / "rogue_app" / "evil_client.py"
+
+
+def rogue_app(dest: Path) -> Path:
+    """A Flower app that claims to be fedrad (same publisher, name, version, config) but names evil_client:app."""
+    text = (app_dir() / "pyproject.toml").read_text()
+    text, n_app = re.subn(r'(?m)^clientapp = ".*"$', 'clientapp = "evil_client:app"', text)
+    text, n_inc = re.subn(r"(?m)^fab-include = .*$", 'fab-include = ["pyproject.toml", "*.py"]', text)
+    assert n_app == 1 and n_inc == 1, "fedrad's pyproject changed shape; update rogue_app()"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "pyproject.toml").write_text(text)
+    shutil.copy(ROGUE_CLIENT, dest / "evil_client.py")
+    return dest
+
+
+def small_genuine_app(dest: Path) -> Path:
+    """fedrad's own pyproject alone: a small FAB with fedrad's identity, for the fast signature tests."""
+    text = (app_dir() / "pyproject.toml").read_text()
+    text = re.sub(r"(?m)^fab-include = .*$", 'fab-include = ["pyproject.toml"]', text)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "pyproject.toml").write_text(text)
+    return dest
+
+
+def _site_view(app: Path, config_text: str) -> tuple[bytes, dict]:
+    """What a SuperNode hands the runtime: the FAB bytes and the run-config fused from them and the overrides."""
+    fab = build_fab(app)
+    return fab, fused_run_config(fab, parse_config_args([config_text]))
+
+
+def test_signed_run_passes_and_every_alteration_is_refused(tmp_path):
+    key, pub = generate_keys(tmp_path / "keys" / "consortium")
+    _, other_pub = generate_keys(tmp_path / "keys" / "other")
+    app = small_genuine_app(tmp_path / "app")
+    overrides = {"model": "test_resnet", "lr": 0.0005, "round-timeout": 120.0, "run-dir": str(tmp_path / "r u n")}
+    signed = run_config_string(overrides, app, key)
+    fab, config = _site_view(app, signed)
+    trust = SiteTrust(consortium_key=pub)
+    assert check_run(trust, fab, config) is None
+    assert build_fab(app) == fab, "Flower's FAB build must be byte-deterministic for the signature to hold"
+
+    assert "not by the consortium key" in check_run(SiteTrust(consortium_key=other_pub), fab, config)
+    assert "does not match" in check_run(trust, fab, {**config, "lr": 0.1})
+    assert "does not match" in check_run(trust, fab, {**config, "label-fields": "hiv_status"})
+    rogue_fab = build_fab(rogue_app(tmp_path / "rogue"))
+    assert "does not match" in check_run(trust, rogue_fab, fused_run_config(rogue_fab, parse_config_args([signed])))
+    assert "no signature" in check_run(trust, *_site_view(app, run_config_string(overrides, app)))
+    assert "malformed" in check_run(trust, fab, {**config, SIGNATURE_KEY: "ab:cd"})
+    assert "no consortium key" in check_run(SiteTrust(), fab, config)
+    assert check_run(SiteTrust(allow_unsigned=True), fab, config) is None  # explicit local-experiment mode
+    with pytest.raises(ValueError, match=SIGNATURE_KEY):
+        run_config_string({SIGNATURE_KEY: "x"}, app, key)
+
+
+def test_loopback_detection():
+    assert all(is_loopback(a) for a in ["127.0.0.1:8000", "localhost:8000", "[::1]:8000", "127.1.2.3:1", "::1"])
+    assert not any(is_loopback(a) for a in ["10.0.0.5:8000", "coordinator.example.org:8000", "0.0.0.0:8000",
+                                            "[2001:db8::1]:8000"])
+
+
+def _refusals(audit: Path) -> list[dict]:
+    path = audit / "refusals.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_rogue_fab_never_runs_and_only_consortium_signed_runs_train(tmp_path):
+    """`loyal` trusts the consortium key, `other` another consortium's key; `broken` trusts the consortium but
+    its data folder is gone.
+
+    1. A rogue FAB carrying a genuine signature replayed from the real FAB: all refuse before touching data,
+       its code never runs (no marker, nothing of it on disk), the coordinator sees only the fixed text.
+    2. The genuine FAB signed by the consortium: `loyal` trains, `other` refuses it (signed by a key it does
+       not trust), `broken` fails with a fixed code and no path; every error reply audited at its site.
+    """
+    from fedrad.deploy.synthetic import write_synthetic_sites
+    from fedrad.server.run_log import read_metrics
+
+    sites = write_synthetic_sites(tmp_path / "sites", n_sites=2, patients_per_site=4, images_per_patient=(1, 2),
+                                  size=64, seed=3)
+    marker = tmp_path / "ROGUE_CODE_RAN"
+    c = Consortium(tmp_path)
+    _, other_pub = generate_keys(tmp_path / "keys" / "other")
+    try:
+        c.start_link()
+        homes = {name: tmp_path / "flwr-home" / name for name in ("loyal", "other")}
+        env = {"FEDRAD_TEST_ROGUE_MARKER": str(marker)}
+        c.start_node("loyal", sites[0], env={**env, "FLWR_HOME": str(homes["loyal"])})
+        c.start_node("other", sites[1], env={**env, "FLWR_HOME": str(homes["other"])},
+                     trust=SiteTrust(consortium_key=other_pub))
+        broken_data = tmp_path / "gone" / "PATIENT-FOLDER-XYZ"
+        c.start_node("broken", broken_data, env=env)
+
+        # 1. Rogue FAB with a replayed genuine signature over the same run-config.
+        cfg = {"num-server-rounds": 1, "objective": "simclr", "run-dir": str(tmp_path / "rogue-run"),
+               "min-train-nodes": 1, "min-available-nodes": 3, "round-timeout": 90.0}
+        from federation_harness import TINY_RUN
+
+        genuine = parse_config_args([run_config_string({**TINY_RUN, **cfg}, app_dir(), c.consortium_key)])
+        code = c.run({**cfg, SIGNATURE_KEY: genuine[SIGNATURE_KEY]}, app=rogue_app(tmp_path / "rogue-app"),
+                     sign_key=False, timeout=300)
+        assert code != 0 or not (tmp_path / "rogue-run" / "summary.json").exists()
+        assert not marker.exists(), marker.read_text()
+        assert not [p for h in homes.values() if h.exists() for p in h.rglob("evil_client.py")]
+        loyal, other = _refusals(c.audit_dir("loyal")), _refusals(c.audit_dir("other"))
+        assert loyal and all(r["code"] == ErrorCode.RUN_NOT_SIGNED and "does not match" in r["reason"] for r in loyal)
+        assert other and all("not by the consortium key" in r["reason"] for r in other)
+        assert all(r["event"] == "refused" for r in _refusals(c.audit_dir("broken")))  # refused before its data
+        run_log = (tmp_path / "logs" / "flwr-run.log").read_text()
+        assert ERROR_TEXT[ErrorCode.RUN_NOT_SIGNED] in run_log
+        assert "does not match" not in run_log and str(sites[0]) not in run_log  # reasons stay at the site
+
+        # 2. The genuine FAB, signed: the loyal site trains, the other refuses it.
+        n_other = len(other)
+        run_dir = tmp_path / "run"
+        code = c.run({**cfg, "run-dir": str(run_dir)}, timeout=400)
+        assert code == 0
+        (row,) = read_metrics(run_dir)
+        assert row["sites_aggregated"] == 1
+        assert len(_refusals(c.audit_dir("loyal"))) == len(loyal)  # nothing new refused at the loyal site
+        assert len(_refusals(c.audit_dir("other"))) > n_other
+        assert "failed" in {r["event"] for r in _refusals(c.audit_dir("broken"))}
+        run_log = (tmp_path / "logs" / "flwr-run.log").read_text()
+        assert ERROR_TEXT[ErrorCode.SITE_FAILED] in run_log and "PATIENT-FOLDER-XYZ" not in run_log
+        assert not marker.exists()
+    finally:
+        c.stop()
