@@ -63,7 +63,8 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=None, help="decoded-image cache folder (default <data>/.fedrad-cache)")
-    p.add_argument("--out", default="pretrained.safetensors")
+    p.add_argument("--out", default="pretrained.safetensors",
+                   help="weights file to write (checked before training: not a folder, writable)")
     p.set_defaults(func=_lazy("fedrad.client.pretrain:cmd_pretrain"))
 
 

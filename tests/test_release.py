@@ -351,6 +351,7 @@ def test_cli_pretrain_out_folder_is_refused_before_training(tmp_path):
 # -- fuzzing (issue 12): a bounded, seeded atheris run of tests/fuzz/fuzz_bundle.py -------------------------
 def test_bundle_fuzz_bounded_run_finds_no_crash(tmp_path):
     """Mutated manifests (signed and not), signatures and weights: only the verifier's contract errors."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -359,6 +360,6 @@ def test_bundle_fuzz_bounded_run_finds_no_crash(tmp_path):
     harness = Path(__file__).parent / "fuzz" / "fuzz_bundle.py"
     proc = subprocess.run([sys.executable, str(harness), "-runs=3000", "-max_total_time=25", "-seed=1",
                            "-max_len=4096", f"-artifact_prefix={tmp_path}/"], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+                          timeout=120, cwd=tmp_path, env={**os.environ, "FUZZ_BUNDLE_DIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Done" in proc.stderr and not list(tmp_path.glob("crash-*"))

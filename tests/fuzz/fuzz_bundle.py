@@ -46,8 +46,11 @@ KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # fixed: runs are 
 PUBLIC = KEY.public_key()
 WEIGHT_BYTES = save({"conv.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
                      "fc.bias": np.zeros(3, dtype=np.float32)}, metadata={"model": "test_resnet"})
-# In memory where the system has it: the three files are rewritten for every input.
-BUNDLE = Path(tempfile.mkdtemp(prefix="fuzz-bundle-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)) / "bundle"
+# In memory where the system has it (the three files are rewritten for every input), or FUZZ_BUNDLE_DIR.
+# libFuzzer ends the process without Python's atexit when it stops on -runs/-max_total_time, so a caller
+# that wants no leftovers passes its own (temporary) FUZZ_BUNDLE_DIR.
+_ROOT = os.environ.get("FUZZ_BUNDLE_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+BUNDLE = Path(tempfile.mkdtemp(prefix="fuzz-bundle-", dir=_ROOT)) / "bundle"
 BUNDLE.mkdir()
 atexit.register(shutil.rmtree, BUNDLE.parent, True)
 
