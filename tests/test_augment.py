@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 from fedrad.common.augment import AugmentConfig, augment, make_views, v2_transform
 
@@ -68,15 +66,6 @@ def test_blur_and_noise_pieces_change_images() -> None:
     flat = torch.full((4, 1, 32, 32), 0.5)
     n = augment(flat, noise_only, torch.Generator().manual_seed(0))
     assert 0.03 < float(n.std()) < 0.07
-
-
-def test_batched_speed_cpu() -> None:
-    x = torch.rand(64, 1, 64, 64)
-    g = torch.Generator().manual_seed(0)
-    make_views(x, AugmentConfig(), g)
-    t = time.perf_counter()
-    make_views(x, AugmentConfig(), g)
-    assert time.perf_counter() - t < 0.5  # ~20 ms here; generous for loaded CI machines
 
 
 def test_v2_per_image_pipeline_runs() -> None:
