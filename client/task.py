@@ -10,8 +10,10 @@ import logging
 import time
 from pathlib import Path
 
+from fedrad.client.wire_guard import refuse
+from fedrad.common.protocol import ARRAYS, CONFIG, METRICS, RUN_KEY, SERVER_ROUND, ErrorCode, SiteReport
 from fedrad.common.run_config import RunConfig
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 log = logging.getLogger("fedrad.client")
 
@@ -47,8 +49,8 @@ def _sample_dp_for(msg: Message, context: Context, cfg: RunConfig, n_train: int)
     caller refuses the round when that ε would pass `dp-epsilon-budget` (the site enforces it itself)."""
     from fedrad.client.sample_dp import SampleDP, ledger_history, projected_epsilon
 
-    config = msg.content["config"] if "config" in msg.content else {}
-    run_key = str(config.get("run-key", "") or f"flwr-run-{context.run_id}")
+    config = msg.content[CONFIG] if CONFIG in msg.content else {}
+    run_key = str(config.get(RUN_KEY, "") or f"flwr-run-{context.run_id}")
     path = dp_ledger_path(context)
     dp = SampleDP(cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, ledger_history(path, run_key))
     eps_after = projected_epsilon(dp, n_train, cfg.batch_size, cfg.local_steps)
@@ -103,7 +105,7 @@ def _model_from(msg: Message, cfg: RunConfig):
     from fedrad.common.models import build_model
 
     model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim, norm=cfg.model_norm)
-    state = msg.content["arrays"].to_torch_state_dict()
+    state = msg.content[ARRAYS].to_torch_state_dict()
     model.load_state_dict(state, strict=True)
     return model
 
@@ -113,7 +115,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     from fedrad.client.trainer import train_local
 
     cfg = RunConfig.from_flower(dict(context.run_config))
-    server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+    server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0)) if CONFIG in msg.content else 0
     device = _node_setting(context, "device", "auto")  # the trainer resolves "auto"
     threads = int(_node_setting(context, "threads", "0") or 0)
     if threads > 0:  # unset: torch's own default (all cores)
@@ -137,35 +139,35 @@ def handle_train(msg: Message, context: Context) -> Message:
             why = (f"fedrad privacy: dp epsilon budget: this round's {cfg.local_steps} steps would take this "
                    f"site's image-level epsilon to {eps_after:.4f} > dp-epsilon-budget {cfg.dp_epsilon_budget:g} "
                    f"(delta {cfg.dp_delta:g}); not training")
-            log.warning(why)
-            return Message(Error(code=429, reason=why), reply_to=msg)
+            return refuse(msg, ErrorCode.PRIVACY_BUDGET, why)
     result = train_local(model, data, tcfg, progress=False, proximal=proximal, dp=dp)
     model.to("cpu")
     seconds = time.perf_counter() - t0
     log.info("round %s: %d local steps on %d images, loss %.4f -> %.4f in %.1fs", server_round,
              result.steps, len(data), result.losses[0], result.losses[-1], seconds)
-    metrics = MetricRecord({
-        "train_loss": float(sum(result.losses[-3:]) / len(result.losses[-3:])),
-        "train_loss_first": float(result.losses[0]),
-        "num-examples": int(len(data)),
-        "examples_seen": int(result.examples),
-        "steps": int(result.steps),
-        "seconds": float(seconds),
-        "train_seconds": float(result.seconds),
-    })
-    if cfg.dp == "client":
-        metrics["dp-weight"] = 1.0  # equal weights: the DP noise is calibrated to an unweighted mean
+    report = SiteReport(
+        train_loss=sum(result.losses[-3:]) / len(result.losses[-3:]),
+        train_loss_first=result.losses[0],
+        num_examples=len(data),
+        examples_seen=result.examples,
+        steps=result.steps,
+        seconds=seconds,
+        train_seconds=result.seconds,
+    )
     if dp is not None:
+        from dataclasses import replace
+
         from fedrad.client.sample_dp import ledger_record, projected_epsilon
 
         # Recorded before the weights leave: a crash after this over-counts, never under-counts.
         eps = ledger_record(ledger, run_key, result.dp_history, cfg.dp_delta, server_round)
         dp.history = result.dp_history
-        metrics["dp_epsilon"] = float(eps)
-        metrics["dp_epsilon_next"] = float(projected_epsilon(dp, n_train, cfg.batch_size, cfg.local_steps))
+        report = replace(report, dp_epsilon=eps,
+                         dp_epsilon_next=projected_epsilon(dp, n_train, cfg.batch_size, cfg.local_steps))
         log.info("round %s: DP-SGD at this site, image-level epsilon %.4f at delta %g (ledger %s)", server_round,
                  eps, cfg.dp_delta, ledger)
-    content = RecordDict({"arrays": _reply_arrays(model, msg.content["arrays"], cfg), "metrics": metrics})
+    content = RecordDict({ARRAYS: _reply_arrays(model, msg.content[ARRAYS], cfg),
+                          METRICS: MetricRecord(report.to_metrics())})
     return Message(content=content, reply_to=msg)
 
 
@@ -178,8 +180,5 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     model = _model_from(msg, cfg)
     tcfg = train_config_for(cfg, device, 0, 0)
     scores = evaluate_local(model, data, tcfg)
-    metrics = {k: float(v) for k, v in scores.items()}
-    metrics["num-examples"] = int(len(data))
-    if cfg.dp == "client":
-        metrics["dp-weight"] = 1.0  # the strategy averages with equal weights under DP (train and evaluate)
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    report = SiteReport(num_examples=len(data), **scores)  # evaluate_local's keys are SiteReport fields
+    return Message(content=RecordDict({METRICS: MetricRecord(report.to_metrics())}), reply_to=msg)
