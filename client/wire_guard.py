@@ -83,8 +83,8 @@ def expected_reply(msg: Message) -> Expected:
     if SECAGG_RECORD in content.config_records:
         cfg = content.config_records[SECAGG_RECORD]
         exp.stage = str(cfg.get(_STAGE, ""))
-        if FIT_PARAMS in content.array_records:
-            exp.fit_shapes = [tuple(a.shape) for a in content.array_records[FIT_PARAMS].values()]
+        if FIT_PARAMS in content.array_records:  # legacy arrays carry no shape: read it from the data
+            exp.fit_shapes = [tuple(a.numpy().shape) for a in content.array_records[FIT_PARAMS].values()]
         if exp.stage == _SHARE_KEYS:
             exp.peers = len([k for k in cfg if k != _STAGE])
         elif exp.stage == _UNMASK:

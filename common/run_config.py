@@ -58,7 +58,7 @@ class RunConfig:
     krum_byzantine: int = 0
     # Update screening before aggregation (server/screening.py): an update whose distance to the global model
     # is more than this many times the round's median distance is rejected (0 disables). It does not catch
-    # an update pointed elsewhere at a normal norm (e.g. a sign flip): see docs/PRIVACY.md.
+    # an update pointed elsewhere at a normal norm (e.g. a sign flip): see server/screening.py.
     norm_outlier_factor: float = 3.0
     # A site's claimed example count is cut to this many times the round's median (0 disables), and no
     # site's weight share exceeds max-site-share (1 disables; fewer than 1/share sites: equal weights).

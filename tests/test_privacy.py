@@ -66,7 +66,10 @@ def test_site_refuses_secagg_mismatch(run_secagg, msg_secagg):
     called = []
     reply = privacy_mod(_train_message(msg_secagg), ctx, lambda m, c: called.append(m))
     assert reply.has_error() and not called
-    assert "secagg" in reply.error.reason.lower()
+    from fedrad.common.protocol import ERROR_TEXT, ErrorCode
+
+    assert reply.error.code == ErrorCode.PROTOCOL_MISMATCH
+    assert reply.error.reason == ERROR_TEXT[ErrorCode.PROTOCOL_MISMATCH]  # the why stays in the site's log
 
 
 def test_apply_mean_update_keeps_dtypes():
@@ -117,7 +120,7 @@ def test_secagg_round_equals_plain_fedavg(consortium3):
     (row,) = read_metrics(root / "plain")
     (srow,) = read_metrics(root / "secagg")
     assert srow["secagg"] and srow["sites_aggregated"] == 3
-    weights = [m["num-examples"] for m in row["sites"].values()]
+    weights = [m["num_examples"] for m in row["sites"].values()]
     tol = quantisation_tolerance(weights)
     import torch
     from fedrad.common.models import build_model

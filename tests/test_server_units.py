@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fedrad.common.protocol import MESSAGE_TRAIN
 from fedrad.common.run_config import RunConfig
 from fedrad.server.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fedrad.server.screening import ScreeningRules, cap_shares, screen_replies
