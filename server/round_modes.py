@@ -7,7 +7,7 @@ rest (evaluation, record, checkpoint, plots) the same way for all of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -78,9 +78,16 @@ class PlainRounds:
         if msgs and not answered:
             self._nothing_back(rnd, msgs, replies)
         kept, report = screen_replies(replies, arrays, self.rules, MESSAGE_TRAIN)
+        for node, reason in report.rejected.items():
+            log(WARNING, "fedrad: [round %d] rejected the update of node %s: %s", rnd, node, reason)
+        for node, reason in report.capped.items():
+            log(WARNING, "fedrad: [round %d] capped the weight of node %s: %s", rnd, node, reason)
         agg, metrics = self.train_strategy.aggregate_train(rnd, kept)
+        # Per-site records: rejected sites' claims too; an accepted site's count as it was counted.
+        reports = {str(n): replace(r, num_examples=report.counted.get(n, r.num_examples))
+                   for n, r in report.reports.items()}
         out = TrainOutcome(agg, dict(metrics or {}), len(msgs), answered, len(kept) if agg is not None else 0,
-                           {str(n): r for n, r in report.reports.items()},  # rejected sites' claims too
+                           reports,
                            {str(n): r for n, r in report.rejected.items()},
                            {str(n): r for n, r in report.capped.items()},
                            getattr(self.strategy, "last_refusal", None) if agg is None else None)

@@ -179,8 +179,10 @@ def _round_entry(state: RunState, rnd: int, outcome: TrainOutcome, privacy: dict
     """The round's line in metrics.jsonl: counts, what was rejected or capped and why, per-site records."""
     agg_eval, eval_sites = _evaluate(state, rnd, arrays)
     sites = {n: r.values(SITE_RECORD) for n, r in outcome.reports.items()}
-    for node, values in eval_sites.items():
-        sites.setdefault(node, {}).update(values)
+    for node, values in eval_sites.items():  # a key both replies carry (num_examples) keeps the train value
+        record = sites.setdefault(node, {})
+        for key, value in values.items():
+            record.setdefault(key, value)
     entry: dict[str, Any] = {
         "round": rnd,
         "sites_answered": outcome.answered,

@@ -55,6 +55,7 @@ class ScreeningReport:
     update_norms: dict[int, float] = field(default_factory=dict)
     reports: dict[int, SiteReport] = field(default_factory=dict)  # parsed metrics of every well-formed reply
     weights: dict[int, float] = field(default_factory=dict)  # the weight each accepted site aggregated with
+    counted: dict[int, int] = field(default_factory=dict)  # each accepted site's example count after the cap
     capped: dict[int, str] = field(default_factory=dict)  # why a site's weight was cut
 
 
@@ -165,8 +166,6 @@ def screen_replies(replies: list[Message], global_arrays: ArrayRecord | None, ru
 
 
 def _weights(counts: dict[int, float], rules: ScreeningRules, report: ScreeningReport) -> dict[int, float]:
-    if rules.equal_weights:
-        return {n: 1.0 for n in counts}
     weights = dict(counts)
     if counts and rules.max_example_factor > 0:
         limit = rules.max_example_factor * lower_median(list(counts.values()))
@@ -175,9 +174,13 @@ def _weights(counts: dict[int, float], rules: ScreeningRules, report: ScreeningR
                 weights[node] = limit
                 report.capped[node] = f"claimed {count:g} examples, counted as {limit:g} " \
                                       f"({rules.max_example_factor:g}x the round's median)"
+    report.counted = {n: int(w) for n, w in weights.items()}
+    if rules.equal_weights:
+        return {n: 1.0 for n in counts}
     shared = cap_shares(weights, rules.max_site_share)
+    before, after = sum(weights.values()), sum(shared.values())
     for node in weights:
-        if shared[node] < weights[node] * (1 - 1e-9) and node not in report.capped:
+        if shared[node] / after < weights[node] / before - 1e-9 and node not in report.capped:
             report.capped[node] = f"weight share cut to at most {rules.max_site_share:g} of the round"
     return shared
 
