@@ -137,9 +137,12 @@ def test_secagg_round_equals_plain_fedavg(consortium3):
     assert moved > 20 * tol, "the round should have trained far beyond the quantisation error"
     summary = json.loads((root / "secagg" / "summary.json").read_text())
     assert summary["privacy"]["secure_aggregation"] is True
-    # what each site sent is described in its audit log: masked vectors are Flower's, metrics are numbers
-    audit = (root / "audit" / "s0" / "outgoing.jsonl").read_text().splitlines()
-    assert any(json.loads(line)["blocked"] is None for line in audit)
+    # What each site sent is in its audit log: the wire guard (outermost) checked every SecAgg+ stage's
+    # real reply (keys, shares, masked vectors of the model's shapes, FitRes metrics) and blocked none.
+    audit = [json.loads(line) for line in (root / "audit" / "s0" / "outgoing.jsonl").read_text().splitlines()]
+    stages = [e["stage"] for e in audit if e["stage"]]
+    assert stages == ["setup", "share_keys", "collect_masked_vectors", "unmask"]
+    assert all(e["blocked"] is None and "error" not in e for e in audit)
 
 
 @pytest.mark.slow
