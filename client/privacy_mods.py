@@ -1,15 +1,15 @@
 """Site-side privacy mods: SecAgg+ (Flower's `secaggplus_mod`) and DP clipping, chosen by the run-config.
 
-`privacy_mod` sits outside the wire guard. With run-config `secagg = false` it passes messages through; with
-`secagg = true` training messages go through
+`privacy_mod` sits just inside the wire guard. With run-config `secagg = false` it passes messages through;
+with `secagg = true` training messages go through
 
-    secaggplus_mod -> update edge -> [fixedclipping_mod when dp = client] -> legacy edge -> wire guard -> handler
+    wire guard -> secaggplus_mod -> update edge -> [fixedclipping_mod when dp = client] -> legacy edge -> handler
 
 so `task.handle_train` trains exactly as in plain mode: the legacy edge turns Flower's legacy FitIns into the
 fedrad message (named arrays + config) and the reply back into a FitRes; the update edge replaces the
 (clipped) weights by the update (weights minus the global weights) that SecAgg+ masks. What leaves the site
-in secagg mode is Flower's masked integer vectors, public keys and encrypted key shares, plus the numeric
-metrics the wire guard has checked.
+in secagg mode is Flower's masked integer vectors, public keys and encrypted key shares, plus the SiteReport
+metrics; the wire guard checks each SecAgg+ stage's reply for exactly that structure.
 
 A mismatch between the run-config and what the coordinator sends is refused loudly: a secagg run never
 answers a plain training message (that would expose the site's update), and a plain run never joins a
