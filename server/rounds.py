@@ -1,8 +1,9 @@
-"""The round loop: Flower's strategy does sampling and aggregation; fedrad adds screening, a checkpoint
-and a metrics line after every round, plots, resume from the last checkpoint, and the final weights.
+"""The run: start or resume, one skeleton per round, the final weights and summary.json.
 
-This mirrors `Strategy.start` of flwr 1.41 (configure -> send_and_receive -> aggregate, train then
-evaluate) but starts at an arbitrary round, which `Strategy.start` cannot, so a crashed run resumes.
+Every round is check -> train (the mode's configure -> send/receive -> screen -> aggregate; plain,
+client-DP and SecAgg+ live in fedrad.server.round_modes) -> evaluate -> record -> checkpoint -> plots.
+This mirrors `Strategy.start` of flwr 1.41 but starts at an arbitrary round, which `Strategy.start`
+cannot, so a crashed run resumes.
 """
 
 from __future__ import annotations
