@@ -12,11 +12,12 @@ from fedrad.client.wire_guard import wire_guard_mod
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-# The wire guard is the last thing a reply passes on its way out: it refuses anything that is not model
-# arrays of the model's own shapes plus numeric metrics, and can log every outgoing message for audit.
-# privacy_mod (outermost) runs Flower's SecAgg+ (and DP clipping) when the run-config asks for it and
-# refuses a mismatch between the run-config and what the coordinator sends.
-app = ClientApp(mods=[site_policy_mod, privacy_mod, wire_guard_mod])  # site policy first: refuses before all
+# The wire guard (outermost) is the last thing a reply passes on its way out: it enforces
+# fedrad.common.protocol on what actually leaves (SecAgg+ records and the site policy's refusals included),
+# turns any exception into a bare error code, and audits every outgoing message. The site policy comes next:
+# it refuses a run that breaks the hospital's policy before any data is touched. privacy_mod runs Flower's
+# SecAgg+ (and DP clipping) when the run-config asks for it and refuses a mismatch with what the coordinator sends.
+app = ClientApp(mods=[wire_guard_mod, site_policy_mod, privacy_mod])
 
 
 @app.train()

@@ -1,15 +1,15 @@
 """Site-side privacy mods: SecAgg+ (Flower's `secaggplus_mod`) and DP clipping, chosen by the run-config.
 
-`privacy_mod` sits outside the wire guard. With run-config `secagg = false` it passes messages through; with
-`secagg = true` training messages go through
+`privacy_mod` sits just inside the wire guard. With run-config `secagg = false` it passes messages through;
+with `secagg = true` training messages go through
 
-    secaggplus_mod -> update edge -> [fixedclipping_mod when dp = client] -> legacy edge -> wire guard -> handler
+    wire guard -> secaggplus_mod -> update edge -> [fixedclipping_mod when dp = client] -> legacy edge -> handler
 
 so `task.handle_train` trains exactly as in plain mode: the legacy edge turns Flower's legacy FitIns into the
 fedrad message (named arrays + config) and the reply back into a FitRes; the update edge replaces the
 (clipped) weights by the update (weights minus the global weights) that SecAgg+ masks. What leaves the site
-in secagg mode is Flower's masked integer vectors, public keys and encrypted key shares, plus the numeric
-metrics the wire guard has checked.
+in secagg mode is Flower's masked integer vectors, public keys and encrypted key shares, plus the SiteReport
+metrics; the wire guard checks each SecAgg+ stage's reply for exactly that structure.
 
 A mismatch between the run-config and what the coordinator sends is refused loudly: a secagg run never
 answers a plain training message (that would expose the site's update), and a plain run never joins a
@@ -18,12 +18,21 @@ SecAgg+ exchange (which would train nothing).
 
 from __future__ import annotations
 
-from flwr.app import Context, Error, Message
+from fedrad.client.wire_guard import refuse
+from fedrad.common.protocol import (
+    ARRAYS,
+    CONFIG,
+    FIT_CONFIG,
+    FIT_PARAMS,
+    METRICS,
+    SECAGG_MAX_WEIGHT,
+    SECAGG_RECORD,
+    SERVER_ROUND,
+    ErrorCode,
+    SiteReport,
+)
+from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
-
-SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
-FIT_PARAMS = "fitins.parameters"
-FIT_CONFIG = "fitins.config"
 
 
 def _secagg_on(context: Context) -> bool:
@@ -32,7 +41,8 @@ def _secagg_on(context: Context) -> bool:
 
 
 def _refuse(msg: Message, why: str) -> Message:
-    return Message(Error(code=409, reason=f"fedrad privacy: {why}"), reply_to=msg)
+    """A mismatch refusal: the code leaves, `why` stays in the site's log and audit file."""
+    return refuse(msg, ErrorCode.PROTOCOL_MISMATCH, f"fedrad privacy: {why}")
 
 
 def privacy_mod(msg: Message, context: Context, call_next) -> Message:
@@ -82,22 +92,22 @@ def _legacy_edge(msg: Message, context: Context, call_next) -> Message:
         return _refuse(msg, f"the coordinator sent {len(global_nd)} arrays, this model has {len(names)}")
     config = dict(msg.content.config_records[FIT_CONFIG])
     msg.content = RecordDict({
-        "arrays": ArrayRecord({n: Array(np.array(a, order="C")) for n, a in zip(names, global_nd, strict=True)}),
-        "config": ConfigRecord({"server-round": int(config.get("server-round", 0))}),
+        ARRAYS: ArrayRecord({n: Array(np.array(a, order="C")) for n, a in zip(names, global_nd, strict=True)}),
+        CONFIG: ConfigRecord({SERVER_ROUND: int(config.get(SERVER_ROUND, 0))}),
     })
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    arrays = reply.content["arrays"]
-    metrics = {k: v for k, v in reply.content["metrics"].items() if isinstance(v, int | float)}
+    arrays = reply.content[ARRAYS]
+    metrics = SiteReport.from_metrics(reply.content[METRICS], MessageType.TRAIN).to_metrics()
     # Integer buffers travel as float64 from here on, so Flower's clipping arithmetic can scale them.
     weights = [arrays[n].numpy().astype(np.float64 if g.dtype.kind in "iu" else g.dtype, copy=False)
                for n, g in zip(names, global_nd, strict=True)]
-    num_examples = int(metrics.get("num-examples", 1))
+    num_examples = int(metrics.get("num_examples", 1))
     if str(context.run_config.get("dp", "none")) == "client":
-        num_examples = int(float(config.get("secagg-max-weight", 1)))  # equal weights: DP noise assumes them
+        num_examples = int(float(config.get(SECAGG_MAX_WEIGHT, 1)))  # equal weights: DP noise assumes them
     else:
-        num_examples = min(num_examples, int(float(config.get("secagg-max-weight", num_examples))))
+        num_examples = min(num_examples, int(float(config.get(SECAGG_MAX_WEIGHT, num_examples))))
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(weights), max(1, num_examples), metrics)
     reply.content = compat.fitres_to_recorddict(fitres, keep_input=True)
     return reply

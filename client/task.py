@@ -10,6 +10,7 @@ import logging
 import time
 from pathlib import Path
 
+from fedrad.common.protocol import ARRAYS, CONFIG, METRICS, RUN_KEY, SERVER_ROUND, SiteReport
 from fedrad.common.run_config import RunConfig
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
@@ -58,8 +59,8 @@ def _sample_dp_for(msg: Message, context: Context, cfg: RunConfig, n_train: int,
     from fedrad.client.sample_dp import SampleDP, epsilon_of, ledger_history, ledger_record, sample_rate, site_history
     from fedrad.client.site_state import locked, open_state, state_paths
 
-    config = msg.content["config"] if "config" in msg.content else {}
-    run_key = str(config.get("run-key", "") or f"flwr-run-{context.run_id}")
+    config = msg.content[CONFIG] if CONFIG in msg.content else {}
+    run_key = str(config.get(RUN_KEY, "") or f"flwr-run-{context.run_id}")
     state = state_paths(context.node_config)
     limit = epsilon_limit(policy_for(dict(context.node_config)), cfg)
     with locked(state):
@@ -125,7 +126,7 @@ def _model_from(msg: Message, cfg: RunConfig):
     from fedrad.common.models import build_model
 
     model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim, norm=cfg.model_norm)
-    state = msg.content["arrays"].to_torch_state_dict()
+    state = msg.content[ARRAYS].to_torch_state_dict()
     model.load_state_dict(state, strict=True)
     return model
 
@@ -135,7 +136,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     from fedrad.client.trainer import train_local
 
     cfg = RunConfig.from_flower(dict(context.run_config))
-    server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+    server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0)) if CONFIG in msg.content else 0
     device = _node_setting(context, "device", "auto")  # the trainer resolves "auto"
     threads = int(_node_setting(context, "threads", "0") or 0)
     if threads > 0:  # unset: torch's own default (all cores)
@@ -168,18 +169,18 @@ def handle_train(msg: Message, context: Context) -> Message:
     seconds = time.perf_counter() - t0
     log.info("round %s: %d local steps on %d images, loss %.4f -> %.4f in %.1fs", server_round,
              result.steps, len(data), result.losses[0], result.losses[-1], seconds)
-    metrics = MetricRecord({
-        "train_loss": float(sum(result.losses[-3:]) / len(result.losses[-3:])),
-        "train_loss_first": float(result.losses[0]),
-        "num-examples": int(len(data)),
-        "examples_seen": int(result.examples),
-        "steps": int(result.steps),
-        "seconds": float(seconds),
-        "train_seconds": float(result.seconds),
-    })
-    if cfg.dp == "client":
-        metrics["dp-weight"] = 1.0  # equal weights: the DP noise is calibrated to an unweighted mean
+    report = SiteReport(
+        train_loss=sum(result.losses[-3:]) / len(result.losses[-3:]),
+        train_loss_first=result.losses[0],
+        num_examples=len(data),
+        examples_seen=result.examples,
+        steps=result.steps,
+        seconds=seconds,
+        train_seconds=result.seconds,
+    )
     if dp is not None:
+        from dataclasses import replace
+
         from fedrad.client.sample_dp import ledger_record, projected_epsilon
         from fedrad.client.site_state import locked
 
@@ -187,11 +188,12 @@ def handle_train(msg: Message, context: Context) -> Message:
         with locked(state):
             eps = ledger_record(state.ledger, run_key, result.dp_history, cfg.dp_delta, server_round)
         dp.history = result.dp_history
-        metrics["dp_epsilon"] = float(eps)
-        metrics["dp_epsilon_next"] = float(projected_epsilon(dp, n_train, cfg.batch_size, cfg.local_steps))
+        report = replace(report, dp_epsilon=eps,
+                         dp_epsilon_next=projected_epsilon(dp, n_train, cfg.batch_size, cfg.local_steps))
         log.info("round %s: DP-SGD at this site, image-level epsilon %.4f at delta %g (ledger %s)", server_round,
                  eps, cfg.dp_delta, state.ledger)
-    content = RecordDict({"arrays": _reply_arrays(model, msg.content["arrays"], cfg), "metrics": metrics})
+    content = RecordDict({ARRAYS: _reply_arrays(model, msg.content[ARRAYS], cfg),
+                          METRICS: MetricRecord(report.to_metrics())})
     return Message(content=content, reply_to=msg)
 
 
@@ -204,8 +206,5 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     model = _model_from(msg, cfg)
     tcfg = train_config_for(cfg, device, 0, 0)
     scores = evaluate_local(model, data, tcfg)
-    metrics = {k: float(v) for k, v in scores.items()}
-    metrics["num-examples"] = int(len(data))
-    if cfg.dp == "client":
-        metrics["dp-weight"] = 1.0  # the strategy averages with equal weights under DP (train and evaluate)
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    report = SiteReport(num_examples=len(data), **scores)  # evaluate_local's keys are SiteReport fields
+    return Message(content=RecordDict({METRICS: MetricRecord(report.to_metrics())}), reply_to=msg)

@@ -9,6 +9,24 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+# Aggregation strategies by run-config name, each with the reason it cannot run under SecAgg+ (None: it
+# can). SecAgg+ unmasks only the weighted sum of the sites' updates, so only a weighted mean of updates
+# runs on it; fedprox qualifies (its proximal term is applied at the sites). server/strategies.py maps each
+# name to Flower's class.
+_NEEDS_EACH_UPDATE = "needs each site's update, and SecAgg+ reveals only their sum"
+_SERVER_OPTIMISER = "applies a server-side optimiser that fedrad's SecAgg+ path does not run (it applies the mean)"
+STRATEGY_NAMES: dict[str, str | None] = {
+    "fedavg": None,
+    "fedprox": None,
+    "fedavgm": _SERVER_OPTIMISER,
+    "fedadam": _SERVER_OPTIMISER,
+    "fedyogi": _SERVER_OPTIMISER,
+    "fedmedian": _NEEDS_EACH_UPDATE,
+    "fedtrimmedavg": _NEEDS_EACH_UPDATE,
+    "krum": _NEEDS_EACH_UPDATE,
+    "multikrum": _NEEDS_EACH_UPDATE,
+}
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -38,9 +56,14 @@ class RunConfig:
     proximal_mu: float = 0.01
     trimmed_beta: float = 0.2
     krum_byzantine: int = 0
-    # Update screening before aggregation: an update whose distance to the global model is more than
-    # this many times the round's median distance is rejected (0 disables).
-    norm_outlier_factor: float = 10.0
+    # Update screening before aggregation (server/screening.py): an update whose distance to the global model
+    # is more than this many times the round's median distance is rejected (0 disables). It does not catch
+    # an update pointed elsewhere at a normal norm (e.g. a sign flip): see server/screening.py.
+    norm_outlier_factor: float = 3.0
+    # A site's claimed example count is cut to this many times the round's median (0 disables), and no
+    # site's weight share exceeds max-site-share (1 disables; fewer than 1/share sites: equal weights).
+    max_example_factor: float = 1.5
+    max_site_share: float = 0.5
     # Run directory (checkpoints, metrics.jsonl, plots); empty: runs/<timestamp> under the cwd.
     run_dir: str = ""
     resume: bool = False
@@ -83,6 +106,31 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown run-config keys: {', '.join(sorted(unknown))}")
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        """Refuse what cannot run as configured, naming the key: both `fedrad run` (before submission) and
+        the ServerApp build a RunConfig, so both refuse."""
+        name = self.strategy.lower()
+        if name not in STRATEGY_NAMES:
+            raise ValueError(f"run-config 'strategy': unknown '{self.strategy}', choose one of "
+                             f"{', '.join(STRATEGY_NAMES)}")
+        if self.secagg and STRATEGY_NAMES[name] is not None:
+            raise ValueError(f"run-config secagg=true cannot run strategy '{self.strategy}': it "
+                             f"{STRATEGY_NAMES[name]}. Use strategy=fedavg or fedprox with secagg, or secagg=false.")
+        if self.norm_outlier_factor < 0 or self.max_example_factor < 0:
+            raise ValueError("run-config 'norm-outlier-factor' and 'max-example-factor' must be >= 0 (0 disables)")
+        if not 0 < self.max_site_share <= 1:
+            raise ValueError("run-config 'max-site-share' must be in (0, 1]")
+
+    @property
+    def aggregation(self) -> str:
+        """The aggregation that actually runs (summary.json and the release manifest name it)."""
+        name = self.strategy.lower()
+        if self.secagg:
+            return f"{name}: weighted mean of SecAgg+-masked updates (sum unmasked only)"
+        if self.dp == "client":
+            return f"{name}: equal-weight mean of clipped updates + Gaussian noise (server-side DP)"
+        return name
 
     @property
     def model_norm(self) -> str:

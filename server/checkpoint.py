@@ -25,7 +25,6 @@ _NAME = re.compile(r"round-(\d{4,})\.safetensors$")
 class Checkpoint:
     server_round: int
     arrays: ArrayRecord
-    strategy_state: dict[str, object]
     info: dict
 
 
@@ -98,4 +97,4 @@ def load_checkpoint(path: Path, strategy=None) -> Checkpoint:
     arrays = ArrayRecord({k: Array(model[k]) for k in order})
     if strategy is not None:
         _restore_state(strategy, tensors, header.get("strategy_kinds", {}))
-    return Checkpoint(int(header["server_round"]), arrays, {}, header["info"])
+    return Checkpoint(int(header["server_round"]), arrays, header["info"])

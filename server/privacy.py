@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import INFO
 from typing import Any
 
 from fedrad.common.losses import per_sample_objectives
@@ -178,8 +178,3 @@ def privacy_summary(cfg: RunConfig, ledger: PrivacyLedger | None, rounds_done: i
                                  "differential privacy and may leak information about training images "
                                  "(e.g. by model inversion or membership inference)."})
     return out
-
-
-def warn_if_weak(eps: float) -> None:
-    if eps > 10:
-        log(WARNING, "fedrad: epsilon %.2f is large: the formal guarantee is weak (see docs/PRIVACY.md)", eps)

@@ -189,7 +189,7 @@ def build_manifest(run_dir: Path, weights: bytes, meta: dict[str, str], signer_f
             seen += int(s["examples_seen"]) if "examples_seen" in s else int(s.get("steps", 0)) * batch
     site_images = 0
     if rows:
-        site_images = int(sum(float(s.get("num-examples", 0)) for s in (rows[-1].get("sites") or {}).values()))
+        site_images = int(sum(float(s.get("num_examples", 0)) for s in (rows[-1].get("sites") or {}).values()))
     norm = meta.get("norm", "batch")
     return {
         "format": BUNDLE_FORMAT,

@@ -7,6 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from fedrad.common.atomic import atomic_write
+from fedrad.common.protocol import PLOT, metrics_for
+
+TRAIN_LOSS = "train_loss"  # SiteReport fields the plots name
+EPSILON = "dp_epsilon"
 
 
 def append_metrics(run_dir: Path, entry: dict[str, Any]) -> None:
@@ -40,7 +44,7 @@ def truncate_metrics(run_dir: Path, last_round: int) -> None:
 
 
 def plot_run(run_dir: Path) -> Path | None:
-    """Loss per round (global and per site) and, when DP is on, epsilon per round, as one PNG."""
+    """The protocol's plotted metrics per round, train loss per site and, when DP is on, epsilon, as one PNG."""
     rows = read_metrics(run_dir)
     if not rows:
         return None
@@ -50,20 +54,22 @@ def plot_run(run_dir: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     rounds = [r["round"] for r in rows]
-    has_eps = any(r.get("dp_epsilon") is not None for r in rows)
+    # Round-level lines: every metric the protocol marks for plotting, ε in a panel of its own.
+    lines = [k for k in metrics_for(PLOT) if k != EPSILON and any(r.get(k) is not None for r in rows)]
+    has_eps = any(r.get(EPSILON) is not None for r in rows)
     fig, axes = plt.subplots(1, 3 if has_eps else 2, figsize=(14 if has_eps else 10, 4))
     ax = axes[0]
-    ax.plot(rounds, [r.get("train_loss") for r in rows], "o-", label="train (weighted mean)")
-    if any(r.get("eval_loss") is not None for r in rows):
-        ax.plot(rounds, [r.get("eval_loss") for r in rows], "s--", label="held-out (weighted mean)")
-    ax.set(title="contrastive loss per round", xlabel="round", ylabel="loss")
-    ax.legend()
+    for key in lines:
+        ax.plot(rounds, [r.get(key) for r in rows], "o-", label=f"{key} (weighted mean)")
+    ax.set(title="per round", xlabel="round", ylabel="value")
+    if lines:
+        ax.legend()
     ax = axes[1]
     sites: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
         for node, m in (r.get("sites") or {}).items():
-            if m.get("train_loss") is not None:
-                sites.setdefault(node, []).append((r["round"], m["train_loss"]))
+            if m.get(TRAIN_LOSS) is not None:
+                sites.setdefault(node, []).append((r["round"], m[TRAIN_LOSS]))
     for node, pts in sorted(sites.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"node {node}")
     ax.set(title="train loss per site", xlabel="round", ylabel="loss")
@@ -71,7 +77,7 @@ def plot_run(run_dir: Path) -> Path | None:
         ax.legend(fontsize=7)
     if has_eps:
         ax = axes[2]
-        ax.plot(rounds, [r.get("dp_epsilon") for r in rows], "o-", color="crimson")
+        ax.plot(rounds, [r.get(EPSILON) for r in rows], "o-", color="crimson")
         ax.set(title="privacy spent (epsilon)", xlabel="round", ylabel="epsilon")
     fig.tight_layout()
     out = Path(run_dir) / "plots" / "loss.png"

@@ -14,6 +14,14 @@ after every round exactly as in plain mode) and adapts formats at the edges:
 
 Only the sum is ever unmasked. A round in which SecAgg+ cannot finish (too many sites dropped for the
 reconstruction threshold, or sites that do not speak SecAgg+) raises instead of silently training nothing.
+
+Limits, stated: each site weights its own masked update, so the coordinator can neither cap one site's
+count relative to the others (as plain mode does) nor screen update norms; a site's weight is bounded by
+MAX_WEIGHT only when it follows the protocol. The coordinator checks what it can: every claimed count
+(sent in the clear beside the masked vector) must be a positive whole number <= MAX_WEIGHT, the metrics
+must be SiteReport fields, and the unmasked mean must be finite; otherwise the round keeps the previous
+weights and says why. That is why secagg=true runs only strategies that are a weighted mean
+(common/run_config.STRATEGY_NAMES).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from dataclasses import dataclass, field
 from logging import INFO
 
 import numpy as np
+from fedrad.common.protocol import AGGREGATE, MESSAGE_TRAIN, SECAGG_MAX_WEIGHT, SERVER_ROUND, ProtocolError, SiteReport
 from fedrad.common.run_config import RunConfig
 from flwr.app import Array, ArrayRecord, Context
 from flwr.common.logger import log
@@ -40,12 +49,13 @@ class SecAggRoundFailed(RuntimeError):
 
 @dataclass
 class SecAggResult:
-    arrays: ArrayRecord
+    arrays: ArrayRecord | None  # None: the aggregate was refused (`refusal` says why); keep the weights
     metrics: dict[str, float]
-    site_metrics: dict[str, dict[str, float]]
+    reports: dict[str, SiteReport]
     sampled: int
     aggregated: int
     failures: list[str] = field(default_factory=list)
+    refusal: str | None = None
 
 
 def _legacy_collector(cfg: RunConfig):
@@ -57,7 +67,8 @@ def _legacy_collector(cfg: RunConfig):
         def __init__(self) -> None:
             self.server_round = 0
             self.aggregate: list[np.ndarray] | None = None
-            self.site_metrics: dict[str, dict[str, float]] = {}
+            self.reports: dict[str, SiteReport] = {}
+            self.invalid: dict[str, str] = {}
             self.num_examples: dict[str, int] = {}
             self.sampled = 0
             self.failures: list[str] = []
@@ -73,19 +84,25 @@ def _legacy_collector(cfg: RunConfig):
             self.sampled = len(clients)
             if self.sampled > MAX_SITES:
                 raise SecAggRoundFailed(f"SecAgg+ here supports at most {MAX_SITES} sites per round")
-            config = {"server-round": int(server_round), "secagg-max-weight": float(MAX_WEIGHT)}
+            config = {SERVER_ROUND: int(server_round), SECAGG_MAX_WEIGHT: float(MAX_WEIGHT)}
             return [(c, FitIns(parameters, dict(config))) for c in clients]
 
         def aggregate_fit(self, server_round, results, failures):
-            self.failures = [str(f) if isinstance(f, BaseException) else str(f[1].status.message)
-                             for f in failures]
+            # Failures are recorded by kind only: a site's own error text never reaches the run log.
+            self.failures = [type(f).__name__ for f in failures]
             if not results:
                 return None, {}
             self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
             for proxy, res in results:
-                self.site_metrics[str(proxy.node_id)] = {k: float(v) for k, v in res.metrics.items()
-                                                         if isinstance(v, int | float)}
-                self.num_examples[str(proxy.node_id)] = int(res.num_examples)
+                node = str(proxy.node_id)
+                count = res.num_examples
+                if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= MAX_WEIGHT:
+                    self.invalid[node] = f"claimed weight {count!r} is not a whole number in [1, {MAX_WEIGHT:g}]"
+                try:
+                    self.reports[node] = SiteReport.from_metrics(res.metrics, MESSAGE_TRAIN)
+                except ProtocolError as exc:
+                    self.invalid[node] = str(exc)
+                self.num_examples[node] = int(count) if isinstance(count, int) else 0
             return results[0][1].parameters, {}
 
         def configure_evaluate(self, server_round, parameters, client_manager):
@@ -142,7 +159,7 @@ class SecAggTrainer:
         from flwr.server.workflow.constant import Key as WorkflowKey
 
         c = self.collector
-        c.aggregate, c.site_metrics, c.num_examples, c.failures = None, {}, {}, []
+        c.aggregate, c.reports, c.invalid, c.num_examples, c.failures = None, {}, {}, {}, []
         if self.dp_wrapper is not None:
             # Noise is calibrated to the number of sites sampled; known once the client manager is filled.
             n = max(int(self.context.client_manager.num_available() * self.cfg.fraction_train),
@@ -158,18 +175,31 @@ class SecAggTrainer:
                 f"SecAgg+ round {server_round} aggregated nothing ({c.sampled} sites sampled, "
                 f"threshold {self.cfg.secagg_threshold}): {why}. Check that every site runs fedrad's ClientApp "
                 "with secagg support and that no more sites dropped than the threshold allows.")
+        n_summed = len(c.num_examples)
+        if c.invalid:
+            # A masked sum cannot drop one site's part: refuse the whole aggregate, keep the weights.
+            why = "; ".join(f"node {n}: {r}" for n, r in sorted(c.invalid.items())[:3])
+            return SecAggResult(None, {}, c.reports, c.sampled, 0, c.failures,
+                                f"SecAgg+ aggregate refused, a site broke the protocol ({why})")
         # The workflow stored what the strategy returned: the mean update, plus the DP wrapper's noise if any.
         mean_update = self.context.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
-        updated = apply_mean_update(arrays, mean_update, self.cfg.local_steps)
+        try:
+            updated = apply_mean_update(arrays, mean_update, self.cfg.local_steps)
+        except SecAggRoundFailed as exc:
+            return SecAggResult(None, {}, c.reports, c.sampled, 0, c.failures, f"{exc}: the global model is kept")
         weights = {k: float(min(v, MAX_WEIGHT)) for k, v in c.num_examples.items()}
-        metrics: dict[str, float] = {}
-        for key in ("train_loss", "train_loss_first"):
-            vals = [(weights[n], m[key]) for n, m in c.site_metrics.items() if key in m]
-            if vals:
-                metrics[key] = sum(w * v for w, v in vals) / sum(w for w, _ in vals)
-        log(INFO, "fedrad: [round %d] SecAgg+ summed %d/%d site updates", server_round, len(c.site_metrics),
-            c.sampled)
-        return SecAggResult(updated, metrics, c.site_metrics, c.sampled, len(c.site_metrics), c.failures)
+        log(INFO, "fedrad: [round %d] SecAgg+ summed %d/%d site updates", server_round, n_summed, c.sampled)
+        return SecAggResult(updated, weighted_means(c.reports, weights), c.reports, c.sampled, n_summed,
+                            c.failures)
+
+
+def weighted_means(reports: dict[str, SiteReport], weights: dict[str, float]) -> dict[str, float]:
+    """The round's metrics as plain mode's strategies compute them: the weighted mean of every AGGREGATE
+    metric that all the sites sent."""
+    values = {n: r.values(AGGREGATE) for n, r in reports.items()}
+    common = set.intersection(*(set(v) for v in values.values())) if values else set()
+    total = sum(weights[n] for n in values)
+    return {k: sum(weights[n] * v[k] for n, v in values.items()) / total for k in sorted(common)} if total else {}
 
 
 def apply_mean_update(arrays: ArrayRecord, mean_update: list[np.ndarray], local_steps: int) -> ArrayRecord:

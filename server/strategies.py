@@ -1,4 +1,5 @@
-"""Pick one of Flower's own strategies by name and put update screening in front of its aggregation."""
+"""Pick one of Flower's own strategies by name; weight by the coordinator's validated weights, accept only a
+finite aggregate."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import logging
 from collections.abc import Iterable
 
 import numpy as np
+from fedrad.common.protocol import AGGREGATION_WEIGHT
 from fedrad.common.run_config import RunConfig
-from fedrad.server.screening import ScreeningReport, screen_replies
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as fl
 
 log = logging.getLogger("fedrad.server")
 
+# Flower's strategy for each run-config name (common/run_config.STRATEGY_NAMES lists the names and which of
+# them can run on SecAgg+'s masked sum).
 STRATEGIES = {
     "fedavg": fl.FedAvg,
     "fedavgm": fl.FedAvgM,
@@ -26,16 +29,16 @@ STRATEGIES = {
 }
 
 
-class ScreeningMixin:
-    """Reject NaN/Inf, wrongly shaped or typed, and norm-outlier updates before the strategy aggregates.
+class GuardedAggregation:
+    """What fedrad adds to every Flower strategy: it weights by the coordinator's AGGREGATION_WEIGHT (set by
+    screening, never by a site), casts integer buffers back, and accepts an aggregate only when finite.
 
-    The round goes on with the remaining replies; what was rejected and why is kept in `last_report`
-    for the run log.
+    Replies reach it already screened (fedrad.server.screening.screen_replies, called by the round loop):
+    well-formed, validated counts, capped weights, no norm outliers.
     """
 
     global_arrays: ArrayRecord | None = None
-    outlier_factor: float = 10.0
-    last_report: ScreeningReport | None = None
+    last_refusal: str | None = None  # why the last aggregate was not accepted (the round keeps the weights)
 
     def configure_train(self, server_round, arrays, config, grid):  # type: ignore[override]
         self.global_arrays = arrays
@@ -46,16 +49,29 @@ class ScreeningMixin:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         assert self.global_arrays is not None, "configure_train runs before aggregate_train"
-        kept, report = screen_replies(replies, self.global_arrays, self.outlier_factor)
-        self.last_report = report
-        for node_id, reason in report.rejected.items():
-            log.warning("round %d: rejected the update of node %s: %s", server_round, node_id, reason)
-        if len(kept) < getattr(self, "min_train_nodes", 1):
-            log.warning("round %d: only %d usable updates (minimum %d): the global model is kept",
-                        server_round, len(kept), getattr(self, "min_train_nodes", 1))
+        self.last_refusal = None
+        if len(replies) < getattr(self, "min_train_nodes", 1):
+            self.last_refusal = (f"only {len(replies)} usable updates (minimum {getattr(self, 'min_train_nodes', 1)})"
+                                 ": the global model is kept")
+            log.warning("round %d: %s", server_round, self.last_refusal)
             return None, None
-        arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
-        return _restore_dtypes(arrays, self.global_arrays), metrics
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        arrays = _restore_dtypes(arrays, self.global_arrays)
+        bad = non_finite_array(arrays)
+        if bad is not None:
+            self.last_refusal = f"the aggregate of '{bad}' is not finite: the global model is kept"
+            log.warning("round %d: %s", server_round, self.last_refusal)
+            return None, None
+        return arrays, metrics
+
+
+def non_finite_array(arrays: ArrayRecord | None) -> str | None:
+    """The name of the first float array holding NaN or Inf, or None."""
+    for key, arr in (arrays or {}).items():
+        value = arr.numpy()
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return key
+    return None
 
 
 def _restore_dtypes(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:
@@ -72,10 +88,8 @@ def _restore_dtypes(arrays: ArrayRecord | None, reference: ArrayRecord) -> Array
 
 
 def build_strategy(cfg: RunConfig):
-    """Instantiate the run-config's strategy, screened."""
+    """Instantiate the run-config's strategy with fedrad's guarded aggregation."""
     name = cfg.strategy.lower()
-    if name not in STRATEGIES:
-        raise ValueError(f"run-config 'strategy': unknown '{cfg.strategy}', choose one of {', '.join(STRATEGIES)}")
     base = STRATEGIES[name]
     kwargs: dict = dict(
         fraction_train=cfg.fraction_train,
@@ -83,9 +97,8 @@ def build_strategy(cfg: RunConfig):
         min_train_nodes=cfg.min_train_nodes,
         min_evaluate_nodes=min(cfg.min_train_nodes, cfg.min_available_nodes),
         min_available_nodes=cfg.min_available_nodes,
+        weighted_by_key=AGGREGATION_WEIGHT,  # written by screening (equal weights under dp=client)
     )
-    if cfg.dp == "client":
-        kwargs["weighted_by_key"] = "dp-weight"  # equal site weights: DP noise is calibrated to a plain mean
     if name == "fedavgm":
         kwargs.update(server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum)
     elif name == "fedprox":
@@ -96,7 +109,5 @@ def build_strategy(cfg: RunConfig):
         kwargs.update(beta=cfg.trimmed_beta)
     elif name in ("krum", "multikrum"):
         kwargs.update(num_malicious_nodes=cfg.krum_byzantine)
-    cls = type(f"Screened{base.__name__}", (ScreeningMixin, base), {})
-    strategy = cls(**kwargs)
-    strategy.outlier_factor = cfg.norm_outlier_factor
-    return strategy
+    cls = type(f"Guarded{base.__name__}", (GuardedAggregation, base), {})
+    return cls(**kwargs)

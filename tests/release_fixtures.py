@@ -32,7 +32,7 @@ def make_run_dir(root: Path, model: str = MODEL, size: int = SIZE, rounds: int =
     lines = []
     for r in range(1, rounds + 1):
         entry = {"round": r, "sites_answered": 3, "sites_aggregated": 3, "train_loss": 3.0 - r * 0.1,
-                 "sites": {str(n): {"train_loss": 3.0, "num-examples": 20.0, "steps": 3.0} for n in range(3)}}
+                 "sites": {str(n): {"train_loss": 3.0, "num_examples": 20.0, "steps": 3.0} for n in range(3)}}
         if dp != "none":
             entry["dp_epsilon"] = 0.5 * r
         lines.append(json.dumps(entry))

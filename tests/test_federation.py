@@ -109,28 +109,43 @@ def _header_strings(sites: list[Path]) -> set[str]:
 
 
 def test_poisoned_update_is_rejected(consortium, sites, tmp_path):
-    """A site sending NaN and a site sending a scaled update are rejected; the round goes on with the rest."""
+    """Lying sites cannot own the round and a failing site's error text never reaches the coordinator:
+    NaN weights and a x5 scaled update are rejected, a claimed 1e9 examples is capped, a site whose data
+    folder is missing answers with a bare code (its path stays in its own log and audit file)."""
+    secret = "ward7-hiv_status-DOE_JANE"
     consortium.start_link()
     # The two lying sites run the poisoning ClientApp of their own choice (the FAB cannot choose it).
     liar = SiteTrust(consortium_key=consortium.consortium_pub, client_app=POISON_CLIENT, client_app_dir=POISON_APP)
     consortium.start_node("good", sites[0])
     consortium.start_node("nan", sites[1], env={"FEDRAD_TEST_POISON": "nan"}, trust=liar)
-    consortium.start_node("scaled", sites[2], env={"FEDRAD_TEST_POISON": "scale"}, trust=liar)
+    consortium.start_node("scaled", sites[2], env={"FEDRAD_TEST_POISON": "scale5"}, trust=liar)
+    consortium.start_node("count", sites[1], env={"FEDRAD_TEST_POISON": "count"}, trust=liar)
+    consortium.start_node("broken", tmp_path / secret)  # raises inside the handler: path in the exception
     run_dir = tmp_path / "run"
     code = consortium.run({"num-server-rounds": 1, "objective": "simclr", "run-dir": str(run_dir),
-                           "min-train-nodes": 1, "min-available-nodes": 3})
+                           "min-train-nodes": 1, "min-available-nodes": 5})
     assert code == 0
     (row,) = read_metrics(run_dir)
-    assert row["sites_answered"] == 3
-    assert row["sites_aggregated"] == 1
+    assert row["sites_answered"] == 4
+    assert row["sites_aggregated"] == 2  # good + the capped liar
     reasons = sorted(row["rejected"].values())
-    assert len(reasons) == 2
+    assert len(reasons) == 3
     assert any("NaN" in r for r in reasons)
     assert any("update norm" in r for r in reasons)
+    assert any("code 5001" in r for r in reasons)  # SITE_FAILED, by code only
+    assert [r for r in row["capped"].values() if "claimed 1e+09" in r]
     from safetensors.numpy import load_file
 
     tensors = load_file(run_dir / "checkpoints" / "round-0001.safetensors")
     assert all(np.isfinite(v).all() for v in tensors.values() if v.dtype.kind == "f")
+    # The failing site's reason is in its own log and audit file, and nowhere on the coordinator's side.
+    assert secret in (tmp_path / "logs" / "node-broken.log").read_text()
+    audit = [json.loads(line) for line in (tmp_path / "audit" / "broken" / "outgoing.jsonl").read_text().splitlines()]
+    assert audit and all(e["error"]["code"] == 5001 for e in audit) and secret in audit[0]["error"]["detail"]
+    coordinator_side = [tmp_path / "logs" / "superlink.log", tmp_path / "logs" / "flwr-run.log",
+                        *run_dir.rglob("*.json*")]
+    for path in coordinator_side:
+        assert secret not in path.read_text(errors="replace"), path
 
 
 def test_node_killed_mid_round_then_rejoins(consortium, sites, tmp_path):

@@ -66,7 +66,10 @@ def test_site_refuses_secagg_mismatch(run_secagg, msg_secagg):
     called = []
     reply = privacy_mod(_train_message(msg_secagg), ctx, lambda m, c: called.append(m))
     assert reply.has_error() and not called
-    assert "secagg" in reply.error.reason.lower()
+    from fedrad.common.protocol import ERROR_TEXT, ErrorCode
+
+    assert reply.error.code == ErrorCode.PROTOCOL_MISMATCH
+    assert reply.error.reason == ERROR_TEXT[ErrorCode.PROTOCOL_MISMATCH]  # the why stays in the site's log
 
 
 def test_apply_mean_update_keeps_dtypes():
@@ -117,7 +120,7 @@ def test_secagg_round_equals_plain_fedavg(consortium3):
     (row,) = read_metrics(root / "plain")
     (srow,) = read_metrics(root / "secagg")
     assert srow["secagg"] and srow["sites_aggregated"] == 3
-    weights = [m["num-examples"] for m in row["sites"].values()]
+    weights = [m["num_examples"] for m in row["sites"].values()]
     tol = quantisation_tolerance(weights)
     import torch
     from fedrad.common.models import build_model
@@ -134,9 +137,12 @@ def test_secagg_round_equals_plain_fedavg(consortium3):
     assert moved > 20 * tol, "the round should have trained far beyond the quantisation error"
     summary = json.loads((root / "secagg" / "summary.json").read_text())
     assert summary["privacy"]["secure_aggregation"] is True
-    # what each site sent is described in its audit log: masked vectors are Flower's, metrics are numbers
-    audit = (root / "audit" / "s0" / "outgoing.jsonl").read_text().splitlines()
-    assert any(json.loads(line)["blocked"] is None for line in audit)
+    # What each site sent is in its audit log: the wire guard (outermost) checked every SecAgg+ stage's
+    # real reply (keys, shares, masked vectors of the model's shapes, FitRes metrics) and blocked none.
+    audit = [json.loads(line) for line in (root / "audit" / "s0" / "outgoing.jsonl").read_text().splitlines()]
+    stages = [e["stage"] for e in audit if e["stage"]]
+    assert stages == ["setup", "share_keys", "collect_masked_vectors", "unmask"]
+    assert all(e["blocked"] is None and "error" not in e for e in audit)
 
 
 @pytest.mark.slow
