@@ -416,3 +416,71 @@ def test_compose_consortium_commands_start_tls_coordinator_and_register_nodes(tm
             health = entrypoint(["healthcheck"], {**env, "FEDRAD_NODE_PORT": str(node_port)})
             assert health.returncode == 0, (site, health.stderr)
     assert link.poll() is not None
+
+
+# --- the same consortium in real containers, where a container engine can run them (opt-in) -------------
+
+ENGINE = os.environ.get("FEDRAD_TEST_CONTAINER_ENGINE", "")  # e.g. "podman --runtime runc" (deploy/README.md)
+IMAGES = os.environ.get("FEDRAD_TEST_IMAGE_TAG", "0.1.0")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ENGINE, reason="set FEDRAD_TEST_CONTAINER_ENGINE to run the images (no engine in CI)")
+def test_containers_run_one_round(tmp_path):
+    """init, coordinator, register and three nodes as containers (compose's settings), then one signed round."""
+    import shlex
+
+    from fedrad.deploy.processes import free_port, submit_run, wait_for_port
+
+    engine = shlex.split(ENGINE)
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    names: list[str] = []
+    # Host network: these sandboxes cannot make container networks; the coordinator listens on loopback.
+    limits = ["--network", "host", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
+
+    def container(name: str, target: str, detach: bool, extra: list[str] | None = None) -> subprocess.CompletedProcess:
+        cmd, _, folders, ro = compose_service("compose.yaml", name, tmp_path)
+        service = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())["services"][name]
+        env = {k: str(v).replace("coordinator:8000", listen) for k, v in service.get("environment", {}).items()}
+        if "--consortium-key" not in node_flags():
+            env.pop("FEDRAD_CONSORTIUM_KEY", None)
+        mounts = []
+        for target, folder in folders.items():  # each named volume: a folder owned by the image's user
+            if target != "/tmp":
+                os.chown(folder, 10001, 10001)
+                mounts += ["-v", f"{folder}:{target}" + (":ro" if target in ro else "")]
+        names.append(f"fedrad-test-{name}-{port}")
+        args = [*engine, "run", "--name", names[-1], "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+                "--security-opt", "no-new-privileges", *limits, *mounts, *(extra or [])]
+        for key, value in env.items():
+            args += ["-e", f"{key}={value}"]
+        args += ["-d"] if detach else ["--rm"]
+        return subprocess.run([*args, f"localhost/fedrad-{target}:{IMAGES}", *cmd], capture_output=True, text=True,
+                              timeout=300)
+
+    try:
+        proc = container("init", "node", detach=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        proc = container("coordinator", "coordinator", True,
+                         ["-e", "FEDRAD_HOST=127.0.0.1", "-e", f"FEDRAD_PORT={port}"])
+        assert proc.returncode == 0, proc.stderr
+        wait_for_port("127.0.0.1", port, 90)
+        proc = container("register", "node", detach=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        for site in ("site-a", "site-b", "site-c"):
+            proc = container(site, "node", True, ["-e", f"FEDRAD_NODE_PORT={free_port()}", "-e", "OMP_NUM_THREADS=1"])
+            assert proc.returncode == 0, proc.stderr
+        # The ServerApp runs inside the coordinator container: the run directory is in its state volume.
+        run_dir = tmp_path / "volumes" / "coordinator_state" / "runs" / "test"
+        overrides = {"num-server-rounds": 1, "objective": "simclr", "image-size": 32, "local-steps": 2,
+                     "batch-size": 8, "min-train-nodes": 3, "min-available-nodes": 3,
+                     "run-dir": "/var/lib/fedrad/runs/test"}
+        ca = tmp_path / "volumes" / "consortium" / "certs" / "ca.pem"
+        code = submit_run(listen, overrides, ca_cert=ca, timeout=600, echo=False)
+        assert code == 0 and (run_dir / "summary.json").exists()
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["rounds"] == 1
+    finally:
+        for name in names:
+            subprocess.run([*engine, "rm", "-f", name], capture_output=True, timeout=60)
