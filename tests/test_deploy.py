@@ -446,10 +446,10 @@ def test_containers_run_one_round(tmp_path):
         if "--consortium-key" not in node_flags():
             env.pop("FEDRAD_CONSORTIUM_KEY", None)
         mounts = []
-        for target, folder in folders.items():  # each named volume: a folder owned by the image's user
-            if target != "/tmp":
+        for path, folder in folders.items():  # each named volume: a folder owned by the image's user
+            if path != "/tmp":
                 os.chown(folder, 10001, 10001)
-                mounts += ["-v", f"{folder}:{target}" + (":ro" if target in ro else "")]
+                mounts += ["-v", f"{folder}:{path}" + (":ro" if path in ro else "")]
         names.append(f"fedrad-test-{name}-{port}")
         args = [*engine, "run", "--name", names[-1], "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
                 "--security-opt", "no-new-privileges", *limits, *mounts, *(extra or [])]
