@@ -325,19 +325,36 @@ def cmd_coordinator(args) -> int:
 
 
 def cmd_node(args) -> int:
-    data = Path(args.data).resolve()
-    if not data.is_dir():
-        raise FileNotFoundError(f"--data {data}: no such folder")
+    source, cache, source_config, scan_kw = getattr(args, "source", None), args.cache, {}, {}
+    if source:  # a PACS: node config data-dir holds its URL, source-* its query and limits (site-local)
+        from fedrad.client.scan import source_options_from_args
+        from fedrad.common.sources.pacs import default_source_cache_dir, is_source_url
+
+        if args.data or not is_source_url(source):
+            raise ValueError("--source: give dicomweb+https://HOST/PATH or dimse://AET@HOST:PORT, without --data")
+        options = source_options_from_args(args)
+        cache = cache or str(default_source_cache_dir(source))
+        data, source_config, scan_kw = source, options.to_config(), {"source_options": options, "cache_dir": cache}
+    else:
+        if not args.data:
+            raise ValueError("give --data FOLDER or --source URL")
+        data = Path(args.data).resolve()
+        if not data.is_dir():
+            raise FileNotFoundError(f"--data {data}: no such folder")
     if not args.no_scan:
         from fedrad.client.scan import scan_folder
 
         print(f"fedrad node: scanning {data} to show what this site would train on ...", flush=True)
-        report = scan_folder(data, decode=False, progress=True)
+        report = scan_folder(data, decode=False, progress=True, **scan_kw)
         usable = report.get("usable", report.get("images_usable", "?"))
+        if "pull" in report:
+            p = report["pull"]
+            print(f"fedrad node: fetched {p['fetched']} instances from the PACS in {p['fetch_seconds']:.1f} s "
+                  f"({p['pending']} left for the next pull)", flush=True)
         print(f"fedrad node: {usable} usable images. Only model weights and aggregate numbers will leave "
               f"this machine; images and headers stay here.", flush=True)
-    node_config = {"data-dir": str(data), "cache-dir": args.cache, "device": args.device,
-                   "labels": args.labels, "audit-dir": getattr(args, "audit_dir", None)}
+    node_config = {"data-dir": str(data), "cache-dir": cache, "device": args.device,
+                   "labels": args.labels, "audit-dir": getattr(args, "audit_dir", None), **source_config}
     tls = _tls_from(args.certs, args.site_name)
     cmd = supernode_command(args.superlink, args.port, node_config, tls)
     print(f"fedrad node: joining the coordinator at {args.superlink} (ClientApp port {args.port}). "
