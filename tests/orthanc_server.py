@@ -6,6 +6,7 @@ started here as a process and stopped by its own pid). `find_orthanc()` says why
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import signal
@@ -41,6 +42,7 @@ class Orthanc:
     http_port: int
     dicom_port: int
     workdir: Path
+    auth: tuple[str, str] | None = None  # HTTP basic user, password (REST and DICOMweb)
 
     @property
     def rest(self) -> str:
@@ -54,15 +56,21 @@ class Orthanc:
     def dimse_url(self) -> str:
         return f"dimse://{ORTHANC_AET}@127.0.0.1:{self.dicom_port}"
 
-    def upload(self, path: Path) -> str:
+    def _open(self, path: str, data: bytes | None = None):
+        headers = {"Content-Type": "application/dicom"} if data is not None else {}
+        if self.auth:
+            headers["Authorization"] = "Basic " + base64.b64encode(":".join(self.auth).encode()).decode()
+        req = urllib.request.Request(f"{self.rest}{path}", data=data, headers=headers,
+                                     method="POST" if data is not None else "GET")
+        return urllib.request.urlopen(req, timeout=60)
+
+    def upload(self, path: Path | bytes) -> str:
         """POST one file to /instances; Orthanc's status: 'Success' or 'AlreadyStored' (same SOP UID)."""
-        req = urllib.request.Request(f"{self.rest}/instances", data=path.read_bytes(), method="POST",
-                                     headers={"Content-Type": "application/dicom"})
-        with urllib.request.urlopen(req, timeout=60) as resp:
+        with self._open("/instances", path if isinstance(path, bytes) else path.read_bytes()) as resp:
             return str(json.loads(resp.read())["Status"])
 
     def instance_count(self) -> int:
-        with urllib.request.urlopen(f"{self.rest}/statistics", timeout=30) as resp:
+        with self._open("/statistics") as resp:
             return int(json.loads(resp.read())["CountInstances"])
 
     def stop(self) -> None:
@@ -75,8 +83,9 @@ class Orthanc:
                 self.proc.wait(timeout=10)
 
 
-def start_orthanc(workdir: Path, timeout: float = 60) -> Orthanc:
-    """Start Orthanc with HTTP + DICOM on 127.0.0.1 (free ports), DICOMweb on, storage under `workdir`."""
+def start_orthanc(workdir: Path, timeout: float = 60, auth: tuple[str, str] | None = None) -> Orthanc:
+    """Start Orthanc with HTTP + DICOM on 127.0.0.1 (free ports), DICOMweb on, storage under `workdir`;
+    `auth`: require HTTP basic authentication with this (user, password)."""
     exe, why = find_orthanc()
     if exe is None:
         raise FileNotFoundError(why)
@@ -85,7 +94,8 @@ def start_orthanc(workdir: Path, timeout: float = 60) -> Orthanc:
     config = {
         "Name": "fedrad-test", "DicomAet": ORTHANC_AET, "HttpPort": http_port, "DicomPort": dicom_port,
         "StorageDirectory": str(workdir / "storage"), "IndexDirectory": str(workdir / "index"),
-        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "HttpServerEnabled": True,
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(auth), "HttpServerEnabled": True,
+        "RegisteredUsers": dict([auth]) if auth else {},
         "DicomServerEnabled": True, "DicomCheckCalledAet": False, "DicomAlwaysAllowGet": True,
         "DicomAlwaysAllowFind": True, "DicomAlwaysAllowEcho": True, "StorageCompression": False,
         "OverwriteInstances": False, "Plugins": [str(DICOMWEB_PLUGIN)],
@@ -96,7 +106,7 @@ def start_orthanc(workdir: Path, timeout: float = 60) -> Orthanc:
     log = open(workdir / "orthanc.log", "ab")
     proc = subprocess.Popen([exe, str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     log.close()
-    server = Orthanc(proc, http_port, dicom_port, workdir)
+    server = Orthanc(proc, http_port, dicom_port, workdir, auth)
     try:
         wait_for_port("127.0.0.1", http_port, timeout, proc)
         wait_for_port("127.0.0.1", dicom_port, timeout, proc)
