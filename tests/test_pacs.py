@@ -237,3 +237,37 @@ def test_bad_source_urls_are_one_line_errors(tmp_path):
     res = subprocess.run([FEDRAD, "scan", "--source", "dimse://PACS@127.0.0.1:9", "--cache", str(tmp_path),
                           "--quiet"], capture_output=True, text=True, timeout=120)  # nothing listens on port 9
     assert res.returncode == 2 and "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr
+
+
+@pytest.mark.slow
+def test_federated_round_with_one_site_reading_from_orthanc(pacs, tmp_path):
+    """Real SuperLink + two SuperNodes: site 'pacs' reads over DIMSE from Orthanc, site 'folder' from a folder.
+    The round completes with both sites, the PACS site's instances are in its own store, and nothing about
+    the PACS (AE title, port, UIDs) is in what the sites sent (their audit logs)."""
+    from federation_harness import Consortium
+    from fedrad.deploy.synthetic import write_synthetic_sites
+    from fedrad.server.run_log import read_metrics
+
+    server, kept, _auth = pacs
+    folder_site = write_synthetic_sites(tmp_path / "sites", n_sites=1, patients_per_site=6,
+                                        images_per_patient=(1, 3), size=64, seed=3)[0]
+    c = Consortium(tmp_path / "fed")
+    try:
+        c.start_link()
+        c.start_node("pacs", server.dimse_url)  # node config data-dir = the PACS URL (no credentials on DIMSE)
+        c.start_node("folder", folder_site)
+        run_dir = tmp_path / "run"
+        code = c.run({"num-server-rounds": 1, "objective": "simclr", "run-dir": str(run_dir),
+                      "fraction-evaluate": 0.0})
+    finally:
+        c.stop()
+    logs = "".join(p.read_text(errors="replace")[-3000:] for p in (tmp_path / "fed" / "logs").glob("*.log"))
+    assert code == 0, logs
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1] and rows[0]["sites_aggregated"] == 2, logs
+    stored = list((tmp_path / "fed" / "cache" / "pacs" / "pacs").rglob("*.dcm"))
+    assert {p.stem for p in stored} >= {_sop(p) for p in kept.iterdir()}
+    sent = "".join(p.read_text(errors="replace") for p in (tmp_path / "fed" / "audit").rglob("*") if p.is_file())
+    assert sent, "the sites' audit logs are empty"
+    for secret in ["ORTHANC", "dimse://", "127.0.0.1", *(p.stem for p in stored)]:
+        assert secret not in sent, secret
