@@ -8,6 +8,7 @@ cache must be pixel-equal. Skipped only when Orthanc is not installed (see ortha
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -166,6 +167,33 @@ def test_query_filters_modality_and_study_date(pacs, kind, tmp_path):
         assert reader.pull.fetched == 0  # all already in the store
 
 
+def test_node_keeps_training_on_its_store_while_the_pacs_is_down(tmp_path):
+    """A second, short-lived Orthanc: pull, stop it, then list again with the same source URL."""
+    exe, why = find_orthanc()
+    if exe is None:
+        pytest.skip(why)
+    files = sorted(DICOM_DIR.glob("*.dcm"))[:3] if DICOM_DIR.is_dir() else []
+    if not files:
+        pytest.skip(f"shared DICOMs not found under {DICOM_DIR}")
+    server = start_orthanc(tmp_path / "orthanc")
+    try:
+        for f in files:
+            server.upload(f)
+        url = server.dimse_url
+        first = open_pacs(url, cache_dir=tmp_path / "c", options=PacsOptions(offline_ok=True))
+        got = sorted(it.item_id for it in first.list_items().items)
+        assert len(got) == 3 and not first.pull.offline
+    finally:
+        server.stop()
+    down = open_pacs(url, cache_dir=tmp_path / "c", options=PacsOptions(offline_ok=True, timeout=5))
+    assert sorted(it.item_id for it in down.list_items().items) == got and down.pull.offline
+    with pytest.raises(PacsError):  # a scan (offline_ok off) says the PACS is down
+        open_pacs(url, cache_dir=tmp_path / "c", options=PacsOptions(timeout=5)).list_items()
+    other_query = PacsOptions(offline_ok=True, timeout=5, query=PacsQuery.parse(["Modality=DX"]))
+    with pytest.raises(PacsError):  # the remembered listing was for another query
+        open_pacs(url, cache_dir=tmp_path / "c", options=other_query).list_items()
+
+
 def test_cli_scan_source_prints_fetch_and_keeps_the_secret(pacs, tmp_path):
     server, _kept, auth = pacs
     out = tmp_path / "scan.json"
@@ -196,7 +224,7 @@ def test_query_and_options_parse_and_round_trip_through_node_config():
     assert (q.modalities, q.body_parts, q.study_date) == (("CR", "DX"), ("CHEST",), "20200101-20211231")
     opts = PacsOptions(query=q, max_instances=7, concurrency=3, rate=2.5, auth_file="/etc/fedrad/pacs.auth",
                        calling_aet="SITE_A")
-    assert PacsOptions.from_config(opts.to_config()) == opts
+    assert PacsOptions.from_config(opts.to_config()) == dataclasses.replace(opts, offline_ok=True)  # node rounds
     for bad in (["Modality"], ["PatientName=X"], ["Modality=C;R"], ["Modality=CR\\DX"]):
         with pytest.raises(PacsError):
             PacsQuery.parse(bad)

@@ -49,6 +49,7 @@ class DicomWebReader(PacsReader):
 
         session = requests.Session()
         session.verify = self.options.ca_bundle or True  # never off
+        session.headers["Accept-Encoding"] = "identity"  # pixel data hardly compresses: spare the PACS's CPU
         headers = {}
         if self.credentials is not None:
             if self.credentials.scheme == "basic":

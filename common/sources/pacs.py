@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
+import logging
 import os
 import re
 import threading
@@ -41,6 +43,7 @@ DEFAULT_RATE = 20.0  # requests per second to the PACS, all connections together
 DEFAULT_CALLING_AET = "FEDRAD"
 DEFAULT_TIMEOUT = 60.0
 CONFIG_PREFIX = "source-"
+log = logging.getLogger("fedrad.sources.pacs")
 
 
 class PacsError(ValueError):
@@ -134,6 +137,7 @@ class PacsOptions:
     ca_bundle: str = ""  # PEM CA bundle for TLS (verification is always on)
     calling_aet: str = DEFAULT_CALLING_AET
     timeout: float = DEFAULT_TIMEOUT
+    offline_ok: bool = False  # PACS unreachable: use the instances the last listing named (node rounds)
 
     def __post_init__(self) -> None:
         if self.max_instances < 0:
@@ -153,11 +157,12 @@ class PacsOptions:
     def from_config(cls, config: Mapping[str, object]) -> PacsOptions:
         """From node-config style keys: source-query, source-since, source-until, source-max-instances,
         source-concurrency, source-rate, source-auth-file, source-auth-env, source-ca-bundle,
-        source-calling-aet, source-timeout (missing or empty: the default)."""
+        source-calling-aet, source-timeout (missing or empty: the default). A node trains on what its store
+        holds when the PACS is briefly unreachable (offline_ok)."""
         got = {k: str(config.get(CONFIG_PREFIX + k, "") or "") for k in cls._KEYS}
         try:
             query = PacsQuery.parse([got["query"]], got["since"] or None, got["until"] or None)
-            kw: dict[str, object] = {"query": query}
+            kw: dict[str, object] = {"query": query, "offline_ok": True}
             for key, cast in (("max-instances", int), ("concurrency", int), ("rate", float), ("timeout", float)):
                 if got[key]:
                     kw[cls._KEYS[key]] = cast(got[key])
@@ -290,6 +295,7 @@ class PullReport:
     pending: int = 0  # left for the next pull (max-instances)
     list_seconds: float = 0.0
     fetch_seconds: float = 0.0
+    offline: bool = False  # the PACS could not be queried: the last listing's stored instances were used
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -325,9 +331,38 @@ class PacsReader(Reader):
     def _fetch_batch(self, batch: Sequence[Remote], done: dict[str, str]) -> None:
         """Fetch `batch` into the store over one connection; record failures as done[sop] = detail."""
 
+    def _listing_path(self) -> Path:
+        return self.store.root / ".listing.json"
+
+    def _query_text(self) -> str:
+        q = self.options.query
+        return f"{q.to_text()}|{q.since}|{q.until}"
+
+    def _remote(self) -> list[Remote]:
+        """The PACS's listing, remembered in the store; if the PACS cannot be queried and `offline_ok`, the
+        last remembered listing for the same query (its instances that are in the store)."""
+        try:
+            found = self._list_remote()
+        except PacsError as exc:
+            try:
+                last = json.loads(self._listing_path().read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                last = {}
+            if not self.options.offline_ok or last.get("query") != self._query_text():
+                raise
+            log.warning("PACS not reachable (%s): using the %d instances of the last listing", exc,
+                        len(last.get("sops", [])))
+            self.pull.offline = True
+            return [Remote(sop, "", "") for sop in last.get("sops", []) if self.store.has(str(sop))]
+        found = [r for r in found if UID_RE.match(r.sop_uid) and len(r.sop_uid) <= 64]
+        payload = {"query": self._query_text(), "sops": sorted({r.sop_uid for r in found})}
+        atomic_write_bytes(self._listing_path(), json.dumps(payload).encode("utf-8"))
+        return found
+
     def list_items(self) -> Listing:
         t0 = time.perf_counter()
-        remote = {r.sop_uid: r for r in self._list_remote() if UID_RE.match(r.sop_uid) and len(r.sop_uid) <= 64}
+        self.pull = PullReport()
+        remote = {r.sop_uid: r for r in self._remote()}
         order = sorted(remote.values(), key=lambda r: (r.study_uid, r.series_uid, r.sop_uid))
         t1 = time.perf_counter()
         missing = [r for r in order if not self.store.has(r.sop_uid)]
@@ -344,7 +379,8 @@ class PacsReader(Reader):
             listed=len(order), had=len(order) - len(missing), fetched=len(fetched),
             fetched_bytes=sum(self.store.path(r.sop_uid).stat().st_size for r in fetched),
             failed=sum(1 for r in todo if not self.store.has(r.sop_uid)), pending=len(missing) - len(todo),
-            list_seconds=round(t1 - t0, 3), fetch_seconds=round(time.perf_counter() - t1, 3))
+            list_seconds=round(t1 - t0, 3), fetch_seconds=round(time.perf_counter() - t1, 3),
+            offline=self.pull.offline)
         out = Listing(files_seen=len(order))
         for r in order:
             if self.store.has(r.sop_uid):
