@@ -56,18 +56,26 @@ class Orthanc:
     def dimse_url(self) -> str:
         return f"dimse://{ORTHANC_AET}@127.0.0.1:{self.dicom_port}"
 
-    def _open(self, path: str, data: bytes | None = None):
+    def _open(self, path: str, data: bytes | None = None, method: str | None = None):
         headers = {"Content-Type": "application/dicom"} if data is not None else {}
         if self.auth:
             headers["Authorization"] = "Basic " + base64.b64encode(":".join(self.auth).encode()).decode()
         req = urllib.request.Request(f"{self.rest}{path}", data=data, headers=headers,
-                                     method="POST" if data is not None else "GET")
+                                     method=method or ("POST" if data is not None else "GET"))
         return urllib.request.urlopen(req, timeout=60)
 
     def upload(self, path: Path | bytes) -> str:
         """POST one file to /instances; Orthanc's status: 'Success' or 'AlreadyStored' (same SOP UID)."""
+        return str(self.upload_json(path)["Status"])
+
+    def upload_json(self, path: Path | bytes) -> dict:
+        """Orthanc's whole answer to an upload (its own instance 'ID' included)."""
         with self._open("/instances", path if isinstance(path, bytes) else path.read_bytes()) as resp:
-            return str(json.loads(resp.read())["Status"])
+            return dict(json.loads(resp.read()))
+
+    def delete(self, orthanc_id: str) -> None:
+        with self._open(f"/instances/{orthanc_id}", method="DELETE"):
+            pass
 
     def instance_count(self) -> int:
         with self._open("/statistics") as resp:

@@ -71,6 +71,19 @@ def pacs(tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def folder_scan(pacs) -> dict:
+    """The folder path's inventory of exactly the files the PACS holds (computed once for both kinds)."""
+    return scan_folder(pacs[1], progress=False)
+
+
+@pytest.fixture(scope="module")
+def folder_site(pacs, tmp_path_factory):
+    """(SiteData of the folder path, the state dir holding its salt): the PACS loads reuse the salt."""
+    tmp = tmp_path_factory.mktemp("folder-site")
+    return load_site(pacs[1], 64, cache_dir=tmp / "cache", progress=False, state_dir=tmp / "state"), tmp / "state"
+
+
 def _options(auth: Path, **kw) -> PacsOptions:
     return PacsOptions(auth_file=str(auth), **kw)
 
@@ -85,9 +98,9 @@ def _by_sop(report: dict, folder: Path | None) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("kind", ["dicomweb", "dimse"])
-def test_pacs_scan_lists_what_the_folder_scan_lists(pacs, kind, tmp_path):
+def test_pacs_scan_lists_what_the_folder_scan_lists(pacs, folder_scan, kind, tmp_path):
     server, kept, auth = pacs
-    folder = scan_folder(kept, progress=False)
+    folder = folder_scan
     remote = scan_folder(_url(server, kind), progress=False, source_options=_options(auth),
                          cache_dir=tmp_path / "cache")
     assert remote["pull"]["listed"] == len(list(kept.iterdir())) == folder["candidates"]
@@ -103,10 +116,9 @@ def test_pacs_scan_lists_what_the_folder_scan_lists(pacs, kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["dicomweb", "dimse"])
-def test_pacs_decoded_cache_is_pixel_equal_to_the_folder(pacs, kind, tmp_path):
+def test_pacs_decoded_cache_is_pixel_equal_to_the_folder(pacs, folder_site, kind, tmp_path):
     server, kept, auth = pacs
-    state = tmp_path / "state"  # one site salt: patient keys comparable too
-    a = load_site(kept, 64, cache_dir=tmp_path / "folder-cache", progress=False, state_dir=state)
+    a, state = folder_site  # one site salt: patient keys comparable too
     b = load_site(_url(server, kind), 64, cache_dir=tmp_path / "pacs-cache", progress=False, state_dir=state,
                   source_options=_options(auth))
     sop_a = [_sop(Path(p)) for p in a.paths]
@@ -125,7 +137,7 @@ def test_pull_is_incremental_resumable_and_rate_limited(pacs, kind, tmp_path):
     import pydicom
 
     server, kept, auth = pacs
-    n = server.instance_count()  # the other kind's run of this test added one
+    n = server.instance_count()
     url, cache = _url(server, kind), tmp_path / "cache"
     first = open_pacs(url, cache_dir=cache, options=_options(auth, max_instances=5))
     assert len(first.list_items().items) == 5  # an interrupted pull: 5 stored, the rest pending
@@ -140,10 +152,14 @@ def test_pull_is_incremental_resumable_and_rate_limited(pacs, kind, tmp_path):
     ds.SOPInstanceUID = pydicom.uid.generate_uid(prefix="1.2.826.0.1.3680043.8.498.", entropy_srcs=[kind, "new"])
     buf = io.BytesIO()
     ds.save_as(buf)
-    assert server.upload(buf.getvalue()) in ("Success", "AlreadyStored")
-    third = open_pacs(url, cache_dir=cache, options=_options(auth))
-    assert len(third.list_items().items) == n + 1
-    assert (third.pull.had, third.pull.fetched) == (n, 1)
+    added = server.upload_json(buf.getvalue())
+    try:
+        assert added["Status"] == "Success"
+        third = open_pacs(url, cache_dir=cache, options=_options(auth))
+        assert len(third.list_items().items) == n + 1
+        assert (third.pull.had, third.pull.fetched) == (n, 1)
+    finally:
+        server.delete(added["ID"])  # the other tests compare the PACS with the shared folder
     assert not list((cache / "pacs").rglob("*.tmp")) and not list((cache / "pacs").rglob(".*tmp*"))
 
 
