@@ -324,7 +324,10 @@ def cmd_coordinator(args) -> int:
     return _run_foreground(cmd, flower_env())
 
 
-def cmd_node(args) -> int:
+def node_location(args) -> tuple[str | Path, str | None, dict[str, str], dict]:
+    """(data-dir value, cache-dir, source-* node-config keys, extra scan_folder kwargs) for `fedrad node`:
+    a folder, or a PACS URL whose query and limits travel as site-local node config (no secret, only where
+    the secret is)."""
     source, cache, source_config, scan_kw = getattr(args, "source", None), args.cache, {}, {}
     if source:  # a PACS: node config data-dir holds its URL, source-* its query and limits (site-local)
         from fedrad.client.scan import source_options_from_args
@@ -341,6 +344,11 @@ def cmd_node(args) -> int:
         data = Path(args.data).resolve()
         if not data.is_dir():
             raise FileNotFoundError(f"--data {data}: no such folder")
+    return data, cache, source_config, scan_kw
+
+
+def cmd_node(args) -> int:
+    data, cache, source_config, scan_kw = node_location(args)
     if not args.no_scan:
         from fedrad.client.scan import scan_folder
 

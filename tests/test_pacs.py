@@ -269,6 +269,31 @@ def test_credentials_from_file_or_env_never_printed(tmp_path, monkeypatch):
     assert read_credentials(PacsOptions()) is None
 
 
+def test_node_source_options_become_site_local_node_config(tmp_path, monkeypatch):
+    from fedrad.deploy.cli import build_parser
+    from fedrad.deploy.processes import node_config_string, node_location
+
+    auth = tmp_path / "auth"
+    auth.write_text("bearer t0ken-XYZ")
+    args = build_parser().parse_args(["node", "--source", "dimse://PACS@10.1.2.3:104", "--query", "Modality=CR,DX",
+                                      "--since", "2020-01-01", "--max-instances", "50", "--rate", "5",
+                                      "--auth-file", str(auth), "--calling-aet", "SITE_A",
+                                      "--cache", str(tmp_path / "c")])
+    data, cache, config, scan_kw = node_location(args)
+    assert (data, cache) == ("dimse://PACS@10.1.2.3:104", str(tmp_path / "c"))
+    opts = PacsOptions.from_config(config)
+    assert opts == dataclasses.replace(scan_kw["source_options"], offline_ok=True)
+    assert (opts.query.modalities, opts.query.since, opts.max_instances, opts.rate, opts.calling_aet) == \
+        (("CR", "DX"), "20200101", 50, 5.0, "SITE_A")
+    assert "t0ken" not in node_config_string({"data-dir": data, **config})
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    args = build_parser().parse_args(["node", "--source", "dicomweb+https://pacs.example/dicom-web"])
+    assert "pacs-" in str(node_location(args)[1])  # a PACS gets its own cache under ~/.cache/fedrad
+    for argv in (["node"], ["node", "--source", "/data", "--data", "/data"]):
+        with pytest.raises(ValueError):
+            node_location(build_parser().parse_args(argv))
+
+
 def test_bad_source_urls_are_one_line_errors(tmp_path):
     assert is_source_url("dimse://A@h:104") and is_source_url("dicomweb+https://p/x") and not is_source_url("/d")
     for url in ("dicomweb+https://user:pw@pacs.example/dicom-web", "dimse://pacs:104", "dimse://AET@host",
