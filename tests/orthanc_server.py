@@ -10,6 +10,7 @@ import base64
 import json
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -131,3 +132,48 @@ def start_orthanc(workdir: Path, timeout: float = 60, auth: tuple[str, str] | No
         server.stop()
         raise
     return server
+
+
+class TlsFront:
+    """HTTPS in front of Orthanc's HTTP (GET only), as a hospital's reverse proxy would be.
+
+    Debian's Orthanc 1.10.1 dies on the first request when its own HTTPS ("SslEnabled") is on, so the TLS
+    tests terminate TLS here: a real TLS server with a certificate from a test CA, forwarding to Orthanc."""
+
+    def __init__(self, upstream: str, cert: Path, key: Path) -> None:
+        import http.server
+        import threading
+
+        class Forward(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "authorization")}
+                req = urllib.request.Request(upstream + self.path, headers=headers)
+                try:
+                    resp = urllib.request.urlopen(req, timeout=60)
+                except urllib.error.HTTPError as err:
+                    resp = err
+                body = resp.read()
+                self.send_response(resp.status)
+                self.send_header("Content-Type", resp.headers.get("Content-Type", "application/octet-stream"))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.port = free_port()
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Forward)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(cert), str(key))
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"dicomweb+https://127.0.0.1:{self.port}/dicom-web"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

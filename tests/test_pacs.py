@@ -32,7 +32,7 @@ from fedrad.common.sources.pacs import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from orthanc_server import find_orthanc, start_orthanc  # noqa: E402
+from orthanc_server import TlsFront, find_orthanc, start_orthanc  # noqa: E402
 
 SHARED = Path(os.environ.get("FEDRAD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 DICOM_DIR = SHARED / "dicom"
@@ -208,6 +208,36 @@ def test_node_keeps_training_on_its_store_while_the_pacs_is_down(tmp_path):
     other_query = PacsOptions(offline_ok=True, timeout=5, query=PacsQuery.parse(["Modality=DX"]))
     with pytest.raises(PacsError):  # the remembered listing was for another query
         open_pacs(url, cache_dir=tmp_path / "c", options=other_query).list_items()
+
+
+def test_dicomweb_over_https_verifies_the_pacs_certificate(tmp_path):
+    """TLS verification is on by default: a PACS certificate from an unknown CA is refused (one line, exit 2);
+    with --ca-bundle naming the hospital CA the pull works."""
+    from fedrad.deploy.certs import init_certs
+
+    exe, why = find_orthanc()
+    if exe is None:
+        pytest.skip(why)
+    files = sorted(DICOM_DIR.glob("*.dcm"))[:2] if DICOM_DIR.is_dir() else []
+    if not files:
+        pytest.skip(f"shared DICOMs not found under {DICOM_DIR}")
+    init_certs(tmp_path / "ca", [], ["127.0.0.1", "localhost"])  # a hospital CA and the PACS's certificate
+    server = start_orthanc(tmp_path / "orthanc")
+    front = TlsFront(server.rest, tmp_path / "ca" / "coordinator.pem", tmp_path / "ca" / "coordinator.key")
+    try:
+        for f in files:
+            server.upload(f)
+        base = [FEDRAD, "scan", "--source", front.dicomweb_url, "--cache", str(tmp_path / "c"), "--quiet",
+                "--no-decode"]
+        res = subprocess.run(base, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and "Traceback" not in res.stderr and "SSL" in res.stderr, res.stderr
+        res = subprocess.run(base + ["--ca-bundle", str(tmp_path / "ca" / "ca.pem")], capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "fetched now" in res.stdout and len(list((tmp_path / "c" / "pacs").rglob("*.dcm"))) == len(files)
+    finally:
+        front.stop()
+        server.stop()
 
 
 def test_cli_scan_source_prints_fetch_and_keeps_the_secret(pacs, tmp_path):

@@ -48,7 +48,10 @@ class DicomWebReader(PacsReader):
         from dicomweb_client.api import DICOMwebClient
 
         session = requests.Session()
-        session.verify = self.options.ca_bundle or True  # never off
+        # No environment settings: REQUESTS_CA_BUNDLE would silently replace --ca-bundle, .netrc would add
+        # credentials the site did not give, and a proxy for the internet is not the way to the hospital PACS.
+        session.trust_env = False
+        session.verify = self.options.ca_bundle or os.environ.get("REQUESTS_CA_BUNDLE") or True  # never off
         session.headers["Accept-Encoding"] = "identity"  # pixel data hardly compresses: spare the PACS's CPU
         headers = {}
         if self.credentials is not None:
@@ -106,6 +109,10 @@ class DicomWebReader(PacsReader):
 
 
 def _why(exc: BaseException) -> str:
+    """One short line: the HTTP status, or the root cause of a connection/TLS failure (no URL, no secret)."""
     status = getattr(getattr(exc, "response", None), "status_code", None)
-    text = f"HTTP {status}" if status else type(exc).__name__
-    return f"{text}: {' '.join(str(exc).split())[:160]}" if not status else text
+    if status:
+        return f"HTTP {status}"
+    msg = " ".join(str(exc).split())
+    cause = msg.rsplit("Caused by ", 1)[-1] if "Caused by " in msg else msg
+    return f"{type(exc).__name__}: {cause[:200]}"
