@@ -224,15 +224,24 @@ def read_credentials(options: PacsOptions) -> Credentials | None:
     raise PacsError(f"{where}: expected 'USER:PASSWORD', 'basic USER:PASSWORD' or 'bearer TOKEN'")
 
 
+class PullCancelled(BaseException):
+    """Raised in fetch threads once the pull is interrupted (not an Exception: per-instance handlers let it
+    through, so every thread stops at its next request)."""
+
+
 class RateLimit:
-    """At most `rate` requests per second over all threads (evenly spaced, no bursts)."""
+    """At most `rate` requests per second over all threads (evenly spaced, no bursts); every request of a
+    pull passes here, so it is also where a cancelled pull stops."""
 
     def __init__(self, rate: float) -> None:
         self.interval = 1.0 / float(rate)
         self._next = time.monotonic()
         self._lock = threading.Lock()
+        self.cancelled = threading.Event()
 
     def wait(self) -> None:
+        if self.cancelled.is_set():
+            raise PullCancelled
         with self._lock:
             now = time.monotonic()
             at = max(now, self._next)
@@ -367,13 +376,18 @@ class PacsReader(Reader):
         t1 = time.perf_counter()
         missing = [r for r in order if not self.store.has(r.sop_uid)]
         todo = missing[: self.options.max_instances]
+        todo_ids = {r.sop_uid for r in todo}
         failures: dict[str, str] = {}
         if todo:
             n = min(self.options.concurrency, len(todo))
             with ThreadPoolExecutor(n, thread_name_prefix="pacs-fetch") as pool:
                 futures = [pool.submit(self._fetch_batch, todo[i::n], failures) for i in range(n)]
-                for f in futures:
-                    f.result()
+                try:
+                    for f in futures:
+                        f.result()
+                except BaseException:  # Ctrl-C / SIGTERM: threads stop at their next request; stored files stay
+                    self.rate.cancelled.set()
+                    raise
         fetched = [r for r in todo if self.store.has(r.sop_uid)]
         self.pull = PullReport(
             listed=len(order), had=len(order) - len(missing), fetched=len(fetched),
@@ -385,7 +399,7 @@ class PacsReader(Reader):
         for r in order:
             if self.store.has(r.sop_uid):
                 out.items.append(Item(r.sop_uid, str(self.store.path(r.sop_uid))))
-            elif r.sop_uid in failures or r in todo:
+            elif r.sop_uid in todo_ids:
                 out.skipped.append(Problem(r.sop_uid, "unreadable",
                                            "fetch failed: " + failures.get(r.sop_uid, "not sent by the PACS")))
         return out
