@@ -4,7 +4,9 @@ It walks the folder, reads every candidate file, optionally decodes the pixels (
 usable), and prints an inventory: usable vs skipped (each skipped file with its reason), modalities, body
 parts, views, photometric, transfer syntaxes, bit depths and patient counts. Patient IDs are only counted
 (through an in-memory random salt that is never stored), so the JSON report holds no identifiers.
-Nothing leaves the machine: the scan reads local files and writes one local JSON file.
+Nothing leaves the machine: the scan reads local files and writes one local JSON file. With `--source` (a
+PACS on the hospital network) it first pulls the matching instances into the site's store, then inventories
+those files exactly as a folder, and reports what it fetched and how long that took.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ from fedrad.common.atomic import atomic_write_bytes
 from fedrad.common.header_signals import UNKNOWN, age_bucket, patient_key
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.errors import reraise_fatal, skip_from
-from fedrad.common.sources.layout import csv_columns, detect_source, open_source
+from fedrad.common.sources.layout import Layout, csv_columns, detect_source, open_source
+from fedrad.common.sources.pacs import PacsOptions, PacsQuery, default_source_cache_dir, is_source_url
 from fedrad.common.sources.walk import display_name, walk_folder
 from fedrad.common.sources.workers import map_isolated
 
 SCAN_SIZE = 32  # decode target: the full-resolution decode is the proof, the small output is thrown away
 MAX_FILES_LISTED = 200  # larger folders: per-file lines only in the JSON
 NOTHING_SENT = "Nothing was sent anywhere: this scan read local files only and used no network."
+PACS_SENT = ("Nothing left this site: the scan queried and fetched from the hospital's PACS only; the PACS "
+             "address, query and UIDs stay in this site's store and logs.")
 
 
 def _scan_one(entry, check, decode: bool, salt: bytes, max_pixels: int, locator: str) -> dict:
@@ -82,23 +87,47 @@ def _per_patient(keys: list[str]) -> dict[str, float]:
     return {"min": min(per), "median": float(statistics.median(per)), "max": max(per)}
 
 
+def source_options_from_args(args: argparse.Namespace) -> PacsOptions:
+    """PacsOptions from the `--query/--since/--until/--max-instances/...` options of scan and node."""
+    kw = {k: getattr(args, k) for k in ("max_instances", "concurrency", "rate", "auth_file", "auth_env",
+                                         "ca_bundle", "calling_aet") if getattr(args, k, None) not in (None, "")}
+    query = PacsQuery.parse(getattr(args, "query", None) or [], getattr(args, "since", None),
+                            getattr(args, "until", None))
+    return PacsOptions(query=query, **kw)
+
+
 def scan_folder(path: str | os.PathLike[str], decode: bool = True, progress: bool = True,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+                max_pixels: int = DEFAULT_MAX_PIXELS, source_options: PacsOptions | None = None,
+                cache_dir: str | os.PathLike[str] | None = None) -> dict:
     """Inventory of a DICOM folder (or PNG/JPEG folder with manifest.csv/labels.csv) as a JSON-able dict.
+
+    `path` may be a PACS source URL (see sources.pacs): its instances matching `source_options` are pulled
+    into the store under `cache_dir` first (bounded, incremental), then inventoried like a DICOM folder.
 
     Raises FileNotFoundError if `path` is not a folder. Unusable files never raise; they are listed in
     `skipped` with their reason, folders that could not be walked in `folders_skipped`. File names in the
     report are escaped for display (non-UTF-8 bytes as \\xNN, control characters escaped).
     """
     t0 = time.perf_counter()
-    root = Path(path).resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"folder not found: {path}")
-    layout = detect_source(root)
-    reader = open_source(root, max_pixels, layout)
+    pacs = is_source_url(str(path))
+    if pacs:
+        cdir = Path(cache_dir) if cache_dir else default_source_cache_dir(str(path))
+        reader = open_source(str(path), max_pixels, cache_dir=cdir, options=source_options)
+        root, layout = reader.root, Layout("dicom", None)
+    else:
+        root = Path(path).resolve()
+        if not root.is_dir():
+            raise FileNotFoundError(f"folder not found: {path}")
+        layout = detect_source(root)
+        reader = open_source(root, max_pixels, layout)
     salt = secrets.token_bytes(32)  # in memory only: patients can be counted but not identified
-    report: dict = {"folder": display_name(str(root)), "layout": layout.kind, "decoded": bool(decode)}
+    report: dict = {"folder": display_name(str(path) if pacs else str(root)), "layout": layout.kind,
+                    "decoded": bool(decode)}
     listing = reader.list_items()
+    if pacs:
+        report["source"] = reader.scheme
+        report["store"] = display_name(str(root))
+        report["pull"] = reader.pull.as_dict()
     items = listing.items
     work = partial(_scan_one, reader.entry, reader.check, decode, salt, max_pixels)
     results = list(map_isolated(work, [it.locator for it in items], _crashed, progress=progress,
@@ -152,7 +181,7 @@ def scan_folder(path: str | os.PathLike[str], decode: bool = True, progress: boo
     report["images_per_patient"] = _per_patient(keys)
     report["max_pixels"] = max_pixels
     report["seconds"] = round(time.perf_counter() - t0, 3)
-    report["network_used"] = False
+    report["network_used"] = pacs
     return report
 
 
@@ -163,8 +192,20 @@ def _fmt_counts(d: dict) -> str:
 def format_report(r: dict) -> str:
     """The human-readable table printed by `fedrad scan`."""
     kind = "DICOM folder" if r["layout"] == "dicom" else f"image folder ({r.get('manifest', '')})"
+    if r.get("source"):
+        kind = {"dicomweb": "DICOMweb PACS", "dimse": "DIMSE PACS"}.get(r["source"], "PACS")
     lines = [f"fedrad scan: {r['folder']}  [{kind}]", ""]
     row = "  {:<22}{}".format
+    if r.get("pull"):
+        p = r["pull"]
+        lines.append(row("PACS instances", f"{p['listed']} match the query; {p['had']} already in the site store"))
+        lines.append(row("fetched now", f"{p['fetched']} ({p['fetched_bytes'] / 1e6:.1f} MB) in "
+                         f"{p['fetch_seconds']:.1f} s; query {p['list_seconds']:.1f} s"
+                         + (f"; {p['failed']} failed" if p["failed"] else "")))
+        if p["pending"]:
+            lines.append(row("left for next pull", f"{p['pending']} (max-instances per pull reached; run again "
+                             "to continue)"))
+        lines.append(row("site store", r["store"]))
     extra = ""
     if r["layout"] == "dicom" and r["ignored"]:
         by_ext = Counter(Path(p).suffix.lower() or Path(p).name for p in r["ignored"])
@@ -230,14 +271,28 @@ def _write_json(report: dict, json_out: str | None, data: Path) -> Path:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     """CLI handler: print the inventory, write the JSON atomically, exit 0 (2 if the folder is missing)."""
-    data = Path(args.data)
-    if not data.is_dir():
+    source = getattr(args, "source", None)
+    if source and getattr(args, "data", None):
+        print("fedrad scan: error: give a folder or --source, not both", file=sys.stderr)
+        return 2
+    if not source and not getattr(args, "data", None):
+        print("fedrad scan: error: give a folder, or --source URL for a PACS", file=sys.stderr)
+        return 2
+    if source and not is_source_url(source):
+        print("fedrad scan: error: --source: expected dicomweb+https://HOST/PATH or dimse://AET@HOST:PORT",
+              file=sys.stderr)
+        return 2
+    data = Path(args.data) if not source else None
+    if data is not None and not data.is_dir():
         print(f"fedrad scan: error: folder not found: {display_name(str(args.data))}", file=sys.stderr)
         return 2
-    report = scan_folder(data, decode=getattr(args, "decode", True), progress=not getattr(args, "quiet", False),
-                         max_pixels=getattr(args, "max_pixels", None) or DEFAULT_MAX_PIXELS)
+    report = scan_folder(source or data, decode=getattr(args, "decode", True),
+                         progress=not getattr(args, "quiet", False),
+                         max_pixels=getattr(args, "max_pixels", None) or DEFAULT_MAX_PIXELS,
+                         source_options=source_options_from_args(args) if source else None,
+                         cache_dir=getattr(args, "cache", None))
     print(format_report(report))
-    out = _write_json(report, getattr(args, "json_out", None), data.resolve())
+    out = _write_json(report, getattr(args, "json_out", None), Path(report["store"]) if source else data.resolve())
     print(f"\ninventory written to {display_name(str(out))}")
-    print(NOTHING_SENT)
+    print(PACS_SENT if source else NOTHING_SENT)
     return 0

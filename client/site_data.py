@@ -26,7 +26,8 @@ from fedrad.common.cache import DecodedCache
 from fedrad.common.header_signals import UNKNOWN, age_bucket, load_site_salt, patient_key
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.image_folder import IMAGE_EXTS, image_entry, read_csv
-from fedrad.common.sources.layout import csv_columns, detect_source, open_source
+from fedrad.common.sources.layout import Layout, csv_columns, detect_source, open_source
+from fedrad.common.sources.pacs import PacsOptions, default_source_cache_dir, is_source_url
 
 if TYPE_CHECKING:
     import torch
@@ -187,21 +188,29 @@ def _dicom_labels(root: Path, labels_csv: Path, paths: list[str], sops: list[str
 
 def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str | os.PathLike[str] | None = None,
               progress: bool = True, labels_csv: str | os.PathLike[str] | None = None,
-              state_dir: str | os.PathLike[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> SiteData:
+              state_dir: str | os.PathLike[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+              source_options: PacsOptions | None = None) -> SiteData:
     """Load a site folder (DICOM tree or PNG/JPEG + manifest) through the decoded-image cache.
 
     `labels_csv` (DICOM only) overrides the auto-detected `<data>/labels.csv`; unlabelled images get ''.
     `state_dir`: the site state directory holding the salt (see header_signals.load_site_salt); `max_pixels`
     the pixel budget (files over it are skipped as too-large). Files found but unusable, including formats
     without a reader (NIfTI, archives), are counted in `SiteData.skipped` by reason.
+    `data_dir` may be a PACS source URL (dicomweb+https://..., dimse://AET@host:port; `source_options` its
+    query and limits): instances are pulled into the site's store and decoded like a DICOM folder.
     Raises FileNotFoundError if the folder does not exist (the CLI turns that into exit code 2).
     """
-    root = Path(data_dir).resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {data_dir}")
-    cdir = Path(cache_dir) if cache_dir else default_cache_dir(root)
-    layout = detect_source(root)
-    reader = open_source(root, max_pixels, layout)
+    if is_source_url(str(data_dir)):
+        cdir = Path(cache_dir) if cache_dir else default_source_cache_dir(str(data_dir))
+        reader = open_source(str(data_dir), max_pixels, cache_dir=cdir, options=source_options)
+        root, layout = reader.root, Layout("dicom", None)
+    else:
+        root = Path(data_dir).resolve()
+        if not root.is_dir():
+            raise FileNotFoundError(f"data folder not found: {data_dir}")
+        cdir = Path(cache_dir) if cache_dir else default_cache_dir(root)
+        layout = detect_source(root)
+        reader = open_source(root, max_pixels, layout)
     cache = DecodedCache(cdir, image_size, decoder=reader.entry, state_dir=state_dir, max_pixels=max_pixels)
     if layout.kind == "images":
         return _load_images(reader, image_size, cache, progress)

@@ -36,7 +36,12 @@ def load_site_for(context: Context, cfg: RunConfig):
     kwargs: dict = {"labels_csv": labels} if labels else {}
     if "state_dir" in inspect.signature(load_site).parameters:  # the salt lives in the state folder, not the cache
         kwargs["state_dir"] = state_paths(context.node_config).root
-    return load_site(Path(data_dir), cfg.image_size, cache_dir=cache_dir, progress=False, **kwargs)
+    from fedrad.common.sources.pacs import PacsOptions, is_source_url
+
+    if is_source_url(data_dir):  # a PACS: data-dir is its URL, node config source-* its query and limits
+        kwargs["source_options"] = PacsOptions.from_config(context.node_config)
+    return load_site(data_dir if is_source_url(data_dir) else Path(data_dir), cfg.image_size, cache_dir=cache_dir,
+                     progress=False, **kwargs)
 
 
 def dp_ledger_path(context: Context) -> Path:

@@ -39,14 +39,37 @@ def _lazy(target: str):
 
 
 def _add_scan(sub) -> None:
-    p = sub.add_parser("scan", help="inventory a folder of DICOMs (or PNG+CSV) a site would train on")
-    p.add_argument("data", help="folder to walk recursively (any file names, .dcm or not)")
+    p = sub.add_parser("scan", help="inventory a folder of DICOMs (or PNG+CSV), or a PACS, a site would train on")
+    p.add_argument("data", nargs="?", default=None, help="folder to walk recursively (any file names, .dcm or not)")
+    _add_source(p)
     p.add_argument("--json", dest="json_out", default=None, help="where to write the inventory JSON "
                    "(default: <data>/.fedrad-scan.json if writable, else ./fedrad-scan.json)")
     p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
                    help="decode pixels to prove each image is usable (default on)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_lazy("fedrad.client.scan:cmd_scan"))
+
+
+def _add_source(p) -> None:
+    """A PACS as the site's data (scan and node): where, what, how fast, and with which credentials."""
+    g = p.add_argument_group("PACS source (instead of a folder)")
+    g.add_argument("--source", default=None, metavar="URL",
+                   help="dicomweb+https://HOST/dicom-web (QIDO-RS + WADO-RS) or dimse://CALLED_AET@HOST:PORT "
+                   "(C-FIND + C-GET)")
+    g.add_argument("--query", action="append", default=[], metavar="KEY=V1,V2",
+                   help="filter, repeatable: Modality=CR,DX  BodyPartExamined=CHEST")
+    g.add_argument("--since", default=None, metavar="YYYY-MM-DD", help="studies on or after this date")
+    g.add_argument("--until", default=None, metavar="YYYY-MM-DD", help="studies on or before this date")
+    g.add_argument("--cache", default=None, help="site cache: decoded images, and the instances fetched from a "
+                   "PACS (default: <data>/.fedrad-cache for a folder, ~/.cache/fedrad/pacs-<hash> for a PACS)")
+    g.add_argument("--max-instances", type=int, default=None, help="most instances fetched per pull (default "
+                   "1000; the next pull continues)")
+    g.add_argument("--concurrency", type=int, default=None, help="parallel connections to the PACS (default 2)")
+    g.add_argument("--rate", type=float, default=None, help="most requests per second to the PACS (default 20)")
+    g.add_argument("--auth-file", default=None, help="file holding USER:PASSWORD (HTTP basic) or 'bearer TOKEN'")
+    g.add_argument("--auth-env", default=None, metavar="VAR", help="environment variable holding the same")
+    g.add_argument("--ca-bundle", default=None, help="CA bundle (PEM) for the PACS's TLS (verification is always on)")
+    g.add_argument("--calling-aet", default=None, help="this site's AE title for DIMSE (default FEDRAD)")
 
 
 def _add_pretrain(sub) -> None:
@@ -77,9 +100,9 @@ def _add_federation(sub) -> None:
     p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_coordinator"))
 
     p = sub.add_parser("node", help="start a site's Flower SuperNode next to its DICOMs")
-    p.add_argument("--data", required=True, help="the site's image folder")
+    p.add_argument("--data", default=None, help="the site's image folder (or --source URL for a PACS)")
     p.add_argument("--superlink", default="127.0.0.1:8000", help="coordinator address HOST:PORT")
-    p.add_argument("--cache", default=None, help="decoded-image cache (default <data>/.fedrad-cache)")
+    _add_source(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--port", type=int, default=9094, help="local Runtime API port on 127.0.0.1 (unique per node)")
     p.add_argument("--labels", default=None, help="optional CSV of labels to keep site-local")

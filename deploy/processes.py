@@ -369,10 +369,31 @@ def cmd_coordinator(args) -> int:
     return _run_foreground(cmd, flower_env())
 
 
+def node_location(args) -> tuple[str | Path, str | None, dict[str, str], dict]:
+    """(data-dir value, cache-dir, source-* node-config keys, extra scan_folder kwargs) for `fedrad node`:
+    a folder, or a PACS URL whose query and limits travel as site-local node config (no secret, only where
+    the secret is)."""
+    source, cache, source_config, scan_kw = getattr(args, "source", None), args.cache, {}, {}
+    if source:  # a PACS: node config data-dir holds its URL, source-* its query and limits (site-local)
+        from fedrad.client.scan import source_options_from_args
+        from fedrad.common.sources.pacs import default_source_cache_dir, is_source_url
+
+        if args.data or not is_source_url(source):
+            raise ValueError("--source: give dicomweb+https://HOST/PATH or dimse://AET@HOST:PORT, without --data")
+        options = source_options_from_args(args)
+        cache = cache or str(default_source_cache_dir(source))
+        data, source_config, scan_kw = source, options.to_config(), {"source_options": options, "cache_dir": cache}
+    else:
+        if not args.data:
+            raise ValueError("give --data FOLDER or --source URL")
+        data = Path(args.data).resolve()
+        if not data.is_dir():
+            raise FileNotFoundError(f"--data {data}: no such folder")
+    return data, cache, source_config, scan_kw
+
+
 def cmd_node(args) -> int:
-    data = Path(args.data).resolve()
-    if not data.is_dir():
-        raise FileNotFoundError(f"--data {data}: no such folder")
+    data, cache, source_config, scan_kw = node_location(args)
     trust = SiteTrust(
         consortium_key=Path(args.consortium_key).resolve() if args.consortium_key else None,
         allow_unsigned=args.allow_unsigned,
@@ -392,17 +413,22 @@ def cmd_node(args) -> int:
         from fedrad.client.scan import scan_folder
 
         print(f"fedrad node: scanning {data} to show what this site would train on ...", flush=True)
-        report = scan_folder(data, decode=False, progress=True)
+        report = scan_folder(data, decode=False, progress=True, **scan_kw)
         usable = report.get("usable", report.get("images_usable", "?"))
+        if "pull" in report:
+            p = report["pull"]
+            print(f"fedrad node: fetched {p['fetched']} instances from the PACS in {p['fetch_seconds']:.1f} s "
+                  f"({p['pending']} left for the next pull)", flush=True)
         print(f"fedrad node: {usable} usable images. Only model weights and aggregate numbers will leave "
               f"this machine; images and headers stay here.", flush=True)
     from fedrad.client.policy import check_coordinator_ca, default_policy, load_policy
     from fedrad.client.site_state import node_state_config
 
     policy = load_policy(args.policy) if args.policy else default_policy()  # bad file: one line, exit 2
-    node_config = {"data-dir": str(data), "cache-dir": args.cache, "device": args.device,
+    node_config = {"data-dir": str(data), "cache-dir": cache, "device": args.device,
                    "labels": args.labels, "policy": str(Path(args.policy).resolve()) if args.policy else None,
-                   **node_state_config(args.state_dir, data, args.cache, getattr(args, "audit_dir", None))}
+                   **node_state_config(args.state_dir, data, cache, getattr(args, "audit_dir", None)),
+                   **source_config}
     tls = _tls_from(args.certs, args.site_name)
     check_coordinator_ca(policy, tls.ca_cert if tls else None)
     print(f"fedrad node: site policy {policy.source}; state (salt, DP ledger) in {node_config['state-dir']}; "

@@ -48,10 +48,15 @@ def detect_source(folder: str | os.PathLike[str]) -> Layout:
 
 
 def open_source(folder: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS,
-                layout: Layout | None = None) -> Reader:
-    """The reader for a site folder, chosen by `detect_source` (or the `layout` already detected)."""
+                layout: Layout | None = None, **pacs) -> Reader:
+    """The reader for a site folder, chosen by `detect_source` (or the `layout` already detected), or for a
+    PACS source URL (`pacs`: cache_dir, options; see sources.pacs.open_pacs)."""
     from fedrad.common.sources.dicom_folder import DicomFolderReader
     from fedrad.common.sources.image_folder import ImageFolderReader
+    from fedrad.common.sources.pacs import is_source_url, open_pacs
+
+    if is_source_url(str(folder)):
+        return open_pacs(str(folder), max_pixels, **pacs)
 
     layout = layout or detect_source(folder)
     if layout.kind == "images":
