@@ -38,6 +38,9 @@ def _lazy(target: str):
     return run
 
 
+SUPERLINK_HELP = "coordinator address HOST[:PORT] (port 8000 if left out)"
+
+
 def _add_scan(sub) -> None:
     p = sub.add_parser("scan", help="inventory a folder of DICOMs (or PNG+CSV) a site would train on")
     p.add_argument("data", help="folder to walk recursively (any file names, .dcm or not)")
@@ -78,13 +81,14 @@ def _add_federation(sub) -> None:
 
     p = sub.add_parser("node", help="start a site's Flower SuperNode next to its DICOMs")
     p.add_argument("--data", required=True, help="the site's image folder")
-    p.add_argument("--superlink", default="127.0.0.1:8000", help="coordinator address HOST:PORT")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
     p.add_argument("--cache", default=None, help="decoded-image cache (default <data>/.fedrad-cache)")
     p.add_argument("--device", default="auto")
     p.add_argument("--port", type=int, default=9094, help="local Runtime API port on 127.0.0.1 (unique per node)")
     p.add_argument("--labels", default=None, help="optional CSV of labels to keep site-local")
     p.add_argument("--certs", default=None, help="site folder from `fedrad certs init` (CA + node key)")
-    p.add_argument("--site-name", default=None, help="name of this site's key in the certs folder")
+    p.add_argument("--site-name", default=None, help="this site's folder under --certs/sites "
+                   "(not needed when --certs is the site's own folder)")
     p.add_argument("--no-scan", action="store_true", help="skip the inventory scan before joining")
     p.add_argument("--audit-dir", default=None,
                    help="log a description of every outgoing message (names, shapes, numbers) here "
@@ -105,12 +109,12 @@ def _add_federation(sub) -> None:
     p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_node"))
 
     p = sub.add_parser("run", help="submit a pretraining run to the coordinator and follow it")
-    p.add_argument("--superlink", default="127.0.0.1:8000", help="coordinator address HOST:PORT")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
     p.add_argument("--run-dir", default=None, help="where checkpoints, metrics and plots go")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--config", "-c", action="append", default=[],
                    help="run-config override KEY=VALUE (e.g. -c num-server-rounds=5), repeatable")
-    p.add_argument("--certs", default=None, help="folder with the consortium CA (TLS)")
+    p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (TLS)")
     p.add_argument("--sign-key", default=None, metavar="CONSORTIUM_KEY",
                    help="consortium private key (`fedrad keys generate`): signs the run so sites accept it")
     p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_run"))

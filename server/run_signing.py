@@ -23,9 +23,9 @@ def build_fab(app: str | os.PathLike[str]) -> bytes:
 
 def load_signing_key(path: str | os.PathLike[str]):
     """The consortium's Ed25519 private key; FileNotFoundError / ValueError name the file."""
-    from fedrad.server.release import _load_private
+    from fedrad.server.release import load_private_key
 
-    return _load_private(Path(path))
+    return load_private_key(Path(path))
 
 
 def sign_run(fab_bytes: bytes, overrides: dict[str, Any], key) -> str:
