@@ -136,6 +136,9 @@ def _add_federation(sub) -> None:
                    help="the ClientApp installed here that answers the coordinator (default: fedrad's)")
     p.add_argument("--client-app-dir", default=None,
         help="folder holding --client-app's module, if not installed (default: the installed package)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="INFO: one line per round at this site (steps, loss, images/s, ε); DEBUG adds Flower's "
+                        "details, WARNING only problems")
     p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_node"))
 
     p = sub.add_parser("run", help="submit a pretraining run to the coordinator and follow it")

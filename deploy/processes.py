@@ -207,7 +207,8 @@ def node_config_string(config: dict[str, object]) -> str:
 
 
 def supernode_command(superlink: str, port: int, node_config: dict[str, object],
-                      tls: TlsFiles | None = None, trust: SiteTrust | None = None) -> list[str]:
+                      tls: TlsFiles | None = None, trust: SiteTrust | None = None,
+                      log_level: str = "INFO") -> list[str]:
     """The command that starts a site: fedrad's runtime (client/runtime.py), which runs the SuperNode.
 
     The SuperNode runs with process isolation: it never installs or imports the run's FAB; the runtime
@@ -225,7 +226,7 @@ def supernode_command(superlink: str, port: int, node_config: dict[str, object],
             node += ["--auth-supernode-private-key", str(tls.node_private_key)]
     # -I: the runtime imports nothing from the working directory or PYTHON* variables.
     return [sys.executable, "-I", "-u", "-m", "fedrad.client.runtime", "serve", "--port", str(port),
-            *trust.args(), "--", *node]
+            "--log-level", log_level, *trust.args(), "--", *node]
 
 
 def is_loopback(address: str) -> bool:
@@ -512,7 +513,7 @@ def cmd_node(args) -> int:
     check_coordinator_ca(policy, tls.ca_cert if tls else None)
     print(f"fedrad node: site policy {policy.source}; state (salt, DP ledger) in {node_config['state-dir']}; "
           f"audit in {node_config['audit-dir']}", flush=True)
-    cmd = supernode_command(args.superlink, args.port, node_config, tls, trust)
+    cmd = supernode_command(args.superlink, args.port, node_config, tls, trust, args.log_level)
     signed_by = f"runs signed by {trust.consortium_key}" if trust.consortium_key else "UNSIGNED runs too"
     print(f"fedrad node: joining the coordinator at {args.superlink} "
           f"({'TLS' if tls else 'plaintext'}); running {trust.client_app} for {signed_by}. Ctrl-C leaves.",
