@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -320,6 +321,8 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
     watchdog = threading.Timer(timeout, _kill_group, args=(proc,)) if timeout else None
     if watchdog:
         watchdog.start()
+    run_id: int | None = None
+    keep_home = False
     try:
         assert proc.stdout is not None
         boxed = FlowerBox()
@@ -327,6 +330,8 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
             if log_fh:
                 log_fh.write(line)
                 log_fh.flush()
+            if run_id is None and (started := _STARTED.search(line)):
+                run_id = int(started.group(1))
             if not echo:
                 continue
             if boxed.feed(line):
@@ -335,6 +340,11 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
             elif _worth_showing(line):
                 print(line.rstrip(), flush=True)
         return proc.wait()
+    except KeyboardInterrupt:
+        # flwr runs in its own session, so Ctrl-C reached only us: the run goes on at the coordinator
+        # unless it is stopped there, with this same Flower config (it names the coordinator and its CA).
+        keep_home = not stop_run(home, run_id)
+        raise
     finally:
         if watchdog:
             watchdog.cancel()
@@ -342,7 +352,36 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
             _kill_group(proc)
         if log_fh:
             log_fh.close()
-        shutil.rmtree(home, ignore_errors=True)
+        if not keep_home:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+def stop_run(home: Path, run_id: int | None, timeout: float = 60.0) -> bool:
+    """`flwr stop RUN_ID` at the coordinator named in FLWR_HOME `home`; says on stderr what happened.
+
+    False when the run may still be going (the caller keeps `home` so the operator can stop it by hand).
+    """
+    by_hand = f"FLWR_HOME={home} flwr ls fedrad; FLWR_HOME={home} flwr stop RUN_ID fedrad"
+    if run_id is None:
+        print(f"fedrad run: interrupted before the coordinator confirmed a run id; to check: {by_hand}",
+              file=sys.stderr, flush=True)
+        return False
+    print(f"fedrad run: interrupted: stopping run {run_id} on the coordinator ...", file=sys.stderr, flush=True)
+    try:
+        out = subprocess.run([tool("flwr"), "stop", str(run_id), "fedrad"], capture_output=True, text=True,
+                             env=flower_env({"FLWR_HOME": str(home)}), timeout=timeout, start_new_session=True)
+        ok = out.returncode == 0
+    except subprocess.TimeoutExpired:
+        ok = False
+    if ok:
+        print(f"fedrad run: run {run_id} stopped on the coordinator", file=sys.stderr, flush=True)
+    else:
+        print(f"fedrad run: could not stop run {run_id}; stop it with: {by_hand.replace('RUN_ID', str(run_id))}",
+              file=sys.stderr, flush=True)
+    return ok
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -94,3 +94,57 @@ def test_node_step_as_in_the_readme_gets_past_tls(tmp_path, capsys):
                  "--certs", str(site), "--policy", str(policy)])
     err = capsys.readouterr().err
     assert code == 2 and str(site / "ca.pem") in err and "refusing to join" in err, err
+
+
+def test_stop_run_that_cannot_reach_the_coordinator_says_how_to_stop_it(tmp_path, capsys):
+    from fedrad.deploy.processes import stop_run, write_flwr_home
+
+    home = write_flwr_home(tmp_path / "home", f"127.0.0.1:{free_port()}")
+    assert stop_run(home, None) is False
+    assert stop_run(home, 123, timeout=60) is False
+    err = capsys.readouterr().err
+    assert f"FLWR_HOME={home} flwr stop 123 fedrad" in err and "flwr ls" in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_run_stops_the_run_on_the_coordinator(tmp_path):
+    """A real SuperLink with no nodes (the run waits for them); SIGINT to `fedrad run` stops it there."""
+    import signal
+    import subprocess
+    import sys
+
+    from fedrad.deploy.processes import (
+        ProcessGroup,
+        flower_env,
+        superlink_command,
+        tool,
+        wait_for_port,
+        write_flwr_home,
+    )
+
+    port = free_port()
+    (tmp_path / "state").mkdir()
+    with ProcessGroup() as group:
+        link = group.start("superlink", superlink_command(tmp_path / "state", "127.0.0.1", port),
+                           tmp_path / "superlink.log")
+        wait_for_port("127.0.0.1", port, 60, link)
+        run = subprocess.Popen([sys.executable, "-m", "fedrad.deploy.cli", "run", "--superlink", f"127.0.0.1:{port}",
+                                "--run-dir", str(tmp_path / "run"), "-c", "num-server-rounds=1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in run.stdout:
+            lines.append(line)
+            if "Successfully started run" in line:
+                break
+        run_id = lines[-1].split()[-1]
+        run.send_signal(signal.SIGINT)
+        rest = run.stdout.read()
+        assert run.wait(timeout=120) == 130
+        assert f"run {run_id} stopped on the coordinator" in rest, rest
+        home = write_flwr_home(tmp_path / "home", f"127.0.0.1:{port}")
+        ls = subprocess.run([tool("flwr"), "ls", "fedrad", "--format", "json"], capture_output=True, text=True,
+                            env=flower_env({"FLWR_HOME": str(home)}), timeout=120)
+        import json
+
+        runs = {str(r["run-id"]): r for r in json.loads(ls.stdout[ls.stdout.index("{"):])["runs"]}
+        assert "stopped" in runs[run_id]["status"], runs[run_id]
