@@ -189,7 +189,8 @@ def test_coordinator_ca_fingerprint(tmp_path, capsys):
     policy = tmp_path / "wrong.toml"
     policy.write_text(f'[coordinator]\nca_sha256 = "{"0" * 64}"\n')
     code = main(["node", "--data", str(site), "--no-scan", "--policy", str(policy), "--state-dir",
-                 str(tmp_path / "state"), "--certs", str(tmp_path / "certs"), "--site-name", "site-a"])
+                 str(tmp_path / "state"), "--certs", str(tmp_path / "certs"), "--site-name", "site-a",
+                 "--allow-unsigned"])
     assert code == 2
     err = capsys.readouterr().err
     assert "CA fingerprint" in err and len(err.strip().splitlines()) == 1
