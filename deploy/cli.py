@@ -19,7 +19,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 EPILOG = """\
 hospital IT:   fedrad scan /data/dicom        (see what would be used; nothing is sent)
-               fedrad node --data /data/dicom --superlink coordinator:8000 \
+               fedrad node --data /data/dicom --superlink coordinator:8000 \\
                  --certs fedrad-certs/sites/site-a --consortium-key consortium.pub
 operator:      fedrad keys generate --out consortium; fedrad coordinator
                fedrad run --superlink 127.0.0.1:8000 --sign-key consortium.key ; fedrad release RUN_DIR --key K
