@@ -20,12 +20,14 @@ import argparse
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,7 +236,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"the SuperNode's Runtime API did not open 127.0.0.1:{port} in {timeout:.0f}s")
 
 
-def serve(port: int, trust: SiteTrust, supernode_cmd: list[str]) -> int:
+def serve(port: int, trust: SiteTrust, supernode_cmd: list[str], log_level: str = "INFO") -> int:
     """Run the SuperNode (process isolation) and hand every message it receives to a fresh `task` process."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
@@ -248,7 +250,13 @@ def serve(port: int, trust: SiteTrust, supernode_cmd: list[str]) -> int:
         fh.write(secret)
     cmd = [*supernode_cmd, "--isolation", "process", "--host", "127.0.0.1", "--port", str(port),
            "--superexec-auth-secret-file", str(secret_file)]
-    node = subprocess.Popen(cmd, preexec_fn=_die_with_parent)  # noqa: PLW1509 (single-threaded here)
+    node_env = dict(os.environ, FLWR_LOG_LEVEL=log_level)
+    plain = not sys.stderr.isatty()  # a log file: the SuperNode's lines without its colour codes
+    pipe: dict[str, Any] = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    node = subprocess.Popen(cmd, env=node_env, preexec_fn=_die_with_parent,  # noqa: PLW1509 (single-threaded here)
+                            **(pipe if plain else {}))
+    if plain:
+        threading.Thread(target=_copy_plain, args=(node.stdout, sys.stderr), daemon=True).start()
     tasks: list[subprocess.Popen] = []
 
     def stop(signum, _frame):
@@ -263,7 +271,7 @@ def serve(port: int, trust: SiteTrust, supernode_cmd: list[str]) -> int:
         client = _runtime_client(f"127.0.0.1:{port}", [SuperExecAuthHttpInterceptor(
             master_secret=secret, protected_methods={_ACQUIRE_TASK})], max_tries=1)
         task_cmd = [sys.executable, "-I", "-u", "-m", "fedrad.client.runtime", "task",
-                    "--port", str(port), *trust.args()]
+                    "--port", str(port), "--log-level", log_level, *trust.args()]
         whose = f"runs signed by {trust.consortium_key}" if trust.consortium_key else "unsigned runs"
         log.info("fedrad runtime: serving %s for %s", trust.client_app, whose)
         while node.poll() is None:
@@ -292,6 +300,28 @@ def serve(port: int, trust: SiteTrust, supernode_cmd: list[str]) -> int:
             secret_dir.rmdir()
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """The site's own lines (fedrad.client's one line per message, the runtime's refusals) go to stderr, which
+    is the node's terminal or log file; Flower's colour codes only where stderr is a terminal."""
+    from flwr.common.logger import update_console_handler
+
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
+    logging.getLogger("flwr").propagate = False  # Flower prints its own records; once is enough
+    update_console_handler(level=level, colored=sys.stderr.isatty())
+
+
+def _copy_plain(stream, sink) -> None:
+    """Copy the SuperNode's output line by line without colour codes (it colours whatever it writes to)."""
+    for line in stream:
+        sink.write(_ANSI.sub("", line))
+        sink.flush()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fedrad.client.runtime", description=__doc__.split("\n")[0])
     p.add_argument("mode", choices=["serve", "task"])
@@ -300,6 +330,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unsigned", action="store_true", help="also run unsigned runs (local experiments)")
     p.add_argument("--client-app", default=DEFAULT_CLIENT_APP, help="the installed ClientApp, module:attribute")
     p.add_argument("--client-app-dir", type=Path, default=None, help="folder holding --client-app's module")
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="the node's and its tasks' log level")
     return p
 
 
@@ -310,8 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, supernode_cmd = argv[:cut], argv[cut + 1:]
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
+    configure_logging(args.log_level)
     trust = SiteTrust(args.consortium_key, args.allow_unsigned, args.client_app, args.client_app_dir)
     if args.mode == "task":
         token = os.environ.pop(TOKEN_ENV, "")
@@ -334,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyFileError as exc:
             print(f"fedrad runtime: error: --consortium-key: {exc}", file=sys.stderr)
             return 2
-    return serve(args.port, trust, supernode_cmd)
+    return serve(args.port, trust, supernode_cmd, args.log_level)
 
 
 if __name__ == "__main__":

@@ -172,8 +172,6 @@ def handle_train(msg: Message, context: Context) -> Message:
     result = train_local(model, data, tcfg, progress=False, proximal=proximal, dp=dp)
     model.to("cpu")
     seconds = time.perf_counter() - t0
-    log.info("round %s: %d local steps on %d images, loss %.4f -> %.4f in %.1fs", server_round,
-             result.steps, len(data), result.losses[0], result.losses[-1], seconds)
     report = SiteReport(
         train_loss=sum(result.losses[-3:]) / len(result.losses[-3:]),
         train_loss_first=result.losses[0],
@@ -195,8 +193,11 @@ def handle_train(msg: Message, context: Context) -> Message:
         dp.history = result.dp_history
         report = replace(report, dp_epsilon=eps,
                          dp_epsilon_next=projected_epsilon(dp, n_train, cfg.batch_size, cfg.local_steps))
-        log.info("round %s: DP-SGD at this site, image-level epsilon %.4f at delta %g (ledger %s)", server_round,
-                 eps, cfg.dp_delta, state.ledger)
+    # The site's one line per message (the node's terminal and log): what it did with its own images.
+    privacy = f", image-level ε {report.dp_epsilon:.3f} at δ {cfg.dp_delta:g}" if report.dp_epsilon is not None else ""
+    log.info("round %s train (%s): %d steps on %d images, loss %.4f -> %.4f, %.1f images/s, %.1f s%s",
+             server_round, cfg.objective, result.steps, len(data), result.losses[0], result.losses[-1],
+             result.examples / max(result.seconds, 1e-9), seconds, privacy)
     content = RecordDict({ARRAYS: _reply_arrays(model, msg.content[ARRAYS], cfg),
                           METRICS: MetricRecord(report.to_metrics())})
     return Message(content=content, reply_to=msg)
@@ -210,6 +211,10 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     data = load_site_for(context, cfg)
     model = _model_from(msg, cfg)
     tcfg = train_config_for(cfg, device, 0, 0)
+    t0 = time.perf_counter()
     scores = evaluate_local(model, data, tcfg)
+    server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0)) if CONFIG in msg.content else 0
+    log.info("round %s evaluate (%s): held-out loss %.4f on %d images, %.1f s", server_round, cfg.objective,
+             scores["eval_loss"], int(scores["eval_examples"]), time.perf_counter() - t0)
     report = SiteReport(num_examples=len(data), **scores)  # evaluate_local's keys are SiteReport fields
     return Message(content=RecordDict({METRICS: MetricRecord(report.to_metrics())}), reply_to=msg)

@@ -19,12 +19,18 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 EPILOG = """\
 hospital IT:   fedrad scan /data/dicom        (see what would be used; nothing is sent)
-               fedrad node --data /data/dicom --superlink coordinator:8000 --certs site-certs \
-                 --site-name site-a --consortium-key consortium.pub
+               fedrad node --data /data/dicom --superlink coordinator:8000 \\
+                 --certs fedrad-certs/sites/site-a --consortium-key consortium.pub
 operator:      fedrad keys generate --out consortium; fedrad coordinator
                fedrad run --superlink 127.0.0.1:8000 --sign-key consortium.key ; fedrad release RUN_DIR --key K
 fine-tuning:   fedrad verify BUNDLE --pubkey P; fedrad finetune BUNDLE --data DIR --labels CSV
 everything at once on this machine:  fedrad demo
+"""
+
+
+EXIT_CODES = """
+exit codes:    0 done; 1 refused or failed (bundle verification, a run that did not finish, an existing key);
+               2 bad input (a missing file, a bad value: one line names it); 130 interrupted (Ctrl-C)
 """
 
 
@@ -36,6 +42,28 @@ def _lazy(target: str):
         return int(getattr(importlib.import_module(module), func)(args) or 0)
 
     return run
+
+
+SUPERLINK_HELP = "coordinator address HOST[:PORT] (port 8000 if left out)"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Examples kept as written, and every option's default shown, unless its help already says it in words
+    (a default of None is "not given", which only the help text can explain; a flag is off by default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every (sub)command parser formats its help with `HelpFormatter`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def _add_scan(sub) -> None:
@@ -75,16 +103,16 @@ def _add_source(p) -> None:
 def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="centralised contrastive pretraining on one folder (baseline)")
     p.add_argument("data", help="DICOM folder, or PNG folder with manifest.csv")
-    p.add_argument("--objective", default="simclr", choices=OBJECTIVES)
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--objective", default="simclr", choices=OBJECTIVES, help="self-supervised loss")
+    p.add_argument("--model", default="resnet18", help="timm architecture (1 input channel)")
+    p.add_argument("--steps", type=int, default=100, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    p.add_argument("--image-size", type=int, default=64, help="square input size in pixels")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate")
     p.add_argument("--label-fields", default="view,body_part,sex,age",
                    help="header fields whose combination is the SupCon label")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--cache", default=None, help="decoded-image cache folder (default <data>/.fedrad-cache)")
     p.add_argument("--out", default="pretrained.safetensors",
                    help="weights file to write (checked before training: not a folder, writable)")
@@ -96,18 +124,22 @@ def _add_federation(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on (0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000, help="the SuperLink's one port (Fleet + Control API)")
     p.add_argument("--state", default="fedrad-coordinator", help="folder for the SuperLink database and logs")
-    p.add_argument("--certs", default=None, help="folder from `fedrad certs init` (TLS + node auth)")
+    p.add_argument("--certs", default=None,
+        help="folder from `fedrad certs init` (TLS + node auth; default: insecure, loopback only)")
     p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_coordinator"))
 
     p = sub.add_parser("node", help="start a site's Flower SuperNode next to its DICOMs")
     p.add_argument("--data", default=None, help="the site's image folder (or --source URL for a PACS)")
-    p.add_argument("--superlink", default="127.0.0.1:8000", help="coordinator address HOST:PORT")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
     _add_source(p)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--port", type=int, default=9094, help="local Runtime API port on 127.0.0.1 (unique per node)")
-    p.add_argument("--labels", default=None, help="optional CSV of labels to keep site-local")
-    p.add_argument("--certs", default=None, help="site folder from `fedrad certs init` (CA + node key)")
-    p.add_argument("--site-name", default=None, help="name of this site's key in the certs folder")
+    p.add_argument("--labels", default=None, help="optional CSV of labels to keep site-local (default: none)")
+    p.add_argument("--certs", default=None,
+        help="site folder from `fedrad certs init`, e.g. fedrad-certs/sites/site-a (CA + node key; default: no TLS, "
+                   "loopback only)")
+    p.add_argument("--site-name", default=None, help="this site's folder under --certs/sites "
+                   "(default: --certs is the site's own folder, named after the site)")
     p.add_argument("--no-scan", action="store_true", help="skip the inventory scan before joining")
     p.add_argument("--audit-dir", default=None,
                    help="log a description of every outgoing message (names, shapes, numbers) here "
@@ -117,31 +149,40 @@ def _add_federation(sub) -> None:
     p.add_argument("--state-dir", default=None, help="the site's salt, DP ledger and audit, kept apart from the "
                    "cache (default $XDG_STATE_HOME/fedrad/<hash of --data>, i.e. ~/.local/state/fedrad/...)")
     p.add_argument("--consortium-key", default=None, metavar="CONSORTIUM_PUB",
-                   help="the consortium's public key (consortium.pub): only runs it signed are run here")
+                   help="the consortium's public key (consortium.pub): only runs it signed are run here "
+                        "(required unless --allow-unsigned; no default)")
     p.add_argument("--allow-unsigned", action="store_true",
                    help="also run unsigned runs (local experiments only; still only this site's own code)")
     p.add_argument("--insecure", action="store_true",
                    help="allow plaintext to a coordinator that is not on this machine (no --certs)")
     p.add_argument("--client-app", default="fedrad.client.client_app:app", metavar="MODULE:ATTR",
                    help="the ClientApp installed here that answers the coordinator (default: fedrad's)")
-    p.add_argument("--client-app-dir", default=None, help="folder holding --client-app's module, if not installed")
+    p.add_argument("--client-app-dir", default=None,
+        help="folder holding --client-app's module, if not installed (default: the installed package)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="INFO: one line per round at this site (steps, loss, images/s, ε); DEBUG adds Flower's "
+                        "details, WARNING only problems")
     p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_node"))
 
     p = sub.add_parser("run", help="submit a pretraining run to the coordinator and follow it")
-    p.add_argument("--superlink", default="127.0.0.1:8000", help="coordinator address HOST:PORT")
-    p.add_argument("--run-dir", default=None, help="where checkpoints, metrics and plots go")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
+    p.add_argument("--run-dir", default=None,
+        help="where checkpoints, metrics and plots go (default: runs/<date-time>)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+        help="continue a run from its last checkpoint (default: a new run)")
     p.add_argument("--config", "-c", action="append", default=[],
                    help="run-config override KEY=VALUE (e.g. -c num-server-rounds=5), repeatable")
-    p.add_argument("--certs", default=None, help="folder with the consortium CA (TLS)")
+    p.add_argument("--certs", default=None,
+        help="folder holding the consortium CA, ca.pem (default: no TLS, loopback only)")
     p.add_argument("--sign-key", default=None, metavar="CONSORTIUM_KEY",
-                   help="consortium private key (`fedrad keys generate`): signs the run so sites accept it")
+                   help="consortium private key (`fedrad keys generate`): signs the run so sites accept it "
+                        "(default: unsigned; only --allow-unsigned sites run it)")
     p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_run"))
 
     p = sub.add_parser("demo", help="a real local consortium: 3 synthetic hospitals, SuperLink + 3 SuperNodes")
     p.add_argument("--workdir", default="fedrad-demo", help="folder for the sites, run directory and bundle")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--objective", default="supcon", choices=OBJECTIVES)
+    p.add_argument("--rounds", type=int, default=3, help="federated rounds")
+    p.add_argument("--objective", default="supcon", choices=OBJECTIVES, help="self-supervised loss")
     p.add_argument("--secure", action="store_true", help="TLS + SuperNode authentication on loopback")
     p.add_argument("--config", "-c", action="append", default=[], help="extra run-config KEY=VALUE")
     p.set_defaults(func=_lazy("fedrad.deploy.demo:cmd_demo"))
@@ -155,8 +196,9 @@ def _add_policy(sub) -> None:
     i.add_argument("--force", action="store_true", help="replace an existing file")
     i.set_defaults(func=_lazy("fedrad.client.policy:cmd_policy_init"))
     c = ps.add_parser("check", help="validate a policy file (errors name the line; exit 2)")
-    c.add_argument("path")
-    c.add_argument("--ca", default=None, help="also check this CA certificate against coordinator.ca_sha256")
+    c.add_argument("path", help="the policy file")
+    c.add_argument("--ca", default=None,
+        help="also check this CA certificate against coordinator.ca_sha256 (default: no CA check)")
     c.set_defaults(func=_lazy("fedrad.client.policy:cmd_policy_check"))
 
 
@@ -168,44 +210,48 @@ def _add_release(sub) -> None:
     g.set_defaults(func=_lazy("fedrad.server.release:cmd_keys_generate"))
 
     p = sub.add_parser("release", help="write a signed foundation-weights bundle from a run directory")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the run directory `fedrad run` wrote")
     p.add_argument("--key", required=True, help="private signing key (from `fedrad keys generate`)")
     p.add_argument("--out", default=None, help="bundle folder (default RUN_DIR/release)")
     p.set_defaults(func=_lazy("fedrad.server.release:cmd_release"))
 
     p = sub.add_parser("verify", help="check a bundle's signature and weight hash")
-    p.add_argument("bundle")
-    p.add_argument("--pubkey", required=True)
+    p.add_argument("bundle", help="the bundle folder (from `fedrad release`)")
+    p.add_argument("--pubkey", required=True, help="the consortium's public key (consortium.pub)")
     _add_release_policy(p)
     p.set_defaults(func=_lazy("fedrad.common.bundle:cmd_verify"))
 
     p = sub.add_parser("finetune", help="label-efficiency fine-tuning of a bundle on a site's labelled set")
-    p.add_argument("bundle")
-    p.add_argument("--pubkey", default=None, help="verify the bundle first (required unless --insecure)")
+    p.add_argument("bundle", help="the bundle folder (from `fedrad release`)")
+    p.add_argument("--pubkey", default=None, help="verify the bundle first (required unless --insecure; no default)")
     p.add_argument("--insecure", action="store_true", help="skip signature verification")
     p.add_argument("--data", required=True, help="DICOM folder, PNG folder, or a .npz (MedMNIST layout)")
-    p.add_argument("--labels", default=None, help="CSV of labels (file or SOPInstanceUID -> label columns)")
-    p.add_argument("--target", default=None, help="label column(s), comma separated (multi-label if several)")
-    p.add_argument("--mode", default="linear", choices=["linear", "mlp", "full"])
-    p.add_argument("--fractions", default="0.1,1.0")
-    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--labels", default=None,
+        help="CSV of labels (file or SOPInstanceUID -> label columns; default: the labels inside --data)")
+    p.add_argument("--target", default=None,
+        help="label column(s), comma separated (multi-label if several; default: every label column)")
+    p.add_argument("--mode", default="linear", choices=["linear", "mlp", "full"],
+                   help="linear probe, MLP head, or full fine-tuning")
+    p.add_argument("--fractions", default="0.1,1.0", help="label fractions to train on, comma separated")
+    p.add_argument("--seeds", type=int, default=1, help="repeats per fraction (for CIs)")
     p.add_argument("--compare", default=None, help="a second bundle to compare against (the --expect-run/"
-                   "--min-* checks apply to BUNDLE only)")
-    p.add_argument("--dp-epsilon", type=float, default=None)
-    p.add_argument("--dp-delta", type=float, default=1e-5)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="finetune-results")
+                   "--min-* checks apply to BUNDLE only; default: random-init only)")
+    p.add_argument("--dp-epsilon", type=float, default=None,
+        help="fine-tune with DP-SGD to this epsilon (default: no DP)")
+    p.add_argument("--dp-delta", type=float, default=1e-5, help="DP delta with --dp-epsilon")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs per fraction and seed")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", default="finetune-results", help="results folder (JSON, CSV, plot)")
     _add_release_policy(p)
     p.set_defaults(func=_lazy("fedrad.client.finetune.command:cmd_finetune"))
 
     p = sub.add_parser("embed", help="write embeddings (npy + CSV) and a t-SNE plot for a folder")
-    p.add_argument("bundle")
-    p.add_argument("--pubkey", default=None)
-    p.add_argument("--insecure", action="store_true")
-    p.add_argument("--data", required=True)
-    p.add_argument("--color-by", default=None, help="label column to colour the t-SNE plot")
-    p.add_argument("--out", default="embeddings")
+    p.add_argument("bundle", help="the bundle folder (from `fedrad release`)")
+    p.add_argument("--pubkey", default=None, help="verify the bundle first (required unless --insecure; no default)")
+    p.add_argument("--insecure", action="store_true", help="skip signature verification")
+    p.add_argument("--data", required=True, help="DICOM folder, PNG folder, or a .npz (MedMNIST layout)")
+    p.add_argument("--color-by", default=None, help="label column to colour the t-SNE plot (default: one colour)")
+    p.add_argument("--out", default="embeddings", help="output folder")
     _add_release_policy(p)
     p.set_defaults(func=_lazy("fedrad.client.embed:cmd_embed"))
 
@@ -213,34 +259,34 @@ def _add_release(sub) -> None:
 def _add_release_policy(p) -> None:
     """What a site insists on beyond a valid signature: refuse an older bundle signed by the same key."""
     p.add_argument("--expect-run", default=None, metavar="RUN_ID",
-                   help="refuse a bundle not released from this run (run id or run key, as `verify` prints)")
+                   help="refuse a bundle not released from this run (run id or run key, as `verify` prints; "
+                        "default: any run)")
     p.add_argument("--min-sequence", type=int, default=None, metavar="N",
-                   help="refuse a bundle whose release number within its run is below N")
+                   help="refuse a bundle whose release number within its run is below N (default: any)")
     p.add_argument("--min-created", default=None, metavar="DATE",
-                   help="refuse a bundle signed before DATE (UTC; 2026-01-31 or 2026-01-31T12:00:00Z)")
+                   help="refuse a bundle signed before DATE (UTC; 2026-01-31 or 2026-01-31T12:00:00Z; default: any)")
 
 
 def _add_security(sub) -> None:
     p = sub.add_parser("certs", help="consortium CA, coordinator TLS certificate and site keys")
     cs = p.add_subparsers(dest="certs_cmd", required=True)
     i = cs.add_parser("init", help="make a CA, a coordinator certificate and per-site node keys")
-    i.add_argument("--out", default="fedrad-certs")
+    i.add_argument("--out", default="fedrad-certs", help="output folder (mode 0700)")
     i.add_argument("--sites", default="site-a,site-b,site-c", help="site names, comma separated")
     i.add_argument("--hosts", default="localhost,127.0.0.1,::1", help="coordinator DNS names / IPs (SANs)")
     i.set_defaults(func=_lazy("fedrad.deploy.certs:cmd_certs_init"))
     r = cs.add_parser("register", help="enrol a site's public key with the coordinator")
     r.add_argument("pubkey", help="the site's node public key file")
-    r.add_argument("--superlink", default="127.0.0.1:8000")
+    r.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
     r.add_argument("--certs", required=True, help="folder holding the consortium CA")
     r.set_defaults(func=_lazy("fedrad.deploy.certs:cmd_register"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fedrad",
         description="Federated contrastive pretraining for radiology: only model weights leave a site.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG + EXIT_CODES,
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -207,7 +208,8 @@ def node_config_string(config: dict[str, object]) -> str:
 
 
 def supernode_command(superlink: str, port: int, node_config: dict[str, object],
-                      tls: TlsFiles | None = None, trust: SiteTrust | None = None) -> list[str]:
+                      tls: TlsFiles | None = None, trust: SiteTrust | None = None,
+                      log_level: str = "INFO") -> list[str]:
     """The command that starts a site: fedrad's runtime (client/runtime.py), which runs the SuperNode.
 
     The SuperNode runs with process isolation: it never installs or imports the run's FAB; the runtime
@@ -225,7 +227,7 @@ def supernode_command(superlink: str, port: int, node_config: dict[str, object],
             node += ["--auth-supernode-private-key", str(tls.node_private_key)]
     # -I: the runtime imports nothing from the working directory or PYTHON* variables.
     return [sys.executable, "-I", "-u", "-m", "fedrad.client.runtime", "serve", "--port", str(port),
-            *trust.args(), "--", *node]
+            "--log-level", log_level, *trust.args(), "--", *node]
 
 
 def is_loopback(address: str) -> bool:
@@ -319,15 +321,30 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
     watchdog = threading.Timer(timeout, _kill_group, args=(proc,)) if timeout else None
     if watchdog:
         watchdog.start()
+    run_id: int | None = None
+    keep_home = False
     try:
         assert proc.stdout is not None
+        boxed = FlowerBox()
         for line in proc.stdout:
             if log_fh:
                 log_fh.write(line)
                 log_fh.flush()
-            if echo and _worth_showing(line):
+            if run_id is None and (started := _STARTED.search(line)):
+                run_id = int(started.group(1))
+            if not echo:
+                continue
+            if boxed.feed(line):
+                if boxed.message:
+                    print(f"fedrad run: flwr: {boxed.message}", file=sys.stderr, flush=True)
+            elif _worth_showing(line):
                 print(line.rstrip(), flush=True)
         return proc.wait()
+    except KeyboardInterrupt:
+        # flwr runs in its own session, so Ctrl-C reached only us: the run goes on at the coordinator
+        # unless it is stopped there, with this same Flower config (it names the coordinator and its CA).
+        keep_home = not stop_run(home, run_id)
+        raise
     finally:
         if watchdog:
             watchdog.cancel()
@@ -335,7 +352,36 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
             _kill_group(proc)
         if log_fh:
             log_fh.close()
-        shutil.rmtree(home, ignore_errors=True)
+        if not keep_home:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+def stop_run(home: Path, run_id: int | None, timeout: float = 60.0) -> bool:
+    """`flwr stop RUN_ID` at the coordinator named in FLWR_HOME `home`; says on stderr what happened.
+
+    False when the run may still be going (the caller keeps `home` so the operator can stop it by hand).
+    """
+    by_hand = f"FLWR_HOME={home} flwr ls fedrad; FLWR_HOME={home} flwr stop RUN_ID fedrad"
+    if run_id is None:
+        print(f"fedrad run: interrupted before the coordinator confirmed a run id; to check: {by_hand}",
+              file=sys.stderr, flush=True)
+        return False
+    print(f"fedrad run: interrupted: stopping run {run_id} on the coordinator ...", file=sys.stderr, flush=True)
+    try:
+        out = subprocess.run([tool("flwr"), "stop", str(run_id), "fedrad"], capture_output=True, text=True,
+                             env=flower_env({"FLWR_HOME": str(home)}), timeout=timeout, start_new_session=True)
+        ok = out.returncode == 0
+    except subprocess.TimeoutExpired:
+        ok = False
+    if ok:
+        print(f"fedrad run: run {run_id} stopped on the coordinator", file=sys.stderr, flush=True)
+    else:
+        print(f"fedrad run: could not stop run {run_id}; stop it with: {by_hand.replace('RUN_ID', str(run_id))}",
+              file=sys.stderr, flush=True)
+    return ok
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -343,19 +389,117 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _worth_showing(line: str) -> bool:
-    """Keep the operator's terminal readable: fedrad's own progress lines, warnings and errors."""
-    return "fedrad" in line or "ERROR" in line or "WARNING" in line or "Successfully" in line
+    """Keep the operator's terminal readable: fedrad's own progress lines, Flower's warnings and errors."""
+    return any(word in line for word in ("fedrad", "ERROR", "WARNING", "Error", "error", "unavailable",
+                                         "Successfully", "failed", "Failed", "denied", "refused"))
+
+
+_BOX_EDGES = "╭│╰"
+
+
+class FlowerBox:
+    """Folds one of `flwr`'s rich panels (its errors: ╭─ Error ─╮ │ text │ ╰─╯) into one line.
+
+    `feed(line)` says whether the line belonged to a panel; after the closing edge, `message` holds the
+    panel's title and text joined by spaces ("" until then).
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._open = False
+        self.message = ""
+
+    def feed(self, line: str) -> bool:
+        text = line.strip()
+        self.message = ""
+        if not text or text[0] not in _BOX_EDGES:
+            return False
+        inner = text.strip("╭╮╰╯│─ ")
+        if text[0] == "╭":
+            self._parts, self._open = ([inner] if inner else []), True
+        elif text[0] == "│" and self._open:
+            if inner:
+                self._parts.append(inner)
+        elif text[0] == "╰":
+            title, *body = self._parts or [""]
+            joined = " ".join(body)
+            self.message = f"{title}: {joined}" if title and body else (title or joined)
+            self._parts, self._open = [], False
+        return True
 
 
 # --- CLI handlers ----------------------------------------------------------------------------------
 
 
 def _tls_from(certs: str | None, site: str | None = None) -> TlsFiles | None:
+    """The coordinator's TLS files (`site=None`) from a `fedrad certs init` folder."""
     if not certs:
         return None
     from fedrad.deploy.certs import tls_files
 
     return tls_files(Path(certs), site)
+
+
+def _node_tls_from(certs: str | None, site: str | None) -> TlsFiles | None:
+    """A site's TLS files: its own folder (`fedrad-certs/sites/site-a`: ca.pem + node.key, the site's name is
+    the folder's), or the consortium folder plus `--site-name`."""
+    if not certs:
+        return None
+    folder = Path(certs).resolve()
+    if site is None:
+        if not (folder / "node.key").exists():
+            raise FileNotFoundError(f"--certs {folder}: no node.key here; give the site's own folder "
+                                    "(e.g. fedrad-certs/sites/site-a) or add --site-name")
+        site = folder.name
+    return _tls_from(certs, site)
+
+
+def _ca_from(certs: str | None) -> Path | None:
+    """The consortium CA that `fedrad run` trusts: `ca.pem` in the --certs folder (no private key needed)."""
+    if not certs:
+        return None
+    ca = Path(certs).resolve() / "ca.pem"
+    if not ca.exists():
+        raise FileNotFoundError(f"--certs: {ca} does not exist (the consortium CA from `fedrad certs init`)")
+    return ca
+
+
+def with_default_port(address: str, port: int = DEFAULT_PORT) -> str:
+    """`host` -> `host:8000` (IPv6 too: `::1` -> `[::1]:8000`); an address with a port is kept."""
+    address = address.strip()
+    if not address:
+        raise ValueError("--superlink is empty: give HOST or HOST:PORT")
+    if address.startswith("["):
+        return address if "]:" in address else f"{address}:{port}"
+    colons = address.count(":")
+    if colons == 0:
+        return f"{address}:{port}"
+    if colons == 1:
+        host, _, raw = address.partition(":")
+        if not host or not raw.isdigit() or not 0 < int(raw) < 65536:
+            raise ValueError(f"--superlink {address}: expected HOST:PORT with a port in 1-65535")
+        return address
+    return f"[{address}]:{port}"  # a bare IPv6 address
+
+
+def app_run_config(app: Path | None = None) -> dict[str, object]:
+    """The app's run-config defaults: `[tool.flwr.app.config]` of its pyproject.toml, as Flower reads them."""
+    pyproject = Path(app or app_dir()) / "pyproject.toml"
+    return dict(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
+
+
+def validate_run_config(overrides: dict[str, object], app: Path | None = None) -> None:
+    """Refuse a run-config the ServerApp would refuse, before anything is submitted (ValueError names the key).
+
+    The same checks as the ServerApp: the app's defaults fused with the overrides, `RunConfig.from_flower`,
+    then the privacy settings.
+    """
+    from fedrad.common.run_config import RunConfig
+    from fedrad.server.privacy import check_privacy_config
+
+    config = app_run_config(app)
+    config.update(overrides)
+    check_privacy_config(RunConfig.from_flower(config))
 
 
 def cmd_coordinator(args) -> int:
@@ -406,6 +550,7 @@ def cmd_node(args) -> int:
         from fedrad.common.keys import load_public_key
 
         load_public_key(trust.consortium_key)  # KeyFileError (a ValueError) names the file
+    args.superlink = with_default_port(args.superlink)
     if not args.certs and not args.insecure and not is_loopback(args.superlink):
         raise ValueError(f"--superlink {args.superlink} is not on this machine and --certs is not given: "
                          "give the site folder from `fedrad certs init` (TLS), or --insecure to send in plaintext")
@@ -429,11 +574,11 @@ def cmd_node(args) -> int:
                    "labels": args.labels, "policy": str(Path(args.policy).resolve()) if args.policy else None,
                    **node_state_config(args.state_dir, data, cache, getattr(args, "audit_dir", None)),
                    **source_config}
-    tls = _tls_from(args.certs, args.site_name)
+    tls = _node_tls_from(args.certs, args.site_name)
     check_coordinator_ca(policy, tls.ca_cert if tls else None)
     print(f"fedrad node: site policy {policy.source}; state (salt, DP ledger) in {node_config['state-dir']}; "
           f"audit in {node_config['audit-dir']}", flush=True)
-    cmd = supernode_command(args.superlink, args.port, node_config, tls, trust)
+    cmd = supernode_command(args.superlink, args.port, node_config, tls, trust, args.log_level)
     signed_by = f"runs signed by {trust.consortium_key}" if trust.consortium_key else "UNSIGNED runs too"
     print(f"fedrad node: joining the coordinator at {args.superlink} "
           f"({'TLS' if tls else 'plaintext'}); running {trust.client_app} for {signed_by}. Ctrl-C leaves.",
@@ -443,6 +588,7 @@ def cmd_node(args) -> int:
 
 def cmd_run(args) -> int:
     overrides = parse_overrides(args.config)
+    superlink = with_default_port(args.superlink)
     if args.resume:
         run_dir = Path(args.resume).resolve()
         if not (run_dir / "run.json").exists():
@@ -457,26 +603,31 @@ def cmd_run(args) -> int:
     else:
         run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     overrides["run-dir"] = str(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ca = _tls_from(args.certs).ca_cert if args.certs else None
+    validate_run_config(overrides)  # a bad -c value: one line naming the key, exit 2, nothing submitted
+    ca = _ca_from(args.certs)
     sign_key = Path(args.sign_key).resolve() if args.sign_key else None
+    run_dir.mkdir(parents=True, exist_ok=True)
     if sign_key is None:
         print("fedrad run: warning: unsigned run (no --sign-key): sites refuse it unless started with "
               "--allow-unsigned", file=sys.stderr, flush=True)
-    print(f"fedrad run: submitting to {args.superlink}; run directory {run_dir}", flush=True)
-    code = submit_run(args.superlink, overrides, log_path=run_dir / "flwr-run.log", ca_cert=ca, sign_key=sign_key)
+    print(f"fedrad run: submitting to {superlink}; run directory {run_dir}", flush=True)
+    code = submit_run(superlink, overrides, log_path=run_dir / "flwr-run.log", ca_cert=ca, sign_key=sign_key)
     return report_run(run_dir, code)
 
 
 def report_run(run_dir: Path, flwr_code: int) -> int:
     """Exit status from what the run left behind: flwr's own exit code says little about the ServerApp."""
+    from fedrad.server.checkpoint import latest_checkpoint
+
     summary = run_dir / "summary.json"
     if flwr_code == 0 and summary.exists():
         s = json.loads(summary.read_text())
         print(f"fedrad run: finished {s['rounds']} rounds; global weights {run_dir / s['global_weights']}")
         return 0
-    print(f"fedrad run: the run did not finish (flwr exit {flwr_code}); see {run_dir / 'flwr-run.log'}. "
-          f"Continue it with: fedrad run --resume {run_dir}", file=sys.stderr)
+    advice = (f" Continue it with: fedrad run --resume {run_dir}" if latest_checkpoint(run_dir) is not None
+              else " No round finished, so there is nothing to resume.")
+    print(f"fedrad run: the run did not finish (flwr exit {flwr_code}); see {run_dir / 'flwr-run.log'}.{advice}",
+          file=sys.stderr)
     return 1
 
 

@@ -43,6 +43,19 @@ def truncate_metrics(run_dir: Path, last_round: int) -> None:
     atomic_write(Path(run_dir) / "metrics.jsonl", lambda p: p.write_text(text, encoding="utf-8"))
 
 
+def site_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Flower node id -> "site N", numbered in order of first appearance (round by round).
+
+    Only numbers cross the wire (common/protocol.py), so a site cannot send its name; 19-digit node ids
+    read as noise on a plot, and metrics.jsonl keeps them for whoever needs to match a site.
+    """
+    labels: dict[str, str] = {}
+    for row in sorted(rows, key=lambda r: int(r.get("round", 0))):
+        for node in (row.get("sites") or {}):
+            labels.setdefault(str(node), f"site {len(labels) + 1}")
+    return labels
+
+
 def plot_run(run_dir: Path) -> Path | None:
     """The protocol's plotted metrics per round, train loss per site and, when DP is on, epsilon, as one PNG."""
     rows = read_metrics(run_dir)
@@ -52,6 +65,18 @@ def plot_run(run_dir: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    fig = run_figure(rows)
+    out = Path(run_dir) / "plots" / "loss.png"
+    atomic_write(out, lambda p: fig.savefig(p, dpi=90, format="png"))
+    plt.close(fig)
+    return out
+
+
+def run_figure(rows: list[dict[str, Any]]):
+    """The figure `plot_run` saves: rounds on integer ticks, sites as "site N" (see `site_labels`)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] for r in rows]
     # Round-level lines: every metric the protocol marks for plotting, ε in a panel of its own.
@@ -65,13 +90,15 @@ def plot_run(run_dir: Path) -> Path | None:
     if lines:
         ax.legend()
     ax = axes[1]
+    labels = site_labels(rows)
     sites: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
         for node, m in (r.get("sites") or {}).items():
             if m.get(TRAIN_LOSS) is not None:
-                sites.setdefault(node, []).append((r["round"], m[TRAIN_LOSS]))
-    for node, pts in sorted(sites.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"node {node}")
+                sites.setdefault(str(node), []).append((r["round"], m[TRAIN_LOSS]))
+    for node in sorted(sites, key=lambda n: int(labels[n].split()[-1])):
+        pts = sites[node]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=labels[node])
     ax.set(title="train loss per site", xlabel="round", ylabel="loss")
     if sites:
         ax.legend(fontsize=7)
@@ -79,8 +106,7 @@ def plot_run(run_dir: Path) -> Path | None:
         ax = axes[2]
         ax.plot(rounds, [r.get(EPSILON) for r in rows], "o-", color="crimson")
         ax.set(title="privacy spent (epsilon)", xlabel="round", ylabel="epsilon")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    out = Path(run_dir) / "plots" / "loss.png"
-    atomic_write(out, lambda p: fig.savefig(p, dpi=90, format="png"))
-    plt.close(fig)
-    return out
+    return fig

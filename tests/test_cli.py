@@ -74,3 +74,49 @@ def test_run_names_a_missing_signing_key(tmp_path, capsys):
     code = main(["run", "--run-dir", str(tmp_path / "run"), "--sign-key", str(missing)])
     assert code == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def _leaf_parsers(parser, prefix=()):
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        for name, sub in action.choices.items():
+            if sub.get_default("func") is not None:
+                yield (*prefix, name), sub
+            if sub._subparsers is not None:
+                yield from _leaf_parsers(sub, (*prefix, name))
+
+
+def test_every_subcommand_help_runs_and_shows_defaults(capsys):
+    leaves = list(_leaf_parsers(build_parser()))
+    assert len(leaves) >= 15
+    for words, _ in leaves:
+        try:
+            main([*words, "--help"])
+        except SystemExit as exc:
+            assert exc.code == 0, words
+        out = capsys.readouterr().out
+        assert out.startswith("usage: fedrad " + " ".join(words)), words
+        assert "default" in out, words
+
+
+def test_every_option_has_help_and_a_stated_default():
+    """Help text everywhere; an option whose default is None says in words what happens without it."""
+    import argparse
+
+    for words, sub in _leaf_parsers(build_parser()):
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (words, action.dest)
+            if action.option_strings and action.default is None and not action.required:
+                assert "default" in action.help.lower(), (words, action.dest)
+
+
+def test_exit_codes_are_documented():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Exit codes"):]
+    for code in ("0", "1", "2", "130"):
+        assert f"`{code}`" in section
+    out = subprocess.run([sys.executable, "-m", "fedrad.deploy.cli", "--help"], capture_output=True, text=True)
+    assert "exit codes:" in out.stdout

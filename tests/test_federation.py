@@ -58,6 +58,10 @@ def test_rounds_checkpoints_and_wire_content(consortium, sites, tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.safetensors",
                                                                           "round-0002.safetensors"]
     assert (run_dir / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Each site's log file shows its own progress, one line per message, in plain text.
+    node_log = (tmp_path / "logs" / "node-s0.log").read_text()
+    assert "round 1 train (micle):" in node_log and "round 2 evaluate (micle): held-out loss" in node_log
+    assert "images/s" in node_log and "\x1b[" not in node_log
 
     import safetensors.torch
     import timm

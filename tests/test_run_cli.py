@@ -1,0 +1,150 @@
+"""`fedrad run` and `fedrad node` as an operator meets them: bad input is refused before anything is sent,
+Flower's own reason reaches the terminal in one line, and advice is given only where it can work."""
+
+from __future__ import annotations
+
+import pytest
+from fedrad.deploy.cli import main
+from fedrad.deploy.processes import FlowerBox, free_port, validate_run_config, with_default_port
+
+
+@pytest.mark.parametrize("override,key", [
+    ("num-server-rounds=many", "num-server-rounds"),
+    ("strategy=fedfoo", "strategy"),
+    ("nonsense-key=1", "nonsense-key"),
+    ("dp=client", "dp-noise"),
+])
+def test_bad_run_config_exits_2_before_submission(tmp_path, capsys, override, key):
+    run_dir = tmp_path / "run"
+    # An address nothing listens on: were the config submitted, flwr would fail differently (exit 1).
+    code = main(["run", "--superlink", f"127.0.0.1:{free_port()}", "--run-dir", str(run_dir), "-c", override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and key in err[0], err
+    assert not run_dir.exists()  # nothing written, nothing submitted
+
+
+def test_good_run_config_passes_local_validation():
+    validate_run_config({"num-server-rounds": 2, "strategy": "fedprox", "run-dir": "/tmp/x"})
+
+
+def test_superlink_without_port_gets_the_default():
+    assert with_default_port("127.0.0.1") == "127.0.0.1:8000"
+    assert with_default_port("coord.example.org:9000") == "coord.example.org:9000"
+    assert with_default_port("::1") == "[::1]:8000"
+    assert with_default_port("[::1]:9001") == "[::1]:9001"
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        with_default_port("host:port")
+
+
+def test_flower_error_panel_folds_into_one_line():
+    box = FlowerBox()
+    lines = ["╭─ Error ──────────╮", "│ Connection to the SuperLink is unavailable. Please check   │",
+             "│ connection and 'address'.   │", "╰──────────────────╯"]
+    seen = [box.feed(line) for line in lines]
+    assert seen == [True, True, True, True]
+    assert box.message == ("Error: Connection to the SuperLink is unavailable. Please check "
+                           "connection and 'address'.")
+    assert not box.feed("INFO : fedrad: round 1")
+
+
+def test_run_against_a_stopped_coordinator_says_why_in_one_line(tmp_path, capsys):
+    """Real `flwr run` against a port nothing listens on (fails in a few seconds)."""
+    run_dir = tmp_path / "run"
+    code = main(["run", "--superlink", f"127.0.0.1:{free_port()}", "--run-dir", str(run_dir),
+                 "-c", "num-server-rounds=1"])
+    out = capsys.readouterr()
+    flwr_lines = [line for line in out.err.splitlines() if line.startswith("fedrad run: flwr:")]
+    assert code == 1
+    assert len(flwr_lines) == 1 and "unavailable" in flwr_lines[0], out.err
+    assert "--resume" not in out.err + out.out
+    assert "nothing to resume" in out.err
+
+
+def _certs(tmp_path):
+    from fedrad.deploy.certs import init_certs
+
+    init_certs(tmp_path / "fedrad-certs", ["site-a", "site-b"])
+    return tmp_path / "fedrad-certs"
+
+
+def test_node_tls_from_the_site_folder_needs_no_site_name(tmp_path):
+    from fedrad.deploy.processes import _node_tls_from
+
+    certs = _certs(tmp_path)
+    site = certs / "sites" / "site-a"
+    tls = _node_tls_from(str(site), None)
+    assert tls.node_private_key == site / "node.key" and tls.ca_cert.exists()
+    assert _node_tls_from(str(certs), "site-b").node_private_key == certs / "sites" / "site-b" / "node.key"
+    with pytest.raises(FileNotFoundError, match="--site-name"):
+        _node_tls_from(str(certs), None)
+
+
+def test_node_step_as_in_the_readme_gets_past_tls(tmp_path, capsys):
+    """`fedrad node --certs fedrad-certs/sites/site-a` (no --site-name) finds the site's CA and key: it
+    stops only at the next check, a site policy pinned to another consortium CA, which names the site's CA."""
+    from fedrad.server.release import generate_keys
+
+    certs = _certs(tmp_path)
+    _, pub = generate_keys(tmp_path / "consortium")
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[coordinator]\nca_sha256 = \"" + "ab" * 32 + "\"\n")
+    site = certs / "sites" / "site-a"
+    code = main(["node", "--data", str(tmp_path), "--no-scan", "--consortium-key", str(pub),
+                 "--certs", str(site), "--policy", str(policy)])
+    err = capsys.readouterr().err
+    assert code == 2 and str(site / "ca.pem") in err and "refusing to join" in err, err
+
+
+def test_stop_run_that_cannot_reach_the_coordinator_says_how_to_stop_it(tmp_path, capsys):
+    from fedrad.deploy.processes import stop_run, write_flwr_home
+
+    home = write_flwr_home(tmp_path / "home", f"127.0.0.1:{free_port()}")
+    assert stop_run(home, None) is False
+    assert stop_run(home, 123, timeout=60) is False
+    err = capsys.readouterr().err
+    assert f"FLWR_HOME={home} flwr stop 123 fedrad" in err and "flwr ls" in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_run_stops_the_run_on_the_coordinator(tmp_path):
+    """A real SuperLink with no nodes (the run waits for them); SIGINT to `fedrad run` stops it there."""
+    import signal
+    import subprocess
+    import sys
+
+    from fedrad.deploy.processes import (
+        ProcessGroup,
+        flower_env,
+        superlink_command,
+        tool,
+        wait_for_port,
+        write_flwr_home,
+    )
+
+    port = free_port()
+    (tmp_path / "state").mkdir()
+    with ProcessGroup() as group:
+        link = group.start("superlink", superlink_command(tmp_path / "state", "127.0.0.1", port),
+                           tmp_path / "superlink.log")
+        wait_for_port("127.0.0.1", port, 60, link)
+        run = subprocess.Popen([sys.executable, "-m", "fedrad.deploy.cli", "run", "--superlink", f"127.0.0.1:{port}",
+                                "--run-dir", str(tmp_path / "run"), "-c", "num-server-rounds=1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in run.stdout:
+            lines.append(line)
+            if "Successfully started run" in line:
+                break
+        run_id = lines[-1].split()[-1]
+        run.send_signal(signal.SIGINT)
+        rest = run.stdout.read()
+        assert run.wait(timeout=120) == 130
+        assert f"run {run_id} stopped on the coordinator" in rest, rest
+        home = write_flwr_home(tmp_path / "home", f"127.0.0.1:{port}")
+        ls = subprocess.run([tool("flwr"), "ls", "fedrad", "--format", "json"], capture_output=True, text=True,
+                            env=flower_env({"FLWR_HOME": str(home)}), timeout=120)
+        import json
+
+        runs = {str(r["run-id"]): r for r in json.loads(ls.stdout[ls.stdout.index("{"):])["runs"]}
+        assert "stopped" in runs[run_id]["status"], runs[run_id]
