@@ -51,6 +51,7 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
+
     from fedrad.common.cache import DecodedCache
     from fedrad.common.dicom_io import SkipImage, decode_dicom
 

@@ -97,6 +97,7 @@ def pool(sites: list):
 def pretrain_local(data, args, steps: int, seed: int):
     """SimCLR with the same config a federated site uses, for `steps` optimizer steps; the backbone."""
     import torch
+
     from fedrad.client.trainer import TrainConfig, train_local
     from fedrad.common.models import build_model
 

@@ -48,9 +48,10 @@ def main() -> int:
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
 
+    from orthanc_server import find_orthanc, start_orthanc
+
     from fedrad.client.site_data import load_site
     from fedrad.common.sources.pacs import PacsOptions
-    from orthanc_server import find_orthanc, start_orthanc
 
     exe, why = find_orthanc()
     data = shared_data()

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 def round_times(args) -> dict[str, float]:
     from federation_harness import Consortium
+
     from fedrad.deploy.synthetic import write_synthetic_sites
     from fedrad.server.run_log import read_metrics
 
@@ -63,6 +64,7 @@ def dp_sgd_throughput(args) -> tuple[float, float]:
     with `dp=SampleDP(...)`: opacus per-image gradients, clipping, noise, Poisson batches, accounting."""
     import torch
     from fake_site import make_fake_site
+
     from fedrad.client.sample_dp import SampleDP
     from fedrad.client.trainer import TrainConfig, train_local
     from fedrad.common.models import build_model

@@ -28,6 +28,7 @@ SIZES = {
 def alone(site: Path, cfg: dict, cache: Path) -> float:
     """Seconds for the site's local work of one round, in-process (data already cached, as in round 2+)."""
     import torch
+
     from fedrad.client.site_data import load_site
     from fedrad.client.trainer import TrainConfig, evaluate_local, train_local
     from fedrad.common.models import build_model
@@ -45,6 +46,7 @@ def alone(site: Path, cfg: dict, cache: Path) -> float:
 
 def federated(site: Path, cfg: dict, work: Path, rounds: int) -> list[float]:
     from federation_harness import Consortium
+
     from fedrad.server.run_log import read_metrics
 
     c = Consortium(work)

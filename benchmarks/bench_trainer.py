@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from fedrad.client.trainer import TrainConfig, resolve_device, train_local
 from fedrad.common.augment import AugmentConfig, make_views
 from fedrad.common.losses import get_objective

@@ -6,11 +6,12 @@ are imported inside the handlers (via `fedrad.client.task`).
 
 from __future__ import annotations
 
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
 from fedrad.client.policy_mod import site_policy_mod
 from fedrad.client.privacy_mods import privacy_mod
 from fedrad.client.wire_guard import wire_guard_mod
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
 
 # The wire guard (outermost) is the last thing a reply passes on its way out: it enforces
 # fedrad.common.protocol on what actually leaves (SecAgg+ records and the site policy's refusals included),

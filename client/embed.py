@@ -55,8 +55,9 @@ def tsne_plot(emb: np.ndarray, colours: list[str] | None, path: Path, title: str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from fedrad.common.atomic import atomic_write
     from sklearn.manifold import TSNE
+
+    from fedrad.common.atomic import atomic_write
 
     n = len(emb)
     fig, ax = plt.subplots(figsize=(6, 5))

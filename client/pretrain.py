@@ -35,6 +35,7 @@ def check_out_file(out: str | os.PathLike[str]) -> Path:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Load the site, train `args.steps` steps, evaluate on the held-out patients, write the backbone."""
     import torch
+
     from fedrad.client.site_data import load_site
     from fedrad.client.trainer import TrainConfig, evaluate_local, resolve_device, train_local
     from fedrad.common.models import build_model, save_backbone

@@ -18,6 +18,9 @@ SecAgg+ exchange (which would train nothing).
 
 from __future__ import annotations
 
+from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
+
 from fedrad.client.wire_guard import refuse
 from fedrad.common.protocol import (
     ARRAYS,
@@ -31,8 +34,6 @@ from fedrad.common.protocol import (
     ErrorCode,
     SiteReport,
 )
-from flwr.app import Context, Message
-from flwr.app.message_type import MessageType
 
 
 def _secagg_on(context: Context) -> bool:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from fedrad.common.cache import DecodedCache
 from fedrad.common.header_signals import UNKNOWN, age_bucket, load_site_salt, patient_key
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS

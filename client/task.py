@@ -10,9 +10,10 @@ import logging
 import time
 from pathlib import Path
 
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+
 from fedrad.common.protocol import ARRAYS, CONFIG, METRICS, RUN_KEY, SERVER_ROUND, SiteReport
 from fedrad.common.run_config import RunConfig
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 log = logging.getLogger("fedrad.client")
 
@@ -138,6 +139,7 @@ def _model_from(msg: Message, cfg: RunConfig):
 
 def handle_train(msg: Message, context: Context) -> Message:
     import torch
+
     from fedrad.client.trainer import train_local
 
     cfg = RunConfig.from_flower(dict(context.run_config))

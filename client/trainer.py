@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
     import torch
+    from torch import nn
+
     from fedrad.client.sample_dp import SampleDP
     from fedrad.client.site_data import SiteData
     from fedrad.common.losses import Batch
-    from torch import nn
 
 EVAL_SEED = 1234  # fixed: held-out views are the same in every round and at every site
 HOLDOUT_FRACTION = 0.1
@@ -205,6 +206,7 @@ class _Setup:
 def _setup(model: nn.Module, data: SiteData, cfg: TrainConfig) -> _Setup:
     import numpy as np
     import torch
+
     from fedrad.common.augment import AugmentConfig
     from fedrad.common.losses import get_objective
 
@@ -234,6 +236,7 @@ def _views_of(st: _Setup, data: SiteData, anchors: np.ndarray, partners: np.ndar
     """`n_views` augmented views of the anchors (the second of a patient's partner image when given), their
     labels as the objective's positives need them, and the batch size."""
     import torch
+
     from fedrad.common.augment import augment
     from fedrad.common.losses import Batch
 
@@ -372,6 +375,7 @@ def _dp_loss(st: _Setup, data: SiteData, anchors: np.ndarray, model: nn.Module, 
     """The DP step's loss on a Poisson batch. An empty draw still takes a (noise-only) step, as the
     accountant assumes: one blank image with zero weight gives opacus a per-sample gradient of exactly 0."""
     import torch
+
     from fedrad.common.losses import Batch
 
     n_views = st.objective.n_views

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
+
 from fedrad.common.protocol import (
     ARRAYS,
     ERROR_TEXT,
@@ -42,7 +44,6 @@ from fedrad.common.protocol import (
     error_code_of,
     valid_example_count,
 )
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
 
 log = logging.getLogger("fedrad.client")
 

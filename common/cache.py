@@ -32,6 +32,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+
 from fedrad.common.atomic import atomic_write_bytes
 from fedrad.common.header_signals import load_site_salt
 from fedrad.common.image_ops import to_uint16

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
 from fedrad.common.header_signals import age_from_dates, parse_age
 from fedrad.common.image_ops import fit_square, robust_minmax
 from fedrad.common.sources.budget import (

@@ -36,6 +36,7 @@ def create_backbone(name: str, in_chans: int = 1, image_size: int | None = None,
     `norm="group"` swaps BatchNorm for GroupNorm (the variant trained with sample-level DP).
     """
     import timm
+
     from fedrad.common.norms import NORMS, to_group_norm
 
     if norm not in NORMS:

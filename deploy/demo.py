@@ -178,6 +178,7 @@ def demo_finetune(bundle: str | Path, pubkey: str | Path, sites: list[Path], out
     """
     import numpy as np
     import torch
+
     from fedrad.client.finetune import (
         Arm,
         LabelledSet,

@@ -290,9 +290,10 @@ def run_config_string(overrides: dict[str, object], app: Path, sign_key: Path | 
     text = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
     if sign_key is None:
         return text
+    from flwr.common.config import parse_config_args
+
     from fedrad.common.run_signature import SIGNATURE_KEY
     from fedrad.server.run_signing import build_fab, load_signing_key, sign_run
-    from flwr.common.config import parse_config_args
 
     key = load_signing_key(sign_key)  # a missing or wrong key fails before the FAB is built
     signature = sign_run(build_fab(app), parse_config_args([text]) if text else {}, key)

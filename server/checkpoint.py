@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fedrad.common.atomic import atomic_write
 from flwr.app import Array, ArrayRecord
+
+from fedrad.common.atomic import atomic_write
 
 # Strategy attributes that carry state from round to round in Flower's strategies.
 _STATE_ATTRS = ("current_arrays", "m_t", "v_t", "momentum_vector")

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from logging import INFO
 from typing import Any
 
+from flwr.common.logger import log
+
 from fedrad.common.losses import per_sample_objectives
 from fedrad.common.run_config import RunConfig
-from flwr.common.logger import log
 
 DP_MODES = ("none", "client", "sample")
 # Objectives whose loss for one image depends on no other image in the batch (opacus's premise), as the

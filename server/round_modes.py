@@ -12,14 +12,15 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
 from fedrad.common.protocol import MESSAGE_TRAIN, RUN_KEY, SERVER_ROUND, ErrorCode, SiteReport, error_code_of
 from fedrad.common.run_config import RunConfig
 from fedrad.server.privacy import PrivacyLedger, wrap_dp_strategy
 from fedrad.server.run_log import read_metrics
 from fedrad.server.screening import ScreeningRules, error_summary, screen_replies
-from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.common.logger import log
-from flwr.serverapp import Grid
 
 
 class RoundStop(Exception):

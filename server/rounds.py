@@ -15,6 +15,10 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
 from fedrad.common.atomic import atomic_write_json
 from fedrad.common.protocol import MESSAGE_EVALUATE, SERVER_ROUND, SITE_RECORD
 from fedrad.common.run_config import RunConfig
@@ -24,13 +28,11 @@ from fedrad.server.round_modes import RoundStop, TrainOutcome, round_mode, scree
 from fedrad.server.run_log import append_metrics, plot_run, read_metrics, truncate_metrics
 from fedrad.server.screening import screen_replies
 from fedrad.server.strategies import build_strategy
-from flwr.app import ArrayRecord, ConfigRecord, Context
-from flwr.common.logger import log
-from flwr.serverapp import Grid
 
 
 def initial_arrays(cfg: RunConfig) -> ArrayRecord:
     import torch
+
     from fedrad.common.models import build_model
 
     torch.manual_seed(cfg.seed)

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
 from fedrad.common.protocol import (
     AGGREGATE,
     AGGREGATION_WEIGHT,
@@ -37,7 +39,6 @@ from fedrad.common.protocol import (
     error_code_of,
     valid_example_count,
 )
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from logging import INFO
 
 import numpy as np
-from fedrad.common.protocol import AGGREGATE, MESSAGE_TRAIN, SECAGG_MAX_WEIGHT, SERVER_ROUND, ProtocolError, SiteReport
-from fedrad.common.run_config import RunConfig
 from flwr.app import Array, ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+
+from fedrad.common.protocol import AGGREGATE, MESSAGE_TRAIN, SECAGG_MAX_WEIGHT, SERVER_ROUND, ProtocolError, SiteReport
+from fedrad.common.run_config import RunConfig
 
 MAX_WEIGHT = 1_000.0  # a site's weight in the mean is min(num_examples, MAX_WEIGHT)
 CLIPPING_RANGE = 1.0  # per-element range of a weighted update (weight <= 1) before quantisation

@@ -7,10 +7,11 @@ import logging
 from collections.abc import Iterable
 
 import numpy as np
-from fedrad.common.protocol import AGGREGATION_WEIGHT
-from fedrad.common.run_config import RunConfig
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as fl
+
+from fedrad.common.protocol import AGGREGATION_WEIGHT
+from fedrad.common.run_config import RunConfig
 
 log = logging.getLogger("fedrad.server")
 

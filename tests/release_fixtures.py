@@ -17,6 +17,7 @@ SIZE = 32
 def make_run_dir(root: Path, model: str = MODEL, size: int = SIZE, rounds: int = 2, dp: str = "none",
                  seed: int = 0) -> Path:
     import torch
+
     from fedrad.common.models import build_model, save_backbone
 
     run = root / "run"

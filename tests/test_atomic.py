@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+
 from fedrad.common.atomic import atomic_write, atomic_write_bytes
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from fedrad.common.augment import AugmentConfig, augment, make_views, v2_transform
 
 IDENTITY = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), rotate_deg=0.0, brightness=0.0,

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 from dicom_fixtures import make_corrupt_files, shared_data, small_dicom
+
 from fedrad.common import cache as cache_mod
 from fedrad.common.cache import DecodedCache, dicom_entry
 from fedrad.common.dicom_io import decode_dicom

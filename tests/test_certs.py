@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from federation_harness import Consortium
+
 from fedrad.deploy.certs import init_certs, register_node, tls_files
 
 

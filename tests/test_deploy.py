@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from fedrad.deploy.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 from dicom_fixtures import dicom_index, make_corrupt_files, shared_data, small_dicom
+
 from fedrad.common.dicom_io import REASONS, SkipImage, check_dicom, decode_dicom, read_header
 from fedrad.common.header_signals import age_bucket, load_or_create_salt, parse_age, patient_key
 from fedrad.common.image_ops import fit_square

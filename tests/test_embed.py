@@ -6,8 +6,9 @@ import csv
 
 import numpy as np
 import pytest
-from fedrad.deploy.cli import main
 from release_fixtures import make_bundle
+
+from fedrad.deploy.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from federation_harness import POISON_APP, POISON_CLIENT, Consortium
+
 from fedrad.client.runtime import SiteTrust
 from fedrad.server.run_log import read_metrics
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from release_fixtures import make_bundle
+
 from fedrad.client.finetune import (
     auc_score,
     binarise,
@@ -22,7 +24,6 @@ from fedrad.client.finetune import (
 )
 from fedrad.deploy.cli import main
 from fedrad.deploy.demo import demo_finetune
-from release_fixtures import make_bundle
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

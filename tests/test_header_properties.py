@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import unicodedata
 
+from hostile_dicom import j2k_stream, jpeg_stream
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from fedrad.common.header_signals import age_bucket, age_from_dates, parse_age
 from fedrad.common.sources.budget import (
     check_pixel_budget,
@@ -15,9 +19,6 @@ from fedrad.common.sources.budget import (
 )
 from fedrad.common.sources.errors import REASONS, SkipImage, skip_from
 from fedrad.common.sources.walk import display_name
-from hostile_dicom import j2k_stream, jpeg_stream
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 FAST = settings(max_examples=300, deadline=None)
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from fedrad.common.losses import OBJECTIVES, REGISTRY, get_objective, per_sample_objectives
 from fedrad.common.losses.base import POSITIVES
 from fedrad.common.losses.byol import byol_loss
 from fedrad.common.losses.ntxent import supcon_loss
 from fedrad.common.losses.simsiam import simsiam_loss
-from torch import nn
 
 
 def _np_supcon(z1: np.ndarray, z2: np.ndarray, labels: list[int], t: float) -> float:

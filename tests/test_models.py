@@ -7,6 +7,8 @@ import os
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
+
 from fedrad.common.models import (
     KNOWN_MODELS,
     ContrastiveModel,
@@ -17,7 +19,6 @@ from fedrad.common.models import (
     save_backbone,
     trainable_state,
 )
-from safetensors.torch import load_file
 
 
 @pytest.mark.parametrize("name", KNOWN_MODELS)

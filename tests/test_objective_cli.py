@@ -4,10 +4,11 @@ a folder of real DICOM files, writing a backbone that plain timm loads."""
 from __future__ import annotations
 
 import timm
+from safetensors.torch import load_file
+
 from fedrad.common.losses import OBJECTIVES
 from fedrad.common.models import read_metadata
 from fedrad.deploy.cli import build_parser, main
-from safetensors.torch import load_file
 
 
 def _objective_choices(command: list[str]) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedrad.client.scan import scan_folder
 from fedrad.client.site_data import load_site
 from fedrad.common.sources.pacs import (
@@ -344,6 +345,7 @@ def test_federated_round_with_one_site_reading_from_orthanc(pacs, tmp_path):
     The round completes with both sites, the PACS site's instances are in its own store, and nothing about
     the PACS (AE title, port, UIDs) is in what the sites sent (their audit logs)."""
     from federation_harness import Consortium
+
     from fedrad.deploy.synthetic import write_synthetic_sites
     from fedrad.server.run_log import read_metrics
 

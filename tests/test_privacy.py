@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from federation_harness import Consortium
+
 from fedrad.common.run_config import RunConfig
 from fedrad.server.privacy import PrivacyLedger, check_privacy_config, privacy_summary
 
@@ -59,8 +60,9 @@ def _train_message(secagg: bool):
 
 @pytest.mark.parametrize("run_secagg,msg_secagg", [(True, False), (False, True)])
 def test_site_refuses_secagg_mismatch(run_secagg, msg_secagg):
-    from fedrad.client.privacy_mods import privacy_mod
     from flwr.app import Context, RecordDict
+
+    from fedrad.client.privacy_mods import privacy_mod
 
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={"secagg": run_secagg})
     called = []
@@ -73,8 +75,9 @@ def test_site_refuses_secagg_mismatch(run_secagg, msg_secagg):
 
 
 def test_apply_mean_update_keeps_dtypes():
-    from fedrad.server.secagg import apply_mean_update
     from flwr.app import Array, ArrayRecord
+
+    from fedrad.server.secagg import apply_mean_update
 
     arrays = ArrayRecord({"w": Array(np.ones((2, 2), np.float32)), "n": Array(np.array(4, np.int64))})
     out = apply_mean_update(arrays, [np.full((2, 2), 0.5), np.array(0.0)], local_steps=3)
@@ -123,6 +126,7 @@ def test_secagg_round_equals_plain_fedavg(consortium3):
     weights = [m["num_examples"] for m in row["sites"].values()]
     tol = quantisation_tolerance(weights)
     import torch
+
     from fedrad.common.models import build_model
 
     torch.manual_seed(0)

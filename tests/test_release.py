@@ -7,10 +7,11 @@ import shutil
 import stat
 
 import pytest
+from release_fixtures import MODEL, SIZE, fedrad_cli, make_bundle, make_run_dir, one_line_error, resign, set_weights
+
 from fedrad.common.bundle import BundleVerificationError, load_verified_backbone, verify_bundle
 from fedrad.deploy.cli import main
 from fedrad.server.release import generate_keys
-from release_fixtures import MODEL, SIZE, fedrad_cli, make_bundle, make_run_dir, one_line_error, resign, set_weights
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +143,9 @@ def _other_weights(tmp_path) -> bytes:
 def test_weights_swapped_after_hashing_never_load_as_verified(bundle_copy, tmp_path, monkeypatch):
     """The file is replaced right after its bytes were hashed; the loader must use the hashed bytes."""
     import torch
-    from fedrad.common import bundle as bundle_mod
     from safetensors.torch import load
+
+    from fedrad.common import bundle as bundle_mod
 
     bundle, pub = bundle_copy
     signed_state = load((bundle / "weights.safetensors").read_bytes())

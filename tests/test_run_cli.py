@@ -4,6 +4,7 @@ Flower's own reason reaches the terminal in one line, and advice is given only w
 from __future__ import annotations
 
 import pytest
+
 from fedrad.deploy.cli import main
 from fedrad.deploy.processes import FlowerBox, free_port, validate_run_config, with_default_port
 

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from fake_site import make_fake_site
+
 from fedrad.client.sample_dp import SampleDP, epsilon_of, ledger_history, ledger_record, projected_epsilon
 from fedrad.client.trainer import TrainConfig, split_indices, train_local
 from fedrad.common.losses import get_objective

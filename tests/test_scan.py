@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from dicom_fixtures import make_corrupt_files, shared_data, small_dicom
+
 from fedrad.client.scan import NOTHING_SENT, cmd_scan, scan_folder
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
 from fedrad.common.run_config import RunConfig
 from fedrad.server.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fedrad.server.screening import ScreeningRules, cap_shares, screen_replies
 from fedrad.server.strategies import STRATEGIES, build_strategy
-from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
 
 def _arrays(scale: float = 1.0) -> ArrayRecord:

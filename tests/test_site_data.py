@@ -7,6 +7,7 @@ import csv
 import numpy as np
 import pytest
 from dicom_fixtures import make_corrupt_files, shared_data, small_dicom
+
 from fedrad.client.site_data import default_cache_dir, detect_layout, load_site
 from fedrad.common.header_signals import SALT_FILE
 from fedrad.deploy.synthetic import write_synthetic_sites

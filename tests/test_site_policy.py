@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from federation_harness import TINY_RUN, Consortium
+
 from fedrad.client.policy import (
     PolicyError,
     check_coordinator_ca,
@@ -221,10 +222,11 @@ def _context(tmp_path: Path, site: Path, run_config: dict, policy: str | None = 
 
 def _message(cfg: RunConfig, run_key: str = "run-a", server_round: int = 1, message_type: str = "train",
              stage: str | None = None):
-    from fedrad.common.models import build_model
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
     from flwr.app.message_type import MessageType
     from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrad.common.models import build_model
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1  # as inside a ClientApp process
     content = RecordDict({"config": ConfigRecord({"server-round": server_round, "run-key": run_key})})

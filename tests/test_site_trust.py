@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 from federation_harness import Consortium
+from flwr.common.config import parse_config_args
+
 from fedrad.client.runtime import SiteTrust, check_run
 from fedrad.common.protocol import ERROR_TEXT, ErrorCode
 from fedrad.common.run_signature import SIGNATURE_KEY, fused_run_config
 from fedrad.deploy.processes import app_dir, is_loopback, run_config_string
 from fedrad.server.release import generate_keys
 from fedrad.server.run_signing import build_fab
-from flwr.common.config import parse_config_args
 
 ROGUE_CLIENT = Path(__file__).parent / "rogue_app" / "evil_client.py"
 

@@ -8,6 +8,8 @@ import os
 import numpy as np
 import pytest
 from dicom_fixtures import shared_data, small_dicom
+from hostile_dicom import j2k_stream, jpeg_stream
+
 from fedrad.common.sources import REASONS, SkipImage, detect_source, open_source
 from fedrad.common.sources.budget import (
     check_codec_size,
@@ -19,7 +21,6 @@ from fedrad.common.sources.budget import (
 from fedrad.common.sources.errors import skip_from
 from fedrad.common.sources.walk import display_name, walk_folder
 from fedrad.common.sources.workers import map_isolated
-from hostile_dicom import j2k_stream, jpeg_stream
 
 
 def test_layout_dispatch_and_readers(tmp_path):
@@ -55,8 +56,9 @@ def test_layout_dispatch_and_readers(tmp_path):
 
 
 def test_png_over_budget_is_too_large_before_decoding(tmp_path):
-    from fedrad.common.sources.image_folder import image_entry
     from PIL import Image
+
+    from fedrad.common.sources.image_folder import image_entry
 
     Image.fromarray(np.arange(100 * 100, dtype=np.uint8).reshape(100, 100)).save(tmp_path / "a.png")
     with pytest.raises(SkipImage) as exc:

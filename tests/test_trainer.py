@@ -13,6 +13,7 @@ import timm.optim
 import torch
 from dicom_fixtures import shared_data
 from fake_site import make_fake_site
+
 from fedrad.client.trainer import (
     TrainConfig,
     _PairSampler,

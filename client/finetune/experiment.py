@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from fedrad.client.finetune.data import LabelledSet
 from fedrad.client.finetune.heads import embed_images, fit_full, fit_linear, fit_mlp
 from fedrad.client.finetune.metrics import auc_score, bootstrap_ci, macro_auc
@@ -77,6 +78,7 @@ def run_experiment(arms: list[Arm], data: LabelledSet, train_idx: np.ndarray, te
 def random_arm(model: str, size: int | None, seed: int = 20240101, norm: str = "batch") -> Arm:
     """Same architecture, random init: the baseline every pretrained number is compared against."""
     import torch
+
     from fedrad.common.models import create_backbone
 
     torch.manual_seed(seed)

@@ -26,6 +26,7 @@ def plot_auc(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from fedrad.common.atomic import atomic_write
 
     fig, ax = plt.subplots(figsize=(6, 4))

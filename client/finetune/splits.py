@@ -4,6 +4,7 @@ label fractions as fractions of the training patients (both through `fedrad.comm
 from __future__ import annotations
 
 import numpy as np
+
 from fedrad.client.finetune.data import LabelledSet
 from fedrad.common.splits import split_patients
 

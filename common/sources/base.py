@@ -11,6 +11,7 @@ import abc
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.walk import Problem
 

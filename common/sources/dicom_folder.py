@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from fedrad.common.header_signals import patient_key
 from fedrad.common.sources.base import Item, Listing, Reader
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS

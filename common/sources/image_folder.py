@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
 from fedrad.common.image_ops import fit_square
 from fedrad.common.sources.base import Item, Listing, Reader
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS, check_pixel_budget

@@ -5,6 +5,7 @@ a usable [0, 1] float32 image of the requested size, or SkipImage with a listed 
 from __future__ import annotations
 
 import numpy as np
+
 from fedrad.common.dicom_io import decode_with_header, read_header
 from fedrad.common.sources.errors import REASONS, SkipImage
 from fedrad.common.sources.image_folder import image_entry
