@@ -27,8 +27,8 @@ from fedrad.common.atomic import atomic_write_bytes
 from fedrad.common.header_signals import UNKNOWN, age_bucket, patient_key
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.errors import reraise_fatal, skip_from
-from fedrad.common.sources.layout import Layout, csv_columns, detect_source, open_source
-from fedrad.common.sources.pacs import PacsOptions, PacsQuery, default_source_cache_dir, is_source_url
+from fedrad.common.sources.layout import csv_columns, open_location
+from fedrad.common.sources.pacs import PacsOptions, PacsQuery, is_source_url
 from fedrad.common.sources.walk import display_name, walk_folder
 from fedrad.common.sources.workers import map_isolated
 
@@ -109,17 +109,8 @@ def scan_folder(path: str | os.PathLike[str], decode: bool = True, progress: boo
     report are escaped for display (non-UTF-8 bytes as \\xNN, control characters escaped).
     """
     t0 = time.perf_counter()
-    pacs = is_source_url(str(path))
-    if pacs:
-        cdir = Path(cache_dir) if cache_dir else default_source_cache_dir(str(path))
-        reader = open_source(str(path), max_pixels, cache_dir=cdir, options=source_options)
-        root, layout = reader.root, Layout("dicom", None)
-    else:
-        root = Path(path).resolve()
-        if not root.is_dir():
-            raise FileNotFoundError(f"folder not found: {path}")
-        layout = detect_source(root)
-        reader = open_source(root, max_pixels, layout)
+    opened = open_location(path, max_pixels, cache_dir, source_options)
+    reader, root, layout, pacs = opened.reader, opened.root, opened.layout, opened.is_pacs
     salt = secrets.token_bytes(32)  # in memory only: patients can be counted but not identified
     report: dict = {"folder": display_name(str(path) if pacs else str(root)), "layout": layout.kind,
                     "decoded": bool(decode)}

@@ -27,8 +27,8 @@ from fedrad.common.cache import DecodedCache
 from fedrad.common.header_signals import UNKNOWN, age_bucket, load_site_salt, patient_key
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.image_folder import IMAGE_EXTS, image_entry, read_csv
-from fedrad.common.sources.layout import Layout, csv_columns, detect_source, open_source
-from fedrad.common.sources.pacs import PacsOptions, default_source_cache_dir, is_source_url
+from fedrad.common.sources.layout import csv_columns, detect_source, open_location
+from fedrad.common.sources.pacs import PacsOptions
 
 if TYPE_CHECKING:
     import torch
@@ -201,17 +201,9 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
     query and limits): instances are pulled into the site's store and decoded like a DICOM folder.
     Raises FileNotFoundError if the folder does not exist (the CLI turns that into exit code 2).
     """
-    if is_source_url(str(data_dir)):
-        cdir = Path(cache_dir) if cache_dir else default_source_cache_dir(str(data_dir))
-        reader = open_source(str(data_dir), max_pixels, cache_dir=cdir, options=source_options)
-        root, layout = reader.root, Layout("dicom", None)
-    else:
-        root = Path(data_dir).resolve()
-        if not root.is_dir():
-            raise FileNotFoundError(f"data folder not found: {data_dir}")
-        cdir = Path(cache_dir) if cache_dir else default_cache_dir(root)
-        layout = detect_source(root)
-        reader = open_source(root, max_pixels, layout)
+    opened = open_location(data_dir, max_pixels, cache_dir, source_options)
+    reader, root, layout = opened.reader, opened.root, opened.layout
+    cdir = opened.cache_dir or (Path(cache_dir) if cache_dir else default_cache_dir(root))
     cache = DecodedCache(cdir, image_size, decoder=reader.entry, state_dir=state_dir, max_pixels=max_pixels)
     if layout.kind == "images":
         return _load_images(reader, image_size, cache, progress)

@@ -76,7 +76,7 @@ def patient_key(patient_id: str | None, study_uid: str | None, salt: bytes) -> s
 
 
 def load_or_create_salt(path: str | os.PathLike[str]) -> bytes:
-    """Read the site salt, or create 32 random bytes (mode 0600, atomic temp + os.replace).
+    """Read the site salt, or create 32 random bytes (mode 0600, written to a temp file, then hard-linked).
 
     Atomic creation matters: two processes starting at once (scan and node) must not end up with different
     salts, so the loser of the race re-reads the winner's file instead of overwriting it.
@@ -86,29 +86,8 @@ def load_or_create_salt(path: str | os.PathLike[str]) -> bytes:
         data = p.read_bytes()
         if len(data) >= 16:
             return data
-    p.parent.mkdir(parents=True, exist_ok=True)
-    salt = secrets.token_bytes(SALT_BYTES)
-    fd, tmp = tempfile.mkstemp(prefix=".salt-", dir=p.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(salt)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, p)  # fails if another process created the salt meanwhile: keep theirs
-        except FileExistsError:
-            existing = p.read_bytes()
-            if len(existing) >= 16:
-                return existing
-            os.replace(tmp, p)
-            tmp = ""
-        except OSError:  # filesystems without hard links
-            os.replace(tmp, p)
-            tmp = ""
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
+        p.unlink(missing_ok=True)  # a truncated salt protects nothing: replaced, as before
+    _create_exclusive(p, secrets.token_bytes(SALT_BYTES))  # a concurrent creator's salt wins: keep theirs
     return p.read_bytes()
 
 

@@ -62,3 +62,33 @@ def open_source(folder: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PI
     if layout.kind == "images":
         return ImageFolderReader(folder, layout.csv, max_pixels)
     return DicomFolderReader(folder, max_pixels)
+
+
+@dataclass(frozen=True)
+class OpenedSource:
+    """A site location opened for reading: its reader, the folder holding its files (a PACS: the site store),
+    its layout, whether it is a PACS, and the cache folder a PACS keeps its store in (None for a folder)."""
+
+    reader: Reader
+    root: Path
+    layout: Layout
+    is_pacs: bool
+    cache_dir: Path | None
+
+
+def open_location(location: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS,
+                  cache_dir: str | os.PathLike[str] | None = None, options=None) -> OpenedSource:
+    """A folder or a PACS source URL, opened the one way site data and scan both need.
+
+    Raises FileNotFoundError for a folder that does not exist (the CLI turns it into exit code 2)."""
+    from fedrad.common.sources.pacs import default_source_cache_dir, is_source_url
+
+    if is_source_url(str(location)):
+        cdir = Path(cache_dir) if cache_dir else default_source_cache_dir(str(location))
+        reader = open_source(str(location), max_pixels, cache_dir=cdir, options=options)
+        return OpenedSource(reader, reader.root, Layout("dicom", None), True, cdir)
+    root = Path(location).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"folder not found: {location}")
+    layout = detect_source(root)
+    return OpenedSource(open_source(root, max_pixels, layout), root, layout, False, None)
