@@ -16,7 +16,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedrad.common.atomic import atomic_write_json
+from fedrad.common.atomic import atomic_write_bytes, atomic_write_json
 from fedrad.common.header_signals import SALT_FILE  # patient-pseudonym salt (0600), one name for all readers
 
 STATE_FILE = "state.json"  # the site's id and which files it has held (the "expected" marks)
@@ -172,10 +171,7 @@ def _adopt_legacy(state: SiteState, cache_dir: Path, marker: dict[str, Any]) -> 
     for legacy, target, key in ((cache_dir / "salt.bin", state.salt, "salt"),
                                 (cache_dir / LEDGER_FILE, state.ledger, "ledger")):
         if legacy.is_file() and not target.exists() and not marker.get(key):
-            tmp = target.with_name(f".{target.name}.adopt")
-            shutil.copyfile(legacy, tmp)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, target)
+            atomic_write_bytes(target, legacy.read_bytes(), mode=0o600)
 
 
 @contextlib.contextmanager

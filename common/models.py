@@ -9,7 +9,6 @@ metadata records).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -101,8 +100,10 @@ def trainable_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def save_backbone(backbone: nn.Module, path: str | os.PathLike, metadata: Mapping[str, object]) -> None:
-    """Write the backbone's state_dict as safetensors, metadata in the header; atomic (temp + os.replace)."""
+    """Write the backbone's state_dict as safetensors, metadata in the header, through the one atomic writer."""
     from safetensors.torch import save_file
+
+    from fedrad.common.atomic import atomic_write
 
     if isinstance(backbone, ContrastiveModel):
         backbone = backbone.backbone
@@ -110,18 +111,7 @@ def save_backbone(backbone: nn.Module, path: str | os.PathLike, metadata: Mappin
     meta = {str(k): str(v) for k, v in metadata.items()}
     meta.setdefault("format", "pt")
     meta.setdefault("in_chans", "1")
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, os.fspath(tmp), metadata=meta))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

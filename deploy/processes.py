@@ -131,21 +131,13 @@ class ProcessGroup:
 
 
 def _descendants(root: int) -> list[int]:
-    """All live descendants of `root`, from /proc (Linux); empty where /proc is not available."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+    """All live descendants of `root` (psutil: portable, and it handles processes vanishing mid-walk)."""
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(root).children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def _kill_pid(pid: int, sig: int) -> None:
