@@ -61,8 +61,8 @@ def cmd_demo(args) -> int:
 
     for site in sites:
         rep = scan_folder(site, decode=True, progress=False)
-        print(f"  {site.name}: {_usable(rep)} usable images, {_count(rep, 'patients')} patients, "
-              f"{_count(rep, 'skipped')} skipped", flush=True)
+        print(f"  {site.name}: {rep['usable']} usable images, {rep['patients']} patients, "
+              f"{len(rep['skipped'])} skipped", flush=True)
 
     run_dir = workdir / "run"
     overrides = dict(DEMO_CONFIG)
@@ -124,22 +124,6 @@ def cmd_demo(args) -> int:
     status = _release_and_finetune(workdir, run_dir, sites)
     print(f"\nfedrad demo: done in {time.time() - t_start:.0f}s. Everything is under {workdir}.")
     return status
-
-
-def _usable(rep: dict) -> object:
-    for key in ("usable", "images_usable", "n_usable"):
-        if key in rep:
-            return rep[key]
-    return "?"
-
-
-def _count(rep: dict, key: str) -> object:
-    value = rep.get(key, rep.get(f"n_{key}", "?"))
-    if isinstance(value, dict):
-        return sum(v for v in value.values() if isinstance(v, int))
-    if isinstance(value, list):
-        return len(value)
-    return value
 
 
 def _print_summary(run_dir: Path) -> None:

@@ -552,7 +552,7 @@ def cmd_node(args) -> int:
 
         print(f"fedrad node: scanning {data} to show what this site would train on ...", flush=True)
         report = scan_folder(data, decode=False, progress=True, **scan_kw)
-        usable = report.get("usable", report.get("images_usable", "?"))
+        usable = report["usable"]
         if "pull" in report:
             p = report["pull"]
             print(f"fedrad node: fetched {p['fetched']} instances from the PACS in {p['fetch_seconds']:.1f} s "
