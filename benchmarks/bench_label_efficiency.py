@@ -114,14 +114,8 @@ def pretrain_local(data, args, steps: int, seed: int):
 
 def pretrain_federated(sites: list[Path], args, work: Path) -> Path:
     """Real fedrad rounds: SuperLink + one SuperNode per hospital + `flwr run`; the run directory."""
-    from fedrad.deploy.processes import (
-        ProcessGroup,
-        free_port,
-        submit_run,
-        superlink_command,
-        supernode_command,
-        wait_for_port,
-    )
+    from fedrad.deploy.processes import ProcessGroup, free_port, superlink_command, supernode_command, wait_for_port
+    from fedrad.deploy.run_command import submit_run
 
     run_dir = work / "fed-run"
     overrides: dict[str, object] = {

@@ -144,7 +144,8 @@ def tls_files(certs_dir: Path | str, site: str | None = None) -> TlsFiles:
 def register_node(pubkey_path: Path | str, superlink_address: str, certs_dir: Path | str,
                   timeout: float = 60.0) -> str:
     """Enrol a site's public key with the SuperLink (`flwr supernode register`) over TLS; returns flwr's output."""
-    from fedrad.deploy.processes import flower_env, tool, write_flwr_home
+    from fedrad.deploy.processes import flower_env, tool
+    from fedrad.deploy.run_command import write_flwr_home
 
     pub = Path(pubkey_path).resolve()
     if not pub.exists():

@@ -83,20 +83,25 @@ def _add_source(p) -> None:
     g = p.add_argument_group("PACS source (instead of a folder)")
     g.add_argument("--source", default=None, metavar="URL",
                    help="dicomweb+https://HOST/dicom-web (QIDO-RS + WADO-RS) or dimse://CALLED_AET@HOST:PORT "
-                   "(C-FIND + C-GET)")
+                   "(C-FIND + C-GET); default: none, the data is a folder")
     g.add_argument("--query", action="append", default=[], metavar="KEY=V1,V2",
-                   help="filter, repeatable: Modality=CR,DX  BodyPartExamined=CHEST")
-    g.add_argument("--since", default=None, metavar="YYYY-MM-DD", help="studies on or after this date")
-    g.add_argument("--until", default=None, metavar="YYYY-MM-DD", help="studies on or before this date")
+                   help="filter, repeatable: Modality=CR,DX  BodyPartExamined=CHEST (default: every instance)")
+    g.add_argument("--since", default=None, metavar="YYYY-MM-DD",
+                   help="studies on or after this date (default: no lower bound)")
+    g.add_argument("--until", default=None, metavar="YYYY-MM-DD",
+                   help="studies on or before this date (default: no upper bound)")
     g.add_argument("--cache", default=None, help="site cache: decoded images, and the instances fetched from a "
                    "PACS (default: <data>/.fedrad-cache for a folder, ~/.cache/fedrad/pacs-<hash> for a PACS)")
     g.add_argument("--max-instances", type=int, default=None, help="most instances fetched per pull (default "
                    "1000; the next pull continues)")
     g.add_argument("--concurrency", type=int, default=None, help="parallel connections to the PACS (default 2)")
     g.add_argument("--rate", type=float, default=None, help="most requests per second to the PACS (default 20)")
-    g.add_argument("--auth-file", default=None, help="file holding USER:PASSWORD (HTTP basic) or 'bearer TOKEN'")
-    g.add_argument("--auth-env", default=None, metavar="VAR", help="environment variable holding the same")
-    g.add_argument("--ca-bundle", default=None, help="CA bundle (PEM) for the PACS's TLS (verification is always on)")
+    g.add_argument("--auth-file", default=None,
+                   help="file holding USER:PASSWORD (HTTP basic) or 'bearer TOKEN' (default: no credentials)")
+    g.add_argument("--auth-env", default=None, metavar="VAR",
+                   help="environment variable holding the same (default: none)")
+    g.add_argument("--ca-bundle", default=None,
+                   help="CA bundle (PEM) for the PACS's TLS (verification is always on; default: the system CAs)")
     g.add_argument("--calling-aet", default=None, help="this site's AE title for DIMSE (default FEDRAD)")
 
 
@@ -126,10 +131,10 @@ def _add_federation(sub) -> None:
     p.add_argument("--state", default="fedrad-coordinator", help="folder for the SuperLink database and logs")
     p.add_argument("--certs", default=None,
         help="folder from `fedrad certs init` (TLS + node auth; default: insecure, loopback only)")
-    p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_coordinator"))
+    p.set_defaults(func=_lazy("fedrad.deploy.node_command:cmd_coordinator"))
 
     p = sub.add_parser("node", help="start a site's Flower SuperNode next to its DICOMs")
-    p.add_argument("--data", default=None, help="the site's image folder (or --source URL for a PACS)")
+    p.add_argument("--data", default=None, help="the site's image folder (default: none; or --source URL for a PACS)")
     p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
     _add_source(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -162,7 +167,7 @@ def _add_federation(sub) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="INFO: one line per round at this site (steps, loss, images/s, ε); DEBUG adds Flower's "
                         "details, WARNING only problems")
-    p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_node"))
+    p.set_defaults(func=_lazy("fedrad.deploy.node_command:cmd_node"))
 
     p = sub.add_parser("run", help="submit a pretraining run to the coordinator and follow it")
     p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
@@ -177,7 +182,7 @@ def _add_federation(sub) -> None:
     p.add_argument("--sign-key", default=None, metavar="CONSORTIUM_KEY",
                    help="consortium private key (`fedrad keys generate`): signs the run so sites accept it "
                         "(default: unsigned; only --allow-unsigned sites run it)")
-    p.set_defaults(func=_lazy("fedrad.deploy.processes:cmd_run"))
+    p.set_defaults(func=_lazy("fedrad.deploy.run_command:cmd_run"))
 
     p = sub.add_parser("demo", help="a real local consortium: 3 synthetic hospitals, SuperLink + 3 SuperNodes")
     p.add_argument("--workdir", default="fedrad-demo", help="folder for the sites, run directory and bundle")

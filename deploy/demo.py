@@ -14,16 +14,8 @@ import time
 from pathlib import Path
 
 from fedrad.client.runtime import SiteTrust
-from fedrad.deploy.processes import (
-    ProcessGroup,
-    free_port,
-    parse_overrides,
-    report_run,
-    submit_run,
-    superlink_command,
-    supernode_command,
-    wait_for_port,
-)
+from fedrad.deploy.processes import ProcessGroup, free_port, superlink_command, supernode_command, wait_for_port
+from fedrad.deploy.run_command import parse_overrides, report_run, submit_run
 
 # Sized to finish well inside 10 minutes on 2 CPU cores (most of a round is Flower process start-up).
 DEMO_CONFIG: dict[str, object] = {

@@ -16,11 +16,11 @@ from fedrad.deploy.processes import (
     TlsFiles,
     flower_env,
     free_port,
-    submit_run,
     superlink_command,
     supernode_command,
     wait_for_port,
 )
+from fedrad.deploy.run_command import submit_run
 
 # Small enough that a round is mostly Flower's process start-up.
 TINY_RUN: dict[str, object] = {

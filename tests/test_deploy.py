@@ -353,7 +353,8 @@ def test_image_targets_match_compose_and_k8s():
 @pytest.mark.slow
 def test_compose_consortium_commands_start_tls_coordinator_and_register_nodes(tmp_path):
     """init -> coordinator -> register -> three site nodes, each as compose.yaml runs it; the nodes are online."""
-    from fedrad.deploy.processes import ProcessGroup, free_port, wait_for_port, write_flwr_home
+    from fedrad.deploy.processes import ProcessGroup, free_port, wait_for_port
+    from fedrad.deploy.run_command import write_flwr_home
 
     port = free_port()
     listen = f"127.0.0.1:{port}"
@@ -431,7 +432,8 @@ def test_containers_run_one_round(tmp_path):
     """init, coordinator, register and three nodes as containers (compose's settings), then one signed round."""
     import shlex
 
-    from fedrad.deploy.processes import free_port, submit_run, wait_for_port
+    from fedrad.deploy.processes import free_port, wait_for_port
+    from fedrad.deploy.run_command import submit_run
 
     engine = shlex.split(ENGINE)
     port = free_port()

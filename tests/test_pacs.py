@@ -302,7 +302,8 @@ def test_credentials_from_file_or_env_never_printed(tmp_path, monkeypatch):
 
 def test_node_source_options_become_site_local_node_config(tmp_path, monkeypatch):
     from fedrad.deploy.cli import build_parser
-    from fedrad.deploy.processes import node_config_string, node_location
+    from fedrad.deploy.node_command import node_location
+    from fedrad.deploy.processes import node_config_string
 
     auth = tmp_path / "auth"
     auth.write_text("bearer t0ken-XYZ")

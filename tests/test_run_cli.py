@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from fedrad.deploy.cli import main
-from fedrad.deploy.processes import FlowerBox, free_port, validate_run_config, with_default_port
+from fedrad.deploy.processes import free_port, with_default_port
+from fedrad.deploy.run_command import FlowerBox, validate_run_config
 
 
 @pytest.mark.parametrize("override,key", [
@@ -70,7 +71,7 @@ def _certs(tmp_path):
 
 
 def test_node_tls_from_the_site_folder_needs_no_site_name(tmp_path):
-    from fedrad.deploy.processes import _node_tls_from
+    from fedrad.deploy.node_command import _node_tls_from
 
     certs = _certs(tmp_path)
     site = certs / "sites" / "site-a"
@@ -98,7 +99,7 @@ def test_node_step_as_in_the_readme_gets_past_tls(tmp_path, capsys):
 
 
 def test_stop_run_that_cannot_reach_the_coordinator_says_how_to_stop_it(tmp_path, capsys):
-    from fedrad.deploy.processes import stop_run, write_flwr_home
+    from fedrad.deploy.run_command import stop_run, write_flwr_home
 
     home = write_flwr_home(tmp_path / "home", f"127.0.0.1:{free_port()}")
     assert stop_run(home, None) is False
@@ -114,14 +115,8 @@ def test_ctrl_c_on_run_stops_the_run_on_the_coordinator(tmp_path):
     import subprocess
     import sys
 
-    from fedrad.deploy.processes import (
-        ProcessGroup,
-        flower_env,
-        superlink_command,
-        tool,
-        wait_for_port,
-        write_flwr_home,
-    )
+    from fedrad.deploy.processes import ProcessGroup, flower_env, superlink_command, tool, wait_for_port
+    from fedrad.deploy.run_command import write_flwr_home
 
     port = free_port()
     (tmp_path / "state").mkdir()

@@ -19,7 +19,8 @@ from flwr.common.config import parse_config_args
 from fedrad.client.runtime import SiteTrust, check_run
 from fedrad.common.protocol import ERROR_TEXT, ErrorCode
 from fedrad.common.run_signature import SIGNATURE_KEY, fused_run_config
-from fedrad.deploy.processes import app_dir, is_loopback, run_config_string
+from fedrad.deploy.processes import app_dir, is_loopback
+from fedrad.deploy.run_command import run_config_string
 from fedrad.server.release import generate_keys
 from fedrad.server.run_signing import build_fab
 

@@ -1,0 +1,276 @@
+"""`fedrad run`: validate a run-config locally, sign it, submit it with `flwr run`, follow it, stop it on
+Ctrl-C, and say in one line why it failed (Flower's own reason), offering `--resume` only when a checkpoint exists.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+from fedrad.deploy.processes import (
+    _signal_tree,
+    app_dir,
+    flower_env,
+    toml_value,
+    tool,
+    with_default_port,
+)
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """`KEY=VALUE` strings -> typed values (TOML if it parses, else a plain string)."""
+    out: dict[str, object] = {}
+    for item in items:
+        for part in item.split():
+            if "=" not in part:
+                raise ValueError(f"run-config override '{part}' is not KEY=VALUE")
+            key, raw = part.split("=", 1)
+            try:
+                out[key] = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                out[key] = raw
+    return out
+
+
+def write_flwr_home(home: Path, address: str, ca_cert: Path | None = None) -> Path:
+    """A private FLWR_HOME whose config.toml names the coordinator's Control API as connection 'fedrad'."""
+    home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", 'default = "fedrad"', "", "[superlink.fedrad]", f"address = {json.dumps(address)}"]
+    if ca_cert is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f"root-certificates = {json.dumps(str(ca_cert))}")
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+    return home
+
+
+def run_config_string(overrides: dict[str, object], app: Path, sign_key: Path | None = None) -> str:
+    """The `--run-config` string for `flwr run`; with `sign_key`, plus the consortium's `run-signature`.
+
+    The signature covers the FAB `flwr run` will build from `app` (Flower's build is byte-deterministic)
+    and the run-config the sites will fuse from it and these overrides, as Flower itself parses them.
+    """
+    text = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
+    if sign_key is None:
+        return text
+    from flwr.common.config import parse_config_args
+
+    from fedrad.common.run_signature import SIGNATURE_KEY
+    from fedrad.server.run_signing import build_fab, load_signing_key, sign_run
+
+    key = load_signing_key(sign_key)  # a missing or wrong key fails before the FAB is built
+    signature = sign_run(build_fab(app), parse_config_args([text]) if text else {}, key)
+    return f"{text} {SIGNATURE_KEY}={toml_value(signature)}".strip()
+
+
+def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | None = None,
+               ca_cert: Path | None = None, timeout: float | None = None, app: Path | None = None,
+               echo: bool = True, sign_key: Path | None = None) -> int:
+    """`flwr run <fedrad app> fedrad --stream` with overrides (signed with `sign_key` when given).
+
+    Returns flwr's exit code. The output streams to this terminal (and to `log_path` when given) so an
+    operator watches the rounds.
+    """
+    app = Path(app or app_dir())
+    config_text = run_config_string(overrides, app, sign_key)
+    home = write_flwr_home(Path(tempfile.mkdtemp(prefix="fedrad-flwr-")), superlink, ca_cert)
+    cmd = [tool("flwr"), "run", str(app), "fedrad", "--stream"]
+    if config_text:
+        cmd += ["--run-config", config_text]
+    env = flower_env({"FLWR_HOME": str(home)})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            start_new_session=True)
+    log_fh = open(log_path, "a", encoding="utf-8") if log_path else None
+    # A watchdog, because a stalled run prints nothing that a line-by-line check could notice.
+    watchdog = threading.Timer(timeout, _kill_group, args=(proc,)) if timeout else None
+    if watchdog:
+        watchdog.start()
+    run_id: int | None = None
+    keep_home = False
+    try:
+        assert proc.stdout is not None
+        boxed = FlowerBox()
+        for line in proc.stdout:
+            if log_fh:
+                log_fh.write(line)
+                log_fh.flush()
+            if run_id is None and (started := _STARTED.search(line)):
+                run_id = int(started.group(1))
+            if not echo:
+                continue
+            if boxed.feed(line):
+                if boxed.message:
+                    print(f"fedrad run: flwr: {boxed.message}", file=sys.stderr, flush=True)
+            elif _worth_showing(line):
+                print(line.rstrip(), flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        # flwr runs in its own session, so Ctrl-C reached only us: the run goes on at the coordinator
+        # unless it is stopped there, with this same Flower config (it names the coordinator and its CA).
+        keep_home = not stop_run(home, run_id)
+        raise
+    finally:
+        if watchdog:
+            watchdog.cancel()
+        if proc.poll() is None:
+            _kill_group(proc)
+        if log_fh:
+            log_fh.close()
+        if not keep_home:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+def stop_run(home: Path, run_id: int | None, timeout: float = 60.0) -> bool:
+    """`flwr stop RUN_ID` at the coordinator named in FLWR_HOME `home`; says on stderr what happened.
+
+    False when the run may still be going (the caller keeps `home` so the operator can stop it by hand).
+    """
+    by_hand = f"FLWR_HOME={home} flwr ls fedrad; FLWR_HOME={home} flwr stop RUN_ID fedrad"
+    if run_id is None:
+        print(f"fedrad run: interrupted before the coordinator confirmed a run id; to check: {by_hand}",
+              file=sys.stderr, flush=True)
+        return False
+    print(f"fedrad run: interrupted: stopping run {run_id} on the coordinator ...", file=sys.stderr, flush=True)
+    try:
+        out = subprocess.run([tool("flwr"), "stop", str(run_id), "fedrad"], capture_output=True, text=True,
+                             env=flower_env({"FLWR_HOME": str(home)}), timeout=timeout, start_new_session=True)
+        ok = out.returncode == 0
+    except subprocess.TimeoutExpired:
+        ok = False
+    if ok:
+        print(f"fedrad run: run {run_id} stopped on the coordinator", file=sys.stderr, flush=True)
+    else:
+        print(f"fedrad run: could not stop run {run_id}; stop it with: {by_hand.replace('RUN_ID', str(run_id))}",
+              file=sys.stderr, flush=True)
+    return ok
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    _signal_tree(proc.pid, signal.SIGKILL)
+
+
+def _worth_showing(line: str) -> bool:
+    """Keep the operator's terminal readable: fedrad's own progress lines, Flower's warnings and errors."""
+    return any(word in line for word in ("fedrad", "ERROR", "WARNING", "Error", "error", "unavailable",
+                                         "Successfully", "failed", "Failed", "denied", "refused"))
+
+
+_BOX_EDGES = "╭│╰"
+
+
+class FlowerBox:
+    """Folds one of `flwr`'s rich panels (its errors: ╭─ Error ─╮ │ text │ ╰─╯) into one line.
+
+    `feed(line)` says whether the line belonged to a panel; after the closing edge, `message` holds the
+    panel's title and text joined by spaces ("" until then).
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._open = False
+        self.message = ""
+
+    def feed(self, line: str) -> bool:
+        text = line.strip()
+        self.message = ""
+        if not text or text[0] not in _BOX_EDGES:
+            return False
+        inner = text.strip("╭╮╰╯│─ ")
+        if text[0] == "╭":
+            self._parts, self._open = ([inner] if inner else []), True
+        elif text[0] == "│" and self._open:
+            if inner:
+                self._parts.append(inner)
+        elif text[0] == "╰":
+            title, *body = self._parts or [""]
+            joined = " ".join(body)
+            self.message = f"{title}: {joined}" if title and body else (title or joined)
+            self._parts, self._open = [], False
+        return True
+
+
+def _ca_from(certs: str | None) -> Path | None:
+    """The consortium CA that `fedrad run` trusts: `ca.pem` in the --certs folder (no private key needed)."""
+    if not certs:
+        return None
+    ca = Path(certs).resolve() / "ca.pem"
+    if not ca.exists():
+        raise FileNotFoundError(f"--certs: {ca} does not exist (the consortium CA from `fedrad certs init`)")
+    return ca
+
+
+def app_run_config(app: Path | None = None) -> dict[str, object]:
+    """The app's run-config defaults: `[tool.flwr.app.config]` of its pyproject.toml, as Flower reads them."""
+    pyproject = Path(app or app_dir()) / "pyproject.toml"
+    return dict(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
+
+
+def validate_run_config(overrides: dict[str, object], app: Path | None = None) -> None:
+    """Refuse a run-config the ServerApp would refuse, before anything is submitted (ValueError names the key).
+
+    The same checks as the ServerApp: the app's defaults fused with the overrides, `RunConfig.from_flower`,
+    then the privacy settings.
+    """
+    from fedrad.common.run_config import RunConfig
+    from fedrad.server.privacy import check_privacy_config
+
+    config = app_run_config(app)
+    config.update(overrides)
+    check_privacy_config(RunConfig.from_flower(config))
+
+
+def cmd_run(args) -> int:
+    overrides = parse_overrides(args.config)
+    superlink = with_default_port(args.superlink)
+    if args.resume:
+        run_dir = Path(args.resume).resolve()
+        if not (run_dir / "run.json").exists():
+            raise FileNotFoundError(f"--resume {run_dir}: not a fedrad run directory (no run.json)")
+        # The original run's config, then any new overrides (e.g. a new timeout).
+        original = json.loads((run_dir / "run.json").read_text())["config"]
+        # The old signature covered the old config; the resumed run is signed afresh (--sign-key).
+        merged = {k: v for k, v in original.items() if k not in ("resume", "run-dir", "run-signature")}
+        merged.update(overrides)
+        overrides = merged
+        overrides["resume"] = True
+    else:
+        run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    overrides["run-dir"] = str(run_dir)
+    validate_run_config(overrides)  # a bad -c value: one line naming the key, exit 2, nothing submitted
+    ca = _ca_from(args.certs)
+    sign_key = Path(args.sign_key).resolve() if args.sign_key else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if sign_key is None:
+        print("fedrad run: warning: unsigned run (no --sign-key): sites refuse it unless started with "
+              "--allow-unsigned", file=sys.stderr, flush=True)
+    print(f"fedrad run: submitting to {superlink}; run directory {run_dir}", flush=True)
+    code = submit_run(superlink, overrides, log_path=run_dir / "flwr-run.log", ca_cert=ca, sign_key=sign_key)
+    return report_run(run_dir, code)
+
+
+def report_run(run_dir: Path, flwr_code: int) -> int:
+    """Exit status from what the run left behind: flwr's own exit code says little about the ServerApp."""
+    from fedrad.server.checkpoint import latest_checkpoint
+
+    summary = run_dir / "summary.json"
+    if flwr_code == 0 and summary.exists():
+        s = json.loads(summary.read_text())
+        print(f"fedrad run: finished {s['rounds']} rounds; global weights {run_dir / s['global_weights']}")
+        return 0
+    advice = (f" Continue it with: fedrad run --resume {run_dir}" if latest_checkpoint(run_dir) is not None
+              else " No round finished, so there is nothing to resume.")
+    print(f"fedrad run: the run did not finish (flwr exit {flwr_code}); see {run_dir / 'flwr-run.log'}.{advice}",
+          file=sys.stderr)
+    return 1
