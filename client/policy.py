@@ -62,7 +62,13 @@ class SitePolicy:
     min_dp_noise: float = 0.0
     dp_delta: float = 0.0
     epsilon_budget: float = 0.0
+    max_megapixels: int = 0
     source: str = "built-in default"
+
+    @property
+    def max_pixels(self) -> int:
+        """The pixel budget a file's header may declare before it is skipped as too-large, undecoded."""
+        return self.max_megapixels << 20
 
 
 # table -> keys it may hold
@@ -71,6 +77,7 @@ _LAYOUT: dict[str, tuple[str, ...]] = {
     "training": ("objectives", "models", "max_image_size", "max_batch_size", "max_local_steps",
                  "max_rounds_per_day", "label_fields"),
     "privacy": ("require_secagg", "dp_modes", "min_dp_noise", "dp_delta", "epsilon_budget"),
+    "data": ("max_megapixels",),
 }
 
 
@@ -118,6 +125,11 @@ dp_delta = 1e-05           # loosest dp-delta accepted; also the delta of this s
 # folder adds up every run's steps, so a new run does not start again from 0. 0: no site-wide limit
 # (a run's own dp-epsilon-budget is still applied to the site's total).
 epsilon_budget = 20.0
+
+[data]
+# Largest image a DICOM header may declare (rows x columns x frames x samples, in 2^20 pixels) before the file
+# is skipped as too-large without being decoded: a few-KB compressed file can declare gigapixels.
+max_megapixels = 64
 """
 
 
@@ -248,6 +260,8 @@ def _validate(p: SitePolicy, text: str, source: str) -> None:
     for mode in p.dp_modes:
         if mode not in DP_MODES:
             raise fail("privacy", "dp_modes", f"unknown dp mode '{mode}' (choose from {', '.join(DP_MODES)})")
+    if p.max_megapixels < 1:
+        raise fail("data", "max_megapixels", "data.max_megapixels must be at least 1")
     if not 0 < p.dp_delta < 1:
         raise fail("privacy", "dp_delta", "privacy.dp_delta must be between 0 and 1 (e.g. 1e-5)")
 

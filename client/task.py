@@ -24,8 +24,7 @@ def _node_setting(context: Context, key: str, default: str = "") -> str:
 
 def load_site_for(context: Context, cfg: RunConfig):
     """The SiteData of this node, decoded once into the site-local cache and reused across rounds."""
-    import inspect
-
+    from fedrad.client.policy import policy_for
     from fedrad.client.site_data import load_site
     from fedrad.client.site_state import state_paths
 
@@ -35,8 +34,8 @@ def load_site_for(context: Context, cfg: RunConfig):
     cache_dir = _node_setting(context, "cache-dir") or None
     labels = _node_setting(context, "labels") or None
     kwargs: dict = {"labels_csv": labels} if labels else {}
-    if "state_dir" in inspect.signature(load_site).parameters:  # the salt lives in the state folder, not the cache
-        kwargs["state_dir"] = state_paths(context.node_config).root
+    kwargs["state_dir"] = state_paths(context.node_config).root  # the salt lives in the state folder, not the cache
+    kwargs["max_pixels"] = policy_for(dict(context.node_config)).max_pixels  # the site's pixel budget
     from fedrad.common.sources.pacs import PacsOptions, is_source_url
 
     if is_source_url(data_dir):  # a PACS: data-dir is its URL, node config source-* its query and limits

@@ -75,6 +75,9 @@ def _add_scan(sub) -> None:
     p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
                    help="decode pixels to prove each image is usable (default on)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--max-pixels", type=int, default=64 << 20,
+                   help="largest image a header may declare (rows x columns x frames x samples) before the file is "
+                   "skipped as too-large, undecoded (a site policy's data.max_megapixels sets it for the node)")
     p.set_defaults(func=_lazy("fedrad.client.scan:cmd_scan"))
 
 

@@ -85,11 +85,14 @@ def cmd_node(args) -> int:
     if not args.certs and not args.insecure and not is_loopback(args.superlink):
         raise ValueError(f"--superlink {args.superlink} is not on this machine and --certs is not given: "
                          "give the site folder from `fedrad certs init` (TLS), or --insecure to send in plaintext")
+    from fedrad.client.policy import check_coordinator_ca, default_policy, load_policy
+
+    policy = load_policy(args.policy) if args.policy else default_policy()  # bad file: one line, exit 2
     if not args.no_scan:
         from fedrad.client.scan import scan_folder
 
         print(f"fedrad node: scanning {data} to show what this site would train on ...", flush=True)
-        report = scan_folder(data, decode=False, progress=True, **scan_kw)
+        report = scan_folder(data, decode=False, progress=True, max_pixels=policy.max_pixels, **scan_kw)
         usable = report["usable"]
         if "pull" in report:
             p = report["pull"]
@@ -97,10 +100,8 @@ def cmd_node(args) -> int:
                   f"({p['pending']} left for the next pull)", flush=True)
         print(f"fedrad node: {usable} usable images. Only model weights and aggregate numbers will leave "
               f"this machine; images and headers stay here.", flush=True)
-    from fedrad.client.policy import check_coordinator_ca, default_policy, load_policy
     from fedrad.client.site_state import node_state_config
 
-    policy = load_policy(args.policy) if args.policy else default_policy()  # bad file: one line, exit 2
     node_config = {"data-dir": str(data), "cache-dir": cache, "device": args.device,
                    "labels": args.labels, "policy": str(Path(args.policy).resolve()) if args.policy else None,
                    **node_state_config(args.state_dir, data, cache, getattr(args, "audit_dir", None)),

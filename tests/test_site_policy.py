@@ -488,3 +488,12 @@ def test_consortium_of_sites_with_different_policies(tmp_path):
     for secret in ("hiv_status", "label_fields", "max_image_size", "dp_modes", "this site", "private-labels",
                    ".toml", str(tmp_path / "audit")):
         assert secret not in text, secret  # ... and nothing else of the site's reasons did
+
+
+def test_pixel_budget_comes_from_the_policy(tmp_path):
+    """data.max_megapixels bounds what a header may declare; a site can tighten it below the 64 Mpixel default."""
+    assert default_policy().max_pixels == 64 << 20
+    tight = parse_policy("[data]\nmax_megapixels = 1\n", "site.toml")
+    assert tight.max_pixels == 1 << 20
+    with pytest.raises(PolicyError, match=r"site.toml:2: data.max_megapixels must be at least 1"):
+        parse_policy("[data]\nmax_megapixels = 0\n", "site.toml")
