@@ -7,6 +7,7 @@ rest (evaluation, record, checkpoint, plots) the same way for all of them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from pathlib import Path
@@ -18,6 +19,7 @@ from flwr.serverapp import Grid
 
 from fedrad.common.protocol import MESSAGE_TRAIN, RUN_KEY, SERVER_ROUND, ErrorCode, SiteReport, error_code_of
 from fedrad.common.run_config import RunConfig
+from fedrad.server.exchange import RoundTimes, exchange
 from fedrad.server.privacy import PrivacyLedger, wrap_dp_strategy
 from fedrad.server.run_log import read_metrics
 from fedrad.server.screening import ScreeningRules, error_summary, screen_replies
@@ -70,11 +72,14 @@ class PlainRounds:
                     f"image-level epsilon to {max(nxt):.4f} (delta {cfg.dp_delta:g}); stopped after round {rnd - 1}")
         return None
 
-    def train(self, rnd: int, arrays: ArrayRecord) -> TrainOutcome:
+    def train(self, rnd: int, arrays: ArrayRecord, times: RoundTimes) -> TrainOutcome:
+        t0 = time.perf_counter()
         msgs = list(self.train_strategy.configure_train(
             rnd, arrays, ConfigRecord({SERVER_ROUND: rnd, RUN_KEY: self.run_key}), self.grid))
         self._sampled(len(msgs))
-        replies = list(self.grid.send_and_receive(messages=msgs, timeout=self.cfg.round_timeout))
+        times.send += time.perf_counter() - t0
+        replies = exchange(self.grid, msgs, self.cfg.round_timeout, times)
+        t_agg = time.perf_counter()
         answered = sum(not m.has_error() for m in replies)
         if msgs and not answered:
             self._nothing_back(rnd, msgs, replies)
@@ -92,6 +97,7 @@ class PlainRounds:
                            {str(n): r for n, r in report.rejected.items()},
                            {str(n): r for n, r in report.capped.items()},
                            getattr(self.strategy, "last_refusal", None) if agg is None else None)
+        times.aggregate += time.perf_counter() - t_agg
         return out
 
     def _sampled(self, n: int) -> None:
@@ -180,7 +186,8 @@ class SecAggRounds:
     def stop_before(self, rnd: int) -> str | None:
         return self.ledger.stop_before(rnd) if self.ledger else None
 
-    def train(self, rnd: int, arrays: ArrayRecord) -> TrainOutcome:
+    def train(self, rnd: int, arrays: ArrayRecord, times: RoundTimes) -> TrainOutcome:
+        """Flower's SecAgg+ workflow sends, waits and aggregates itself: only `times.train` covers it."""
         res = self.trainer.train_round(rnd, arrays)
         if res.refusal:
             log(WARNING, "fedrad: [round %d] %s", rnd, res.refusal)

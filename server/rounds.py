@@ -3,7 +3,20 @@
 Every round is check -> train (the mode's configure -> send/receive -> screen -> aggregate; plain,
 client-DP and SecAgg+ live in fedrad.server.round_modes) -> evaluate -> record -> checkpoint -> plots.
 This mirrors `Strategy.start` of flwr 1.41 but starts at an arbitrary round, which `Strategy.start`
-cannot, so a crashed run resumes.
+cannot, so a crashed run resumes. With fraction-evaluate = 0 no evaluate message is built or sent.
+
+Where each round's time went, in its metrics.jsonl line (seconds, coordinator clock):
+- `time_send`: configure (sampling, building messages) + push to the SuperLink, train and evaluate.
+- `time_wait`: from the end of each push until its last reply (the slowest site) or the round timeout.
+- `time_site_compute_max`: the slowest site's own train handler `seconds` (its SiteReport); evaluate replies
+  carry no `seconds` (common/protocol.py), so with evaluation on its site work counts in `time_overhead`.
+- `time_aggregate`: screening + aggregation of the train and evaluate replies.
+- `time_train`: the whole training half; under SecAgg+ Flower's workflow sends, waits and aggregates
+  itself, so there `time_send` / `time_wait` / `time_aggregate` cover evaluation only.
+- `time_checkpoint`: plot refresh + checkpoint (appending the line itself is not counted).
+- `round_seconds`: the round's wall time, from its start to just before its line is appended.
+- `time_overhead`: `round_seconds` - `time_site_compute_max`: what the federation costs above the slowest
+  site's own work (messages, polling, process start at the site, aggregation, checkpoint).
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ from fedrad.common.atomic import atomic_write_json
 from fedrad.common.protocol import MESSAGE_EVALUATE, SERVER_ROUND, SITE_RECORD
 from fedrad.common.run_config import RunConfig
 from fedrad.server.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fedrad.server.exchange import RoundTimes, exchange
 from fedrad.server.privacy import check_privacy_config, privacy_summary
 from fedrad.server.round_modes import RoundStop, TrainOutcome, round_mode, screening_rules
 from fedrad.server.run_log import append_metrics, plot_run, read_metrics, truncate_metrics
@@ -143,44 +157,68 @@ def _round_loop(state: RunState, mode, arrays: ArrayRecord, start_round: int) ->
     evaluate -> record -> checkpoint."""
     cfg = state.cfg
     for rnd in range(start_round, cfg.num_server_rounds + 1):
-        t0 = time.time()
+        t0 = time.perf_counter()
+        times = RoundTimes()
         try:
             why = mode.stop_before(rnd)
             if why:
                 raise RoundStop(why)
             log(INFO, "fedrad: [round %d/%d] sending the global model to the sites", rnd, cfg.num_server_rounds)
-            outcome = mode.train(rnd, arrays)
+            outcome = mode.train(rnd, arrays, times)
         except RoundStop as stop:
             log(WARNING, "fedrad: %s", stop)
             return rnd - 1, str(stop), arrays
+        times.train = time.perf_counter() - t0
+        times.site_compute_max = max((r.seconds or 0.0 for r in outcome.reports.values()), default=0.0)
         if outcome.arrays is not None:
             arrays = outcome.arrays
-        entry = _round_entry(state, rnd, outcome, mode.privacy_entry(rnd, outcome), arrays)
-        entry["round_seconds"] = round(time.time() - t0, 3)  # last: the sites' metrics carry their own seconds
+        entry = _round_entry(state, rnd, outcome, mode.privacy_entry(rnd, outcome), arrays, times)
+        # Plot (with this round's line) before the checkpoint, the line after it: a crash in between leaves
+        # at most a line that resume's truncate_metrics drops, never a checkpoint without its line.
+        t_ckpt = time.perf_counter()
+        plot_run(state.run_dir, pending=entry)
         info = {"array_order": state.array_order, "time": time.time(), "run_key": state.run_key,
                 **mode.checkpoint_info()}
         save_checkpoint(state.run_dir, rnd, arrays, state.strategy, info)
+        times.checkpoint = time.perf_counter() - t_ckpt
+        entry.update(_time_fields(times, time.perf_counter() - t0))
         append_metrics(state.run_dir, entry)
-        plot_run(state.run_dir)
-        log(INFO, "fedrad: [round %d/%d] %d/%d sites aggregated, train loss %s, held-out loss %s (%.1fs)",
-            rnd, cfg.num_server_rounds, entry["sites_aggregated"], outcome.sent, _fmt(entry.get("train_loss")),
-            _fmt(entry.get("eval_loss")), entry["round_seconds"])
+        log(INFO, "fedrad: [round %d/%d] %d/%d sites aggregated, train loss %s, held-out loss %s (%.1fs, "
+            "overhead %.1fs)", rnd, cfg.num_server_rounds, entry["sites_aggregated"], outcome.sent,
+            _fmt(entry.get("train_loss")), _fmt(entry.get("eval_loss")), entry["round_seconds"],
+            entry["time_overhead"])
     return cfg.num_server_rounds, "completed", arrays
 
 
-def _evaluate(state: RunState, rnd: int, arrays: ArrayRecord) -> tuple[dict, dict[str, dict]]:
-    """Evaluation is the same in every mode: the global model is public to the sites anyway."""
-    msgs = state.strategy.configure_evaluate(rnd, arrays, ConfigRecord({SERVER_ROUND: rnd}), state.grid)
-    replies = list(state.grid.send_and_receive(messages=msgs, timeout=state.cfg.round_timeout))
+def _time_fields(times: RoundTimes, round_seconds: float) -> dict[str, float]:
+    """The round's timing fields (module docstring), rounded to the millisecond."""
+    fields = {"time_send": times.send, "time_wait": times.wait, "time_site_compute_max": times.site_compute_max,
+              "time_aggregate": times.aggregate, "time_train": times.train, "time_checkpoint": times.checkpoint,
+              "round_seconds": round_seconds, "time_overhead": round_seconds - times.site_compute_max}
+    return {k: round(v, 3) for k, v in fields.items()}
+
+
+def _evaluate(state: RunState, rnd: int, arrays: ArrayRecord, times: RoundTimes) -> tuple[dict, dict[str, dict]]:
+    """Evaluation is the same in every mode: the global model is public to the sites anyway.
+    With fraction-evaluate = 0 the strategy samples no site and nothing is sent or awaited."""
+    t0 = time.perf_counter()
+    msgs = list(state.strategy.configure_evaluate(rnd, arrays, ConfigRecord({SERVER_ROUND: rnd}), state.grid))
+    if not msgs:
+        return {}, {}
+    times.send += time.perf_counter() - t0
+    replies = exchange(state.grid, msgs, state.cfg.round_timeout, times)
+    t_agg = time.perf_counter()
     kept, report = screen_replies(replies, None, screening_rules(state.cfg), MESSAGE_EVALUATE)
     metrics = state.strategy.aggregate_evaluate(rnd, kept) if kept else None
     sites = {str(n): r.values(SITE_RECORD) for n, r in report.reports.items() if n in report.accepted}
+    times.aggregate += time.perf_counter() - t_agg
     return dict(metrics or {}), sites
 
 
-def _round_entry(state: RunState, rnd: int, outcome: TrainOutcome, privacy: dict, arrays: ArrayRecord) -> dict:
+def _round_entry(state: RunState, rnd: int, outcome: TrainOutcome, privacy: dict, arrays: ArrayRecord,
+                 times: RoundTimes) -> dict:
     """The round's line in metrics.jsonl: counts, what was rejected or capped and why, per-site records."""
-    agg_eval, eval_sites = _evaluate(state, rnd, arrays)
+    agg_eval, eval_sites = _evaluate(state, rnd, arrays, times)
     sites = {n: r.values(SITE_RECORD) for n, r in outcome.reports.items()}
     for node, values in eval_sites.items():  # a key both replies carry (num_examples) keeps the train value
         record = sites.setdefault(node, {})

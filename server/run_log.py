@@ -56,9 +56,10 @@ def site_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
     return labels
 
 
-def plot_run(run_dir: Path) -> Path | None:
-    """The protocol's plotted metrics per round, train loss per site and, when DP is on, epsilon, as one PNG."""
-    rows = read_metrics(run_dir)
+def plot_run(run_dir: Path, pending: dict[str, Any] | None = None) -> Path | None:
+    """The protocol's plotted metrics per round, train loss per site and, when DP is on, epsilon, as one PNG.
+    `pending`: a round's line not yet appended (the round plots before its checkpoint, appends after)."""
+    rows = read_metrics(run_dir) + ([pending] if pending else [])
     if not rows:
         return None
     import matplotlib
