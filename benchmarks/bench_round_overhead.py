@@ -3,7 +3,9 @@
 Federated: a real SuperLink + one SuperNode on loopback, fedrad's ServerApp/ClientApp (fresh ClientApp
 process per message, model arrays over HTTP, screening, checkpoint, metrics, plot).
 Alone: the same site, model, steps and batch through `train_local` + `evaluate_local` in this process.
-Printed for a small and a realistic round size; appended to RESULTS.md.
+Printed for a small and a realistic round size; appended to RESULTS.md, with the round's own timing split
+from metrics.jsonl (rounds 2+ mean): fixed overhead = round wall time - the slowest site's train handler
+seconds, and how much of the round was waiting for the site (fedrad.server.rounds documents the fields).
 Run: python benchmarks/bench_round_overhead.py [--quick]
 """
 
@@ -44,7 +46,10 @@ def alone(site: Path, cfg: dict, cache: Path) -> float:
     return time.perf_counter() - t0
 
 
-def federated(site: Path, cfg: dict, work: Path, rounds: int) -> list[float]:
+TIMED = ("round_seconds", "time_overhead", "time_send", "time_wait", "time_site_compute_max", "time_checkpoint")
+
+
+def federated(site: Path, cfg: dict, work: Path, rounds: int) -> list[dict]:
     from federation_harness import Consortium
 
     from fedrad.server.run_log import read_metrics
@@ -58,7 +63,7 @@ def federated(site: Path, cfg: dict, work: Path, rounds: int) -> list[float]:
         code = c.run(overrides)
         if code != 0:
             raise RuntimeError(f"federated run failed; see {work / 'logs'}")
-        return [r["round_seconds"] for r in read_metrics(work / "run")]
+        return [{k: float(r.get(k) or 0.0) for k in TIMED} for r in read_metrics(work / "run")]
     finally:
         c.stop()
 
@@ -83,13 +88,16 @@ def main() -> int:
             fed = federated(site, cfg, tmp / f"fed-{name}", args.rounds)
             local = min(local_before, alone(site, cfg, cache))
             # Round 1 also decodes the site into its cache; rounds 2+ are the steady state.
-            steady = sum(fed[1:]) / max(1, len(fed) - 1)
-            rows.append((name, cfg, fed[0], steady, local, steady / local))
+            later = fed[1:] or fed
+            split = {k: sum(r[k] for r in later) / len(later) for k in TIMED}
+            steady = split["round_seconds"]
+            rows.append((name, cfg, fed[0]["round_seconds"], steady, local, steady / local, split))
     print(f"{'size':>10} {'model':>12} {'px':>4} {'steps':>5} {'round 1 s':>9} {'round 2+ s':>10} "
           f"{'alone s':>8} {'overhead':>9}")
-    for name, cfg, first, steady, local, ratio in rows:
+    for name, cfg, first, steady, local, ratio, split in rows:
         print(f"{name:>10} {cfg['model']:>12} {cfg['image-size']:>4} {cfg['local-steps']:>5} {first:>9.2f} "
               f"{steady:>10.2f} {local:>8.2f} {ratio:>8.2f}x")
+        print("           rounds 2+: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
         append_result(
             "round overhead: federated round / local training alone",
             "| date | machine | size | model | px | steps | batch | round 1 s | round 2+ s | alone s | ratio "
@@ -97,6 +105,14 @@ def main() -> int:
             f"| {today()} | {machine()} | {name} | {cfg['model']} | {cfg['image-size']} | {cfg['local-steps']} | "
             f"{cfg['batch-size']} | {first:.2f} | {steady:.2f} | {local:.2f} | {ratio:.2f}x | "
             f"`python benchmarks/bench_round_overhead.py{' --quick' if args.quick else ''}` |",
+        )
+        append_result(
+            "round time split (metrics.jsonl, rounds 2+ mean, seconds)",
+            "| date | machine | size | round | site compute max | overhead | send | wait | checkpoint | command |",
+            f"| {today()} | {machine()} | {name} | {split['round_seconds']:.2f} | {split['time_site_compute_max']:.2f} "
+            f"| {split['time_overhead']:.2f} | {split['time_send']:.2f} | {split['time_wait']:.2f} | "
+            f"{split['time_checkpoint']:.2f} | `python benchmarks/bench_round_overhead.py"
+            f"{' --quick' if args.quick else ''}` |",
         )
     return 0
 
