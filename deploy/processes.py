@@ -8,6 +8,7 @@ Ctrl-C and on failure: nothing is left behind.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass
@@ -234,13 +236,41 @@ def is_loopback(address: str) -> bool:
 
 
 def app_dir() -> Path:
-    """The Flower app folder: fedrad's project root (its pyproject.toml is the app config)."""
+    """The Flower app folder. In a checkout: fedrad's project root (its pyproject.toml is the app config).
+    Installed from a wheel: a folder built once per process from the installed package (see `_installed_app`)."""
     root = Path(__file__).resolve().parent.parent
     pyproject = root / "pyproject.toml"
     if pyproject.exists() and "tool" in (data := tomllib.loads(pyproject.read_text())) and "flwr" in data["tool"]:
         return root
+    if (root / APP_CONFIG).exists():
+        return _installed_app(root)
     raise FileNotFoundError(
-        f"no Flower app config at {pyproject}: install fedrad from its source folder (pip install -e .)")
+        f"no Flower app config at {pyproject} or {root / APP_CONFIG}: reinstall fedrad (pip install fedrad-*.whl)")
+
+
+APP_CONFIG = "flower_app.toml"  # the project's pyproject.toml, shipped in the wheel by setup.py
+APP_README = "flower_app_README.md"
+
+
+@functools.cache
+def _installed_app(package: Path) -> Path:
+    """The layout `flwr run` and the FAB expect (pyproject.toml, README.md, common/ client/ server/ sources),
+    copied from the installed `fedrad` package into a temporary folder removed at exit.
+
+    Same wheel -> same bytes -> the same FAB, so run signing is deterministic (Flower's builder fixes dates
+    and sorts entries). Only .py sources and the two text files are copied: what fab-include names.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="fedrad-app-"))
+    atexit.register(shutil.rmtree, folder, True)
+    shutil.copyfile(package / APP_CONFIG, folder / "pyproject.toml")
+    if (package / APP_README).exists():
+        shutil.copyfile(package / APP_README, folder / "README.md")
+    for layer in ("common", "client", "server"):
+        for source in sorted((package / layer).rglob("*.py")):
+            target = folder / layer / source.relative_to(package / layer)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    return folder
 
 
 def _tls_from(certs: str | None, site: str | None = None) -> TlsFiles | None:
