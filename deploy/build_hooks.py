@@ -1,4 +1,4 @@
-"""Build hook: the wheel carries the project's pyproject.toml as `fedrad/flower_app.toml`.
+"""Build hook (pyproject [tool.setuptools] cmdclass): the wheel carries the project's pyproject.toml as `fedrad/flower_app.toml`.
 
 The Flower app config (`[tool.flwr.app]`, the run-config defaults) lives in pyproject.toml; an installed fedrad
 (no checkout) builds its Flower app folder from this copy (fedrad.deploy.processes.app_dir), so `fedrad run`
@@ -8,10 +8,9 @@ works from a wheel and the defaults have one source.
 import shutil
 from pathlib import Path
 
-from setuptools import setup
 from setuptools.command.build_py import build_py
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the project root
 
 
 class BuildPyWithAppConfig(build_py):
@@ -24,5 +23,3 @@ class BuildPyWithAppConfig(build_py):
         shutil.copyfile(HERE / "pyproject.toml", target / "flower_app.toml")
         shutil.copyfile(HERE / "README.md", target / "flower_app_README.md")
 
-
-setup(cmdclass={"build_py": BuildPyWithAppConfig})
