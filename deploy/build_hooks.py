@@ -1,4 +1,4 @@
-"""Build hook (pyproject [tool.setuptools] cmdclass): the wheel carries the project's pyproject.toml as `fedrad/flower_app.toml`.
+"""Build hook (pyproject [tool.setuptools] cmdclass): the wheel carries pyproject.toml as `fedrad/flower_app.toml`.
 
 The Flower app config (`[tool.flwr.app]`, the run-config defaults) lives in pyproject.toml; an installed fedrad
 (no checkout) builds its Flower app folder from this copy (fedrad.deploy.processes.app_dir), so `fedrad run`
