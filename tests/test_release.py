@@ -128,9 +128,9 @@ def test_finetune_refuses_a_tampered_bundle(bundle_copy, tmp_path, capsys):
 
 
 def test_dp_run_reports_epsilon(tmp_path):
-    bundle, _k, pub = make_bundle(tmp_path, dp="server-fixed")
+    bundle, _k, pub = make_bundle(tmp_path, dp="client")
     p = verify_bundle(bundle, pub)["privacy"]
-    assert p["differential_privacy"] == "server-fixed" and p["epsilon"] == 1.0 and p["delta"] == 1e-5
+    assert p["differential_privacy"] == "client" and p["epsilon"] == 1.0 and p["delta"] == 1e-5
 
 
 # -- the verify-then-load race (issue 12 item 5) ------------------------------------------------------
