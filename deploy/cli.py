@@ -179,7 +179,8 @@ def _add_federation(sub) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
         help="continue a run from its last checkpoint (default: a new run)")
     p.add_argument("--config", "-c", action="append", default=[],
-                   help="run-config override KEY=VALUE (e.g. -c num-server-rounds=5), repeatable")
+                   help="run-config override KEY=VALUE (e.g. -c num-server-rounds=5) or a TOML file of such lines "
+                   "(-c run.toml), repeatable; later values win (default: the app's pyproject defaults)")
     p.add_argument("--certs", default=None,
         help="folder holding the consortium CA, ca.pem (default: no TLS, loopback only)")
     p.add_argument("--sign-key", default=None, metavar="CONSORTIUM_KEY",

@@ -27,18 +27,62 @@ from fedrad.deploy.processes import (
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:
-    """`KEY=VALUE` strings -> typed values (TOML if it parses, else a plain string)."""
+    """`-c` values -> typed run-config values: `KEY=VALUE` (TOML if it parses, else a plain string), or a TOML
+    file of `key = value` lines (as `flwr run --run-config FILE` takes; later `-c` values win)."""
     out: dict[str, object] = {}
     for item in items:
+        if item.endswith(".toml") and "=" not in item:
+            out.update(read_run_config_file(Path(item)))
+            continue
         for part in item.split():
             if "=" not in part:
-                raise ValueError(f"run-config override '{part}' is not KEY=VALUE")
+                raise ValueError(f"run-config override '{part}' is not KEY=VALUE (or a .toml file)")
             key, raw = part.split("=", 1)
             try:
                 out[key] = tomllib.loads(f"v = {raw}")["v"]
             except tomllib.TOMLDecodeError:
                 out[key] = raw
     return out
+
+
+def read_run_config_file(path: Path) -> dict[str, object]:
+    """A run-config TOML file: flat `key = value` pairs (no tables); errors name the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FileNotFoundError(f"-c {path}: cannot read the run-config file ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    for key, value in data.items():
+        if isinstance(value, dict | list):
+            raise ValueError(f"{path}:{config_line(text, key)}: '{key}' must be a single value (a run-config file "
+                             "holds flat key = value lines)")
+    return dict(data)
+
+
+def config_line(text: str, key: str) -> int:
+    """1-based line where `key` is set in a TOML text (0 when it is not)."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if ("=" in line and line.split("=", 1)[0].strip().strip('"') == key) or stripped.strip("[] ") == key:
+            return number
+    return 0
+
+
+def validate_with_lines(overrides: dict[str, object], files: list[Path]) -> None:
+    """`validate_run_config`, with the file and line of the offending key when it came from a -c TOML file."""
+    try:
+        validate_run_config(overrides)
+    except ValueError as exc:
+        message = str(exc)
+        for path in files:
+            text = path.read_text(encoding="utf-8")
+            for key in tomllib.loads(text):
+                if key in message and config_line(text, key):
+                    raise ValueError(f"{path}:{config_line(text, key)}: {message}") from None
+        raise
 
 
 def write_flwr_home(home: Path, address: str, ca_cert: Path | None = None) -> Path:
@@ -248,7 +292,8 @@ def cmd_run(args) -> int:
     else:
         run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     overrides["run-dir"] = str(run_dir)
-    validate_run_config(overrides)  # a bad -c value: one line naming the key, exit 2, nothing submitted
+    files = [Path(c) for c in args.config if c.endswith(".toml") and "=" not in c]
+    validate_with_lines(overrides, files)  # a bad -c value: one line naming the key (and line), exit 2
     ca = _ca_from(args.certs)
     sign_key = Path(args.sign_key).resolve() if args.sign_key else None
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,26 @@ def test_bad_run_config_exits_2_before_submission(tmp_path, capsys, override, ke
     assert not run_dir.exists()  # nothing written, nothing submitted
 
 
+def test_run_config_file_is_read_and_a_bad_value_names_its_line(tmp_path, capsys):
+    """`-c run.toml` (as `flwr run` takes): its values are used, later -c values win, a bad one names file:line."""
+    from fedrad.deploy.run_command import parse_overrides
+
+    good = tmp_path / "run.toml"
+    good.write_text('# a consortium run\nnum-server-rounds = 4\nobjective = "micle"\n')
+    assert parse_overrides([str(good), "num-server-rounds=5"]) == {"num-server-rounds": 5, "objective": "micle"}
+    bad = tmp_path / "bad.toml"
+    bad.write_text('num-server-rounds = 4\n\nstrategy = "fedfoo"\n')
+    run_dir = tmp_path / "run"
+    code = main(["run", "--superlink", f"127.0.0.1:{free_port()}", "--run-dir", str(run_dir), "-c", str(bad)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{bad}:3:" in err[0] and "strategy" in err[0], err
+    assert not run_dir.exists()
+    nested = tmp_path / "nested.toml"
+    nested.write_text("[tool]\nx = 1\n")
+    assert main(["run", "--run-dir", str(run_dir), "-c", str(nested)]) == 2
+    assert f"{nested}:1: 'tool' must be a single value" in capsys.readouterr().err
+
+
 def test_good_run_config_passes_local_validation():
     validate_run_config({"num-server-rounds": 2, "strategy": "fedprox", "run-dir": "/tmp/x"})
 
