@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from fedrad.common.losses import OBJECTIVES
 
@@ -137,6 +138,10 @@ def _add_federation(sub) -> None:
     p.set_defaults(func=_lazy("fedrad.deploy.node_command:cmd_coordinator"))
 
     p = sub.add_parser("node", help="start a site's Flower SuperNode next to its DICOMs")
+    p.add_argument("--config", default=None, metavar="NODE_TOML",
+                   help="node settings file: `key = value` lines named like these options without the dashes "
+                   "(data, superlink, certs, consortium-key, policy, state-dir, site-name, device, ...); options given "
+                   "on the command line win (default: none)")
     p.add_argument("--data", default=None, help="the site's image folder (default: none; or --source URL for a PACS)")
     p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
     _add_source(p)
@@ -308,9 +313,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _with_node_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      argv: list[str] | None) -> argparse.Namespace:
+    """`fedrad node --config node.toml`: the file's values become the node command's defaults, then the command
+    line is parsed again so that options given there win. Unknown keys and bad values name the file and line."""
+    import tomllib
+
+    from fedrad.deploy.run_command import config_line
+
+    path = Path(args.config)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
+    except OSError as exc:
+        raise FileNotFoundError(f"--config {path}: cannot read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    node = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+    node_parser = node.choices["node"]
+    actions = {a.dest: a for a in node_parser._actions if a.option_strings}
+    defaults = {}
+    for key, value in data.items():
+        dest = key.replace("-", "_")
+        action = actions.get(dest)
+        if action is None or dest in ("config", "help"):
+            raise ValueError(f"{path}:{config_line(text, key)}: unknown node setting '{key}'")
+        if isinstance(value, dict):
+            raise ValueError(f"{path}:{config_line(text, key)}: '{key}' must be a single value")
+        if action.type is not None and not isinstance(value, bool):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}:{config_line(text, key)}: '{key}' = {value!r} is not valid") from None
+        defaults[dest] = value
+    node_parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "node" and getattr(args, "config", None):
+        try:
+            args = _with_node_config(parser, args, argv)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"fedrad node: error: {exc}", file=sys.stderr)
+            return 2
     if args.version:
         from importlib.metadata import version
 

@@ -164,3 +164,23 @@ def test_ctrl_c_on_run_stops_the_run_on_the_coordinator(tmp_path):
 
         runs = {str(r["run-id"]): r for r in json.loads(ls.stdout[ls.stdout.index("{"):])["runs"]}
         assert "stopped" in runs[run_id]["status"], runs[run_id]
+
+
+def test_node_config_file_sets_options_and_the_command_line_wins(tmp_path, capsys):
+    """`fedrad node --config node.toml`: keys named like the options; a bad key names file:line; flags win."""
+    node_toml = tmp_path / "node.toml"
+    node_toml.write_text(f'# site A\ndata = "{tmp_path / "from-file"}"\nsuperlink = "127.0.0.1:8000"\n'
+                         'allow-unsigned = true\nno-scan = true\nport = 9123\n')
+    assert main(["node", "--config", str(node_toml)]) == 2  # the file's data folder does not exist
+    assert "from-file" in capsys.readouterr().err
+    assert main(["node", "--config", str(node_toml), "--data", str(tmp_path / "from-flag")]) == 2
+    err = capsys.readouterr().err
+    assert "from-flag" in err and "from-file" not in err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('data = "/srv"\n\nconsortium_pubkey = "x.pub"\n')
+    assert main(["node", "--config", str(bad)]) == 2
+    assert f"{bad}:3: unknown node setting 'consortium_pubkey'" in capsys.readouterr().err
+    wrong_type = tmp_path / "port.toml"
+    wrong_type.write_text('port = "ninety"\n')
+    assert main(["node", "--config", str(wrong_type)]) == 2
+    assert f"{wrong_type}:1: 'port'" in capsys.readouterr().err
