@@ -285,16 +285,19 @@ def _check_image(ds, h: HeaderInfo, max_pixels: int = DEFAULT_MAX_PIXELS) -> Non
     bits_alloc = _int(ds, "BitsAllocated", 0)
     if bits_alloc not in (1, 8, 16, 32) or not 0 < h.bits_stored <= bits_alloc:
         raise SkipImage("bad-dimensions", f"BitsAllocated={bits_alloc} BitsStored={h.bits_stored}")
+    pixel_data = ds.PixelData
+    if not pixel_data:  # present but empty (or a value pydicom parsed as None)
+        raise SkipImage("no-pixel-data", "Pixel Data element is empty")
     if not decoder.is_encapsulated:
         expected = math.ceil(h.rows * h.cols * bits_alloc / 8)
-        have = len(ds.PixelData)
+        have = len(pixel_data)
         if have < expected:
             raise SkipImage("bad-dimensions",
                             f"Pixel Data has {have} bytes, {h.rows}x{h.cols}x{bits_alloc} bit needs {expected}")
     else:
         kind = _syntax_kind(h.transfer_syntax)
         if kind:
-            check_codec_size(kind, first_fragment(ds.PixelData), h.rows, h.cols, spp, bits_alloc, max_pixels)
+            check_codec_size(kind, first_fragment(pixel_data), h.rows, h.cols, spp, bits_alloc, max_pixels)
 
 
 def _voi_range(ds) -> tuple[float, float]:
