@@ -145,7 +145,10 @@ def test_rogue_fab_never_runs_and_only_consortium_signed_runs_train(tmp_path):
         assert row["sites_aggregated"] == 1
         assert len(_refusals(c.audit_dir("loyal"))) == len(loyal)  # nothing new refused at the loyal site
         assert len(_refusals(c.audit_dir("other"))) > n_other
-        assert "failed" in {r["event"] for r in _refusals(c.audit_dir("broken"))}
+        # The broken site's handler raised: the wire guard answered SITE_FAILED and audited the detail there.
+        outgoing = [json.loads(line) for line in (c.audit_dir("broken") / "outgoing.jsonl").read_text().splitlines()]
+        failures = [e for e in outgoing if (e.get("error") or {}).get("code") == ErrorCode.SITE_FAILED]
+        assert failures and "PATIENT-FOLDER-XYZ" in failures[0]["error"]["detail"]
         run_log = (tmp_path / "logs" / "flwr-run.log").read_text()
         assert ERROR_TEXT[ErrorCode.SITE_FAILED] in run_log and "PATIENT-FOLDER-XYZ" not in run_log
         assert not marker.exists()
