@@ -142,7 +142,8 @@ def projected_epsilon(dp: SampleDP, n_train: int, batch_size: int, steps: int) -
 # -- the site's ledger -----------------------------------------------------------------------------
 # One file per site (in the site's state folder, see client/site_state.py), one entry per run for reporting.
 # The site's ε is that of ALL runs' steps composed: a new run key adds an entry, it never starts from zero.
-def _read(path: Path) -> dict[str, Any]:
+def read_ledger(path: Path) -> dict[str, Any]:
+    """The ledger file as a dict ({"format": 2, "runs": {}} when absent); ValueError when unreadable or not a ledger."""
     if not path.is_file():
         return {"format": 2, "runs": {}}
     try:
@@ -162,13 +163,13 @@ def _history(entry: dict) -> list[tuple[float, float, int]]:
 
 def ledger_history(path: str | os.PathLike, run_key: str) -> list[tuple[float, float, int]]:
     """The accounting history this site has spent on `run_key` so far (empty for a new run)."""
-    return _history(_read(Path(path))["runs"].get(run_key) or {})
+    return _history(read_ledger(Path(path))["runs"].get(run_key) or {})
 
 
 def site_history(path: str | os.PathLike, except_run: str | None = None) -> list[tuple[float, float, int]]:
     """Every run's history in the site's ledger, concatenated (RDP composes across runs on the same images);
     `except_run` leaves one run out (the caller adds that run's up-to-date history itself)."""
-    runs = _read(Path(path))["runs"]
+    runs = read_ledger(Path(path))["runs"]
     return [h for key in sorted(runs) if key != except_run for h in _history(runs[key])]
 
 
@@ -177,7 +178,7 @@ def ledger_record(path: str | os.PathLike, run_key: str, history: list[tuple[flo
     """Store the run's history (atomically, before the weights leave the site); return the run's ε.
     The file also keeps the site's ε over all runs at `delta` (`site_epsilon`)."""
     path = Path(path)
-    data = _read(path)
+    data = read_ledger(path)
     eps = epsilon_of(history, delta)
     data["runs"][run_key] = {"history": [list(h) for h in history], "delta": delta, "epsilon": eps,
                              "steps": int(sum(h[2] for h in history)), "last_round": int(server_round),

@@ -125,13 +125,13 @@ def _read_marker(state: SiteState) -> dict[str, Any]:
 
 
 def _check_ledger_readable(path: Path) -> None:
+    """The ledger parses (the one reader, client/sample_dp.read_ledger); a SiteStateError names the file."""
+    from fedrad.client.sample_dp import read_ledger
+
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SiteStateError(f"{path}: the site's DP ledger is unreadable ({exc}); restore it from backup "
-                             "(it is never reset to 0)") from None
-    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
-        raise SiteStateError(f"{path}: not a fedrad DP ledger (no 'runs' table)")
+        read_ledger(path)
+    except ValueError as exc:
+        raise SiteStateError(str(exc)) from None
 
 
 def open_state(state: SiteState, cache_dir: str | os.PathLike[str] | None = None) -> SiteState:
