@@ -480,7 +480,8 @@ def test_containers_run_one_round(tmp_path):
                      "batch-size": 8, "min-train-nodes": 3, "min-available-nodes": 3,
                      "run-dir": "/var/lib/fedrad/runs/test"}
         ca = tmp_path / "volumes" / "consortium" / "certs" / "ca.pem"
-        code = submit_run(listen, overrides, ca_cert=ca, timeout=600, echo=False)
+        key = tmp_path / "volumes" / "consortium" / "certs" / "consortium.key"  # written by the init job
+        code = submit_run(listen, overrides, ca_cert=ca, timeout=600, echo=False, sign_key=key)
         assert code == 0 and (run_dir / "summary.json").exists()
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["rounds"] == 1
