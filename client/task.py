@@ -44,14 +44,6 @@ def load_site_for(context: Context, cfg: RunConfig):
                      progress=False, **kwargs)
 
 
-def dp_ledger_path(context: Context) -> Path:
-    """The site's sample-DP ledger: in the site's state folder (node-config `state-dir`), never in the
-    disposable cache, so clearing the cache never resets ε."""
-    from fedrad.client.site_state import state_paths
-
-    return state_paths(context.node_config).ledger
-
-
 def _sample_dp_for(msg: Message, context: Context, cfg: RunConfig, n_train: int, server_round: int):
     """(SampleDP continuing this run's history, run key, SiteState, Refusal or None).
 
