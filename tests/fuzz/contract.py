@@ -42,3 +42,20 @@ def check_image_bytes(data: bytes) -> str:
         return exc.reason
     _image_ok(img)
     return "ok"
+
+
+def fuzz(target) -> None:
+    """Run `target` under atheris with the harnesses' shared settings: a Rust decoder panic (caught) would
+    otherwise spend seconds symbolising its backtrace, and warnings/log lines would drown libFuzzer's output."""
+    import logging
+    import os
+    import sys
+    import warnings
+
+    import atheris
+
+    os.environ["RUST_BACKTRACE"] = "0"
+    warnings.simplefilter("ignore")
+    logging.disable(logging.CRITICAL)
+    atheris.Setup(sys.argv, target)
+    atheris.Fuzz()

@@ -20,7 +20,7 @@ import atheris
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 with atheris.instrument_imports(include=["contract", "fedrad", "pydicom", "PIL", "rle"]):
-    from contract import check_dicom_bytes
+    from contract import check_dicom_bytes, fuzz
 
 
 def TestOneInput(data: bytes) -> None:  # noqa: N802 - atheris' required name
@@ -28,13 +28,4 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 - atheris' required name
 
 
 if __name__ == "__main__":
-    import os
-
-    os.environ["RUST_BACKTRACE"] = "0"  # a Rust decoder panic (caught) otherwise spends seconds symbolising
-    import logging
-    import warnings
-
-    warnings.simplefilter("ignore")
-    logging.disable(logging.CRITICAL)
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    fuzz(TestOneInput)
