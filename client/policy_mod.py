@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
+
+from fedrad.client.error_reply import error_reply
 
 log = logging.getLogger("fedrad.client.policy")
 
 _SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
 _SECAGG_TRAIN_STAGE = "collect_masked_vectors"  # the SecAgg+ stage in which the site trains
-
-
-def refusal_reply(msg: Message, code) -> Message:
-    """An error reply holding only `code` and its fixed text (fedrad.common.protocol)."""
-    from fedrad.common.protocol import ERROR_TEXT
-
-    return Message(Error(code=int(code), reason=ERROR_TEXT[code]), reply_to=msg)
 
 
 def refuse(msg: Message, state, rule: str, detail: str, code) -> Message:
@@ -38,7 +33,7 @@ def refuse(msg: Message, state, rule: str, detail: str, code) -> Message:
             record_refusal(state, rule, detail, int(code), str(msg.metadata.message_type), int(msg.metadata.run_id))
         except OSError as exc:  # the refusal stands even if the audit folder is not writable
             log.error("fedrad site policy: cannot write the refusal audit %s: %s", state.refusals, exc)
-    return refusal_reply(msg, code)
+    return error_reply(msg, code)
 
 
 def _trains(msg: Message) -> bool:

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 
+from fedrad.client.error_reply import error_reply
 from fedrad.common.protocol import (
     ARRAYS,
     ERROR_TEXT,
@@ -61,7 +62,7 @@ def refuse(msg: Message, code: ErrorCode, detail: str) -> Message:
     """An error reply carrying only `code` and its fixed text; `detail` goes to the log and the audit file."""
     log.warning("refusing %s message: %s (%s)", msg.metadata.message_type, ERROR_TEXT[code], detail)
     _DETAILS[msg.metadata.message_id] = detail
-    return Message(Error(code=int(code), reason=ERROR_TEXT[code]), reply_to=msg)
+    return error_reply(msg, code)
 
 
 @dataclass
@@ -257,21 +258,19 @@ def wire_guard_mod(msg: Message, context: Context, call_next) -> Message:
     except Exception as exc:  # noqa: BLE001 - any failure leaves as a bare code, never as exception text
         log.exception("handler failed on a %s message", exp.message_type)
         detail = f"{type(exc).__name__}: {exc}"
-        reply = Message(Error(code=int(ErrorCode.SITE_FAILED), reason=ERROR_TEXT[ErrorCode.SITE_FAILED]),
-                        reply_to=msg)
+        reply = error_reply(msg, ErrorCode.SITE_FAILED)
     if reply.has_error():
         code = error_code_of(reply.error.code) or ErrorCode.SITE_FAILED
         detail = detail or _DETAILS.pop(msg.metadata.message_id, None) or (reply.error.reason or None)
         if reply.error.reason != ERROR_TEXT[code] or int(reply.error.code) != int(code):
             log.warning("rewriting an error reply (code %s) to the protocol's code %d", reply.error.code, code)
-        reply = Message(Error(code=int(code), reason=ERROR_TEXT[code]), reply_to=msg)
+        reply = error_reply(msg, code)
     else:
         blocked = check_outgoing(exp, reply)
         if blocked is not None:
             log.error("wire guard blocked the reply to a %s message: %s", exp.message_type, blocked)
             attempted = reply
-            reply = Message(Error(code=int(ErrorCode.WIRE_BLOCKED), reason=ERROR_TEXT[ErrorCode.WIRE_BLOCKED]),
-                            reply_to=msg)
+            reply = error_reply(msg, ErrorCode.WIRE_BLOCKED)
             _audit(context, msg, exp, reply, attempted, blocked, blocked)
             return reply
     _audit(context, msg, exp, reply, None, None, detail)
