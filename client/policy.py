@@ -195,8 +195,12 @@ def _coerce(source: str, text: str, table: str, key: str, value: Any, kind: Any)
     return tuple(v.strip() for v in value)
 
 
+@functools.lru_cache(maxsize=16)
 def parse_policy(text: str, source: str = "<policy>") -> SitePolicy:
-    """Parse and validate policy TOML; missing keys take the default. PolicyError names FILE:LINE and key."""
+    """Parse and validate policy TOML; missing keys take the default. PolicyError names FILE:LINE and key.
+
+    Cached on the text: the file is re-read for every message (an edit applies to the next one), but the
+    same text is parsed once per process however many checks of a message ask for the policy."""
     return _parse(text, source, default_policy())
 
 
