@@ -24,6 +24,7 @@ hospital IT:   fedrad scan /data/dicom        (see what would be used; nothing i
                  --certs fedrad-certs/sites/site-a --consortium-key consortium.pub
 operator:      fedrad keys generate --out consortium; fedrad coordinator
                fedrad run --superlink 127.0.0.1:8000 --sign-key consortium.key ; fedrad release RUN_DIR --key K
+               fedrad runs (status, round, loss of each run); fedrad stop RUN
 fine-tuning:   fedrad verify BUNDLE --pubkey P; fedrad finetune BUNDLE --data DIR --labels CSV
 everything at once on this machine:  fedrad demo
 """
@@ -192,6 +193,19 @@ def _add_federation(sub) -> None:
                    help="consortium private key (`fedrad keys generate`): signs the run so sites accept it "
                         "(default: unsigned; only --allow-unsigned sites run it)")
     p.set_defaults(func=_lazy("fedrad.deploy.run_command:cmd_run"))
+
+    p = sub.add_parser("runs", help="list the coordinator's runs: status, round, last loss (flwr ls)")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
+    p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (default: no TLS)")
+    p.add_argument("--runs-dir", default="runs",
+                   help="where `fedrad run` put the run directories (their metrics give round and loss)")
+    p.set_defaults(func=_lazy("fedrad.deploy.runs_command:cmd_runs"))
+
+    p = sub.add_parser("stop", help="stop a run on the coordinator (flwr stop)")
+    p.add_argument("run", metavar="RUN", help="the run id, as `fedrad runs` lists it")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
+    p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (default: no TLS)")
+    p.set_defaults(func=_lazy("fedrad.deploy.runs_command:cmd_stop"))
 
     p = sub.add_parser("demo", help="a real local consortium: 3 synthetic hospitals, SuperLink + 3 SuperNodes")
     p.add_argument("--workdir", default="fedrad-demo", help="folder for the sites, run directory and bundle")
