@@ -307,6 +307,8 @@ def _add_security(sub) -> None:
     r.add_argument("pubkey", help="the site's node public key file")
     r.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
     r.add_argument("--certs", required=True, help="folder holding the consortium CA")
+    r.add_argument("--site-name", default=None, help="the name the coordinator shows for this site in logs, "
+                   "metrics and plots (default: the key's folder, e.g. site-a for sites/site-a/node.pub)")
     r.set_defaults(func=_lazy("fedrad.deploy.certs:cmd_register"))
 
 
