@@ -241,6 +241,9 @@ def _add_release(sub) -> None:
     p.add_argument("run_dir", help="the run directory `fedrad run` wrote")
     p.add_argument("--key", required=True, help="private signing key (from `fedrad keys generate`)")
     p.add_argument("--out", default=None, help="bundle folder (default RUN_DIR/release)")
+    p.add_argument("--finetune-results", default=None, metavar="RESULTS_JSON",
+                   help="results.json of `fedrad finetune`: its AUCs go into the bundle's MODEL_CARD.md "
+                        "(default: the card says no evaluation is attached)")
     p.set_defaults(func=_lazy("fedrad.server.release:cmd_release"))
 
     p = sub.add_parser("verify", help="check a bundle's signature and weight hash")
