@@ -246,7 +246,7 @@ def _add_release(sub) -> None:
                         "(default: the card says no evaluation is attached)")
     p.set_defaults(func=_lazy("fedrad.server.release:cmd_release"))
 
-    p = sub.add_parser("verify", help="check a bundle's signature and weight hash")
+    p = sub.add_parser("verify", help="check a bundle's signature and the hashes of its weights and model card")
     p.add_argument("bundle", help="the bundle folder (from `fedrad release`)")
     p.add_argument("--pubkey", required=True, help="the consortium's public key (consortium.pub)")
     _add_release_policy(p)
