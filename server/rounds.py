@@ -39,7 +39,7 @@ from fedrad.server.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from fedrad.server.exchange import RoundTimes, exchange
 from fedrad.server.privacy import check_privacy_config, privacy_summary
 from fedrad.server.round_modes import RoundStop, TrainOutcome, round_mode, screening_rules
-from fedrad.server.run_log import append_metrics, plot_run, read_metrics, truncate_metrics
+from fedrad.server.run_log import append_metrics, plot_run, read_metrics, site_labels, truncate_metrics
 from fedrad.server.screening import screen_replies
 from fedrad.server.site_names import SiteNames
 from fedrad.server.strategies import build_strategy
@@ -192,6 +192,8 @@ def _round_loop(state: RunState, mode, arrays: ArrayRecord, start_round: int) ->
             "overhead %.1fs)", rnd, cfg.num_server_rounds, entry["sites_aggregated"], outcome.sent,
             _fmt(entry.get("train_loss")), _fmt(entry.get("eval_loss")), entry["round_seconds"],
             entry["time_overhead"])
+        if entry["sites"]:
+            log(INFO, "fedrad: [round %d/%d] per site: %s", rnd, cfg.num_server_rounds, _per_site(state, entry))
     return cfg.num_server_rounds, "completed", arrays
 
 
@@ -201,6 +203,18 @@ def _log_screening(state: RunState, rnd: int, outcome: TrainOutcome) -> None:
         log(WARNING, "fedrad: [round %d] rejected the update of %s: %s", rnd, state.names.label(node), reason)
     for node, reason in outcome.capped.items():
         log(WARNING, "fedrad: [round %d] capped the weight of %s: %s", rnd, state.names.label(node), reason)
+
+
+def _per_site(state: RunState, entry: dict) -> str:
+    """Each site's train loss and image count, by the names the plots use (enrolled name, else "site N")."""
+    labels = site_labels(read_metrics(state.run_dir))
+    parts = []
+    for node, record in entry["sites"].items():
+        loss = record.get("train_loss")
+        images = record.get("num_examples")
+        parts.append(f"{labels.get(node, state.names.label(node))} loss {_fmt(loss)}"
+                     + (f" ({int(images)} images)" if images is not None else ""))
+    return ", ".join(parts)
 
 
 def _time_fields(times: RoundTimes, round_seconds: float) -> dict[str, float]:

@@ -88,6 +88,7 @@ def test_enrolled_node_runs_unenrolled_and_untrusting_nodes_refused(tmp_path):
         for name in ("flwr-run.log", "superlink.log"):
             text = (tmp_path / "logs" / name).read_text()
             assert "\x1b[" not in text and "INFO" in text, name
+        assert "per site: good loss" in (tmp_path / "logs" / "flwr-run.log").read_text()
         # The node that does not trust the consortium CA never got a message (and Flower gives up on it).
         log = (tmp_path / "logs" / "node-untrusting.log").read_text()
         assert "Receiving:" not in log, log[-2000:]
