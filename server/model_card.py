@@ -106,9 +106,12 @@ def _sites_section(rows: list[dict[str, Any]]) -> str:
     images: dict[str, float] = {}
     rounds: dict[str, int] = {}
     last_loss: dict[str, Any] = {}
+    epsilon: dict[str, float] = {}  # dp=sample: each site's image-level ε so far, as it reported it
     for row in rows:
         for node, record in (row.get("sites") or {}).items():
             node = str(node)
+            if record.get("dp_epsilon") is not None:
+                epsilon[node] = float(record["dp_epsilon"])
             if record.get("num_examples") is not None:
                 images[node] = float(record["num_examples"])
             if record.get("train_loss") is not None:
@@ -117,11 +120,13 @@ def _sites_section(rows: list[dict[str, Any]]) -> str:
                     rounds[node] = rounds.get(node, 0) + 1
     if not labels:
         return "## Sites\n\nNo per-site record in metrics.jsonl.\n"
-    lines = ["## Sites\n", "| site | images (as reported by the site) | rounds aggregated | last train loss |",
-             "|---|---|---|---|"]
+    eps_head, eps_sep = (" image-level ε |", "---|") if epsilon else ("", "")
+    lines = ["## Sites\n", "| site | images (as reported by the site) | rounds aggregated | last train loss |"
+             + eps_head, "|---|---|---|---|" + eps_sep]
     for node, label in labels.items():
         count = f"{images[node]:.0f}" if node in images else "-"
-        lines.append(f"| {label} | {count} | {rounds.get(node, 0)} | {_num(last_loss.get(node))} |")
+        eps = (f" {_num(epsilon.get(node))} |" if epsilon else "")
+        lines.append(f"| {label} | {count} | {rounds.get(node, 0)} | {_num(last_loss.get(node))} |" + eps)
     total = sum(images.values())
     lines += ["", f"{len(labels)} sites, {total:.0f} images in all (the last count each site reported). Site "
               "names are those the operator enrolled the sites' keys under; \"site N\" marks a site enrolled "

@@ -428,3 +428,22 @@ def test_bundle_fuzz_bounded_run_finds_no_crash(tmp_path):
                           timeout=120, cwd=tmp_path, env={**os.environ, "FUZZ_BUNDLE_DIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Done" in proc.stderr and not list(tmp_path.glob("crash-*"))
+
+
+def test_model_card_names_enrolled_sites_and_their_epsilon(tmp_path):
+    """Sites appear by the names the coordinator recorded (metrics.jsonl `site_names`); under dp=sample each
+    site's image-level ε (its last report) is in the sites table; no node id reaches the card."""
+    from fedrad.server.release import release_bundle
+
+    run = make_run_dir(tmp_path, dp="sample")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["site_names"] = {"0": "st-marys", "2": "charite"}
+        for node, record in row["sites"].items():
+            record["dp_epsilon"] = 0.25 * row["round"] + int(node)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    key, pub = generate_keys(tmp_path / "k")
+    text = (release_bundle(run, key, tmp_path / "b") / "MODEL_CARD.md").read_text()
+    assert "| st-marys | 20 | 2 | 3.0000 | 0.5000 |" in text
+    assert "| site 1 | 20 | 2 | 3.0000 | 1.5000 |" in text and "| charite | 20 | 2 | 3.0000 | 2.5000 |" in text
+    assert "Differential privacy: sample" in text
