@@ -319,8 +319,9 @@ def _run_foreground(cmd: list[str], env: dict[str, str]) -> int:
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE if plain else None,
                             stderr=subprocess.STDOUT if plain else None, text=plain or None,
                             encoding="utf-8" if plain else None, errors="replace" if plain else None)
-    if plain:
-        threading.Thread(target=_copy_plain, args=(proc.stdout, sys.stdout), daemon=True).start()
+    pump = threading.Thread(target=_copy_plain, args=(proc.stdout, sys.stdout), daemon=True) if plain else None
+    if pump:
+        pump.start()
 
     def forward(signum, _frame):
         _signal_tree(proc.pid, signal.SIGTERM)
@@ -336,3 +337,5 @@ def _run_foreground(cmd: list[str], env: dict[str, str]) -> int:
             return 130
     finally:
         _signal_tree(proc.pid, signal.SIGKILL)
+        if pump:
+            pump.join(timeout=5)  # its last lines
