@@ -85,7 +85,7 @@ def _training_section(m: dict[str, Any], config: dict[str, Any], summary: dict[s
     planned = summary.get("rounds_planned") or config.get("num-server-rounds")
     stopped = summary.get("stopped")
     lines = ["## Training\n",
-             f"- Objective: {m['objective']} (self-supervised; no labels left the sites)",
+             f"- Objective: {m['objective']} ({_positives(m.get('objective'), config)})",
              f"- Rounds: {m['rounds']}" + (f" of {planned} planned" if planned else "")
              + (f" ({stopped})" if stopped else ""),
              f"- Aggregation: {summary.get('aggregation') or m.get('strategy')}; local steps per round "
@@ -98,6 +98,20 @@ def _training_section(m: dict[str, Any], config: dict[str, Any], summary: dict[s
         for point in shown:
             lines.append("| ... | | |" if point is None else f"| {point[0]} | {_num(point[1])} | {_num(point[2])} |")
     return "\n".join(lines) + "\n"
+
+
+def _positives(objective: str | None, config: dict[str, Any]) -> str:
+    """What the objective treated as the same image, in words (header fields are read at the sites only)."""
+    from fedrad.common.losses import REGISTRY
+
+    cls = REGISTRY.get(str(objective or "").lower())
+    kind = getattr(cls, "positives", "augment")
+    if kind == "labels":
+        return (f"supervised-contrastive on header fields {config.get('label-fields', '?')}, read at each site; "
+                "their values never left it")
+    if kind == "patient":
+        return "positives are a patient's other images, grouped at each site; no ids left it"
+    return "self-supervised: positives are two augmentations of one image; no labels used"
 
 
 def _sites_section(rows: list[dict[str, Any]]) -> str:

@@ -75,7 +75,8 @@ def test_model_card_is_signed_and_says_what_the_run_was(signed, capsys):
     assert m["card"] == {"file": "MODEL_CARD.md", "sha256": hashlib.sha256(card).hexdigest(), "bytes": len(card)}
     text = card.decode()
     assert text.startswith(f"# Model card: {MODEL}") and "release #1" in text
-    assert "Objective: simclr" in text and "Rounds: 2 of 2 planned" in text
+    assert "Objective: simclr (self-supervised: positives are two augmentations" in text
+    assert "Rounds: 2 of 2 planned" in text
     # Sites by label (node ids never), the image count each reported, and the total.
     assert "| site 1 | 20 | 2 |" in text and "3 sites, 60 images in all" in text
     assert "Modalities and views: not recorded" in text
