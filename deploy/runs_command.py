@@ -104,7 +104,10 @@ def runs_table(runs: list[dict[str, Any]], dirs: dict[str, Path]) -> str:
     for run in runs:
         run_id = str(run.get("run-id"))
         folder = dirs.get(run_id)
-        p = progress(folder) if folder else None
+        try:
+            p = progress(folder) if folder else None
+        except OSError:  # a run directory this user cannot read: Flower's columns still say enough
+            p = None
         rnd = "-" if p is None else f"{p.rounds_done}/{p.rounds_planned if p.rounds_planned else '?'}"
         lines.append((run_id, str(run.get("status") or "?"), rnd,
                       _fmt(p.train_loss if p else None), _fmt(p.eval_loss if p else None),
