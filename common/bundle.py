@@ -3,13 +3,15 @@
 The verifying half of a release, shared by sites (`fedrad verify/finetune/embed`) and the operator (who
 checks each bundle right after signing it); the signing half is `fedrad.server.release`.
 
-A bundle is a folder with three files:
+A bundle is a folder with three files (four with its model card):
 
 * `weights.safetensors`: the backbone's state_dict only, under timm's key names;
 * `manifest.json`: how the weights were made and how to feed them, the sha256 and size of the weights file,
   and (format 2) the release it belongs to: `release.run_id`, `release.run_key` and `release.sequence`;
 * `manifest.sig`: the raw 64-byte Ed25519 signature over the exact bytes of manifest.json. It also checks
   with plain OpenSSL: `openssl pkeyutl -verify -pubin -inkey K.pub -rawin -in manifest.json -sigfile manifest.sig`.
+* `MODEL_CARD.md` (optional): what the weights are, were trained on and are for; when the manifest lists it
+  (`card`: file, sha256, bytes) it is covered by the signature like the weights, and a changed card is refused.
 
 Each file is read once: the signature is checked over the manifest bytes in memory, the weights are hashed
 in memory and loaded from those same bytes, so swapping a file on disk during the check changes nothing.
@@ -45,12 +47,14 @@ if TYPE_CHECKING:
 WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
+CARD = "MODEL_CARD.md"
 BUNDLE_FORMAT = "fedrad-bundle/2"  # 2: adds the `release` block (run id, run key, sequence)
 FORMATS = ("fedrad-bundle/1", BUNDLE_FORMAT)
 INTENSITY = "[0,1] grayscale, zero-padded square"
 CREATED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 MAX_MANIFEST_BYTES = 1 << 20
 SIGNATURE_BYTES = 64
+MAX_CARD_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 4 << 30  # unsigned (--insecure) files only; a signed manifest states the exact size
 NORMS = ("batch", "group")
 
@@ -169,6 +173,8 @@ def check_manifest(body: bytes, where: Path | str) -> dict[str, Any]:
         raise BundleVerificationError(f"{where}: signed manifest 'weights.sha256' is not a sha256 hex digest")
     if weights["file"] != WEIGHTS or weights["bytes"] < 0:
         raise BundleVerificationError(f"{where}: signed manifest 'weights' must name {WEIGHTS} with a size >= 0")
+    if "card" in manifest:
+        _check_card_entry(manifest["card"], where)
     try:
         parse_created(manifest["created"])
     except ValueError:
@@ -182,6 +188,20 @@ def check_manifest(body: bytes, where: Path | str) -> dict[str, Any]:
         if release["sequence"] < 1:
             raise BundleVerificationError(f"{where}: signed manifest 'release.sequence' is below 1")
     return manifest
+
+
+def _check_card_entry(card: Any, where: Path | str) -> None:
+    """The manifest's optional `card` block names MODEL_CARD.md with a sha256 and a size within bounds."""
+    if not isinstance(card, dict):
+        raise BundleVerificationError(f"{where}: signed manifest 'card' is not an object")
+    _check_fields(card, {"file": ((str,), False), "sha256": ((str,), False), "bytes": ((int,), False)},
+                  str(where), "card.")
+    sha = card["sha256"]
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise BundleVerificationError(f"{where}: signed manifest 'card.sha256' is not a sha256 hex digest")
+    if card["file"] != CARD or not 0 <= card["bytes"] <= MAX_CARD_BYTES:
+        raise BundleVerificationError(f"{where}: signed manifest 'card' must name {CARD} with a size of 0 to "
+                                      f"{MAX_CARD_BYTES} bytes")
 
 
 # -- rollback --------------------------------------------------------------------------------------------
@@ -247,6 +267,7 @@ class VerifiedBundle:
     path: Path
     manifest: dict[str, Any]
     weights: bytes
+    card: bytes | None = None  # MODEL_CARD.md, when the signed manifest lists it (its hash checked)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights as tensors, parsed from the verified bytes (never re-read from disk)."""
@@ -300,7 +321,20 @@ def read_verified(bundle: str | os.PathLike[str], pubkey, policy: ReleasePolicy 
         raise BundleVerificationError(
             f"weights hash mismatch: {bundle / WEIGHTS} has sha256 {got[:16]}..., the signed manifest says "
             f"{want['sha256'][:16]}... (file modified or corrupted)")
-    return VerifiedBundle(bundle, manifest, data)
+    return VerifiedBundle(bundle, manifest, data, _verified_card(bundle, manifest))
+
+
+def _verified_card(bundle: Path, manifest: dict[str, Any]) -> bytes | None:
+    """MODEL_CARD.md's bytes when the signed manifest lists it, checked against its size and hash."""
+    want = manifest.get("card")
+    if want is None:
+        return None
+    data = read_bounded(bundle / CARD, MAX_CARD_BYTES, "model card")
+    if len(data) != want["bytes"] or sha256_bytes(data) != want["sha256"]:
+        raise BundleVerificationError(
+            f"model card mismatch: {bundle / CARD} is not the card the signed manifest lists (sha256 "
+            f"{want['sha256'][:16]}..., {want['bytes']} bytes): modified after signing")
+    return data
 
 
 def _digest(data: bytes) -> str:
@@ -431,6 +465,7 @@ def describe(manifest: dict[str, Any], bundle: str, pubkey: str) -> str:
                else f"no run/sequence ({m['format']})")
     return (f"OK {bundle}\n  signature: valid Ed25519 signature by {pubkey} over {MANIFEST}\n"
             f"  weights:   {WEIGHTS} sha256 {m['weights']['sha256']} matches the manifest\n"
+            f"  card:      {_card_line(m)}\n"
             f"  model:     {m['model']} in_chans={m['in_chans']} input {m['input_size']}px ({m['intensity']})\n"
             f"  training:  {m['objective']}, {m['rounds']} rounds, {m['sites']} sites, "
             f"{m.get('examples_seen', '?')} examples seen\n"
@@ -438,6 +473,13 @@ def describe(manifest: dict[str, Any], bundle: str, pubkey: str) -> str:
             f"secure aggregation {'on' if p.get('secure_aggregation') else 'off'}\n"
             f"  release:   {release}, created {m['created']}\n"
             f"  fedrad:    {m.get('fedrad_version')}")
+
+
+def _card_line(manifest: dict[str, Any]) -> str:
+    card = manifest.get("card")
+    if not card:
+        return f"no {CARD} in this bundle's manifest"
+    return f"{CARD} sha256 {card['sha256']} matches the manifest"
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -452,7 +494,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["BUNDLE_FORMAT", "BundleVerificationError", "INTENSITY", "MANIFEST", "ReleasePolicy", "SIGNATURE",
+__all__ = ["BUNDLE_FORMAT", "BundleVerificationError", "CARD", "INTENSITY", "MANIFEST", "ReleasePolicy", "SIGNATURE",
            "VerifiedBundle", "WEIGHTS", "check_manifest", "cmd_verify", "describe", "load_verified_backbone",
            "manifest_bytes", "parse_weights", "policy_from_args", "read_manifest_unverified", "read_verified",
            "sha256_bytes", "verify_bundle"]

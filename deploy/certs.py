@@ -142,8 +142,12 @@ def tls_files(certs_dir: Path | str, site: str | None = None) -> TlsFiles:
 
 
 def register_node(pubkey_path: Path | str, superlink_address: str, certs_dir: Path | str,
-                  timeout: float = 60.0) -> str:
-    """Enrol a site's public key with the SuperLink (`flwr supernode register`) over TLS; returns flwr's output."""
+                  timeout: float = 60.0, name: str | None = None) -> str:
+    """Enrol a site's public key with the SuperLink (`flwr supernode register`) over TLS; returns flwr's output.
+
+    The node is enrolled under `name` (default: the site's folder, `sites/<name>/node.pub`), which the
+    coordinator shows in its logs, metrics and plots instead of the node id (fedrad.server.site_names).
+    """
     from fedrad.deploy.processes import flower_env, tool
     from fedrad.deploy.run_command import write_flwr_home
 
@@ -153,13 +157,15 @@ def register_node(pubkey_path: Path | str, superlink_address: str, certs_dir: Pa
     ca = Path(certs_dir).resolve() / "ca.pem"
     if not ca.exists():
         raise FileNotFoundError(f"{ca}: no consortium CA (run `fedrad certs init`)")
+    name = name or (pub.parent.name if pub.name == "node.pub" else None)
+    named = ["--name", _check_site_name(name)] if name else []
     with tempfile.TemporaryDirectory(prefix="fedrad-flwr-") as home:
         write_flwr_home(Path(home), superlink_address, ca)
         env = flower_env({"FLWR_HOME": home})
         last = ""
         deadline = _now() + timeout
         while True:  # the SuperLink may still be starting its Control API
-            proc = subprocess.run([tool("flwr"), "supernode", "register", str(pub), "fedrad"], env=env,
+            proc = subprocess.run([tool("flwr"), "supernode", "register", str(pub), "fedrad", *named], env=env,
                                   capture_output=True, text=True, timeout=timeout)
             last = (proc.stdout + proc.stderr).strip()
             if proc.returncode == 0:
@@ -197,6 +203,6 @@ def cmd_certs_init(args) -> int:
 
 
 def cmd_register(args) -> int:
-    text = register_node(Path(args.pubkey), args.superlink, Path(args.certs))
+    text = register_node(Path(args.pubkey), args.superlink, Path(args.certs), name=getattr(args, "site_name", None))
     print(f"fedrad certs register: {Path(args.pubkey).name} enrolled at {args.superlink}\n{text}")
     return 0

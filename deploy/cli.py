@@ -24,6 +24,7 @@ hospital IT:   fedrad scan /data/dicom        (see what would be used; nothing i
                  --certs fedrad-certs/sites/site-a --consortium-key consortium.pub
 operator:      fedrad keys generate --out consortium; fedrad coordinator
                fedrad run --superlink 127.0.0.1:8000 --sign-key consortium.key ; fedrad release RUN_DIR --key K
+               fedrad runs (status, round, loss of each run); fedrad stop RUN
 fine-tuning:   fedrad verify BUNDLE --pubkey P; fedrad finetune BUNDLE --data DIR --labels CSV
 everything at once on this machine:  fedrad demo
 """
@@ -193,6 +194,19 @@ def _add_federation(sub) -> None:
                         "(default: unsigned; only --allow-unsigned sites run it)")
     p.set_defaults(func=_lazy("fedrad.deploy.run_command:cmd_run"))
 
+    p = sub.add_parser("runs", help="list the coordinator's runs: status, round, last loss (flwr ls)")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
+    p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (default: no TLS)")
+    p.add_argument("--runs-dir", default="runs",
+                   help="where `fedrad run` put the run directories (their metrics give round and loss)")
+    p.set_defaults(func=_lazy("fedrad.deploy.runs_command:cmd_runs"))
+
+    p = sub.add_parser("stop", help="stop a run on the coordinator (flwr stop)")
+    p.add_argument("run", metavar="RUN", help="the run id, as `fedrad runs` lists it")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
+    p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (default: no TLS)")
+    p.set_defaults(func=_lazy("fedrad.deploy.runs_command:cmd_stop"))
+
     p = sub.add_parser("demo", help="a real local consortium: 3 synthetic hospitals, SuperLink + 3 SuperNodes")
     p.add_argument("--workdir", default="fedrad-demo", help="folder for the sites, run directory and bundle")
     p.add_argument("--rounds", type=int, default=3, help="federated rounds")
@@ -227,9 +241,12 @@ def _add_release(sub) -> None:
     p.add_argument("run_dir", help="the run directory `fedrad run` wrote")
     p.add_argument("--key", required=True, help="private signing key (from `fedrad keys generate`)")
     p.add_argument("--out", default=None, help="bundle folder (default RUN_DIR/release)")
+    p.add_argument("--finetune-results", default=None, metavar="RESULTS_JSON",
+                   help="results.json of `fedrad finetune`: its AUCs go into the bundle's MODEL_CARD.md "
+                        "(default: the card says no evaluation is attached)")
     p.set_defaults(func=_lazy("fedrad.server.release:cmd_release"))
 
-    p = sub.add_parser("verify", help="check a bundle's signature and weight hash")
+    p = sub.add_parser("verify", help="check a bundle's signature and the hashes of its weights and model card")
     p.add_argument("bundle", help="the bundle folder (from `fedrad release`)")
     p.add_argument("--pubkey", required=True, help="the consortium's public key (consortium.pub)")
     _add_release_policy(p)
@@ -293,6 +310,8 @@ def _add_security(sub) -> None:
     r.add_argument("pubkey", help="the site's node public key file")
     r.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
     r.add_argument("--certs", required=True, help="folder holding the consortium CA")
+    r.add_argument("--site-name", default=None, help="the name the coordinator shows for this site in logs, "
+                   "metrics and plots (default: the key's folder, e.g. site-a for sites/site-a/node.pub)")
     r.set_defaults(func=_lazy("fedrad.deploy.certs:cmd_register"))
 
 

@@ -17,12 +17,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedrad.client.runtime import SiteTrust
+from fedrad.client.runtime import SiteTrust, _copy_plain
 
 DEFAULT_PORT = 8000  # flwr 1.41 SuperLink: Fleet, Control and Runtime APIs share one HTTP port
 
@@ -76,15 +77,20 @@ class ProcessGroup:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self._logs: list = []
+        self._pumps: list[threading.Thread] = []
         atexit.register(self.stop)
 
     def start(self, name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
               cwd: Path | None = None) -> subprocess.Popen:
+        """Start `cmd`; its output goes to `log_path` as plain text (Flower colours whatever it writes to)."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_fh = open(log_path, "ab")
+        log_fh = open(log_path, "a", encoding="utf-8")
         self._logs.append(log_fh)
-        proc = subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT, env=env or flower_env(),
-                                cwd=cwd, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env or flower_env(),
+                                cwd=cwd, start_new_session=True, text=True, encoding="utf-8", errors="replace")
+        pump = threading.Thread(target=_copy_plain, args=(proc.stdout, log_fh), name=f"log-{name}", daemon=True)
+        pump.start()
+        self._pumps.append(pump)
         self.procs.append((name, proc))
         return proc
 
@@ -118,6 +124,9 @@ class ProcessGroup:
         for pid in family:
             _kill_pid(pid, signal.SIGKILL)
         self.procs.clear()
+        for pump in self._pumps:  # the last lines reach the log file before it is closed
+            pump.join(timeout=grace)
+        self._pumps.clear()
         for fh in self._logs:
             fh.close()
         self._logs.clear()
@@ -301,8 +310,18 @@ def with_default_port(address: str, port: int = DEFAULT_PORT) -> str:
 
 
 def _run_foreground(cmd: list[str], env: dict[str, str]) -> int:
-    """Run a long-lived Flower process in the foreground; Ctrl-C/SIGTERM stop it and its children."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    """Run a long-lived Flower process in the foreground; Ctrl-C/SIGTERM stop it and its children.
+
+    Its output keeps Flower's colours on a terminal; redirected (a log file, systemd, a container) it is
+    plain text.
+    """
+    plain = not sys.stdout.isatty()
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE if plain else None,
+                            stderr=subprocess.STDOUT if plain else None, text=plain or None,
+                            encoding="utf-8" if plain else None, errors="replace" if plain else None)
+    pump = threading.Thread(target=_copy_plain, args=(proc.stdout, sys.stdout), daemon=True) if plain else None
+    if pump:
+        pump.start()
 
     def forward(signum, _frame):
         _signal_tree(proc.pid, signal.SIGTERM)
@@ -318,3 +337,5 @@ def _run_foreground(cmd: list[str], env: dict[str, str]) -> int:
             return 130
     finally:
         _signal_tree(proc.pid, signal.SIGKILL)
+        if pump:
+            pump.join(timeout=5)  # its last lines

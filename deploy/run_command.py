@@ -16,6 +16,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from fedrad.client.runtime import _ANSI
 from fedrad.deploy.processes import (
     _signal_tree,
     app_dir,
@@ -143,9 +144,10 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
     try:
         assert proc.stdout is not None
         boxed = FlowerBox()
+        colour_ok = sys.stdout.isatty()  # colours only on a terminal, never in a redirected file
         for line in proc.stdout:
             if log_fh:
-                log_fh.write(line)
+                log_fh.write(_ANSI.sub("", line))  # Flower colours its lines whatever they are written to
                 log_fh.flush()
             if run_id is None and (started := _STARTED.search(line)):
                 run_id = int(started.group(1))
@@ -155,7 +157,7 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
                 if boxed.message:
                     print(f"fedrad run: flwr: {boxed.message}", file=sys.stderr, flush=True)
             elif _worth_showing(line):
-                print(line.rstrip(), flush=True)
+                print((line if colour_ok else _ANSI.sub("", line)).rstrip(), flush=True)
         return proc.wait()
     except KeyboardInterrupt:
         # flwr runs in its own session, so Ctrl-C reached only us: the run goes on at the coordinator

@@ -19,6 +19,7 @@ from typing import Any
 from fedrad.common.atomic import atomic_write_bytes
 from fedrad.common.bundle import (
     BUNDLE_FORMAT,
+    CARD,
     CREATED_FORMAT,
     INTENSITY,
     MANIFEST,
@@ -30,6 +31,7 @@ from fedrad.common.bundle import (
     sha256_bytes,
 )
 from fedrad.common.keys import key_fingerprint
+from fedrad.server.model_card import model_card, read_finetune_results
 from fedrad.server.run_log import read_metrics
 
 RELEASES = "releases.jsonl"
@@ -240,18 +242,22 @@ def _check_loads(data: bytes, meta: dict[str, str], where: Path) -> None:
 
 
 def release_bundle(run_dir: str | os.PathLike[str], key_path: str | os.PathLike[str],
-                   out_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Write weights.safetensors, manifest.json and manifest.sig into `out_dir` (default RUN_DIR/release).
+                   out_dir: str | os.PathLike[str] | None = None,
+                   finetune_results: str | os.PathLike[str] | None = None) -> Path:
+    """Write weights.safetensors, MODEL_CARD.md, manifest.json and manifest.sig into `out_dir` (default
+    RUN_DIR/release); `finetune_results`: a `fedrad finetune` results.json whose AUCs the card shows.
 
     global.safetensors is read once; those bytes are checked to load strictly into a fresh backbone before
-    anything is signed (a consortium never signs a file sites cannot use), hashed, and written. Each file
-    is written atomically, the signature last; the finished bundle is then verified as a site would.
+    anything is signed (a consortium never signs a file sites cannot use), hashed, and written. The card is
+    made from the manifest and hashed into it. Each file is written atomically, the signature last; the
+    finished bundle is then verified as a site would.
     """
     run_dir = Path(run_dir)
     src = run_dir / "global.safetensors"
     if not src.is_file():
         raise FileNotFoundError(f"{src} not found: is {run_dir} a finished fedrad run directory?")
     key = load_private_key(key_path)
+    results = read_finetune_results(Path(finetune_results)) if finetune_results else None
     fingerprint = key_fingerprint(key.public_key())
     data = src.read_bytes()
     parse_weights(data, src)  # a corrupt file is a one-line error before anything is written
@@ -267,6 +273,11 @@ def release_bundle(run_dir: str | os.PathLike[str], key_path: str | os.PathLike[
     _check_loads(data, meta, src)
     sequence = next_sequence(run_dir)
     manifest = build_manifest(run_dir, data, meta, fingerprint, sequence)
+    card = model_card(manifest, _read_json(run_dir / "run.json", required=True),
+                      _read_json(run_dir / "summary.json", required=False), read_metrics(run_dir),
+                      results).encode("utf-8")
+    atomic_write_bytes(out / CARD, card, mode=0o644)
+    manifest["card"] = {"file": CARD, "sha256": sha256_bytes(card), "bytes": len(card)}
     body = manifest_bytes(manifest)
     atomic_write_bytes(out / MANIFEST, body, mode=0o644)
     _record_release(run_dir, {"sequence": sequence, "created": manifest["created"], "bundle": str(out),
@@ -290,11 +301,13 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    out = release_bundle(Path(args.run_dir), Path(args.key), Path(args.out) if args.out else None)
+    out = release_bundle(Path(args.run_dir), Path(args.key), Path(args.out) if args.out else None,
+                         getattr(args, "finetune_results", None))
     m = json.loads((out / MANIFEST).read_text())
     r = m["release"]
     print(f"released {out}: {m['model']} {m['input_size']}px, {m['objective']}, {m['rounds']} rounds, "
-          f"{m['sites']} sites; run {r['run_id']} release #{r['sequence']}; weights sha256 {m['weights']['sha256']}")
+          f"{m['sites']} sites; run {r['run_id']} release #{r['sequence']}; weights sha256 {m['weights']['sha256']}"
+          f"\nmodel card {out / CARD} (signed with the manifest)")
     return 0
 
 

@@ -84,10 +84,6 @@ class PlainRounds:
         if msgs and not answered:
             self._nothing_back(rnd, msgs, replies)
         kept, report = screen_replies(replies, arrays, self.rules, MESSAGE_TRAIN)
-        for node, reason in report.rejected.items():
-            log(WARNING, "fedrad: [round %d] rejected the update of node %s: %s", rnd, node, reason)
-        for node, reason in report.capped.items():
-            log(WARNING, "fedrad: [round %d] capped the weight of node %s: %s", rnd, node, reason)
         agg, metrics = self.train_strategy.aggregate_train(rnd, kept)
         # Per-site records: rejected sites' claims too; an accepted site's count as it was counted.
         reports = {str(n): replace(r, num_examples=report.counted.get(n, r.num_examples))

@@ -39,8 +39,9 @@ from fedrad.server.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from fedrad.server.exchange import RoundTimes, exchange
 from fedrad.server.privacy import check_privacy_config, privacy_summary
 from fedrad.server.round_modes import RoundStop, TrainOutcome, round_mode, screening_rules
-from fedrad.server.run_log import append_metrics, plot_run, read_metrics, truncate_metrics
+from fedrad.server.run_log import append_metrics, plot_run, read_metrics, site_labels, truncate_metrics
 from fedrad.server.screening import screen_replies
+from fedrad.server.site_names import SiteNames
 from fedrad.server.strategies import build_strategy
 
 
@@ -92,6 +93,7 @@ class RunState:
     strategy: Any  # the screened Flower strategy; also runs evaluation in every mode
     run_key: str
     array_order: list[str]
+    names: SiteNames  # enrolled site names for logs, metrics.jsonl and plots
 
 
 def _start(cfg: RunConfig, run_dir: Path, strategy) -> tuple[ArrayRecord, int, list, str]:
@@ -127,7 +129,7 @@ def run_federation(grid: Grid, context: Context) -> None:
     })
     log(INFO, "fedrad: %s with %s, objective %s, model %s, %d rounds -> %s", type(strategy).__name__,
         cfg.strategy, cfg.objective, cfg.model, cfg.num_server_rounds, run_dir)
-    state = RunState(grid, cfg, run_dir, strategy, run_key, list(arrays.keys()))
+    state = RunState(grid, cfg, run_dir, strategy, run_key, list(arrays.keys()), SiteNames(grid))
     mode = round_mode(grid, context, cfg, strategy, run_key, run_dir, restored)
     try:
         rounds_done, stopped, arrays = _round_loop(state, mode, arrays, start_round)
@@ -147,6 +149,7 @@ def _finish(state: RunState, context: Context, arrays: ArrayRecord, rounds_done:
         "finished": time.time(), "global_weights": weights.name, "config": dict(context.run_config),
         "aggregation": cfg.aggregation,
         "privacy": privacy_summary(cfg, ledger, rounds_done, sites_seen, site_eps),
+        "site_names": {n: name for r in rows for n, name in (r.get("site_names") or {}).items()},
     })
     log(INFO, "fedrad: run finished (%s); global backbone %s, metrics %s", stopped, weights,
         run_dir / "metrics.jsonl")
@@ -164,12 +167,14 @@ def _round_loop(state: RunState, mode, arrays: ArrayRecord, start_round: int) ->
             if why:
                 raise RoundStop(why)
             log(INFO, "fedrad: [round %d/%d] sending the global model to the sites", rnd, cfg.num_server_rounds)
+            state.names.refresh()
             outcome = mode.train(rnd, arrays, times)
         except RoundStop as stop:
             log(WARNING, "fedrad: %s", stop)
             return rnd - 1, str(stop), arrays
         times.train = time.perf_counter() - t0
         times.site_compute_max = max((r.seconds or 0.0 for r in outcome.reports.values()), default=0.0)
+        _log_screening(state, rnd, outcome)
         if outcome.arrays is not None:
             arrays = outcome.arrays
         entry = _round_entry(state, rnd, outcome, mode.privacy_entry(rnd, outcome), arrays, times)
@@ -187,7 +192,29 @@ def _round_loop(state: RunState, mode, arrays: ArrayRecord, start_round: int) ->
             "overhead %.1fs)", rnd, cfg.num_server_rounds, entry["sites_aggregated"], outcome.sent,
             _fmt(entry.get("train_loss")), _fmt(entry.get("eval_loss")), entry["round_seconds"],
             entry["time_overhead"])
+        if entry["sites"]:
+            log(INFO, "fedrad: [round %d/%d] per site: %s", rnd, cfg.num_server_rounds, _per_site(state, entry))
     return cfg.num_server_rounds, "completed", arrays
+
+
+def _log_screening(state: RunState, rnd: int, outcome: TrainOutcome) -> None:
+    """One line per site whose update was rejected or whose weight was capped, by its enrolled name."""
+    for node, reason in outcome.rejected.items():
+        log(WARNING, "fedrad: [round %d] rejected the update of %s: %s", rnd, state.names.label(node), reason)
+    for node, reason in outcome.capped.items():
+        log(WARNING, "fedrad: [round %d] capped the weight of %s: %s", rnd, state.names.label(node), reason)
+
+
+def _per_site(state: RunState, entry: dict) -> str:
+    """Each site's train loss and image count, by the names the plots use (enrolled name, else "site N")."""
+    labels = site_labels(read_metrics(state.run_dir))
+    parts = []
+    for node, record in entry["sites"].items():
+        loss = record.get("train_loss")
+        images = record.get("num_examples")
+        parts.append(f"{labels.get(node, state.names.label(node))} loss {_fmt(loss)}"
+                     + (f" ({int(images)} images)" if images is not None else ""))
+    return ", ".join(parts)
 
 
 def _time_fields(times: RoundTimes, round_seconds: float) -> dict[str, float]:
@@ -234,6 +261,9 @@ def _round_entry(state: RunState, rnd: int, outcome: TrainOutcome, privacy: dict
         "aggregated": outcome.arrays is not None,
         "sites": sites,
     }
+    names = state.names.of(sites)
+    if names:
+        entry["site_names"] = names  # node id -> enrolled name; `sites` stays keyed by node id
     if outcome.refusal:
         entry["aggregate_refused"] = outcome.refusal
     entry.update(outcome.metrics)

@@ -44,15 +44,24 @@ def truncate_metrics(run_dir: Path, last_round: int) -> None:
 
 
 def site_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
-    """Flower node id -> "site N", numbered in order of first appearance (round by round).
+    """Flower node id -> the site's enrolled name (a round's `site_names`, see fedrad.server.site_names), else
+    "site N", numbered in order of first appearance (round by round).
 
-    Only numbers cross the wire (common/protocol.py), so a site cannot send its name; 19-digit node ids
-    read as noise on a plot, and metrics.jsonl keeps them for whoever needs to match a site.
+    Only numbers cross the wire (common/protocol.py), so a site never sends its name: names come from the
+    operator's enrolment. 19-digit node ids read as noise on a plot; metrics.jsonl keeps them to match a site.
     """
+    names: dict[str, str] = {}
+    for row in rows:
+        names.update({str(k): str(v) for k, v in (row.get("site_names") or {}).items()})
     labels: dict[str, str] = {}
+    unnamed = 0
     for row in sorted(rows, key=lambda r: int(r.get("round", 0))):
         for node in (row.get("sites") or {}):
-            labels.setdefault(str(node), f"site {len(labels) + 1}")
+            node = str(node)
+            if node not in labels:
+                if node not in names:
+                    unnamed += 1
+                labels[node] = names.get(node) or f"site {unnamed}"
     return labels
 
 
@@ -97,7 +106,7 @@ def run_figure(rows: list[dict[str, Any]]):
         for node, m in (r.get("sites") or {}).items():
             if m.get(TRAIN_LOSS) is not None:
                 sites.setdefault(str(node), []).append((r["round"], m[TRAIN_LOSS]))
-    for node in sorted(sites, key=lambda n: int(labels[n].split()[-1])):
+    for node in sorted(sites, key=lambda n: list(labels).index(n)):
         pts = sites[node]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=labels[node])
     ax.set(title="train loss per site", xlabel="round", ylabel="loss")

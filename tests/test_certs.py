@@ -54,7 +54,7 @@ def _exited(proc, timeout: float) -> bool:
 @pytest.mark.slow
 def test_enrolled_node_runs_unenrolled_and_untrusting_nodes_refused(tmp_path):
     from fedrad.deploy.synthetic import write_synthetic_sites
-    from fedrad.server.run_log import read_metrics
+    from fedrad.server.run_log import read_metrics, site_labels
 
     sites = write_synthetic_sites(tmp_path / "sites", n_sites=1, patients_per_site=6, images_per_patient=(1, 3),
                                   size=64, seed=1)
@@ -82,6 +82,13 @@ def test_enrolled_node_runs_unenrolled_and_untrusting_nodes_refused(tmp_path):
         assert good.poll() is None
         (row,) = read_metrics(run_dir)
         assert row["sites_answered"] == 1  # only the enrolled, trusting node took part
+        # The coordinator names the site by its enrolment (`--name good`), in metrics.jsonl and the plot.
+        assert list(row["site_names"].values()) == ["good"] and list(site_labels([row]).values()) == ["good"]
+        # The coordinator's log files are plain text (no colour codes), the run's own lines included.
+        for name in ("flwr-run.log", "superlink.log"):
+            text = (tmp_path / "logs" / name).read_text()
+            assert "\x1b[" not in text and "INFO" in text, name
+        assert "per site: good loss" in (tmp_path / "logs" / "flwr-run.log").read_text()
         # The node that does not trust the consortium CA never got a message (and Flower gives up on it).
         log = (tmp_path / "logs" / "node-untrusting.log").read_text()
         assert "Receiving:" not in log, log[-2000:]

@@ -65,6 +65,70 @@ def test_verify_ok_and_manifest_contents(signed, capsys):
     assert "signature: valid" in out and "matches the manifest" in out
 
 
+def test_model_card_is_signed_and_says_what_the_run_was(signed, capsys):
+    """MODEL_CARD.md sits at the bundle root, the signed manifest lists its hash, `verify` says it checked it."""
+    import hashlib
+
+    bundle, _key, pub = signed
+    card = (bundle / "MODEL_CARD.md").read_bytes()
+    m = verify_bundle(bundle, pub)
+    assert m["card"] == {"file": "MODEL_CARD.md", "sha256": hashlib.sha256(card).hexdigest(), "bytes": len(card)}
+    text = card.decode()
+    assert text.startswith(f"# Model card: {MODEL}") and "release #1" in text
+    assert "Objective: simclr (self-supervised: positives are two augmentations" in text
+    assert "Rounds: 2 of 2 planned" in text
+    # Sites by label (node ids never), the image count each reported, and the total.
+    assert "| site 1 | 20 | 2 |" in text and "3 sites, 60 images in all" in text
+    assert "Modalities and views: not recorded" in text
+    assert "Differential privacy: none" in text and "Secure aggregation (SecAgg+): off" in text
+    assert "## Intended use" in text and "## Limits" in text and "not a medical device" in text
+    assert "No fine-tuning results were attached" in text
+    assert main(["verify", str(bundle), "--pubkey", str(pub)]) == 0
+    assert "card:      MODEL_CARD.md sha256 " + m["card"]["sha256"] + " matches the manifest" in capsys.readouterr().out
+
+
+def test_tampered_model_card_is_refused(bundle_copy, capsys):
+    bundle, pub = bundle_copy
+    card = bundle / "MODEL_CARD.md"
+    card.write_text(card.read_text().replace("not a medical device", "a cleared medical device"))
+    msg, err = _fails(bundle, pub, capsys)
+    assert msg.startswith("model card mismatch") and "modified after signing" in err
+    with pytest.raises(BundleVerificationError, match="model card mismatch"):
+        load_verified_backbone(bundle, pub)  # a site loading the weights refuses it too
+    card.unlink()
+    msg, err = _fails(bundle, pub, capsys)
+    assert msg.startswith("missing file") and "MODEL_CARD.md" in err
+
+
+def test_model_card_shows_finetune_aucs_and_refuses_a_bad_results_file(tmp_path, capsys):
+    from fedrad.server.release import release_bundle
+
+    run = make_run_dir(tmp_path)
+    key, pub = generate_keys(tmp_path / "k")
+    results = tmp_path / "results.json"
+    rows = [{"backbone": "fedrad", "mode": "linear", "fraction": 0.1, "train_patients": 4, "auc": 0.8125,
+             "ci_low": 0.7, "ci_high": 0.9}, {"backbone": "random-init", "mode": "linear", "fraction": 0.1,
+                                              "train_patients": 4, "auc": 0.6, "ci_low": 0.45, "ci_high": 0.75}]
+    results.write_text(json.dumps({"meta": {"targets": ["pneumonia"], "mode": "linear", "data": "/secret/path"},
+                                   "rows": rows}))
+    bundle = release_bundle(run, key, tmp_path / "b", finetune_results=results)
+    verify_bundle(bundle, pub)
+    text = (bundle / "MODEL_CARD.md").read_text()
+    assert "| fedrad | linear | 10% | 0.812 | [0.700, 0.900] |" in text
+    assert "| random-init | linear | 10% | 0.600 | [0.450, 0.750] |" in text
+    assert "targets: pneumonia" in text and "/secret/path" not in text
+    bad = tmp_path / "bad.json"
+    for content, problem in [("{", "not valid JSON"), ('{"rows": []}', "no 'rows' list"),
+                             ('{"rows": [{"backbone": "x"}]}', "rows[0] lacks"),
+                             (json.dumps({"rows": [{**rows[0], "auc": "high"}]}), "rows[0].auc is not a finite")]:
+        bad.write_text(content)
+        code = main(["release", str(run), "--key", str(key), "--out", str(tmp_path / "b2"),
+                     "--finetune-results", str(bad)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and problem in err[0] and str(bad) in err[0], err
+    assert not (tmp_path / "b2").exists()  # refused before anything was written
+
+
 def test_timm_loads_weights_directly(signed):
     import timm
     import torch
@@ -187,7 +251,7 @@ def test_each_bundle_file_is_read_once(bundle_copy, monkeypatch):
     monkeypatch.setattr(builtins, "open", counting_open)
     load_verified_backbone(bundle, pub)
     assert sorted(opened) == sorted(str(bundle / n) for n in ("manifest.json", "manifest.sig",
-                                                              "weights.safetensors"))
+                                                              "weights.safetensors", "MODEL_CARD.md"))
 
 
 @pytest.mark.parametrize("claimed", [2**70, 10**15, 0])
@@ -365,3 +429,22 @@ def test_bundle_fuzz_bounded_run_finds_no_crash(tmp_path):
                           timeout=120, cwd=tmp_path, env={**os.environ, "FUZZ_BUNDLE_DIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Done" in proc.stderr and not list(tmp_path.glob("crash-*"))
+
+
+def test_model_card_names_enrolled_sites_and_their_epsilon(tmp_path):
+    """Sites appear by the names the coordinator recorded (metrics.jsonl `site_names`); under dp=sample each
+    site's image-level ε (its last report) is in the sites table; no node id reaches the card."""
+    from fedrad.server.release import release_bundle
+
+    run = make_run_dir(tmp_path, dp="sample")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["site_names"] = {"0": "st-marys", "2": "charite"}
+        for node, record in row["sites"].items():
+            record["dp_epsilon"] = 0.25 * row["round"] + int(node)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    key, pub = generate_keys(tmp_path / "k")
+    text = (release_bundle(run, key, tmp_path / "b") / "MODEL_CARD.md").read_text()
+    assert "| st-marys | 20 | 2 | 3.0000 | 0.5000 |" in text
+    assert "| site 1 | 20 | 2 | 3.0000 | 1.5000 |" in text and "| charite | 20 | 2 | 3.0000 | 2.5000 |" in text
+    assert "Differential privacy: sample" in text

@@ -43,3 +43,16 @@ def test_plot_uses_site_names_and_integer_rounds(tmp_path):
     assert set(read_metrics(tmp_path)[-1]["sites"]) == set(NODES)
     assert NODES[0] in (tmp_path / "metrics.jsonl").read_text() and json.loads(
         (tmp_path / "metrics.jsonl").read_text().splitlines()[0])["round"] == 1
+
+
+def test_enrolled_site_names_label_the_plot_and_unnamed_sites_stay_numbered():
+    """A round's `site_names` (names given at enrolment) win; a node without one is "site N"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rows = _rows()
+    for row in rows[1:]:
+        row["site_names"] = {NODES[0]: "st-marys", NODES[2]: "charite"}
+    assert site_labels(rows) == {NODES[0]: "st-marys", NODES[1]: "site 1", NODES[2]: "charite"}
+    legend = [t.get_text() for t in run_figure(rows).axes[1].get_legend().get_texts()]
+    assert legend == ["st-marys", "site 1", "charite"]
