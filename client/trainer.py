@@ -45,6 +45,7 @@ class TrainConfig:
     image_size: int | None = None  # None: the data's size; else views are resized on the device
     channels_last: bool | None = None  # None: on for CUDA only (slower for small convs on CPU)
     holdout: bool = True  # keep ~10% of patients out of training for evaluate_local
+    augment: Any = None  # a fedrad.common.augment.AugmentConfig; None: its defaults with `hflip`
 
     def fields_list(self) -> list[str]:
         if isinstance(self.label_fields, str):
@@ -222,7 +223,7 @@ def _setup(model: nn.Module, data: SiteData, cfg: TrainConfig) -> _Setup:
     if cl:
         model.to(memory_format=torch.channels_last)
     size = cfg.image_size if cfg.image_size and cfg.image_size != data.image_size else None
-    aug = AugmentConfig(hflip=cfg.hflip)
+    aug = cfg.augment if cfg.augment is not None else AugmentConfig(hflip=cfg.hflip)
     return _Setup(device, objective, aug, _amp_dtype(cfg, device), cl, size, labels)
 
 

@@ -125,6 +125,14 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--cache", default=None, help="decoded-image cache folder (default <data>/.fedrad-cache)")
     p.add_argument("--out", default="pretrained.safetensors",
                    help="weights file to write (checked before training: not a folder, writable)")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT_OR_BUNDLE",
+                   help="start from a local timm checkpoint (.safetensors/.pth, e.g. ImageNet weights; RGB first conv "
+                   "summed to 1 channel) or an earlier release bundle folder (verified with --init-pubkey); never "
+                   "downloads (default: random init)")
+    p.add_argument("--init-pubkey", default=None, help="consortium public key verifying an --init bundle (no default)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"],
+                   help="timm optimizer (lars for large batches)")
+    p.add_argument("--temperature", type=float, default=0.1, help="contrastive temperature")
     p.set_defaults(func=_lazy("fedrad.client.pretrain:cmd_pretrain"))
 
 
