@@ -172,7 +172,9 @@ class RunConfig:
         """The AugmentConfig these keys describe (imports torch: call it where training happens)."""
         from fedrad.common.augment import AugmentConfig
 
-        return AugmentConfig(crop_scale=(self.aug_crop_min, self.aug_crop_max), rotate_deg=self.aug_rotate,
+        no_crop = self.aug_crop_min >= 1.0  # the whole image: no aspect jitter either
+        return AugmentConfig(crop_scale=(self.aug_crop_min, self.aug_crop_max),
+                             crop_ratio=(1.0, 1.0) if no_crop else AugmentConfig.crop_ratio, rotate_deg=self.aug_rotate,
                              hflip=self.hflip, brightness=self.aug_brightness, contrast=self.aug_contrast,
                              gamma=(1 / self.aug_gamma, self.aug_gamma), blur_p=self.aug_blur_p,
                              noise_p=self.aug_noise_p, noise_std=(0.0, self.aug_noise_std))
