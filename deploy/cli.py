@@ -252,6 +252,10 @@ def _add_release(sub) -> None:
         help="CSV of labels (file or SOPInstanceUID -> label columns; default: the labels inside --data)")
     p.add_argument("--target", default=None,
         help="label column(s), comma separated (multi-label if several; default: every label column)")
+    p.add_argument("--test-data", default=None, metavar="OTHER",
+                   help="test on this other labelled set (folder or .npz) instead of a held-out part of --data: "
+                   "the probe trains on --data, out-of-distribution as in REMEDIS (default: a patient split of --data)")
+    p.add_argument("--test-labels", default=None, help="labels CSV for --test-data (default: the labels inside it)")
     p.add_argument("--mode", default="linear", choices=["linear", "mlp", "full"],
                    help="linear probe, MLP head, or full fine-tuning")
     p.add_argument("--fractions", default="0.1,1.0", help="label fractions to train on, comma separated")
