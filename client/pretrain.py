@@ -104,6 +104,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         "steps": result.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "optimizer": cfg.optimizer,
+        "temperature": cfg.temperature,
         "seed": args.seed,
         "label_fields": args.label_fields if args.objective == "supcon" else "",
         "images": len(data),
