@@ -54,6 +54,7 @@ def create_backbone(name: str, in_chans: int = 1, image_size: int | None = None,
 
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+MAX_CHECKPOINT_BYTES = 4 << 30  # read whole into memory by timm: a bound, as for a bundle's weights
 
 
 def load_timm_checkpoint(name: str, path: str | os.PathLike, image_size: int | None = None,
@@ -70,6 +71,7 @@ def load_timm_checkpoint(name: str, path: str | os.PathLike, image_size: int | N
     BatchNorm layers become GroupNorm after loading (their affine parameters start fresh).
     """
     import timm
+    from safetensors import SafetensorError
     from timm.models import load_state_dict
 
     from fedrad.common.norms import NORMS, to_group_norm
@@ -81,9 +83,11 @@ def load_timm_checkpoint(name: str, path: str | os.PathLike, image_size: int | N
         raise FileNotFoundError(f"init checkpoint {path}: no such file")
     if not path.endswith(CHECKPOINT_SUFFIXES):
         raise ValueError(f"init checkpoint {path}: expected one of {', '.join(CHECKPOINT_SUFFIXES)}")
+    if os.path.getsize(path) > MAX_CHECKPOINT_BYTES:
+        raise ValueError(f"init checkpoint {path}: larger than {MAX_CHECKPOINT_BYTES >> 30} GiB")
     try:
         state = load_state_dict(path, weights_only=True)
-    except Exception as exc:  # noqa: BLE001  any unreadable file is bad input, said in one line
+    except (OSError, RuntimeError, ValueError, TypeError, KeyError, EOFError, SafetensorError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ValueError(f"init checkpoint {path}: not a readable state_dict ({first})") from None
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):

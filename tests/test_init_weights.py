@@ -70,6 +70,14 @@ def test_checkpoint_of_another_architecture_is_refused_by_name(tmp_path) -> None
     junk.write_bytes(b"not a pickle at all")
     with pytest.raises(ValueError, match=r"junk\.pth: not a readable state_dict"):
         load_timm_checkpoint(MODEL, junk)
+    code = tmp_path / "code.pth"  # a pickle that would build an arbitrary object: torch.load(weights_only) refuses
+    torch.save({"conv1.0.weight": _Arbitrary()}, code)
+    with pytest.raises(ValueError, match=r"code\.pth: not a readable state_dict"):
+        load_timm_checkpoint(MODEL, code)
+
+
+class _Arbitrary:
+    """Stands for any class a malicious .pth could ask the unpickler to build."""
 
 
 def test_init_kind_names_the_bad_path(tmp_path) -> None:
