@@ -6,6 +6,7 @@ Same model, loop and file format as a federated run, so the two are directly com
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -32,6 +33,23 @@ def check_out_file(out: str | os.PathLike[str]) -> Path:
     return path
 
 
+def _apply_init(model, args: argparse.Namespace):
+    """`--init`: the backbone from a local timm checkpoint or a verified release (InitRecord); None without
+    --init, or when the bundle is refused (said on stderr; the caller exits 1, as `fedrad verify` does)."""
+    if not getattr(args, "init", None):
+        return None
+    from fedrad.common.bundle import BundleVerificationError
+    from fedrad.common.init_weights import apply_init
+
+    try:
+        record = apply_init(model, args.init, args.init_pubkey, args.model, args.image_size)
+    except BundleVerificationError as exc:
+        print(f"fedrad pretrain: --init bundle verification FAILED: {exc}", file=sys.stderr)
+        return None
+    print(f"  init: {record.kind} {record.path} (sha256 {record.sha256[:16]}...)", file=sys.stderr)
+    return record
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Load the site, train `args.steps` steps, evaluate on the held-out patients, write the backbone."""
     import torch
@@ -43,6 +61,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.batch_size < 2 or args.image_size < 16:
         raise ValueError("need --steps >= 1, --batch-size >= 2 and --image-size >= 16")
     check_out_file(args.out)
+    init = getattr(args, "init", None)
+    if init:
+        from fedrad.common.init_weights import init_kind
+
+        init_kind(init, getattr(args, "init_pubkey", None))  # a bad path: one line before the data is loaded
     device = resolve_device(args.device)
     print(f"fedrad pretrain: loading {args.data} at {args.image_size} px", file=sys.stderr)
     data = load_site(args.data, args.image_size, cache_dir=args.cache, progress=True)
@@ -53,7 +76,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     model = build_model(args.model, args.objective, args.image_size)
+    init_record = _apply_init(model, args)
+    if init_record is None and init:
+        return 1  # the bundle was refused (already said why)
     cfg = TrainConfig(objective=args.objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      optimizer=getattr(args, "optimizer", "adamw"), temperature=getattr(args, "temperature", 0.1),
                       label_fields=args.label_fields, device=str(device), seed=args.seed,
                       image_size=args.image_size)
     n_params = sum(p.numel() for p in model.backbone.parameters()) / 1e6
@@ -77,6 +104,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         "steps": result.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "optimizer": cfg.optimizer,
+        "temperature": cfg.temperature,
         "seed": args.seed,
         "label_fields": args.label_fields if args.objective == "supcon" else "",
         "images": len(data),
@@ -85,6 +114,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": "fedrad pretrain (centralised)",
     }
+    if init_record is not None:
+        meta["init"] = json.dumps(init_record.to_json(), sort_keys=True)
     save_backbone(model.backbone, args.out, meta)
     print(f"wrote {args.out} ({time.perf_counter() - t0:.1f}s)")
     return 0

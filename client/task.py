@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from fedrad.common.protocol import ARRAYS, CONFIG, METRICS, RUN_KEY, SERVER_ROUND, SiteReport
+from fedrad.common.protocol import ARRAYS, CONFIG, METRICS, ROUND_LR, RUN_KEY, SERVER_ROUND, ProtocolError, SiteReport
 from fedrad.common.run_config import RunConfig
 
 log = logging.getLogger("fedrad.client")
@@ -75,14 +75,29 @@ def _sample_dp_for(msg: Message, context: Context, cfg: RunConfig, n_train: int,
     return dp, run_key, state, None
 
 
-def train_config_for(cfg: RunConfig, device: str, server_round: int, node_seed: int):
+def round_lr_for(msg: Message, cfg: RunConfig, server_round: int) -> float:
+    """This round's learning rate: the signed run config's schedule (fedrad.common.lr_schedule). The coordinator
+    sends it in plain mode; a sent value that is not the schedule's is refused (ProtocolError), since only the
+    signed config says what a site agreed to train with. SecAgg+'s messages carry none: computed here."""
+    expected = cfg.round_lr(server_round)
+    config = msg.content[CONFIG] if CONFIG in msg.content else {}
+    if ROUND_LR not in config:
+        return expected
+    sent = config[ROUND_LR]
+    if isinstance(sent, bool) or not isinstance(sent, int | float) or abs(float(sent) - expected) > 1e-9 * max(
+            abs(expected), 1e-12):
+        raise ProtocolError(f"message config '{ROUND_LR}' = {sent!r} is not the signed schedule's {expected:g}")
+    return float(sent)
+
+
+def train_config_for(cfg: RunConfig, device: str, server_round: int, node_seed: int, lr: float | None = None):
     from fedrad.client.trainer import TrainConfig
 
     return TrainConfig(
         objective=cfg.objective,
         steps=cfg.local_steps,
         batch_size=cfg.batch_size,
-        lr=cfg.lr,
+        lr=cfg.lr if lr is None else lr,
         optimizer=cfg.optimizer,
         weight_decay=cfg.weight_decay,
         temperature=cfg.temperature,
@@ -91,6 +106,7 @@ def train_config_for(cfg: RunConfig, device: str, server_round: int, node_seed: 
         seed=cfg.seed * 1_000_003 + server_round * 7919 + node_seed,
         hflip=cfg.hflip,
         image_size=cfg.image_size,
+        augment=cfg.augment_config(),
     )
 
 
@@ -147,7 +163,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         proximal = (cfg.proximal_mu, start_state)
     else:
         proximal = None
-    tcfg = train_config_for(cfg, device, server_round, context.node_id % 100_000)
+    tcfg = train_config_for(cfg, device, server_round, context.node_id % 100_000, round_lr_for(msg, cfg, server_round))
     dp = None
     if cfg.dp == "sample":
         from fedrad.client.policy_mod import refuse

@@ -45,6 +45,7 @@ class TrainConfig:
     image_size: int | None = None  # None: the data's size; else views are resized on the device
     channels_last: bool | None = None  # None: on for CUDA only (slower for small convs on CPU)
     holdout: bool = True  # keep ~10% of patients out of training for evaluate_local
+    augment: Any = None  # a fedrad.common.augment.AugmentConfig; None: its defaults with `hflip`
 
     def fields_list(self) -> list[str]:
         if isinstance(self.label_fields, str):
@@ -201,6 +202,7 @@ class _Setup:
     channels_last: bool
     size: int | None
     labels: Any  # np.ndarray of label ids / group ids, or None
+    groups: Any = None  # np.ndarray of patient group ids beside the label ids (positives "patient+labels")
 
 
 def _setup(model: nn.Module, data: SiteData, cfg: TrainConfig) -> _Setup:
@@ -212,18 +214,20 @@ def _setup(model: nn.Module, data: SiteData, cfg: TrainConfig) -> _Setup:
 
     device = resolve_device(cfg.device)
     objective = get_objective(cfg.objective, temperature=cfg.temperature)
-    labels = None
-    if objective.positives == "labels":
+    labels = groups = None
+    if objective.needs_labels:
         labels = np.asarray(data.label_ids(cfg.fields_list()), dtype=np.int64)
-    elif objective.positives == "patient":
+    if objective.positives == "patient":
         labels = np.asarray(data.group_ids(), dtype=np.int64)
+    elif objective.positives == "patient+labels":
+        groups = np.asarray(data.group_ids(), dtype=np.int64)
     cl = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     model.to(device)
     if cl:
         model.to(memory_format=torch.channels_last)
     size = cfg.image_size if cfg.image_size and cfg.image_size != data.image_size else None
-    aug = AugmentConfig(hflip=cfg.hflip)
-    return _Setup(device, objective, aug, _amp_dtype(cfg, device), cl, size, labels)
+    aug = cfg.augment if cfg.augment is not None else AugmentConfig(hflip=cfg.hflip)
+    return _Setup(device, objective, aug, _amp_dtype(cfg, device), cl, size, labels, groups)
 
 
 def _views(st: _Setup, data: SiteData, sampler: _PairSampler, gen_aug, n_views: int) -> tuple[Batch, int]:
@@ -247,10 +251,12 @@ def _views_of(st: _Setup, data: SiteData, anchors: np.ndarray, partners: np.ndar
     views = tuple(augment(src, st.aug, gen_aug) for src in sources)
     if st.channels_last:
         views = tuple(v.contiguous(memory_format=torch.channels_last) for v in views)
-    labels = None
+    labels = groups = None
     if st.labels is not None:
         labels = torch.from_numpy(st.labels[anchors]).to(st.device, non_blocking=True)
-    return Batch(views, labels), len(anchors)
+    if st.groups is not None:
+        groups = torch.from_numpy(st.groups[anchors]).to(st.device, non_blocking=True)
+    return Batch(views, labels, groups), len(anchors)
 
 
 def _generators(seed: int, device: torch.device):
@@ -292,7 +298,7 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
     st = _setup(model, data, cfg)
     train_idx, _ = split_indices(data, cfg.holdout)
     g_idx, g_aug = _generators(cfg.seed, st.device)
-    sampler = _PairSampler(data, train_idx, cfg.batch_size, g_idx, st.objective.positives == "patient")
+    sampler = _PairSampler(data, train_idx, cfg.batch_size, g_idx, st.objective.pairing == "patient")
     opt = make_optimizer(model, cfg)
     n_views = st.objective.n_views
     dp_run = None
@@ -405,7 +411,7 @@ def evaluate_local(model: nn.Module, data: SiteData, cfg: TrainConfig) -> dict[s
     _, eval_idx = split_indices(data, cfg.holdout)
     eval_idx = eval_idx[:MAX_EVAL_IMAGES]
     g_idx, g_aug = _generators(EVAL_SEED, st.device)
-    sampler = _PairSampler(data, eval_idx, cfg.batch_size, g_idx, st.objective.positives == "patient")
+    sampler = _PairSampler(data, eval_idx, cfg.batch_size, g_idx, st.objective.pairing == "patient")
     sampler.perm = torch.arange(len(eval_idx)).numpy()  # in order, one pass
     n_batches = max(1, len(eval_idx) // sampler.batch_size)
     n_views = st.objective.n_views

@@ -53,6 +53,63 @@ def create_backbone(name: str, in_chans: int = 1, image_size: int | None = None,
     return to_group_norm(backbone) if norm == "group" else backbone
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+MAX_CHECKPOINT_BYTES = 4 << 30  # read whole into memory by timm: a bound, as for a bundle's weights
+
+
+def load_timm_checkpoint(name: str, path: str | os.PathLike, image_size: int | None = None,
+                         norm: str = "batch") -> nn.Module:
+    """A grayscale `name` backbone initialised from a local timm checkpoint (e.g. ImageNet weights fetched once).
+
+    timm does the work, as it does for its own pretrained weights: `timm.models.load_state_dict` reads the file
+    (safetensors, or a .pth/.pt/.bin state_dict through torch.load(weights_only=True); training checkpoints'
+    `state_dict`/`model`/EMA entries and DDP prefixes unwrapped), then `create_model(pretrained=True,
+    in_chans=1, num_classes=0)` with the state_dict as the pretrained source sums the RGB first convolution
+    into one channel, drops the classifier and (ViTs) resamples position embeddings. Every other source in
+    the pretrained config is blanked, so nothing is ever downloaded. A file that leaves backbone tensors
+    unset (another architecture) is a ValueError naming the file, not a partial load. `norm="group"`: the
+    BatchNorm layers become GroupNorm after loading (their affine parameters start fresh).
+    """
+    import timm
+    from safetensors import SafetensorError
+    from timm.models import load_state_dict
+
+    from fedrad.common.norms import NORMS, to_group_norm
+
+    path = os.fspath(path)
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm '{norm}' (choose from {', '.join(NORMS)})")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"init checkpoint {path}: no such file")
+    if not path.endswith(CHECKPOINT_SUFFIXES):
+        raise ValueError(f"init checkpoint {path}: expected one of {', '.join(CHECKPOINT_SUFFIXES)}")
+    if os.path.getsize(path) > MAX_CHECKPOINT_BYTES:
+        raise ValueError(f"init checkpoint {path}: larger than {MAX_CHECKPOINT_BYTES >> 30} GiB")
+    try:
+        state = load_state_dict(path, weights_only=True)
+    except (OSError, RuntimeError, ValueError, TypeError, KeyError, EOFError, SafetensorError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"init checkpoint {path}: not a readable state_dict ({first})") from None
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise ValueError(f"init checkpoint {path}: does not hold a state_dict of tensors")
+    no_download = {"state_dict": dict(state), "file": None, "url": "", "hf_hub_id": None, "source": None}
+    kwargs: dict = {"in_chans": 1, "num_classes": 0, "pretrained": True, "pretrained_cfg_overlay": no_download}
+    if image_size is not None and _takes_img_size(name):
+        kwargs["img_size"] = image_size
+    try:
+        backbone = timm.create_model(name, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ValueError(f"unknown model '{name}' (try one of {', '.join(KNOWN_MODELS)})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"init checkpoint {path}: does not load into {name} ({first})") from None
+    missing = [k for k in backbone.state_dict() if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"init checkpoint {path}: not a {name} checkpoint ({len(missing)} of "
+                         f"{len(backbone.state_dict())} backbone tensors missing, e.g. '{missing[0]}')")
+    return to_group_norm(backbone) if norm == "group" else backbone
+
+
 class ContrastiveModel(nn.Module):
     """Backbone + the objective's heads (a projector; a predictor for simsiam/byol). Only the backbone is
     released. `forward(x)` returns the projection z; heads are attributes named as the objective declares
@@ -143,8 +200,10 @@ __all__ = [
     "TINY_MODEL",
     "ContrastiveModel",
     "build_model",
+    "CHECKPOINT_SUFFIXES",
     "create_backbone",
     "load_backbone",
+    "load_timm_checkpoint",
     "read_metadata",
     "save_backbone",
     "trainable_state",

@@ -79,10 +79,13 @@ class ConfigKey:
 SERVER_ROUND = "server-round"
 RUN_KEY = "run-key"
 SECAGG_MAX_WEIGHT = "secagg-max-weight"
+ROUND_LR = "round-lr"
 MESSAGE_CONFIG: dict[str, ConfigKey] = {k.name: k for k in (
     ConfigKey(SERVER_ROUND, int, ">= 0", "coordinator (Flower strategies inject it into train and evaluate)"),
     ConfigKey(RUN_KEY, str, "hex string, <= 64 characters; names the run across resumes",
               "coordinator, train messages (plain mode)"),
+    ConfigKey(ROUND_LR, float, "the signed run config's schedule at this round; a site refuses any other value",
+              "coordinator, train messages (plain mode; under SecAgg+ the site computes it from the run config)"),
     ConfigKey(SECAGG_MAX_WEIGHT, float, "> 0; the most weight a site may give its masked update",
               "coordinator, SecAgg+ FitIns config"),
 )}

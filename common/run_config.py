@@ -50,6 +50,27 @@ class RunConfig:
     label_fields: str = "view,body_part,sex,age"
     hflip: bool = False
     seed: int = 0
+    # The first global model (fedrad.common.init_weights): a local timm checkpoint file (e.g. ImageNet weights)
+    # or an earlier release bundle folder, on the coordinator; init-pubkey verifies a bundle. Empty: random.
+    init: str = ""
+    init_pubkey: str = ""
+    # The round's learning rate (fedrad.common.lr_schedule, timm's CosineLRScheduler over rounds): "constant"
+    # or "cosine" from `lr` down to `lr-min`, after `warmup-rounds` of linear warm-up from lr-min.
+    lr_schedule: str = "constant"
+    warmup_rounds: int = 0
+    lr_min: float = 0.0
+    # Augmentations of the contrastive views (fedrad.common.augment, README "Recipe switches"): crop area range,
+    # rotation (degrees), brightness shift, contrast factor, gamma in [1/g, g], blur and noise probabilities, the
+    # largest noise std. 0 (1 for crop-min/gamma) switches a piece off. hflip stays off: laterality matters.
+    aug_crop_min: float = 0.4
+    aug_crop_max: float = 1.0
+    aug_rotate: float = 10.0
+    aug_brightness: float = 0.1
+    aug_contrast: float = 0.2
+    aug_gamma: float = 1.25
+    aug_blur_p: float = 0.5
+    aug_noise_p: float = 0.5
+    aug_noise_std: float = 0.03
     # Strategy knobs (used by the strategies that take them).
     server_lr: float = 1.0
     server_momentum: float = 0.9
@@ -121,6 +142,49 @@ class RunConfig:
             raise ValueError("run-config 'norm-outlier-factor' and 'max-example-factor' must be >= 0 (0 disables)")
         if not 0 < self.max_site_share <= 1:
             raise ValueError("run-config 'max-site-share' must be in (0, 1]")
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        """The schedule and augmentation keys, each refused by name when out of range."""
+        from fedrad.common.lr_schedule import LR_SCHEDULES
+
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"run-config 'lr-schedule': unknown '{self.lr_schedule}', choose one of "
+                             f"{', '.join(LR_SCHEDULES)}")
+        if not 0 <= self.warmup_rounds < max(self.num_server_rounds, 1):
+            raise ValueError("run-config 'warmup-rounds' must be >= 0 and below num-server-rounds")
+        if not 0 <= self.lr_min <= self.lr:
+            raise ValueError("run-config 'lr-min' must be in [0, lr]")
+        if not 0 < self.aug_crop_min <= self.aug_crop_max <= 1:
+            raise ValueError("run-config 'aug-crop-min' and 'aug-crop-max' must satisfy 0 < min <= max <= 1")
+        if not 0 <= self.aug_rotate <= 180:
+            raise ValueError("run-config 'aug-rotate' must be in [0, 180] degrees")
+        if not (0 <= self.aug_brightness < 1 and 0 <= self.aug_contrast < 1):
+            raise ValueError("run-config 'aug-brightness' and 'aug-contrast' must be in [0, 1)")
+        if self.aug_gamma < 1:
+            raise ValueError("run-config 'aug-gamma' must be >= 1 (gamma is drawn in [1/g, g]; 1 switches it off)")
+        if not (0 <= self.aug_blur_p <= 1 and 0 <= self.aug_noise_p <= 1):
+            raise ValueError("run-config 'aug-blur-p' and 'aug-noise-p' must be probabilities in [0, 1]")
+        if self.aug_noise_std < 0:
+            raise ValueError("run-config 'aug-noise-std' must be >= 0")
+
+    def augment_config(self):
+        """The AugmentConfig these keys describe (imports torch: call it where training happens)."""
+        from fedrad.common.augment import AugmentConfig
+
+        no_crop = self.aug_crop_min >= 1.0  # the whole image: no aspect jitter either
+        return AugmentConfig(crop_scale=(self.aug_crop_min, self.aug_crop_max),
+                             crop_ratio=(1.0, 1.0) if no_crop else AugmentConfig.crop_ratio, rotate_deg=self.aug_rotate,
+                             hflip=self.hflip, brightness=self.aug_brightness, contrast=self.aug_contrast,
+                             gamma=(1 / self.aug_gamma, self.aug_gamma), blur_p=self.aug_blur_p,
+                             noise_p=self.aug_noise_p, noise_std=(0.0, self.aug_noise_std))
+
+    def round_lr(self, server_round: int) -> float:
+        """The learning rate of `server_round` (1-based) under this run's schedule."""
+        from fedrad.common.lr_schedule import round_lr
+
+        return round_lr(self.lr, server_round, self.num_server_rounds, self.lr_schedule, self.warmup_rounds,
+                        self.lr_min)
 
     @property
     def aggregation(self) -> str:

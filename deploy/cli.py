@@ -126,6 +126,14 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--cache", default=None, help="decoded-image cache folder (default <data>/.fedrad-cache)")
     p.add_argument("--out", default="pretrained.safetensors",
                    help="weights file to write (checked before training: not a folder, writable)")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT_OR_BUNDLE",
+                   help="start from a local timm checkpoint (.safetensors/.pth, e.g. ImageNet weights; RGB first conv "
+                   "summed to 1 channel) or an earlier release bundle folder (verified with --init-pubkey); never "
+                   "downloads (default: random init)")
+    p.add_argument("--init-pubkey", default=None, help="consortium public key verifying an --init bundle (no default)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"],
+                   help="timm optimizer (lars for large batches)")
+    p.add_argument("--temperature", type=float, default=0.1, help="contrastive temperature")
     p.set_defaults(func=_lazy("fedrad.client.pretrain:cmd_pretrain"))
 
 
@@ -261,6 +269,10 @@ def _add_release(sub) -> None:
         help="CSV of labels (file or SOPInstanceUID -> label columns; default: the labels inside --data)")
     p.add_argument("--target", default=None,
         help="label column(s), comma separated (multi-label if several; default: every label column)")
+    p.add_argument("--test-data", default=None, metavar="OTHER",
+                   help="test on this other labelled set (folder or .npz) instead of a held-out part of --data: "
+                   "the probe trains on --data, out-of-distribution as in REMEDIS (default: a patient split of --data)")
+    p.add_argument("--test-labels", default=None, help="labels CSV for --test-data (default: the labels inside it)")
     p.add_argument("--mode", default="linear", choices=["linear", "mlp", "full"],
                    help="linear probe, MLP head, or full fine-tuning")
     p.add_argument("--fractions", default="0.1,1.0", help="label fractions to train on, comma separated")

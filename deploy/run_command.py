@@ -274,7 +274,12 @@ def validate_run_config(overrides: dict[str, object], app: Path | None = None) -
 
     config = app_run_config(app)
     config.update(overrides)
-    check_privacy_config(RunConfig.from_flower(config))
+    cfg = RunConfig.from_flower(config)
+    check_privacy_config(cfg)
+    if cfg.init and not cfg.resume:  # a missing checkpoint or bundle: one line now, not a dead ServerApp later
+        from fedrad.common.init_weights import init_kind
+
+        init_kind(cfg.init, cfg.init_pubkey or None)
 
 
 def cmd_run(args) -> int:
@@ -294,6 +299,9 @@ def cmd_run(args) -> int:
     else:
         run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     overrides["run-dir"] = str(run_dir)
+    for key in ("init", "init-pubkey"):  # the ServerApp runs elsewhere: absolute paths (on the coordinator)
+        if overrides.get(key):
+            overrides[key] = str(Path(str(overrides[key])).expanduser().resolve())
     files = [Path(c) for c in args.config if c.endswith(".toml") and "=" not in c]
     validate_with_lines(overrides, files)  # a bad -c value: one line naming the key (and line), exit 2
     ca = _ca_from(args.certs)

@@ -210,6 +210,7 @@ def build_manifest(run_dir: Path, weights: bytes, meta: dict[str, str], signer_f
         "fedrad_version": _fedrad_version(),
         "created": time.strftime(CREATED_FORMAT, time.gmtime()),
         "release": {"run_id": str(run["run_id"]), "run_key": run.get("run_key"), "sequence": int(sequence)},
+        "init": run.get("init"),  # what the run started from (a checkpoint's sha256, or an earlier release)
         "weights": {"file": WEIGHTS, "sha256": sha256_bytes(weights), "bytes": len(weights)},
         "signer": {"algorithm": "Ed25519", "public_key_sha256": signer_fingerprint},
         "load_with": _load_with(model, norm),

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedrad.common.protocol import MESSAGE_TRAIN, RUN_KEY, SERVER_ROUND, ErrorCode, SiteReport, error_code_of
+from fedrad.common.protocol import MESSAGE_TRAIN, ROUND_LR, RUN_KEY, SERVER_ROUND, ErrorCode, SiteReport, error_code_of
 from fedrad.common.run_config import RunConfig
 from fedrad.server.exchange import RoundTimes, exchange
 from fedrad.server.privacy import PrivacyLedger, wrap_dp_strategy
@@ -75,7 +75,8 @@ class PlainRounds:
     def train(self, rnd: int, arrays: ArrayRecord, times: RoundTimes) -> TrainOutcome:
         t0 = time.perf_counter()
         msgs = list(self.train_strategy.configure_train(
-            rnd, arrays, ConfigRecord({SERVER_ROUND: rnd, RUN_KEY: self.run_key}), self.grid))
+            rnd, arrays, ConfigRecord({SERVER_ROUND: rnd, RUN_KEY: self.run_key, ROUND_LR: self.cfg.round_lr(rnd)}),
+            self.grid))
         self._sampled(len(msgs))
         times.send += time.perf_counter() - t0
         replies = exchange(self.grid, msgs, self.cfg.round_timeout, times)

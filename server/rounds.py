@@ -45,14 +45,23 @@ from fedrad.server.site_names import SiteNames
 from fedrad.server.strategies import build_strategy
 
 
-def initial_arrays(cfg: RunConfig) -> ArrayRecord:
+def initial_arrays(cfg: RunConfig) -> tuple[ArrayRecord, dict[str, Any] | None]:
+    """The first global model (seeded), its backbone from the run-config's `init` when set (a local timm
+    checkpoint or a verified earlier release, fedrad.common.init_weights), and the init's record."""
     import torch
 
     from fedrad.common.models import build_model
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim, norm=cfg.model_norm)
-    return ArrayRecord(model.state_dict())
+    record = None
+    if cfg.init:
+        from fedrad.common.init_weights import apply_init
+
+        init = apply_init(model, cfg.init, cfg.init_pubkey or None, cfg.model, cfg.image_size, cfg.model_norm)
+        record = init.to_json()
+        log(INFO, "fedrad: initial backbone from %s %s (sha256 %s)", init.kind, init.path, init.sha256[:16])
+    return ArrayRecord(model.state_dict()), record
 
 
 def _float_buffers(arrays: ArrayRecord) -> ArrayRecord:
@@ -96,8 +105,9 @@ class RunState:
     names: SiteNames  # enrolled site names for logs, metrics.jsonl and plots
 
 
-def _start(cfg: RunConfig, run_dir: Path, strategy) -> tuple[ArrayRecord, int, list, str]:
-    """(arrays, first round, restored privacy rounds, run key): fresh, or from the last checkpoint."""
+def _start(cfg: RunConfig, run_dir: Path, strategy) -> tuple[ArrayRecord, int, list, str, dict | None]:
+    """(arrays, first round, restored privacy rounds, run key, init record): fresh, or from the last checkpoint
+    (the init record then comes from the run.json of the run being resumed)."""
     # Names this run to the sites across resumes (Flower gives a resumed run a new run id): a site keys its
     # sample-DP ledger by it, so a resumed run keeps adding to the same epsilon.
     run_key = uuid.uuid4().hex
@@ -107,11 +117,22 @@ def _start(cfg: RunConfig, run_dir: Path, strategy) -> tuple[ArrayRecord, int, l
         truncate_metrics(run_dir, ckpt.server_round)
         log(INFO, "fedrad: resuming %s after round %d (checkpoint %s)", run_dir, ckpt.server_round, ckpt_path.name)
         return (ckpt.arrays, ckpt.server_round + 1, list(ckpt.info.get("privacy_rounds", [])),
-                str(ckpt.info.get("run_key") or run_key))
+                str(ckpt.info.get("run_key") or run_key), _previous_init(run_dir))
     if cfg.resume:
         log(WARNING, "fedrad: --resume asked but %s has no checkpoint: starting at round 1", run_dir)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    return initial_arrays(cfg), 1, [], run_key
+    arrays, init = initial_arrays(cfg)
+    return arrays, 1, [], run_key, init
+
+
+def _previous_init(run_dir: Path) -> dict | None:
+    """The init record of the run being resumed (its run.json), so a resume does not lose it."""
+    import json
+
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("init")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def run_federation(grid: Grid, context: Context) -> None:
@@ -120,12 +141,12 @@ def run_federation(grid: Grid, context: Context) -> None:
     run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     strategy = build_strategy(cfg)
-    arrays, start_round, restored, run_key = _start(cfg, run_dir, strategy)
+    arrays, start_round, restored, run_key, init = _start(cfg, run_dir, strategy)
     if cfg.dp == "client" and not cfg.secagg:
         arrays = _float_buffers(arrays)
     atomic_write_json(run_dir / "run.json", {
         "run_id": context.run_id, "config": dict(context.run_config), "started": time.time(),
-        "start_round": start_round, "run_key": run_key,
+        "start_round": start_round, "run_key": run_key, "init": init,
     })
     log(INFO, "fedrad: %s with %s, objective %s, model %s, %d rounds -> %s", type(strategy).__name__,
         cfg.strategy, cfg.objective, cfg.model, cfg.num_server_rounds, run_dir)
@@ -259,6 +280,7 @@ def _round_entry(state: RunState, rnd: int, outcome: TrainOutcome, privacy: dict
         "rejected": outcome.rejected,
         "capped": outcome.capped,
         "aggregated": outcome.arrays is not None,
+        "lr": state.cfg.round_lr(rnd),  # the round's learning rate (lr-schedule), as sent to the sites
         "sites": sites,
     }
     names = state.names.of(sites)

@@ -45,15 +45,33 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def test_rounds_checkpoints_and_wire_content(consortium, sites, tmp_path):
-    """Two sites, two rounds: the run directory is complete and only model arrays and numbers left the sites."""
+    """Two sites, two rounds: the run directory is complete and only model arrays and numbers left the sites.
+
+    The run starts from a local RGB timm checkpoint (`init`) and a warm-up + cosine round LR, which each site
+    checks against the signed run config before training."""
+    import hashlib
+
+    import timm
+    from safetensors.torch import save_file
+
+    from fedrad.common.lr_schedule import lr_table
+
+    ckpt = tmp_path / "rgb-test_resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet", in_chans=3).state_dict().items()},
+              str(ckpt))
     consortium.start_link()
     for i, site in enumerate(sites[:2]):
         consortium.start_node(f"s{i}", site)
     run_dir = tmp_path / "run"
-    code = consortium.run({"num-server-rounds": 2, "objective": "micle", "run-dir": str(run_dir)})
+    code = consortium.run({"num-server-rounds": 2, "objective": "micle", "run-dir": str(run_dir), "init": str(ckpt),
+                           "lr-schedule": "cosine", "warmup-rounds": 1})
     assert code == 0
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
+    lr = float(json.loads((run_dir / "run.json").read_text())["config"]["lr"])
+    assert [r["lr"] for r in rows] == pytest.approx(lr_table(lr, 2, "cosine", 1))
+    assert json.loads((run_dir / "run.json").read_text())["init"]["sha256"] == hashlib.sha256(
+        ckpt.read_bytes()).hexdigest()
     assert all(r["sites_aggregated"] == 2 for r in rows)
     assert all(np.isfinite(r["train_loss"]) for r in rows)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.safetensors",

@@ -53,14 +53,21 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                 norm=manifest.get("norm", "batch")))
     targets = [t.strip() for t in args.target.split(",")] if args.target else None
     data = load_data(args.data, size, args.labels, targets)
-    train_idx, test_idx, split_kind = holdout_split(data)
+    if getattr(args, "test_data", None):  # REMEDIS's out-of-distribution setting: train here, test there
+        from fedrad.client.finetune.ood import combine_for_ood
+
+        other = load_data(args.test_data, size, args.test_labels, targets)
+        data, train_idx, test_idx, split_kind = combine_for_ood(data, other)
+    else:
+        train_idx, test_idx, split_kind = holdout_split(data)
     device = str(resolve_device(args.device))
     print(f"fedrad finetune: {len(data)} images, targets {data.targets}, split {split_kind} "
           f"({len(train_idx)} train / {len(test_idx)} test), mode {args.mode} on {device}", file=sys.stderr)
     rows = run_experiment(arms, data, train_idx, test_idx, fractions, args.mode, args.seeds, args.epochs, dp,
                           device, log=lambda m: print(m, file=sys.stderr))
     meta = {"bundle": str(args.bundle), "verified": not args.insecure, "model": manifest.get("model"),
-            "input_size": size, "data": str(args.data), "targets": data.targets, "split": split_kind,
+            "input_size": size, "data": str(args.data), "test_data": getattr(args, "test_data", None),
+            "targets": data.targets, "split": split_kind,
             "mode": args.mode, "seeds": args.seeds, "epochs": args.epochs,
             "dp": f"epsilon={dp[0]}, delta={dp[1]}" if dp else "none",
             "ci": f"95% percentile bootstrap over test patients ({N_BOOTSTRAP} resamples)"}

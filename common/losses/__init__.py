@@ -11,11 +11,12 @@ from __future__ import annotations
 from fedrad.common.losses.base import Batch, Objective
 from fedrad.common.losses.byol import BYOL
 from fedrad.common.losses.micle import MICLe
+from fedrad.common.losses.micle_supcon import MICLeSupCon
 from fedrad.common.losses.simclr import SimCLR
 from fedrad.common.losses.simsiam import SimSiam
 from fedrad.common.losses.supcon import SupCon
 
-REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (SimCLR, SupCon, MICLe, SimSiam, BYOL)}
+REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (SimCLR, SupCon, MICLe, MICLeSupCon, SimSiam, BYOL)}
 OBJECTIVES = tuple(REGISTRY)
 
 

@@ -6,7 +6,9 @@ A subclass declares, as class attributes, everything the rest of fedrad needs to
 - `positives`: what the trainer treats as a positive pair, and so what it builds and passes as labels:
   "augment" (two augmentations of one image), "labels" (augment pairs, plus every image sharing the weak
   header label; labels = label ids), "patient" (the second view is another image of the same patient;
-  labels = patient group ids), "none" (single-view objectives such as a masked autoencoder).
+  labels = patient group ids), "patient+labels" (the second view is another image of the same patient, and
+  every image of the same patient or sharing the header label is a positive; labels = label ids, groups =
+  patient group ids), "none" (single-view objectives such as a masked autoencoder).
 - `n_views`: how many augmented views of each image the trainer hands over (2; 1 for MAE-style).
 - `per_sample`: each image's loss depends on no other image of the batch, so per-image gradient clipping
   bounds its influence (the premise of `dp = "sample"`). BatchNorm still couples samples in train mode.
@@ -25,16 +27,18 @@ from typing import TYPE_CHECKING, ClassVar
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-POSITIVES = ("augment", "labels", "patient", "none")
+POSITIVES = ("augment", "labels", "patient", "patient+labels", "none")
 
 
 @dataclass
 class Batch:
     """One training step's input: `views[k]` is the k-th augmented view of the same images; `labels` holds
-    label ids (positives "labels") or patient group ids (positives "patient"), else None."""
+    label ids (positives "labels" and "patient+labels") or patient group ids (positives "patient"), else None;
+    `groups` holds patient group ids for positives "patient+labels", else None."""
 
     views: tuple[Tensor, ...]
     labels: Tensor | None = None
+    groups: Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -53,14 +57,14 @@ class Objective:
 
     @property
     def needs_labels(self) -> bool:
-        """The trainer must pass weak header-label ids (supcon)."""
-        return self.positives == "labels"
+        """The trainer must pass weak header-label ids (supcon, micle+supcon)."""
+        return self.positives in ("labels", "patient+labels")
 
     @property
     def pairing(self) -> str:
         """How the trainer builds the second view: "patient" (another image of the same patient) or
         "augment" (another augmentation of the same image)."""
-        return "patient" if self.positives == "patient" else "augment"
+        return "patient" if self.positives in ("patient", "patient+labels") else "augment"
 
     def heads(self, num_features: int, proj_dim: int) -> dict[str, nn.Module]:
         """The modules after the backbone, by attribute name (their state_dict prefix), in order.
