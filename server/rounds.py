@@ -102,7 +102,11 @@ class RunState:
     strategy: Any  # the screened Flower strategy; also runs evaluation in every mode
     run_key: str
     array_order: list[str]
-    names: SiteNames  # enrolled site names for logs, metrics.jsonl and plots
+    names: SiteNames | None = None  # enrolled site names for logs, metrics.jsonl and plots (read from the grid)
+
+    def __post_init__(self) -> None:
+        if self.names is None:
+            self.names = SiteNames(self.grid)
 
 
 def _start(cfg: RunConfig, run_dir: Path, strategy) -> tuple[ArrayRecord, int, list, str, dict | None]:
@@ -150,7 +154,7 @@ def run_federation(grid: Grid, context: Context) -> None:
     })
     log(INFO, "fedrad: %s with %s, objective %s, model %s, %d rounds -> %s", type(strategy).__name__,
         cfg.strategy, cfg.objective, cfg.model, cfg.num_server_rounds, run_dir)
-    state = RunState(grid, cfg, run_dir, strategy, run_key, list(arrays.keys()), SiteNames(grid))
+    state = RunState(grid, cfg, run_dir, strategy, run_key, list(arrays.keys()))
     mode = round_mode(grid, context, cfg, strategy, run_key, run_dir, restored)
     try:
         rounds_done, stopped, arrays = _round_loop(state, mode, arrays, start_round)
