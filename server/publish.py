@@ -133,9 +133,9 @@ class Delivery:
         return [n for n in nodes if self.codes.get(n) not in DONE_CODES and self.tries.get(n, 0) < limit]
 
 
-def _code(reply: Message) -> ReleaseCode | None:
-    """The reply's ReleaseCode; None for an error reply or one that breaks the contract (logged)."""
-    node = reply.metadata.src_node_id
+def _code(reply: Message, node: int) -> ReleaseCode | None:
+    """The reply's ReleaseCode; None for an error reply (Flower's own for an unreachable node included) or
+    one that breaks the contract (logged)."""
     if reply.has_error():
         log(WARNING, "fedrad publish: node %s answered error %s", node, reply.error.code)
         return None
@@ -173,7 +173,7 @@ def deliver(grid: Grid, folder: Path, release: Published, nodes: list[int], deli
     while pending:
         for reply in grid.pull_messages(list(pending)):
             node, message_type, _ = pending.pop(reply.metadata.reply_to_message_id)
-            code = _code(reply)
+            code = _code(reply, node)
             if message_type == MESSAGE_OFFER and code == ReleaseCode.WANT:
                 log(INFO, "fedrad publish: sending release %s to node %s", release.release_id, node)
                 files = files or files_content(release)

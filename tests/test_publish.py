@@ -271,8 +271,8 @@ def test_publish_reaches_every_site_and_refuses_tampering(tmp_path):
         assert code == 0 and answers["STORED"] == 3, answers
         for name in sites:
             stored = resolve_release(tmp_path / "state" / name, "latest")
-            assert verify_bundle(stored, c.consortium_pub)["release"]["run_id"] == json.loads(
-                (run_dir / "run.json").read_text())["run_id"]
+            assert verify_bundle(stored, c.consortium_pub)["release"]["run_id"] == str(json.loads(
+                (run_dir / "run.json").read_text())["run_id"])
             assert (stored / WEIGHTS).read_bytes() == (bundle / WEIGHTS).read_bytes()
 
         # A tampered bundle (weights changed after signing) and an unsigned one, pushed in signed publish runs.
