@@ -17,7 +17,7 @@ from pathlib import Path
 DEFAULT_RELEASES = "fedrad-releases"
 
 
-def publish_bundle(bundle: Path, releases: Path, superlink: str, sign_key: Path, certs: str | None = None,
+def publish_bundle(bundle: Path, releases: Path, superlink: str, sign_key: Path, ca_cert: Path | None = None,
                    linger: float = 0.0, timeout: float | None = None, verify: bool = True) -> tuple[int, Counter]:
     """(flwr exit code, count of the sites' answers) after publishing `bundle` through `releases`.
 
@@ -25,7 +25,7 @@ def publish_bundle(bundle: Path, releases: Path, superlink: str, sign_key: Path,
     """
     from fedrad.common.bundle import BundleVerificationError, verify_bundle
     from fedrad.deploy.processes import with_default_port
-    from fedrad.deploy.run_command import _ca_from, submit_run
+    from fedrad.deploy.run_command import submit_run
     from fedrad.server.publish import PUBLISH_LOG, stage_release
     from fedrad.server.release import load_private_key
 
@@ -46,7 +46,7 @@ def publish_bundle(bundle: Path, releases: Path, superlink: str, sign_key: Path,
     overrides = {"publish-dir": str(releases), "publish-only": True, "publish-linger": float(linger)}
     print(f"fedrad publish: offering {staged.name} to the sites of {superlink} (linger {linger:.0f}s)", flush=True)
     code = submit_run(with_default_port(superlink), overrides, log_path=releases / "flwr-publish.log",
-                      ca_cert=_ca_from(certs), timeout=timeout, sign_key=Path(sign_key).resolve())
+                      ca_cert=ca_cert, timeout=timeout, sign_key=Path(sign_key).resolve())
     answers: Counter = Counter()
     if log_path.is_file():
         with open(log_path, encoding="utf-8") as fh:
@@ -59,8 +59,10 @@ def publish_bundle(bundle: Path, releases: Path, superlink: str, sign_key: Path,
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    from fedrad.deploy.run_command import _ca_from
+
     code, answers = publish_bundle(Path(args.bundle), Path(args.releases), args.superlink, Path(args.sign_key),
-                                   args.certs, args.linger)
+                                   _ca_from(args.certs), args.linger)
     summary = ", ".join(f"{n} {name}" for name, n in sorted(answers.items())) or "no site answered"
     print(f"fedrad publish: {summary}")
     return 0 if code == 0 and answers else 1
