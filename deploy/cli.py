@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_federation(sub)
     _add_policy(sub)
     _add_release(sub)
-    register_publish(sub)
+    register_publish(sub, _lazy)
     _add_security(sub)
     return parser
 

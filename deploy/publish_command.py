@@ -72,20 +72,14 @@ def cmd_release(args: argparse.Namespace) -> int:
     """`fedrad release`, then (with --publish) `fedrad publish` of the bundle just written."""
     from fedrad.server.release import cmd_release as write_release
 
+    if args.publish and not args.superlink:
+        raise ValueError("--publish needs --superlink (the coordinator's address)")
     status = write_release(args)
     if status or not args.publish:
         return status
-    if not args.superlink:
-        raise ValueError("--publish needs --superlink (the coordinator's address)")
     args.bundle = args.out or str(Path(args.run_dir) / "release")
     args.sign_key = args.key
     return cmd_publish(args)
-
-
-def cmd_releases(args: argparse.Namespace) -> int:
-    from fedrad.client.release_store import cmd_releases as list_releases
-
-    return list_releases(args)
 
 
 def _add_publish_options(p: argparse.ArgumentParser, superlink_default: str | None) -> None:
@@ -98,26 +92,27 @@ def _add_publish_options(p: argparse.ArgumentParser, superlink_default: str | No
                    help="keep serving sites that connect for this long (default 0: the sites connected now)")
 
 
-def register(sub) -> None:
-    """Add `publish` and `releases`, and `--publish` to `release` (called by deploy.cli.build_parser)."""
+def register(sub, lazy) -> None:
+    """Add `publish` and `releases`, and `--publish` to `release` (called by deploy.cli.build_parser, which
+    passes its `lazy(module:function)` handler factory)."""
     p = sub.add_parser("publish", help="send a signed bundle to every site over the consortium's connection")
     p.add_argument("bundle", help="the bundle folder (from `fedrad release`)")
     p.add_argument("--sign-key", required=True, metavar="CONSORTIUM_KEY",
                    help="consortium private key: signs the publish run (sites run only signed runs) and checks the "
                         "bundle before it is sent")
     _add_publish_options(p, "127.0.0.1:8000")
-    p.set_defaults(func=cmd_publish)
+    p.set_defaults(func=lazy(f"{__name__}:cmd_publish"))
 
     release = sub.choices["release"]
     release.add_argument("--publish", action="store_true", help="then publish the bundle to the sites (signed "
                          "with --key; see `fedrad publish`)")
     _add_publish_options(release, None)
-    release.set_defaults(func=cmd_release)
+    release.set_defaults(func=lazy(f"{__name__}:cmd_release"))
 
     p = sub.add_parser("releases", help="list the verified releases this site's node received")
     p.add_argument("--state-dir", required=True, help="the site's state folder (as `fedrad node` printed it)")
     p.add_argument("--pubkey", default=None, help="verify each again with this consortium.pub (default: list only)")
-    p.set_defaults(func=cmd_releases)
+    p.set_defaults(func=lazy("fedrad.client.release_store:cmd_releases"))
 
 
 def add_release_source(p: argparse.ArgumentParser) -> None:
