@@ -180,13 +180,18 @@ def test_release_argument_resolution(signed, tmp_path):
 
 # -- the site's ClientApp -------------------------------------------------------------------------------------
 def _site_app_call(msg, tmp_path: Path, pub: Path):
+    """The site's real ClientApp (mods included), under a policy that refuses every training run of this
+    config (SecAgg+ required): release messages touch no data, so that rule does not stop them."""
     from flwr.app import Context, RecordDict
 
     from fedrad.client.client_app import app
+    from fedrad.client.policy import default_policy_text
     from fedrad.deploy.run_command import app_run_config
 
+    policy = tmp_path / "policy.toml"
+    policy.write_text(default_policy_text().replace("require_secagg = false", "require_secagg = true"))
     node_config = {"data-dir": str(tmp_path / "data"), "state-dir": str(tmp_path / "state"),
-                   "audit-dir": str(tmp_path / "audit"), "consortium-key": str(pub)}
+                   "audit-dir": str(tmp_path / "audit"), "consortium-key": str(pub), "policy": str(policy)}
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
                       run_config=app_run_config())
     return app(message=msg, context=context)
