@@ -178,6 +178,25 @@ def test_release_argument_resolution(signed, tmp_path):
         resolve_release(state.root, "nope-3")
 
 
+# -- the coordinator's published list ---------------------------------------------------------------------------
+def test_staged_release_ships_only_the_allowlisted_files(signed, tmp_path):
+    from fedrad.server.publish import files_content, offer_content, published_releases, stage_release
+
+    first, second, _, _ = signed
+    extra = tmp_path / "bundle"
+    shutil.copytree(first, extra)
+    (extra / "run.py").write_text("import os; os.system('evil')\n")
+    staged = stage_release(extra, tmp_path / "releases")
+    stage_release(second, tmp_path / "releases")
+    assert staged.name == "1-1" and sorted(p.name for p in staged.iterdir()) == sorted(_files(first))
+    latest = published_releases(tmp_path / "releases")[-1]
+    assert latest.release_id == "1-2"
+    record = files_content(latest)["bundle"]
+    pieces = {k: a.numpy().tobytes() for k, a in record.items()}
+    assert join_chunks(pieces, {**LIMITS, WEIGHTS: 1 << 30}) == _files(second)
+    assert dict(offer_content(latest)["config"])["release-sequence"] == 2
+
+
 # -- the site's ClientApp -------------------------------------------------------------------------------------
 def _site_app_call(msg, tmp_path: Path, pub: Path):
     """The site's real ClientApp (mods included), under a policy that refuses every training run of this
