@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedrad.client.site_state import SiteState, SiteStateError, locked
+from fedrad.client.site_state import JOINED_FILE, RELEASES_DIRNAME, SiteState, SiteStateError, locked
 from fedrad.common.atomic import atomic_write_json
 from fedrad.common.bundle import (
     MANIFEST,
@@ -45,8 +45,6 @@ from fedrad.common.release_wire import (
     manifest_release_id,
 )
 
-RELEASES_DIRNAME = "releases"
-JOINED_FILE = "runs_joined.json"
 INCOMING_PREFIX = ".incoming-"
 FILE_LIMITS = {WEIGHTS: MAX_WEIGHTS_BYTES, MANIFEST: MAX_MANIFEST_BYTES, SIGNATURE: SIGNATURE_BYTES,
                MODEL_CARD: MAX_CARD_BYTES}

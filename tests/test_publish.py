@@ -286,9 +286,9 @@ def test_publish_reaches_every_site_and_refuses_tampering(tmp_path):
         c.group.kill(c.nodes.pop("site-c"), signal.SIGTERM)
         result: dict = {}
         worker = threading.Thread(target=lambda: result.update(out=publish_bundle(
-            bundle, tmp_path / "releases", c.address, c.consortium_key, linger=45.0, timeout=400)))
+            bundle, tmp_path / "releases", c.address, c.consortium_key, linger=30.0, timeout=400)))
         worker.start()
-        time.sleep(15)
+        time.sleep(8)
         c.start_node("site-c", sites["site-c"])  # reconnects after the publication started
         worker.join(420)
         code, answers = result["out"]
