@@ -286,13 +286,19 @@ def test_publish_reaches_every_site_and_refuses_tampering(tmp_path):
         c.group.kill(c.nodes.pop("site-c"), signal.SIGTERM)
         result: dict = {}
         worker = threading.Thread(target=lambda: result.update(out=publish_bundle(
-            bundle, tmp_path / "releases", c.address, c.consortium_key, linger=30.0, timeout=400)))
+            bundle, tmp_path / "releases", c.address, c.consortium_key, linger=60.0, timeout=400)))
         worker.start()
-        time.sleep(8)
-        c.start_node("site-c", sites["site-c"])  # reconnects after the publication started
+        log = tmp_path / "releases" / "publish-log.jsonl"
+        deadline = time.time() + 300
+        while not (log.is_file() and len(log.read_text().splitlines()) >= 2) and time.time() < deadline:
+            time.sleep(0.5)
+        assert log.is_file(), "the two running sites were never served"
+        c.start_node("site-c", sites["site-c"])  # reconnects after the others received the release
         worker.join(420)
         code, answers = result["out"]
         assert code == 0 and answers["STORED"] == 3, answers
+        served = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [e["result"] for e in served] == ["STORED"] * 3 and len({e["node"] for e in served}) == 3
         for name in sites:
             stored = resolve_release(tmp_path / "state" / name, "latest")
             assert verify_bundle(stored, c.consortium_pub)["release"]["run_id"] == str(json.loads(
