@@ -290,7 +290,7 @@ def test_publish_reaches_every_site_and_refuses_tampering(tmp_path):
         worker.start()
         log = tmp_path / "releases" / "publish-log.jsonl"
         deadline = time.time() + 300
-        while not (log.is_file() and len(log.read_text().splitlines()) >= 2) and time.time() < deadline:
+        while not (log.is_file() and log.read_text().count('"STORED"') >= 2) and time.time() < deadline:
             time.sleep(0.5)
         assert log.is_file(), "the two running sites were never served"
         c.start_node("site-c", sites["site-c"])  # reconnects after the others received the release
@@ -298,7 +298,9 @@ def test_publish_reaches_every_site_and_refuses_tampering(tmp_path):
         code, answers = result["out"]
         assert code == 0 and answers["STORED"] == 3, answers
         served = [json.loads(line) for line in log.read_text().splitlines()]
-        assert [e["result"] for e in served] == ["STORED"] * 3 and len({e["node"] for e in served}) == 3
+        # The stopped site-c's old node id may still be listed by the SuperLink for a while: it is left unanswered.
+        assert {e["result"] for e in served} <= {"STORED", "no answer"}
+        assert len({e["node"] for e in served if e["result"] == "STORED"}) == 3
         for name in sites:
             stored = resolve_release(tmp_path / "state" / name, "latest")
             assert verify_bundle(stored, c.consortium_pub)["release"]["run_id"] == str(json.loads(
