@@ -281,7 +281,7 @@ def test_publish_reaches_every_site_and_refuses_tampering(tmp_path):
             c.start_node(name, folder)
         run_dir = tmp_path / "run"
         assert c.run({"num-server-rounds": 1, "min-train-nodes": 3, "min-available-nodes": 3,
-                      "fraction-evaluate": 0.0, "run-dir": str(run_dir)}) == 0
+                      "fraction-evaluate": 0.0, "round-timeout": 300.0, "run-dir": str(run_dir)}) == 0
         bundle = release_bundle(run_dir, c.consortium_key, tmp_path / "bundle")
         c.group.kill(c.nodes.pop("site-c"), signal.SIGTERM)
         result: dict = {}
@@ -289,7 +289,7 @@ def test_publish_reaches_every_site_and_refuses_tampering(tmp_path):
             bundle, tmp_path / "releases", c.address, c.consortium_key, linger=60.0, timeout=400)))
         worker.start()
         log = tmp_path / "releases" / "publish-log.jsonl"
-        deadline = time.time() + 300
+        deadline = time.time() + 420
         while not (log.is_file() and log.read_text().count('"STORED"') >= 2) and time.time() < deadline:
             time.sleep(0.5)
         assert log.is_file(), "the two running sites were never served"
