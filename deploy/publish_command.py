@@ -64,8 +64,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
     code, answers = publish_bundle(Path(args.bundle), Path(args.releases), args.superlink, Path(args.sign_key),
                                    _ca_from(args.certs), args.linger)
     summary = ", ".join(f"{n} {name}" for name, n in sorted(answers.items())) or "no site answered"
-    print(f"fedrad publish: {summary}")
-    return 0 if code == 0 and answers else 1
+    print(f"fedrad publish: {summary} (codes: fedrad.common.release_wire.ReleaseCode; each site's reasons stay in "
+          f"its refusals.jsonl)")
+    held = answers["STORED"] + answers["HAVE"]
+    refused = sum(n for name, n in answers.items() if name.startswith("REFUSED") or name == "FAILED")
+    return 0 if code == 0 and held and not refused else 1  # 1: no site took it, or one refused it
 
 
 def cmd_release(args: argparse.Namespace) -> int:
