@@ -24,9 +24,12 @@ app = ClientApp(mods=[wire_guard_mod, site_policy_mod, privacy_mod])
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local contrastive pretraining on this site's images, starting from the global weights."""
+    from fedrad.client.release_handler import note_training
     from fedrad.client.task import handle_train
 
-    return handle_train(msg, context)
+    reply = handle_train(msg, context)
+    note_training(msg, reply, context)  # a release of this run is accepted here later
+    return reply
 
 
 @app.evaluate()
@@ -35,3 +38,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     from fedrad.client.task import handle_evaluate
 
     return handle_evaluate(msg, context)
+
+
+@app.query("release_offer")  # fedrad.common.release_wire.ACTION_OFFER
+def release_offer(msg: Message, context: Context) -> Message:
+    """The coordinator offers a published release: answer with a code (want it, hold it, or refuse it)."""
+    from fedrad.client.release_handler import handle_offer
+
+    return handle_offer(msg, context)
+
+
+@app.query("release_files")  # fedrad.common.release_wire.ACTION_FILES
+def release_files(msg: Message, context: Context) -> Message:
+    """The bundle's files: verified with this site's consortium key, stored, acknowledged with a code."""
+    from fedrad.client.release_handler import handle_files
+
+    return handle_files(msg, context)

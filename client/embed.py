@@ -96,9 +96,11 @@ def write_index(path: Path, rows: list[dict[str, Any]]) -> Path:
 def cmd_embed(args: argparse.Namespace) -> int:
     """Verify (unless --insecure), embed every usable image, write npy + index + t-SNE."""
     from fedrad.client.finetune.heads import embed_images
+    from fedrad.client.release_store import bundle_from_args
     from fedrad.common.atomic import atomic_write
     from fedrad.common.bundle import BundleVerificationError, load_verified_backbone, policy_from_args
 
+    args.bundle = bundle_from_args(args)  # BUNDLE, or --release latest|ID from the site's store
     if not args.insecure and not args.pubkey:
         print("fedrad embed: error: pass --pubkey to verify the bundle (or --insecure to skip)", file=sys.stderr)
         return 2

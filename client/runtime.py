@@ -188,6 +188,8 @@ def run_task(address: str, token: str, trust: SiteTrust) -> int:
         else:
             # The ClientApp sees exactly the config that was verified, not whatever the node state holds.
             context.run_config = run_config
+            # The site's own key, for verifying released bundles (fedrad.client.release_handler).
+            context.node_config = {**context.node_config, "consortium-key": str(trust.consortium_key or "")}
             reply = load_site_app(trust)(message=message, context=context)
         status, exit_code = SubStatus.COMPLETED, 0
     except Exception as exc:

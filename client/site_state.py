@@ -32,6 +32,8 @@ ACTIVITY_FILE = "rounds.json"  # times of recently accepted training rounds (pol
 AUDIT_DIRNAME = "audit"  # default audit folder (wire guard's outgoing.jsonl, refusals.jsonl)
 REFUSALS_FILE = "refusals.jsonl"  # every refusal with the rule and its detail: read by the site, never sent
 LOCK_FILE = ".lock"
+JOINED_FILE = "runs_joined.json"  # runs (id, key) this site trained in: releases are taken only from these
+RELEASES_DIRNAME = "releases"  # received release bundles, one verified folder each (client/release_store.py)
 
 
 class SiteStateError(ValueError):
@@ -232,6 +234,6 @@ def count_round(state: SiteState, limit: int, now: float | None = None) -> int |
     return None
 
 
-__all__ = ["ACTIVITY_FILE", "AUDIT_DIRNAME", "LEDGER_FILE", "REFUSALS_FILE", "SALT_FILE", "STATE_FILE",
-           "SiteState", "SiteStateError", "count_round", "default_state_dir", "locked", "node_state_config",
-           "open_state", "record_refusal", "site_id", "site_salt", "state_paths"]
+__all__ = ["ACTIVITY_FILE", "AUDIT_DIRNAME", "JOINED_FILE", "LEDGER_FILE", "REFUSALS_FILE", "RELEASES_DIRNAME",
+           "SALT_FILE", "STATE_FILE", "SiteState", "SiteStateError", "count_round", "default_state_dir", "locked",
+           "node_state_config", "open_state", "record_refusal", "site_id", "site_salt", "state_paths"]

@@ -4,6 +4,7 @@ What may leave (anything else is replaced by a WIRE_BLOCKED error reply):
 - a train reply: the model's own arrays (the names, shapes and dtypes the coordinator sent) and a
   MetricRecord of SiteReport train metrics (finite scalars under whitelisted keys);
 - an evaluate reply: a MetricRecord of SiteReport evaluate metrics;
+- a release reply (fedrad.common.release_wire): a MetricRecord holding one ReleaseCode;
 - a SecAgg+ reply: exactly the records Flower's secaggplus_mod sends at the stage the coordinator asked
   for (public keys; encrypted key shares; masked integer vectors of the model's shapes plus the legacy
   FitRes metrics, checked as SiteReport; key shares for unmasking), each of the expected type and size;
@@ -45,6 +46,7 @@ from fedrad.common.protocol import (
     error_code_of,
     valid_example_count,
 )
+from fedrad.common.release_wire import MESSAGE_FILES, MESSAGE_OFFER, ReleaseWireError, reply_code
 
 log = logging.getLogger("fedrad.client")
 
@@ -125,6 +127,12 @@ def check_outgoing(expected: Expected | Message, reply: Message) -> str | None:
         elif exp.message_type == MESSAGE_EVALUATE:
             _check_records(reply, {METRICS: MetricRecord})
             SiteReport.from_metrics(reply.content.metric_records[METRICS], MESSAGE_EVALUATE)
+        elif exp.message_type in (MESSAGE_OFFER, MESSAGE_FILES):  # a release reply: one ReleaseCode
+            _check_records(reply, {METRICS: MetricRecord})
+            try:
+                reply_code(reply.content.metric_records[METRICS])
+            except ReleaseWireError as exc:
+                raise ProtocolError(str(exc)) from None
         else:
             raise ProtocolError(f"no reply is allowed to a {exp.message_type!r} message")
     except ProtocolError as exc:

@@ -100,6 +100,12 @@ class RunConfig:
     # The consortium's signature over the FAB and this config (fedrad.common.run_signature); set by
     # `fedrad run --sign-key`, checked by each site's runtime before its data is touched.
     run_signature: str = ""
+    # Release distribution (fedrad.server.publish): the coordinator's folder of published bundles. Set, the
+    # ServerApp first offers its latest release to every connected site; publish-only runs do nothing else and
+    # keep serving sites that connect for publish-linger seconds (`fedrad publish`).
+    publish_dir: str = ""
+    publish_only: bool = False
+    publish_linger: float = 0.0
 
     @classmethod
     def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:
@@ -142,6 +148,8 @@ class RunConfig:
             raise ValueError("run-config 'norm-outlier-factor' and 'max-example-factor' must be >= 0 (0 disables)")
         if not 0 < self.max_site_share <= 1:
             raise ValueError("run-config 'max-site-share' must be in (0, 1]")
+        if self.publish_linger < 0 or (self.publish_only and not self.publish_dir):
+            raise ValueError("run-config 'publish-linger' must be >= 0, and publish-only needs 'publish-dir'")
         self._check_recipe()
 
     def _check_recipe(self) -> None:

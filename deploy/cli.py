@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from fedrad.common.losses import OBJECTIVES
+from fedrad.deploy.publish_command import add_release_source
+from fedrad.deploy.publish_command import register as register_publish
 
 # Flower phones home and checks for updates unless told not to; fedrad runs on closed networks.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -23,9 +25,11 @@ hospital IT:   fedrad scan /data/dicom        (see what would be used; nothing i
                fedrad node --data /data/dicom --superlink coordinator:8000 \\
                  --certs fedrad-certs/sites/site-a --consortium-key consortium.pub
 operator:      fedrad keys generate --out consortium; fedrad coordinator
-               fedrad run --superlink 127.0.0.1:8000 --sign-key consortium.key ; fedrad release RUN_DIR --key K
+               fedrad run --superlink 127.0.0.1:8000 --sign-key consortium.key
+               fedrad release RUN_DIR --key consortium.key --publish --superlink 127.0.0.1:8000
                fedrad runs (status, round, loss of each run); fedrad stop RUN
-fine-tuning:   fedrad verify BUNDLE --pubkey P; fedrad finetune BUNDLE --data DIR --labels CSV
+fine-tuning:   fedrad releases --state-dir S; fedrad finetune --release latest --state-dir S --pubkey P \\
+                 --data DIR --labels CSV
 everything at once on this machine:  fedrad demo
 """
 
@@ -261,7 +265,8 @@ def _add_release(sub) -> None:
     p.set_defaults(func=_lazy("fedrad.common.bundle:cmd_verify"))
 
     p = sub.add_parser("finetune", help="label-efficiency fine-tuning of a bundle on a site's labelled set")
-    p.add_argument("bundle", help="the bundle folder (from `fedrad release`)")
+    p.add_argument("bundle", nargs="?", help="the bundle folder (from `fedrad release`), or give --release")
+    add_release_source(p)
     p.add_argument("--pubkey", default=None, help="verify the bundle first (required unless --insecure; no default)")
     p.add_argument("--insecure", action="store_true", help="skip signature verification")
     p.add_argument("--data", required=True, help="DICOM folder, PNG folder, or a .npz (MedMNIST layout)")
@@ -289,7 +294,8 @@ def _add_release(sub) -> None:
     p.set_defaults(func=_lazy("fedrad.client.finetune.command:cmd_finetune"))
 
     p = sub.add_parser("embed", help="write embeddings (npy + CSV) and a t-SNE plot for a folder")
-    p.add_argument("bundle", help="the bundle folder (from `fedrad release`)")
+    p.add_argument("bundle", nargs="?", help="the bundle folder (from `fedrad release`), or give --release")
+    add_release_source(p)
     p.add_argument("--pubkey", default=None, help="verify the bundle first (required unless --insecure; no default)")
     p.add_argument("--insecure", action="store_true", help="skip signature verification")
     p.add_argument("--data", required=True, help="DICOM folder, PNG folder, or a .npz (MedMNIST layout)")
@@ -340,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_federation(sub)
     _add_policy(sub)
     _add_release(sub)
+    register_publish(sub, _lazy)
     _add_security(sub)
     return parser
 

@@ -2,7 +2,8 @@
 
 Three synthetic hospitals are written as real DICOM files, scanned, and joined to one real Flower
 SuperLink as three real SuperNodes on loopback; a few rounds of contrastive pretraining run; the
-foundation weights are released, signed, verified, and fine-tuned on each site's small labelled set.
+foundation weights are released, signed, published to the sites over Flower (each verifies and stores its
+copy), and fine-tuned from the copy a site received on the sites' small labelled sets.
 Every process started here is stopped at the end, on Ctrl-C and on failure.
 """
 
@@ -107,13 +108,14 @@ def cmd_demo(args) -> int:
         _step(f"running {args.rounds} rounds of {args.objective} pretraining, signed (progress below)")
         code = submit_run(address, overrides, log_path=workdir / "logs" / "flwr-run.log",
                           ca_cert=tls.ca_cert if tls else None, sign_key=consortium_key)
-    status = report_run(run_dir, code)
-    if status != 0:
-        print(f"fedrad demo: failed; logs in {workdir / 'logs'}")
-        return status
-
-    _print_summary(run_dir)
-    status = _release_and_finetune(workdir, run_dir, sites)
+        status = report_run(run_dir, code)
+        if status != 0:
+            print(f"fedrad demo: failed; logs in {workdir / 'logs'}")
+            return status
+        _print_summary(run_dir)
+        status = _release_and_publish(workdir, run_dir, address, consortium_key, tls.ca_cert if tls else None)
+    if status == 0:
+        status = _finetune_received(workdir, sites, consortium_pub)
     print(f"\nfedrad demo: done in {time.time() - t_start:.0f}s. Everything is under {workdir}.")
     return status
 
@@ -132,18 +134,37 @@ def _print_summary(run_dir: Path) -> None:
           f"  plot:        {run_dir / 'plots' / 'loss.png'}\n  weights:     {run_dir / 'global.safetensors'}")
 
 
-def _release_and_finetune(workdir: Path, run_dir: Path, sites: list[Path]) -> int:
-    """Release a signed bundle, verify it as a site would, and fine-tune on the pooled sites' labels."""
-    from fedrad.common.bundle import verify_bundle
-    from fedrad.server.release import generate_keys, release_bundle
+def _release_and_publish(workdir: Path, run_dir: Path, address: str, key: Path, ca_cert: Path | None) -> int:
+    """Release a signed bundle and publish it to the running sites over Flower (each verifies and stores it)."""
+    from fedrad.deploy.publish_command import publish_bundle
+    from fedrad.server.release import release_bundle
 
-    _step("releasing the foundation weights as a signed bundle and verifying it")
-    key, pub = generate_keys(workdir / "keys" / "consortium")
+    _step("releasing the foundation weights as a signed bundle and publishing it to the sites")
     bundle = release_bundle(run_dir, key, workdir / "release")
-    verify_bundle(bundle, pub)
-    print(f"  bundle {bundle} verified with {pub}")
-    _step("fine-tuning at each site on its small labelled set: pretrained vs random init")
-    print(demo_finetune(bundle, pub, sites, workdir / "finetune"))
+    code, answers = publish_bundle(bundle, workdir / "coordinator" / "releases", address, key, ca_cert,
+                                   timeout=600)
+    print(f"  bundle {bundle}: " + ", ".join(f"{n} site(s) {name}" for name, n in sorted(answers.items())))
+    if code != 0 or answers.get("STORED", 0) != 3:
+        print(f"fedrad demo: publishing failed; logs in {workdir / 'logs'}")
+        return 1
+    return 0
+
+
+def _finetune_received(workdir: Path, sites: list[Path], pub: Path) -> int:
+    """Fine-tune from the copies the sites received (each verified again with the site's consortium.pub)."""
+    from fedrad.client.release_store import resolve_release
+    from fedrad.common.bundle import verify_bundle
+
+    _step("each site verifies the copy it received (fedrad releases; --release latest)")
+    copies = [resolve_release(workdir / "state" / site.name, "latest") for site in sites]
+    hashes = {verify_bundle(copy, pub)["weights"]["sha256"] for copy in copies}
+    for copy in copies:
+        print(f"  {copy} verified with {pub}")
+    if len(hashes) != 1:
+        print("fedrad demo: the sites hold different weights")
+        return 1
+    _step("fine-tuning on the sites' small labelled sets, from the received release: pretrained vs random init")
+    print(demo_finetune(copies[0], pub, sites, workdir / "finetune"))
     return 0
 
 

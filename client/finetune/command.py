@@ -22,6 +22,7 @@ def _parse_fractions(text: str) -> list[float]:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Verify, load data, split by patient, fit per fraction and seed, write the tables and the plot."""
+    from fedrad.client.release_store import bundle_from_args
     from fedrad.client.trainer import resolve_device
     from fedrad.common.bundle import BundleVerificationError, load_verified_backbone, policy_from_args
 
@@ -31,6 +32,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     dp = (float(args.dp_epsilon), float(args.dp_delta)) if args.dp_epsilon is not None else None
     if dp is not None and (dp[0] <= 0 or not 0 < dp[1] < 1):
         raise ValueError("--dp-epsilon must be > 0 and --dp-delta in (0, 1)")
+    args.bundle = bundle_from_args(args)  # BUNDLE, or --release latest|ID from the site's store
     if not args.insecure and not args.pubkey:
         print("fedrad finetune: error: pass --pubkey to verify the bundle (or --insecure to skip)", file=sys.stderr)
         return 2

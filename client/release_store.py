@@ -1,0 +1,282 @@
+"""The site's store of released foundation weights: `<state-dir>/releases/<release-id>/`.
+
+A bundle arrives as bytes (fedrad.client.release_handler). It is written into a hidden temporary folder in
+the state directory, verified there with the site's own consortium key (common.bundle, read once), checked
+against the runs this site took part in and against the releases it already holds (no rollback), and only
+then renamed into `releases/`. Any refusal removes the temporary folder: a refused or partial bundle leaves
+nothing behind. The store is also what `fedrad releases` lists and what `--release latest|ID` resolves.
+
+Runs taken part in are recorded in `<state-dir>/runs_joined.json` each time this site answers a training
+message (run id and run key, as a release manifest names them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedrad.client.site_state import JOINED_FILE, RELEASES_DIRNAME, SiteState, SiteStateError, locked
+from fedrad.common.atomic import atomic_write_json
+from fedrad.common.bundle import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    MAX_WEIGHTS_BYTES,
+    SIGNATURE,
+    SIGNATURE_BYTES,
+    WEIGHTS,
+    BundleVerificationError,
+    ReleasePolicy,
+    parse_created,
+    verify_bundle,
+)
+from fedrad.common.release_wire import (
+    MAX_CARD_BYTES,
+    MODEL_CARD,
+    REQUIRED_FILES,
+    ReleaseCode,
+    manifest_release_id,
+)
+
+INCOMING_PREFIX = ".incoming-"
+FILE_LIMITS = {WEIGHTS: MAX_WEIGHTS_BYTES, MANIFEST: MAX_MANIFEST_BYTES, SIGNATURE: SIGNATURE_BYTES,
+               MODEL_CARD: MAX_CARD_BYTES}
+
+
+class ReleaseRefused(Exception):
+    """The bundle is not stored: `code` is what the coordinator gets, the message what the site's audit keeps."""
+
+    def __init__(self, code: ReleaseCode, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class HeldRelease:
+    """A release in the site's store (its manifest was verified when it was stored)."""
+
+    release_id: str
+    path: Path
+    run_id: str
+    run_key: str
+    sequence: int
+    created: str
+    model: str
+
+    @property
+    def order(self) -> tuple[str, int]:
+        """Newest last: signing time (UTC text sorts as time), then the release number."""
+        return self.created, self.sequence
+
+
+def releases_dir(state_root: Path) -> Path:
+    return Path(state_root) / RELEASES_DIRNAME
+
+
+# -- runs this site took part in --------------------------------------------------------------------------
+def _read_joined(state: SiteState) -> dict[str, Any]:
+    path = state.root / JOINED_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {"runs": {}}
+    except (OSError, ValueError) as exc:
+        raise SiteStateError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
+        raise SiteStateError(f"{path}: not a fedrad runs-joined file")
+    return data
+
+
+def record_participation(state: SiteState, run_id: int | str, run_key: str | None) -> None:
+    """Note that this site answered a training message of run `run_id` (key `run_key`); idempotent."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with locked(state):
+        data = _read_joined(state)
+        entry = data["runs"].setdefault(str(run_id), {"first": now})
+        if run_key:
+            entry["run_key"] = str(run_key)
+        entry["last"] = now
+        atomic_write_json(state.root / JOINED_FILE, data)
+
+
+def took_part(state: SiteState, run_id: Any, run_key: Any) -> bool:
+    """Whether this site answered a training message of the run a release names (by run id or run key)."""
+    runs = _read_joined(state)["runs"]
+    if run_id is not None and str(run_id) in runs:
+        return True
+    return bool(run_key) and any(e.get("run_key") == run_key for e in runs.values())
+
+
+# -- what the store holds ----------------------------------------------------------------------------------
+def held_releases(state_root: Path) -> list[HeldRelease]:
+    """The releases in the store, oldest first (hidden temporary folders are skipped)."""
+    folder = releases_dir(state_root)
+    if not folder.is_dir():
+        return []
+    held = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_dir():
+            continue
+        try:
+            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+            release = manifest["release"]
+            held.append(HeldRelease(path.name, path, str(release["run_id"]), str(release.get("run_key") or ""),
+                                    int(release["sequence"]), str(manifest["created"]), str(manifest["model"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a stored release (never verified): ignored, and `--release` cannot name it
+    return sorted(held, key=lambda h: h.order)
+
+
+def resolve_release(state_root: Path, name: str) -> Path:
+    """The bundle folder `--release latest|ID` names in the store; FileNotFoundError (exit 2) when none."""
+    held = held_releases(state_root)
+    if not held:
+        raise FileNotFoundError(f"--release {name}: no release in {releases_dir(state_root)} (has this site's node "
+                                f"received one? `fedrad releases --state-dir {state_root}`)")
+    if name == "latest":
+        return held[-1].path
+    for h in held:
+        if h.release_id == name:
+            return h.path
+    raise FileNotFoundError(f"--release {name}: not in {releases_dir(state_root)} (held: "
+                            f"{', '.join(h.release_id for h in held)})")
+
+
+def judge_offer(state: SiteState, run_id: Any, run_key: Any, sequence: int, created: str,
+                offered_id: str) -> ReleaseCode:
+    """WANT, HAVE, or the refusal the site would give the offered release (from the offer's unsigned
+    claims: this only spares a transfer; the bundle itself is checked again when it arrives)."""
+    held = held_releases(state.root)
+    if any(h.release_id == offered_id for h in held):
+        return ReleaseCode.HAVE
+    if not took_part(state, run_id, run_key):
+        return ReleaseCode.REFUSED_NOT_PARTICIPANT
+    if _rollback(held, str(run_id), str(run_key or ""), sequence, created):
+        return ReleaseCode.REFUSED_ROLLBACK
+    return ReleaseCode.WANT
+
+
+def _rollback(held: list[HeldRelease], run_id: str, run_key: str, sequence: int, created: str) -> str | None:
+    """Why a release is older than one held (same run: lower sequence; any run: signed earlier), or None."""
+    same = [h for h in held if h.run_id == run_id or (run_key and h.run_key == run_key)]
+    policy = ReleasePolicy(min_sequence=max(h.sequence for h in same) + 1 if same else None,
+                           min_created=parse_created(held[-1].created) if held else None)
+    try:
+        policy.check({"release": {"run_id": run_id, "run_key": run_key, "sequence": sequence}, "created": created,
+                      "format": ""}, "the offered release")
+    except (BundleVerificationError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+# -- storing ------------------------------------------------------------------------------------------------
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "xb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def store_release(state: SiteState, files: dict[str, bytes], pubkey) -> tuple[ReleaseCode, str]:
+    """Verify and store a received bundle: (STORED or HAVE, release id), or ReleaseRefused.
+
+    `pubkey`: the site's consortium key (PEM path or key object). Nothing stays behind on refusal.
+    """
+    missing = [n for n in REQUIRED_FILES if n not in files]
+    if missing:
+        raise ReleaseRefused(ReleaseCode.REFUSED_UNVERIFIED, f"incomplete bundle: {', '.join(missing)} missing")
+    state.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with locked(state):
+        incoming = Path(tempfile.mkdtemp(prefix=INCOMING_PREFIX, dir=state.root))
+        try:
+            for name, data in files.items():
+                _write_file(incoming / name, data)
+            manifest = _verify(incoming, files, pubkey)
+            return _place(state, incoming, manifest)
+        finally:
+            shutil.rmtree(incoming, ignore_errors=True)  # gone after the rename; removed on any refusal
+
+
+def _verify(incoming: Path, files: dict[str, bytes], pubkey) -> dict[str, Any]:
+    try:
+        manifest = verify_bundle(incoming, pubkey)
+    except BundleVerificationError as exc:
+        raise ReleaseRefused(ReleaseCode.REFUSED_UNVERIFIED, str(exc)) from None
+    card = files.get(MODEL_CARD)
+    if card is not None and hashlib.sha256(card).hexdigest() not in files[MANIFEST].decode("utf-8", "replace"):
+        raise ReleaseRefused(ReleaseCode.REFUSED_UNVERIFIED, f"{MODEL_CARD}: its sha256 is not in the signed manifest")
+    return manifest
+
+
+def _place(state: SiteState, incoming: Path, manifest: dict[str, Any]) -> tuple[ReleaseCode, str]:
+    """Participation and rollback checks on the verified manifest, then the rename into the store."""
+    try:
+        rid = manifest_release_id(manifest)
+    except ValueError as exc:
+        raise ReleaseRefused(ReleaseCode.REFUSED_NOT_PARTICIPANT, str(exc)) from None
+    release = manifest["release"]
+    held = held_releases(state.root)
+    if any(h.release_id == rid for h in held):
+        return ReleaseCode.HAVE, rid
+    if not took_part(state, release["run_id"], release.get("run_key")):
+        raise ReleaseRefused(ReleaseCode.REFUSED_NOT_PARTICIPANT,
+                             f"release {rid}: this site took no part in run {release['run_id']}")
+    why = _rollback(held, str(release["run_id"]), str(release.get("run_key") or ""), release["sequence"],
+                    manifest["created"])
+    if why:
+        raise ReleaseRefused(ReleaseCode.REFUSED_ROLLBACK, f"release {rid}: {why}")
+    target = releases_dir(state.root)
+    target.mkdir(exist_ok=True, mode=0o700)
+    os.rename(incoming, target / rid)
+    return ReleaseCode.STORED, rid
+
+
+# -- `fedrad releases` ------------------------------------------------------------------------------------
+def cmd_releases(args: argparse.Namespace) -> int:
+    """List the releases this site holds (newest last); with --pubkey, verify each again."""
+    root = Path(args.state_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--state-dir {root}: no such folder")
+    held = held_releases(root)
+    if not held:
+        print(f"no releases in {releases_dir(root)}")
+        return 0
+    status = 0
+    for h in held:
+        line = (f"{h.release_id:<18} run {h.run_id} release #{h.sequence}  created {h.created}  {h.model}  "
+                f"{h.path}")
+        if args.pubkey:
+            try:
+                verify_bundle(h.path, args.pubkey)
+                line += "  verified"
+            except BundleVerificationError as exc:
+                line += f"  FAILED: {exc}"
+                status = 1
+        print(line)
+    print(f"latest: {held[-1].release_id}")
+    return status
+
+
+def bundle_from_args(args: argparse.Namespace) -> str:
+    """`fedrad finetune/embed`: the bundle folder, given as BUNDLE or as `--release latest|ID` from the site's
+    store (`--state-dir`); ValueError (exit 2) when neither or both are given. It is still verified on loading."""
+    bundle, release = getattr(args, "bundle", None), getattr(args, "release", None)
+    if bool(bundle) == bool(release):
+        raise ValueError("give either a BUNDLE folder or --release latest|ID (with --state-dir), not both or neither")
+    if bundle:
+        return str(bundle)
+    if not getattr(args, "state_dir", None):
+        raise ValueError(f"--release {release}: give --state-dir, the site's state folder (as `fedrad node` printed)")
+    return str(resolve_release(Path(args.state_dir), str(release)))
+
+
+__all__ = ["HeldRelease", "JOINED_FILE", "RELEASES_DIRNAME", "ReleaseRefused", "bundle_from_args", "cmd_releases",
+           "held_releases", "judge_offer", "record_participation", "releases_dir", "resolve_release", "store_release",
+           "took_part"]
