@@ -3,7 +3,10 @@
 Every round is check -> train (the mode's configure -> send/receive -> screen -> aggregate; plain,
 client-DP and SecAgg+ live in fedrad.server.round_modes) -> evaluate -> record -> checkpoint -> plots.
 This mirrors `Strategy.start` of flwr 1.41 but starts at an arbitrary round, which `Strategy.start`
-cannot, so a crashed run resumes. With fraction-evaluate = 0 no evaluate message is built or sent.
+cannot, so a crashed run resumes. With fraction-evaluate = 0 no evaluate message is built or sent; with
+eval-in-train = true neither: each site's train reply carries its held-out metrics of the global weights it
+received (measured before training, so round r's `eval_loss` is that of the global model after round r - 1),
+and they reach the round's line and its per-site records the way the evaluate replies' metrics do.
 
 Where each round's time went, in its metrics.jsonl line (seconds, coordinator clock):
 - `time_send`: configure (sampling, building messages) + push to the SuperLink, train and evaluate.
@@ -200,7 +203,9 @@ def _time_fields(times: RoundTimes, round_seconds: float) -> dict[str, float]:
 
 def _evaluate(state: RunState, rnd: int, arrays: ArrayRecord, times: RoundTimes) -> tuple[dict, dict[str, dict]]:
     """Evaluation is the same in every mode: the global model is public to the sites anyway.
-    With fraction-evaluate = 0 the strategy samples no site and nothing is sent or awaited."""
+    With fraction-evaluate = 0 or eval-in-train the strategy samples no site and nothing is sent or awaited."""
+    if state.cfg.eval_in_train:
+        return {}, {}
     t0 = time.perf_counter()
     msgs = list(state.strategy.configure_evaluate(rnd, arrays, ConfigRecord({SERVER_ROUND: rnd}), state.grid))
     if not msgs:
