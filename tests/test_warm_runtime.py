@@ -162,3 +162,60 @@ def test_killed_worker_is_replaced_and_each_run_gets_its_own_worker(tmp_path):
             _wait_for(lambda old=old: not any(_alive(pid) for pid in old), 30, "run 1's workers to leave")
     finally:
         c.stop()
+
+
+def test_resident_model_is_reused_within_a_run_and_loaded_with_each_message():
+    """The warm worker's model: the same object for the same run and architecture, holding exactly the weights
+    of each message; another run or dp=sample gets a new one."""
+    from types import SimpleNamespace
+
+    import torch
+    from flwr.app import ArrayRecord, RecordDict
+
+    from fedrad.client import task
+    from fedrad.common.models import build_model
+    from fedrad.common.run_config import RunConfig
+
+    cfg = RunConfig(model="test_resnet", objective="simclr", image_size=32, proj_dim=32)
+
+    def message(seed: int):  # what _model_from reads of a Message: its content's arrays
+        torch.manual_seed(seed)
+        state = build_model("test_resnet", "simclr", 32, proj_dim=32).state_dict()
+        return SimpleNamespace(content=RecordDict({"arrays": ArrayRecord(state)})), state
+
+    task._RESIDENT.clear()
+    m1, s1 = message(1)
+    m2, s2 = message(2)
+    a = task._model_from(m1, cfg, run_id=7)
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in s1.items())
+    b = task._model_from(m2, cfg, run_id=7)
+    assert b is a and all(torch.equal(b.state_dict()[k], v) for k, v in s2.items())
+    assert task._model_from(m1, cfg, run_id=8) is not a  # another run: its own model
+    dp_cfg = RunConfig(model="test_resnet", objective="simclr", image_size=32, proj_dim=32, dp="sample")
+    m3 = SimpleNamespace(content=RecordDict({"arrays": ArrayRecord(  # a GroupNorm model's arrays
+        build_model("test_resnet", "simclr", 32, proj_dim=32, norm="group").state_dict())}))
+    assert task._model_from(m3, dp_cfg, run_id=8) is not task._model_from(m3, dp_cfg, run_id=8)
+    task._RESIDENT.clear()
+
+
+def test_eval_in_train_sends_no_evaluate_message_and_train_replies_may_carry_held_out_metrics(tmp_path):
+    from fedrad.common.protocol import MESSAGE_TRAIN, SiteReport
+    from fedrad.common.run_config import RunConfig
+    from fedrad.server.exchange import RoundTimes
+    from fedrad.server.rounds import RunState, _evaluate
+    from fedrad.server.strategies import build_strategy
+
+    class NoGrid:
+        def get_node_ids(self):
+            return [1, 2]
+
+        def push_messages(self, messages):
+            raise AssertionError("nothing may be sent")
+
+    cfg = RunConfig(min_train_nodes=1, min_available_nodes=1, fraction_evaluate=1.0, eval_in_train=True)
+    assert RunConfig.from_flower({"eval-in-train": "true"}).eval_in_train
+    state = RunState(NoGrid(), cfg, tmp_path, build_strategy(cfg), "k", ["w"])
+    assert _evaluate(state, 1, None, RoundTimes()) == ({}, {})
+    report = SiteReport.from_metrics({"num_examples": 4, "train_loss": 1.0, "eval_loss": 0.5, "alignment": 0.1,
+                                      "uniformity": -1.0, "eval_examples": 2}, MESSAGE_TRAIN)
+    assert report.eval_loss == 0.5 and report.eval_examples == 2
