@@ -12,7 +12,8 @@ Where each round's time went, in its metrics.jsonl line (seconds, coordinator cl
 - `time_send`: configure (sampling, building messages) + push to the SuperLink, train and evaluate.
 - `time_wait`: from the end of each push until its last reply (the slowest site) or the round timeout.
 - `time_site_compute_max`: the slowest site's own train handler `seconds` (its SiteReport); evaluate replies
-  carry no `seconds` (common/protocol.py), so with evaluation on its site work counts in `time_overhead`.
+  carry no `seconds` (common/protocol.py), so with evaluate messages their site work counts in
+  `time_overhead`; with eval-in-train it is part of the train handler's `seconds`.
 - `time_aggregate`: screening + aggregation of the train and evaluate replies.
 - `time_train`: the whole training half; under SecAgg+ Flower's workflow sends, waits and aggregates
   itself, so there `time_send` / `time_wait` / `time_aggregate` cover evaluation only.
