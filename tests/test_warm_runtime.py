@@ -219,3 +219,22 @@ def test_eval_in_train_sends_no_evaluate_message_and_train_replies_may_carry_hel
     report = SiteReport.from_metrics({"num_examples": 4, "train_loss": 1.0, "eval_loss": 0.5, "alignment": 0.1,
                                       "uniformity": -1.0, "eval_examples": 2}, MESSAGE_TRAIN)
     assert report.eval_loss == 0.5 and report.eval_examples == 2
+
+
+def test_short_pull_backoffs_reach_flowers_pullers():
+    """The ServerApp's reply puller and the runtime's message puller use the short backoff (fails loudly if a
+    Flower upgrade renames what they wrap)."""
+    import inspect
+
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.superlink.grid import http_grid
+
+    from fedrad.client.runtime import PULL_BACKOFF
+    from fedrad.server.exchange import REPLY_PULL_BACKOFF, short_reply_backoff
+
+    assert short_reply_backoff() and short_reply_backoff()
+    assert http_grid.pull_objects.keywords == {"initial_backoff": REPLY_PULL_BACKOFF[0],
+                                               "backoff_cap": REPLY_PULL_BACKOFF[1]}
+    assert not hasattr(http_grid.pull_objects.func, "fedrad_short_backoff")  # wrapped once, not twice
+    params = inspect.signature(pull_and_inflate_object_from_tree).parameters
+    assert {"initial_backoff", "backoff_cap"} <= set(params) and PULL_BACKOFF[0] < PULL_BACKOFF[1] <= 1.0
