@@ -1,20 +1,24 @@
-"""Round overhead: wall time of a federated round / the same local training + evaluation run alone.
+"""Round overhead: what a federated round costs above its slowest site's own work, warm vs fresh site runtime.
 
-Federated: a real SuperLink + one SuperNode on loopback, fedrad's ServerApp/ClientApp (fresh ClientApp
-process per message, model arrays over HTTP, screening, checkpoint, metrics, plot).
-Alone: the same site, model, steps and batch through `train_local` + `evaluate_local` in this process.
-Printed for a small and a realistic round size; appended to RESULTS.md, with the round's own timing split
-from metrics.jsonl (rounds 2+ mean): fixed overhead = round wall time - the slowest site's train handler
-seconds, and how much of the round was waiting for the site (fedrad.server.rounds documents the fields).
-Run: python benchmarks/bench_round_overhead.py [--quick]
+A real SuperLink and `--sites` SuperNodes on loopback run fedrad's ServerApp and the sites' runtime
+(client/runtime.py), once per site-runtime mode, side by side in one invocation:
+- `warm`: one long-lived worker process per run at each site (the default runtime);
+- `fresh`: `--fresh-process-per-message`, a fresh process per message (the runtime before issue 13).
+From metrics.jsonl (rounds 2+ mean; round 1 also decodes the sites' caches and starts the workers):
+fixed overhead = round wall time - the slowest site's handler seconds (`time_overhead`,
+fedrad.server.rounds documents the fields), and ratio = round wall time / the slowest site's handler seconds.
+`--eval` picks how held-out metrics are measured: `message` (an evaluate message per round, the old
+default), `in-train` (run-config eval-in-train: one message per round) or `off` (fraction-evaluate 0).
+Rows are appended to RESULTS.md.
+Run: python benchmarks/bench_round_overhead.py [--size small|realistic] [--modes warm,fresh] [--eval in-train]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -23,44 +27,34 @@ from common_bench import append_result, machine, today  # noqa: E402
 
 SIZES = {
     "small": {"model": "test_resnet", "image-size": 32, "local-steps": 5, "batch-size": 8, "proj-dim": 32},
-    "realistic": {"model": "resnet18", "image-size": 64, "local-steps": 30, "batch-size": 32, "proj-dim": 128},
+    "medium": {"model": "resnet18", "image-size": 64, "local-steps": 30, "batch-size": 32, "proj-dim": 128},
+    # The issue's realistic local round: ~5 min of compute per site on 2 CPU cores.
+    "realistic": {"model": "resnet18", "image-size": 128, "local-steps": 200, "batch-size": 32, "proj-dim": 128},
 }
+EVAL = {"message": {"fraction-evaluate": 1.0}, "in-train": {"fraction-evaluate": 0.0, "eval-in-train": True},
+        "off": {"fraction-evaluate": 0.0}}
+TIMED = ("round_seconds", "time_overhead", "time_send", "time_wait", "time_site_compute_max", "time_aggregate",
+         "time_checkpoint")
 
 
-def alone(site: Path, cfg: dict, cache: Path) -> float:
-    """Seconds for the site's local work of one round, in-process (data already cached, as in round 2+)."""
-    import torch
-
-    from fedrad.client.site_data import load_site
-    from fedrad.client.trainer import TrainConfig, evaluate_local, train_local
-    from fedrad.common.models import build_model
-
-    data = load_site(site, cfg["image-size"], cache_dir=cache, progress=False)
-    tcfg = TrainConfig(objective="simclr", steps=cfg["local-steps"], batch_size=cfg["batch-size"], lr=3e-4,
-                       device="cpu", image_size=cfg["image-size"], seed=0)
-    torch.manual_seed(0)
-    model = build_model(cfg["model"], "simclr", cfg["image-size"], proj_dim=cfg["proj-dim"])
-    t0 = time.perf_counter()
-    train_local(model, data, tcfg, progress=False)
-    evaluate_local(model, data, tcfg)
-    return time.perf_counter() - t0
-
-
-TIMED = ("round_seconds", "time_overhead", "time_send", "time_wait", "time_site_compute_max", "time_checkpoint")
-
-
-def federated(site: Path, cfg: dict, work: Path, rounds: int) -> list[dict]:
+def federated(sites: list[Path], cfg: dict, work: Path, rounds: int, fresh: bool, threads: int) -> list[dict]:
+    """Per-round timing fields of one run with every site in the given runtime mode."""
     from federation_harness import Consortium
 
+    from fedrad.client.runtime import SiteTrust
     from fedrad.server.run_log import read_metrics
 
     c = Consortium(work)
     try:
         c.start_link()
-        c.start_node("s0", site)
+        for i, site in enumerate(sites):
+            c.start_node(f"s{i}", site, trust=SiteTrust(consortium_key=c.consortium_pub,
+                                                        fresh_process_per_message=fresh),
+                         config={"threads": threads} if threads else None)
+        n = len(sites)
         overrides = dict(cfg, objective="simclr", **{"num-server-rounds": rounds, "run-dir": str(work / "run"),
-                                                       "min-train-nodes": 1, "min-available-nodes": 1})
-        code = c.run(overrides)
+                                                       "min-train-nodes": n, "min-available-nodes": n})
+        code = c.run(overrides, timeout=3600)
         if code != 0:
             raise RuntimeError(f"federated run failed; see {work / 'logs'}")
         return [{k: float(r.get(k) or 0.0) for k in TIMED} for r in read_metrics(work / "run")]
@@ -69,50 +63,46 @@ def federated(site: Path, cfg: dict, work: Path, rounds: int) -> list[dict]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="small size only")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--modes", default="warm,fresh", help="site runtimes to compare: warm, fresh")
+    ap.add_argument("--eval", choices=sorted(EVAL), default="in-train", dest="eval_mode")
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per site (0: torch's default)")
+    ap.add_argument("--note", default="", help="what else ran on the machine (goes into the row)")
     args = ap.parse_args()
     from fedrad.deploy.synthetic import write_synthetic_sites
 
+    cfg = dict(SIZES[args.size], **EVAL[args.eval_mode])
+    command = (f"`python benchmarks/bench_round_overhead.py --size {args.size} --modes {args.modes} --eval "
+               f"{args.eval_mode} --sites {args.sites} --rounds {args.rounds} --threads {args.threads}`")
     rows = []
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        site = write_synthetic_sites(tmp / "sites", n_sites=1, patients_per_site=20, size=128)[0]
-        for name in (["small"] if args.quick else ["small", "realistic"]):
-            cfg = SIZES[name]
-            cache = tmp / f"fed-{name}" / "cache" / "s0"
-            # Alone before and after the federated run, best of both: load from other work on the machine
-            # then hurts the baseline no more than the federated side.
-            local_before = alone(site, cfg, cache)
-            fed = federated(site, cfg, tmp / f"fed-{name}", args.rounds)
-            local = min(local_before, alone(site, cfg, cache))
-            # Round 1 also decodes the site into its cache; rounds 2+ are the steady state.
+        sites = write_synthetic_sites(tmp / "sites", n_sites=args.sites, patients_per_site=20, size=128)
+        for mode in args.modes.split(","):
+            fed = federated(sites, cfg, tmp / mode, args.rounds, mode == "fresh", args.threads)
             later = fed[1:] or fed
             split = {k: sum(r[k] for r in later) / len(later) for k in TIMED}
-            steady = split["round_seconds"]
-            rows.append((name, cfg, fed[0]["round_seconds"], steady, local, steady / local, split))
-    print(f"{'size':>10} {'model':>12} {'px':>4} {'steps':>5} {'round 1 s':>9} {'round 2+ s':>10} "
-          f"{'alone s':>8} {'overhead':>9}")
-    for name, cfg, first, steady, local, ratio, split in rows:
-        print(f"{name:>10} {cfg['model']:>12} {cfg['image-size']:>4} {cfg['local-steps']:>5} {first:>9.2f} "
-              f"{steady:>10.2f} {local:>8.2f} {ratio:>8.2f}x")
-        print("           rounds 2+: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
+            ratio = split["round_seconds"] / max(split["time_site_compute_max"], 1e-9)
+            rows.append((mode, fed[0]["round_seconds"], split, ratio))
+    load = f"load avg {load_start:.1f} -> {os.getloadavg()[0]:.1f}" + (f"; {args.note}" if args.note else "")
+    print(f"{'runtime':>8} {'round 1 s':>9} {'round 2+ s':>10} {'slowest site s':>14} {'overhead s':>10} {'ratio':>6}")
+    for mode, first, split, ratio in rows:
+        print(f"{mode:>8} {first:>9.2f} {split['round_seconds']:>10.2f} {split['time_site_compute_max']:>14.2f} "
+              f"{split['time_overhead']:>10.2f} {ratio:>5.2f}x")
+        print("          rounds 2+: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
         append_result(
-            "round overhead: federated round / local training alone",
-            "| date | machine | size | model | px | steps | batch | round 1 s | round 2+ s | alone s | ratio "
-            "| command |",
-            f"| {today()} | {machine()} | {name} | {cfg['model']} | {cfg['image-size']} | {cfg['local-steps']} | "
-            f"{cfg['batch-size']} | {first:.2f} | {steady:.2f} | {local:.2f} | {ratio:.2f}x | "
-            f"`python benchmarks/bench_round_overhead.py{' --quick' if args.quick else ''}` |",
-        )
-        append_result(
-            "round time split (metrics.jsonl, rounds 2+ mean, seconds)",
-            "| date | machine | size | round | site compute max | overhead | send | wait | checkpoint | command |",
-            f"| {today()} | {machine()} | {name} | {split['round_seconds']:.2f} | {split['time_site_compute_max']:.2f} "
-            f"| {split['time_overhead']:.2f} | {split['time_send']:.2f} | {split['time_wait']:.2f} | "
-            f"{split['time_checkpoint']:.2f} | `python benchmarks/bench_round_overhead.py"
-            f"{' --quick' if args.quick else ''}` |",
+            "round overhead, warm vs fresh site runtime (issue 13; metrics.jsonl, rounds 2+ mean, seconds)",
+            "| date | machine | runtime | sites | size | eval | round 1 | round 2+ | slowest site | overhead | "
+            "ratio | send | wait | aggregate | checkpoint | load | command |",
+            f"| {today()} | {machine()} | {mode} | {args.sites} | {args.size} ({cfg['model']} {cfg['image-size']} px, "
+            f"{cfg['local-steps']} steps, batch {cfg['batch-size']}) | {args.eval_mode} | {first:.2f} | "
+            f"{split['round_seconds']:.2f} | {split['time_site_compute_max']:.2f} | {split['time_overhead']:.2f} | "
+            f"{ratio:.2f}x | {split['time_send']:.2f} | {split['time_wait']:.2f} | {split['time_aggregate']:.2f} | "
+            f"{split['time_checkpoint']:.2f} | {load} | {command} |",
         )
     return 0
 

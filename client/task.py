@@ -2,6 +2,12 @@
 
 Everything here runs inside the hospital. The reply holds the model's arrays and a few aggregate
 numbers (loss, examples, steps, seconds); the images, headers and patient keys stay in this process.
+
+In a warm worker (fedrad.client.runtime) this module stays imported between the messages of one run, and
+`_RESIDENT` keeps the decoded site data and the model object there, each keyed by everything that determines
+it (run id included, so nothing outlives its run's worker anyway). Optimizer state is not kept: every
+objective here starts each round from a fresh optimizer on the received weights (client/trainer.py), and
+BYOL's target network is rebuilt from them by design (common/losses/byol.py).
 """
 
 from __future__ import annotations
@@ -16,6 +22,20 @@ from fedrad.common.protocol import ARRAYS, CONFIG, METRICS, ROUND_LR, RUN_KEY, S
 from fedrad.common.run_config import RunConfig
 
 log = logging.getLogger("fedrad.client")
+
+# slot -> (key, object): at most one site data and one model; a new key drops the old object before building.
+_RESIDENT: dict[str, tuple[tuple, object]] = {}
+
+
+def _resident(slot: str, key: tuple, build):
+    """The object in `slot` when it was built for `key`, else a fresh one from `build()` (kept for next time)."""
+    held = _RESIDENT.get(slot)
+    if held is not None and held[0] == key:
+        return held[1]
+    _RESIDENT.pop(slot, None)
+    value = build()
+    _RESIDENT[slot] = (key, value)
+    return value
 
 
 def _node_setting(context: Context, key: str, default: str = "") -> str:
@@ -40,8 +60,9 @@ def load_site_for(context: Context, cfg: RunConfig):
 
     if is_source_url(data_dir):  # a PACS: data-dir is its URL, node config source-* its query and limits
         kwargs["source_options"] = PacsOptions.from_config(context.node_config)
-    return load_site(data_dir if is_source_url(data_dir) else Path(data_dir), cfg.image_size, cache_dir=cache_dir,
-                     progress=False, **kwargs)
+    key = (context.run_id, data_dir, cfg.image_size, cache_dir, repr(sorted(kwargs.items())))
+    return _resident("site", key, lambda: load_site(data_dir if is_source_url(data_dir) else Path(data_dir),
+                                                    cfg.image_size, cache_dir=cache_dir, progress=False, **kwargs))
 
 
 def _sample_dp_for(msg: Message, context: Context, cfg: RunConfig, n_train: int, server_round: int):
@@ -135,16 +156,29 @@ def _reply_arrays(model, received: ArrayRecord, cfg: RunConfig) -> ArrayRecord:
     return ArrayRecord(out)
 
 
-def _model_from(msg: Message, cfg: RunConfig):
+def _model_from(msg: Message, cfg: RunConfig, run_id: int):
+    """The model holding the message's weights: the resident one of this architecture when there is one (a
+    strict load overwrites every parameter and buffer). Under dp=sample a fresh one every message: opacus
+    rewires the module it trains, and that must never carry over into the next message."""
     from fedrad.common.models import build_model
 
-    model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim, norm=cfg.model_norm)
-    state = msg.content[ARRAYS].to_torch_state_dict()
-    model.load_state_dict(state, strict=True)
+    def build():
+        return build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim, norm=cfg.model_norm)
+
+    if cfg.dp == "sample":
+        model = build()
+    else:
+        model = _resident("model", (run_id, cfg.model, cfg.objective, cfg.image_size, cfg.proj_dim, cfg.model_norm),
+                          build)
+        model.zero_grad(set_to_none=True)
+    model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict(), strict=True)
     return model
 
 
 def handle_train(msg: Message, context: Context) -> Message:
+    """Train on the received global weights. With run-config `eval-in-train` the reply also carries the
+    held-out metrics of the RECEIVED global weights, measured before training (what an evaluate message would
+    have measured one round earlier), so the coordinator needs no evaluate message."""
     import torch
 
     from fedrad.client.trainer import train_local
@@ -157,7 +191,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     data = load_site_for(context, cfg)
-    model = _model_from(msg, cfg)
+    model = _model_from(msg, cfg, context.run_id)
     start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if cfg.proximal_mu > 0 and cfg.strategy == "fedprox":
         proximal = (cfg.proximal_mu, start_state)
@@ -178,6 +212,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             return refuse(msg, state_paths(context.node_config), "dp_ledger", str(exc), ErrorCode.PRIVACY_BUDGET)
         if refusal is not None:
             return refuse(msg, state, refusal.rule, refusal.detail, ErrorCode.PRIVACY_BUDGET)
+    scores = _held_out_scores(model, data, cfg, device) if cfg.eval_in_train else {}
     result = train_local(model, data, tcfg, progress=False, proximal=proximal, dp=dp)
     model.to("cpu")
     seconds = time.perf_counter() - t0
@@ -189,6 +224,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         steps=result.steps,
         seconds=seconds,
         train_seconds=result.seconds,
+        **scores,
     )
     if dp is not None:
         from dataclasses import replace
@@ -212,13 +248,20 @@ def handle_train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _held_out_scores(model, data, cfg: RunConfig, device: str) -> dict[str, float]:
+    """evaluate_local's held-out metrics (SiteReport fields), as an evaluate message computes them."""
+    from fedrad.client.trainer import evaluate_local
+
+    return evaluate_local(model, data, train_config_for(cfg, device, 0, 0))
+
+
 def handle_evaluate(msg: Message, context: Context) -> Message:
     from fedrad.client.trainer import evaluate_local
 
     cfg = RunConfig.from_flower(dict(context.run_config))
     device = _node_setting(context, "device", "auto")
     data = load_site_for(context, cfg)
-    model = _model_from(msg, cfg)
+    model = _model_from(msg, cfg, context.run_id)
     tcfg = train_config_for(cfg, device, 0, 0)
     t0 = time.perf_counter()
     scores = evaluate_local(model, data, tcfg)

@@ -118,6 +118,8 @@ def _metric(kind: type, messages: tuple[str, ...], readers: tuple[str, ...], doc
 
 
 _T, _E, _TE = (MESSAGE_TRAIN,), (MESSAGE_EVALUATE,), (MESSAGE_TRAIN, MESSAGE_EVALUATE)
+# The held-out metrics are also allowed in train replies: with run-config eval-in-train a site measures the
+# received global weights before training and sends them with its update (client/task.py handle_train).
 
 
 @dataclass(frozen=True)
@@ -137,10 +139,10 @@ class SiteReport:
     train_seconds: float | None = _metric(float, _T, (AGGREGATE,), "wall time of the local steps")
     dp_epsilon: float | None = _metric(float, _T, (SITE_RECORD, PLOT, MANIFEST), "site's image-level ε so far")
     dp_epsilon_next: float | None = _metric(float, _T, (SITE_RECORD,), "ε after one more round")
-    eval_loss: float | None = _metric(float, _E, (SITE_RECORD, AGGREGATE, PLOT), "held-out contrastive loss")
-    alignment: float | None = _metric(float, _E, (SITE_RECORD, AGGREGATE), "held-out alignment")
-    uniformity: float | None = _metric(float, _E, (SITE_RECORD, AGGREGATE), "held-out uniformity")
-    eval_examples: int | None = _metric(int, _E, (SITE_RECORD,), "held-out images evaluated")
+    eval_loss: float | None = _metric(float, _TE, (SITE_RECORD, AGGREGATE, PLOT), "held-out contrastive loss")
+    alignment: float | None = _metric(float, _TE, (SITE_RECORD, AGGREGATE), "held-out alignment")
+    uniformity: float | None = _metric(float, _TE, (SITE_RECORD, AGGREGATE), "held-out uniformity")
+    eval_examples: int | None = _metric(int, _TE, (SITE_RECORD,), "held-out images evaluated")
 
     def to_metrics(self) -> dict[str, int | float]:
         """The MetricRecord content: set fields only, in their declared kind."""

@@ -37,6 +37,9 @@ class RunConfig:
     min_train_nodes: int = 2
     min_available_nodes: int = 2
     round_timeout: float = 900.0
+    # true: no evaluate message; each train reply carries its site's held-out metrics of the received global
+    # weights, measured before training (one message per round instead of two; server/rounds.py).
+    eval_in_train: bool = False
     model: str = "resnet18"
     objective: str = "supcon"
     image_size: int = 64

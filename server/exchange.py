@@ -4,10 +4,15 @@ Flower's `Grid.send_and_receive` sleeps 3 s between pulls (flwr 1.41, superlink/
 reply that lands just after a pull is seen up to 3 s late, every message, every round. Here the same
 push-then-pull runs through the Grid's own `push_messages` / `pull_messages` with a short interval, under
 the same round timeout; with no message nothing is pushed or pulled at all.
+
+A reply can be listed before all its arrays reached the SuperLink (the SuperNode pushes them one object
+at a time); Flower's object puller then backs off 1, 2, 4, 8 s. `exchange` sets the Grid's puller to
+REPLY_PULL_BACKOFF instead (flwr 1.41 `superlink.grid.http_grid.pull_objects`, the ServerApp process only).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,6 +21,22 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 REPLY_POLL_SECONDS = 0.2  # a pull is one loopback/HTTPS round trip; 5 per second is next to nothing
+REPLY_PULL_BACKOFF = (0.05, 0.5)  # (first, cap) seconds between tries of an object not yet at the SuperLink
+
+
+def short_reply_backoff() -> bool:
+    """Make the Grid pull a reply's arrays at REPLY_PULL_BACKOFF (idempotent); False when this Flower has no
+    such puller (then Flower's own backoff applies, and the round is only slower)."""
+    from flwr.superlink.grid import http_grid
+
+    pull = getattr(http_grid, "pull_objects", None)
+    if pull is None:
+        return False
+    if not getattr(pull, "fedrad_short_backoff", False):
+        short = functools.partial(pull, initial_backoff=REPLY_PULL_BACKOFF[0], backoff_cap=REPLY_PULL_BACKOFF[1])
+        short.fedrad_short_backoff = True  # type: ignore[attr-defined]
+        http_grid.pull_objects = short
+    return True
 
 
 @dataclass
@@ -36,6 +57,7 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, times: Rou
     msgs = list(messages)
     if not msgs:
         return []
+    short_reply_backoff()
     t0 = time.perf_counter()
     pending = {mid for mid in grid.push_messages(msgs) if mid}  # a message Flower could not push reads None
     del msgs

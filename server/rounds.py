@@ -3,13 +3,17 @@
 Every round is check -> train (the mode's configure -> send/receive -> screen -> aggregate; plain,
 client-DP and SecAgg+ live in fedrad.server.round_modes) -> evaluate -> record -> checkpoint -> plots.
 This mirrors `Strategy.start` of flwr 1.41 but starts at an arbitrary round, which `Strategy.start`
-cannot, so a crashed run resumes. With fraction-evaluate = 0 no evaluate message is built or sent.
+cannot, so a crashed run resumes. With fraction-evaluate = 0 no evaluate message is built or sent; with
+eval-in-train = true neither: each site's train reply carries its held-out metrics of the global weights it
+received (measured before training, so round r's `eval_loss` is that of the global model after round r - 1),
+and they reach the round's line and its per-site records the way the evaluate replies' metrics do.
 
 Where each round's time went, in its metrics.jsonl line (seconds, coordinator clock):
 - `time_send`: configure (sampling, building messages) + push to the SuperLink, train and evaluate.
 - `time_wait`: from the end of each push until its last reply (the slowest site) or the round timeout.
 - `time_site_compute_max`: the slowest site's own train handler `seconds` (its SiteReport); evaluate replies
-  carry no `seconds` (common/protocol.py), so with evaluation on its site work counts in `time_overhead`.
+  carry no `seconds` (common/protocol.py), so with evaluate messages their site work counts in
+  `time_overhead`; with eval-in-train it is part of the train handler's `seconds`.
 - `time_aggregate`: screening + aggregation of the train and evaluate replies.
 - `time_train`: the whole training half; under SecAgg+ Flower's workflow sends, waits and aggregates
   itself, so there `time_send` / `time_wait` / `time_aggregate` cover evaluation only.
@@ -252,7 +256,9 @@ def _time_fields(times: RoundTimes, round_seconds: float) -> dict[str, float]:
 
 def _evaluate(state: RunState, rnd: int, arrays: ArrayRecord, times: RoundTimes) -> tuple[dict, dict[str, dict]]:
     """Evaluation is the same in every mode: the global model is public to the sites anyway.
-    With fraction-evaluate = 0 the strategy samples no site and nothing is sent or awaited."""
+    With fraction-evaluate = 0 or eval-in-train the strategy samples no site and nothing is sent or awaited."""
+    if state.cfg.eval_in_train:
+        return {}, {}
     t0 = time.perf_counter()
     msgs = list(state.strategy.configure_evaluate(rnd, arrays, ConfigRecord({SERVER_ROUND: rnd}), state.grid))
     if not msgs:
