@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedrad.common.protocol import ERROR_TEXT, ErrorCode
+from fedrad.common.protocol import ErrorCode
 from fedrad.common.run_signature import SIGNATURE_KEY, fused_run_config, parse_signature, run_statement, sha256_hex
 
 DEFAULT_CLIENT_APP = "fedrad.client.client_app:app"
@@ -181,11 +181,10 @@ def load_site_app(trust: SiteTrust):
 
 
 def error_reply(message, code: ErrorCode):
-    """A reply that carries only the code and its fixed text: nothing of the site crosses in an error."""
-    from flwr.app import Message
-    from flwr.app.error import Error
+    """A reply that carries only the code and its fixed text (imported here: `serve` never loads Flower's app)."""
+    from fedrad.client.error_reply import error_reply as reply
 
-    return Message(Error(code=int(code), reason=ERROR_TEXT[code]), reply_to=message)
+    return reply(message, code)
 
 
 # --- one message: `task` ------------------------------------------------------------------------------

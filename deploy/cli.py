@@ -181,6 +181,9 @@ def _add_federation(sub) -> None:
                    help="also run unsigned runs (local experiments only; still only this site's own code)")
     p.add_argument("--insecure", action="store_true",
                    help="allow plaintext to a coordinator that is not on this machine (no --certs)")
+    p.add_argument("--fresh-process-per-message", action="store_true",
+                   help="answer each message in a fresh process instead of the run's warm worker (slower; the "
+                        "older runtime, kept as a fallback)")
     p.add_argument("--client-app", default="fedrad.client.client_app:app", metavar="MODULE:ATTR",
                    help="the ClientApp installed here that answers the coordinator (default: fedrad's)")
     p.add_argument("--client-app-dir", default=None,

@@ -73,7 +73,8 @@ def cmd_node(args) -> int:
         consortium_key=Path(args.consortium_key).resolve() if args.consortium_key else None,
         allow_unsigned=args.allow_unsigned,
         client_app=args.client_app,
-        client_app_dir=Path(args.client_app_dir).resolve() if args.client_app_dir else None)
+        client_app_dir=Path(args.client_app_dir).resolve() if args.client_app_dir else None,
+        fresh_process_per_message=getattr(args, "fresh_process_per_message", False))
     if trust.consortium_key is None and not trust.allow_unsigned:
         raise ValueError("--consortium-key is required (the consortium's public key, e.g. consortium.pub): this "
                          "node runs only what the consortium signed (--allow-unsigned: local experiments only)")
