@@ -159,6 +159,8 @@ class DPTraining:
             return self.objective.loss(self.model, view1, view2)
         from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
 
+        for p in self.model.parameters():  # the last step's, already clipped and applied by the optimizer
+            p.grad_sample = None
         per_image = call_for_per_sample_grads(self._loss_module, batch_size=view1.shape[0], loss_reduction="mean")
         return per_image(view1, view2).mean()
 

@@ -79,13 +79,14 @@ def test_per_image_gradients_sum_both_views_and_ignore_the_batch(name: str):
         torch.testing.assert_close(batch[name].mean(0), full[name], rtol=1e-3, atol=1e-4 * scale, msg=name)
 
 
-def test_train_local_with_dp_accounts_and_refuses_unsound_setups():
+@pytest.mark.parametrize("mode", ["hooks", "ew"])
+def test_train_local_with_dp_accounts_and_refuses_unsound_setups(mode: str):
     data = make_fake_site(n=40)
     cfg = TrainConfig(objective="simsiam", steps=4, batch_size=8, device="cpu")
     model = _dp_model()
     keys = list(model.state_dict())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    dp = SampleDP(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+    dp = SampleDP(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, grad_sample_mode=mode)
     result = train_local(model, data, cfg, progress=False, dp=dp)
     assert list(model.state_dict()) == keys
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
