@@ -118,15 +118,17 @@ def main() -> int:
         lines.append(f"- dp=client / plain round time: **{t['dp-client'] / t['plain']:.2f}x** "
                      f"({t['dp-client']:.1f}s vs {t['plain']:.1f}s)")
     rates = dp_sgd_throughput(args)
-    plain = rates["no DP"]
+    # no DP runs before and after the DP modes: their mean is the reference (a shared machine drifts)
+    plain = tuple((a + b) / 2 for a, b in zip(rates["no DP"], rates["no DP, again"], strict=True))
     for mode in args.dp_modes.split(","):
         private = rates[mode]
         lines.append(f"- DP-SGD (`train_local(..., dp=SampleDP(grad_sample_mode='{mode}'))`: opacus, simsiam, "
                      f"GroupNorm {args.model}, {args.image_size} px, expected batch 32, {args.dp_steps} steps) / the "
                      f"same trainer without DP: **{private[0] / plain[0]:.2f}x** wall ({private[0]:.1f} vs "
                      f"{plain[0]:.1f} images/s), {private[1] / plain[1]:.2f}x by CPU time")
-    lines.append(f"- no DP measured again after the DP runs: {rates['no DP, again'][0]:.1f} images/s wall, "
-                 f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} threads at the end")
+    lines.append(f"- no DP before / after the DP runs: {rates['no DP'][0]:.1f} / {rates['no DP, again'][0]:.1f} "
+                 f"images/s wall (the ratios use their mean); load average {os.getloadavg()[0]:.1f} on "
+                 f"{os.cpu_count()} threads at the end")
     cpu = os.cpu_count()
     where = ("3 SuperNodes on loopback; round time = last round's train+evaluate wall time, incl. Flower's "
              "process start per message") if not args.skip_federation else "DP-SGD throughput only"
