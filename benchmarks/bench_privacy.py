@@ -1,12 +1,14 @@
 """Cost of privacy: SecAgg+ and DP round time vs plain on real Flower processes, and DP-SGD step throughput.
 
     .venv/bin/python benchmarks/bench_privacy.py [--model resnet18] [--image-size 64] [--steps 4] [--rounds 2]
+        [--skip-federation] [--dp-steps 6] [--dp-modes hooks,ew,functorch]
 
 1. One consortium (SuperLink + 3 SuperNodes on loopback, synthetic DICOM sites); the same run three times:
    plain, `secagg=true`, `dp=client`. Round time = the ServerApp's per-round wall time in metrics.jsonl
    (train + evaluate, incl. Flower's process start per message); the last round of each run is compared.
 2. Local training throughput of the shipping trainer with sample-level DP-SGD (dp = "sample": opacus,
-   per-image clipping + noise, simsiam, the GroupNorm model) vs the same trainer and model without DP.
+   per-image clipping + noise, simsiam, the GroupNorm model) vs the same trainer and model without DP, for
+   each per-image gradient mode (`--dp-modes`), back to back in one process.
 Ratios are appended to benchmarks/RESULTS.md with the machine and the command.
 """
 
@@ -59,9 +61,11 @@ def round_times(args) -> dict[str, float]:
     return out
 
 
-def dp_sgd_throughput(args) -> tuple[float, float]:
+def dp_sgd_throughput(args) -> dict[str, tuple[float, float]]:
     """Images/s of the shipping trainer (`train_local`, simsiam, the GroupNorm model of dp=sample) without and
-    with `dp=SampleDP(...)`: opacus per-image gradients, clipping, noise, Poisson batches, accounting."""
+    with `dp=SampleDP(...)` (opacus per-image gradients, clipping, noise, Poisson batches, accounting), once per
+    per-image gradient mode in `--dp-modes`, back to back in this process: {name: (wall img/s, CPU img/s)}.
+    CPU img/s divides by this process's CPU time, which a machine shared with other jobs inflates less."""
     import torch
     from fake_site import make_fake_site
 
@@ -72,18 +76,23 @@ def dp_sgd_throughput(args) -> tuple[float, float]:
     data = make_fake_site(n=args.dp_images, size=args.image_size)
     cfg = TrainConfig(objective="simsiam", steps=args.dp_steps, batch_size=32, device=args.device)
 
-    def rate(dp) -> float:
+    def rate(name: str, dp) -> tuple[float, float]:
         torch.manual_seed(0)
         model = build_model(args.model, "simsiam", args.image_size, proj_dim=128, norm="group")
         train_local(model, data, TrainConfig(objective="simsiam", steps=1, batch_size=32, device=args.device),
                     progress=False, dp=dp)  # warm-up (allocator, opacus hooks)
+        cpu0 = time.process_time()
         res = train_local(model, data, cfg, progress=False, dp=dp)
-        print(f"{'DP-SGD' if dp else 'no DP'}: {res.examples} images in {res.seconds:.1f}s", flush=True)
-        return res.examples / res.seconds
+        cpu = time.process_time() - cpu0
+        print(f"{name}: {res.examples} images in {res.seconds:.1f}s wall, {cpu:.1f}s CPU", flush=True)
+        return res.examples / res.seconds, res.examples / cpu
 
-    plain = rate(None)
-    private = rate(SampleDP(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5))
-    return plain, private
+    out = {"no DP": rate("no DP", None)}
+    for mode in args.dp_modes.split(","):
+        out[mode] = rate(f"DP-SGD {mode}", SampleDP(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5,
+                                                    grad_sample_mode=mode))
+    out["no DP, again"] = rate("no DP, again", None)  # the machine's drift over the run
+    return out
 
 
 def main() -> int:
@@ -95,6 +104,8 @@ def main() -> int:
     ap.add_argument("--dp-steps", type=int, default=6)
     ap.add_argument("--dp-images", type=int, default=400, help="images of the in-memory site for DP-SGD")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dp-modes", default="hooks,ew,functorch",
+                    help="per-image gradient modes to measure (client.sample_dp.GRAD_SAMPLE_MODES), comma-separated")
     ap.add_argument("--skip-federation", action="store_true")
     args = ap.parse_args()
     import torch
@@ -106,10 +117,18 @@ def main() -> int:
                      f"({t['secagg']:.1f}s vs {t['plain']:.1f}s; goal <= 1.5x)")
         lines.append(f"- dp=client / plain round time: **{t['dp-client'] / t['plain']:.2f}x** "
                      f"({t['dp-client']:.1f}s vs {t['plain']:.1f}s)")
-    plain, private = dp_sgd_throughput(args)
-    lines.append(f"- DP-SGD (`train_local(..., dp=SampleDP)`: opacus, simsiam, GroupNorm {args.model}, expected "
-                 f"batch 32, {args.dp_steps} steps) / the same trainer without DP: **{private / plain:.2f}x** "
-                 f"({private:.1f} vs {plain:.1f} images/s)")
+    rates = dp_sgd_throughput(args)
+    # no DP runs before and after the DP modes: their mean is the reference (a shared machine drifts)
+    plain = tuple((a + b) / 2 for a, b in zip(rates["no DP"], rates["no DP, again"], strict=True))
+    for mode in args.dp_modes.split(","):
+        private = rates[mode]
+        lines.append(f"- DP-SGD (`train_local(..., dp=SampleDP(grad_sample_mode='{mode}'))`: opacus, simsiam, "
+                     f"GroupNorm {args.model}, {args.image_size} px, expected batch 32, {args.dp_steps} steps) / the "
+                     f"same trainer without DP: **{private[0] / plain[0]:.2f}x** wall ({private[0]:.1f} vs "
+                     f"{plain[0]:.1f} images/s), {private[1] / plain[1]:.2f}x by CPU time")
+    lines.append(f"- no DP before / after the DP runs: {rates['no DP'][0]:.1f} / {rates['no DP, again'][0]:.1f} "
+                 f"images/s wall (the ratios use their mean); load average {os.getloadavg()[0]:.1f} on "
+                 f"{os.cpu_count()} threads at the end")
     cpu = os.cpu_count()
     where = ("3 SuperNodes on loopback; round time = last round's train+evaluate wall time, incl. Flower's "
              "process start per message") if not args.skip_federation else "DP-SGD throughput only"

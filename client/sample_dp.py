@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from torch import nn
 
 LEDGER_FILE = "dp_sample_ledger.json"
+# How per-image gradients are computed; every mode gives opacus's DPOptimizer the same per-image gradients
+# (p.grad_sample), so clipping, noise and the accountant are the same. "ew": PyTorch's expanded weights
+# around the whole per-image loss (no wasted batch weight gradient, grouped convolutions for the per-image
+# weight gradients); "hooks": opacus's GradSampleModule hooks; "functorch": the same with torch.func per layer.
+GRAD_SAMPLE_MODES = ("ew", "hooks", "functorch")
+DEFAULT_GRAD_SAMPLE_MODE = "hooks"
 
 
 @dataclass
@@ -37,6 +43,7 @@ class SampleDP:
     max_grad_norm: float
     delta: float
     history: list[tuple[float, float, int]] = field(default_factory=list)  # opacus RDP (sigma, q, steps)
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE  # how per-image gradients are computed (same values)
 
 
 def _secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
@@ -80,15 +87,31 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
     return float(acc.get_epsilon(delta))
 
 
+def _per_image_loss_module(model: nn.Module, objective) -> nn.Module:
+    """A module whose forward(view1, view2) is each image's loss: expanded weights differentiate a whole
+    module call per sample, and the loss runs the model twice (one pass per view) and the predictor."""
+    from torch import nn
+
+    class PerImageLoss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, view1, view2):
+            return objective.per_sample_loss(self.model, view1, view2)
+
+    return PerImageLoss()
+
+
 class DPTraining:
     """Opacus around one local training call: per-sample gradients, clipping, noise, accounting.
 
-    The model is wrapped by opacus's GradSampleModule only for the duration (`close` removes the hooks),
-    so its state_dict is exactly the plain model's afterwards.
+    Per-image gradients come from `mode` (GRAD_SAMPLE_MODES); opacus's hooks, when used, are on the model only
+    for the duration (`close` removes them), so its state_dict is exactly the plain model's afterwards.
     """
 
     def __init__(self, model: nn.Module, optimizer, dp: SampleDP, n_train: int, batch_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, objective=None, mode: str = DEFAULT_GRAD_SAMPLE_MODE) -> None:
         import warnings
 
         from opacus import GradSampleModule
@@ -99,10 +122,23 @@ class DPTraining:
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         if dp.noise_multiplier <= 0 or dp.max_grad_norm <= 0:
             raise ValueError("sample-level DP needs dp-noise > 0 and dp-clip > 0")
+        if mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad-sample mode '{mode}' is not one of {', '.join(GRAD_SAMPLE_MODES)}")
+        if mode == "ew" and not hasattr(objective, "per_sample_loss"):
+            raise ValueError("grad-sample mode 'ew' needs the objective's per_sample_loss")
         self.dp = dp
+        self.mode = mode
+        self.model = model
+        self.objective = objective
         self.sample_rate = sample_rate(batch_size, n_train)
         self.expected_batch = max(1, round(self.sample_rate * n_train))
-        self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        self.gsm = None
+        self._loss_module = None
+        if mode == "ew":
+            self._loss_module = _per_image_loss_module(model, objective)
+        else:
+            self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean",
+                                        force_functorch=mode == "functorch")
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                                      expected_batch_size=self.expected_batch, loss_reduction="mean",
                                      generator=_secret_generator(device))
@@ -117,6 +153,17 @@ class DPTraining:
         mask = torch.rand(len(indices), generator=self._sampler) < self.sample_rate
         return indices[mask.numpy()]
 
+    def loss(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+        """The batch's mean loss; its backward leaves each image's gradient (both views) in p.grad_sample."""
+        if self._loss_module is None:
+            return self.objective.loss(self.model, view1, view2)
+        from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
+        for p in self.model.parameters():  # the last step's, already clipped and applied by the optimizer
+            p.grad_sample = None
+        per_image = call_for_per_sample_grads(self._loss_module, batch_size=view1.shape[0], loss_reduction="mean")
+        return per_image(view1, view2).mean()
+
     def step(self) -> None:
         self.optimizer.step()
         self.accountant.step(noise_multiplier=self.dp.noise_multiplier, sample_rate=self.sample_rate)
@@ -130,7 +177,11 @@ class DPTraining:
         return epsilon_of(self.history, self.dp.delta)
 
     def close(self) -> None:
-        self.gsm._close()  # removes the hooks and the per-sample gradient attributes
+        if self.gsm is not None:
+            self.gsm._close()  # removes the hooks and the per-sample gradient attributes
+        for p in self.model.parameters():  # expanded weights leave p.grad_sample behind
+            if hasattr(p, "grad_sample"):
+                del p.grad_sample
 
 
 def projected_epsilon(dp: SampleDP, n_train: int, batch_size: int, steps: int) -> float:
@@ -191,5 +242,6 @@ def ledger_record(path: str | os.PathLike, run_key: str, history: list[tuple[flo
     return eps
 
 
-__all__ = ["LEDGER_FILE", "DPTraining", "SampleDP", "check_model", "epsilon_of", "ledger_history",
+__all__ = ["DEFAULT_GRAD_SAMPLE_MODE", "GRAD_SAMPLE_MODES", "LEDGER_FILE", "DPTraining", "SampleDP", "check_model",
+           "epsilon_of", "ledger_history",
            "ledger_record", "projected_epsilon", "sample_rate", "site_history"]

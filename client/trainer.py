@@ -313,7 +313,8 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
         st.objective.start(model)  # before opacus: a target network must be a plain copy it never hooks
         stack.enter_context(opacus_safe(model))
         try:
-            dp_run = DPTraining(model, opt, dp, len(train_idx), cfg.batch_size, st.device)
+            dp_run = DPTraining(model, opt, dp, len(train_idx), cfg.batch_size, st.device, st.objective,
+                                dp.grad_sample_mode)
         except BaseException:
             stack.close()
             raise
@@ -345,7 +346,7 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
                 with autocast:
                     loss = st.objective.batch_loss(model, batch)
             else:
-                loss, b = _dp_loss(st, data, dp_run.draw(train_idx), model, g_aug)
+                loss, b = _dp_loss(st, data, dp_run.draw(train_idx), dp_run, g_aug)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if prox is not None:
@@ -377,20 +378,19 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
     return result
 
 
-def _dp_loss(st: _Setup, data: SiteData, anchors: np.ndarray, model: nn.Module, gen_aug) -> tuple:
+def _dp_loss(st: _Setup, data: SiteData, anchors: np.ndarray, dp_run, gen_aug) -> tuple:
     """The DP step's loss on a Poisson batch. An empty draw still takes a (noise-only) step, as the
     accountant assumes: one blank image with zero weight gives opacus a per-sample gradient of exactly 0."""
     import torch
 
-    from fedrad.common.losses import Batch
 
     n_views = st.objective.n_views
     if len(anchors) == 0:
         size = st.size or data.image_size
         blank = torch.zeros(1, 1, size, size, device=st.device)
-        return st.objective.batch_loss(model, Batch((blank,) * n_views)) * 0.0, 0
+        return dp_run.loss(blank, blank) * 0.0, 0
     batch, b = _views_of(st, data, anchors, None, gen_aug, n_views)
-    return st.objective.batch_loss(model, batch), b
+    return dp_run.loss(*batch.views), b
 
 
 def evaluate_local(model: nn.Module, data: SiteData, cfg: TrainConfig) -> dict[str, float]:

@@ -40,6 +40,10 @@ class RunConfig:
     # true: no evaluate message; each train reply carries its site's held-out metrics of the received global
     # weights, measured before training (one message per round instead of two; server/rounds.py).
     eval_in_train: bool = False
+    # true: mean strategies screen and average the train replies one at a time, each update spilled to a temp
+    # file in the run folder, so the coordinator holds ~2 model copies however many sites answer (large models
+    # with many sites); false: all replies in memory, no disk traffic (server/screening.py).
+    spill_updates: bool = False
     model: str = "resnet18"
     objective: str = "supcon"
     image_size: int = 64

@@ -22,7 +22,8 @@ from fedrad.common.run_config import RunConfig
 from fedrad.server.exchange import RoundTimes, exchange
 from fedrad.server.privacy import PrivacyLedger, wrap_dp_strategy
 from fedrad.server.run_log import read_metrics
-from fedrad.server.screening import ScreeningRules, error_summary, screen_replies
+from fedrad.server.screening import ScreeningRules, UpdateSpill, drain, error_summary, screen_replies, screen_stream
+from fedrad.server.strategies import MEAN_STRATEGIES
 
 
 class RoundStop(Exception):
@@ -84,8 +85,16 @@ class PlainRounds:
         answered = sum(not m.has_error() for m in replies)
         if msgs and not answered:
             self._nothing_back(rnd, msgs, replies)
-        kept, report = screen_replies(replies, arrays, self.rules, MESSAGE_TRAIN)
-        agg, metrics = self.train_strategy.aggregate_train(rnd, kept)
+        if self.cfg.spill_updates and self.train_strategy is self.strategy and \
+                self.cfg.strategy.lower() in MEAN_STRATEGIES:
+            # One reply at a time (spilled to disk until the round's weights are known), so the coordinator
+            # holds a small constant number of model copies however many sites answer.
+            with UpdateSpill(arrays, self.run_dir) as spill:
+                kept, report = screen_stream(drain(replies), arrays, self.rules, spill)
+                agg, metrics = self.train_strategy.aggregate_screened(rnd, kept, spill)
+        else:
+            kept, report = screen_replies(replies, arrays, self.rules, MESSAGE_TRAIN)
+            agg, metrics = self.train_strategy.aggregate_train(rnd, kept)
         # Per-site records: rejected sites' claims too; an accepted site's count as it was counted.
         reports = {str(n): replace(r, num_examples=report.counted.get(n, r.num_examples))
                    for n, r in report.reports.items()}

@@ -22,10 +22,17 @@ sites in a round. Claimed counts cannot be checked against the data; the cap is 
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common import Metadata
 
 from fedrad.common.protocol import (
     AGGREGATE,
@@ -60,15 +67,20 @@ class ScreeningReport:
     capped: dict[int, str] = field(default_factory=dict)  # why a site's weight was cut
 
 
-def _check_arrays(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> tuple[str | None, float]:
-    """Return (reason to reject or None, L2 distance of the update from the global model)."""
+def _check_arrays(arrays: ArrayRecord, reference: ArrayRecord, sink: BinaryIO | None = None
+                  ) -> tuple[str | None, float]:
+    """Return (reason to reject or None, L2 distance of the update from the global model).
+
+    One array at a time (the global model's too), so checking a reply holds one decoded array beside it, not
+    a second model; `sink` receives each checked array's bytes in the global model's order (UpdateSpill)."""
     if set(arrays.keys()) != set(reference.keys()):
-        missing = set(reference) - set(arrays.keys())
-        extra = set(arrays.keys()) - set(reference)
+        missing = set(reference.keys()) - set(arrays.keys())
+        extra = set(arrays.keys()) - set(reference.keys())
         return f"array names differ (missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})", 0.0
     sq = 0.0
-    for key, ref in reference.items():
+    for key, ref_array in reference.items():
         arr = arrays[key].numpy()
+        ref = ref_array.numpy()
         if arr.shape != ref.shape:
             return f"'{key}' has shape {arr.shape}, expected {ref.shape}", 0.0
         if arr.dtype != ref.dtype:
@@ -77,7 +89,49 @@ def _check_arrays(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> tupl
             if not np.isfinite(arr).all():
                 return f"'{key}' holds NaN or Inf", 0.0
             sq += float(np.sum((arr.astype(np.float64) - ref.astype(np.float64)) ** 2))
+        if sink is not None:
+            np.ascontiguousarray(arr).tofile(sink)
     return None, float(np.sqrt(sq))
+
+
+class UpdateSpill:
+    """The round's checked updates on disk while replies stream in, so the coordinator holds one reply at a time.
+
+    Which updates are accepted, and with what weight, is known only once every reply is in (the norm screen
+    and the weight caps are relative to the round's medians); each update is therefore written, in the global
+    model's array order, to one file in a private temporary folder (removed on `close`), and read back one
+    array at a time when the screened mean is folded (GuardedAggregation.aggregate_screened).
+    """
+
+    def __init__(self, global_arrays: ArrayRecord, folder: str | os.PathLike | None = None) -> None:
+        self.layout: dict[str, tuple[tuple[int, ...], np.dtype, int]] = {}  # key -> (shape, dtype, byte offset)
+        offset = 0
+        for key, arr in global_arrays.items():
+            dtype = np.dtype(arr.dtype)
+            self.layout[key] = (tuple(arr.shape), dtype, offset)
+            offset += int(np.prod(arr.shape, dtype=np.int64)) * dtype.itemsize
+        self.folder = Path(tempfile.mkdtemp(prefix="fedrad-updates-", dir=folder))
+
+        self._files = 0
+
+    def new_path(self) -> Path:
+        self._files += 1
+        return self.folder / f"update-{self._files}.bin"
+
+    def read(self, path: Path, key: str) -> np.ndarray:
+        """One array of the update in `path`, as the site sent it."""
+        shape, dtype, offset = self.layout[key]
+        count = int(np.prod(shape, dtype=np.int64))
+        return np.fromfile(path, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> UpdateSpill:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def error_summary(msg: Message) -> str:
@@ -87,7 +141,7 @@ def error_summary(msg: Message) -> str:
     return f"error reply: code {int(msg.error.code)} ({ERROR_TEXT[code] if code else 'not a fedrad code'})"
 
 
-def _parse(msg: Message, message_type: str, reference: dict[str, np.ndarray] | None
+def _parse(msg: Message, message_type: str, reference: ArrayRecord | None, spill_path: Path | None = None
            ) -> tuple[str | None, SiteReport | None, float]:
     if msg.has_error():
         return error_summary(msg), None, 0.0
@@ -103,7 +157,13 @@ def _parse(msg: Message, message_type: str, reference: dict[str, np.ndarray] | N
         return None, report, 0.0
     if ARRAYS not in msg.content.array_records:
         return "reply has no 'arrays' record", report, 0.0
-    reason, norm = _check_arrays(msg.content.array_records[ARRAYS], reference)
+    if spill_path is None:
+        reason, norm = _check_arrays(msg.content.array_records[ARRAYS], reference)
+        return reason, report, norm
+    with open(spill_path, "wb") as sink:
+        reason, norm = _check_arrays(msg.content.array_records[ARRAYS], reference, sink)
+    if reason:
+        spill_path.unlink(missing_ok=True)
     return reason, report, norm
 
 
@@ -132,18 +192,29 @@ def cap_shares(weights: dict[int, float], max_share: float) -> dict[int, float]:
     return w
 
 
-def screen_replies(replies: list[Message], global_arrays: ArrayRecord | None, rules: ScreeningRules,
-                   message_type: str = MESSAGE_TRAIN) -> tuple[list[Message], ScreeningReport]:
-    """Keep well-formed, non-outlier replies, rebuilt to hold only the arrays, the aggregated metrics and
-    the coordinator's AGGREGATION_WEIGHT; say what was rejected or capped and why."""
-    reference = None
-    if message_type == MESSAGE_TRAIN and global_arrays is not None:
-        reference = {k: v.numpy() for k, v in global_arrays.items()}
+@dataclass
+class ScreenedUpdate:
+    """An accepted train reply without its arrays (UpdateSpill holds them): what aggregation needs."""
+
+    node: int
+    metadata: Metadata
+    metrics: dict[str, float]  # the aggregated metrics every accepted site sent, and AGGREGATION_WEIGHT
+    weight: float
+    path: Path | None  # the update's file in the round's UpdateSpill
+
+
+def _screen(replies: Iterable[Message], global_arrays: ArrayRecord | None, rules: ScreeningRules,
+            message_type: str, spill: UpdateSpill | None):
+    """The one screening pass both entry points share: each reply is parsed and checked as it comes and the
+    iterable's reference to it dropped, then the round-relative rules run on the small per-reply facts.
+    Returns (candidates {node: (message or None, parsed, norm, spill path)}, report, with arrays)."""
+    reference = global_arrays if message_type == MESSAGE_TRAIN and global_arrays is not None else None
     report = ScreeningReport()
-    candidates: dict[int, tuple[Message, SiteReport, float]] = {}
+    candidates: dict[int, tuple[Message | None, SiteReport, float, Path | None]] = {}
     for msg in replies:
         node = int(msg.metadata.src_node_id)
-        reason, parsed, norm = _parse(msg, message_type, reference)
+        path = spill.new_path() if spill is not None and reference is not None else None
+        reason, parsed, norm = _parse(msg, message_type, reference, path)
         if parsed is not None:
             report.reports[node] = parsed
         if reason:
@@ -151,19 +222,73 @@ def screen_replies(replies: list[Message], global_arrays: ArrayRecord | None, ru
             continue
         if reference is not None:
             report.update_norms[node] = norm
-        candidates[node] = (msg, parsed, norm)
+        candidates[node] = (msg if spill is None else _bare(msg), parsed, norm, path)
+        del msg
     if reference is not None and candidates and rules.norm_factor > 0:
-        ref_norm = lower_median([n for _, _, n in candidates.values()])
-        for node, (_, _, norm) in list(candidates.items()):
+        ref_norm = lower_median([c[2] for c in candidates.values()])
+        for node, (_, _, norm, path) in list(candidates.items()):
             if ref_norm > 0 and norm > rules.norm_factor * ref_norm:
                 report.rejected[node] = (f"update norm {norm:.3g} is over {rules.norm_factor:g}x the round's "
                                          f"median {ref_norm:.3g}")
                 del candidates[node]
-    report.weights = _weights({n: float(r.num_examples) for n, (_, r, _) in candidates.items()}, rules, report)
-    kept = [_rebuild(msg, parsed, report.weights[node], reference is not None, candidates)
-            for node, (msg, parsed, _) in candidates.items()]
+                if path is not None:
+                    path.unlink(missing_ok=True)
+    report.weights = _weights({n: float(c[1].num_examples) for n, c in candidates.items()}, rules, report)
     report.accepted = list(candidates)
+    return candidates, report, reference is not None
+
+
+def _bare(msg: Message) -> Message:
+    """The reply without its content (its arrays are in the spill): only the metadata is kept."""
+    return Message(content=RecordDict(), metadata=msg.metadata)
+
+
+def _metrics(parsed: SiteReport, weight: float, common: set[str]) -> dict[str, float]:
+    metrics = {k: v for k, v in parsed.values(AGGREGATE).items() if k in common}
+    metrics[AGGREGATION_WEIGHT] = float(weight)
+    return metrics
+
+
+def _common(candidates: dict) -> set[str]:
+    if not candidates:
+        return set()
+    return set.intersection(*(set(c[1].values(AGGREGATE)) for c in candidates.values()))
+
+
+def screen_replies(replies: Iterable[Message], global_arrays: ArrayRecord | None, rules: ScreeningRules,
+                   message_type: str = MESSAGE_TRAIN) -> tuple[list[Message], ScreeningReport]:
+    """Keep well-formed, non-outlier replies, rebuilt to hold only the arrays, the aggregated metrics and
+    the coordinator's AGGREGATION_WEIGHT; say what was rejected or capped and why. For strategies that need
+    every update at once (the robust ones, Flower's DP wrapper); the mean strategies use `screen_stream`."""
+    candidates, report, with_arrays = _screen(replies, global_arrays, rules, message_type, None)
+    common = _common(candidates)
+    kept = []
+    for node, (msg, parsed, _, _) in candidates.items():
+        content = RecordDict({METRICS: MetricRecord(_metrics(parsed, report.weights[node], common))})
+        if with_arrays:
+            content[ARRAYS] = msg.content.array_records[ARRAYS]
+        kept.append(Message(content=content, metadata=msg.metadata))
     return kept, report
+
+
+def screen_stream(replies: Iterable[Message], global_arrays: ArrayRecord, rules: ScreeningRules,
+                  spill: UpdateSpill) -> tuple[list[ScreenedUpdate], ScreeningReport]:
+    """`screen_replies` for train replies that arrive one at a time: the same decisions, but each reply's
+    arrays go to `spill` as they are checked and the reply is released before the next is read, so the
+    coordinator holds about one update beside the global model however many sites answer."""
+    candidates, report, _ = _screen(replies, global_arrays, rules, MESSAGE_TRAIN, spill)
+    common = _common(candidates)
+    return [ScreenedUpdate(node, msg.metadata, _metrics(parsed, report.weights[node], common),
+                           report.weights[node], path)
+            for node, (msg, parsed, _, path) in candidates.items()], report
+
+
+def drain(items: list) -> Iterator:
+    """Yield the list's items front to back, removing each first, so a consumer that drops its reference
+    lets the item go (a reply list consumed by `screen_stream`)."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 def _weights(counts: dict[int, float], rules: ScreeningRules, report: ScreeningReport) -> dict[int, float]:
@@ -184,15 +309,3 @@ def _weights(counts: dict[int, float], rules: ScreeningRules, report: ScreeningR
         if shared[node] / after < weights[node] / before - 1e-9 and node not in report.capped:
             report.capped[node] = f"weight share cut to at most {rules.max_site_share:g} of the round"
     return shared
-
-
-def _rebuild(msg: Message, parsed: SiteReport, weight: float, with_arrays: bool,
-             candidates: dict[int, tuple[Message, SiteReport, float]]) -> Message:
-    """The reply as the strategy sees it: arrays, the aggregated metrics every kept site sent, the weight."""
-    common = set.intersection(*(set(r.values(AGGREGATE)) for _, r, _ in candidates.values()))
-    metrics = {k: v for k, v in parsed.values(AGGREGATE).items() if k in common}
-    metrics[AGGREGATION_WEIGHT] = float(weight)
-    content = RecordDict({METRICS: MetricRecord(metrics)})
-    if with_arrays:
-        content[ARRAYS] = msg.content.array_records[ARRAYS]
-    return Message(content=content, metadata=msg.metadata)

@@ -7,11 +7,12 @@ import logging
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as fl
 
-from fedrad.common.protocol import AGGREGATION_WEIGHT
+from fedrad.common.protocol import AGGREGATION_WEIGHT, ARRAYS, METRICS
 from fedrad.common.run_config import RunConfig
+from fedrad.server.screening import ScreenedUpdate, UpdateSpill
 
 log = logging.getLogger("fedrad.server")
 
@@ -28,6 +29,11 @@ STRATEGIES = {
     "krum": fl.Krum,
     "multikrum": fl.MultiKrum,
 }
+# The strategies whose aggregate is the weighted mean of the updates (FedAvg's), then at most a server-side
+# step on it: these aggregate a round's replies one at a time (GuardedAggregation.aggregate_screened).
+MEAN_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")
+# Of those, the ones whose aggregate IS the mean (FedProx differs from FedAvg at the sites only).
+_PLAIN_MEAN = (fl.FedAvg, fl.FedProx)
 
 
 class GuardedAggregation:
@@ -58,12 +64,56 @@ class GuardedAggregation:
             return None, None
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         arrays = _restore_dtypes(arrays, self.global_arrays)
+        return self._accept(server_round, arrays, metrics)
+
+    def _accept(self, server_round: int, arrays: ArrayRecord | None, metrics: MetricRecord | None
+                ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         bad = non_finite_array(arrays)
         if bad is not None:
             self.last_refusal = f"the aggregate of '{bad}' is not finite: the global model is kept"
             log.warning("round %d: %s", server_round, self.last_refusal)
             return None, None
         return arrays, metrics
+
+    def aggregate_screened(self, server_round: int, updates: list[ScreenedUpdate], spill: UpdateSpill
+                           ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """`aggregate_train` for a MEAN_STRATEGIES strategy on updates that `screen_stream` left in `spill`.
+
+        The weighted mean is folded one array at a time, reading each site's array back from disk, with the
+        same factors and the same order of operations as Flower's `aggregate_arrayrecords` (so the result
+        is the same to the bit); the metrics go through the strategy's own metric aggregation. FedAvg and
+        FedProx take that mean as it is; FedAvgM / FedAdam / FedYogi get it as one reply of weight 1, which
+        Flower's FedAvg step passes through unchanged (x * 1.0), so their server step runs as before.
+        """
+        assert self.global_arrays is not None, "configure_train runs before aggregate_train"
+        self.last_refusal = None
+        minimum = getattr(self, "min_train_nodes", 1)
+        if len(updates) < minimum:
+            self.last_refusal = f"only {len(updates)} usable updates (minimum {minimum}): the global model is kept"
+            log.warning("round %d: %s", server_round, self.last_refusal)
+            return None, None
+        records = [RecordDict({METRICS: MetricRecord(u.metrics)}) for u in updates]
+        metrics = self.train_metrics_aggr_fn(records, self.weighted_by_key)  # type: ignore[attr-defined]
+        total = sum(u.weight for u in updates)
+        factors = [u.weight / total for u in updates]
+        flower_base = next(c for c in type(self).__mro__ if c.__module__.startswith("flwr."))
+        plain = flower_base in _PLAIN_MEAN
+        mean: dict[str, Array] = {}
+        for key, ref in self.global_arrays.items():
+            acc = spill.read(updates[0].path, key) * factors[0]
+            for update, factor in zip(updates[1:], factors[1:], strict=True):
+                acc += spill.read(update.path, key) * factor
+            mean[key] = Array(np.asarray(_restored(acc, ref.dtype) if plain else acc))
+            del acc
+        arrays = ArrayRecord(mean)
+        del mean
+        if plain:
+            return self._accept(server_round, arrays, metrics)
+        reply = Message(content=RecordDict({ARRAYS: arrays, METRICS: MetricRecord(
+            {**dict(metrics or {}), AGGREGATION_WEIGHT: 1.0})}), metadata=updates[0].metadata)
+        del arrays
+        arrays, metrics = super().aggregate_train(server_round, [reply])  # type: ignore[misc]
+        return self._accept(server_round, _restore_dtypes(arrays, self.global_arrays), metrics)
 
 
 def non_finite_array(arrays: ArrayRecord | None) -> str | None:
@@ -75,17 +125,17 @@ def non_finite_array(arrays: ArrayRecord | None) -> str | None:
     return None
 
 
-def _restore_dtypes(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:
+def _restored(value: np.ndarray, dtype: str) -> np.ndarray:
     """Averaging turns integer buffers (BatchNorm's num_batches_tracked) into floats; cast back to the model's."""
+    target = np.dtype(dtype)
+    return np.rint(value).astype(target) if target.kind in "iu" else value.astype(target, copy=False)
+
+
+def _restore_dtypes(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:
     if arrays is None:
         return None
-    out = {}
-    for key, ref in reference.items():
-        value = arrays[key].numpy()
-        target = ref.numpy().dtype
-        cast = np.rint(value).astype(target) if target.kind in "iu" else value.astype(target, copy=False)
-        out[key] = Array(np.asarray(cast))
-    return ArrayRecord(out)
+    return ArrayRecord({key: Array(np.asarray(_restored(arrays[key].numpy(), ref.dtype)))
+                        for key, ref in reference.items()})
 
 
 def build_strategy(cfg: RunConfig):

@@ -79,13 +79,14 @@ def test_per_image_gradients_sum_both_views_and_ignore_the_batch(name: str):
         torch.testing.assert_close(batch[name].mean(0), full[name], rtol=1e-3, atol=1e-4 * scale, msg=name)
 
 
-def test_train_local_with_dp_accounts_and_refuses_unsound_setups():
+@pytest.mark.parametrize("mode", ["hooks", "ew"])
+def test_train_local_with_dp_accounts_and_refuses_unsound_setups(mode: str):
     data = make_fake_site(n=40)
     cfg = TrainConfig(objective="simsiam", steps=4, batch_size=8, device="cpu")
     model = _dp_model()
     keys = list(model.state_dict())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    dp = SampleDP(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+    dp = SampleDP(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, grad_sample_mode=mode)
     result = train_local(model, data, cfg, progress=False, dp=dp)
     assert list(model.state_dict()) == keys
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
@@ -180,3 +181,35 @@ def test_config_checks():
         from timm.layers import BatchNormAct2d
 
         to_group_norm(torch.nn.Sequential(BatchNormAct2d(8)))
+
+
+@pytest.mark.parametrize("mode", ["ew", "functorch"])
+def test_grad_sample_modes_give_the_hooks_per_image_gradients(mode: str):
+    """Every GRAD_SAMPLE_MODES entry hands opacus's optimizer the same per-image gradients (both views
+    summed) as the hooks mode, so clipping, noise and accounting are unchanged by the choice."""
+    from fedrad.client.sample_dp import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, DPTraining
+
+    assert DEFAULT_GRAD_SAMPLE_MODE in GRAD_SAMPLE_MODES and mode in GRAD_SAMPLE_MODES
+    g = torch.Generator().manual_seed(0)
+    v1, v2 = torch.rand(4, 1, 32, 32, generator=g), torch.rand(4, 1, 32, 32, generator=g)
+
+    def per_image(grad_mode: str) -> dict[str, torch.Tensor]:
+        model = _dp_model()
+        objective = type(get_objective("simsiam"))(joint_forward=False)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with opacus_safe(model):
+            run = DPTraining(model, opt, SampleDP(1.0, 1.0, 1e-5, grad_sample_mode=grad_mode), 40, 4, "cpu",
+                             objective, grad_mode)
+            run.optimizer.zero_grad(set_to_none=True)
+            run.loss(v1, v2).backward()
+            out = {n: p.grad_sample.detach().clone() for n, p in model.named_parameters()}
+            run.close()
+        assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+        return out
+
+    want, got = per_image("hooks"), per_image(mode)
+    assert list(got) == list(want)
+    for name, value in want.items():
+        assert got[name].shape == value.shape and value.shape[0] == 4  # one gradient per image
+        scale = float(value.abs().max()) + 1e-12
+        torch.testing.assert_close(got[name], value, rtol=1e-3, atol=1e-4 * scale, msg=name)

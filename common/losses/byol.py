@@ -81,6 +81,10 @@ class BYOL(Objective):
                 target.lerp_(online.detach(), 1.0 - self.momentum)
 
     def loss(self, model: nn.Module, view1: Tensor, view2: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.per_sample_loss(model, view1, view2).mean()
+
+    def per_sample_loss(self, model: nn.Module, view1: Tensor, view2: Tensor) -> Tensor:
+        """Each image's own loss (what sample-level DP differentiates per image)."""
         import torch
 
         if self._target is None:  # direct use outside the trainer
@@ -95,4 +99,4 @@ class BYOL(Objective):
                 t1, t2 = t[: view1.shape[0]], t[view1.shape[0]:]
             else:
                 t1, t2 = target(view1), target(view2)
-        return byol_loss(p1, p2, t1, t2)
+        return byol_loss(p1, p2, t1, t2, reduction="none")

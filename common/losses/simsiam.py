@@ -48,6 +48,10 @@ class SimSiam(Objective):
         return {**super().heads(num_features, proj_dim), "predictor": predictor(proj_dim)}
 
     def loss(self, model: nn.Module, view1: Tensor, view2: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.per_sample_loss(model, view1, view2).mean()
+
+    def per_sample_loss(self, model: nn.Module, view1: Tensor, view2: Tensor) -> Tensor:
+        """Each image's own loss (what sample-level DP differentiates per image)."""
         z1, z2 = self.embed_pair(model, view1, view2)
         p1, p2 = predict_pair(self, model, z1, z2)
-        return simsiam_loss(p1, p2, z1, z2)
+        return simsiam_loss(p1, p2, z1, z2, reduction="none")

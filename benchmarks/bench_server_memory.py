@@ -1,0 +1,154 @@
+"""Coordinator memory: peak RSS of the ServerApp's train-reply path (screening + aggregation) for 10 sites, resnet50.
+
+    .venv/bin/python benchmarks/bench_server_memory.py [--model resnet50] [--sites 10]
+
+What is measured: not 10 SuperNodes (10 training resnet50 processes do not fit a 2-core box), but the code the
+ServerApp runs on a round's train replies, in a fresh Python process per path with the ServerApp's imports
+(torch, timm, Flower): the global model is resnet50's real state_dict (fedrad's `initial_arrays`, as
+`build_model` makes it), each site's reply is a Flower Message holding that model moved by its own random
+update (numpy arrays serialised into Flower Arrays, as a pulled reply is) with site metrics. Peak RSS is
+psutil's RSS sampled every 2 ms (`baseline`: after the imports and the global model are resident), from
+before the replies arrive to the aggregate. Paths, each in its own process:
+
+- `list, before`: every reply in memory (as `exchange` returns them), `screen_replies` + Flower's
+  `aggregate_train` (the implementation before streaming);
+- `list, streamed`: every reply in memory, then `screen_stream` + `aggregate_screened` (today's PlainRounds);
+- `arriving, streamed`: replies handed over one at a time as they arrive (a generator stands in for an
+  exchange that yields each pulled reply), `screen_stream` + `aggregate_screened`.
+
+Goal (issue 13): peak RSS <= 3x the model's bytes; the row gives the round's peak above the baseline
+(what aggregation adds) and the absolute peak, both in model copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PATHS = ("list, before", "list, streamed", "arriving, streamed")
+
+
+def _replies(global_arrays, n: int, seed: int):
+    """Site replies, made one at a time: the global model moved by each site's own update."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+    for node in range(1, n + 1):
+        rng = np.random.default_rng(seed + node)
+        arrays = {}
+        for key, arr in global_arrays.items():
+            value = arr.numpy()
+            if value.dtype.kind == "f":
+                value = value + (0.01 * rng.standard_normal(value.shape, dtype=np.float32)).astype(value.dtype)
+            arrays[key] = Array(np.asarray(value))
+            del value
+        meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="q",
+                        group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+        metrics = MetricRecord({"num_examples": float(rng.integers(200, 400)), "train_loss": float(rng.random())})
+        yield Message(content=RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), metadata=meta)
+        del arrays
+
+
+def child(args) -> dict:
+    """One path in this (fresh) process; prints a JSON line."""
+    import numpy as np
+    import psutil
+
+    from fedrad.common.run_config import RunConfig
+    from fedrad.server.round_modes import screening_rules
+    from fedrad.server.rounds import initial_arrays
+    from fedrad.server.screening import UpdateSpill, drain, screen_replies, screen_stream
+    from fedrad.server.strategies import build_strategy
+
+    cfg = RunConfig(model=args.model, image_size=224, objective="simclr", min_train_nodes=args.sites)
+    global_arrays = initial_arrays(cfg)
+    model_bytes = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in global_arrays.values())
+    strategy = build_strategy(cfg)
+    strategy.global_arrays = global_arrays
+    rules = screening_rules(cfg)
+    proc = psutil.Process()
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.002)
+
+    path = args.child
+    baseline = proc.memory_info().rss  # the ServerApp with its imports and the global model, before replies
+    sampler = threading.Thread(target=sample, daemon=True)
+    replies = list(_replies(global_arrays, args.sites, 0)) if path.startswith("list") else None
+    sampler.start()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if path == "list, before":
+            kept, report = screen_replies(replies, global_arrays, rules)
+            agg, _ = strategy.aggregate_train(1, kept)
+            del kept
+        else:
+            source = drain(replies) if replies is not None else _replies(global_arrays, args.sites, 0)
+            with UpdateSpill(global_arrays, tmp) as spill:
+                updates, report = screen_stream(source, global_arrays, rules, spill)
+                agg, _ = strategy.aggregate_screened(1, updates, spill)
+    seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    peak_rss = peak[0]
+    assert agg is not None and len(report.accepted) == args.sites, report.rejected
+    checksum = float(sum(float(np.abs(a.numpy()).sum()) for a in agg.values()))
+    return {"path": path, "model_bytes": model_bytes, "baseline": baseline, "peak": peak_rss,
+            "seconds": seconds, "checksum": checksum, "accepted": len(report.accepted)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--sites", type=int, default=10)
+    ap.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args)), flush=True)
+        return 0
+    from common_bench import append_result, machine, today
+
+    rows = []
+    for path in PATHS:
+        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--sites", str(args.sites),
+                              "--child", path], capture_output=True, text=True, env=dict(os.environ))
+        if out.returncode != 0:
+            print(out.stderr[-3000:], file=sys.stderr)
+            return 1
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(res)
+        mb = res["model_bytes"]
+        print(f"{path}: peak {res['peak'] / 2**20:.0f} MiB ({res['peak'] / mb:.2f}x model), above baseline "
+              f"{(res['peak'] - res['baseline']) / 2**20:.0f} MiB ({(res['peak'] - res['baseline']) / mb:.2f}x), "
+              f"{res['seconds']:.1f}s, checksum {res['checksum']:.6g}", flush=True)
+    assert len({round(r["checksum"], 2) for r in rows}) == 1, "the paths disagree on the aggregate"
+    mb = rows[0]["model_bytes"]
+    cells = " | ".join(f"{r['peak'] / 2**20:.0f} MiB ({r['peak'] / mb:.1f}x) / "
+                       f"+{(r['peak'] - r['baseline']) / 2**20:.0f} MiB ({(r['peak'] - r['baseline']) / mb:.1f}x), "
+                       f"{r['seconds']:.1f}s" for r in rows)
+    load = os.getloadavg()[0]
+    header = ("| date | machine | model | sites | model MiB | list, before: peak / above baseline | list, streamed | "
+              "arriving, streamed | load | command |")
+    cmd = "python benchmarks/bench_server_memory.py" + "".join(f" {a}" for a in sys.argv[1:])
+    row = (f"| {today()} | {machine()} | {args.model} | {args.sites} | {mb / 2**20:.0f} | {cells} | {load:.1f} | "
+           f"`{cmd}` |")
+    append_result("coordinator memory: ServerApp train-reply path, peak RSS", header, row)
+    print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

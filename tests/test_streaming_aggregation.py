@@ -1,0 +1,92 @@
+"""Streaming aggregation (screen_stream + aggregate_screened): the same screening decisions and the same
+aggregate as screening the whole reply list and letting Flower's strategy aggregate it, on random arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+from fedrad.common.run_config import RunConfig
+from fedrad.server.round_modes import screening_rules
+from fedrad.server.screening import UpdateSpill, drain, screen_replies, screen_stream
+from fedrad.server.strategies import MEAN_STRATEGIES, build_strategy
+
+
+def _model(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
+    return {"conv.weight": (rng.normal(size=(8, 4, 3, 3)) * scale).astype(np.float32),
+            "bn.num_batches_tracked": np.array(int(rng.integers(0, 100)), np.int64),
+            "fc.weight": (rng.normal(size=(5, 32)) * scale).astype(np.float32),
+            "fc.bias": (rng.normal(size=5) * scale).astype(np.float32)}
+
+
+def _reply(node: int, arrays: dict[str, np.ndarray], num_examples: float, **metrics) -> Message:
+    meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="q",
+                    group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+    values = {"num_examples": num_examples, "train_loss": float(node) / 10, **metrics}
+    return Message(content=RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+                                       "metrics": MetricRecord(values)}), metadata=meta)
+
+
+def _round(seed: int) -> tuple[ArrayRecord, list[Message]]:
+    """Ten replies: honest ones at random counts, one far outlier, one with NaN, one of the wrong shape, one
+    claiming a huge count (capped), one with a bad count (rejected)."""
+    rng = np.random.default_rng(seed)
+    g = _model(rng)
+    replies = []
+    for node in range(1, 7):
+        moved = {k: (v + 0.05 * rng.normal(size=v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v + node
+                 for k, v in g.items()}
+        replies.append(_reply(node, moved, float(rng.integers(20, 80))))
+    replies.append(_reply(7, {k: v * 50 if v.dtype.kind == "f" else v for k, v in g.items()}, 40.0))
+    replies.append(_reply(8, {**g, "fc.bias": np.full(5, np.nan, np.float32)}, 40.0))
+    replies.append(_reply(9, {**g, "fc.weight": np.zeros((32, 5), np.float32)}, 40.0))
+    replies.append(_reply(10, dict(g), 1e6))
+    replies.append(_reply(11, dict(g), -3.0))
+    return ArrayRecord({k: Array(v) for k, v in g.items()}), replies
+
+
+def _strategy(name: str, g: ArrayRecord):
+    strategy = build_strategy(RunConfig(strategy=name))
+    strategy.global_arrays = g
+    # as Flower's configure_train sets it: FedAvgM keeps an ArrayRecord, FedOpt a dict of arrays
+    strategy.current_arrays = g.copy() if name == "fedavgm" else {k: a.numpy() for k, a in g.items()}
+    return strategy
+
+
+@pytest.mark.parametrize("name", MEAN_STRATEGIES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_streamed_aggregate_equals_the_list_aggregate(name: str, seed: int, tmp_path):
+    g, replies = _round(seed)
+    rules = screening_rules(RunConfig(strategy=name))
+    kept, before = screen_replies(list(replies), g, rules)
+    want_arrays, want_metrics = _strategy(name, g).aggregate_train(1, kept)
+
+    with UpdateSpill(g, tmp_path) as spill:
+        updates, after = screen_stream(drain(replies), g, rules, spill)
+        assert not replies  # every reply was taken off the list as it was screened
+        got_arrays, got_metrics = _strategy(name, g).aggregate_screened(1, updates, spill)
+    assert not list(tmp_path.iterdir())  # the spilled updates are gone with the round
+
+    for field in ("accepted", "rejected", "update_norms", "weights", "counted", "capped"):
+        assert getattr(after, field) == getattr(before, field), field
+    assert set(before.rejected) == {7, 8, 9, 11} and 10 in before.capped  # the round exercises every rule
+    assert list(got_arrays.keys()) == list(want_arrays.keys())
+    for key in want_arrays.keys():
+        want, got = want_arrays[key].numpy(), got_arrays[key].numpy()
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=key)
+        if name in ("fedavg", "fedprox"):
+            np.testing.assert_array_equal(got, want, err_msg=key)  # the same operations in the same order
+    assert dict(got_metrics) == pytest.approx(dict(want_metrics))
+
+
+def test_streamed_round_below_the_minimum_keeps_the_model(tmp_path):
+    g, replies = _round(0)
+    cfg = RunConfig(min_train_nodes=8)
+    strategy = build_strategy(cfg)
+    strategy.global_arrays = g
+    with UpdateSpill(g, tmp_path) as spill:
+        updates, _ = screen_stream(drain(replies), g, screening_rules(cfg), spill)
+        assert strategy.aggregate_screened(1, updates, spill) == (None, None)
+    assert "usable updates" in strategy.last_refusal
