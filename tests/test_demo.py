@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 from test_install import _installed_venv
 
-pytestmark = pytest.mark.slow
-
 HELD_OUT_DROP = 0.05  # the last round's held-out loss is at least 5 % below the first round's
 
 
@@ -32,6 +30,7 @@ def _flower_processes_mentioning(text: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_demo_from_wheel_learns_and_beats_random_init_with_few_labels(tmp_path):
     venv = _installed_venv(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -59,3 +58,21 @@ def test_demo_from_wheel_learns_and_beats_random_init_with_few_labels(tmp_path):
     auc = {r["backbone"]: r["auc"] for r in results if r["fraction"] == lowest}
     assert auc["pretrained"] >= auc["random-init"], f"at {lowest:.0%} labels: {auc}\n{out[-3000:]}"
     assert not _flower_processes_mentioning(str(workdir)), "the demo left Flower processes behind"
+
+
+def test_verdicts_explain_each_fraction_where_random_init_is_ahead():
+    from fedrad.deploy.demo import verdicts
+
+    def row(backbone, frac, auc, lo, hi):
+        return {"backbone": backbone, "fraction": frac, "auc": auc, "ci_low": lo, "ci_high": hi,
+                "train_patients": int(84 * frac)}
+
+    rows = [row("pretrained", 0.25, 0.76, 0.6, 0.9), row("random-init", 0.25, 0.68, 0.5, 0.8),
+            row("pretrained", 1.0, 0.70, 0.6, 0.8), row("random-init", 1.0, 0.75, 0.65, 0.85)]
+    (line,) = verdicts(rows)
+    assert line.startswith("at 100% labels (84 patients) random-init is ahead (0.750 vs 0.700)")
+    assert "CIs overlap" in line and "catches up" in line
+    apart = [row("pretrained", 0.25, 0.55, 0.5, 0.6), row("random-init", 0.25, 0.8, 0.7, 0.9)]
+    (line,) = verdicts(apart)
+    assert "do not overlap" in line and "catches up" not in line
+    assert verdicts(rows[:2]) == []
