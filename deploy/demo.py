@@ -18,7 +18,7 @@ from fedrad.deploy.processes import ProcessGroup, free_port, superlink_command, 
 from fedrad.deploy.run_command import parse_overrides, report_run, submit_run
 
 # Sized to finish inside 6 minutes on 2 CPU cores (a round's fixed cost is Flower starting each site's
-# ClientApp process). timm's tiny ResNet (0.37M parameters) so that enough optimizer steps fit: 5 rounds x 40
+# ClientApp process). timm's tiny ResNet (0.37M parameters) so that enough optimizer steps fit: 4 rounds x 50
 # local steps visibly lower the held-out loss; `-c model=resnet18` for a real backbone (about 10x slower).
 # SimCLR at temperature 0.2: learns fastest here; the features it learns ignore what the augmentations vary
 # (pose, exposure, noise), which is what the random-init baseline is distracted by.
@@ -26,7 +26,7 @@ DEMO_CONFIG: dict[str, object] = {
     "model": "test_resnet",
     "image-size": 64,
     "proj-dim": 64,
-    "local-steps": 40,
+    "local-steps": 50,
     "batch-size": 32,
     "lr": 0.003,
     "temperature": 0.2,
