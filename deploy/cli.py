@@ -224,8 +224,8 @@ def _add_federation(sub) -> None:
 
     p = sub.add_parser("demo", help="a real local consortium: 3 synthetic hospitals, SuperLink + 3 SuperNodes")
     p.add_argument("--workdir", default="fedrad-demo", help="folder for the sites, run directory and bundle")
-    p.add_argument("--rounds", type=int, default=3, help="federated rounds")
-    p.add_argument("--objective", default="supcon", choices=OBJECTIVES, help="self-supervised loss")
+    p.add_argument("--rounds", type=int, default=4, help="federated rounds")
+    p.add_argument("--objective", default="simclr", choices=OBJECTIVES, help="self-supervised loss")
     p.add_argument("--secure", action="store_true", help="TLS + SuperNode authentication on loopback")
     p.add_argument("--config", "-c", action="append", default=[], help="extra run-config KEY=VALUE")
     p.set_defaults(func=_lazy("fedrad.deploy.demo:cmd_demo"))

@@ -64,12 +64,13 @@ def _anatomy(rng: np.random.Generator) -> dict[str, float]:
 
 
 def _opacities(rng: np.random.Generator, positive: bool) -> list[tuple[float, float, float, float]]:
+    """The patient's finding: 1-3 patchy opacities in the lung fields, the same on every film of the patient."""
     if not positive:
         return []
     n = int(rng.integers(1, 4))
     side = rng.choice([-1.0, 1.0], size=n)
-    return [(float(s * rng.uniform(0.15, 0.35)), float(rng.uniform(-0.1, 0.4)), float(rng.uniform(0.07, 0.15)),
-             float(rng.uniform(0.25, 0.45))) for s in side]
+    return [(float(s * rng.uniform(0.15, 0.4)), float(rng.uniform(-0.2, 0.35)), float(rng.uniform(0.08, 0.16)),
+             float(rng.uniform(0.3, 0.5))) for s in side]
 
 
 def _soft(d: np.ndarray, width: float = 0.04) -> np.ndarray:
@@ -82,8 +83,9 @@ def _render(rows: int, cols: int, a: dict[str, float], view: str, opac, rng: np.
     """Attenuation-like image in [0, 1] (bright = dense), rendered analytically on posed coordinates."""
     ys, xs = np.meshgrid(np.linspace(-1, 1, rows, dtype=np.float32),
                          np.linspace(-cols / rows, cols / rows, cols, dtype=np.float32), indexing="ij")
-    th, s = rng.normal(0, 0.04), rng.uniform(0.95, 1.05)
-    dx, dy = rng.normal(0, 0.03, size=2)
+    # pose: how the patient stood this time (rotation ~3.5 degrees, 8 % scale, shifts)
+    th, s = rng.normal(0, 0.06), rng.uniform(0.92, 1.08)
+    dx, dy = rng.normal(0, 0.04, size=2)
     x = (np.cos(th) * xs - np.sin(th) * ys) * s + dx
     y = (np.sin(th) * xs + np.cos(th) * ys) * s + dy
     lateral = view in ("LATERAL", "LL", "RL")
@@ -115,8 +117,10 @@ def _render(rows: int, cols: int, a: dict[str, float], view: str, opac, rng: np.
         img = img + amp * np.exp(-(((x - ox) ** 2 + (y - oy) ** 2) / (2 * r * r)))
     img = np.clip(img * a["density"], 0, None)
     img = img / max(float(img.max()), 1e-6)
-    img = img ** (gamma * rng.uniform(0.9, 1.1))  # exposure
-    img = img + rng.normal(0, noise, img.shape).astype(np.float32)
+    img = img ** (gamma * rng.uniform(0.8, 1.25))  # exposure
+    fog = rng.uniform(0.0, 0.15)  # scatter: a flatter, greyer film
+    img = img * (1 - fog) + fog * float(img.mean())
+    img = img + rng.normal(0, noise * rng.uniform(0.5, 1.5), img.shape).astype(np.float32)
     return np.clip(img, 0, 1).astype(np.float32)
 
 

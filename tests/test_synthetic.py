@@ -65,3 +65,20 @@ def test_deterministic(tmp_path):
     fa = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert fa == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in fa)
+
+
+def test_finding_is_a_visible_opacity_that_persists_across_a_patients_films():
+    """What the demo's pretraining can learn: a positive patient's opacities are the same on every film, and
+    visible over exposure, pose and noise (the film with them differs from the same film without them)."""
+    from fedrad.deploy.synthetic import _anatomy, _opacities, _render
+
+    rng = np.random.default_rng(7)
+    anat, opac = _anatomy(rng), _opacities(rng, positive=True)
+    assert opac and _opacities(rng, positive=False) == []
+    for film in range(3):  # each film: its own pose, exposure and noise (same draws with and without)
+        with_finding = _render(64, 64, anat, "PA", opac, np.random.default_rng([film, 1]), 1.0, 0.02)
+        without = _render(64, 64, anat, "PA", [], np.random.default_rng([film, 1]), 1.0, 0.02)
+        diff = with_finding - without
+        assert diff.max() > 0.1  # a visible bright patch
+        ys, xs = np.nonzero(diff > 0.5 * diff.max())
+        assert 8 < ys.mean() < 56 and 8 < xs.mean() < 56  # inside the chest, not at the film's edge
