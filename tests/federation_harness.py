@@ -7,6 +7,7 @@ the consortium key this harness generates; `run` signs with it unless told other
 from __future__ import annotations
 
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,17 @@ TINY_RUN: dict[str, object] = {
 # A site-side ClientApp (module poison_client, attribute app) that a test site chooses to run itself.
 POISON_APP = Path(__file__).parent / "poison_app"
 POISON_CLIENT = "poison_client:app"
+
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    """Poll `predicate` every 0.2 s until it holds; fail the test naming `what` after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from federation_harness import POISON_APP, POISON_CLIENT, Consortium
+from federation_harness import POISON_APP, POISON_CLIENT, Consortium, wait_for
 
 from fedrad.client.runtime import SiteTrust
 from fedrad.server.run_log import read_metrics
@@ -33,15 +32,6 @@ def consortium(tmp_path):
     c = Consortium(tmp_path)
     yield c
     c.stop()
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_rounds_checkpoints_and_wire_content(consortium, sites, tmp_path):
@@ -187,10 +177,10 @@ def test_node_killed_mid_round_then_rejoins(consortium, sites, tmp_path):
     runner.start()
     victim_log = tmp_path / "logs" / "node-s2.log"
     # Kill the node once it has received its first training message (its ClientApp is then running).
-    _wait_for(lambda: victim_log.exists() and re.search(r"Received|train", victim_log.read_text()) is not None,
+    wait_for(lambda: victim_log.exists() and re.search(r"Received|train", victim_log.read_text()) is not None,
               240, "node s2 to receive a training message")
     consortium.group.kill(consortium.nodes["s2"])
-    _wait_for(lambda: bool(read_metrics(run_dir)), 240, "round 1 to complete without s2")
+    wait_for(lambda: bool(read_metrics(run_dir)), 240, "round 1 to complete without s2")
     consortium.start_node("s2", sites[2])
     runner.join(timeout=500)
     assert result.get("code") == 0
@@ -214,7 +204,7 @@ def test_coordinator_crash_and_resume(consortium, sites, tmp_path):
     cfg = {"num-server-rounds": 3, "objective": "supcon", "run-dir": str(run_dir), "strategy": "fedadam"}
     runner = threading.Thread(target=lambda: result.setdefault("code", consortium.run(cfg)))
     runner.start()
-    _wait_for(lambda: (run_dir / "checkpoints" / "round-0001.safetensors").exists(), 300, "round 1 checkpoint")
+    wait_for(lambda: (run_dir / "checkpoints" / "round-0001.safetensors").exists(), 300, "round 1 checkpoint")
     consortium.group.kill(consortium.link)
     runner.join(timeout=60)
     assert not (run_dir / "summary.json").exists()

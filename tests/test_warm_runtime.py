@@ -14,19 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from federation_harness import wait_for
 
 from fedrad.client.runtime import SiteTrust, VerdictCache, WorkerPool
 
 WORKER_STARTED = re.compile(r"warm worker (\d+) started for run (\d+)")
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _alive(pid: int) -> bool:
@@ -78,7 +70,7 @@ def test_worker_pool_routes_by_run_replaces_the_dead_and_retires_the_previous_ru
     try:
         pool.hand(1, "a")
         pool.hand(1, "b")
-        _wait_for(lambda: out.exists() and len(out.read_text().splitlines()) == 2, 10, "2 handled tokens")
+        wait_for(lambda: out.exists() and len(out.read_text().splitlines()) == 2, 10, "2 handled tokens")
         first = pool.active[1].proc
         first.kill()
         first.wait()
@@ -89,7 +81,7 @@ def test_worker_pool_routes_by_run_replaces_the_dead_and_retires_the_previous_ru
         assert set(pool.active) == {2}
         second.wait(timeout=10)
         assert second.returncode == 0
-        _wait_for(lambda: out.exists() and len(out.read_text().splitlines()) == 4, 10, "4 handled tokens")
+        wait_for(lambda: out.exists() and len(out.read_text().splitlines()) == 4, 10, "4 handled tokens")
         assert sorted(out.read_text().splitlines()) == ["1 a", "1 b", "1 c", "2 d"]
         pool.idle_seconds = 0.0
         time.sleep(0.05)
@@ -136,7 +128,7 @@ def test_killed_worker_is_replaced_and_each_run_gets_its_own_worker(tmp_path):
             {"num-server-rounds": 3, "objective": "simclr", "run-dir": str(run1), "min-train-nodes": 1,
              "round-timeout": 120.0, "local-steps": 20, "eval-in-train": True})))
         runner.start()
-        _wait_for(lambda: bool(read_metrics(run1)), 300, "round 1 of run 1")
+        wait_for(lambda: bool(read_metrics(run1)), 300, "round 1 of run 1")
         (victim, run_id), = workers("s1")
         os.kill(victim, signal.SIGKILL)
         runner.join(timeout=600)
@@ -159,7 +151,7 @@ def test_killed_worker_is_replaced_and_each_run_gets_its_own_worker(tmp_path):
             started = workers(name)
             assert len({run for _, run in started}) == 2, started  # a worker of its own for run 2
             old = [pid for pid, run in started if run == run_id]
-            _wait_for(lambda old=old: not any(_alive(pid) for pid in old), 30, "run 1's workers to leave")
+            wait_for(lambda old=old: not any(_alive(pid) for pid in old), 30, "run 1's workers to leave")
     finally:
         c.stop()
 
