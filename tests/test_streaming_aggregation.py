@@ -90,3 +90,55 @@ def test_streamed_round_below_the_minimum_keeps_the_model(tmp_path):
         updates, _ = screen_stream(drain(replies), g, screening_rules(cfg), spill)
         assert strategy.aggregate_screened(1, updates, spill) == (None, None)
     assert "usable updates" in strategy.last_refusal
+
+
+class _ReplyingGrid:
+    """A Grid's push/pull surface whose sites answer every train message with `answer(node, index)` at once."""
+
+    def __init__(self, nodes: list[int], answer) -> None:
+        self.nodes, self.answer = nodes, answer
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        self.sent = [int(m.metadata.dst_node_id) for m in messages]
+        return [f"q{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids):
+        out = []
+        for mid in message_ids:
+            reply = self.answer(self.sent[int(mid[1:])])
+            reply.metadata.__dict__["_reply_to_message_id"] = mid
+            out.append(reply)
+        return out
+
+
+def test_a_round_with_spill_updates_aggregates_as_the_in_memory_round(tmp_path, monkeypatch):
+    """PlainRounds.train end to end on a stand-in grid: spill-updates on and off give the same global model,
+    the same screening report, and leave no spill file in the run folder."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrad.server.exchange import RoundTimes
+    from fedrad.server.round_modes import PlainRounds
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    g, replies = _round(3)
+    by_node = {int(m.metadata.src_node_id): m for m in replies}
+    outcomes = {}
+    for spill in (False, True):
+        run_dir = tmp_path / f"spill-{spill}"
+        run_dir.mkdir()
+        cfg = RunConfig(min_train_nodes=2, min_available_nodes=len(by_node), round_timeout=5.0,
+                        spill_updates=spill)
+        grid = _ReplyingGrid(sorted(by_node), lambda node: _reply(node, {k: a.numpy() for k, a in
+                                                                      by_node[node].content["arrays"].items()},
+                                                               by_node[node].content["metrics"]["num_examples"]))
+        outcomes[spill] = PlainRounds(grid, cfg, build_strategy(cfg), "k", run_dir).train(1, g, RoundTimes())
+        assert not [p for p in run_dir.rglob("*") if p.is_file()], "a spilled update was left behind"
+    off, on = outcomes[False], outcomes[True]
+    assert off.arrays is not None and off.aggregated == 7 and len(off.rejected) == 4 and off.capped
+    assert on.rejected == off.rejected and on.capped == off.capped and on.aggregated == off.aggregated
+    for key, arr in off.arrays.items():
+        np.testing.assert_allclose(on.arrays[key].numpy(), arr.numpy(), rtol=1e-6, atol=1e-7)
