@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from flwr.app import Message
@@ -54,23 +54,33 @@ class RoundTimes:
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float, times: RoundTimes,
              interval: float = REPLY_POLL_SECONDS) -> list[Message]:
     """Push `messages`, then pull replies every `interval` s until all are in or `timeout` passes."""
+    return list(arriving_replies(grid, messages, timeout, times, interval))
+
+
+def arriving_replies(grid: Grid, messages: Iterable[Message], timeout: float, times: RoundTimes,
+                     interval: float = REPLY_POLL_SECONDS) -> Iterator[Message]:
+    """`exchange`, yielding each reply as it is pulled, so a consumer that folds replies in one at a time
+    (screening with spill-updates) never holds more than one pull's worth of updates. `times.wait` then also
+    covers the consumer's work between pulls."""
     msgs = list(messages)
     if not msgs:
-        return []
+        return
     short_reply_backoff()
     t0 = time.perf_counter()
     pending = {mid for mid in grid.push_messages(msgs) if mid}  # a message Flower could not push reads None
     del msgs
     t1 = time.perf_counter()
     times.send += t1 - t0
-    replies: list[Message] = []
     end = time.monotonic() + timeout
-    while pending:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if not pending or time.monotonic() >= end:
-            break
-        time.sleep(min(interval, max(0.0, end - time.monotonic())))
-    times.wait += time.perf_counter() - t1
-    return replies
+    try:
+        while pending:
+            got = list(grid.pull_messages(pending))
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            got.reverse()
+            while got:
+                yield got.pop()
+            if not pending or time.monotonic() >= end:
+                break
+            time.sleep(min(interval, max(0.0, end - time.monotonic())))
+    finally:
+        times.wait += time.perf_counter() - t1

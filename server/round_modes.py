@@ -19,10 +19,10 @@ from flwr.serverapp import Grid
 
 from fedrad.common.protocol import MESSAGE_TRAIN, ROUND_LR, RUN_KEY, SERVER_ROUND, ErrorCode, SiteReport, error_code_of
 from fedrad.common.run_config import RunConfig
-from fedrad.server.exchange import RoundTimes, exchange
+from fedrad.server.exchange import RoundTimes, arriving_replies, exchange
 from fedrad.server.privacy import PrivacyLedger, wrap_dp_strategy
 from fedrad.server.run_log import read_metrics
-from fedrad.server.screening import ScreeningRules, UpdateSpill, drain, error_summary, screen_replies, screen_stream
+from fedrad.server.screening import ScreeningRules, UpdateSpill, error_summary, screen_replies, screen_stream
 from fedrad.server.strategies import MEAN_STRATEGIES
 
 
@@ -80,20 +80,17 @@ class PlainRounds:
             self.grid))
         self._sampled(len(msgs))
         times.send += time.perf_counter() - t0
-        replies = exchange(self.grid, msgs, self.cfg.round_timeout, times)
-        t_agg = time.perf_counter()
-        answered = sum(not m.has_error() for m in replies)
-        if msgs and not answered:
-            self._nothing_back(rnd, msgs, replies)
         if self.cfg.spill_updates and self.train_strategy is self.strategy and \
                 self.cfg.strategy.lower() in MEAN_STRATEGIES:
-            # One reply at a time (spilled to disk until the round's weights are known), so the coordinator
-            # holds a small constant number of model copies however many sites answer.
-            with UpdateSpill(arrays, self.run_dir) as spill:
-                kept, report = screen_stream(drain(replies), arrays, self.rules, spill)
-                agg, metrics = self.train_strategy.aggregate_screened(rnd, kept, spill)
+            kept, report, agg, metrics, answered, t_agg = self._train_streamed(rnd, arrays, msgs, times)
         else:
+            replies = exchange(self.grid, msgs, self.cfg.round_timeout, times)
+            t_agg = time.perf_counter()
+            answered = sum(not m.has_error() for m in replies)
+            if msgs and not answered:
+                self._nothing_back(rnd, msgs, replies)
             kept, report = screen_replies(replies, arrays, self.rules, MESSAGE_TRAIN)
+            del replies
             agg, metrics = self.train_strategy.aggregate_train(rnd, kept)
         # Per-site records: rejected sites' claims too; an accepted site's count as it was counted.
         reports = {str(n): replace(r, num_examples=report.counted.get(n, r.num_examples))
@@ -105,6 +102,30 @@ class PlainRounds:
                            getattr(self.strategy, "last_refusal", None) if agg is None else None)
         times.aggregate += time.perf_counter() - t_agg
         return out
+
+    def _train_streamed(self, rnd: int, arrays: ArrayRecord, msgs: list[Message], times: RoundTimes):
+        """spill-updates: each reply is screened and spilled to disk as it is pulled, then the mean is built one
+        array at a time, so the coordinator holds a small constant number of model copies however many sites
+        answer. Error replies (no arrays) are kept for the round's refusal message."""
+        errors: list[Message] = []
+        answered = 0
+
+        def arriving():
+            nonlocal answered
+            for reply in arriving_replies(self.grid, msgs, self.cfg.round_timeout, times):
+                if reply.has_error():
+                    errors.append(reply)
+                else:
+                    answered += 1
+                yield reply
+
+        with UpdateSpill(arrays, self.run_dir) as spill:
+            kept, report = screen_stream(arriving(), arrays, self.rules, spill)
+            t_agg = time.perf_counter()
+            if msgs and not answered:
+                self._nothing_back(rnd, msgs, errors)
+            agg, metrics = self.train_strategy.aggregate_screened(rnd, kept, spill)
+        return kept, report, agg, metrics, answered, t_agg
 
     def _sampled(self, n: int) -> None:
         """Hook: the DP wrapper calibrates its noise to the number of sites sampled."""
