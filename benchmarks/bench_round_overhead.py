@@ -3,9 +3,7 @@
 A real SuperLink and `--sites` SuperNodes on loopback run fedrad's ServerApp and the sites' runtime
 (client/runtime.py), once per site-runtime mode, side by side in one invocation:
 - `warm`: one long-lived worker process per run at each site (the default runtime);
-- `fresh`: `--fresh-process-per-message`, a fresh process per message (the runtime before issue 13);
-- `flower-waits`: warm, but the SuperNodes keep Flower's own 3 s idle poll and 1-10 s object-pull backoff
-  (fedrad.client.supernode shortens them by default).
+- `fresh`: `--fresh-process-per-message`, a fresh process per message (the runtime before issue 13).
 From metrics.jsonl (rounds 2+ mean; round 1 also decodes the sites' caches and starts the workers):
 fixed overhead = round wall time - the slowest site's handler seconds (`time_overhead`,
 fedrad.server.rounds documents the fields), and ratio = round wall time / the slowest site's handler seconds.
@@ -39,18 +37,14 @@ TIMED = ("round_seconds", "time_overhead", "time_send", "time_wait", "time_site_
          "time_checkpoint")
 
 
-def federated(sites: list[Path], cfg: dict, work: Path, rounds: int, fresh: bool, threads: int,
-              flower_waits: bool = False) -> list[dict]:
-    """Per-round timing fields of one run with every site in the given runtime mode (`flower_waits`: the sites'
-    SuperNodes keep Flower's own 3 s idle poll and 1-10 s object backoff, see fedrad.client.supernode)."""
+def federated(sites: list[Path], cfg: dict, work: Path, rounds: int, fresh: bool, threads: int) -> list[dict]:
+    """Per-round timing fields of one run with every site in the given runtime mode."""
     from federation_harness import Consortium
 
     from fedrad.client.runtime import SiteTrust
     from fedrad.server.run_log import read_metrics
 
     c = Consortium(work)
-    if flower_waits:
-        os.environ["FEDRAD_SUPERNODE_WAITS"] = "flower"
     try:
         c.start_link()
         for i, site in enumerate(sites):
@@ -65,15 +59,13 @@ def federated(sites: list[Path], cfg: dict, work: Path, rounds: int, fresh: bool
             raise RuntimeError(f"federated run failed; see {work / 'logs'}")
         return [{k: float(r.get(k) or 0.0) for k in TIMED} for r in read_metrics(work / "run")]
     finally:
-        os.environ.pop("FEDRAD_SUPERNODE_WAITS", None)
         c.stop()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
-    ap.add_argument("--modes", default="warm,fresh", help="site runtimes to compare: warm, fresh, flower-waits "
-                    "(warm, with Flower's own SuperNode waits)")
+    ap.add_argument("--modes", default="warm,fresh", help="site runtimes to compare: warm, fresh")
     ap.add_argument("--eval", choices=sorted(EVAL), default="in-train", dest="eval_mode")
     ap.add_argument("--sites", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=4)
@@ -91,8 +83,7 @@ def main() -> int:
         tmp = Path(tmpdir)
         sites = write_synthetic_sites(tmp / "sites", n_sites=args.sites, patients_per_site=20, size=128)
         for mode in args.modes.split(","):
-            fed = federated(sites, cfg, tmp / mode, args.rounds, mode == "fresh", args.threads,
-                            flower_waits=mode == "flower-waits")
+            fed = federated(sites, cfg, tmp / mode, args.rounds, mode == "fresh", args.threads)
             later = fed[1:] or fed
             split = {k: sum(r[k] for r in later) / len(later) for k in TIMED}
             ratio = split["round_seconds"] / max(split["time_site_compute_max"], 1e-9)

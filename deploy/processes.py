@@ -217,10 +217,7 @@ def supernode_command(superlink: str, port: int, node_config: dict[str, object],
     `port` is the SuperNode's Runtime API port on 127.0.0.1 (unique per node on one machine).
     """
     trust = trust or SiteTrust()
-    # Flower's own SuperNode, started through fedrad.client.supernode: its fixed 3 s idle poll and 1-10 s object
-    # retry backoff shortened (not configurable in flwr 1.41), nothing else changed.
-    node = [sys.executable, "-I", "-u", "-m", "fedrad.client.supernode", "--superlink", superlink,
-            "--node-config", node_config_string(node_config)]
+    node = [tool("flower-supernode"), "--superlink", superlink, "--node-config", node_config_string(node_config)]
     if tls is None:
         node.append("--insecure")
     else:
