@@ -21,17 +21,17 @@ from collections.abc import Mapping
 from enum import IntEnum
 from typing import Any
 
-from fedrad.common.bundle import MANIFEST, SIGNATURE, WEIGHTS
+from fedrad.common.bundle import CARD as MODEL_CARD
+from fedrad.common.bundle import MANIFEST, MAX_CARD_BYTES, SIGNATURE, WEIGHTS
 
 ACTION_OFFER = "release_offer"
 ACTION_FILES = "release_files"
 MESSAGE_OFFER = f"query.{ACTION_OFFER}"
 MESSAGE_FILES = f"query.{ACTION_FILES}"
 
-MODEL_CARD = "MODEL_CARD.md"  # optional; stored only when its sha256 appears in the signed manifest
-BUNDLE_FILES = (WEIGHTS, MANIFEST, SIGNATURE, MODEL_CARD)  # the only files that travel (fixed allowlist)
+# the only files that travel (fixed allowlist); MODEL_CARD is stored only when the signed manifest lists it
+BUNDLE_FILES = (WEIGHTS, MANIFEST, SIGNATURE, MODEL_CARD)
 REQUIRED_FILES = (WEIGHTS, MANIFEST, SIGNATURE)
-MAX_CARD_BYTES = 1 << 20
 RELEASE_CHUNK_BYTES = 8 << 20  # one array per 8 MiB: well under Flower's message and object limits
 
 CONFIG = "config"  # the offer's ConfigRecord
