@@ -258,8 +258,8 @@ def _common(candidates: dict) -> set[str]:
 def screen_replies(replies: Iterable[Message], global_arrays: ArrayRecord | None, rules: ScreeningRules,
                    message_type: str = MESSAGE_TRAIN) -> tuple[list[Message], ScreeningReport]:
     """Keep well-formed, non-outlier replies, rebuilt to hold only the arrays, the aggregated metrics and
-    the coordinator's AGGREGATION_WEIGHT; say what was rejected or capped and why. For strategies that need
-    every update at once (the robust ones, Flower's DP wrapper); the mean strategies use `screen_stream`."""
+    the coordinator's AGGREGATION_WEIGHT; say what was rejected or capped and why. Every round's path unless
+    run-config spill-updates sends a mean strategy's replies through `screen_stream` instead."""
     candidates, report, with_arrays = _screen(replies, global_arrays, rules, message_type, None)
     common = _common(candidates)
     kept = []
