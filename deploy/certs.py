@@ -17,6 +17,7 @@ import datetime as dt
 import ipaddress
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -173,10 +174,24 @@ def register_node(pubkey_path: Path | str, superlink_address: str, certs_dir: Pa
             if "already" in last.lower():
                 return last
             if _now() > deadline:
-                raise RuntimeError(f"`flwr supernode register {pub.name}` failed ({proc.returncode}): {last[-800:]}")
+                raise RuntimeError(f"`flwr supernode register {pub}` failed ({proc.returncode}): "
+                                   f"{_one_line(last)[-800:]}")
             import time
 
             time.sleep(1.0)
+
+
+def _one_line(flwr_output: str) -> str:
+    """Flower's output with its rich error panels folded, as one line (the reason, not a box on a terminal)."""
+    from fedrad.deploy.run_command import FlowerBox
+
+    box, parts = FlowerBox(), []
+    for line in flwr_output.splitlines():
+        if box.feed(line):
+            parts += [box.message] if box.message else []
+        elif line.strip():
+            parts.append(line.strip())
+    return "; ".join(parts)
 
 
 def _now() -> float:
@@ -203,6 +218,11 @@ def cmd_certs_init(args) -> int:
 
 
 def cmd_register(args) -> int:
-    text = register_node(Path(args.pubkey), args.superlink, Path(args.certs), name=getattr(args, "site_name", None))
+    try:
+        text = register_node(Path(args.pubkey), args.superlink, Path(args.certs),
+                             name=getattr(args, "site_name", None))
+    except RuntimeError as exc:  # the coordinator could not be reached or refused: Flower's reason, one line
+        print(f"fedrad certs register: {exc}", file=sys.stderr, flush=True)
+        return 1
     print(f"fedrad certs register: {Path(args.pubkey).name} enrolled at {args.superlink}\n{text}")
     return 0

@@ -1,14 +1,13 @@
-"""Consortium PKI and the secure transport: TLS with the consortium CA and SuperNode authentication."""
+"""Consortium PKI: the CA, the coordinator certificate and the site keys. The secure transport itself (TLS with the
+consortium CA, SuperNode authentication, refusals) runs in tests/test_readme_recipes.py, through the README."""
 
 from __future__ import annotations
 
 import ipaddress
 import stat
-import time
 from pathlib import Path
 
 import pytest
-from federation_harness import Consortium
 
 from fedrad.deploy.certs import init_certs, register_node, tls_files
 
@@ -42,61 +41,6 @@ def test_init_certs_layout_and_permissions(tmp_path):
         init_certs(tmp_path / "bad", ["../escape"], ["localhost"])
 
 
-def _exited(proc, timeout: float) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            return True
-        time.sleep(0.5)
-    return False
-
-
-@pytest.mark.slow
-def test_enrolled_node_runs_unenrolled_and_untrusting_nodes_refused(tmp_path):
-    from fedrad.deploy.synthetic import write_synthetic_sites
-    from fedrad.server.run_log import read_metrics, site_labels
-
-    sites = write_synthetic_sites(tmp_path / "sites", n_sites=1, patients_per_site=6, images_per_patient=(1, 3),
-                                  size=64, seed=1)
-    certs = tmp_path / "certs"
-    init_certs(certs, ["good", "stranger"], ["localhost", "127.0.0.1"])
-    other = tmp_path / "other-consortium"
-    init_certs(other, ["good"], ["localhost", "127.0.0.1"])
-    c = Consortium(tmp_path)
-    try:
-        c.start_link(tls_files(certs), node_auth=True)
-        register_node(tls_files(certs, "good").node_public_key, c.address, certs)
-        good = c.start_node("good", sites[0], tls=tls_files(certs, "good"))
-        stranger = c.start_node("stranger", sites[0], tls=tls_files(certs, "stranger"))  # never registered
-        # Enrolled key, but the node trusts another CA: the TLS handshake with the coordinator fails.
-        wrong_ca = tls_files(certs, "good")
-        wrong_ca.ca_cert = (other / "ca.pem").resolve()
-        c.start_node("untrusting", sites[0], tls=wrong_ca)
-        assert _exited(stranger, 90), "an unenrolled SuperNode must be refused"
-        assert stranger.returncode != 0
-        assert "No SuperNode found" in (tmp_path / "logs" / "superlink.log").read_text()
-        run_dir = tmp_path / "run"
-        code = c.run({"num-server-rounds": 1, "objective": "simclr", "run-dir": str(run_dir),
-                      "min-train-nodes": 1, "min-available-nodes": 1})
-        assert code == 0
-        assert good.poll() is None
-        (row,) = read_metrics(run_dir)
-        assert row["sites_answered"] == 1  # only the enrolled, trusting node took part
-        # The coordinator names the site by its enrolment (`--name good`), in metrics.jsonl and the plot.
-        assert list(row["site_names"].values()) == ["good"] and list(site_labels([row]).values()) == ["good"]
-        # The coordinator's log files are plain text (no colour codes), the run's own lines included.
-        for name in ("flwr-run.log", "superlink.log"):
-            text = (tmp_path / "logs" / name).read_text()
-            assert "\x1b[" not in text and "INFO" in text, name
-        assert "per site: good loss" in (tmp_path / "logs" / "flwr-run.log").read_text()
-        # The node that does not trust the consortium CA never got a message (and Flower gives up on it).
-        log = (tmp_path / "logs" / "node-untrusting.log").read_text()
-        assert "Receiving:" not in log, log[-2000:]
-        assert "Receiving:" in (tmp_path / "logs" / "node-good.log").read_text()
-    finally:
-        c.stop()
-
-
 def test_cli_certs_init(tmp_path, capsys):
     from fedrad.deploy.cli import main
 
@@ -112,3 +56,22 @@ def test_register_needs_ca(tmp_path):
     Path(tmp_path / "k.pub").write_text("x")
     with pytest.raises(FileNotFoundError):
         register_node(tmp_path / "k.pub", "127.0.0.1:1", tmp_path)
+
+
+def test_register_against_a_stopped_coordinator_says_why_in_one_line(tmp_path, capsys, monkeypatch):
+    """Real `flwr supernode register` against a port nothing listens on: exit 1 and Flower's reason on one line,
+    no traceback (the retry window, 60 s while a coordinator starts, is skipped by moving the clock)."""
+    import itertools
+
+    from fedrad.deploy import certs as certs_module
+    from fedrad.deploy.cli import main
+    from fedrad.deploy.processes import free_port
+
+    init_certs(tmp_path / "c", ["site-a"], ["127.0.0.1"])
+    clock = itertools.count(0, 1000)
+    monkeypatch.setattr(certs_module, "_now", lambda: next(clock))
+    code = main(["certs", "register", str(tmp_path / "c" / "sites" / "site-a" / "node.pub"), "--certs",
+                 str(tmp_path / "c"), "--superlink", f"127.0.0.1:{free_port()}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("fedrad certs register:") and "unavailable" in err[0], err
