@@ -59,13 +59,10 @@ def test_demo_from_wheel_learns_and_beats_random_init_with_few_labels(tmp_path):
     pre, rnd = at["pretrained"], at["random-init"]
     wins = sum(r["auc"] >= o["auc"] for r in results for o in results
                if r["backbone"] == "pretrained" and o["backbone"] == "random-init" and r["fraction"] == o["fraction"])
-    # Pretrained leads at the lowest fraction in the runs measured (+0.01 to +0.04 AUC); a federated run is not
-    # bit-reproducible, so a tie within the CIs may go the other way: then the demo must say so in one line,
-    # random init must not be ahead beyond the CIs, and pretrained must still lead at most fractions.
+    # Measured without Flower (same trainer, FedAvg in one process; benchmarks/RESULTS.md "demo recipe"), the
+    # demo's recipe led random init at 25 % labels by +0.095 to +0.171 AUC over pretraining and data seeds.
+    assert pre["auc"] >= rnd["auc"], f"random init ahead at {lowest:.0%} labels: {pre} {rnd}"
     assert wins * 2 > len(results) // 2, f"pretrained behind at most fractions: {results}"
-    if pre["auc"] < rnd["auc"]:
-        assert pre["ci_high"] >= rnd["ci_low"], f"random init ahead beyond the CIs at {lowest:.0%}: {pre} {rnd}"
-        assert f"at {lowest:.0%} labels" in out and "random-init is ahead" in out, out[-3000:]
     assert not _flower_processes_mentioning(str(workdir)), "the demo left Flower processes behind"
 
 

@@ -1,0 +1,137 @@
+"""The demo's recipe, ablated: which augmentation settings make the demo's pretraining beat random init.
+
+Runs the demo's federated recipe without Flower processes, so many settings fit in one sitting: the demo's
+three synthetic hospitals (`fedrad.deploy.synthetic`, the demo's patient counts), the demo's model and
+run config (`fedrad.deploy.demo.DEMO_CONFIG`), each round every site runs `train_local` from the global
+weights (the seeds the sites use) and the weights are averaged by example count (FedAvg). Then the demo's
+own fine-tuning step: a linear probe on frozen features at several label fractions, pooled sites, patient
+split, 5 label-subsample seeds, pretrained vs random init.
+
+    python benchmarks/bench_demo_recipe.py                          # the demo's recipe, 3 seeds
+    python benchmarks/bench_demo_recipe.py --crop-min 0.4 0.8 --seeds 0 1 2
+
+One row per (setting, seed) goes to benchmarks/RESULTS.md under "demo recipe". About 1 min of training per
+row on 2 idle CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common_bench import append_result, machine, today  # noqa: E402
+
+FRACTIONS = [0.1, 0.25, 0.5, 1.0]
+HEADER = ("| when | aug-crop-min | aug-blur-p | seed | data seed | held-out loss r1 -> last | "
+          + " | ".join(f"AUC gap at {f:.0%}" for f in FRACTIONS) + " | train s | machine | command |")
+
+
+def fedavg_pretrain(sites: list, run: dict, rounds: int, seed: int):
+    """The demo's run in one process: per round, each site trains from the global weights; example-weighted mean."""
+    import torch
+
+    from fedrad.client.trainer import TrainConfig, evaluate_local, train_local
+    from fedrad.common.augment import AugmentConfig
+    from fedrad.common.models import build_model
+
+    size = int(run["image-size"])
+    augment = AugmentConfig(crop_scale=(float(run["aug-crop-min"]), 1.0), blur_p=float(run["aug-blur-p"]))
+    torch.manual_seed(seed)
+    model = build_model(str(run["model"]), "simclr", size, proj_dim=int(run["proj-dim"]))
+
+    def config(**kw) -> TrainConfig:
+        return TrainConfig(objective="simclr", batch_size=int(run["batch-size"]), lr=float(run["lr"]),
+                           temperature=float(run["temperature"]), device="cpu", image_size=size,
+                           label_fields=[], augment=augment, **kw)
+
+    held = []
+    for rnd in range(1, rounds + 1):
+        states, counts = [], []
+        for node, data in enumerate(sites):
+            local = copy.deepcopy(model)
+            train_local(local, data, config(steps=int(run["local-steps"]), seed=seed * 1_000_003 + rnd * 7919 + node),
+                        progress=False)
+            states.append(local.state_dict())
+            counts.append(len(data))
+        model.load_state_dict({k: (sum(s[k] * n for s, n in zip(states, counts, strict=True)) / sum(counts)
+                                   if states[0][k].is_floating_point() else states[-1][k]) for k in states[0]})
+        held.append(float(np.mean([evaluate_local(model, d, config())["eval_loss"] for d in sites])))
+    return model, held
+
+
+def main() -> int:
+    import torch
+
+    from fedrad.client.finetune import Arm, LabelledSet, load_folder, patient_split, random_arm, run_experiment
+    from fedrad.client.site_data import load_site
+    from fedrad.deploy.demo import DEMO_CONFIG, DEMO_IMAGES_PER_PATIENT, DEMO_PATIENTS_PER_SITE
+    from fedrad.deploy.synthetic import write_synthetic_sites
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--crop-min", type=float, nargs="+", default=[float(DEMO_CONFIG.get("aug-crop-min", 0.4))])
+    ap.add_argument("--blur-p", type=float, nargs="+", default=[0.5])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining seeds")
+    ap.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic sites")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--work", default="/tmp/fedrad-bench-demo-recipe", help="synthetic sites and caches")
+    ap.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+
+    root = Path(args.work) / f"data-{args.data_seed}"
+    if not (root / "done").exists():
+        write_synthetic_sites(root, n_sites=3, patients_per_site=DEMO_PATIENTS_PER_SITE,
+                              images_per_patient=DEMO_IMAGES_PER_PATIENT, seed=args.data_seed)
+        (root / "done").touch()
+    names = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("site-"))
+    size = int(DEMO_CONFIG["image-size"])
+    sites = [load_site(p, size, cache_dir=Path(args.work) / "cache" / f"{args.data_seed}-{p.name}", progress=False)
+             for p in names]
+    parts = []
+    for i, p in enumerate(names):
+        cache = Path(args.work) / "ft" / f"{args.data_seed}-{p.name}"
+        part = load_folder(p, size, targets=["finding"], cache_dir=cache)
+        part.groups = part.groups + i * 1_000_000
+        parts.append(part)
+    data = LabelledSet(images=np.concatenate([p.images for p in parts]), y=np.concatenate([p.y for p in parts]),
+                       targets=parts[0].targets, groups=np.concatenate([p.groups for p in parts]),
+                       source=str(root))
+    train_idx, test_idx = patient_split(data.groups, data.y, seed=0)
+    baseline = random_arm(str(DEMO_CONFIG["model"]), size)
+    command = "python benchmarks/bench_demo_recipe.py " + shlex.join(sys.argv[1:])
+    print(f"{len(data)} labelled images, {len(test_idx)} test images; gaps are pretrained - random-init AUC")
+    for crop in args.crop_min:
+        for blur in args.blur_p:
+            for seed in args.seeds:
+                run = dict(DEMO_CONFIG, **{"aug-crop-min": crop, "aug-blur-p": blur})
+                t0 = time.perf_counter()
+                model, held = fedavg_pretrain(sites, run, args.rounds, seed)
+                seconds = time.perf_counter() - t0
+                rows = run_experiment([Arm("pretrained", model.backbone.eval(), size), baseline], data, train_idx,
+                                      test_idx, FRACTIONS, "linear", seeds=5)
+                auc = {(r["backbone"], r["fraction"]): r["auc"] for r in rows}
+                gaps = [auc[("pretrained", f)] - auc[("random-init", f)] for f in FRACTIONS]
+                line = (f"crop-min {crop:.2f} blur-p {blur:.2f} seed {seed}: "
+                        f"held-out {held[0]:.3f} -> {held[-1]:.3f}; "
+                        + ", ".join(f"{f:.0%} {auc[('pretrained', f)]:.3f} vs {auc[('random-init', f)]:.3f} "
+                                    f"({g:+.3f})" for f, g in zip(FRACTIONS, gaps, strict=True)) + f"; {seconds:.0f}s")
+                print(line, flush=True)
+                if not args.no_record:
+                    append_result("demo recipe: pretrained - random-init AUC (linear probe, synthetic 'finding')",
+                                  HEADER,
+                                  f"| {today()} | {crop:.2f} | {blur:.2f} | {seed} | {args.data_seed} | "
+                                  f"{held[0]:.3f} -> {held[-1]:.3f} | " + " | ".join(f"{g:+.3f}" for g in gaps)
+                                  + f" | {seconds:.0f} | {machine()} | `{command}` |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
