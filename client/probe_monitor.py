@@ -4,8 +4,8 @@ A contrastive loss can fall while the features stay useless for diagnosis. With 
 naming a label column (e.g. "finding" from the site's labels.csv, or a header field such as "view"), every
 evaluation at the site (the evaluate message, or the train reply under eval-in-train) embeds up to
 `probe-monitor-images` labelled images with the received backbone, frozen, and measures
-- `knn_auc`: cosine k-NN (k = 20): a test image's score is each class's share among its nearest training
-  images;
+- `knn_auc`: cosine k-NN (k = 20, at most a third of the training side): a test image's score is each class's
+  share among its nearest training images;
 - `probe_auc`: the fine-tuning linear probe (client/finetune: fit_linear, macro AUC);
 both on the same PROBE_SPLITS fixed patient-level 70/30 splits (patient_split: no patient on both sides),
 averaged.
@@ -114,7 +114,7 @@ def knn_auc(features: np.ndarray, y: np.ndarray, groups: np.ndarray, k: int = KN
     unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     aucs = []
     for train, test in patient_splits(groups, y):
-        kk = min(k, len(train))
+        kk = min(k, max(1, len(train) // 3))  # at most a third of the bank, else every score is its class share
         sim = unit[test] @ unit[train].T
         nearest = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
         aucs.append(macro_auc(y[test], y[train][nearest].mean(axis=1)))
@@ -173,6 +173,10 @@ def site_monitor(model: nn.Module, data: SiteData, cfg: RunConfig, node_config: 
         return {}
     t0 = time.perf_counter()
     scores = measure(model.backbone, data, chosen, str(resolve_device(device)))
+    if not scores:
+        log.info("round %s probe monitor on %r: no AUC on %d images (no patient split has both classes on each "
+                 "side); not sent", server_round, column, len(chosen.idx))
+        return {}
     log.info("round %s probe monitor on %r: k-NN AUC %s, linear-probe AUC %s on %d images of %d patients, %.1f s",
              server_round, column, _fmt(scores.get("knn_auc")), _fmt(scores.get("probe_auc")), len(chosen.idx),
              len(np.unique(chosen.groups)), time.perf_counter() - t0)

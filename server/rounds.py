@@ -225,9 +225,9 @@ def _round_loop(state: RunState, mode, arrays: ArrayRecord, start_round: int) ->
             log(INFO, "fedrad: [round %d/%d] per site: %s", rnd, cfg.num_server_rounds, _per_site(state, entry))
         if entry.get("probe_examples"):
             log(INFO, "fedrad: [round %d/%d] representation monitor on '%s': k-NN AUC %s, linear-probe AUC %s "
-                "(mean over %d sites' %d labelled images)", rnd, cfg.num_server_rounds, cfg.probe_monitor,
-                _fmt(entry.get("knn_auc")), _fmt(entry.get("probe_auc")), entry["monitor_sites"],
-                entry["probe_examples"])
+                "(weighted mean over %d labelled images at %d site(s))", rnd, cfg.num_server_rounds, cfg.probe_monitor,
+                _fmt(entry.get("knn_auc")), _fmt(entry.get("probe_auc")), entry["probe_examples"],
+                entry["monitor_sites"])
     return cfg.num_server_rounds, "completed", arrays
 
 
