@@ -41,8 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedrad.client")
 
 KNN_K = 20
-PROBE_SPLITS = 3  # patient-level splits averaged for probe_auc (fixed seeds: the same splits every round)
+PROBE_SPLITS = 5  # patient-level splits both AUCs average over (fixed seeds: the same splits every round)
 MIN_IMAGES = 8  # fewer labelled images give no number at all
+EMBED_CHUNK = 64  # images decoded to float and embedded at once
 SELECTION_SEED = 4321  # the fixed patient order the image cap draws from
 
 
@@ -141,8 +142,10 @@ def measure(backbone: nn.Module, data: SiteData, chosen: MonitorSet, device: str
     from fedrad.client.finetune.heads import embed_images
 
     was_training = backbone.training
-    try:
-        features = embed_images(backbone, data.as_float(chosen.idx).numpy()[:, 0], None, device)
+    try:  # a chunk of images at a time: memory stays bounded whatever probe-monitor-images and the image size
+        features = np.concatenate([
+            embed_images(backbone, data.as_float(chosen.idx[i:i + EMBED_CHUNK]).numpy()[:, 0], None, device)
+            for i in range(0, len(chosen.idx), EMBED_CHUNK)])
     finally:
         backbone.train(was_training)
     out: dict[str, float] = {}

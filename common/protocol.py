@@ -146,7 +146,7 @@ class SiteReport:
     eval_examples: int | None = _metric(int, _TE, (SITE_RECORD,), "held-out images evaluated")
     # The representation monitor (run-config probe-monitor, client/probe_monitor.py): AUCs over the site's
     # labelled images, never a label or a per-image value.
-    knn_auc: float | None = _metric(float, _TE, (SITE_RECORD, MONITOR), "cosine k-NN AUC, leave-one-patient-out")
+    knn_auc: float | None = _metric(float, _TE, (SITE_RECORD, MONITOR), "cosine k-NN AUC, patient splits")
     probe_auc: float | None = _metric(float, _TE, (SITE_RECORD, MONITOR), "linear-probe AUC, patient splits")
     probe_examples: int | None = _metric(int, _TE, (SITE_RECORD,), "labelled images the monitor embedded")
 
