@@ -190,13 +190,16 @@ class RunConfig:
             raise ValueError("run-config 'aug-noise-std' must be >= 0")
 
     def _check_monitor(self) -> None:
-        """probe-monitor names one label column, never one SupCon trains on (its AUCs would flatter the model);
-        probe-monitor-images bounds what a site embeds per evaluation."""
+        """probe-monitor names one label column, never one SupCon trains on (its AUCs would flatter the model), and
+        stays off under per-image DP; probe-monitor-images bounds what a site embeds per evaluation."""
         if not 16 <= self.probe_monitor_images <= 4096:
             raise ValueError("run-config 'probe-monitor-images' must be in [16, 4096]")
         column = self.probe_monitor
         if column != column.strip() or "," in column:
             raise ValueError(f"run-config 'probe-monitor': {column!r} is not one label column name")
+        if column and self.dp == "sample":
+            raise ValueError("run-config 'probe-monitor' cannot run with dp = \"sample\": its AUCs of the sites' "
+                             "labels would leave outside their image-level epsilon accounting")
         if column and column in self.label_field_list:
             from fedrad.common.losses import REGISTRY
 

@@ -163,6 +163,7 @@ def test_run_config_checks_the_monitor_keys():
                        ({"probe-monitor-images": 10_000}, "'probe-monitor-images'"),
                        ({"probe-monitor": "finding,view"}, "'probe-monitor'"),
                        ({"probe-monitor": "view", "objective": "supcon"}, "label-fields"),
+                       ({"probe-monitor": "finding", "objective": "simsiam", "dp": "sample"}, "epsilon"),
                        ({"probe-monitor-images": "many"}, "'probe-monitor-images'")):
         with pytest.raises(ValueError, match=words):
             RunConfig.from_flower(bad)
