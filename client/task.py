@@ -18,6 +18,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
+from fedrad.client.probe_monitor import site_monitor
 from fedrad.common.protocol import ARRAYS, CONFIG, METRICS, ROUND_LR, RUN_KEY, SERVER_ROUND, ProtocolError, SiteReport
 from fedrad.common.run_config import RunConfig
 
@@ -213,6 +214,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         if refusal is not None:
             return refuse(msg, state, refusal.rule, refusal.detail, ErrorCode.PRIVACY_BUDGET)
     scores = _held_out_scores(model, data, cfg, device) if cfg.eval_in_train else {}
+    if cfg.eval_in_train:  # the representation monitor of the received weights, also before training
+        scores.update(site_monitor(model, data, cfg, context.node_config, device, server_round))
     result = train_local(model, data, tcfg, progress=False, proximal=proximal, dp=dp)
     model.to("cpu")
     seconds = time.perf_counter() - t0
@@ -268,5 +271,6 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0)) if CONFIG in msg.content else 0
     log.info("round %s evaluate (%s): held-out loss %.4f on %d images, %.1f s", server_round, cfg.objective,
              scores["eval_loss"], int(scores["eval_examples"]), time.perf_counter() - t0)
+    scores.update(site_monitor(model, data, cfg, context.node_config, device, server_round))
     report = SiteReport(num_examples=len(data), **scores)  # evaluate_local's keys are SiteReport fields
     return Message(content=RecordDict({METRICS: MetricRecord(report.to_metrics())}), reply_to=msg)

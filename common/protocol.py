@@ -111,6 +111,7 @@ SITE_RECORD = "site_record"  # kept per site in metrics.jsonl ("sites": {node: {
 AGGREGATE = "aggregate"  # weighted mean over sites on the round's line (plain and SecAgg+ alike)
 PLOT = "plot"  # drawn per round by run_log.plot_run
 MANIFEST = "manifest"  # read by the release manifest (server/release.py)
+MONITOR = "monitor"  # mean over sites weighted by probe_examples on the round's line; the plot's AUC panel
 
 
 def _metric(kind: type, messages: tuple[str, ...], readers: tuple[str, ...], doc: str) -> Any:
@@ -143,6 +144,11 @@ class SiteReport:
     alignment: float | None = _metric(float, _TE, (SITE_RECORD, AGGREGATE), "held-out alignment")
     uniformity: float | None = _metric(float, _TE, (SITE_RECORD, AGGREGATE), "held-out uniformity")
     eval_examples: int | None = _metric(int, _TE, (SITE_RECORD,), "held-out images evaluated")
+    # The representation monitor (run-config probe-monitor, client/probe_monitor.py): AUCs over the site's
+    # labelled images, never a label or a per-image value.
+    knn_auc: float | None = _metric(float, _TE, (SITE_RECORD, MONITOR), "cosine k-NN AUC, patient splits")
+    probe_auc: float | None = _metric(float, _TE, (SITE_RECORD, MONITOR), "linear-probe AUC, patient splits")
+    probe_examples: int | None = _metric(int, _TE, (SITE_RECORD,), "labelled images the monitor embedded")
 
     def to_metrics(self) -> dict[str, int | float]:
         """The MetricRecord content: set fields only, in their declared kind."""

@@ -104,6 +104,11 @@ class RunConfig:
     dp_noise: float = 0.0
     dp_delta: float = 1e-5
     dp_epsilon_budget: float = 0.0
+    # Representation monitor (client/probe_monitor.py): a label column each site may allow in its policy's
+    # label_fields ("finding", "view", ...); each evaluation embeds up to probe-monitor-images of its labelled
+    # images and sends only k-NN and linear-probe AUCs. Empty: off.
+    probe_monitor: str = ""
+    probe_monitor_images: int = 512
     # The consortium's signature over the FAB and this config (fedrad.common.run_signature); set by
     # `fedrad run --sign-key`, checked by each site's runtime before its data is touched.
     run_signature: str = ""
@@ -158,6 +163,7 @@ class RunConfig:
         if self.publish_linger < 0 or (self.publish_only and not self.publish_dir):
             raise ValueError("run-config 'publish-linger' must be >= 0, and publish-only needs 'publish-dir'")
         self._check_recipe()
+        self._check_monitor()
 
     def _check_recipe(self) -> None:
         """The schedule and augmentation keys, each refused by name when out of range."""
@@ -182,6 +188,25 @@ class RunConfig:
             raise ValueError("run-config 'aug-blur-p' and 'aug-noise-p' must be probabilities in [0, 1]")
         if self.aug_noise_std < 0:
             raise ValueError("run-config 'aug-noise-std' must be >= 0")
+
+    def _check_monitor(self) -> None:
+        """probe-monitor names one label column, never one SupCon trains on (its AUCs would flatter the model), and
+        stays off under per-image DP; probe-monitor-images bounds what a site embeds per evaluation."""
+        if not 16 <= self.probe_monitor_images <= 4096:
+            raise ValueError("run-config 'probe-monitor-images' must be in [16, 4096]")
+        column = self.probe_monitor
+        if column != column.strip() or "," in column:
+            raise ValueError(f"run-config 'probe-monitor': {column!r} is not one label column name")
+        if column and self.dp == "sample":
+            raise ValueError("run-config 'probe-monitor' cannot run with dp = \"sample\": its AUCs of the sites' "
+                             "labels would leave outside their image-level epsilon accounting")
+        if column and column in self.label_field_list:
+            from fedrad.common.losses import REGISTRY
+
+            objective = REGISTRY.get(self.objective.lower())
+            if objective is not None and objective().needs_labels:
+                raise ValueError(f"run-config 'probe-monitor' = {column!r} is one of the label-fields objective "
+                                 f"'{self.objective}' trains on: monitor a column the model does not learn from")
 
     def augment_config(self):
         """The AugmentConfig these keys describe (imports torch: call it where training happens)."""

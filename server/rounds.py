@@ -37,7 +37,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedrad.common.atomic import atomic_write_json
-from fedrad.common.protocol import MESSAGE_EVALUATE, SERVER_ROUND, SITE_RECORD
+from fedrad.common.protocol import MESSAGE_EVALUATE, MONITOR, SERVER_ROUND, SITE_RECORD, metrics_for
 from fedrad.common.run_config import RunConfig
 from fedrad.server.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fedrad.server.exchange import RoundTimes, exchange
@@ -223,6 +223,11 @@ def _round_loop(state: RunState, mode, arrays: ArrayRecord, start_round: int) ->
             entry["time_overhead"])
         if entry["sites"]:
             log(INFO, "fedrad: [round %d/%d] per site: %s", rnd, cfg.num_server_rounds, _per_site(state, entry))
+        if entry.get("probe_examples"):
+            log(INFO, "fedrad: [round %d/%d] representation monitor on '%s': k-NN AUC %s, linear-probe AUC %s "
+                "(weighted mean over %d labelled images at %d site(s))", rnd, cfg.num_server_rounds, cfg.probe_monitor,
+                _fmt(entry.get("knn_auc")), _fmt(entry.get("probe_auc")), entry["probe_examples"],
+                entry["monitor_sites"])
     return cfg.num_server_rounds, "completed", arrays
 
 
@@ -300,8 +305,26 @@ def _round_entry(state: RunState, rnd: int, outcome: TrainOutcome, privacy: dict
         entry["aggregate_refused"] = outcome.refusal
     entry.update(outcome.metrics)
     entry.update(agg_eval)
+    entry.update(monitor_means(sites, set(outcome.rejected), state.cfg.probe_monitor_images))
     entry.update(privacy)
     return entry
+
+
+def monitor_means(sites: dict[str, dict], rejected: set[str], cap: int) -> dict[str, float | int]:
+    """The representation monitor's round numbers: each MONITOR metric's mean over the sites that sent it,
+    weighted by their `probe_examples` cut to the run's `probe-monitor-images` (no site outweighs that claim);
+    a site whose update the round rejected does not count. Adds the total images and the sites counted."""
+    keys = metrics_for(MONITOR)
+    counted = {n: min(float(r["probe_examples"]), float(cap)) for n, r in sites.items()
+               if n not in rejected and r.get("probe_examples", 0) > 0 and any(k in r for k in keys)}
+    out: dict[str, float | int] = {}
+    for key in keys:
+        weights = {n: w for n, w in counted.items() if sites[n].get(key) is not None}
+        if weights:
+            out[key] = sum(w * float(sites[n][key]) for n, w in weights.items()) / sum(weights.values())
+    if out:
+        out.update(probe_examples=int(sum(counted.values())), monitor_sites=len(counted))
+    return out
 
 
 def _fmt(value) -> str:

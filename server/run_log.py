@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from fedrad.common.atomic import atomic_write
-from fedrad.common.protocol import PLOT, metrics_for
+from fedrad.common.protocol import MONITOR, PLOT, metrics_for
 
 TRAIN_LOSS = "train_loss"  # SiteReport fields the plots name
 EPSILON = "dp_epsilon"
+_AUC_LABELS = {"knn_auc": "k-NN AUC (weighted mean)", "probe_auc": "linear-probe AUC (weighted mean)"}
 
 
 def append_metrics(run_dir: Path, entry: dict[str, Any]) -> None:
@@ -66,7 +67,8 @@ def site_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def plot_run(run_dir: Path, pending: dict[str, Any] | None = None) -> Path | None:
-    """The protocol's plotted metrics per round, train loss per site and, when DP is on, epsilon, as one PNG.
+    """The protocol's plotted metrics per round, train loss per site, the representation monitor's AUCs (when
+    the run has probe-monitor on) and, when DP is on, epsilon, as one PNG.
     `pending`: a round's line not yet appended (the round plots before its checkpoint, appends after)."""
     rows = read_metrics(run_dir) + ([pending] if pending else [])
     if not rows:
@@ -92,14 +94,25 @@ def run_figure(rows: list[dict[str, Any]]):
     # Round-level lines: every metric the protocol marks for plotting, ε in a panel of its own.
     lines = [k for k in metrics_for(PLOT) if k != EPSILON and any(r.get(k) is not None for r in rows)]
     has_eps = any(r.get(EPSILON) is not None for r in rows)
-    fig, axes = plt.subplots(1, 3 if has_eps else 2, figsize=(14 if has_eps else 10, 4))
+    aucs = [k for k in metrics_for(MONITOR) if any(r.get(k) is not None for r in rows)]
+    panels = 2 + bool(aucs) + has_eps
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
     ax = axes[0]
     for key in lines:
         ax.plot(rounds, [r.get(key) for r in rows], "o-", label=f"{key} (weighted mean)")
     ax.set(title="per round", xlabel="round", ylabel="value")
     if lines:
         ax.legend()
-    ax = axes[1]
+    if aucs:  # the representation monitor: AUCs on the sites' labelled images (client/probe_monitor.py)
+        ax = axes[1]
+        for key in aucs:
+            pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=_AUC_LABELS.get(key, key))
+        ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+        ax.set(title="representation quality (sites' labelled images)", xlabel="round", ylabel="AUC",
+               ylim=(0.0, 1.0))
+        ax.legend(fontsize=7)
+    ax = axes[1 + bool(aucs)]
     labels = site_labels(rows)
     sites: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
@@ -113,7 +126,7 @@ def run_figure(rows: list[dict[str, Any]]):
     if sites:
         ax.legend(fontsize=7)
     if has_eps:
-        ax = axes[2]
+        ax = axes[-1]
         ax.plot(rounds, [r.get(EPSILON) for r in rows], "o-", color="crimson")
         ax.set(title="privacy spent (epsilon)", xlabel="round", ylabel="epsilon")
     for ax in axes:

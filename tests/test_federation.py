@@ -38,7 +38,8 @@ def test_rounds_checkpoints_and_wire_content(consortium, sites, tmp_path):
     """Two sites, two rounds: the run directory is complete and only model arrays and numbers left the sites.
 
     The run starts from a local RGB timm checkpoint (`init`) and a warm-up + cosine round LR, which each site
-    checks against the signed run config before training."""
+    checks against the signed run config before training. The representation monitor is on for `finding`,
+    which both sites' policies allow: its AUCs reach metrics.jsonl as numbers only."""
     import hashlib
 
     import timm
@@ -49,12 +50,14 @@ def test_rounds_checkpoints_and_wire_content(consortium, sites, tmp_path):
     ckpt = tmp_path / "rgb-test_resnet.safetensors"
     save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet", in_chans=3).state_dict().items()},
               str(ckpt))
+    policy = tmp_path / "site-policy.toml"
+    policy.write_text('[training]\nlabel_fields = ["view", "body_part", "sex", "age", "modality", "finding"]\n')
     consortium.start_link()
     for i, site in enumerate(sites[:2]):
-        consortium.start_node(f"s{i}", site)
+        consortium.start_node(f"s{i}", site, config={"policy": str(policy)})
     run_dir = tmp_path / "run"
     code = consortium.run({"num-server-rounds": 2, "objective": "micle", "run-dir": str(run_dir), "init": str(ckpt),
-                           "lr-schedule": "cosine", "warmup-rounds": 1})
+                           "lr-schedule": "cosine", "warmup-rounds": 1, "probe-monitor": "finding"})
     assert code == 0
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
@@ -67,10 +70,16 @@ def test_rounds_checkpoints_and_wire_content(consortium, sites, tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.safetensors",
                                                                           "round-0002.safetensors"]
     assert (run_dir / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The representation monitor: each round's weighted AUCs, from the sites whose labels give one.
+    for r in rows:
+        assert 0.0 <= r["knn_auc"] <= 1.0 and 0.0 <= r["probe_auc"] <= 1.0 and r["probe_examples"] >= 8, r
+        measured = [m for m in r["sites"].values() if "knn_auc" in m]
+        assert measured and r["probe_examples"] == sum(m["probe_examples"] for m in measured)
     # Each site's log file shows its own progress, one line per message, in plain text.
     node_log = (tmp_path / "logs" / "node-s0.log").read_text()
     assert "round 1 train (micle):" in node_log and "round 2 evaluate (micle): held-out loss" in node_log
     assert "images/s" in node_log and "\x1b[" not in node_log
+    assert "round 2 probe monitor" in node_log
 
     import safetensors.torch
     import timm
