@@ -89,7 +89,10 @@ def pack(arrays: Mapping[str, Any], layout: Layout | None = None) -> ArrayRecord
         value = _ndarray(arrays[key])
         if tuple(value.shape) != shape:
             raise PackingError(f"'{key}' has shape {tuple(value.shape)}, the layout's is {shape}")
-        parts[dtype].append(value.astype(dtype, casting="same_kind", copy=False).ravel())
+        try:
+            parts[dtype].append(value.astype(dtype, casting="same_kind", copy=False).ravel())
+        except TypeError:
+            raise PackingError(f"'{key}' is {value.dtype}, which does not pack as {dtype}") from None
     return ArrayRecord({g: Array(np.concatenate(p)) for g, p in parts.items()})
 
 

@@ -8,6 +8,8 @@ after every round exactly as in plain mode) and adapts formats at the edges:
 - the sites send their *update* (local weights minus the global weights) rather than the weights, so the
   fixed-point range of SecAgg+ (`clipping_range`) is spent on small numbers; the coordinator adds the
   securely summed mean update to the global weights;
+- the model travels in fedrad's wire format (fedrad.common.packing): the FitIns, each site's masked vector
+  and the unmasked sum hold one flat array per dtype, not one per state-dict entry;
 - integer buffers (BatchNorm's batch counters) are not masked: every site advances them by the same number
   of local steps, so the coordinator advances them by `local-steps` itself;
 - each site's weight is its number of images capped at MAX_WEIGHT (equal weights under dp=client).
