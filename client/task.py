@@ -180,7 +180,7 @@ def _model_from(msg: Message, cfg: RunConfig, run_id: int):
         model.zero_grad(set_to_none=True)
     layout = wire_layout(model.state_dict(), cfg)
     received = unpack(msg.content[ARRAYS], layout)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in received.items()}, strict=True)
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in received.items()}, strict=True)
     return model, received, layout
 
 

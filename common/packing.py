@@ -97,8 +97,8 @@ def pack(arrays: Mapping[str, Any], layout: Layout | None = None) -> ArrayRecord
 
 
 def unpack(record: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
-    """Named arrays (views into one decoded buffer per dtype) of a packed record that is exactly `layout`:
-    the groups' names, order, dtypes and lengths are checked before any array is read."""
+    """Named read-only arrays (views into the record's own bytes, nothing copied) of a packed record that is
+    exactly `layout`: the groups' names, order, dtypes and lengths are checked before any array is read."""
     if list(record.keys()) != list(layout.groups):
         raise PackingError(f"packed arrays {list(record.keys())[:4]} are not the model's {list(layout.groups)}")
     for group, count in layout.groups.items():
@@ -108,11 +108,36 @@ def unpack(record: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
                                f"the model's is ({count},) {group}")
     buffers = []
     for group, count in layout.groups.items():
-        flat = record[group].numpy()
+        flat = _flat_view(record[group], group)
         if flat.dtype != np.dtype(group) or flat.shape != (count,):  # the data itself, not only its metadata
             raise PackingError(f"packed '{group}' holds {flat.shape} {flat.dtype}, the model's is ({count},) {group}")
         buffers.append(flat)
     return split(buffers, layout)
+
+
+def _flat_view(array: Array, group: str) -> np.ndarray:
+    """A read-only view of a packed Array's .npy bytes (numpy's own header reader, no copy of the data), so
+    unpacking a reply adds nothing to the bytes Flower already holds. Anything but a 1-D little-endian C
+    array of exactly its data is refused."""
+    import io
+
+    from numpy.lib import format as npy
+
+    if array.stype != "numpy.ndarray":
+        raise PackingError(f"packed '{group}' is serialised as {array.stype!r}, not numpy.ndarray")
+    head = io.BytesIO(array.data)
+    try:
+        version = npy.read_magic(head)
+        shape, fortran, dtype = (npy.read_array_header_1_0(head) if version == (1, 0)
+                                 else npy.read_array_header_2_0(head))
+    except ValueError as exc:
+        raise PackingError(f"packed '{group}' is not a .npy array ({exc})") from None
+    if fortran or len(shape) != 1 or dtype.hasobject or not dtype.isnative:
+        raise PackingError(f"packed '{group}' is not a flat native {group} array")
+    offset = head.tell()
+    if len(array.data) - offset != shape[0] * dtype.itemsize:
+        raise PackingError(f"packed '{group}' holds {len(array.data) - offset} bytes for {shape[0]} values")
+    return np.frombuffer(array.data, dtype=dtype, count=shape[0], offset=offset)
 
 
 def split(buffers: Sequence[np.ndarray], layout: Layout) -> dict[str, np.ndarray]:
