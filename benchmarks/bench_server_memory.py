@@ -40,7 +40,9 @@ PATHS = ("list, before", "list, streamed", "arriving, streamed")
 def _replies(global_arrays, n: int, seed: int):
     """Site replies, made one at a time: the global model moved by each site's own update."""
     import numpy as np
-    from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+    from flwr.app import Message, Metadata, MetricRecord, RecordDict
+
+    from fedrad.common.packing import pack
 
     for node in range(1, n + 1):
         rng = np.random.default_rng(seed + node)
@@ -49,12 +51,13 @@ def _replies(global_arrays, n: int, seed: int):
             value = arr.numpy()
             if value.dtype.kind == "f":
                 value = value + (0.01 * rng.standard_normal(value.shape, dtype=np.float32)).astype(value.dtype)
-            arrays[key] = Array(np.asarray(value))
+            arrays[key] = np.asarray(value)
             del value
+        arrays = pack(arrays)  # as a site sends it: fedrad's wire format
         meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="q",
                         group_id="1", created_at=0.0, ttl=60.0, message_type="train")
         metrics = MetricRecord({"num_examples": float(rng.integers(200, 400)), "train_loss": float(rng.random())})
-        yield Message(content=RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics}), metadata=meta)
+        yield Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), metadata=meta)
         del arrays
 
 
@@ -70,7 +73,7 @@ def child(args) -> dict:
     from fedrad.server.strategies import build_strategy
 
     cfg = RunConfig(model=args.model, image_size=224, objective="simclr", min_train_nodes=args.sites)
-    global_arrays = initial_arrays(cfg)
+    global_arrays, _ = initial_arrays(cfg)  # (arrays, init record)
     model_bytes = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in global_arrays.values())
     strategy = build_strategy(cfg)
     strategy.global_arrays = global_arrays

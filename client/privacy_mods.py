@@ -6,7 +6,7 @@ with `secagg = true` training messages go through
     wire guard -> secaggplus_mod -> update edge -> [fixedclipping_mod when dp = client] -> legacy edge -> handler
 
 so `task.handle_train` trains exactly as in plain mode: the legacy edge turns Flower's legacy FitIns into the
-fedrad message (named arrays + config) and the reply back into a FitRes; the update edge replaces the
+fedrad message (packed arrays + config) and the reply back into a FitRes; the update edge replaces the
 (clipped) weights by the update (weights minus the global weights) that SecAgg+ masks. What leaves the site
 in secagg mode is Flower's masked integer vectors, public keys and encrypted key shares, plus the SiteReport
 metrics; the wire guard checks each SecAgg+ stage's reply for exactly that structure.
@@ -73,27 +73,28 @@ def privacy_mod(msg: Message, context: Context, call_next) -> Message:
     return secaggplus_mod(msg, context, update)
 
 
-def _model_keys(context: Context) -> list[str]:
-    from fedrad.client.task import model_keys
+def _model_layout(context: Context):
+    from fedrad.client.task import model_layout
     from fedrad.common.run_config import RunConfig
 
-    return model_keys(RunConfig.from_flower(dict(context.run_config)))
+    return model_layout(RunConfig.from_flower(dict(context.run_config)))
 
 
 def _legacy_edge(msg: Message, context: Context, call_next) -> Message:
-    """FitIns (unnamed arrays) -> fedrad's named-arrays message; the reply -> FitRes with the full weights."""
+    """FitIns (unnamed arrays: the packed model, one array per dtype) -> fedrad's packed-arrays message; the
+    reply -> FitRes with the full (packed) weights."""
     import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
-    names = _model_keys(context)
+    groups = list(_model_layout(context).groups)
     global_nd = msg.content.array_records[FIT_PARAMS].to_numpy_ndarrays()
-    if len(global_nd) != len(names):
-        return _refuse(msg, f"the coordinator sent {len(global_nd)} arrays, this model has {len(names)}")
+    if len(global_nd) != len(groups):
+        return _refuse(msg, f"the coordinator sent {len(global_nd)} arrays, this model packs into {len(groups)}")
     config = dict(msg.content.config_records[FIT_CONFIG])
-    msg.content = RecordDict({
-        ARRAYS: ArrayRecord({n: Array(np.array(a, order="C")) for n, a in zip(names, global_nd, strict=True)}),
+    msg.content = RecordDict({  # the handler unpacks these against the model's layout (names, dtypes, lengths)
+        ARRAYS: ArrayRecord({g: Array(np.array(a, order="C")) for g, a in zip(groups, global_nd, strict=True)}),
         CONFIG: ConfigRecord({SERVER_ROUND: int(config.get(SERVER_ROUND, 0))}),
     })
     reply = call_next(msg, context)
@@ -102,8 +103,8 @@ def _legacy_edge(msg: Message, context: Context, call_next) -> Message:
     arrays = reply.content[ARRAYS]
     metrics = SiteReport.from_metrics(reply.content[METRICS], MessageType.TRAIN).to_metrics()
     # Integer buffers travel as float64 from here on, so Flower's clipping arithmetic can scale them.
-    weights = [arrays[n].numpy().astype(np.float64 if g.dtype.kind in "iu" else g.dtype, copy=False)
-               for n, g in zip(names, global_nd, strict=True)]
+    weights = [arrays[g].numpy().astype(np.float64 if a.dtype.kind in "iu" else a.dtype, copy=False)
+               for g, a in zip(groups, global_nd, strict=True)]
     num_examples = int(metrics.get("num_examples", 1))
     if str(context.run_config.get("dp", "none")) == "client":
         num_examples = int(float(config.get(SECAGG_MAX_WEIGHT, 1)))  # equal weights: DP noise assumes them

@@ -19,6 +19,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from fedrad.client.probe_monitor import site_monitor
+from fedrad.common.packing import Layout, pack, unpack
 from fedrad.common.protocol import ARRAYS, CONFIG, METRICS, ROUND_LR, RUN_KEY, SERVER_ROUND, ProtocolError, SiteReport
 from fedrad.common.run_config import RunConfig
 
@@ -132,35 +133,41 @@ def train_config_for(cfg: RunConfig, device: str, server_round: int, node_seed: 
     )
 
 
-def model_keys(cfg: RunConfig) -> list[str]:
-    """The model's state-dict names in order (SecAgg+'s legacy messages carry arrays without names)."""
+def wire_layout(state: dict, cfg: RunConfig) -> Layout:
+    """The one model layout this site accepts and sends (fedrad.common.packing): `state` (the model's state
+    dict) in order, integer buffers as float32 in plain dp=client runs (the coordinator sends them so)."""
+    layout = Layout.of(state)
+    return layout.ints_as_float32() if cfg.dp == "client" and not cfg.secagg else layout
+
+
+def model_layout(cfg: RunConfig) -> Layout:
+    """`wire_layout` of the model the run config builds (SecAgg+'s legacy messages carry unnamed arrays)."""
     from fedrad.common.models import build_model
 
     model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim, norm=cfg.model_norm)
-    return list(model.state_dict().keys())
+    return wire_layout(model.state_dict(), cfg)
 
 
-def _reply_arrays(model, received: ArrayRecord, cfg: RunConfig) -> ArrayRecord:
-    """The trained weights in the dtypes the coordinator sent. Under DP the integer buffers (BatchNorm batch
-    counters) are returned as received, so the clipped update holds only the trained floats."""
-    import numpy as np
-    from flwr.app import Array
-
+def _reply_arrays(model, received: dict, layout: Layout, cfg: RunConfig) -> ArrayRecord:
+    """The trained weights packed in the layout the coordinator sent. Under DP the integer buffers
+    (BatchNorm batch counters) are returned as received, so the clipped update holds only the trained floats."""
     state = model.state_dict()
     out = {}
-    for key, ref in received.items():
-        ref_np = ref.numpy()
+    for key in layout.keys:
         value = state[key].detach().cpu().numpy()
-        if cfg.dp != "none" and (value.dtype.kind in "iu" or ref_np.dtype.kind in "iu"):
-            value = ref_np
-        out[key] = Array(np.array(value, dtype=ref_np.dtype, order="C"))  # keeps 0-d arrays 0-d
-    return ArrayRecord(out)
+        if cfg.dp != "none" and (value.dtype.kind in "iu" or received[key].dtype.kind in "iu"):
+            value = received[key]
+        out[key] = value
+    return pack(out, layout)
 
 
 def _model_from(msg: Message, cfg: RunConfig, run_id: int):
-    """The model holding the message's weights: the resident one of this architecture when there is one (a
-    strict load overwrites every parameter and buffer). Under dp=sample a fresh one every message: opacus
-    rewires the module it trains, and that must never carry over into the next message."""
+    """(model, received arrays, layout): the model holding the message's weights, the resident one of this
+    architecture when there is one (a strict load overwrites every parameter and buffer). Under dp=sample a
+    fresh one every message: opacus rewires the module it trains, and that must never carry over into the
+    next message. The message's packed arrays must be exactly this model's layout (PackingError otherwise)."""
+    import torch
+
     from fedrad.common.models import build_model
 
     def build():
@@ -172,8 +179,10 @@ def _model_from(msg: Message, cfg: RunConfig, run_id: int):
         model = _resident("model", (run_id, cfg.model, cfg.objective, cfg.image_size, cfg.proj_dim, cfg.model_norm),
                           build)
         model.zero_grad(set_to_none=True)
-    model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict(), strict=True)
-    return model
+    layout = wire_layout(model.state_dict(), cfg)
+    received = unpack(msg.content[ARRAYS], layout)
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in received.items()}, strict=True)
+    return model, received, layout
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -192,7 +201,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     data = load_site_for(context, cfg)
-    model = _model_from(msg, cfg, context.run_id)
+    model, received, layout = _model_from(msg, cfg, context.run_id)
     start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if cfg.proximal_mu > 0 and cfg.strategy == "fedprox":
         proximal = (cfg.proximal_mu, start_state)
@@ -246,7 +255,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     log.info("round %s train (%s): %d steps on %d images, loss %.4f -> %.4f, %.1f images/s, %.1f s%s",
              server_round, cfg.objective, result.steps, len(data), result.losses[0], result.losses[-1],
              result.examples / max(result.seconds, 1e-9), seconds, privacy)
-    content = RecordDict({ARRAYS: _reply_arrays(model, msg.content[ARRAYS], cfg),
+    content = RecordDict({ARRAYS: _reply_arrays(model, received, layout, cfg),
                           METRICS: MetricRecord(report.to_metrics())})
     return Message(content=content, reply_to=msg)
 
@@ -264,7 +273,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_flower(dict(context.run_config))
     device = _node_setting(context, "device", "auto")
     data = load_site_for(context, cfg)
-    model = _model_from(msg, cfg, context.run_id)
+    model, _, _ = _model_from(msg, cfg, context.run_id)
     tcfg = train_config_for(cfg, device, 0, 0)
     t0 = time.perf_counter()
     scores = evaluate_local(model, data, tcfg)

@@ -1,12 +1,14 @@
 """The last thing every reply passes on its way out of a site: it enforces fedrad.common.protocol.
 
 What may leave (anything else is replaced by a WIRE_BLOCKED error reply):
-- a train reply: the model's own arrays (the names, shapes and dtypes the coordinator sent) and a
-  MetricRecord of SiteReport train metrics (finite scalars under whitelisted keys);
+- a train reply: the model's own arrays in fedrad's wire format (fedrad.common.packing: one 1-D array per
+  dtype), exactly the names, lengths and dtypes the coordinator sent (which the handler has already unpacked
+  against the model its signed run config builds), and a MetricRecord of SiteReport train metrics (finite
+  scalars under whitelisted keys);
 - an evaluate reply: a MetricRecord of SiteReport evaluate metrics;
 - a release reply (fedrad.common.release_wire): a MetricRecord holding one ReleaseCode;
 - a SecAgg+ reply: exactly the records Flower's secaggplus_mod sends at the stage the coordinator asked
-  for (public keys; encrypted key shares; masked integer vectors of the model's shapes plus the legacy
+  for (public keys; encrypted key shares; masked integer vectors of the packed model's shapes plus the legacy
   FitRes metrics, checked as SiteReport; key shares for unmasking), each of the expected type and size;
 - an error reply: only a code from ErrorCode and its fixed ERROR_TEXT. Any exception in a handler or mod
   becomes SITE_FAILED; the detailed reason goes to the site's log and audit file, never into the reply.

@@ -57,7 +57,7 @@ def error_code_of(code: int) -> ErrorCode | None:
 # --- records of a message ------------------------------------------------------------------------------
 # Flower's Message strategies use "arrays" and "config" (arrayrecord_key / configrecord_key); replies use
 # "arrays" and "metrics". Nothing else crosses the wire in plain mode.
-ARRAYS = "arrays"  # ArrayRecord: the model's state dict (coordinator -> site and site -> coordinator)
+ARRAYS = "arrays"  # ArrayRecord: the model packed by fedrad.common.packing (coordinator <-> site)
 CONFIG = "config"  # ConfigRecord of MESSAGE_CONFIG keys (coordinator -> site)
 METRICS = "metrics"  # MetricRecord of SiteReport fields (site -> coordinator)
 

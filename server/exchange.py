@@ -8,6 +8,10 @@ the same round timeout; with no message nothing is pushed or pulled at all.
 A reply can be listed before all its arrays reached the SuperLink (the SuperNode pushes them one object
 at a time); Flower's object puller then backs off 1, 2, 4, 8 s. `exchange` sets the Grid's puller to
 REPLY_PULL_BACKOFF instead (flwr 1.41 `superlink.grid.http_grid.pull_objects`, the ServerApp process only).
+
+Every message pushed here carries the model in fedrad's wire format (fedrad.common.packing: one array per
+dtype instead of one per state-dict entry, so a message is a handful of Flower objects, not hundreds);
+the replies' packed arrays are unpacked and checked against the global model by fedrad.server.screening.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
+
+from fedrad.common.packing import pack
+from fedrad.common.protocol import ARRAYS
 
 REPLY_POLL_SECONDS = 0.2  # a pull is one loopback/HTTPS round trip; 5 per second is next to nothing
 REPLY_PULL_BACKOFF = (0.05, 0.5)  # (first, cap) seconds between tries of an object not yet at the SuperLink
@@ -37,6 +44,20 @@ def short_reply_backoff() -> bool:
         short.fedrad_short_backoff = True  # type: ignore[attr-defined]
         http_grid.pull_objects = short
     return True
+
+
+def packed(messages: Iterable[Message]) -> list[Message]:
+    """The messages with their model arrays packed (fedrad.common.packing), in place; a record shared by
+    several messages (Flower's configure_* sends one global model to every site) is packed once."""
+    done: dict[int, tuple[ArrayRecord, ArrayRecord]] = {}  # id(record) -> (record, packed): the id stays valid
+    msgs = list(messages)
+    for msg in msgs:
+        if ARRAYS in msg.content.array_records:
+            record = msg.content.array_records[ARRAYS]
+            if id(record) not in done:
+                done[id(record)] = (record, pack(record))
+            msg.content[ARRAYS] = done[id(record)][1]
+    return msgs
 
 
 @dataclass
@@ -62,11 +83,11 @@ def arriving_replies(grid: Grid, messages: Iterable[Message], timeout: float, ti
     """`exchange`, yielding each reply as it is pulled, so a consumer that folds replies in one at a time
     (screening with spill-updates) never holds more than one pull's worth of updates. `times.wait` then also
     covers the consumer's work between pulls."""
-    msgs = list(messages)
+    t0 = time.perf_counter()  # packing counts as sending
+    msgs = packed(messages)
     if not msgs:
         return
     short_reply_backoff()
-    t0 = time.perf_counter()
     pending = {mid for mid in grid.push_messages(msgs) if mid}  # a message Flower could not push reads None
     del msgs
     t1 = time.perf_counter()

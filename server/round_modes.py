@@ -22,7 +22,14 @@ from fedrad.common.run_config import RunConfig
 from fedrad.server.exchange import RoundTimes, arriving_replies, exchange
 from fedrad.server.privacy import PrivacyLedger, wrap_dp_strategy
 from fedrad.server.run_log import read_metrics
-from fedrad.server.screening import ScreeningRules, UpdateSpill, error_summary, screen_replies, screen_stream
+from fedrad.server.screening import (
+    ScreeningRules,
+    UpdateSpill,
+    drain,
+    error_summary,
+    screen_replies,
+    screen_stream,
+)
 from fedrad.server.strategies import MEAN_STRATEGIES
 
 
@@ -89,7 +96,8 @@ class PlainRounds:
             answered = sum(not m.has_error() for m in replies)
             if msgs and not answered:
                 self._nothing_back(rnd, msgs, replies)
-            kept, report = screen_replies(replies, arrays, self.rules, MESSAGE_TRAIN)
+            # drained: each packed reply is let go once screening has unpacked it
+            kept, report = screen_replies(drain(replies), arrays, self.rules, MESSAGE_TRAIN)
             del replies
             agg, metrics = self.train_strategy.aggregate_train(rnd, kept)
         # Per-site records: rejected sites' claims too; an accepted site's count as it was counted.

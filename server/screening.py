@@ -2,7 +2,9 @@
 
 Every reply is parsed against fedrad.common.protocol (the coordinator does not trust a site's own guard):
 error replies are recorded by code only; metrics must be SiteReport fields; arrays must be the global
-model's names, shapes and dtypes and finite. Then, across the round:
+model packed in fedrad's wire format (fedrad.common.packing: exactly its dtypes and lengths) and finite;
+a kept reply's arrays are unpacked into the model's named arrays, which the strategies average. Then, across
+the round:
 
 - example counts: a claim that is not a finite positive whole number rejects the reply; a claim above
   `max_example_factor` x the round's (lower) median is cut down to that;
@@ -25,15 +27,16 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import Metadata
 
+from fedrad.common.packing import Layout, PackingError, unpack
 from fedrad.common.protocol import (
     AGGREGATE,
     AGGREGATION_WEIGHT,
@@ -67,24 +70,20 @@ class ScreeningReport:
     capped: dict[int, str] = field(default_factory=dict)  # why a site's weight was cut
 
 
-def _check_arrays(arrays: ArrayRecord, reference: ArrayRecord, sink: BinaryIO | None = None
+def _check_arrays(arrays: Mapping[str, np.ndarray], reference: ArrayRecord, sink: BinaryIO | None = None
                   ) -> tuple[str | None, float]:
     """Return (reason to reject or None, L2 distance of the update from the global model).
 
-    One array at a time (the global model's too), so checking a reply holds one decoded array beside it, not
-    a second model; `sink` receives each checked array's bytes in the global model's order (UpdateSpill)."""
-    if set(arrays.keys()) != set(reference.keys()):
-        missing = set(reference.keys()) - set(arrays.keys())
-        extra = set(arrays.keys()) - set(reference.keys())
-        return f"array names differ (missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})", 0.0
+    `arrays` are a reply's unpacked arrays (views into its packed buffers, already checked to be the global
+    model's layout: fedrad.common.packing.unpack). One global array is decoded at a time, so checking a reply
+    holds its packed buffers beside the global model, not a second copy; `sink` receives each checked array's
+    bytes in the global model's order (UpdateSpill)."""
     sq = 0.0
     for key, ref_array in reference.items():
-        arr = arrays[key].numpy()
+        arr = arrays[key]
         ref = ref_array.numpy()
-        if arr.shape != ref.shape:
-            return f"'{key}' has shape {arr.shape}, expected {ref.shape}", 0.0
-        if arr.dtype != ref.dtype:
-            return f"'{key}' has dtype {arr.dtype}, expected {ref.dtype}", 0.0
+        if arr.shape != ref.shape or arr.dtype != ref.dtype:  # unpack guarantees both; kept as a last check
+            return f"'{key}' is {arr.shape} {arr.dtype}, expected {ref.shape} {ref.dtype}", 0.0
         if arr.dtype.kind == "f":
             if not np.isfinite(arr).all():
                 return f"'{key}' holds NaN or Inf", 0.0
@@ -142,29 +141,34 @@ def error_summary(msg: Message) -> str:
 
 
 def _parse(msg: Message, message_type: str, reference: ArrayRecord | None, spill_path: Path | None = None
-           ) -> tuple[str | None, SiteReport | None, float]:
+           ) -> tuple[str | None, SiteReport | None, float, dict[str, np.ndarray] | None]:
+    """(reason to reject or None, parsed metrics, update norm, the reply's unpacked arrays when checked)."""
     if msg.has_error():
-        return error_summary(msg), None, 0.0
+        return error_summary(msg), None, 0.0, None
     if METRICS not in msg.content.metric_records:
-        return "reply has no 'metrics' record", None, 0.0
+        return "reply has no 'metrics' record", None, 0.0, None
     try:
         report = SiteReport.from_metrics(msg.content.metric_records[METRICS], message_type)
     except ProtocolError as exc:
-        return str(exc), None, 0.0
+        return str(exc), None, 0.0, None
     if valid_example_count(report.num_examples) is None:
-        return f"example count {report.num_examples!r} is not a positive whole number", report, 0.0
+        return f"example count {report.num_examples!r} is not a positive whole number", report, 0.0, None
     if reference is None:
-        return None, report, 0.0
+        return None, report, 0.0, None
     if ARRAYS not in msg.content.array_records:
-        return "reply has no 'arrays' record", report, 0.0
+        return "reply has no 'arrays' record", report, 0.0, None
+    try:
+        arrays = unpack(msg.content.array_records[ARRAYS], Layout.of(reference))
+    except PackingError as exc:
+        return str(exc), report, 0.0, None
     if spill_path is None:
-        reason, norm = _check_arrays(msg.content.array_records[ARRAYS], reference)
-        return reason, report, norm
+        reason, norm = _check_arrays(arrays, reference)
+        return reason, report, norm, arrays
     with open(spill_path, "wb") as sink:
-        reason, norm = _check_arrays(msg.content.array_records[ARRAYS], reference, sink)
+        reason, norm = _check_arrays(arrays, reference, sink)
     if reason:
         spill_path.unlink(missing_ok=True)
-    return reason, report, norm
+    return reason, report, norm, None
 
 
 def lower_median(values: list[float]) -> float:
@@ -214,7 +218,7 @@ def _screen(replies: Iterable[Message], global_arrays: ArrayRecord | None, rules
     for msg in replies:
         node = int(msg.metadata.src_node_id)
         path = spill.new_path() if spill is not None and reference is not None else None
-        reason, parsed, norm = _parse(msg, message_type, reference, path)
+        reason, parsed, norm, arrays = _parse(msg, message_type, reference, path)
         if parsed is not None:
             report.reports[node] = parsed
         if reason:
@@ -222,8 +226,12 @@ def _screen(replies: Iterable[Message], global_arrays: ArrayRecord | None, rules
             continue
         if reference is not None:
             report.update_norms[node] = norm
-        candidates[node] = (msg if spill is None else _bare(msg), parsed, norm, path)
-        del msg
+        if spill is not None:
+            msg = _bare(msg)
+        elif arrays is not None:  # kept: the named arrays the strategy averages, not the packed ones
+            msg = _bare(msg, ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+        candidates[node] = (msg, parsed, norm, path)
+        del msg, arrays
     if reference is not None and candidates and rules.norm_factor > 0:
         ref_norm = lower_median([c[2] for c in candidates.values()])
         for node, (_, _, norm, path) in list(candidates.items()):
@@ -238,9 +246,9 @@ def _screen(replies: Iterable[Message], global_arrays: ArrayRecord | None, rules
     return candidates, report, reference is not None
 
 
-def _bare(msg: Message) -> Message:
-    """The reply without its content (its arrays are in the spill): only the metadata is kept."""
-    return Message(content=RecordDict(), metadata=msg.metadata)
+def _bare(msg: Message, arrays: ArrayRecord | None = None) -> Message:
+    """The reply's metadata without its content (its arrays are in the spill), or with only `arrays`."""
+    return Message(content=RecordDict({ARRAYS: arrays} if arrays is not None else {}), metadata=msg.metadata)
 
 
 def _metrics(parsed: SiteReport, weight: float, common: set[str]) -> dict[str, float]:

@@ -8,6 +8,8 @@ after every round exactly as in plain mode) and adapts formats at the edges:
 - the sites send their *update* (local weights minus the global weights) rather than the weights, so the
   fixed-point range of SecAgg+ (`clipping_range`) is spent on small numbers; the coordinator adds the
   securely summed mean update to the global weights;
+- the model travels in fedrad's wire format (fedrad.common.packing): the FitIns, each site's masked vector
+  and the unmasked sum hold one flat array per dtype, not one per state-dict entry;
 - integer buffers (BatchNorm's batch counters) are not masked: every site advances them by the same number
   of local steps, so the coordinator advances them by `local-steps` itself;
 - each site's weight is its number of images capped at MAX_WEIGHT (equal weights under dp=client).
@@ -34,6 +36,7 @@ from flwr.app import Array, ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fedrad.common.packing import Layout, PackingError, pack, split
 from fedrad.common.protocol import AGGREGATE, MESSAGE_TRAIN, SECAGG_MAX_WEIGHT, SERVER_ROUND, ProtocolError, SiteReport
 from fedrad.common.run_config import RunConfig
 
@@ -166,7 +169,8 @@ class SecAggTrainer:
             n = max(int(self.context.client_manager.num_available() * self.cfg.fraction_train),
                     self.cfg.min_train_nodes)
             self.dp_wrapper.num_sampled_clients = n
-        self.context.state.array_records[MAIN_PARAMS_RECORD] = arrays
+        # fedrad's wire format (fedrad.common.packing): the legacy FitIns carries one array per dtype.
+        self.context.state.array_records[MAIN_PARAMS_RECORD] = pack(arrays)
         self.context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {WorkflowKey.CURRENT_ROUND: server_round, WorkflowKey.START_TIME: 0.0})
         self.workflow(self.grid, self.context)
@@ -204,13 +208,16 @@ def weighted_means(reports: dict[str, SiteReport], weights: dict[str, float]) ->
 
 
 def apply_mean_update(arrays: ArrayRecord, mean_update: list[np.ndarray], local_steps: int) -> ArrayRecord:
-    """Global weights + the unmasked mean update, in the model's dtypes; integer buffers + local_steps."""
-    if len(mean_update) != len(arrays):
-        raise SecAggRoundFailed(f"SecAgg+ returned {len(mean_update)} arrays, the model has {len(arrays)}")
+    """Global weights + the unmasked mean update (packed, one array per dtype of the global model, as the
+    sites sent it), in the model's dtypes; integer buffers + local_steps."""
+    try:
+        update = split(mean_update, Layout.of(arrays))
+    except PackingError as exc:
+        raise SecAggRoundFailed(f"SecAgg+ returned arrays that are not the packed model: {exc}") from None
     out = {}
-    for (key, ref), upd in zip(arrays.items(), mean_update, strict=True):
+    for key, ref in arrays.items():
         base = ref.numpy()
-        upd = np.asarray(upd).reshape(base.shape)
+        upd = update[key]
         if base.dtype.kind in "iu":
             new = (base + int(local_steps)).astype(base.dtype)
         else:

@@ -89,9 +89,11 @@ def test_rounds_checkpoints_and_wire_content(consortium, sites, tmp_path):
 
     # What crossed the wire, as recorded by each site's outgoing-message audit.
     from fedrad.common.models import build_model
+    from fedrad.common.packing import Layout
 
-    model_shapes = {k: list(v.shape) for k, v in build_model("test_resnet", "micle", 32, proj_dim=32)
-                    .state_dict().items()}
+    # the model packed in fedrad's wire format: one 1-D array per dtype, exactly the model's element counts
+    model_shapes = {g: [n] for g, n in Layout.of(build_model("test_resnet", "micle", 32, proj_dim=32)
+                                                 .state_dict()).groups.items()}
     header_strings = _header_strings(sites[:2])
     entries = []
     for name in ("s0", "s1"):
@@ -248,10 +250,11 @@ def test_byol_round_with_sample_dp(consortium, sites, tmp_path):
     assert row["sites_aggregated"] == 2 and np.isfinite(row["train_loss"]) and row["dp_epsilon"] > 0
 
     from fedrad.common.models import build_model
+    from fedrad.common.packing import Layout
 
-    model_shapes = {k: list(v.shape) for k, v in build_model("test_resnet", "byol", 32, proj_dim=32, norm="group")
-                    .state_dict().items()}
-    assert any(k.startswith("predictor.") for k in model_shapes)
+    layout = Layout.of(build_model("test_resnet", "byol", 32, proj_dim=32, norm="group").state_dict())
+    assert any(k.startswith("predictor.") for k in layout.keys)
+    model_shapes = {g: [n] for g, n in layout.groups.items()}  # packed: a target network would double the count
     for name in ("s0", "s1"):
         for line in (tmp_path / "audit" / name / "outgoing.jsonl").read_text().splitlines():
             for record in json.loads(line)["content"].values():

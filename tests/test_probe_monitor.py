@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -112,6 +112,7 @@ def test_the_wire_lets_exactly_the_monitors_numbers_through():
 def _evaluate_through_the_guard(tmp_path, site, run: dict, policy: str | None):
     from fedrad.client.task import _RESIDENT, handle_evaluate
     from fedrad.common.models import build_model
+    from fedrad.common.packing import pack
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1  # as inside a ClientApp process
     cfg = RunConfig.from_flower(run)
@@ -119,7 +120,7 @@ def _evaluate_through_the_guard(tmp_path, site, run: dict, policy: str | None):
                    "audit-dir": str(tmp_path / "audit"), "device": "cpu", **({"policy": policy} if policy else {})}
     ctx = Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config=dict(run))
     model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim)
-    msg = Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()),
+    msg = Message(content=RecordDict({"arrays": pack(model.state_dict()),  # the wire's packed format
                                       "config": ConfigRecord({"server-round": 1})}),
                   dst_node_id=1, message_type=MessageType.EVALUATE)
     try:

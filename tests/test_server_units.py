@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
+from fedrad.common.packing import pack
 from fedrad.common.run_config import RunConfig
 from fedrad.server.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fedrad.server.screening import ScreeningRules, cap_shares, screen_replies
@@ -49,23 +50,29 @@ def test_checkpoint_round_trip_keeps_shapes_dtypes_order_and_state(tmp_path):
 
 
 def _reply(node: int, arrays: ArrayRecord, num_examples: float = 10, **metrics) -> Message:
-    """A train reply as the SuperLink delivers it to the ServerApp (source = the site's node id)."""
+    """A train reply as the SuperLink delivers it to the ServerApp (source = the site's node id), its arrays
+    packed in fedrad's wire format in the order and dtypes they are given."""
     meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="q",
                     group_id="1", created_at=0.0, ttl=60.0, message_type="train")
     values = {"num_examples": num_examples, "train_loss": 1.0, **metrics}
-    return Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(values)}), metadata=meta)
+    return Message(content=RecordDict({"arrays": pack(arrays), "metrics": MetricRecord(values)}), metadata=meta)
 
 
 @pytest.mark.parametrize("bad, reason", [
     (ArrayRecord({"w": Array(np.full((2, 3), np.nan, np.float32)),
                   "bn.num_batches_tracked": Array(np.array(7, np.int64)),
                   "b": Array(np.ones(3, np.float32))}), "NaN"),
-    (ArrayRecord({"w": Array(np.zeros((3, 2), np.float32)),
+    # packed, a reshaped array of the same size is the same bytes (shapes come from the global model); one of
+    # another size makes the packed buffer the wrong length
+    (ArrayRecord({"w": Array(np.zeros((3, 3), np.float32)),
                   "bn.num_batches_tracked": Array(np.array(7, np.int64)),
-                  "b": Array(np.ones(3, np.float32))}), "shape"),
+                  "b": Array(np.ones(3, np.float32))}), "the model's is (9,) float32"),
+    (ArrayRecord({"b": Array(np.ones(3, np.float32)),
+                  "bn.num_batches_tracked": Array(np.array(7, np.int64)),
+                  "w": Array(np.full((2, 3), np.nan, np.float32))}), "NaN"),  # another order: NaN in 'w' and 'b'
     (ArrayRecord({"w": Array(np.zeros((2, 3), np.float64)),
                   "bn.num_batches_tracked": Array(np.array(7, np.int64)),
-                  "b": Array(np.ones(3, np.float32))}), "dtype"),
+                  "b": Array(np.ones(3, np.float32))}), "are not the model's ['float32', 'int64']"),  # a float64 group
     (_arrays(1000.0), "update norm"),
 ])
 def test_screening_rejects_bad_updates(bad, reason):

@@ -222,11 +222,12 @@ def _context(tmp_path: Path, site: Path, run_config: dict, policy: str | None = 
 
 def _message(cfg: RunConfig, run_key: str = "run-a", server_round: int = 1, message_type: str = "train",
              stage: str | None = None):
-    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+    from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.app.message_type import MessageType
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedrad.common.models import build_model
+    from fedrad.common.packing import pack
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1  # as inside a ClientApp process
     content = RecordDict({"config": ConfigRecord({"server-round": server_round, "run-key": run_key})})
@@ -235,7 +236,7 @@ def _message(cfg: RunConfig, run_key: str = "run-a", server_round: int = 1, mess
 
         torch.manual_seed(0)
         model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim, norm=cfg.model_norm)
-        content["arrays"] = ArrayRecord(model.state_dict())
+        content["arrays"] = pack(model.state_dict())  # fedrad's wire format
     if stage is not None:
         content["secaggplus_configs"] = ConfigRecord({"stage": stage})
     mtype = MessageType.TRAIN if message_type == "train" else MessageType.EVALUATE

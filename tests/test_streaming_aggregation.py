@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
+from fedrad.common.packing import pack
 from fedrad.common.run_config import RunConfig
 from fedrad.server.round_modes import screening_rules
 from fedrad.server.screening import UpdateSpill, drain, screen_replies, screen_stream
@@ -24,7 +25,7 @@ def _reply(node: int, arrays: dict[str, np.ndarray], num_examples: float, **metr
     meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="q",
                     group_id="1", created_at=0.0, ttl=60.0, message_type="train")
     values = {"num_examples": num_examples, "train_loss": float(node) / 10, **metrics}
-    return Message(content=RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+    return Message(content=RecordDict({"arrays": pack({k: np.asarray(v) for k, v in arrays.items()}),
                                        "metrics": MetricRecord(values)}), metadata=meta)
 
 
@@ -40,7 +41,7 @@ def _round(seed: int) -> tuple[ArrayRecord, list[Message]]:
         replies.append(_reply(node, moved, float(rng.integers(20, 80))))
     replies.append(_reply(7, {k: v * 50 if v.dtype.kind == "f" else v for k, v in g.items()}, 40.0))
     replies.append(_reply(8, {**g, "fc.bias": np.full(5, np.nan, np.float32)}, 40.0))
-    replies.append(_reply(9, {**g, "fc.weight": np.zeros((32, 5), np.float32)}, 40.0))
+    replies.append(_reply(9, {**g, "fc.weight": np.zeros((33, 5), np.float32)}, 40.0))  # packed: the wrong length
     replies.append(_reply(10, dict(g), 1e6))
     replies.append(_reply(11, dict(g), -3.0))
     return ArrayRecord({k: Array(v) for k, v in g.items()}), replies

@@ -162,10 +162,11 @@ def test_resident_model_is_reused_within_a_run_and_loaded_with_each_message():
     from types import SimpleNamespace
 
     import torch
-    from flwr.app import ArrayRecord, RecordDict
+    from flwr.app import RecordDict
 
     from fedrad.client import task
     from fedrad.common.models import build_model
+    from fedrad.common.packing import pack
     from fedrad.common.run_config import RunConfig
 
     cfg = RunConfig(model="test_resnet", objective="simclr", image_size=32, proj_dim=32)
@@ -173,20 +174,20 @@ def test_resident_model_is_reused_within_a_run_and_loaded_with_each_message():
     def message(seed: int):  # what _model_from reads of a Message: its content's arrays
         torch.manual_seed(seed)
         state = build_model("test_resnet", "simclr", 32, proj_dim=32).state_dict()
-        return SimpleNamespace(content=RecordDict({"arrays": ArrayRecord(state)})), state
+        return SimpleNamespace(content=RecordDict({"arrays": pack(state)})), state
 
     task._RESIDENT.clear()
     m1, s1 = message(1)
     m2, s2 = message(2)
-    a = task._model_from(m1, cfg, run_id=7)
+    a, _, _ = task._model_from(m1, cfg, run_id=7)
     assert all(torch.equal(a.state_dict()[k], v) for k, v in s1.items())
-    b = task._model_from(m2, cfg, run_id=7)
+    b, _, _ = task._model_from(m2, cfg, run_id=7)
     assert b is a and all(torch.equal(b.state_dict()[k], v) for k, v in s2.items())
-    assert task._model_from(m1, cfg, run_id=8) is not a  # another run: its own model
+    assert task._model_from(m1, cfg, run_id=8)[0] is not a  # another run: its own model
     dp_cfg = RunConfig(model="test_resnet", objective="simclr", image_size=32, proj_dim=32, dp="sample")
-    m3 = SimpleNamespace(content=RecordDict({"arrays": ArrayRecord(  # a GroupNorm model's arrays
+    m3 = SimpleNamespace(content=RecordDict({"arrays": pack(  # a GroupNorm model's arrays
         build_model("test_resnet", "simclr", 32, proj_dim=32, norm="group").state_dict())}))
-    assert task._model_from(m3, dp_cfg, run_id=8) is not task._model_from(m3, dp_cfg, run_id=8)
+    assert task._model_from(m3, dp_cfg, run_id=8)[0] is not task._model_from(m3, dp_cfg, run_id=8)[0]
     task._RESIDENT.clear()
 
 

@@ -12,6 +12,7 @@ from flwr.app.message_type import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrad.client.wire_guard import refuse, wire_guard_mod
+from fedrad.common.packing import pack
 from fedrad.common.protocol import ERROR_TEXT, ErrorCode, SiteReport, metric_specs, metrics_for
 
 SECRET = "/data/hospital/hiv_status.csv"
@@ -22,8 +23,13 @@ def _inside_clientapp():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # as inside a ClientApp process
 
 
+def _model(w_shape: tuple[int, ...] = (3, 2), w_dtype=np.float32) -> dict[str, np.ndarray]:
+    return {"w": np.ones(w_shape, w_dtype), "n": np.array(4, np.int64)}
+
+
 def _arrays() -> ArrayRecord:
-    return ArrayRecord({"w": Array(np.ones((3, 2), np.float32)), "n": Array(np.array(4, np.int64))})
+    """The model in fedrad's wire format: one flat array per dtype (fedrad.common.packing)."""
+    return pack(_model())
 
 
 def _incoming(message_type: str = MessageType.TRAIN, secagg: dict | None = None) -> Message:
@@ -70,10 +76,12 @@ def test_protocol_reply_passes_and_is_audited(tmp_path):
     ("extra config record", lambda m: _train_reply(m, note=ConfigRecord({"name": "DOE^JANE"}))),
     ("extra array", lambda m: _train_reply(m, arrays=ArrayRecord({**{k: v for k, v in _arrays().items()},
                                                                   "img": Array(np.zeros((64, 64), np.float32))}))),
-    ("reshaped array", lambda m: _train_reply(m, arrays=ArrayRecord({"w": Array(np.ones((2, 3), np.float32)),
-                                                                     "n": Array(np.array(4, np.int64))}))),
-    ("retyped array", lambda m: _train_reply(m, arrays=ArrayRecord({"w": Array(np.ones((3, 2), np.float64)),
-                                                                    "n": Array(np.array(4, np.int64))}))),
+    ("packed array of the wrong length", lambda m: _train_reply(m, arrays=pack(_model((4, 2))))),
+    ("packed array of the wrong dtype", lambda m: _train_reply(m, arrays=pack(_model(w_dtype=np.float64)))),
+    ("packed groups out of order", lambda m: _train_reply(m, arrays=ArrayRecord(
+        {"int64": Array(np.array([4], np.int64)), "float32": Array(np.ones(6, np.float32))}))),
+    ("the arrays unpacked", lambda m: _train_reply(m, arrays=ArrayRecord(
+        {k: Array(v) for k, v in _model().items()}))),
     ("metrics smuggled as a secagg record", lambda m: _train_reply(
         m, secaggplus_configs=ConfigRecord({"pk1": b"x", "note": "DOE^JANE"}))),
 ])

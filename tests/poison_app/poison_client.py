@@ -24,6 +24,8 @@ from fedrad.client.wire_guard import wire_guard_mod
 
 
 def poison_mod(msg: Message, context: Context, call_next) -> Message:
+    # The arrays are packed (fedrad.common.packing: one flat array per dtype); elementwise poisoning of the
+    # packed buffers is the same as poisoning every named array.
     received = {k: v.numpy().copy() for k, v in msg.content["arrays"].items()} if "arrays" in msg.content else {}
     reply = call_next(msg, context)
     mode = os.environ.get("FEDRAD_TEST_POISON", "")
