@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common_bench import append_result, machine, today  # noqa: E402
 
 FRACTIONS = [0.1, 0.25, 0.5, 1.0]
-HEADER = ("| when | aug-crop-min | aug-blur-p | seed | data seed | held-out loss r1 -> last | "
+HEADER = ("| when | aug-crop-min | aug-blur-p | local steps | seed | data seed | held-out loss r1 -> last | "
           + " | ".join(f"AUC gap at {f:.0%}" for f in FRACTIONS) + " | train s | machine | command |")
 
 
@@ -81,10 +81,11 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining seeds")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic sites")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--local-steps", type=int, default=int(DEMO_CONFIG["local-steps"]))
     ap.add_argument("--work", default="/tmp/fedrad-bench-demo-recipe", help="synthetic sites and caches")
     ap.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    torch.set_num_threads(1)  # as each of the demo's sites runs on 2 cores
 
     root = Path(args.work) / f"data-{args.data_seed}"
     if not (root / "done").exists():
@@ -111,7 +112,7 @@ def main() -> int:
     for crop in args.crop_min:
         for blur in args.blur_p:
             for seed in args.seeds:
-                run = dict(DEMO_CONFIG, **{"aug-crop-min": crop, "aug-blur-p": blur})
+                run = dict(DEMO_CONFIG, **{"aug-crop-min": crop, "aug-blur-p": blur, "local-steps": args.local_steps})
                 t0 = time.perf_counter()
                 model, held = fedavg_pretrain(sites, run, args.rounds, seed)
                 seconds = time.perf_counter() - t0
@@ -127,7 +128,8 @@ def main() -> int:
                 if not args.no_record:
                     append_result("demo recipe: pretrained - random-init AUC (linear probe, synthetic 'finding')",
                                   HEADER,
-                                  f"| {today()} | {crop:.2f} | {blur:.2f} | {seed} | {args.data_seed} | "
+                                  f"| {today()} | {crop:.2f} | {blur:.2f} | {args.local_steps} | {seed} | "
+                                  f"{args.data_seed} | "
                                   f"{held[0]:.3f} -> {held[-1]:.3f} | " + " | ".join(f"{g:+.3f}" for g in gaps)
                                   + f" | {seconds:.0f} | {machine()} | `{command}` |")
     return 0
