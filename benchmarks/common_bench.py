@@ -44,11 +44,13 @@ def append_result(section: str, header: str, row: str) -> None:
         text = text.rstrip("\n") + f"\n\n{marker}\n\n{header}\n"
         sep = "|" + "|".join("---" for _ in header.strip("|").split("|")) + "|"
         text += sep + "\n"
-    # Insert after the section's last table row.
+    # Insert after the section's last table row (prose under the table stays under it).
     start = text.index(marker)
     end = text.find("\n## ", start + len(marker))
     end = len(text) if end == -1 else end
-    block = text[start:end].rstrip("\n") + "\n" + row + "\n"
+    lines = text[start:end].rstrip("\n").split("\n")
+    last_row = max((i for i, line in enumerate(lines) if line.startswith("|")), default=len(lines) - 1)
+    block = "\n".join(lines[:last_row + 1] + [row] + lines[last_row + 1:]) + "\n"
     text = text[:start] + block + ("\n" + text[end:].lstrip("\n") if end < len(text) else "")
     RESULTS.write_text(text)
 
