@@ -1,7 +1,7 @@
 """Cost of privacy: SecAgg+ and DP round time vs plain on real Flower processes, and DP-SGD step throughput.
 
     .venv/bin/python benchmarks/bench_privacy.py [--model resnet18] [--image-size 64] [--steps 4] [--rounds 2]
-        [--skip-federation] [--dp-steps 6] [--dp-modes hooks,ew,functorch]
+        [--skip-federation | --skip-dp-sgd] [--dp-steps 6] [--dp-modes hooks,ew,functorch]
 
 1. One consortium (SuperLink + 3 SuperNodes on loopback, synthetic DICOM sites); the same run three times:
    plain, `secagg=true`, `dp=client`. Round time = the ServerApp's per-round wall time in metrics.jsonl
@@ -107,6 +107,7 @@ def main() -> int:
     ap.add_argument("--dp-modes", default="hooks,ew,functorch",
                     help="per-image gradient modes to measure (client.sample_dp.GRAD_SAMPLE_MODES), comma-separated")
     ap.add_argument("--skip-federation", action="store_true")
+    ap.add_argument("--skip-dp-sgd", action="store_true", help="only the federated round-time ratios")
     args = ap.parse_args()
     import torch
 
@@ -117,21 +118,24 @@ def main() -> int:
                      f"({t['secagg']:.1f}s vs {t['plain']:.1f}s; goal <= 1.5x)")
         lines.append(f"- dp=client / plain round time: **{t['dp-client'] / t['plain']:.2f}x** "
                      f"({t['dp-client']:.1f}s vs {t['plain']:.1f}s)")
-    rates = dp_sgd_throughput(args)
-    # no DP runs before and after the DP modes: their mean is the reference (a shared machine drifts)
-    plain = tuple((a + b) / 2 for a, b in zip(rates["no DP"], rates["no DP, again"], strict=True))
-    for mode in args.dp_modes.split(","):
-        private = rates[mode]
-        lines.append(f"- DP-SGD (`train_local(..., dp=SampleDP(grad_sample_mode='{mode}'))`: opacus, simsiam, "
-                     f"GroupNorm {args.model}, {args.image_size} px, expected batch 32, {args.dp_steps} steps) / the "
-                     f"same trainer without DP: **{private[0] / plain[0]:.2f}x** wall ({private[0]:.1f} vs "
-                     f"{plain[0]:.1f} images/s), {private[1] / plain[1]:.2f}x by CPU time")
-    lines.append(f"- no DP before / after the DP runs: {rates['no DP'][0]:.1f} / {rates['no DP, again'][0]:.1f} "
-                 f"images/s wall (the ratios use their mean); load average {os.getloadavg()[0]:.1f} on "
-                 f"{os.cpu_count()} threads at the end")
+    if not args.skip_dp_sgd:
+        rates = dp_sgd_throughput(args)
+        # no DP runs before and after the DP modes: their mean is the reference (a shared machine drifts)
+        plain = tuple((a + b) / 2 for a, b in zip(rates["no DP"], rates["no DP, again"], strict=True))
+        for mode in args.dp_modes.split(","):
+            private = rates[mode]
+            lines.append(f"- DP-SGD (`train_local(..., dp=SampleDP(grad_sample_mode='{mode}'))`: opacus, "
+                         f"simsiam, GroupNorm {args.model}, {args.image_size} px, expected batch 32, {args.dp_steps} "
+                         f"steps) / the same trainer without DP: **{private[0] / plain[0]:.2f}x** wall "
+                         f"({private[0]:.1f} vs {plain[0]:.1f} images/s), {private[1] / plain[1]:.2f}x by CPU time")
+        lines.append(f"- no DP before / after the DP runs: {rates['no DP'][0]:.1f} / "
+                     f"{rates['no DP, again'][0]:.1f} images/s wall (the ratios use their mean); load average "
+                     f"{os.getloadavg()[0]:.1f} on "
+                     f"{os.cpu_count()} threads at the end")
     cpu = os.cpu_count()
     where = ("3 SuperNodes on loopback; round time = last round's train+evaluate wall time, incl. Flower's "
              "process start per message") if not args.skip_federation else "DP-SGD throughput only"
+    where += f"; load average at the end {os.getloadavg()[0]:.1f}" if args.skip_dp_sgd else ""
     header = (f"\n## Privacy cost ({time.strftime('%Y-%m-%d')})\n\n"
               f"Machine: {platform.machine()}, {cpu} CPU threads visible, torch {torch.__version__} "
               f"({'CUDA' if torch.cuda.is_available() else 'CPU only'}).\n"
