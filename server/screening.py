@@ -140,9 +140,11 @@ def error_summary(msg: Message) -> str:
     return f"error reply: code {int(msg.error.code)} ({ERROR_TEXT[code] if code else 'not a fedrad code'})"
 
 
-def _parse(msg: Message, message_type: str, reference: ArrayRecord | None, spill_path: Path | None = None
+def _parse(msg: Message, message_type: str, reference: ArrayRecord | None, layout: Layout | None,
+           spill_path: Path | None = None
            ) -> tuple[str | None, SiteReport | None, float, dict[str, np.ndarray] | None]:
-    """(reason to reject or None, parsed metrics, update norm, the reply's unpacked arrays when checked)."""
+    """(reason to reject or None, parsed metrics, update norm, the reply's unpacked arrays when checked).
+    `layout`: the reference's (fedrad.common.packing), derived once per round by the caller."""
     if msg.has_error():
         return error_summary(msg), None, 0.0, None
     if METRICS not in msg.content.metric_records:
@@ -158,7 +160,7 @@ def _parse(msg: Message, message_type: str, reference: ArrayRecord | None, spill
     if ARRAYS not in msg.content.array_records:
         return "reply has no 'arrays' record", report, 0.0, None
     try:
-        arrays = unpack(msg.content.array_records[ARRAYS], Layout.of(reference))
+        arrays = unpack(msg.content.array_records[ARRAYS], layout)
     except PackingError as exc:
         return str(exc), report, 0.0, None
     if spill_path is None:
@@ -213,12 +215,13 @@ def _screen(replies: Iterable[Message], global_arrays: ArrayRecord | None, rules
     iterable's reference to it dropped, then the round-relative rules run on the small per-reply facts.
     Returns (candidates {node: (message or None, parsed, norm, spill path)}, report, with arrays)."""
     reference = global_arrays if message_type == MESSAGE_TRAIN and global_arrays is not None else None
+    layout = Layout.of(reference) if reference is not None else None  # every reply must be exactly this
     report = ScreeningReport()
     candidates: dict[int, tuple[Message | None, SiteReport, float, Path | None]] = {}
     for msg in replies:
         node = int(msg.metadata.src_node_id)
         path = spill.new_path() if spill is not None and reference is not None else None
-        reason, parsed, norm, arrays = _parse(msg, message_type, reference, path)
+        reason, parsed, norm, arrays = _parse(msg, message_type, reference, layout, path)
         if parsed is not None:
             report.reports[node] = parsed
         if reason:
