@@ -9,9 +9,12 @@ split, 5 label-subsample seeds, pretrained vs random init.
 
     python benchmarks/bench_demo_recipe.py                          # the demo's recipe, 3 seeds
     python benchmarks/bench_demo_recipe.py --crop-min 0.4 0.8 --seeds 0 1 2
+    python benchmarks/bench_demo_recipe.py --patients 60 --local-steps 50 --crop-min 0.4 0.8 --data-seed 1
+        # the recipe of RESULTS.md's first rows (the demo's before it grew)
 
-One row per (setting, seed) goes to benchmarks/RESULTS.md under "demo recipe". About 1 min of training per
-row on 2 idle CPU cores.
+One row per (setting, seed) goes to benchmarks/RESULTS.md under "demo recipe". Training took 173-203 s per
+row at 60 patients and 50 local steps on 2 cores at load 3-9 (one thread, as each demo site); the probe adds
+about a minute.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common_bench import append_result, machine, today  # noqa: E402
 
 FRACTIONS = [0.1, 0.25, 0.5, 1.0]
-HEADER = ("| when | aug-crop-min | aug-blur-p | local steps | seed | data seed | held-out loss r1 -> last | "
-          + " | ".join(f"AUC gap at {f:.0%}" for f in FRACTIONS) + " | train s | machine | command |")
+# The columns of RESULTS.md's "demo recipe" table (its real-demo rows are added by hand; "how" says the rest).
+HEADER = ("| when | aug-crop-min | pretraining seed | data seed | held-out loss r1 -> r4 | "
+          + " | ".join(f"gap {f * 100:.0f} %" for f in FRACTIONS) + " | how |")
 
 
 def fedavg_pretrain(sites: list, run: dict, rounds: int, seed: int):
@@ -69,9 +73,9 @@ def fedavg_pretrain(sites: list, run: dict, rounds: int, seed: int):
 def main() -> int:
     import torch
 
-    from fedrad.client.finetune import Arm, LabelledSet, load_folder, patient_split, random_arm, run_experiment
+    from fedrad.client.finetune import Arm, patient_split, random_arm, run_experiment
     from fedrad.client.site_data import load_site
-    from fedrad.deploy.demo import DEMO_CONFIG, DEMO_IMAGES_PER_PATIENT, DEMO_PATIENTS_PER_SITE
+    from fedrad.deploy.demo import DEMO_CONFIG, DEMO_IMAGES_PER_PATIENT, DEMO_PATIENTS_PER_SITE, pooled_sites
     from fedrad.deploy.synthetic import write_synthetic_sites
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -80,6 +84,7 @@ def main() -> int:
     ap.add_argument("--blur-p", type=float, nargs="+", default=[0.5])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pretraining seeds")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic sites")
+    ap.add_argument("--patients", type=int, default=DEMO_PATIENTS_PER_SITE, help="patients per synthetic site")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-steps", type=int, default=int(DEMO_CONFIG["local-steps"]))
     ap.add_argument("--work", default="/tmp/fedrad-bench-demo-recipe", help="synthetic sites and caches")
@@ -87,24 +92,16 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)  # as each of the demo's sites runs on 2 cores
 
-    root = Path(args.work) / f"data-{args.data_seed}"
+    root = Path(args.work) / f"data-{args.data_seed}-p{args.patients}"
     if not (root / "done").exists():
-        write_synthetic_sites(root, n_sites=3, patients_per_site=DEMO_PATIENTS_PER_SITE,
+        write_synthetic_sites(root, n_sites=3, patients_per_site=args.patients,
                               images_per_patient=DEMO_IMAGES_PER_PATIENT, seed=args.data_seed)
         (root / "done").touch()
     names = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("site-"))
     size = int(DEMO_CONFIG["image-size"])
-    sites = [load_site(p, size, cache_dir=Path(args.work) / "cache" / f"{args.data_seed}-{p.name}", progress=False)
+    sites = [load_site(p, size, cache_dir=Path(args.work) / "cache" / root.name / p.name, progress=False)
              for p in names]
-    parts = []
-    for i, p in enumerate(names):
-        cache = Path(args.work) / "ft" / f"{args.data_seed}-{p.name}"
-        part = load_folder(p, size, targets=["finding"], cache_dir=cache)
-        part.groups = part.groups + i * 1_000_000
-        parts.append(part)
-    data = LabelledSet(images=np.concatenate([p.images for p in parts]), y=np.concatenate([p.y for p in parts]),
-                       targets=parts[0].targets, groups=np.concatenate([p.groups for p in parts]),
-                       source=str(root))
+    data = pooled_sites(names, size, Path(args.work) / "ft" / root.name)
     train_idx, test_idx = patient_split(data.groups, data.y, seed=0)
     baseline = random_arm(str(DEMO_CONFIG["model"]), size)
     command = "python benchmarks/bench_demo_recipe.py " + shlex.join(sys.argv[1:])
@@ -128,10 +125,10 @@ def main() -> int:
                 if not args.no_record:
                     append_result("demo recipe: pretrained - random-init AUC (linear probe, synthetic 'finding')",
                                   HEADER,
-                                  f"| {today()} | {crop:.2f} | {blur:.2f} | {args.local_steps} | {seed} | "
-                                  f"{args.data_seed} | "
+                                  f"| {today()} | {crop:.2f} | {seed} | {args.data_seed} | "
                                   f"{held[0]:.3f} -> {held[-1]:.3f} | " + " | ".join(f"{g:+.3f}" for g in gaps)
-                                  + f" | {seconds:.0f} | {machine()} | `{command}` |")
+                                  + f" | `{command}`: blur-p {blur:.2f}, {args.patients} patients/site, "
+                                  f"{args.rounds} x {args.local_steps} steps, {seconds:.0f} s on {machine()} |")
     return 0
 
 

@@ -197,29 +197,14 @@ def demo_finetune(bundle: str | Path, pubkey: str | Path, sites: list[Path], out
     import numpy as np
     import torch
 
-    from fedrad.client.finetune import (
-        Arm,
-        LabelledSet,
-        load_folder,
-        patient_split,
-        random_arm,
-        run_experiment,
-        write_outputs,
-    )
+    from fedrad.client.finetune import Arm, patient_split, random_arm, run_experiment, write_outputs
     from fedrad.common.bundle import load_verified_backbone
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     backbone, manifest = load_verified_backbone(bundle, pubkey)
     size = int(manifest.get("input_size") or 64)
     out = Path(out_dir)
-    parts = []
-    for i, site in enumerate(sites):
-        ds = load_folder(site, size, targets=["finding"], cache_dir=out / ".cache" / Path(site).name)
-        ds.groups = ds.groups + i * 1_000_000
-        parts.append(ds)
-    data = LabelledSet(images=np.concatenate([p.images for p in parts]), y=np.concatenate([p.y for p in parts]),
-                       targets=parts[0].targets, groups=np.concatenate([p.groups for p in parts]),
-                       source=", ".join(str(s) for s in sites))
+    data = pooled_sites(sites, size, out / ".cache")
     train_idx, test_idx = patient_split(data.groups, data.y, seed=0)
     arms = [Arm("pretrained", backbone, size), random_arm(manifest["model"], size, norm=manifest.get("norm", "batch"))]
     rows = run_experiment(arms, data, train_idx, test_idx, DEMO_FRACTIONS, "linear", seeds=DEMO_SEEDS)
@@ -229,6 +214,23 @@ def demo_finetune(bundle: str | Path, pubkey: str | Path, sites: list[Path], out
     notes = "".join(f"  {line}\n" for line in verdicts(rows))
     return (f"{len(data)} labelled images from {len(sites)} sites; {len(test_idx)} test images "
             f"({len(np.unique(data.groups[test_idx]))} held-out patients)\n" + table + notes)
+
+
+def pooled_sites(sites: list[Path], size: int, cache_dir: str | Path):
+    """The sites' labelled images (`finding`) as one LabelledSet; patient ids namespaced by site (each site's
+    keys are salted on their own, so two sites' ids could collide)."""
+    import numpy as np
+
+    from fedrad.client.finetune import LabelledSet, load_folder
+
+    parts = []
+    for i, site in enumerate(sites):
+        part = load_folder(site, size, targets=["finding"], cache_dir=Path(cache_dir) / Path(site).name)
+        part.groups = part.groups + i * 1_000_000
+        parts.append(part)
+    return LabelledSet(images=np.concatenate([p.images for p in parts]), y=np.concatenate([p.y for p in parts]),
+                       targets=parts[0].targets, groups=np.concatenate([p.groups for p in parts]),
+                       source=", ".join(str(s) for s in sites))
 
 
 def verdicts(rows: list[dict]) -> list[str]:
