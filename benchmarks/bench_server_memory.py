@@ -14,7 +14,11 @@ before the replies arrive to the aggregate. Paths, each in its own process:
   `aggregate_train` (the implementation before streaming);
 - `list, streamed`: every reply in memory, then `screen_stream` + `aggregate_screened` (today's PlainRounds);
 - `arriving, streamed`: replies handed over one at a time as they arrive (a generator stands in for an
-  exchange that yields each pulled reply), `screen_stream` + `aggregate_screened`.
+  exchange that yields each pulled reply), `screen_stream` + `aggregate_screened`;
+- `pulled bytes, streamed`: as `arriving, streamed`, but each reply is written to disk as its serialised
+  Array bytes before the baseline is taken, and arrives as a pulled reply does: the bytes read back into
+  Flower Arrays, nothing else built. This separates what screening and aggregation hold from what the
+  `arriving` path's reply generator holds while it makes a reply (moved arrays, their packing, np.save's copy).
 
 Goal (issue 13): peak RSS <= 3x the model's bytes; the row gives the round's peak above the baseline
 (what aggregation adds) and the absolute peak, both in model copies.
@@ -34,7 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PATHS = ("list, before", "list, streamed", "arriving, streamed")
+PATHS = ("list, before", "list, streamed", "arriving, streamed", "pulled bytes, streamed")
+TABLE_PATHS = PATHS[:3]  # the columns of RESULTS.md's "coordinator memory" table
 
 
 def _replies(global_arrays, n: int, seed: int):
@@ -59,6 +64,53 @@ def _replies(global_arrays, n: int, seed: int):
         metrics = MetricRecord({"num_examples": float(rng.integers(200, 400)), "train_loss": float(rng.random())})
         yield Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), metadata=meta)
         del arrays
+
+
+def _write_pulled(global_arrays, n: int, folder: Path) -> list[Path]:
+    """Each reply's Arrays as the bytes a pull delivers (dtype, shape, stype, data), one file per reply."""
+    import pickle
+
+    files = []
+    for i, message in enumerate(_replies(global_arrays, n, 0)):
+        record = message.content["arrays"]
+        parts = {key: (a.dtype, tuple(a.shape), a.stype, bytes(a.data)) for key, a in record.items()}
+        metrics = dict(message.content["metrics"])
+        path = folder / f"reply-{i}.pkl"
+        with path.open("wb") as f:
+            pickle.dump((message.metadata.src_node_id, parts, metrics), f, protocol=5)
+        files.append(path)
+        del message, record, parts
+    return files
+
+
+def _pulled(files: list[Path]):
+    """Replies rebuilt from their pulled bytes, one at a time (what the ServerApp's pull hands screening)."""
+    import pickle
+
+    from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+    for path in files:
+        with path.open("rb") as f:
+            node, parts, metrics = pickle.load(f)
+        arrays = ArrayRecord({key: Array(dtype=d, shape=shape, stype=st, data=data)
+                              for key, (d, shape, st, data) in parts.items()})
+        del parts
+        meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="q",
+                        group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+        yield Message(content=RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), metadata=meta)
+        del arrays
+
+
+def _trim() -> None:
+    """Give freed heap back to the OS (glibc), so the baseline is what is resident, not what was once used."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 def child(args) -> dict:
@@ -88,6 +140,9 @@ def child(args) -> dict:
             time.sleep(0.002)
 
     path = args.child
+    pulled_dir = tempfile.TemporaryDirectory()
+    pulled = _write_pulled(global_arrays, args.sites, Path(pulled_dir.name)) if path.startswith("pulled") else []
+    _trim()
     baseline = proc.memory_info().rss  # the ServerApp with its imports and the global model, before replies
     sampler = threading.Thread(target=sample, daemon=True)
     replies = list(_replies(global_arrays, args.sites, 0)) if path.startswith("list") else None
@@ -99,11 +154,17 @@ def child(args) -> dict:
             agg, _ = strategy.aggregate_train(1, kept)
             del kept
         else:
-            source = drain(replies) if replies is not None else _replies(global_arrays, args.sites, 0)
+            if replies is not None:
+                source = drain(replies)
+            elif pulled:
+                source = _pulled(pulled)
+            else:
+                source = _replies(global_arrays, args.sites, 0)
             with UpdateSpill(global_arrays, tmp) as spill:
                 updates, report = screen_stream(source, global_arrays, rules, spill)
                 agg, _ = strategy.aggregate_screened(1, updates, spill)
     seconds = time.perf_counter() - t0
+    pulled_dir.cleanup()
     done.set()
     sampler.join()
     peak_rss = peak[0]
@@ -117,6 +178,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--sites", type=int, default=10)
+    ap.add_argument("--paths", default=";".join(PATHS), help="paths to run, separated by ';' (default: all)")
     ap.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -125,7 +187,7 @@ def main() -> int:
     from common_bench import append_result, machine, today
 
     rows = []
-    for path in PATHS:
+    for path in args.paths.split(";"):
         out = subprocess.run([sys.executable, __file__, "--model", args.model, "--sites", str(args.sites),
                               "--child", path], capture_output=True, text=True, env=dict(os.environ))
         if out.returncode != 0:
@@ -139,17 +201,30 @@ def main() -> int:
               f"{res['seconds']:.1f}s, checksum {res['checksum']:.6g}", flush=True)
     assert len({round(r["checksum"], 2) for r in rows}) == 1, "the paths disagree on the aggregate"
     mb = rows[0]["model_bytes"]
-    cells = " | ".join(f"{r['peak'] / 2**20:.0f} MiB ({r['peak'] / mb:.1f}x) / "
-                       f"+{(r['peak'] - r['baseline']) / 2**20:.0f} MiB ({(r['peak'] - r['baseline']) / mb:.1f}x), "
-                       f"{r['seconds']:.1f}s" for r in rows)
     load = os.getloadavg()[0]
-    header = ("| date | machine | model | sites | model MiB | list, before: peak / above baseline | list, streamed | "
-              "arriving, streamed | load | command |")
     cmd = "python benchmarks/bench_server_memory.py" + "".join(f" {a}" for a in sys.argv[1:])
-    row = (f"| {today()} | {machine()} | {args.model} | {args.sites} | {mb / 2**20:.0f} | {cells} | {load:.1f} | "
-           f"`{cmd}` |")
-    append_result("coordinator memory: ServerApp train-reply path, peak RSS", header, row)
-    print(row)
+
+    def cell(r: dict) -> str:
+        return (f"{r['peak'] / 2**20:.0f} MiB ({r['peak'] / mb:.1f}x) / "
+                f"+{(r['peak'] - r['baseline']) / 2**20:.0f} MiB ({(r['peak'] - r['baseline']) / mb:.1f}x), "
+                f"{r['seconds']:.1f}s")
+
+    by_path = {r["path"]: r for r in rows}
+    if all(p in by_path for p in TABLE_PATHS):
+        header = ("| date | machine | model | sites | model MiB | list, before: peak / above baseline | "
+                  "list, streamed | arriving, streamed | load | command |")
+        row = (f"| {today()} | {machine()} | {args.model} | {args.sites} | {mb / 2**20:.0f} | "
+               + " | ".join(cell(by_path[p]) for p in TABLE_PATHS) + f" | {load:.1f} | `{cmd}` |")
+        append_result("coordinator memory: ServerApp train-reply path, peak RSS", header, row)
+        print(row)
+    if "pulled bytes, streamed" in by_path:
+        r = by_path["pulled bytes, streamed"]
+        header = ("| date | machine | model | sites | model MiB | baseline MiB | peak / above baseline | load | "
+                  "command |")
+        row = (f"| {today()} | {machine()} | {args.model} | {args.sites} | {mb / 2**20:.0f} | "
+               f"{r['baseline'] / 2**20:.0f} | {cell(r)} | {load:.1f} | `{cmd}` |")
+        append_result("coordinator memory: replies as pulled bytes, streamed (spill-updates), peak RSS", header, row)
+        print(row)
     return 0
 
 
