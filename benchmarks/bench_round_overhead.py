@@ -53,6 +53,7 @@ def federated(sites: list[Path], cfg: dict, work: Path, rounds: int, fresh: bool
                          config={"threads": threads} if threads else None)
         n = len(sites)
         overrides = dict(cfg, objective="simclr", **{"num-server-rounds": rounds, "run-dir": str(work / "run"),
+                                                       "round-timeout": 3600.0,
                                                        "min-train-nodes": n, "min-available-nodes": n})
         code = c.run(overrides, timeout=3600)
         if code != 0:

@@ -158,7 +158,8 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
                     print(f"fedrad run: flwr: {boxed.message}", file=sys.stderr, flush=True)
             elif _worth_showing(line):
                 print((line if colour_ok else _ANSI.sub("", line)).rstrip(), flush=True)
-        return proc.wait()
+        code = proc.wait()
+        return _run_outcome(code, run_id, superlink, ca_cert, log_path, echo)
     except KeyboardInterrupt:
         # flwr runs in its own session, so Ctrl-C reached only us: the run goes on at the coordinator
         # unless it is stopped there, with this same Flower config (it names the coordinator and its CA).
@@ -176,6 +177,32 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
 
 
 _STARTED = re.compile(r"Successfully started run (\d+)")
+RUN_FAILED_EXIT = 1  # the coordinator says the run ended "finished:failed" or "finished:stopped"
+
+
+def _run_outcome(code: int, run_id: int | None, superlink: str, ca_cert: Path | None, log_path: Path | None,
+                 echo: bool) -> int:
+    """flwr's exit code, unless the coordinator says the run did not complete.
+
+    `flwr run --stream` (Flower 1.41) exits 0 once the stream ends, also when the ServerApp raised (its
+    "Exit Code: 201" is only printed in the stream), so an operator's script, CI or benchmark would take a failed
+    run for a finished one. The run's status at the coordinator (`flwr ls --run-id`) decides instead; when the
+    coordinator cannot be asked, flwr's code stands.
+    """
+    if code != 0 or run_id is None:
+        return code
+    from fedrad.deploy.runs_command import CoordinatorError, flwr_json
+
+    try:
+        runs = flwr_json(["ls", "--run-id", str(run_id)], superlink, ca_cert).get("runs") or []
+    except CoordinatorError:
+        return code
+    status = str(runs[0].get("status") or "") if runs else ""
+    if not status.startswith("finished:") or status == "finished:completed":
+        return code
+    where = f"; its log: {log_path}" if log_path else ""
+    print(f"fedrad run: run {run_id} ended {status} at the coordinator{where}", file=sys.stderr, flush=True)
+    return RUN_FAILED_EXIT
 
 
 def stop_run(home: Path, run_id: int | None, timeout: float = 60.0) -> bool:
@@ -306,7 +333,10 @@ def cmd_run(args) -> int:
     validate_with_lines(overrides, files)  # a bad -c value: one line naming the key (and line), exit 2
     ca = _ca_from(args.certs)
     sign_key = Path(args.sign_key).resolve() if args.sign_key else None
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, a read-only disk: one line (exit 2), not a traceback
+        raise ValueError(f"--run-dir {run_dir}: cannot make the run folder ({exc.strerror})") from None
     if sign_key is None:
         print("fedrad run: warning: unsigned run (no --sign-key): sites refuse it unless started with "
               "--allow-unsigned", file=sys.stderr, flush=True)

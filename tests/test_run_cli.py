@@ -184,3 +184,35 @@ def test_node_config_file_sets_options_and_the_command_line_wins(tmp_path, capsy
     wrong_type.write_text('port = "ninety"\n')
     assert main(["node", "--config", str(wrong_type)]) == 2
     assert f"{wrong_type}:1: 'port'" in capsys.readouterr().err
+
+
+def test_run_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys):
+    in_the_way = tmp_path / "run"
+    in_the_way.write_text("not a folder")
+    code = main(["run", "--superlink", "127.0.0.1:1", "--run-dir", str(in_the_way), "-c", "num-server-rounds=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"fedrad run: error: --run-dir {in_the_way}: cannot make the run folder (File exists)"]
+
+
+@pytest.mark.slow
+def test_a_serverapp_that_fails_is_a_failed_run_not_exit_0(tmp_path):
+    """`flwr run --stream` exits 0 even when the ServerApp raised; submit_run asks the coordinator for the run's
+    status, so benchmarks and `fedrad run` see the failure. The ServerApp fails at its start here: `init` names a
+    local file that is not a checkpoint (the check before submission only sees that it exists)."""
+    from fedrad.deploy.processes import ProcessGroup, superlink_command, wait_for_port
+    from fedrad.deploy.run_command import RUN_FAILED_EXIT, submit_run
+
+    garbage = tmp_path / "weights.safetensors"
+    garbage.write_text("not a checkpoint")
+    port = free_port()
+    (tmp_path / "state").mkdir()
+    with ProcessGroup() as group:
+        link = group.start("superlink", superlink_command(tmp_path / "state", "127.0.0.1", port),
+                           tmp_path / "superlink.log")
+        wait_for_port("127.0.0.1", port, 60, link)
+        code = submit_run(f"127.0.0.1:{port}", {"num-server-rounds": 1, "run-dir": str(tmp_path / "run"),
+                                                "init": str(garbage)}, log_path=tmp_path / "flwr-run.log",
+                          timeout=300, echo=False)
+    assert code == RUN_FAILED_EXIT
+    assert "not a readable state_dict" in (tmp_path / "flwr-run.log").read_text()
