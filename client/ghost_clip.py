@@ -149,12 +149,12 @@ class GhostClipping:
                                    "not one batch of images")
             n = batch.pop()
             parts = [_per_image(layer, n) for layer in self.layers]
-            sq = torch.stack([sq_norm for sq_norm, _ in parts]).sum(0)
-            norms = sq.sqrt()
+            # The loss is the batch mean, so image i's gradient is n x what the output gradients hold of it.
+            norms = torch.stack([sq_norm for sq_norm, _ in parts]).sum(0).sqrt() * n
             factor = (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
             summed: dict[int, torch.Tensor] = {}
             for _, clip in parts:
-                summed.update(clip(factor))
+                summed.update(clip(factor * n))
         finally:
             self.end()
         return [summed[id(p)] for p in self.params], norms
@@ -168,7 +168,8 @@ class GhostClipping:
 
 
 def _per_image(layer: _Layer, n: int):
-    """(squared per-image gradient norm of the layer, (n,); a function factor -> {id(param): clipped sum})."""
+    """(squared norm of each image's share of the layer's batch gradient, (n,); a function weights ->
+    {id(param): sum over images of weight_i x image i's share})."""
     import torch
     from torch import nn
 
@@ -182,46 +183,64 @@ def _per_image(layer: _Layer, n: int):
     return _weight_layer(module, layer.trained, calls, n)
 
 
-def _positions(module: nn.Module, call: _Call, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs (n, T, d_in), per-image output gradients (n, T, d_out)) of one call of a Linear or Conv2d."""
+def _patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """F.unfold(x) for `conv`, (n, C_in*kh*kw, T) ordered as weight.view(C_out, -1): a strided view of the padded
+    input copied once, several times faster on CPU than F.unfold's im2col."""
     import torch.nn.functional as F
+
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    n, c, h, w = x.shape
+    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    s_n, s_c, s_h, s_w = x.stride()
+    view = x.as_strided((n, c, kh, kw, ho, wo), (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw))
+    return view.reshape(n, c * kh * kw, ho * wo)
+
+
+def _positions(module: nn.Module, call: _Call, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs (n, d_in, T), output gradients (n, d_out, T)) of one call of a Linear or Conv2d."""
     from torch import nn
 
-    grad = call.grad.float() * n  # loss = mean over the batch, so one image's gradient is n x its share
+    grad = call.grad.float()
     if isinstance(module, nn.Conv2d):
-        a = F.unfold(call.inputs.float(), module.kernel_size, dilation=module.dilation, padding=module.padding,
-                     stride=module.stride)  # (n, C_in*kh*kw, T), ordered as weight.view(C_out, -1)
-        return a.transpose(1, 2), grad.reshape(n, grad.shape[1], -1).transpose(1, 2)
-    return call.inputs.float().reshape(n, -1, module.in_features), grad.reshape(n, -1, module.out_features)
+        return _patches(call.inputs.float(), module), grad.reshape(n, grad.shape[1], -1)
+    a = call.inputs.float().reshape(n, -1, module.in_features).transpose(1, 2)
+    return a, grad.reshape(n, -1, module.out_features).transpose(1, 2)
 
 
 def _weight_layer(module: nn.Module, trained: dict[str, torch.Tensor], calls: list[_Call], n: int):
+    """Linear / Conv2d: image i's weight gradient is sum over calls c and positions t of g_ict a_ict^T."""
     import torch
 
     weight, bias = module.weight, trained.get("bias")
     d_out, d_in = weight.shape[0], weight[0].numel()
-    pairs = [_positions(module, c, n) for c in calls]
-    a = torch.cat([p[0] for p in pairs], dim=1)  # (n, T, d_in): both views' positions of each image
-    g = torch.cat([p[1] for p in pairs], dim=1)  # (n, T, d_out)
-    positions = a.shape[1]
+    pairs = [_positions(module, c, n) for c in calls]  # [(a (n, d_in, T_c), g (n, d_out, T_c))]
+    positions = sum(a.shape[2] for a, _ in pairs)  # of one image, over all calls
     explicit = None
-    if "weight" not in trained:
-        sq = torch.zeros(n, device=a.device)
-    elif positions * positions <= d_in * d_out:  # Gram form: never builds (n, d_out, d_in)
-        sq = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2)).clamp(min=0)
-    else:
-        explicit = torch.bmm(g.transpose(1, 2), a)  # (n, d_out, d_in): this image's weight gradient
+    sq = torch.zeros(n, device=weight.device)
+    if "weight" in trained and positions * positions <= d_in * d_out:
+        # Gram form: sum_{t,s} (a_t . a_s)(g_t . g_s) over both calls' positions, never (n, d_out, d_in)
+        for c, (a_c, g_c) in enumerate(pairs):
+            for d, (a_d, g_d) in enumerate(pairs[c:], start=c):
+                block = (torch.bmm(a_c.transpose(1, 2), a_d) * torch.bmm(g_c.transpose(1, 2), g_d)).sum((1, 2))
+                sq = sq + (block if d == c else 2 * block)
+        sq = sq.clamp(min=0)
+    elif "weight" in trained:
+        explicit = sum(torch.bmm(g, a.transpose(1, 2)) for a, g in pairs)  # (n, d_out, d_in): image i's gradient
         sq = explicit.square().sum((1, 2))
-    bias_grad = g.sum(1) if bias is not None else None  # (n, d_out)
+    bias_grad = sum(g.sum(2) for _, g in pairs) if bias is not None else None  # (n, d_out)
     if bias_grad is not None:
         sq = sq + bias_grad.square().sum(1)
 
     def clip(factor: torch.Tensor) -> dict[int, torch.Tensor]:
+        out = {}
         if explicit is not None:
-            w = torch.einsum("n,nij->ij", factor, explicit)
-        else:
-            w = torch.tensordot(g * factor[:, None, None], a, dims=([0, 1], [0, 1]))  # (d_out, d_in)
-        out = {id(weight): w.reshape(weight.shape).to(weight.dtype)} if "weight" in trained else {}
+            out[id(weight)] = torch.einsum("n,nij->ij", factor, explicit)
+        elif "weight" in trained:  # one batch weight gradient with image i's output gradients x factor_i
+            out[id(weight)] = sum(torch.einsum("nit,njt->ij", g * factor[:, None, None], a) for a, g in pairs)
+        if id(weight) in out:
+            out[id(weight)] = out[id(weight)].reshape(weight.shape).to(weight.dtype)
         if bias is not None:
             out[id(bias)] = (factor @ bias_grad).to(bias.dtype)
         return out
@@ -234,7 +253,7 @@ def _group_norm(module: nn.GroupNorm, trained: dict[str, torch.Tensor], calls: l
 
     per_w = per_b = None
     for c in calls:
-        grad = c.grad.float().reshape(n, module.num_channels, -1) * n
+        grad = c.grad.float().reshape(n, module.num_channels, -1)
         x_hat = F.group_norm(c.inputs.float(), module.num_groups, eps=module.eps).reshape(grad.shape)
         w, b = (grad * x_hat).sum(2), grad.sum(2)  # (n, C) each: this call's per-image gradients
         per_w, per_b = (w, b) if per_w is None else (per_w + w, per_b + b)
