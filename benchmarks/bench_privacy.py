@@ -139,7 +139,8 @@ def main() -> int:
              "process start per message") if not args.skip_federation else "DP-SGD throughput only"
     where += f"; load average at the end {os.getloadavg()[0]:.1f}" if args.skip_dp_sgd else ""
     header = (f"\n## Privacy cost ({time.strftime('%Y-%m-%d')})\n\n"
-              f"Machine: {platform.machine()}, {cpu} CPU threads visible, torch {torch.__version__} "
+              f"Machine: {platform.machine()}, {cpu} CPU threads visible ({torch.get_num_threads()} torch threads), "
+              f"torch {torch.__version__} "
               f"({'CUDA' if torch.cuda.is_available() else 'CPU only'}).\n"
               f"Command: `.venv/bin/python benchmarks/bench_privacy.py {' '.join(sys.argv[1:])}` ({where})\n\n")
     text = header + "\n".join(lines) + "\n"

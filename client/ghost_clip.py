@@ -217,34 +217,34 @@ def _weight_layer(module: nn.Module, trained: dict[str, torch.Tensor], calls: li
     d_out, d_in = weight.shape[0], weight[0].numel()
     pairs = [_positions(module, c, n) for c in calls]  # [(a (n, d_in, T_c), g (n, d_out, T_c))]
     positions = sum(a.shape[2] for a, _ in pairs)  # of one image, over all calls
-    explicit = None
-    sq = torch.zeros(n, device=weight.device)
-    if "weight" in trained and positions * positions <= d_in * d_out:
+    bias_grad = sum(g.sum(2) for _, g in pairs) if bias is not None else None  # (n, d_out)
+    sq = bias_grad.square().sum(1) if bias_grad is not None else torch.zeros(n, device=weight.device)
+    explicit = gram = None
+    if "weight" in trained and positions * positions > d_in * d_out:
+        explicit = sum(torch.bmm(g, a.transpose(1, 2)) for a, g in pairs)  # (n, d_out, d_in): image i's gradient
+        sq = sq + explicit.square().sum((1, 2))
+    elif "weight" in trained:
         # Gram form: sum_{t,s} (a_t . a_s)(g_t . g_s) over both calls' positions, never (n, d_out, d_in)
+        gram = torch.zeros(n, device=weight.device)
         for c, (a_c, g_c) in enumerate(pairs):
             for d, (a_d, g_d) in enumerate(pairs[c:], start=c):
                 block = (torch.bmm(a_c.transpose(1, 2), a_d) * torch.bmm(g_c.transpose(1, 2), g_d)).sum((1, 2))
-                sq = sq + (block if d == c else 2 * block)
-        sq = sq.clamp(min=0)
-    elif "weight" in trained:
-        explicit = sum(torch.bmm(g, a.transpose(1, 2)) for a, g in pairs)  # (n, d_out, d_in): image i's gradient
-        sq = explicit.square().sum((1, 2))
-    bias_grad = sum(g.sum(2) for _, g in pairs) if bias is not None else None  # (n, d_out)
-    if bias_grad is not None:
-        sq = sq + bias_grad.square().sum(1)
+                gram = gram + (block if d == c else 2 * block)
+        sq = sq + gram.clamp(min=0)
+    kept = pairs if gram is not None else []  # the explicit form lets the patches go now
 
     def clip(factor: torch.Tensor) -> dict[int, torch.Tensor]:
         out = {}
         if explicit is not None:
-            out[id(weight)] = torch.einsum("n,nij->ij", factor, explicit)
-        elif "weight" in trained:  # one batch weight gradient with image i's output gradients x factor_i
-            out[id(weight)] = sum(torch.einsum("nit,njt->ij", g * factor[:, None, None], a) for a, g in pairs)
-        if id(weight) in out:
-            out[id(weight)] = out[id(weight)].reshape(weight.shape).to(weight.dtype)
+            out[id(weight)] = torch.einsum("n,nij->ij", factor, explicit).reshape(weight.shape).to(weight.dtype)
+        elif gram is not None:  # one batch weight gradient with image i's output gradients x factor_i
+            w = sum(torch.einsum("nit,njt->ij", g * factor[:, None, None], a) for a, g in kept)
+            out[id(weight)] = w.reshape(weight.shape).to(weight.dtype)
         if bias is not None:
             out[id(bias)] = (factor @ bias_grad).to(bias.dtype)
         return out
 
+    del pairs
     return sq, clip
 
 
