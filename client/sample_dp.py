@@ -35,7 +35,7 @@ LEDGER_FILE = "dp_sample_ledger.json"
 # output gradients, then the clipped sum as one re-weighted batch gradient per layer, handed to opacus's
 # DPOptimizerFastGradientClipping for the same noise and scaling.
 GRAD_SAMPLE_MODES = ("ew", "hooks", "functorch", "ghost")
-DEFAULT_GRAD_SAMPLE_MODE = "ghost"  # the hooks mode's step to float tolerance, 2.6-3.3x its throughput (RESULTS.md)
+DEFAULT_GRAD_SAMPLE_MODE = "ghost"  # the hooks mode's step to float tolerance, 1.5-3.1x its throughput (RESULTS.md)
 
 
 @dataclass
