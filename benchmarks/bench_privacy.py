@@ -1,7 +1,7 @@
 """Cost of privacy: SecAgg+ and DP round time vs plain on real Flower processes, and DP-SGD step throughput.
 
     .venv/bin/python benchmarks/bench_privacy.py [--model resnet18] [--image-size 64] [--steps 4] [--rounds 2]
-        [--skip-federation | --skip-dp-sgd] [--dp-steps 6] [--dp-modes hooks,ew,functorch]
+        [--skip-federation | --skip-dp-sgd] [--dp-steps 6] [--dp-modes hooks,ew,functorch,ghost]
 
 1. One consortium (SuperLink + 3 SuperNodes on loopback, synthetic DICOM sites); the same run three times:
    plain, `secagg=true`, `dp=client`. Round time = the ServerApp's per-round wall time in metrics.jsonl
@@ -61,11 +61,12 @@ def round_times(args) -> dict[str, float]:
     return out
 
 
-def dp_sgd_throughput(args) -> dict[str, tuple[float, float]]:
+def dp_sgd_throughput(args) -> dict[str, tuple[float, float, str]]:
     """Images/s of the shipping trainer (`train_local`, simsiam, the GroupNorm model of dp=sample) without and
     with `dp=SampleDP(...)` (opacus per-image gradients, clipping, noise, Poisson batches, accounting), once per
-    per-image gradient mode in `--dp-modes`, back to back in this process: {name: (wall img/s, CPU img/s)}.
-    CPU img/s divides by this process's CPU time, which a machine shared with other jobs inflates less."""
+    per-image gradient mode in `--dp-modes`, back to back in this process: {name: (wall img/s, CPU img/s,
+    the 1-minute load average before -> after)}. CPU img/s divides by this process's CPU time, which a machine
+    shared with other jobs inflates less."""
     import torch
     from fake_site import make_fake_site
 
@@ -76,16 +77,17 @@ def dp_sgd_throughput(args) -> dict[str, tuple[float, float]]:
     data = make_fake_site(n=args.dp_images, size=args.image_size)
     cfg = TrainConfig(objective="simsiam", steps=args.dp_steps, batch_size=32, device=args.device)
 
-    def rate(name: str, dp) -> tuple[float, float]:
+    def rate(name: str, dp) -> tuple[float, float, str]:
         torch.manual_seed(0)
         model = build_model(args.model, "simsiam", args.image_size, proj_dim=128, norm="group")
         train_local(model, data, TrainConfig(objective="simsiam", steps=1, batch_size=32, device=args.device),
                     progress=False, dp=dp)  # warm-up (allocator, opacus hooks)
-        cpu0 = time.process_time()
+        load0, cpu0 = os.getloadavg()[0], time.process_time()
         res = train_local(model, data, cfg, progress=False, dp=dp)
         cpu = time.process_time() - cpu0
-        print(f"{name}: {res.examples} images in {res.seconds:.1f}s wall, {cpu:.1f}s CPU", flush=True)
-        return res.examples / res.seconds, res.examples / cpu
+        load = f"load {load0:.1f} -> {os.getloadavg()[0]:.1f}"
+        print(f"{name}: {res.examples} images in {res.seconds:.1f}s wall, {cpu:.1f}s CPU, {load}", flush=True)
+        return res.examples / res.seconds, res.examples / cpu, load
 
     out = {"no DP": rate("no DP", None)}
     for mode in args.dp_modes.split(","):
@@ -104,7 +106,7 @@ def main() -> int:
     ap.add_argument("--dp-steps", type=int, default=6)
     ap.add_argument("--dp-images", type=int, default=400, help="images of the in-memory site for DP-SGD")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--dp-modes", default="hooks,ew,functorch",
+    ap.add_argument("--dp-modes", default="hooks,ew,functorch,ghost",
                     help="per-image gradient modes to measure (client.sample_dp.GRAD_SAMPLE_MODES), comma-separated")
     ap.add_argument("--skip-federation", action="store_true")
     ap.add_argument("--skip-dp-sgd", action="store_true", help="only the federated round-time ratios")
@@ -121,23 +123,24 @@ def main() -> int:
     if not args.skip_dp_sgd:
         rates = dp_sgd_throughput(args)
         # no DP runs before and after the DP modes: their mean is the reference (a shared machine drifts)
-        plain = tuple((a + b) / 2 for a, b in zip(rates["no DP"], rates["no DP, again"], strict=True))
+        plain = tuple((a + b) / 2 for a, b in zip(rates["no DP"][:2], rates["no DP, again"][:2], strict=True))
         for mode in args.dp_modes.split(","):
             private = rates[mode]
             lines.append(f"- DP-SGD (`train_local(..., dp=SampleDP(grad_sample_mode='{mode}'))`: opacus, "
                          f"simsiam, GroupNorm {args.model}, {args.image_size} px, expected batch 32, {args.dp_steps} "
                          f"steps) / the same trainer without DP: **{private[0] / plain[0]:.2f}x** wall "
-                         f"({private[0]:.1f} vs {plain[0]:.1f} images/s), {private[1] / plain[1]:.2f}x by CPU time")
+                         f"({private[0]:.1f} vs {plain[0]:.1f} images/s), {private[1] / plain[1]:.2f}x by CPU time; "
+                         f"{private[2]}")
         lines.append(f"- no DP before / after the DP runs: {rates['no DP'][0]:.1f} / "
-                     f"{rates['no DP, again'][0]:.1f} images/s wall (the ratios use their mean); load average "
-                     f"{os.getloadavg()[0]:.1f} on "
-                     f"{os.cpu_count()} threads at the end")
+                     f"{rates['no DP, again'][0]:.1f} images/s wall ({rates['no DP'][2]} / {rates['no DP, again'][2]}; "
+                     f"the ratios use their mean) on {os.cpu_count()} threads")
     cpu = os.cpu_count()
     where = ("3 SuperNodes on loopback; round time = last round's train+evaluate wall time, incl. Flower's "
              "process start per message") if not args.skip_federation else "DP-SGD throughput only"
     where += f"; load average at the end {os.getloadavg()[0]:.1f}" if args.skip_dp_sgd else ""
     header = (f"\n## Privacy cost ({time.strftime('%Y-%m-%d')})\n\n"
-              f"Machine: {platform.machine()}, {cpu} CPU threads visible, torch {torch.__version__} "
+              f"Machine: {platform.machine()}, {cpu} CPU threads visible ({torch.get_num_threads()} torch threads), "
+              f"torch {torch.__version__} "
               f"({'CUDA' if torch.cuda.is_available() else 'CPU only'}).\n"
               f"Command: `.venv/bin/python benchmarks/bench_privacy.py {' '.join(sys.argv[1:])}` ({where})\n\n")
     text = header + "\n".join(lines) + "\n"

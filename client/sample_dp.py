@@ -31,8 +31,11 @@ LEDGER_FILE = "dp_sample_ledger.json"
 # (p.grad_sample), so clipping, noise and the accountant are the same. "ew": PyTorch's expanded weights
 # around the whole per-image loss (no wasted batch weight gradient, grouped convolutions for the per-image
 # weight gradients); "hooks": opacus's GradSampleModule hooks; "functorch": the same with torch.func per layer.
-GRAD_SAMPLE_MODES = ("ew", "hooks", "functorch")
-DEFAULT_GRAD_SAMPLE_MODE = "hooks"
+# "ghost" (client/ghost_clip.py) never builds per-image weight gradients: per-image norms from activations and
+# output gradients, then the clipped sum as one re-weighted batch gradient per layer, handed to opacus's
+# DPOptimizerFastGradientClipping for the same noise and scaling.
+GRAD_SAMPLE_MODES = ("ew", "hooks", "functorch", "ghost")
+DEFAULT_GRAD_SAMPLE_MODE = "ghost"  # the hooks mode's step to float tolerance, 1.5-3.1x its throughput (RESULTS.md)
 
 
 @dataclass
@@ -116,7 +119,7 @@ class DPTraining:
 
         from opacus import GradSampleModule
         from opacus.accountants import RDPAccountant
-        from opacus.optimizers import DPOptimizer
+        from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
         # The first layer's input needs no gradient, which makes torch warn on every step; harmless here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -133,13 +136,21 @@ class DPTraining:
         self.sample_rate = sample_rate(batch_size, n_train)
         self.expected_batch = max(1, round(self.sample_rate * n_train))
         self.gsm = None
+        self.ghost = None
         self._loss_module = None
+        optimizer_type = DPOptimizer
         if mode == "ew":
             self._loss_module = _per_image_loss_module(model, objective)
+        elif mode == "ghost":
+            from fedrad.client.ghost_clip import GhostClipping
+
+            trained = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+            self.ghost = GhostClipping(model, trained)  # refuses a model it cannot clip exactly
+            optimizer_type = DPOptimizerFastGradientClipping  # noise + scaling of the clipped sum in p.grad
         else:
             self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean",
                                         force_functorch=mode == "functorch")
-        self.optimizer = DPOptimizer(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+        self.optimizer = optimizer_type(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                                      expected_batch_size=self.expected_batch, loss_reduction="mean",
                                      generator=_secret_generator(device))
         self.accountant = RDPAccountant()
@@ -154,7 +165,11 @@ class DPTraining:
         return indices[mask.numpy()]
 
     def loss(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        """The batch's mean loss; its backward leaves each image's gradient (both views) in p.grad_sample."""
+        """The batch's mean loss; its backward leaves each image's gradient (both views) in p.grad_sample
+        (ghost: what `step` needs for the clipped sum)."""
+        if self.ghost is not None:
+            self.ghost.begin()  # the parameters need no autograd gradient; the images carry the backward
+            return self.objective.loss(self.model, view1.detach().requires_grad_(), view2.detach().requires_grad_())
         if self._loss_module is None:
             return self.objective.loss(self.model, view1, view2)
         from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
@@ -165,6 +180,11 @@ class DPTraining:
         return per_image(view1, view2).mean()
 
     def step(self) -> None:
+        if self.ghost is not None:
+            clipped, _ = self.ghost.clipped_sum(self.dp.max_grad_norm)
+            self.optimizer.zero_grad(set_to_none=True)  # nothing but the clipped sum reaches the optimizer
+            for p, grad in zip(self.ghost.params, clipped, strict=True):
+                p.grad = grad
         self.optimizer.step()
         self.accountant.step(noise_multiplier=self.dp.noise_multiplier, sample_rate=self.sample_rate)
 
@@ -179,6 +199,8 @@ class DPTraining:
     def close(self) -> None:
         if self.gsm is not None:
             self.gsm._close()  # removes the hooks and the per-sample gradient attributes
+        if self.ghost is not None:
+            self.ghost.remove()  # its hooks; the parameters require grad again
         for p in self.model.parameters():  # expanded weights leave p.grad_sample behind
             if hasattr(p, "grad_sample"):
                 del p.grad_sample

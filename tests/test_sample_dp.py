@@ -79,7 +79,7 @@ def test_per_image_gradients_sum_both_views_and_ignore_the_batch(name: str):
         torch.testing.assert_close(batch[name].mean(0), full[name], rtol=1e-3, atol=1e-4 * scale, msg=name)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ew"])
+@pytest.mark.parametrize("mode", ["hooks", "ew", "ghost"])
 def test_train_local_with_dp_accounts_and_refuses_unsound_setups(mode: str):
     data = make_fake_site(n=40)
     cfg = TrainConfig(objective="simsiam", steps=4, batch_size=8, device="cpu")
@@ -90,11 +90,14 @@ def test_train_local_with_dp_accounts_and_refuses_unsound_setups(mode: str):
     result = train_local(model, data, cfg, progress=False, dp=dp)
     assert list(model.state_dict()) == keys
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # ghost mode switches it off during a step only
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     (sigma, q, steps), = result.dp_history
     n_train = len(split_indices(data)[0])  # the held-out patients are not sampled
     assert sigma == 1.0 and steps == 4 and q == pytest.approx(8 / n_train)
     assert result.dp_epsilon == pytest.approx(epsilon_of(result.dp_history, 1e-5)) and result.dp_epsilon > 0
+    # the same ε as every other mode (the hooks mode's included) after the same steps: the mode is not accounted
+    assert result.dp_epsilon == projected_epsilon(SampleDP(1.0, 1.0, 1e-5), n_train, 8, 4)
     # a second call continues the same history: epsilon grows
     again = train_local(model, data, cfg, progress=False, dp=SampleDP(1.0, 1.0, 1e-5, history=result.dp_history))
     assert again.dp_history[-1][2] == 8 and again.dp_epsilon > result.dp_epsilon
@@ -140,14 +143,15 @@ def test_byol_trains_under_sample_dp_with_its_target_outside_opacus(monkeypatch)
     assert any(not torch.equal(t, o) for t, o in zip(target.parameters(), online, strict=True))
 
 
-def test_empty_poisson_draw_still_takes_a_noise_step():
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_empty_poisson_draw_still_takes_a_noise_step(mode: str):
     data = make_fake_site(n=40)
     model = _dp_model()
     before = {k: v.clone() for k, v in model.named_parameters()}
     # q = 1/40 per image: most steps draw no image at all, yet each step adds noise and is accounted
     result = train_local(model, data, TrainConfig(objective="simsiam", steps=3, batch_size=1, device="cpu",
                                                   optimizer="sgd", weight_decay=0.0),
-                         progress=False, dp=SampleDP(1.0, 1.0, 1e-5))
+                         progress=False, dp=SampleDP(1.0, 1.0, 1e-5, grad_sample_mode=mode))
     assert result.dp_history[-1][2] == 3
     assert all(not torch.equal(before[k], p) for k, p in model.named_parameters())
 
@@ -213,3 +217,86 @@ def test_grad_sample_modes_give_the_hooks_per_image_gradients(mode: str):
         assert got[name].shape == value.shape and value.shape[0] == 4  # one gradient per image
         scale = float(value.abs().max()) + 1e-12
         torch.testing.assert_close(got[name], value, rtol=1e-3, atol=1e-4 * scale, msg=name)
+
+
+def _one_dp_step(mode: str, objective_name: str, clip: float, views, noise: float = 1e-6):
+    """One DPTraining step of `mode` on a fresh seeded model (SGD lr 1, the same seeded noise generator):
+    (p.grad the optimizer applied = (clipped sum + noise) / expected batch, per parameter; each image's
+    gradient norm, from the hooks mode's p.grad_sample, None for other modes)."""
+    from fedrad.client.sample_dp import DPTraining
+
+    model = _dp_model(objective=objective_name)
+    objective = type(get_objective(objective_name))(joint_forward=False)
+    objective.start(model)
+    with opacus_safe(model):
+        run = DPTraining(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                         SampleDP(noise, clip, 1e-5, grad_sample_mode=mode), 40, 4, "cpu", objective, mode)
+        run.optimizer.generator = torch.Generator().manual_seed(11)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.loss(*views).backward()
+        norms = None
+        if mode == "hooks":
+            per_image = torch.cat([p.grad_sample.reshape(len(views[0]), -1) for p in model.parameters()], 1)
+            norms = per_image.norm(dim=1)
+        run.step()
+        applied = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        run.close()
+    return applied, norms
+
+
+@pytest.mark.parametrize("objective_name", ["simsiam", "byol"])
+def test_ghost_clipping_gives_the_hooks_mode_clipped_sum(objective_name: str):
+    """Grad-sample mode "ghost" never builds per-image weight gradients, yet the step it hands the optimizer is
+    the hooks mode's: both views summed per image, flat clipping over all layers (images below and above the
+    clip), the clipped sum, opacus's noise (same generator) and 1/expected-batch scaling."""
+    g = torch.Generator().manual_seed(0)
+    views = (torch.rand(4, 1, 32, 32, generator=g), torch.rand(4, 1, 32, 32, generator=g))
+    _, norms = _one_dp_step("hooks", objective_name, 1e9, views)
+    clip = float(norms.sort().values[1:3].mean())  # between the 2nd and 3rd image's norm
+    assert (norms < clip).sum() == 2 and (norms > clip).sum() == 2
+    steps = {}
+    for noise in (1e-6, 1.0):  # the clipped sum alone (noise negligible), then with opacus's noise
+        want, _ = _one_dp_step("hooks", objective_name, clip, views, noise)
+        steps[noise] = got = _one_dp_step("ghost", objective_name, clip, views, noise)[0]
+        assert list(got) == list(want)
+        for name, value in want.items():
+            scale = float(value.abs().max()) + 1e-12
+            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    # the clip bound the step: without it the two large images would make it larger
+    unclipped, _ = _one_dp_step("ghost", objective_name, 1e9, views)
+    assert sum(float(v.square().sum()) for v in unclipped.values()) > 1.5 * sum(
+        float(v.square().sum()) for v in steps[1e-6].values())
+
+
+def test_ghost_clipping_refuses_layers_it_cannot_clip():
+    """A trained parameter ghost clipping has no exact per-image norm for is refused when the step is set up,
+    never trained with an unclipped gradient."""
+    from timm.layers import StdConv2d
+    from torch import nn
+
+    from fedrad.client.sample_dp import DPTraining
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.scale = nn.Parameter(torch.ones(1))  # used in forward, but owned by no supported layer
+
+        def forward(self, x):
+            return self.conv(x) * self.scale
+
+    cases = {"LayerNorm": nn.Sequential(nn.Flatten(), nn.LayerNorm(16)),
+             "StdConv2d": nn.Sequential(StdConv2d(1, 4, 3)),  # a Conv2d subclass that transforms its weight
+             "groups=2": nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)),
+             "Scaled": Scaled()}
+    for what, model in cases.items():
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(ValueError, match="ghost") as info:
+            DPTraining(model, opt, SampleDP(1.0, 1.0, 1e-5, grad_sample_mode="ghost"), 40, 4, "cpu", None, "ghost")
+        assert what in str(info.value), str(info.value)
+    # what it supports is accepted, and closing leaves the model as it was
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 30 * 30, 2))
+    run = DPTraining(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                     SampleDP(1.0, 1.0, 1e-5, grad_sample_mode="ghost"), 40, 4, "cpu", None, "ghost")
+    run.close()
+    assert all(p.requires_grad for p in model.parameters()) and not any(m._forward_hooks for m in model.modules())
