@@ -63,7 +63,7 @@ FRACTIONS = (0.01, 0.1, 1.0)
 MODES = ("linear", "mlp", "full")
 # The 28 px recipe (run-config keys); see the module docstring and RESULTS.md for how it was chosen.
 RECIPE: dict[str, object] = {"aug-crop-min": 0.8, "aug-rotate": 10.0, "aug-blur-p": 0.5, "aug-noise-p": 0.5,
-                             "temperature": 0.1, "lr-schedule": "cosine", "warmup-rounds": 1}
+                             "temperature": 0.1, "lr-schedule": "constant", "warmup-rounds": 0}
 DP_DELTA = 1e-5
 # Goals of issue 17 (linear probe on frozen features unless said otherwise).
 GOAL_GAIN_OVER_RANDOM = 0.05
@@ -187,10 +187,12 @@ def dp_noise_for(epsilon: float, delta: float, batch_size: int, n_train: int, st
 
 
 def pretrain_federated(sites: list[Path], args, work: Path, *, objective: str = "simclr",
-                       extra: dict[str, object] | None = None, name: str = "fed-run") -> Path:
+                       extra: dict[str, object] | None = None, name: str = "fed-run", node_threads: int = 1) -> Path:
     """Real fedrad rounds: SuperLink + one SuperNode per hospital + `flwr run`; the run directory.
 
-    `extra` adds or overrides run-config keys (e.g. dp = "sample"); `name` keeps several runs in one `work`.
+    `extra` adds or overrides run-config keys (e.g. dp = "sample"); `name` keeps several runs in one `work`;
+    `node_threads` is each SuperNode's torch threads (three sites share this machine's cores). The sites'
+    held-out metrics ride on the train replies (eval-in-train: one message per round, not two).
     """
     from fedrad.deploy.processes import ProcessGroup, free_port, superlink_command, supernode_command, wait_for_port
     from fedrad.deploy.run_command import submit_run
@@ -200,7 +202,7 @@ def pretrain_federated(sites: list[Path], args, work: Path, *, objective: str = 
         "model": args.model, "image-size": args.image_size, "objective": objective,
         "num-server-rounds": args.rounds, "local-steps": args.local_steps, "batch-size": args.batch_size,
         "lr": args.lr, "proj-dim": args.proj_dim, "seed": args.seed, "min-train-nodes": 3,
-        "min-available-nodes": 3, "round-timeout": 900.0, "run-dir": str(run_dir),
+        "min-available-nodes": 3, "round-timeout": 900.0, "run-dir": str(run_dir), "eval-in-train": True,
     }
     overrides.update(recipe(args))
     overrides.update(extra or {})
@@ -217,7 +219,7 @@ def pretrain_federated(sites: list[Path], args, work: Path, *, objective: str = 
         wait_for_port("127.0.0.1", port, 60, link)
         for site in sites:
             cfg = {"data-dir": str(site), "cache-dir": str(work / "cache" / site.name), "device": "cpu",
-                   "state-dir": str(work / "state" / name / site.name)}
+                   "state-dir": str(work / "state" / name / site.name), "threads": str(node_threads)}
             group.start(f"node-{site.name}", supernode_command(f"127.0.0.1:{port}", free_port(), cfg,
                                                                  trust=SiteTrust(consortium_pub)),
                         logs / f"node-{site.name}.log")
@@ -368,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="few-minute smoke run (2 rounds, short training, 1 seed)")
     p.add_argument("--model", default="test_resnet")
     p.add_argument("--image-size", type=int, default=28)
-    p.add_argument("--rounds", type=int, default=None, help="federated rounds (default 8; quick 2)")
-    p.add_argument("--local-steps", type=int, default=None, help="steps per site per round (default 25; quick 5)")
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds (default 5; quick 2)")
+    p.add_argument("--local-steps", type=int, default=None, help="steps per site per round (default 20; quick 5)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (after warm-up)")
     p.add_argument("--proj-dim", type=int, default=64)
@@ -383,8 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dp-epsilon", type=float, default=8.0, help="federated + DP arm: each site's image-level "
                    "epsilon over the run (0 skips the arm)")
     p.add_argument("--dp-objective", default="simsiam", help="per-sample objective of the DP arm")
+    p.add_argument("--dp-local-steps", type=int, default=None, help="DP arm's steps per site per round (default "
+                   "half of --local-steps: a DP-SGD step costs ~3-4 plain steps on CPU)")
     p.add_argument("--modes", default=",".join(MODES), help="fine-tuning modes, comma-separated")
-    p.add_argument("--epochs", type=int, default=None, help="mlp/full fine-tune epochs (default 5; quick 2)")
+    p.add_argument("--epochs", type=int, default=None, help="mlp/full fine-tune epochs (default 3; quick 2)")
     p.add_argument("--seeds", type=int, default=None, help="label-subsample seeds (default 3; quick 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads in this process")
@@ -394,11 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md nor rewrite the plot")
     args = p.parse_args(raw)
     q = args.quick
-    args.rounds = args.rounds or (2 if q else 8)
-    args.local_steps = args.local_steps or (5 if q else 25)
-    args.epochs = args.epochs or (2 if q else 5)
+    args.rounds = args.rounds or (2 if q else 5)
+    args.local_steps = args.local_steps or (5 if q else 20)
+    args.epochs = args.epochs or (2 if q else 3)
     args.seeds = args.seeds or (1 if q else 3)
     args.warmup_rounds = min(args.warmup_rounds, args.rounds - 1)
+    args.dp_local_steps = args.dp_local_steps or max(1, args.local_steps // 2)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         print(f"--modes: choose from {', '.join(MODES)}", file=sys.stderr)
@@ -427,10 +432,10 @@ def _dp_arm(sites: list[Path], site_data: list, args, work: Path) -> tuple[Any, 
     from fedrad.common.models import load_backbone
 
     n_train = min(len(split_indices(sd)[0]) for sd in site_data)  # the smallest site spends the most
-    steps = args.rounds * args.local_steps
+    steps = args.rounds * args.dp_local_steps
     noise = dp_noise_for(args.dp_epsilon, DP_DELTA, args.batch_size, n_train, steps)
     extra = {"dp": "sample", "dp-noise": noise, "dp-clip": 1.0, "dp-delta": DP_DELTA,
-             "dp-epsilon-budget": args.dp_epsilon}
+             "dp-epsilon-budget": args.dp_epsilon, "local-steps": args.dp_local_steps}
     print(f"pretraining: federated + DP ({args.dp_objective}, GroupNorm, noise {noise:.3f} for epsilon "
           f"{args.dp_epsilon:g} over {steps} steps per site)", flush=True)
     t0 = time.time()
@@ -446,6 +451,7 @@ def _dp_arm(sites: list[Path], site_data: list, args, work: Path) -> tuple[Any, 
 def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_start: float, modes: list[str]) -> int:
     from fedrad.client.finetune import Arm, load_npz, random_arm, run_experiment, write_outputs
     from fedrad.client.site_data import load_site
+    from fedrad.common.atomic import atomic_write_json
     from fedrad.common.models import load_backbone
 
     d = np.load(src)
@@ -492,6 +498,8 @@ def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_star
         rows += run_experiment(arms, data, train_idx, test_idx, list(FRACTIONS), mode, args.seeds, args.epochs,
                                device="cpu", log=lambda m: print(m, flush=True))
         times[f"fine-tune {mode}"] = time.time() - t0
+        Path(args.out).mkdir(parents=True, exist_ok=True)  # partial rows: a late failure keeps what was measured
+        atomic_write_json(Path(args.out) / "rows-partial.json", {"rows": rows, "times": times, "dp": dp_info})
     rows += best_single_rows(rows)
     seconds = time.time() - t_start
     arms_info = (f"{args.model} {args.image_size}px, SimCLR, {budget} steps x batch {args.batch_size} "
@@ -501,7 +509,8 @@ def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_star
                  f"{args.proj_dim}; mlp/full fine-tune {args.epochs} epochs; {args.seeds} label-subsample seed(s)")
     notes = ["times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())]
     if dp_info:
-        notes.append(f"federated + DP: {args.dp_objective}, GroupNorm, dp = \"sample\", noise {dp_info['noise']}, "
+        notes.append(f"federated + DP: {args.dp_objective}, GroupNorm, dp = \"sample\", {args.rounds} rounds x "
+                     f"{args.dp_local_steps} local steps, noise {dp_info['noise']}, "
                      f"clip 1.0, delta {dp_info['delta']:g}; image-level epsilon spent per site "
                      f"{json.dumps(dp_info['site_epsilons'])} (budget {args.dp_epsilon:g})")
     goals = format_goals(check_goals(rows))
