@@ -385,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dp-epsilon", type=float, default=8.0, help="federated + DP arm: each site's image-level "
                    "epsilon over the run (0 skips the arm)")
     p.add_argument("--dp-objective", default="simsiam", help="per-sample objective of the DP arm")
-    p.add_argument("--dp-local-steps", type=int, default=None, help="DP arm's steps per site per round (default "
-                   "half of --local-steps: a DP-SGD step costs ~3-4 plain steps on CPU)")
+    p.add_argument("--dp-rounds", type=int, default=2, help="DP arm's rounds (a DP-SGD step costs ~3-4 plain "
+                   "steps on CPU, so the default keeps the arm within the hour)")
+    p.add_argument("--dp-local-steps", type=int, default=5, help="DP arm's steps per site per round")
     p.add_argument("--modes", default=",".join(MODES), help="fine-tuning modes, comma-separated")
     p.add_argument("--epochs", type=int, default=None, help="mlp/full fine-tune epochs (default 3; quick 2)")
     p.add_argument("--seeds", type=int, default=None, help="label-subsample seeds (default 3; quick 1)")
@@ -403,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     args.epochs = args.epochs or (2 if q else 3)
     args.seeds = args.seeds or (1 if q else 3)
     args.warmup_rounds = min(args.warmup_rounds, args.rounds - 1)
-    args.dp_local_steps = args.dp_local_steps or max(1, args.local_steps // 2)
+    args.dp_rounds = max(1, min(args.dp_rounds, args.rounds))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         print(f"--modes: choose from {', '.join(MODES)}", file=sys.stderr)
@@ -432,10 +433,11 @@ def _dp_arm(sites: list[Path], site_data: list, args, work: Path) -> tuple[Any, 
     from fedrad.common.models import load_backbone
 
     n_train = min(len(split_indices(sd)[0]) for sd in site_data)  # the smallest site spends the most
-    steps = args.rounds * args.dp_local_steps
+    steps = args.dp_rounds * args.dp_local_steps
     noise = dp_noise_for(args.dp_epsilon, DP_DELTA, args.batch_size, n_train, steps)
     extra = {"dp": "sample", "dp-noise": noise, "dp-clip": 1.0, "dp-delta": DP_DELTA,
-             "dp-epsilon-budget": args.dp_epsilon, "local-steps": args.dp_local_steps}
+             "dp-epsilon-budget": args.dp_epsilon, "local-steps": args.dp_local_steps,
+             "num-server-rounds": args.dp_rounds}
     print(f"pretraining: federated + DP ({args.dp_objective}, GroupNorm, noise {noise:.3f} for epsilon "
           f"{args.dp_epsilon:g} over {steps} steps per site)", flush=True)
     t0 = time.time()
@@ -509,7 +511,7 @@ def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_star
                  f"{args.proj_dim}; mlp/full fine-tune {args.epochs} epochs; {args.seeds} label-subsample seed(s)")
     notes = ["times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())]
     if dp_info:
-        notes.append(f"federated + DP: {args.dp_objective}, GroupNorm, dp = \"sample\", {args.rounds} rounds x "
+        notes.append(f"federated + DP: {args.dp_objective}, GroupNorm, dp = \"sample\", {args.dp_rounds} rounds x "
                      f"{args.dp_local_steps} local steps, noise {dp_info['noise']}, "
                      f"clip 1.0, delta {dp_info['delta']:g}; image-level epsilon spent per site "
                      f"{json.dumps(dp_info['site_epsilons'])} (budget {args.dp_epsilon:g})")
