@@ -9,8 +9,9 @@ same architecture, image size, recipe and optimizer-step budget are compared:
   runs in the federation (the same time on its own machine; the best one is reported per cell, and which);
 * centralised: SimCLR on all three hospitals' images pooled (`train_local` directly);
 * federated: SimCLR through real Flower processes (1 SuperLink + 3 SuperNodes on loopback, FedAvg);
-* federated + DP: the same with run-config dp = "sample" (SimSiam, GroupNorm, opacus DP-SGD at each site,
-  noise calibrated so that each site's image-level epsilon over the whole run stays within --dp-epsilon).
+* federated + DP: real Flower with run-config dp = "sample" (SimSiam, GroupNorm, opacus DP-SGD at each site,
+  noise calibrated so that each site's image-level epsilon over the whole run stays within --dp-epsilon), on
+  its own shorter schedule (--dp-rounds x --dp-local-steps: a DP-SGD step costs several plain ones on CPU).
 
 Compute is matched: the centralised arm runs the federated schedule (the same rounds and round learning
 rates, a fresh optimizer each round) with 3 x local-steps per round, the total the three sites run together;
@@ -360,8 +361,13 @@ def append_results(rows: list[dict[str, Any]], args, argv: list[str], seconds: f
                 cells.append(cell)
             lines.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
     lines += ["", "Goals (issue 17):", "", *goals]
-    with RESULTS.open("a") as f:
-        f.write("\n".join(lines) + "\n")
+    # Under this benchmark's section (before the next "## "), not at the end of the file.
+    text = text if header in text else text.rstrip("\n") + "\n"
+    start = text.find(header)
+    end = len(text) if start < 0 else text.find("\n## ", start + len(header))
+    end = len(text) if end < 0 else end
+    block = "\n".join(lines) + "\n"
+    RESULTS.write_text(text[:end].rstrip("\n") + "\n" + block + text[end:])
 
 
 def main(argv: list[str] | None = None) -> int:
