@@ -443,7 +443,7 @@ def _dp_arm(sites: list[Path], site_data: list, args, work: Path) -> tuple[Any, 
     noise = dp_noise_for(args.dp_epsilon, DP_DELTA, args.batch_size, n_train, steps)
     extra = {"dp": "sample", "dp-noise": noise, "dp-clip": 1.0, "dp-delta": DP_DELTA,
              "dp-epsilon-budget": args.dp_epsilon, "local-steps": args.dp_local_steps,
-             "num-server-rounds": args.dp_rounds}
+             "num-server-rounds": args.dp_rounds, "warmup-rounds": min(args.warmup_rounds, args.dp_rounds - 1)}
     print(f"pretraining: federated + DP ({args.dp_objective}, GroupNorm, noise {noise:.3f} for epsilon "
           f"{args.dp_epsilon:g} over {steps} steps per site)", flush=True)
     t0 = time.time()
