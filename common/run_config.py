@@ -27,6 +27,10 @@ STRATEGY_NAMES: dict[str, str | None] = {
     "multikrum": _NEEDS_EACH_UPDATE,
 }
 
+# The model's normalisation layers by run-config name (fedrad.common.norms.NORMS; repeated here so that reading a
+# run config never imports torch; tests/test_norm_policy.py checks the two agree).
+NORM_NAMES = ("batch", "group")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -57,6 +61,10 @@ class RunConfig:
     label_fields: str = "view,body_part,sex,age"
     hflip: bool = False
     seed: int = 0
+    # Normalisation layers of the model (fedrad.common.norms): "batch" (BatchNorm; FedAvg averages its running
+    # statistics too) or "group" (GroupNorm: no batch or site statistics at all). dp = "sample" forces "group".
+    # Chosen by measurement on label-skewed sites: README "Recipe switches", RESULTS.md "norm policy".
+    norm: str = "batch"
     # The first global model (fedrad.common.init_weights): a local timm checkpoint file (e.g. ImageNet weights)
     # or an earlier release bundle folder, on the coordinator; init-pubkey verifies a bundle. Empty: random.
     init: str = ""
@@ -178,6 +186,8 @@ class RunConfig:
             raise ValueError("run-config 'lr-min' must be in [0, lr]")
         if not 0 < self.aug_crop_min <= self.aug_crop_max <= 1:
             raise ValueError("run-config 'aug-crop-min' and 'aug-crop-max' must satisfy 0 < min <= max <= 1")
+        if self.norm not in NORM_NAMES:
+            raise ValueError(f"run-config 'norm': unknown '{self.norm}', choose one of {', '.join(NORM_NAMES)}")
         if not 0 <= self.aug_rotate <= 180:
             raise ValueError("run-config 'aug-rotate' must be in [0, 180] degrees")
         if not (0 <= self.aug_brightness < 1 and 0 <= self.aug_contrast < 1):
@@ -238,8 +248,9 @@ class RunConfig:
 
     @property
     def model_norm(self) -> str:
-        """GroupNorm when sites train with per-image DP-SGD (BatchNorm mixes the images of a batch)."""
-        return "group" if self.dp == "sample" else "batch"
+        """The `norm` key, but GroupNorm whenever sites train with per-image DP-SGD (BatchNorm mixes the images
+        of a batch, so per-image clipping would not bound one image's influence)."""
+        return "group" if self.dp == "sample" else self.norm
 
     @property
     def label_field_list(self) -> list[str]:

@@ -1,0 +1,207 @@
+"""The radiograph recipe, ablated one switch at a time on real chest X-rays (Hannover, 71 patients, 243 PNGs).
+
+Each line of the table is the baseline run config with ONE switch changed (crop scale, rotation,
+brightness/contrast/gamma, blur, noise, hflip, temperature, optimizer, LR schedule, objective). Every line
+pretrains the same way: in-process FedAvg (no Flower processes, so a line costs minutes) over 3 sites made
+by splitting the probe's TRAINING patients into three (the test patients' images are never seen, not even
+unlabelled); each round every site runs `train_local` from the global weights with the run config's
+augmentations, temperature, optimizer and the round's LR (`RunConfig.round_lr`), and the sites' weights
+(BatchNorm statistics included) are averaged by example count. Then fedrad finetune's own experiment
+(`run_experiment`: linear probe on frozen features, patient split, label fractions of training patients,
+3 label-subsample seeds, patient-bootstrap CI) per target (sex, view, icu), pretrained vs random init.
+
+The micle+supcon line's header label is `modality` (CR/DX), a column that is NOT probed.
+
+    python benchmarks/bench_recipe_ablation.py                        # the whole table: ~1 min a line on 2 idle cores
+    python benchmarks/bench_recipe_ablation.py --lines baseline blur-off --no-record
+
+The default scale (test_resnet, 64 px, 4 rounds x 12 local steps x 3 sites, batch 32, one torch thread) is
+what fits "well under an hour on 2 shared cores" for the whole table. Hannover: CC BY 3.0, cite
+DOI 10.6084/m9.figshare.12275009.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common_bench import append_result, machine, shared_data, today  # noqa: E402
+
+TARGETS = ["sex", "view", "icu"]
+FRACTIONS = [0.1, 1.0]
+SUPCON_LABEL = "modality"  # header label of the micle_supcon line: not one of TARGETS
+# The baseline recipe (kebab-case run-config keys): RunConfig's radiograph defaults, SimCLR, lr for test_resnet.
+BASELINE: dict[str, object] = {"objective": "simclr", "lr": 3e-3, "optimizer": "adamw", "temperature": 0.1}
+# One switch per line: (name, run-config overrides, what it tests).
+LINES: list[tuple[str, dict[str, object], str]] = [
+    ("baseline", {}, "crop 0.4-1, rotate 10, b/c/g 0.1/0.2/1.25, blur 0.5, noise 0.5, no flip, T 0.1, adamw"),
+    ("crop-min 0.8", {"aug-crop-min": 0.8}, "milder crops"),
+    ("crop-min 0.2", {"aug-crop-min": 0.2}, "harsher crops (SimCLR's ImageNet 0.08-1 direction)"),
+    ("rotate off", {"aug-rotate": 0.0}, "no rotation"),
+    ("b/c/gamma off", {"aug-brightness": 0.0, "aug-contrast": 0.0, "aug-gamma": 1.0}, "no intensity jitter"),
+    ("blur off", {"aug-blur-p": 0.0}, "no Gaussian blur"),
+    ("noise off", {"aug-noise-p": 0.0}, "no Gaussian noise"),
+    ("hflip on", {"hflip": True}, "horizontal flips (laterality lost)"),
+    ("temperature 0.2", {"temperature": 0.2}, ""),
+    ("temperature 0.5", {"temperature": 0.5}, ""),
+    ("optimizer lars", {"optimizer": "lars", "lr": 0.3}, "timm LARS, lr 0.3 (SimCLR's sqrt rule at batch 32)"),
+    ("lr warm-up + cosine", {"lr-schedule": "cosine", "warmup-rounds": 1}, "1 warm-up round, cosine to 0"),
+    ("objective micle", {"objective": "micle"}, "a patient's other image as the positive"),
+    ("objective micle+supcon", {"objective": "micle+supcon", "label-fields": SUPCON_LABEL},
+     f"patient + header label '{SUPCON_LABEL}' positives"),
+]
+SECTION = ("recipe ablation: Hannover chest X-rays, pretrained - random-init AUC per target (test_resnet 64 px, "
+           "FedAvg 4 rounds x 12 steps x 3 sites, batch 32, 1 torch thread; linear probe, 3 label seeds)")
+HEADER = ("| when | line | switch | " + " | ".join(f"{t} {f:.0%}" for f in FRACTIONS for t in TARGETS)
+          + " | mean 10 % | mean 100 % | pretrain s |")
+
+
+def run_config(overrides: dict[str, object], rounds: int, local_steps: int, batch_size: int, size: int):
+    """The RunConfig a federation would run for this line (its checks refuse a bad switch by name)."""
+    from fedrad.common.run_config import RunConfig
+
+    base = {"model": "test_resnet", "image-size": size, "proj-dim": 64, "num-server-rounds": rounds,
+            "local-steps": local_steps, "batch-size": batch_size, "label-fields": ""}
+    return RunConfig.from_flower({**base, **BASELINE, **overrides})
+
+
+def fedavg_pretrain(sites: list, cfg, seed: int):
+    """In-process FedAvg of `train_local` under `cfg`: per round each site trains from the global weights,
+    then the example-weighted mean (float tensors, BN running statistics included)."""
+    import torch
+
+    from fedrad.client.trainer import TrainConfig, train_local
+    from fedrad.common.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim, norm=cfg.model_norm)
+    augment = cfg.augment_config()
+    first = last = float("nan")
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        states, counts, losses = [], [], []
+        for node, data in enumerate(sites):
+            local = copy.deepcopy(model)
+            tc = TrainConfig(objective=cfg.objective, steps=cfg.local_steps, batch_size=cfg.batch_size,
+                             lr=cfg.round_lr(rnd), optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
+                             temperature=cfg.temperature, label_fields=cfg.label_field_list, device="cpu",
+                             seed=seed * 1_000_003 + rnd * 7919 + node, image_size=cfg.image_size,
+                             hflip=cfg.hflip, augment=augment)
+            res = train_local(local, data, tc, progress=False)
+            losses.append(float(np.mean(res.losses)))
+            states.append(local.state_dict())
+            counts.append(len(data))
+        model.load_state_dict({k: (sum(s[k] * n for s, n in zip(states, counts, strict=True)) / sum(counts)
+                                   if states[0][k].is_floating_point() else states[-1][k]) for k in states[0]})
+        first = float(np.mean(losses)) if rnd == 1 else first
+        last = float(np.mean(losses))
+    return model, first, last
+
+
+def per_target_rows(arms: list, data, train_idx: np.ndarray, test_idx: np.ndarray, seeds: int) -> dict:
+    """{(arm, target, fraction): row} from run_experiment on each target alone (its CI is that target's)."""
+    from fedrad.client.finetune import run_experiment
+    from fedrad.client.finetune.data import LabelledSet
+
+    out = {}
+    for k, target in enumerate(data.targets):
+        one = LabelledSet(images=data.images, y=data.y[:, [k]], targets=[target], groups=data.groups)
+        for row in run_experiment(arms, one, train_idx, test_idx, FRACTIONS, "linear", seeds=seeds):
+            out[(row["backbone"], target, row["fraction"])] = row
+    return out
+
+
+def gap(pre: dict, rnd: dict) -> tuple[float, float]:
+    """(pretrained - random AUC, 95 % half-width): the arms' bootstrap half-widths combined as if independent
+    (conservative: both are scored on the same test patients, which correlates them)."""
+    half = [(r["ci_high"] - r["ci_low"]) / 2 for r in (pre, rnd)]
+    return pre["auc"] - rnd["auc"], math.sqrt(half[0] ** 2 + half[1] ** 2)
+
+
+def main() -> int:
+    import torch
+
+    from fedrad.client.finetune import Arm, patient_split, random_arm
+    from fedrad.client.finetune.data import load_folder
+    from fedrad.client.site_data import load_site
+
+    names = [name for name, _, _ in LINES]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--lines", nargs="+", default=names, choices=names, metavar="LINE")
+    ap.add_argument("--seed", type=int, nargs="+", default=[0], help="pretraining seed(s) of every line")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--local-steps", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--probe-seeds", type=int, default=3, help="label-subsample seeds per fraction")
+    ap.add_argument("--work", default="/tmp/fedrad-bench-recipe-ablation", help="decoded-image cache")
+    ap.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    root = shared_data()
+    if root is None or not (root / "hannover" / "labels.csv").is_file():
+        print("bench_recipe_ablation: no shared Hannover data (set FEDRAD_SHARED_DATA)", file=sys.stderr)
+        return 2
+    hannover = root / "hannover"
+    size = args.image_size
+    cache = Path(args.work) / f"cache-{size}"
+    data = load_folder(hannover, size, hannover / "labels.csv", targets=TARGETS, cache_dir=cache)
+    site = load_site(hannover, size, cache_dir=cache, progress=False)
+    if list(site.paths) != list(data.extra["paths"]) or SUPCON_LABEL not in site.labels:
+        raise RuntimeError(f"{hannover}: every image needs sex/view/icu and '{SUPCON_LABEL}' labels")
+    train_idx, test_idx = patient_split(data.groups, data.y, seed=0)
+    patients = np.unique(data.groups[train_idx])
+    np.random.default_rng(0).shuffle(patients)
+    sites = [site.subset(train_idx[np.isin(data.groups[train_idx], part)]) for part in np.array_split(patients, 3)]
+    print(f"{len(data)} images of {len(np.unique(data.groups))} patients; pretraining sites "
+          f"{[len(s) for s in sites]} images; probe test {len(test_idx)} images; targets {data.targets}", flush=True)
+    baseline_arm = random_arm("test_resnet", size)
+    command = "python benchmarks/bench_recipe_ablation.py " + shlex.join(sys.argv[1:])
+    switches = {name: (over, why) for name, over, why in LINES}
+    random_rows = None
+    for name in args.lines:
+        over, why = switches[name]
+        cfg = run_config(over, args.rounds, args.local_steps, args.batch_size, size)
+        for seed in args.seed:
+            t0 = time.perf_counter()
+            model, first, last = fedavg_pretrain(sites, cfg, seed)
+            seconds = time.perf_counter() - t0
+            arms = [Arm("pretrained", model.backbone.eval(), size)] + ([baseline_arm] if random_rows is None else [])
+            rows = per_target_rows(arms, data, train_idx, test_idx, args.probe_seeds)
+            if random_rows is None:
+                random_rows = {k: v for k, v in rows.items() if k[0] == "random-init"}
+            cells, means = [], {f: [] for f in FRACTIONS}
+            for f in FRACTIONS:
+                for t in data.targets:
+                    g, h = gap(rows[("pretrained", t, f)], random_rows[("random-init", t, f)])
+                    cells.append(f"{g:+.3f} ±{h:.2f}")
+                    means[f].append(g)
+            label = name if seed == 0 else f"{name} (seed {seed})"
+            mean_cells = [f"{np.mean(means[f]):+.3f}" for f in FRACTIONS]
+            print(f"{label:<28} loss {first:.3f} -> {last:.3f}  " + "  ".join(cells) + "  mean "
+                  + " / ".join(mean_cells) + f"  {seconds:.0f}s", flush=True)
+            if not args.no_record:
+                append_result(SECTION,
+                              HEADER, f"| {today()} | {label} | {why or json_like(over)} | " + " | ".join(cells)
+                              + " | " + " | ".join(mean_cells) + f" | {seconds:.0f} |")
+    if random_rows is not None:
+        print("random-init AUC: " + ", ".join(f"{t} {f:.0%} {random_rows[('random-init', t, f)]['auc']:.3f}"
+                                              for f in FRACTIONS for t in data.targets))
+    print(f"command: {command}; machine: {machine()}")
+    return 0
+
+
+def json_like(over: dict[str, object]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in over.items())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
