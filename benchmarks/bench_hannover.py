@@ -329,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default=None, help="probe modes (default linear,full; quick linear)")
     p.add_argument("--epochs", type=int, default=None, help="mlp / full fine-tune epochs (default 5; quick 1)")
     p.add_argument("--seeds", type=int, default=None, help="label-subsample seeds (default 3; quick 1)")
+    p.add_argument("--full-seeds", type=int, default=None, help="seeds of the mlp/full fits (default: --seeds)")
+    p.add_argument("--full-fractions", default=None, help="label fractions of the mlp/full fits (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads in this process")
     p.add_argument("--workdir", default=None, help="sites, caches, Flower logs (default: a temporary folder)")
@@ -342,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     args.seeds = args.seeds or (1 if q else 3)
     args.modes = [m for m in (args.modes or ("linear" if q else "linear,full")).split(",") if m]
     args.arms = [a for a in args.arms.split(",") if a]
+    args.full_seeds = args.full_seeds or args.seeds
+    args.full_fractions = [float(f) for f in args.full_fractions.split(",")] if args.full_fractions else FRACTIONS
     bad = [a for a in args.arms if a not in ("single", "central", "fed", "fed-dp")]
     if bad or not set(args.modes) <= {"linear", "mlp", "full"}:
         print(f"error: unknown --arms {bad} or --modes {args.modes}", file=sys.stderr)
@@ -404,7 +408,12 @@ def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_star
         name = "federated+DP" if dp else "federated"
         print(f"pretraining: {name} ({objective}, Flower SuperLink + {N_SITES} SuperNodes)", flush=True)
         t0 = time.time()
-        run_dir = pretrain_federated(sites, run_config(args, objective, dp), work / arm)
+        try:
+            run_dir = pretrain_federated(sites, run_config(args, objective, dp), work / arm)
+        except RuntimeError as exc:  # recorded, so the other arms' hour is not lost; the section says so
+            print(f"    {name} FAILED: {exc}", flush=True)
+            info.append(f"{name}: FAILED ({exc})")
+            continue
         timings[name] = time.time() - t0
         metrics = run_metrics(run_dir)
         eps = [m["dp_epsilon"] for m in metrics if m.get("dp_epsilon") is not None]
@@ -424,23 +433,29 @@ def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_star
     train_idx, test_idx = np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
     rows: list[dict[str, Any]] = []
     ft_names = {"random-init", "federated"}
-    for k, target in enumerate(data.targets):
-        one = type(data)(images=data.images, y=data.y[:, k:k + 1], targets=[target], groups=data.groups)
-        for mode in args.modes:
-            use = arms if mode == "linear" else [a for a in arms if a.name in ft_names]
-            print(f"probing {target}: {mode}", flush=True)
-            for r in run_experiment(use, one, train_idx, test_idx, list(FRACTIONS), mode, args.seeds, args.epochs,
-                                    device="cpu", log=lambda m: print(m, flush=True)):
-                rows.append({**r, "target": target.split("=")[0]})
-    seconds = time.time() - t_start
-    info.append(f"probe: {', '.join(args.modes)} ({', '.join(sorted(ft_names))} only for mlp/full, "
-                f"{args.epochs} epochs); {args.seeds} label-subsample seed(s); targets {', '.join(data.targets)}")
-    goals = goal_lines(goal_check(rows))
-    section = results_section(rows, raw, seconds, info, goals)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from fedrad.common.atomic import atomic_write_json
 
+    for mode in args.modes:  # every linear probe first: the cheap, headline numbers are in before full fine-tuning
+        for k, target in enumerate(data.targets):
+            one = type(data)(images=data.images, y=data.y[:, k:k + 1], targets=[target], groups=data.groups)
+            linear = mode == "linear"
+            use = arms if linear else [a for a in arms if a.name in ft_names]
+            print(f"probing {target}: {mode}", flush=True)
+            fracs = list(FRACTIONS if linear else args.full_fractions)
+            for r in run_experiment(use, one, train_idx, test_idx, fracs, mode,
+                                    args.seeds if linear else args.full_seeds, args.epochs, device="cpu",
+                                    log=lambda m: print(m, flush=True)):
+                rows.append({**r, "target": target.split("=")[0]})
+        atomic_write_json(out / "results.json", {"info": info, "rows": rows, "partial_after": mode})
+    seconds = time.time() - t_start
+    info.append(f"probe: {', '.join(args.modes)}; linear: every arm, {args.seeds} label-subsample seed(s); "
+                f"mlp/full: {' and '.join(sorted(ft_names))} only, {args.epochs} epochs (at least 40 steps), "
+                f"{args.full_seeds} seed(s), fractions {', '.join(f'{f:.0%}' for f in args.full_fractions)}; "
+                f"targets {', '.join(data.targets)} (positive class after '=')")
+    goals = goal_lines(goal_check(rows))
+    section = results_section(rows, raw, seconds, info, goals)
     atomic_write_json(out / "results.json", {"info": info, "goals": goals, "rows": rows})
     plot(rows, out / "label_efficiency_hannover.png", f"Hannover CXR {args.image_size}px, {args.model}")
     print(section)
