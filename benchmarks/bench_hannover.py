@@ -460,6 +460,7 @@ def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_star
     plot(rows, out / "label_efficiency_hannover.png", f"Hannover CXR {args.image_size}px, {args.model}")
     print(section)
     if not args.no_record:
+        PLOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "label_efficiency_hannover.png", PLOT)
         append_results(section)
         print(f"appended to {RESULTS}; plot {PLOT}")
