@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shlex
 import shutil
@@ -46,7 +45,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_label_efficiency import pool  # noqa: E402
-from common_bench import machine  # noqa: E402
+from common_bench import federated_run, machine  # noqa: E402
+
+from fedrad.server.run_log import read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
@@ -168,41 +169,6 @@ def pretrain_local(data, args, objective: str, steps: int):
     print(f"    loss {np.mean(res.losses[:k]):.3f} -> {np.mean(res.losses[-k:]):.3f} in {res.seconds:.0f}s",
           flush=True)
     return model.backbone.eval()
-
-
-def pretrain_federated(sites: list[Path], overrides: dict[str, Any], work: Path) -> Path:
-    """Real fedrad rounds, signed run: SuperLink + one SuperNode per hospital + `flwr run`; the run folder.
-
-    bench_label_efficiency.pretrain_federated fixes its run-config (SimCLR, no DP); this one takes it."""
-    from fedrad.client.runtime import SiteTrust
-    from fedrad.deploy.processes import ProcessGroup, free_port, superlink_command, supernode_command, wait_for_port
-    from fedrad.deploy.run_command import submit_run
-    from fedrad.server.release import generate_keys
-
-    run_dir = work / "run"
-    sign_key, consortium_pub = generate_keys(work / "keys" / "consortium")  # sites run only signed runs
-    with ProcessGroup() as group:
-        port = free_port()
-        (work / "coordinator").mkdir(parents=True, exist_ok=True)
-        link = group.start("superlink", superlink_command(work / "coordinator", "127.0.0.1", port),
-                           work / "logs" / "superlink.log")
-        wait_for_port("127.0.0.1", port, 60, link)
-        for site in sites:
-            cfg = {"data-dir": str(site), "cache-dir": str(work / "cache" / site.name), "device": "cpu",
-                   "state-dir": str(work / "state" / site.name)}
-            group.start(f"node-{site.name}", supernode_command(f"127.0.0.1:{port}", free_port(), cfg,
-                                                                 trust=SiteTrust(consortium_pub)),
-                        work / "logs" / f"node-{site.name}.log")
-        code = submit_run(f"127.0.0.1:{port}", {**overrides, "run-dir": str(run_dir)},
-                          log_path=work / "logs" / "flwr-run.log", timeout=5400, echo=False, sign_key=sign_key)
-    if code != 0 or not (run_dir / "global.safetensors").exists():
-        raise RuntimeError(f"federated run failed (flwr exit {code}); see {work / 'logs'}")
-    return run_dir
-
-
-def run_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def goal_check(rows: list[dict[str, Any]], pretrained: str = "federated", baseline: str = "random-init",
@@ -409,13 +375,14 @@ def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_star
         print(f"pretraining: {name} ({objective}, Flower SuperLink + {N_SITES} SuperNodes)", flush=True)
         t0 = time.time()
         try:
-            run_dir = pretrain_federated(sites, run_config(args, objective, dp), work / arm)
+            run_dir = federated_run(sites, run_config(args, objective, dp), work / arm, name="run",
+                                    node_threads=None, timeout=5400)
         except RuntimeError as exc:  # recorded, so the other arms' hour is not lost; the section says so
             print(f"    {name} FAILED: {exc}", flush=True)
             info.append(f"{name}: FAILED ({exc})")
             continue
         timings[name] = time.time() - t0
-        metrics = run_metrics(run_dir)
+        metrics = read_metrics(run_dir)
         eps = [m["dp_epsilon"] for m in metrics if m.get("dp_epsilon") is not None]
         loss = [m["train_loss"] for m in metrics if m.get("train_loss") is not None]
         print(f"    {len(metrics)} rounds in {timings[name]:.0f}s, train loss {loss[:1]} -> {loss[-1:]}"

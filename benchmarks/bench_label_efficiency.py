@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common_bench import machine  # noqa: E402
+from common_bench import federated_run, machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
@@ -195,40 +195,15 @@ def pretrain_federated(sites: list[Path], args, work: Path, *, objective: str = 
     `node_threads` is each SuperNode's torch threads (three sites share this machine's cores). The sites'
     held-out metrics ride on the train replies (eval-in-train: one message per round, not two).
     """
-    from fedrad.deploy.processes import ProcessGroup, free_port, superlink_command, supernode_command, wait_for_port
-    from fedrad.deploy.run_command import submit_run
-
-    run_dir = work / name
     overrides: dict[str, object] = {
         "model": args.model, "image-size": args.image_size, "objective": objective,
         "num-server-rounds": args.rounds, "local-steps": args.local_steps, "batch-size": args.batch_size,
         "lr": args.lr, "proj-dim": args.proj_dim, "seed": args.seed, "min-train-nodes": 3,
-        "min-available-nodes": 3, "round-timeout": 900.0, "run-dir": str(run_dir), "eval-in-train": True,
+        "min-available-nodes": 3, "round-timeout": 900.0, "eval-in-train": True,
     }
     overrides.update(recipe(args))
     overrides.update(extra or {})
-    from fedrad.client.runtime import SiteTrust
-    from fedrad.server.release import generate_keys
-
-    sign_key, consortium_pub = generate_keys(work / "keys" / name)  # sites run only signed runs
-    logs = work / "logs" / name
-    with ProcessGroup() as group:
-        port = free_port()
-        state = work / "coordinator" / name
-        state.mkdir(parents=True, exist_ok=True)
-        link = group.start("superlink", superlink_command(state, "127.0.0.1", port), logs / "superlink.log")
-        wait_for_port("127.0.0.1", port, 60, link)
-        for site in sites:
-            cfg = {"data-dir": str(site), "cache-dir": str(work / "cache" / site.name), "device": "cpu",
-                   "state-dir": str(work / "state" / name / site.name), "threads": str(node_threads)}
-            group.start(f"node-{site.name}", supernode_command(f"127.0.0.1:{port}", free_port(), cfg,
-                                                                 trust=SiteTrust(consortium_pub)),
-                        logs / f"node-{site.name}.log")
-        code = submit_run(f"127.0.0.1:{port}", overrides, log_path=logs / "flwr-run.log",
-                          timeout=3000, echo=False, sign_key=sign_key)
-    if code != 0 or not (run_dir / "global.safetensors").exists():
-        raise RuntimeError(f"federated run failed (flwr exit {code}); see {logs}")
-    return run_dir
+    return federated_run(sites, overrides, work, name=name, node_threads=node_threads)
 
 
 def best_single_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

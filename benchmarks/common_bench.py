@@ -16,6 +16,41 @@ def shared_data() -> Path | None:
     return path if path.is_dir() else None
 
 
+def federated_run(sites: list[Path], overrides: dict[str, object], work: Path, name: str = "fed-run",
+                  node_threads: int | None = 1, timeout: float = 3000) -> Path:
+    """Real fedrad rounds, signed: SuperLink + one SuperNode per site folder + `flwr run`; the run folder.
+
+    `overrides` is the run config (its run-dir is set here, under `work / name`); `name` keeps several runs in
+    one `work`; `node_threads` is each SuperNode's torch threads (None: the node's default)."""
+    from fedrad.client.runtime import SiteTrust
+    from fedrad.deploy.processes import ProcessGroup, free_port, superlink_command, supernode_command, wait_for_port
+    from fedrad.deploy.run_command import submit_run
+    from fedrad.server.release import generate_keys
+
+    run_dir = work / name
+    sign_key, consortium_pub = generate_keys(work / "keys" / name)  # sites run only signed runs
+    logs = work / "logs" / name
+    with ProcessGroup() as group:
+        port = free_port()
+        state = work / "coordinator" / name
+        state.mkdir(parents=True, exist_ok=True)
+        link = group.start("superlink", superlink_command(state, "127.0.0.1", port), logs / "superlink.log")
+        wait_for_port("127.0.0.1", port, 60, link)
+        for site in sites:
+            cfg = {"data-dir": str(site), "cache-dir": str(work / "cache" / site.name), "device": "cpu",
+                   "state-dir": str(work / "state" / name / site.name)}
+            if node_threads:
+                cfg["threads"] = str(node_threads)
+            group.start(f"node-{site.name}", supernode_command(f"127.0.0.1:{port}", free_port(), cfg,
+                                                                 trust=SiteTrust(consortium_pub)),
+                        logs / f"node-{site.name}.log")
+        code = submit_run(f"127.0.0.1:{port}", {**overrides, "run-dir": str(run_dir)}, log_path=logs / "flwr-run.log",
+                          timeout=timeout, echo=False, sign_key=sign_key)
+    if code != 0 or not (run_dir / "global.safetensors").exists():
+        raise RuntimeError(f"federated run failed (flwr exit {code}); see {logs}")
+    return run_dir
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
