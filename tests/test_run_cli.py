@@ -3,6 +3,8 @@ Flower's own reason reaches the terminal in one line, and advice is given only w
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from fedrad.deploy.cli import main
@@ -128,15 +130,10 @@ def test_stop_run_that_cannot_reach_the_coordinator_says_how_to_stop_it(tmp_path
     assert f"FLWR_HOME={home} flwr stop 123 fedrad" in err and "flwr ls" in err
 
 
-@pytest.mark.slow
-def test_ctrl_c_on_run_stops_the_run_on_the_coordinator(tmp_path):
-    """A real SuperLink with no nodes (the run waits for them); SIGINT to `fedrad run` stops it there."""
-    import signal
-    import subprocess
-    import sys
-
-    from fedrad.deploy.processes import ProcessGroup, flower_env, superlink_command, tool, wait_for_port
-    from fedrad.deploy.run_command import write_flwr_home
+@contextlib.contextmanager
+def _superlink(tmp_path):
+    """A real SuperLink on loopback with no nodes (a run waits for them); its port."""
+    from fedrad.deploy.processes import ProcessGroup, superlink_command, wait_for_port
 
     port = free_port()
     (tmp_path / "state").mkdir()
@@ -144,6 +141,20 @@ def test_ctrl_c_on_run_stops_the_run_on_the_coordinator(tmp_path):
         link = group.start("superlink", superlink_command(tmp_path / "state", "127.0.0.1", port),
                            tmp_path / "superlink.log")
         wait_for_port("127.0.0.1", port, 60, link)
+        yield port
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_run_stops_the_run_on_the_coordinator(tmp_path):
+    """A real SuperLink with no nodes (the run waits for them); SIGINT to `fedrad run` stops it there."""
+    import signal
+    import subprocess
+    import sys
+
+    from fedrad.deploy.processes import flower_env, tool
+    from fedrad.deploy.run_command import write_flwr_home
+
+    with _superlink(tmp_path) as port:
         run = subprocess.Popen([sys.executable, "-m", "fedrad.deploy.cli", "run", "--superlink", f"127.0.0.1:{port}",
                                 "--run-dir", str(tmp_path / "run"), "-c", "num-server-rounds=1"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -200,17 +211,11 @@ def test_a_serverapp_that_fails_is_a_failed_run_not_exit_0(tmp_path):
     """`flwr run --stream` exits 0 even when the ServerApp raised; submit_run asks the coordinator for the run's
     status, so benchmarks and `fedrad run` see the failure. The ServerApp fails at its start here: `init` names a
     local file that is not a checkpoint (the check before submission only sees that it exists)."""
-    from fedrad.deploy.processes import ProcessGroup, superlink_command, wait_for_port
     from fedrad.deploy.run_command import RUN_FAILED_EXIT, submit_run
 
     garbage = tmp_path / "weights.safetensors"
     garbage.write_text("not a checkpoint")
-    port = free_port()
-    (tmp_path / "state").mkdir()
-    with ProcessGroup() as group:
-        link = group.start("superlink", superlink_command(tmp_path / "state", "127.0.0.1", port),
-                           tmp_path / "superlink.log")
-        wait_for_port("127.0.0.1", port, 60, link)
+    with _superlink(tmp_path) as port:
         code = submit_run(f"127.0.0.1:{port}", {"num-server-rounds": 1, "run-dir": str(tmp_path / "run"),
                                                 "init": str(garbage)}, log_path=tmp_path / "flwr-run.log",
                           timeout=300, echo=False)
