@@ -20,7 +20,6 @@ about a minute.
 from __future__ import annotations
 
 import argparse
-import copy
 import shlex
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common_bench import append_result, machine, today  # noqa: E402
+from common_bench import append_result, fedavg_in_process, machine, today  # noqa: E402
 
 FRACTIONS = [0.1, 0.25, 0.5, 1.0]
 # The columns of RESULTS.md's "demo recipe" table (its real-demo rows are added by hand; "how" says the rest).
@@ -41,7 +40,7 @@ def fedavg_pretrain(sites: list, run: dict, rounds: int, seed: int):
     """The demo's run in one process: per round, each site trains from the global weights; example-weighted mean."""
     import torch
 
-    from fedrad.client.trainer import TrainConfig, evaluate_local, train_local
+    from fedrad.client.trainer import TrainConfig, evaluate_local
     from fedrad.common.augment import AugmentConfig
     from fedrad.common.models import build_model
 
@@ -55,18 +54,12 @@ def fedavg_pretrain(sites: list, run: dict, rounds: int, seed: int):
                            temperature=float(run["temperature"]), device="cpu", image_size=size,
                            label_fields=[], augment=augment, **kw)
 
-    held = []
-    for rnd in range(1, rounds + 1):
-        states, counts = [], []
-        for node, data in enumerate(sites):
-            local = copy.deepcopy(model)
-            train_local(local, data, config(steps=int(run["local-steps"]), seed=seed * 1_000_003 + rnd * 7919 + node),
-                        progress=False)
-            states.append(local.state_dict())
-            counts.append(len(data))
-        model.load_state_dict({k: (sum(s[k] * n for s, n in zip(states, counts, strict=True)) / sum(counts)
-                                   if states[0][k].is_floating_point() else states[-1][k]) for k in states[0]})
+    held: list[float] = []
+
+    def held_out(rnd: int) -> None:
         held.append(float(np.mean([evaluate_local(model, d, config())["eval_loss"] for d in sites])))
+
+    fedavg_in_process(model, sites, rounds, lambda rnd: config(steps=int(run["local-steps"])), seed, held_out)
     return model, held
 
 

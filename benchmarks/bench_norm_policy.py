@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_label_efficiency import write_hospitals  # noqa: E402
-from common_bench import append_result, machine, shared_data, today  # noqa: E402
+from common_bench import append_result, fedavg_in_process, machine, shared_data, today  # noqa: E402
 
 FRACTIONS = [0.01, 0.1, 1.0]
 POLICIES = ("batch", "group")
@@ -48,23 +48,15 @@ def fedavg(sites: list, policy: str, args, seed: int):
     """In-process FedAvg of SimCLR `train_local` (every tensor averaged; "group": GroupNorm model)."""
     import torch
 
-    from fedrad.client.trainer import TrainConfig, train_local
+    from fedrad.client.trainer import TrainConfig
     from fedrad.common.models import build_model
 
     torch.manual_seed(seed)
     model = build_model(args.model, "simclr", args.image_size, proj_dim=64,
                         norm="group" if policy == "group" else "batch")
-    for rnd in range(1, args.rounds + 1):
-        states, counts = [], []
-        for node, data in enumerate(sites):
-            local = copy.deepcopy(model)
-            tc = TrainConfig(objective="simclr", steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
-                             device="cpu", seed=seed * 1_000_003 + rnd * 7919 + node, image_size=args.image_size)
-            train_local(local, data, tc, progress=False)
-            states.append(local.state_dict())
-            counts.append(len(data))
-        model.load_state_dict({k: (sum(s[k] * n for s, n in zip(states, counts, strict=True)) / sum(counts)
-                                   if states[0][k].is_floating_point() else states[-1][k]) for k in states[0]})
+    cfg = TrainConfig(objective="simclr", steps=args.local_steps, batch_size=args.batch_size, lr=args.lr,
+                      device="cpu", image_size=args.image_size)
+    fedavg_in_process(model, sites, args.rounds, lambda rnd: cfg, seed)
     return model.backbone.eval()
 
 

@@ -23,7 +23,6 @@ DOI 10.6084/m9.figshare.12275009.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import shlex
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common_bench import append_result, machine, shared_data, today  # noqa: E402
+from common_bench import append_result, fedavg_in_process, machine, shared_data, today  # noqa: E402
 
 TARGETS = ["sex", "view", "icu"]
 FRACTIONS = [0.1, 1.0]
@@ -78,31 +77,21 @@ def fedavg_pretrain(sites: list, cfg, seed: int):
     then the example-weighted mean (float tensors, BN running statistics included)."""
     import torch
 
-    from fedrad.client.trainer import TrainConfig, train_local
+    from fedrad.client.trainer import TrainConfig
     from fedrad.common.models import build_model
 
     torch.manual_seed(seed)
     model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim, norm=cfg.model_norm)
     augment = cfg.augment_config()
-    first = last = float("nan")
-    for rnd in range(1, cfg.num_server_rounds + 1):
-        states, counts, losses = [], [], []
-        for node, data in enumerate(sites):
-            local = copy.deepcopy(model)
-            tc = TrainConfig(objective=cfg.objective, steps=cfg.local_steps, batch_size=cfg.batch_size,
-                             lr=cfg.round_lr(rnd), optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
-                             temperature=cfg.temperature, label_fields=cfg.label_field_list, device="cpu",
-                             seed=seed * 1_000_003 + rnd * 7919 + node, image_size=cfg.image_size,
-                             hflip=cfg.hflip, augment=augment)
-            res = train_local(local, data, tc, progress=False)
-            losses.append(float(np.mean(res.losses)))
-            states.append(local.state_dict())
-            counts.append(len(data))
-        model.load_state_dict({k: (sum(s[k] * n for s, n in zip(states, counts, strict=True)) / sum(counts)
-                                   if states[0][k].is_floating_point() else states[-1][k]) for k in states[0]})
-        first = float(np.mean(losses)) if rnd == 1 else first
-        last = float(np.mean(losses))
-    return model, first, last
+
+    def config_of_round(rnd: int) -> TrainConfig:
+        return TrainConfig(objective=cfg.objective, steps=cfg.local_steps, batch_size=cfg.batch_size,
+                           lr=cfg.round_lr(rnd), optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
+                           temperature=cfg.temperature, label_fields=cfg.label_field_list, device="cpu",
+                           image_size=cfg.image_size, hflip=cfg.hflip, augment=augment)
+
+    losses = fedavg_in_process(model, sites, cfg.num_server_rounds, config_of_round, seed)
+    return model, losses[0], losses[-1]
 
 
 def per_target_rows(arms: list, data, train_idx: np.ndarray, test_idx: np.ndarray, seeds: int) -> dict:

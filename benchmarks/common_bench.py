@@ -51,6 +51,35 @@ def federated_run(sites: list[Path], overrides: dict[str, object], work: Path, n
     return run_dir
 
 
+def fedavg_in_process(model, sites: list, rounds: int, config_of_round, seed: int, after_round=None) -> list[float]:
+    """FedAvg of `train_local` without Flower: per round each site trains a copy of the global `model` (in place)
+    with `config_of_round(rnd)` and its own seed, then the example-weighted mean (float tensors, BatchNorm running
+    statistics included; integer counters from the last site). `after_round(rnd)` runs after each mean. The
+    sites' mean local loss per round."""
+    import copy
+    import dataclasses
+
+    import numpy as np
+
+    from fedrad.client.trainer import train_local
+
+    losses = []
+    for rnd in range(1, rounds + 1):
+        states, counts, site_losses = [], [], []
+        for node, data in enumerate(sites):
+            local = copy.deepcopy(model)
+            cfg = dataclasses.replace(config_of_round(rnd), seed=seed * 1_000_003 + rnd * 7919 + node)
+            site_losses.append(float(np.mean(train_local(local, data, cfg, progress=False).losses)))
+            states.append(local.state_dict())
+            counts.append(len(data))
+        model.load_state_dict({k: (sum(s[k] * n for s, n in zip(states, counts, strict=True)) / sum(counts)
+                                   if states[0][k].is_floating_point() else states[-1][k]) for k in states[0]})
+        losses.append(float(np.mean(site_losses)))
+        if after_round is not None:
+            after_round(rnd)
+    return losses
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
