@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import shlex
 import shutil
 import sys
@@ -44,7 +43,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_label_efficiency import pool  # noqa: E402
+from bench_label_efficiency import pool, shared_data  # noqa: E402
 from common_bench import federated_run, machine  # noqa: E402
 
 from fedrad.server.run_log import read_metrics  # noqa: E402
@@ -58,11 +57,6 @@ N_SITES = 3
 TEST_FRACTION = 0.3
 GOAL_MARGIN = 0.05  # issue 17: pretrained >= random init + 0.05 AUC at 10 % labels
 GOAL_TARGETS = 2  # ... on at least two of the three targets
-
-
-def shared_data() -> Path:
-    env = os.environ.get("FEDRAD_SHARED_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data"
 
 
 def read_rows(root: Path) -> list[dict[str, str]]:

@@ -159,7 +159,7 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
             elif _worth_showing(line):
                 print((line if colour_ok else _ANSI.sub("", line)).rstrip(), flush=True)
         code = proc.wait()
-        return _run_outcome(code, run_id, superlink, ca_cert, log_path, echo)
+        return _run_outcome(code, run_id, superlink, ca_cert, log_path)
     except KeyboardInterrupt:
         # flwr runs in its own session, so Ctrl-C reached only us: the run goes on at the coordinator
         # unless it is stopped there, with this same Flower config (it names the coordinator and its CA).
@@ -180,8 +180,7 @@ _STARTED = re.compile(r"Successfully started run (\d+)")
 RUN_FAILED_EXIT = 1  # the coordinator says the run ended "finished:failed" or "finished:stopped"
 
 
-def _run_outcome(code: int, run_id: int | None, superlink: str, ca_cert: Path | None, log_path: Path | None,
-                 echo: bool) -> int:
+def _run_outcome(code: int, run_id: int | None, superlink: str, ca_cert: Path | None, log_path: Path | None) -> int:
     """flwr's exit code, unless the coordinator says the run did not complete.
 
     `flwr run --stream` (Flower 1.41) exits 0 once the stream ends, also when the ServerApp raised (its
