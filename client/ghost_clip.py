@@ -79,17 +79,16 @@ class GhostClipping:
         self.layers: list[_Layer] = []
         owner: dict[int, str] = {}
         for name, module in model.named_modules():
-            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if not own:
                 continue
             _check_layer(name, module)
-            for p in own:
+            for p in own.values():
                 if id(p) in owner:
                     raise ValueError(f"grad-sample mode 'ghost': a parameter of layer '{name}' is also "
                                      f"layer '{owner[id(p)]}''s (tied weights are not supported)")
                 owner[id(p)] = name
-            self.layers.append(_Layer(name, module, {n: p for n, p in module.named_parameters(recurse=False)
-                                                     if p.requires_grad}))
+            self.layers.append(_Layer(name, module, own))
         names = {id(p): n for n, p in model.named_parameters()}
         for p in params:
             if id(p) not in owner:
