@@ -42,7 +42,8 @@ def _apply_init(model, args: argparse.Namespace):
     from fedrad.common.init_weights import apply_init
 
     try:
-        record = apply_init(model, args.init, args.init_pubkey, args.model, args.image_size)
+        record = apply_init(model, args.init, args.init_pubkey, args.model, args.image_size,
+                            getattr(args, "norm", "batch"))
     except BundleVerificationError as exc:
         print(f"fedrad pretrain: --init bundle verification FAILED: {exc}", file=sys.stderr)
         return None
@@ -75,7 +76,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data}: {len(data)} usable image(s); contrastive training needs at least 2")
 
     torch.manual_seed(args.seed)
-    model = build_model(args.model, args.objective, args.image_size)
+    norm = getattr(args, "norm", "batch")
+    model = build_model(args.model, args.objective, args.image_size, norm=norm)
     init_record = _apply_init(model, args)
     if init_record is None and init:
         return 1  # the bundle was refused (already said why)
@@ -107,6 +109,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         "optimizer": cfg.optimizer,
         "temperature": cfg.temperature,
         "seed": args.seed,
+        "norm": norm,
         "label_fields": args.label_fields if args.objective == "supcon" else "",
         "images": len(data),
         "final_loss": f"{last:.6f}",

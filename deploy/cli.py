@@ -138,6 +138,9 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"],
                    help="timm optimizer (lars for large batches)")
     p.add_argument("--temperature", type=float, default=0.1, help="contrastive temperature")
+    p.add_argument("--norm", default="batch", choices=["batch", "group"],
+                   help="normalisation layers: batch (BatchNorm, the default) or group (GroupNorm, as federated runs "
+                   "with norm = \"group\" or dp = \"sample\" train; recorded in the weights file)")
     p.set_defaults(func=_lazy("fedrad.client.pretrain:cmd_pretrain"))
 
 

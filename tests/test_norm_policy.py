@@ -53,3 +53,30 @@ def test_group_run_builds_group_norm_everywhere_and_releases_it(tmp_path) -> Non
     assert set(model_layout(group).keys) == keys  # a site builds exactly the coordinator's model
     path = save_global_backbone(arrays, group, tmp_path, rounds_done=1)
     assert _kinds(load_backbone("test_resnet", path)) == {nn.GroupNorm}
+
+
+def test_pretrain_norm_group_writes_a_group_norm_backbone_that_loads_back(tmp_path, capsys) -> None:
+    """`fedrad pretrain --norm group`: the centralised baseline of a `norm = "group"` run, recorded in the file."""
+    from fedrad.common.models import load_backbone, read_metadata
+    from fedrad.deploy.cli import main
+    from fedrad.deploy.synthetic import write_synthetic_sites
+
+    (site,) = write_synthetic_sites(tmp_path / "sites", n_sites=1, patients_per_site=4, images_per_patient=(2, 3),
+                                    size=48, seed=5)
+    out = tmp_path / "group.safetensors"
+    code = main(["pretrain", str(site), "--model", "test_resnet", "--steps", "2", "--batch-size", "6",
+                 "--image-size", "32", "--device", "cpu", "--cache", str(tmp_path / "cache"), "--norm", "group",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert read_metadata(out)["norm"] == "group"
+    backbone = load_backbone("test_resnet", out)
+    kinds = {type(m) for m in backbone.modules()}
+    assert nn.GroupNorm in kinds and not any(issubclass(k, nn.modules.batchnorm._BatchNorm) for k in kinds)
+
+
+def test_pretrain_rejects_an_unknown_norm(capsys) -> None:
+    from fedrad.deploy.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "somewhere", "--norm", "layer"])
+    assert exc.value.code == 2 and "group" in capsys.readouterr().err
