@@ -81,3 +81,22 @@ def test_dp_noise_spends_at_most_the_budget(bench):
     q = sample_rate(64, 1100)
     assert epsilon_of([(noise, q, 200)], 1e-5) <= 8.0
     assert epsilon_of([(noise - 0.01, q, 200)], 1e-5) > 7.9  # not needlessly noisy
+
+
+def test_pretraining_seeds_are_averaged_per_cell(bench):
+    """Each (backbone, mode, fraction) cell is the mean over pretraining seeds, keeping each seed's AUC and
+    their sd; a cell measured on one seed only (mlp/full) passes through unchanged."""
+    def row(name, mode, auc, lo, hi, seed):
+        return {"backbone": name, "mode": mode, "fraction": 0.01, "auc": auc, "ci_low": lo, "ci_high": hi,
+                "pretrain_seed": seed}
+
+    rows = [row("federated", "linear", 0.90, 0.88, 0.92, 0), row("federated", "linear", 0.93, 0.91, 0.95, 1),
+            row("federated", "full", 0.85, 0.80, 0.90, 0)]
+    out = {(r["backbone"], r["mode"]): r for r in bench.combine_pretrain_seeds(rows)}
+    lin = out[("federated", "linear")]
+    assert lin["auc"] == pytest.approx(0.915) and lin["ci_low"] == pytest.approx(0.895)
+    assert lin["ci_high"] == pytest.approx(0.935)
+    assert lin["auc_per_pretrain_seed"] == [0.90, 0.93] and lin["auc_pretrain_sd"] == pytest.approx(0.015)
+    assert lin["pretrain_seeds"] == 2
+    full = out[("federated", "full")]
+    assert full["auc"] == 0.85 and full["pretrain_seeds"] == 1 and full["auc_pretrain_sd"] == 0.0
