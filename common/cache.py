@@ -158,7 +158,10 @@ class DecodedCache:
     def _fresh(self, entry: dict | None) -> bool:
         if entry is None or entry.get("decoder") != self.decoder_name:
             return False
-        # a budget skip is only as good as the budget it was judged against
+        # a budget skip is only as good as the budget it was judged against; running out of memory says as
+        # much about the machine at that moment as about the file, so it is tried again at every load
+        if entry.get("reason") == "out-of-memory":
+            return False
         return entry.get("reason") != "too-large" or entry.get("max_pixels") == self.max_pixels
 
     def _fingerprint(self, item: Item) -> str | None:

@@ -129,7 +129,7 @@ def _read(src: str | os.PathLike[str] | bytes, pixels: bool, max_pixels: int = D
             struct.error) as exc:
         msg = " ".join(str(exc).split()) or type(exc).__name__
         if isinstance(exc, MemoryError):
-            raise SkipImage("too-large", "out of memory reading the header") from None
+            raise SkipImage("out-of-memory", "out of memory reading the header") from None
         if not has_magic:
             raise SkipImage("not-dicom", f"no DICM preamble and unparseable ({msg[:120]})") from None
         if isinstance(exc, EOFError) or "end of file" in msg.lower() or "truncat" in msg.lower():

@@ -151,3 +151,27 @@ def test_budget_skip_is_rejudged_when_the_budget_changes(tmp_path):
     again = DecodedCache(tmp_path / "c", 32, workers=0)
     _, kept, _ = again.load(paths[:2], progress=False)
     assert kept == [0, 1] and again.stats["decoded"] == 2
+
+
+OOM_ONCE: list[str] = []
+
+
+def out_of_memory_once(path: str, size: int, salt: bytes):
+    """Module-level decoder: the first call for a file runs out of memory, later ones decode."""
+    if path not in OOM_ONCE:
+        OOM_ONCE.append(path)
+        raise MemoryError
+    return dicom_entry(path, size, salt)
+
+
+def test_out_of_memory_is_reported_and_retried_at_the_next_load_not_cached(tmp_path):
+    """Running out of memory says as much about the machine as about the file: the image is skipped this
+    time (reason out-of-memory, not too-large) and decoded at the next load, not skipped for ever."""
+    paths, _ = _folder(tmp_path, n=2)
+    OOM_ONCE.clear()
+    first = DecodedCache(tmp_path / "c", 32, decoder=out_of_memory_once, workers=0)
+    _, kept, skipped = first.load(paths[:2], progress=False)
+    assert kept == [] and set(skipped.values()) == {"out-of-memory"}
+    again = DecodedCache(tmp_path / "c", 32, decoder=out_of_memory_once, workers=0)
+    imgs, kept, skipped = again.load(paths[:2], progress=False)
+    assert kept == [0, 1] and skipped == {} and again.stats["decoded"] == 2 and len(imgs) == 2

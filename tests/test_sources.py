@@ -114,11 +114,11 @@ def test_skip_from_maps_third_party_exceptions():
     from pydicom.errors import BytesLengthException
 
     assert skip_from(BytesLengthException("Expected total bytes to be an even multiple")).reason == "bad-dimensions"
-    assert skip_from(MemoryError()).reason == "too-large"
+    assert skip_from(MemoryError()).reason == "out-of-memory"
     assert skip_from(EOFError("x")).reason == "truncated"
     assert skip_from(ZeroDivisionError("x")).reason == "decode-failed"
     assert SkipImage("no-such-reason", "d").reason == "decode-failed"  # never an unlisted reason
-    assert {"too-large", "blank", "unsupported-format", "decoder-crashed"} <= set(REASONS)
+    assert {"too-large", "out-of-memory", "blank", "unsupported-format", "decoder-crashed"} <= set(REASONS)
 
 
 def test_walk_reports_loops_links_and_escapes_names(tmp_path):

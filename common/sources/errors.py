@@ -19,7 +19,8 @@ REASONS = (
     "decode-failed",
     "unsupported-syntax",
     "unreadable",  # permission denied / I/O error / symlink loop: the file exists but cannot be opened
-    "too-large",  # over the pixel budget (header or codec-declared size) or over the decode memory limit
+    "too-large",  # over the pixel budget (header or codec-declared size)
+    "out-of-memory",  # the decoder ran out of memory (worker limit or a busy machine): retried at the next load
     "blank",  # RescaleSlope 0 / inf / NaN, or every pixel the same value: nothing to learn from
     "unsupported-format",  # a file fedrad has no reader for (NIfTI, archives, ...): reported, never silent
     "decoder-crashed",  # the decode worker process died (segfault, abort) on this file
@@ -58,7 +59,8 @@ def skip_from(exc: BaseException, context: str = "") -> SkipImage:
     msg = " ".join(str(exc).split())[:240] or type(exc).__name__
     prefix = f"{context}: " if context else ""
     if isinstance(exc, MemoryError):
-        return SkipImage("too-large", f"{prefix}out of memory while decoding (decode memory limit reached)")
+        return SkipImage("out-of-memory", f"{prefix}out of memory while decoding (decode memory limit or the "
+                                           "machine's memory)")
     if isinstance(exc, EOFError) or "end of file" in msg.lower() or "truncat" in msg.lower():
         return SkipImage("truncated", prefix + msg)
     if type(exc).__name__ == "BytesLengthException" or "expected length" in msg or "doesn't match" in msg \
