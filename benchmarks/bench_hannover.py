@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds x 2 steps, 1 seed, no full fine-tune")
     p.add_argument("--model", default="test_resnet", help="timm backbone (default: fits the hour on 2 cores)")
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=None, help="federated rounds (default 4; quick 2)")
-    p.add_argument("--local-steps", type=int, default=None, help="steps per site per round (default 10; quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds (default 6; quick 2)")
+    p.add_argument("--local-steps", type=int, default=None, help="steps per site per round (default 20; quick 2)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--temperature", type=float, default=0.1)
@@ -298,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-record", action="store_true", help="no RESULTS.md section, no committed plot")
     args = p.parse_args(raw)
     q = args.quick
-    args.rounds = args.rounds or (2 if q else 4)
-    args.local_steps = args.local_steps or (2 if q else 10)
+    args.rounds = args.rounds or (2 if q else 6)
+    args.local_steps = args.local_steps or (2 if q else 20)
     args.epochs = args.epochs or (1 if q else 5)
     args.seeds = args.seeds or (1 if q else 3)
     args.modes = [m for m in (args.modes or ("linear" if q else "linear,full")).split(",") if m]
@@ -370,7 +370,7 @@ def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_star
         t0 = time.time()
         try:
             run_dir = federated_run(sites, run_config(args, objective, dp), work / arm, name="run",
-                                    node_threads=None, timeout=5400)
+                                    node_threads=1, timeout=5400)
         except RuntimeError as exc:  # recorded, so the other arms' hour is not lost; the section says so
             print(f"    {name} FAILED: {exc}", flush=True)
             info.append(f"{name}: FAILED ({exc})")
