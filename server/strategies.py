@@ -34,6 +34,14 @@ STRATEGIES = {
 MEAN_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")
 # Of those, the ones whose aggregate IS the mean (FedProx differs from FedAvg at the sites only).
 _PLAIN_MEAN = (fl.FedAvg, fl.FedProx)
+# BatchNorm's running statistics are averaged as they are, never stepped by a server optimizer: FedAvgM's
+# momentum or FedAdam's step extrapolates them like weights, and a variance driven below zero makes the global
+# model NaN (seen with FedAvgM at server-lr 2 on PneumoniaMNIST).
+RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_running_stat(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in RUNNING_STATS
 
 
 class GuardedAggregation:
@@ -62,9 +70,16 @@ class GuardedAggregation:
                                  ": the global model is kept")
             log.warning("round %d: %s", server_round, self.last_refusal)
             return None, None
+        stats = None
+        if not self._plain_mean() and any(is_running_stat(k) for k in self.global_arrays.keys()):
+            stats, _ = fl.FedAvg.aggregate_train(self, server_round, replies)  # type: ignore[arg-type]
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
-        arrays = _restore_dtypes(arrays, self.global_arrays)
+        arrays = _with_running_stats(_restore_dtypes(arrays, self.global_arrays), stats, self.global_arrays)
         return self._accept(server_round, arrays, metrics)
+
+    def _plain_mean(self) -> bool:
+        """Whether this strategy's aggregate is the weighted mean itself (no server-side step)."""
+        return next(c for c in type(self).__mro__ if c.__module__.startswith("flwr.")) in _PLAIN_MEAN
 
     def _accept(self, server_round: int, arrays: ArrayRecord | None, metrics: MetricRecord | None
                 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -96,8 +111,7 @@ class GuardedAggregation:
         metrics = self.train_metrics_aggr_fn(records, self.weighted_by_key)  # type: ignore[attr-defined]
         total = sum(u.weight for u in updates)
         factors = [u.weight / total for u in updates]
-        flower_base = next(c for c in type(self).__mro__ if c.__module__.startswith("flwr."))
-        plain = flower_base in _PLAIN_MEAN
+        plain = self._plain_mean()
         mean: dict[str, Array] = {}
         for key, ref in self.global_arrays.items():
             acc = spill.read(updates[0].path, key) * factors[0]
@@ -109,11 +123,13 @@ class GuardedAggregation:
         del mean
         if plain:
             return self._accept(server_round, arrays, metrics)
+        stats = ArrayRecord({k: a for k, a in arrays.items() if is_running_stat(k)})
         reply = Message(content=RecordDict({ARRAYS: arrays, METRICS: MetricRecord(
             {**dict(metrics or {}), AGGREGATION_WEIGHT: 1.0})}), metadata=updates[0].metadata)
         del arrays
         arrays, metrics = super().aggregate_train(server_round, [reply])  # type: ignore[misc]
-        return self._accept(server_round, _restore_dtypes(arrays, self.global_arrays), metrics)
+        arrays = _with_running_stats(_restore_dtypes(arrays, self.global_arrays), stats, self.global_arrays)
+        return self._accept(server_round, arrays, metrics)
 
 
 def non_finite_array(arrays: ArrayRecord | None) -> str | None:
@@ -129,6 +145,16 @@ def _restored(value: np.ndarray, dtype: str) -> np.ndarray:
     """Averaging turns integer buffers (BatchNorm's num_batches_tracked) into floats; cast back to the model's."""
     target = np.dtype(dtype)
     return np.rint(value).astype(target) if target.kind in "iu" else value.astype(target, copy=False)
+
+
+def _with_running_stats(arrays: ArrayRecord | None, mean: ArrayRecord | None, reference: ArrayRecord
+                        ) -> ArrayRecord | None:
+    """`arrays` (a server step's result) with each BatchNorm running statistic taken from the plain weighted
+    `mean` of the replies, in the global model's dtype."""
+    if arrays is None or mean is None:
+        return arrays
+    return ArrayRecord({k: Array(np.asarray(_restored(mean[k].numpy(), reference[k].dtype)))
+                        if is_running_stat(k) and k in mean else a for k, a in arrays.items()})
 
 
 def _restore_dtypes(arrays: ArrayRecord | None, reference: ArrayRecord) -> ArrayRecord | None:

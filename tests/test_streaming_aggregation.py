@@ -143,3 +143,41 @@ def test_a_round_with_spill_updates_aggregates_as_the_in_memory_round(tmp_path, 
     assert on.rejected == off.rejected and on.capped == off.capped and on.aggregated == off.aggregated
     for key, arr in off.arrays.items():
         np.testing.assert_allclose(on.arrays[key].numpy(), arr.numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi"])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_server_step_moves_weights_but_averages_batchnorm_statistics(name: str, streamed: bool, tmp_path):
+    """FedAvgM/FedAdam/FedYogi step the weights from the mean, but BatchNorm running statistics are the plain
+    weighted mean: stepped like weights, a shrinking variance at server-lr 3 went below zero (NaN downstream)."""
+    rng = np.random.default_rng(3)
+    g = {**_model(rng), "bn.running_mean": np.zeros(8, np.float32), "bn.running_var": np.ones(8, np.float32)}
+    replies, sent, counts = [], [], [30.0, 40.0, 35.0]  # within the screening caps: weights as claimed
+    for node, count in enumerate(counts, start=1):
+        moved = {k: (v + 0.05 * rng.normal(size=v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v + node
+                 for k, v in g.items()}
+        moved["bn.running_var"] = np.full(8, 0.5 - 0.1 * node, np.float32)  # every site's variance shrank
+        sent.append(moved)
+        replies.append(_reply(node, moved, count))
+    want_var = sum((0.5 - 0.1 * n) * c for n, c in enumerate(counts, start=1)) / sum(counts)
+    global_record = ArrayRecord({k: Array(v) for k, v in g.items()})
+    cfg = RunConfig(strategy=name, server_lr=3.0)
+    rules = screening_rules(cfg)
+    strategy = build_strategy(cfg)
+    strategy.global_arrays = global_record
+    strategy.current_arrays = (global_record.copy() if name == "fedavgm"
+                               else {k: a.numpy() for k, a in global_record.items()})
+    if streamed:
+        with UpdateSpill(global_record, tmp_path) as spill:
+            updates, _ = screen_stream(drain(replies), global_record, rules, spill)
+            arrays, _ = strategy.aggregate_screened(1, updates, spill)
+    else:
+        kept, _ = screen_replies(list(replies), global_record, rules)
+        arrays, _ = strategy.aggregate_train(1, kept)
+    assert arrays is not None, strategy.last_refusal
+    np.testing.assert_allclose(arrays["bn.running_var"].numpy(), want_var, rtol=1e-6)
+    assert arrays["bn.running_var"].numpy().dtype == np.float32
+    assert arrays["bn.num_batches_tracked"].numpy().dtype == np.int64
+    # the weights did take the server step: not the plain mean of the replies
+    plain = sum(m["fc.bias"] * c for m, c in zip(sent, counts, strict=True)) / sum(counts)
+    assert not np.allclose(arrays["fc.bias"].numpy(), plain, atol=1e-3)
