@@ -44,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_label_efficiency import pool, shared_data  # noqa: E402
-from common_bench import federated_run, machine  # noqa: E402
+from common_bench import append_to_section, federated_run, machine  # noqa: E402
 
 from fedrad.server.run_log import read_metrics  # noqa: E402
 
@@ -256,17 +256,13 @@ def results_section(rows: list[dict[str, Any]], argv: list[str], seconds: float,
 
 
 def append_results(section: str) -> None:
-    header = "## Hannover chest X-rays, 128 px on CPU: label efficiency, 3 hospitals split by patient"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if header not in text:
-        section = (f"\n{header}\n\n`benchmarks/bench_hannover.py` (docstring: arms, split, budget). 30 % of "
-                   "patients are the probe's test set and are not in any hospital's pretraining data; labels are "
-                   "fractions of the remaining (training) patients. Test ROC-AUC, mean of 3 label-subsample "
-                   "seeds' probabilities, patient-level bootstrap 95 % CI. Plot: "
-                   "benchmarks/plots/label_efficiency_hannover.png. Data: CC BY 3.0, "
-                   "DOI 10.6084/m9.figshare.12275009.\n" + section)
-    with RESULTS.open("a") as f:
-        f.write(section)
+    append_to_section(
+        "## Hannover chest X-rays, 128 px on CPU: label efficiency, 3 hospitals split by patient", section,
+        intro="`benchmarks/bench_hannover.py` (docstring: arms, split, budget). 30 % of patients are the probe's test "
+              "set and are not in any hospital's pretraining data; labels are fractions of the remaining (training) "
+              "patients. Test ROC-AUC, mean of 3 label-subsample seeds' probabilities, patient-level bootstrap 95 % "
+              "CI. Plot: benchmarks/plots/label_efficiency_hannover.png. Data: CC BY 3.0, "
+              "DOI 10.6084/m9.figshare.12275009.")
 
 
 def main(argv: list[str] | None = None) -> int:

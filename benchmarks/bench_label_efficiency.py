@@ -20,8 +20,9 @@ Each backbone is then fine-tuned on 1 %, 10 %, 100 % of the official train label
 full fine-tune; 3 label-subsample seeds) and scored on the official test split: ROC-AUC with a bootstrap 95 %
 CI. Every arm is pretrained with 3 seeds (initial weights, augmentation draws) and each linear-probe cell is
 their mean: one seed's 1 % AUC moves by ~0.015, as much as the gaps the goals ask about; MLP, full fine-tuning
-and federated + DP use the first seed. Prints the table and the issue's goals (met / missed, with the numbers), saves the plot
-(benchmarks/plots/label_efficiency_pneumoniamnist.png) and appends to benchmarks/RESULTS.md.
+and federated + DP use the first seed. Prints the table and the issue's goals (met / missed, with the
+numbers), saves the plot (benchmarks/plots/label_efficiency_pneumoniamnist.png) and appends to
+benchmarks/RESULTS.md.
 
     python benchmarks/bench_label_efficiency.py --quick     # a few minutes, smoke test
     python benchmarks/bench_label_efficiency.py             # < 1 h on 2 CPU cores at 28 px
@@ -54,7 +55,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common_bench import federated_run, machine  # noqa: E402
+from common_bench import append_to_section, federated_run, machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
@@ -314,16 +315,8 @@ def plot_arms(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 def append_results(rows: list[dict[str, Any]], args, argv: list[str], seconds: float, arms_info: str,
                    goals: list[str], notes: list[str]) -> None:
-    header = "## label efficiency (PneumoniaMNIST, 3 label-skewed hospitals)"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    lines = []
-    if header not in text:
-        lines += ["", header, "",
-                  "Official split; pretraining on the train images without labels; fine-tuning on 1/10/100 % of "
-                  "the train labels; test ROC-AUC with a 95 % bootstrap CI over test images. "
-                  "PneumoniaMNIST: CC BY 4.0 (MedMNIST, Yang et al. 2023).", ""]
     cmd = "python benchmarks/bench_label_efficiency.py" + ("" if not argv else " " + shlex.join(argv))
-    lines += ["", f"### {datetime.now(UTC).strftime('%Y-%m-%d %H:%M')} UTC, `{cmd}`", "",
+    lines = [f"### {datetime.now(UTC).strftime('%Y-%m-%d %H:%M')} UTC, `{cmd}`", "",
               f"- machine: {machine()}; wall time {seconds / 60:.1f} min",
               f"- {arms_info}", *[f"- {n}" for n in notes], "",
               "| backbone | mode | 1 % | 10 % | 100 % |", "|---|---|---|---|---|"]
@@ -341,13 +334,10 @@ def append_results(rows: list[dict[str, Any]], args, argv: list[str], seconds: f
                 cells.append(cell)
             lines.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
     lines += ["", "Goals (issue 17):", "", *goals]
-    # Under this benchmark's section (before the next "## "), not at the end of the file.
-    text = text if header in text else text.rstrip("\n") + "\n"
-    start = text.find(header)
-    end = len(text) if start < 0 else text.find("\n## ", start + len(header))
-    end = len(text) if end < 0 else end
-    block = "\n".join(lines) + "\n"
-    RESULTS.write_text(text[:end].rstrip("\n") + "\n" + block + text[end:])
+    append_to_section("## label efficiency (PneumoniaMNIST, 3 label-skewed hospitals)", "\n".join(lines),
+                      intro="Official split; pretraining on the train images without labels; fine-tuning on 1/10/100 % "
+                            "of the train labels; test ROC-AUC with a 95 % bootstrap CI over test images. "
+                            "PneumoniaMNIST: CC BY 4.0 (MedMNIST, Yang et al. 2023).")
 
 
 def main(argv: list[str] | None = None) -> int:

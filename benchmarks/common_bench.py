@@ -100,6 +100,18 @@ def machine() -> str:
     return f"{cpu} ({os.cpu_count()} cores); {gpu}"
 
 
+def append_to_section(header: str, block: str, intro: str = "") -> None:
+    """Append `block` at the end of RESULTS.md's `header` section (before the next "## "), so a run lands under
+    its own benchmark; a new section (header, then `intro`) goes at the end of the file."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if header not in text:
+        text = text.rstrip("\n") + f"\n\n{header}\n" + (f"\n{intro.strip()}\n" if intro else "")
+    start = text.index(header)
+    end = text.find("\n## ", start + len(header))
+    end = len(text) if end < 0 else end
+    RESULTS.write_text(text[:end].rstrip("\n") + "\n\n" + block.strip("\n") + "\n" + text[end:])
+
+
 def append_result(section: str, header: str, row: str) -> None:
     """Append a table row under `## section` in RESULTS.md, creating the section with its header if new."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
