@@ -140,7 +140,8 @@ def run_config(args, objective: str, dp: bool = False) -> dict[str, Any]:
         "round-timeout": 1800.0, "eval-in-train": True,
     }
     if dp:
-        cfg.update({"dp": "sample", "dp-noise": args.dp_noise, "dp-clip": args.dp_clip, "dp-delta": 1e-5})
+        cfg.update({"dp": "sample", "dp-noise": args.dp_noise, "dp-clip": args.dp_clip, "dp-delta": 1e-5,
+                    "dp-epsilon-budget": args.dp_epsilon})
     return cfg
 
 
@@ -278,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--crop-min", type=float, default=0.4, help="smallest random-resized-crop area")
     p.add_argument("--proj-dim", type=int, default=64)
-    p.add_argument("--dp-noise", type=float, default=1.0)
+    p.add_argument("--dp-epsilon", type=float, default=8.0, help="federated+DP arm: each site's image-level epsilon "
+                   "over the whole run (the noise is calibrated to it; a site's own floor, 20 by default, stops a "
+                   "run that would pass it)")
+    p.add_argument("--dp-noise", type=float, default=0.0, help="fixed noise multiplier (default: calibrated to "
+                   "--dp-epsilon)")
     p.add_argument("--dp-clip", type=float, default=1.0)
     p.add_argument("--arms", default="single,central,fed,fed-dp",
                    help="pretrained arms to run (random init always): single, central, fed, fed-dp")
@@ -358,6 +363,13 @@ def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_star
         t0 = time.time()
         arms.append(Arm("centralised", pretrain_local(pool(site_data), args, "micle", budget), args.image_size))
         timings["centralised"] = time.time() - t0
+    if "fed-dp" in args.arms and args.dp_noise <= 0:
+        from bench_label_efficiency import dp_noise_for
+
+        from fedrad.client.trainer import split_indices
+
+        n_train = min(len(split_indices(sd)[0]) for sd in site_data)  # the smallest site spends the most
+        args.dp_noise = dp_noise_for(args.dp_epsilon, 1e-5, args.batch_size, n_train, args.rounds * args.local_steps)
     for arm, objective, dp in (("fed", "micle", False), ("fed-dp", "simsiam", True)):
         if arm not in args.arms:
             continue
