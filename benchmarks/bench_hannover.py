@@ -10,7 +10,8 @@ hand it to `fedrad node`. Backbones of one architecture, image size and optimize
 * centralised: MICLe on the three hospitals pooled (`train_local`);
 * federated: MICLe through real Flower processes (1 SuperLink + 3 SuperNodes on loopback, FedAvg);
 * federated + DP: the same with dp = "sample" (opacus DP-SGD per image at each site). MICLe's loss couples the
-  images of a batch, so this arm trains SimSiam (a per_sample objective) with GroupNorm; ε is reported.
+  images of a batch, so this arm trains SimSiam (a per_sample objective) with GroupNorm; its noise is calibrated
+  so that each site's image-level ε over the run stays within --dp-epsilon, the budget the run config carries.
 
 MICLe's positives are a patient's other images, so no label column is used in pretraining (no leakage into the
 probed targets). Compute is matched: every non-federated arm runs rounds x local-steps x 3 steps.
