@@ -38,6 +38,8 @@ _PLAIN_MEAN = (fl.FedAvg, fl.FedProx)
 # momentum or FedAdam's step extrapolates them like weights, and a variance driven below zero makes the global
 # model NaN (seen with FedAvgM at server-lr 2 on PneumoniaMNIST).
 RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+# The strategies that take such a server step on the mean (the robust ones aggregate the statistics robustly).
+_SERVER_STEP = (fl.FedAvgM, fl.FedAdam, fl.FedYogi)
 
 
 def is_running_stat(key: str) -> bool:
@@ -71,15 +73,15 @@ class GuardedAggregation:
             log.warning("round %d: %s", server_round, self.last_refusal)
             return None, None
         stats = None
-        if not self._plain_mean() and any(is_running_stat(k) for k in self.global_arrays.keys()):
+        if self._flower_base() in _SERVER_STEP and any(is_running_stat(k) for k in self.global_arrays.keys()):
             stats, _ = fl.FedAvg.aggregate_train(self, server_round, replies)  # type: ignore[arg-type]
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         arrays = _with_running_stats(_restore_dtypes(arrays, self.global_arrays), stats, self.global_arrays)
         return self._accept(server_round, arrays, metrics)
 
-    def _plain_mean(self) -> bool:
-        """Whether this strategy's aggregate is the weighted mean itself (no server-side step)."""
-        return next(c for c in type(self).__mro__ if c.__module__.startswith("flwr.")) in _PLAIN_MEAN
+    def _flower_base(self) -> type:
+        """The Flower strategy this one guards."""
+        return next(c for c in type(self).__mro__ if c.__module__.startswith("flwr."))
 
     def _accept(self, server_round: int, arrays: ArrayRecord | None, metrics: MetricRecord | None
                 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -111,7 +113,7 @@ class GuardedAggregation:
         metrics = self.train_metrics_aggr_fn(records, self.weighted_by_key)  # type: ignore[attr-defined]
         total = sum(u.weight for u in updates)
         factors = [u.weight / total for u in updates]
-        plain = self._plain_mean()
+        plain = self._flower_base() in _PLAIN_MEAN
         mean: dict[str, Array] = {}
         for key, ref in self.global_arrays.items():
             acc = spill.read(updates[0].path, key) * factors[0]

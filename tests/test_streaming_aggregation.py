@@ -181,3 +181,21 @@ def test_a_server_step_moves_weights_but_averages_batchnorm_statistics(name: str
     # the weights did take the server step: not the plain mean of the replies
     plain = sum(m["fc.bias"] * c for m, c in zip(sent, counts, strict=True)) / sum(counts)
     assert not np.allclose(arrays["fc.bias"].numpy(), plain, atol=1e-3)
+
+
+def test_a_robust_strategy_keeps_its_robust_batchnorm_statistics():
+    """Only the server-step strategies take the statistics as the mean: FedMedian's stay the median, so one
+    site cannot pull them by itself."""
+    rng = np.random.default_rng(4)
+    g = {**_model(rng), "bn.running_var": np.ones(8, np.float32)}
+    replies = []
+    for node, var in enumerate((0.3, 0.4, 2.5), start=1):  # site 3 pulls the variance (within the norm screen)
+        replies.append(_reply(node, {**g, "bn.running_var": np.full(8, var, np.float32)}, 40.0))
+    global_record = ArrayRecord({k: Array(v) for k, v in g.items()})
+    cfg = RunConfig(strategy="fedmedian")
+    strategy = build_strategy(cfg)
+    strategy.global_arrays = global_record
+    kept, _ = screen_replies(list(replies), global_record, screening_rules(cfg))
+    assert len(kept) == 3
+    arrays, _ = strategy.aggregate_train(1, kept)
+    np.testing.assert_allclose(arrays["bn.running_var"].numpy(), 0.4, rtol=1e-6)  # the mean would be 1.07
