@@ -9,6 +9,7 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as fl
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedrad.common.protocol import AGGREGATION_WEIGHT, ARRAYS, METRICS
 from fedrad.common.run_config import RunConfig
@@ -74,7 +75,7 @@ class GuardedAggregation:
             return None, None
         stats = None
         if self._flower_base() in _SERVER_STEP and any(is_running_stat(k) for k in self.global_arrays.keys()):
-            stats, _ = fl.FedAvg.aggregate_train(self, server_round, replies)  # type: ignore[arg-type]
+            stats = _running_stats_mean(replies, self.weighted_by_key)  # type: ignore[attr-defined]
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         arrays = _with_running_stats(_restore_dtypes(arrays, self.global_arrays), stats, self.global_arrays)
         return self._accept(server_round, arrays, metrics)
@@ -147,6 +148,15 @@ def _restored(value: np.ndarray, dtype: str) -> np.ndarray:
     """Averaging turns integer buffers (BatchNorm's num_batches_tracked) into floats; cast back to the model's."""
     target = np.dtype(dtype)
     return np.rint(value).astype(target) if target.kind in "iu" else value.astype(target, copy=False)
+
+
+def _running_stats_mean(replies: list[Message], weighted_by_key: str) -> ArrayRecord:
+    """The weighted mean of the replies' BatchNorm running statistics only (Flower's own weighted mean, on
+    records that hold just those arrays: the weights are not averaged a second time)."""
+    records = [RecordDict({ARRAYS: ArrayRecord({k: a for rec in reply.content.array_records.values()
+                                                for k, a in rec.items() if is_running_stat(k)}),
+                           METRICS: next(iter(reply.content.metric_records.values()))}) for reply in replies]
+    return aggregate_arrayrecords(records, weighted_by_key)
 
 
 def _with_running_stats(arrays: ArrayRecord | None, mean: ArrayRecord | None, reference: ArrayRecord
