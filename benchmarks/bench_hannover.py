@@ -365,12 +365,9 @@ def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_star
         arms.append(Arm("centralised", pretrain_local(pool(site_data), args, "micle", budget), args.image_size))
         timings["centralised"] = time.time() - t0
     if "fed-dp" in args.arms and args.dp_noise <= 0:
-        from bench_label_efficiency import dp_noise_for
+        from bench_label_efficiency import site_dp_noise
 
-        from fedrad.client.trainer import split_indices
-
-        n_train = min(len(split_indices(sd)[0]) for sd in site_data)  # the smallest site spends the most
-        args.dp_noise = dp_noise_for(args.dp_epsilon, 1e-5, args.batch_size, n_train, args.rounds * args.local_steps)
+        args.dp_noise = site_dp_noise(site_data, args.dp_epsilon, 1e-5, args.batch_size, args.rounds * args.local_steps)
     for arm, objective, dp in (("fed", "micle", False), ("fed-dp", "simsiam", True)):
         if arm not in args.arms:
             continue

@@ -147,17 +147,17 @@ def _run_config(args, **extra):
     return RunConfig.from_flower(keys)
 
 
-def pretrain_local(data, args, steps: int, seed: int, *, objective: str = "simclr", init_seed: int | None = None):
+def pretrain_local(data, args, steps: int, seed: int, *, objective: str = "simclr"):
     """`steps` optimizer steps on one dataset in the federated schedule: `args.rounds` rounds of steps / rounds,
     each at that round's learning rate with a fresh optimizer (as each federated round starts); the backbone.
-    `init_seed` (default args.seed) seeds the initial weights, as the federated run's `seed` does its global model."""
+    `seed` seeds the initial weights too, as the federated run's `seed` does its global model."""
     import torch
 
     from fedrad.client.trainer import TrainConfig, train_local
     from fedrad.common.models import build_model
 
     rc = _run_config(args, objective=objective)
-    torch.manual_seed(args.seed if init_seed is None else init_seed)  # same init as the federated global model
+    torch.manual_seed(seed)  # same init as the federated global model of this seed
     model = build_model(args.model, objective, args.image_size, proj_dim=args.proj_dim)
     losses, seconds = [], 0.0
     for rnd in range(1, args.rounds + 1):
@@ -189,6 +189,15 @@ def dp_noise_for(epsilon: float, delta: float, batch_size: int, n_train: int, st
             else:
                 hi = mid
     return math.ceil(hi * 1000) / 1000
+
+
+def site_dp_noise(site_data: list, epsilon: float, delta: float, batch_size: int, steps: int) -> float:
+    """`dp_noise_for` the sites of a federation: the smallest site's training images (after the held-out
+    patients) set the sampling rate, since it spends the most epsilon per step."""
+    from fedrad.client.trainer import split_indices
+
+    n_train = min(len(split_indices(sd)[0]) for sd in site_data)
+    return dp_noise_for(epsilon, delta, batch_size, n_train, steps)
 
 
 def pretrain_federated(sites: list[Path], args, work: Path, *, objective: str = "simclr",
@@ -409,12 +418,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dp_arm(sites: list[Path], site_data: list, args, work: Path) -> tuple[Any, dict[str, Any]]:
     """Federated + sample-level DP: the backbone and its privacy facts (noise, each site's reported epsilon)."""
-    from fedrad.client.trainer import split_indices
     from fedrad.common.models import load_backbone
 
-    n_train = min(len(split_indices(sd)[0]) for sd in site_data)  # the smallest site spends the most
     steps = args.dp_rounds * args.dp_local_steps
-    noise = dp_noise_for(args.dp_epsilon, DP_DELTA, args.batch_size, n_train, steps)
+    noise = site_dp_noise(site_data, args.dp_epsilon, DP_DELTA, args.batch_size, steps)
     extra = {"dp": "sample", "dp-noise": noise, "dp-clip": 1.0, "dp-delta": DP_DELTA,
              "dp-epsilon-budget": args.dp_epsilon, "local-steps": args.dp_local_steps,
              "num-server-rounds": args.dp_rounds, "warmup-rounds": min(args.warmup_rounds, args.dp_rounds - 1)}
@@ -448,10 +455,10 @@ def pretrain_arms(sites: list[Path], site_data: list, args, work: Path, seed: in
     for k, sd in enumerate(site_data):
         print(f"pretraining: single site (hospital-{k} alone)", flush=True)
         arms.append(Arm(f"{SINGLE}-h{k}", timed(f"h{k}", lambda sd=sd: pretrain_local(
-            sd, args, budget // 3, seed, init_seed=seed)), args.image_size))
+            sd, args, budget // 3, seed)), args.image_size))
     print("pretraining: centralised (all 3 hospitals pooled)", flush=True)
     arms.append(Arm("centralised", timed("centralised", lambda: pretrain_local(
-        pool(site_data), args, budget, seed, init_seed=seed)), args.image_size))
+        pool(site_data), args, budget, seed)), args.image_size))
     print("pretraining: federated (Flower SuperLink + 3 SuperNodes)", flush=True)
     t0 = time.time()
     run_dir = timed("federated", lambda: pretrain_federated(sites, args, work, extra={"seed": seed},
