@@ -56,6 +56,7 @@ class SitePolicy:
     max_batch_size: int = 0
     max_local_steps: int = 0
     max_rounds_per_day: int = 0
+    max_evaluations_per_day: int = 0
     label_fields: tuple[str, ...] = ()
     require_secagg: bool = False
     dp_modes: tuple[str, ...] = ()
@@ -75,7 +76,7 @@ class SitePolicy:
 _LAYOUT: dict[str, tuple[str, ...]] = {
     "coordinator": ("ca_sha256",),
     "training": ("objectives", "models", "max_image_size", "max_batch_size", "max_local_steps",
-                 "max_rounds_per_day", "label_fields"),
+                 "max_rounds_per_day", "max_evaluations_per_day", "label_fields"),
     "privacy": ("require_secagg", "dp_modes", "min_dp_noise", "dp_delta", "epsilon_budget"),
     "data": ("max_megapixels",),
 }
@@ -110,6 +111,10 @@ max_image_size = 512       # pixels per side
 max_batch_size = 128       # images per step
 max_local_steps = 1000     # steps per round
 max_rounds_per_day = 500   # training rounds accepted in any 24 hours, all runs together (0: no limit)
+# Evaluations accepted in any 24 hours, all runs together (0: no limit): evaluate messages, and train messages
+# of runs with eval-in-train (they also measure the held-out images). Each one returns held-out loss,
+# alignment and uniformity of weights the coordinator chose, so each one is a query of this site's images.
+max_evaluations_per_day = 500
 # Label fields a run may train on (SupCon). The default is the fields derived from DICOM headers. A column of
 # your labels CSV (e.g. "finding") is used only if you add it here: the coordinator cannot pick one.
 label_fields = {toml_list(HEADER_LABEL_FIELDS)}
@@ -318,6 +323,9 @@ def check_run(policy: SitePolicy, cfg: RunConfig) -> Refusal | None:
         return Refusal("require_secagg", "run has secagg = false; this site requires SecAgg+")
     if cfg.dp not in policy.dp_modes:
         return Refusal("dp_modes", f"run has dp = {cfg.dp!r}; this site accepts {list(policy.dp_modes)}")
+    if cfg.dp == "sample" and cfg.eval_in_train:
+        return Refusal("dp_modes", "run has dp = \"sample\" with eval-in-train: its held-out metrics would leave "
+                       "un-noised, outside the image-level epsilon")
     if cfg.dp != "none":
         if cfg.dp_noise < policy.min_dp_noise:
             return Refusal("min_dp_noise", f"run has dp-noise {cfg.dp_noise:g} < this site's {policy.min_dp_noise:g}")
@@ -404,7 +412,8 @@ def cmd_policy_check(args) -> int:
     print(f"{path}: OK (sha256 {file_sha256(path)[:16]})\n"
           f"  objectives {', '.join(policy.objectives)}; models {', '.join(policy.models)}\n"
           f"  at most: image {policy.max_image_size} px, batch {policy.max_batch_size}, "
-          f"{policy.max_local_steps} local steps, {policy.max_rounds_per_day or 'unlimited'} rounds/day\n"
+          f"{policy.max_local_steps} local steps, {policy.max_rounds_per_day or 'unlimited'} rounds/day, "
+          f"{policy.max_evaluations_per_day or 'unlimited'} evaluations/day\n"
           f"  label fields {', '.join(policy.label_fields) or '(none)'}\n"
           f"  privacy floor: secagg {'required' if policy.require_secagg else 'optional'}, {dp_floor}, "
           f"dp-noise >= {policy.min_dp_noise:g}, dp-delta <= {policy.dp_delta:g}; site epsilon budget "

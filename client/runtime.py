@@ -16,10 +16,11 @@ this runtime, started by `fedrad node`, does the ClientApp side itself:
 - `worker` / `task` handle a message (`run_task`): pull the message, the run and the FAB bytes, check the
   consortium's signature over the FAB's sha256 and the fused run-config (fedrad.common.run_signature) with
   the site's `consortium.pub` on EVERY message (a worker caches the verdict by FAB sha256, config hash and key
-  file), and only then call the ClientApp INSTALLED at the site (fedrad's own, or one the site names
-  itself), whose mods (wire guard, site policy, privacy) apply to every message. The FAB is never unpacked
-  to disk, installed or imported. A refusal is an error reply with a fixed code and text
-  (fedrad.common.protocol), and a line with the reason in the site's audit log.
+  file), then the signed claims (expiry, message types, round bound, the nonce bound to the first Flower run
+  id that used it: `check_claims`, never cached), and only then call the ClientApp INSTALLED at the site
+  (fedrad's own, or one the site names itself), whose mods (wire guard, site policy, privacy) apply to every
+  message. The FAB is never unpacked to disk, installed or imported. A refusal is an error reply with a fixed
+  code and text (fedrad.common.protocol), and a line with the rule and reason in the site's audit log.
 
 A warm worker keeps imports, the decoded site data and the model resident between messages of its run
 (fedrad.client.task's resident cache); a message then costs its deserialisation plus its work.
@@ -47,7 +48,14 @@ from pathlib import Path
 from typing import Any
 
 from fedrad.common.protocol import ErrorCode
-from fedrad.common.run_signature import SIGNATURE_KEY, fused_run_config, parse_signature, run_statement, sha256_hex
+from fedrad.common.run_signature import (
+    SIGNATURE_KEY,
+    claims_problem,
+    fused_run_config,
+    parse_signature,
+    run_statement,
+    sha256_hex,
+)
 
 DEFAULT_CLIENT_APP = "fedrad.client.client_app:app"
 TOKEN_ENV = "FEDRAD_RUNTIME_TOKEN"  # the task token travels in the child's environment, not on its command line
@@ -137,12 +145,51 @@ def _signature_problem(key_path: Path | None, fab_bytes: bytes, run_config: dict
     parsed = parse_signature(raw)
     if parsed is None:
         return "the run's signature is malformed"
-    signer, signature = parsed
+    signer, claims, signature = parsed
     trusted = key_fingerprint(public_key)
     if signer != trusted:
         return f"the run is signed by key {signer[:16]}..., not by the consortium key {trusted[:16]}..."
-    if not signature_valid(public_key, signature, run_statement(sha256_hex(fab_bytes), run_config)):
+    if not signature_valid(public_key, signature, run_statement(sha256_hex(fab_bytes), run_config, claims)):
         return "the signature does not match this FAB and run-config (altered or signed for another run)"
+    return None
+
+
+def _server_round(message) -> int | None:
+    """The `server-round` a message carries (plain config, or SecAgg+'s legacy FitIns config), if any."""
+    from fedrad.common.protocol import CONFIG, FIT_CONFIG, SERVER_ROUND
+
+    for name in (CONFIG, FIT_CONFIG):
+        record = message.content.config_records.get(name) if message.has_content() else None
+        if record is not None and SERVER_ROUND in record:
+            value = record[SERVER_ROUND]
+            return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 1 << 62
+    return None
+
+
+def check_claims(run_config: dict[str, Any], message, run_id: int,
+                 node_config: dict[str, Any], now: float | None = None) -> tuple[str, str, ErrorCode] | None:
+    """For a run whose signature carries claims: (rule, why, code) when this message may not run, else None.
+
+    Refused: a statement past its not-after, a message type it does not name, a server-round above its
+    signed num-server-rounds, and its nonce under a Flower run id other than the first that used it here
+    (bound in the site's state, fedrad.client.site_state.bind_nonce). Called for every message."""
+    parsed = parse_signature(run_config.get(SIGNATURE_KEY, ""))
+    if parsed is None:
+        return None  # unsigned (only reached with --allow-unsigned): nothing was promised to check
+    claims = parsed[1]
+    problem = claims_problem(claims, run_config, str(message.metadata.message_type), _server_round(message), now)
+    if problem is not None:
+        rule, why = problem
+        return rule, why, ErrorCode.RUN_EXPIRED if rule == "run_expiry" else ErrorCode.RUN_OUT_OF_BOUNDS
+    from fedrad.client.site_state import SiteStateError, bind_nonce, state_paths
+
+    try:
+        first = bind_nonce(state_paths(node_config), claims.nonce, int(run_id), claims.not_after, now)
+    except (SiteStateError, OSError) as exc:  # the nonce cannot be recorded: the run cannot be shown fresh
+        return "run_nonce", f"the signed run's nonce cannot be recorded: {exc}", ErrorCode.SITE_FAILED
+    if first is not None:
+        return ("run_nonce", f"the signed run (nonce {claims.nonce[:8]}...) was already used by Flower run {first}: "
+                "a replay", ErrorCode.RUN_REPLAYED)
     return None
 
 
@@ -263,10 +310,16 @@ def run_task(address: str, token: str, trust: SiteTrust, verdicts: VerdictCache 
             run_config, reason = {}, f"the FAB or its run-config cannot be read ({type(exc).__name__})"
         if reason is not None:
             audit_refusal(context.node_config, {
-                "event": "refused", "code": int(ErrorCode.RUN_NOT_SIGNED), "reason": reason,
+                "event": "refused", "rule": "run_signature", "code": int(ErrorCode.RUN_NOT_SIGNED), "reason": reason,
                 "run_id": run.run_id, "message_type": message.metadata.message_type,
                 "fab_id": run.fab_id, "fab_version": run.fab_version, "fab_sha256": sha256_hex(fab.content)})
             reply = error_reply(message, ErrorCode.RUN_NOT_SIGNED)
+        elif (refused := check_claims(run_config, message, run.run_id, context.node_config)) is not None:
+            audit_refusal(context.node_config, {
+                "event": "refused", "rule": refused[0], "code": int(refused[2]), "reason": refused[1],
+                "run_id": run.run_id, "message_type": message.metadata.message_type,
+                "fab_sha256": sha256_hex(fab.content)})
+            reply = error_reply(message, refused[2])
         else:
             # The ClientApp sees exactly the config that was verified, not whatever the node state holds.
             context.run_config = run_config

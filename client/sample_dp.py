@@ -1,5 +1,5 @@
 """Sample-level DP-SGD at a site (run-config `dp = "sample"`): opacus's per-image clipping and noise, an RDP
-accountant, and the site's own ε ledger that outlives the per-message ClientApp processes.
+accountant; the site's ε ledger and budget over all runs are client/budget.py's.
 
 The guarantee is per image at this site: the weights the site sends are nearly as likely whether or not any
 one of its images was used. It holds only for objectives whose loss for one image depends on no other image
@@ -12,21 +12,17 @@ knows.
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from fedrad.common.atomic import atomic_write_json
+from fedrad.client.budget import epsilon_of
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
     from torch import nn
 
-LEDGER_FILE = "dp_sample_ledger.json"
 # How per-image gradients are computed; every mode gives opacus's DPOptimizer the same per-image gradients
 # (p.grad_sample), so clipping, noise and the accountant are the same. "ew": PyTorch's expanded weights
 # around the whole per-image loss (no wasted batch weight gradient, grouped convolutions for the per-image
@@ -77,17 +73,6 @@ def check_model(model: nn.Module, objective) -> None:
 def sample_rate(batch_size: int, n_train: int) -> float:
     """Poisson sampling rate q: the expected batch is `batch_size` of the site's `n_train` training images."""
     return min(1.0, batch_size / max(1, n_train))
-
-
-def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
-    """ε at `delta` of the composed sampled-Gaussian steps in `history` (opacus RDP); 0 with no steps."""
-    from opacus.accountants import RDPAccountant
-
-    if not history:
-        return 0.0
-    acc = RDPAccountant()
-    acc.history = [tuple(h) for h in history]
-    return float(acc.get_epsilon(delta))
 
 
 def _per_image_loss_module(model: nn.Module, objective) -> nn.Module:
@@ -212,58 +197,8 @@ def projected_epsilon(dp: SampleDP, n_train: int, batch_size: int, steps: int) -
     return epsilon_of(list(dp.history) + [(dp.noise_multiplier, q, int(steps))], dp.delta)
 
 
-# -- the site's ledger -----------------------------------------------------------------------------
-# One file per site (in the site's state folder, see client/site_state.py), one entry per run for reporting.
-# The site's ε is that of ALL runs' steps composed: a new run key adds an entry, it never starts from zero.
-def read_ledger(path: Path) -> dict[str, Any]:
-    """The ledger file as a dict ({"format": 2, "runs": {}} when absent); ValueError when unreadable or not a ledger."""
-    if not path.is_file():
-        return {"format": 2, "runs": {}}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        # Refuse rather than start from zero: a lost ledger would under-report the privacy spent.
-        raise ValueError(f"{path}: the site's DP ledger is unreadable ({exc}); restore it from backup or "
-                         "move it away knowingly (its epsilon would restart at 0)") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
-        raise ValueError(f"{path}: not a fedrad DP ledger (no 'runs' table)")
-    return data
+# The site's ledger and budget (every run's steps, one entry per message) live in client/budget.py.
 
 
-def _history(entry: dict) -> list[tuple[float, float, int]]:
-    return [(float(s), float(q), int(n)) for s, q, n in (entry or {}).get("history", [])]
-
-
-def ledger_history(path: str | os.PathLike, run_key: str) -> list[tuple[float, float, int]]:
-    """The accounting history this site has spent on `run_key` so far (empty for a new run)."""
-    return _history(read_ledger(Path(path))["runs"].get(run_key) or {})
-
-
-def site_history(path: str | os.PathLike, except_run: str | None = None) -> list[tuple[float, float, int]]:
-    """Every run's history in the site's ledger, concatenated (RDP composes across runs on the same images);
-    `except_run` leaves one run out (the caller adds that run's up-to-date history itself)."""
-    runs = read_ledger(Path(path))["runs"]
-    return [h for key in sorted(runs) if key != except_run for h in _history(runs[key])]
-
-
-def ledger_record(path: str | os.PathLike, run_key: str, history: list[tuple[float, float, int]],
-                  delta: float, server_round: int) -> float:
-    """Store the run's history (atomically, before the weights leave the site); return the run's ε.
-    The file also keeps the site's ε over all runs at `delta` (`site_epsilon`)."""
-    path = Path(path)
-    data = read_ledger(path)
-    eps = epsilon_of(history, delta)
-    data["runs"][run_key] = {"history": [list(h) for h in history], "delta": delta, "epsilon": eps,
-                             "steps": int(sum(h[2] for h in history)), "last_round": int(server_round),
-                             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    data["format"] = 2
-    data["site_epsilon"] = epsilon_of([h for key in sorted(data["runs"]) for h in _history(data["runs"][key])],
-                                      delta)
-    data["site_delta"] = delta
-    atomic_write_json(path, data)
-    return eps
-
-
-__all__ = ["DEFAULT_GRAD_SAMPLE_MODE", "GRAD_SAMPLE_MODES", "LEDGER_FILE", "DPTraining", "SampleDP", "check_model",
-           "epsilon_of", "ledger_history",
-           "ledger_record", "projected_epsilon", "sample_rate", "site_history"]
+__all__ = ["DEFAULT_GRAD_SAMPLE_MODE", "GRAD_SAMPLE_MODES", "DPTraining", "SampleDP", "check_model", "epsilon_of",
+           "projected_epsilon", "sample_rate"]

@@ -28,10 +28,12 @@ from fedrad.common.header_signals import SALT_FILE  # patient-pseudonym salt (06
 
 STATE_FILE = "state.json"  # the site's id and which files it has held (the "expected" marks)
 LEDGER_FILE = "dp_sample_ledger.json"  # the site's sample-DP ledger: every run's accounting, one total
-ACTIVITY_FILE = "rounds.json"  # times of recently accepted training rounds (policy max_rounds_per_day)
+ACTIVITY_FILE = "rounds.json"  # times of recent train / evaluate messages (max_rounds_per_day, max_evaluations_per_day)
 AUDIT_DIRNAME = "audit"  # default audit folder (wire guard's outgoing.jsonl, refusals.jsonl)
 REFUSALS_FILE = "refusals.jsonl"  # every refusal with the rule and its detail: read by the site, never sent
 LOCK_FILE = ".lock"
+NONCES_FILE = "run_nonces.json"  # each signed run's nonce -> the Flower run id that first used it (replays)
+NONCE_KEEP_SECONDS = 30 * 86_400  # a nonce is forgotten this long after its statement expired (it is refused anyway)
 JOINED_FILE = "runs_joined.json"  # runs (id, key) this site trained in: releases are taken only from these
 RELEASES_DIRNAME = "releases"  # received release bundles, one verified folder each (client/release_store.py)
 
@@ -74,6 +76,10 @@ class SiteState:
     @property
     def refusals(self) -> Path:
         return self.audit_dir / REFUSALS_FILE
+
+    @property
+    def nonces(self) -> Path:
+        return self.root / NONCES_FILE
 
     @property
     def lock(self) -> Path:
@@ -127,8 +133,8 @@ def _read_marker(state: SiteState) -> dict[str, Any]:
 
 
 def _check_ledger_readable(path: Path) -> None:
-    """The ledger parses (the one reader, client/sample_dp.read_ledger); a SiteStateError names the file."""
-    from fedrad.client.sample_dp import read_ledger
+    """The ledger parses (the one reader, client/budget.read_ledger); a SiteStateError names the file."""
+    from fedrad.client.budget import read_ledger
 
     try:
         read_ledger(path)
@@ -216,24 +222,63 @@ def record_refusal(state: SiteState, rule: str, detail: str, code: int, message_
         fh.write(json.dumps(entry) + "\n")
 
 
-def count_round(state: SiteState, limit: int, now: float | None = None) -> int | None:
-    """Record one accepted training round unless `limit` (> 0) rounds were accepted in the last 24 hours;
-    returns that count when refusing, None when recorded (a refused round is not counted)."""
+def bind_nonce(state: SiteState, nonce: str, run_id: int, not_after: int, now: float | None = None) -> int | None:
+    """Bind a signed run's nonce to the Flower run id that first uses it here (under the state lock, 0600);
+    returns that other run id when `run_id` is not it (a replay), None when the use is allowed.
+
+    Entries are dropped NONCE_KEEP_SECONDS after their statement's not-after: an expired statement is refused
+    by its expiry, so the file stays bounded by the runs of the last month."""
     now = time.time() if now is None else now
     with locked(state):
         try:
-            stamps = [float(t) for t in json.loads(state.activity.read_text()).get("train", [])]
+            data = json.loads(state.nonces.read_text())
         except FileNotFoundError:
-            stamps = []
-        except (OSError, ValueError, AttributeError, TypeError) as exc:
-            raise SiteStateError(f"{state.activity}: unreadable ({exc})") from None
-        recent = [t for t in stamps if now - t < 86_400.0]
-        if limit > 0 and len(recent) >= limit:
-            return len(recent)
-        atomic_write_json(state.activity, {"train": [*recent, now]})
+            data = {}
+        except (OSError, ValueError) as exc:
+            raise SiteStateError(f"{state.nonces}: unreadable ({exc}); restore it from backup") from None
+        if not isinstance(data, dict) or not isinstance(data.get("nonces", {}), dict):
+            raise SiteStateError(f"{state.nonces}: not a fedrad nonce file")
+        nonces = data.get("nonces", {})
+        held = nonces.get(nonce)
+        if held is not None:
+            return None if int(held["run_id"]) == int(run_id) else int(held["run_id"])
+        kept = {k: v for k, v in nonces.items() if float(v.get("not_after", 0)) + NONCE_KEEP_SECONDS >= now}
+        kept[nonce] = {"run_id": int(run_id), "not_after": int(not_after),
+                       "first_used": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
+        atomic_write_bytes(state.nonces, json.dumps({"format": 1, "nonces": kept}, indent=1).encode(), mode=0o600)
     return None
 
 
-__all__ = ["ACTIVITY_FILE", "AUDIT_DIRNAME", "JOINED_FILE", "LEDGER_FILE", "REFUSALS_FILE", "RELEASES_DIRNAME",
-           "SALT_FILE", "STATE_FILE", "SiteState", "SiteStateError", "count_round", "default_state_dir", "locked",
-           "node_state_config", "open_state", "record_refusal", "site_id", "site_salt", "state_paths"]
+def count_activity(state: SiteState, limits: Mapping[str, int], now: float | None = None) -> tuple[str, int] | None:
+    """Record one accepted data-touching message under each kind in `limits` ("train", "evaluate") unless a
+    kind's limit (> 0) was already reached in the last 24 hours; returns (kind, count) of the first kind at its
+    limit when refusing (then nothing is recorded), None when recorded. One locked step for all kinds."""
+    now = time.time() if now is None else now
+    with locked(state):
+        try:
+            raw = json.loads(state.activity.read_text())
+            stamps = {str(k): [float(t) for t in v] for k, v in raw.items()}
+        except FileNotFoundError:
+            stamps = {}
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            raise SiteStateError(f"{state.activity}: unreadable ({exc})") from None
+        recent = {k: [t for t in v if now - t < 86_400.0] for k, v in stamps.items()}
+        for kind, limit in limits.items():
+            if limit > 0 and len(recent.get(kind, [])) >= limit:
+                return kind, len(recent[kind])
+        for kind in limits:
+            recent[kind] = [*recent.get(kind, []), now]
+        atomic_write_bytes(state.activity, json.dumps(recent).encode("utf-8"), mode=0o600)
+    return None
+
+
+def count_round(state: SiteState, limit: int, now: float | None = None) -> int | None:
+    """`count_activity` for one training round: the count when refusing, None when recorded."""
+    refused = count_activity(state, {"train": limit}, now)
+    return None if refused is None else refused[1]
+
+
+__all__ = ["ACTIVITY_FILE", "AUDIT_DIRNAME", "JOINED_FILE", "LEDGER_FILE", "NONCES_FILE", "REFUSALS_FILE",
+           "RELEASES_DIRNAME", "SALT_FILE", "STATE_FILE", "SiteState", "SiteStateError", "bind_nonce",
+           "count_activity", "count_round", "default_state_dir", "locked", "node_state_config", "open_state",
+           "record_refusal", "site_id", "site_salt", "state_paths"]

@@ -68,34 +68,36 @@ def load_site_for(context: Context, cfg: RunConfig):
 
 
 def _sample_dp_for(msg: Message, context: Context, cfg: RunConfig, n_train: int, server_round: int):
-    """(SampleDP continuing this run's history, run key, SiteState, Refusal or None).
+    """(SampleDP for this message's steps, SiteBudget, Planned entry or None, Refusal or None).
 
     The budget is the stricter of the site policy's `epsilon_budget` and the run's `dp-epsilon-budget`,
-    applied to the site's ε over ALL runs in its ledger: a fresh run key from the coordinator adds a run,
-    it never resets ε. When the round fits, its steps are written to the ledger before training starts
-    (a crash over-counts, never under-counts; concurrent runs cannot both spend the last of the budget).
+    applied to the site's ε over EVERY entry of its ledger (client/budget.py): a fresh run key from the
+    coordinator adds entries, it never resets ε. When the round fits, its steps are appended as a planned entry
+    before training starts (a crash over-counts, never under-counts; concurrent runs cannot both spend the
+    last of the budget); the entry is keyed by the Flower run id and message id the site saw and by the
+    signed statement, never by the coordinator's run-key (kept as a label).
     """
+    from fedrad.client.budget import OverBudget, SiteBudget
     from fedrad.client.policy import Refusal, epsilon_limit, policy_for
-    from fedrad.client.sample_dp import SampleDP, epsilon_of, ledger_history, ledger_record, sample_rate, site_history
-    from fedrad.client.site_state import locked, open_state, state_paths
+    from fedrad.client.sample_dp import SampleDP, sample_rate
+    from fedrad.client.site_state import open_state, state_paths
+    from fedrad.common.run_signature import statement_key
 
     config = msg.content[CONFIG] if CONFIG in msg.content else {}
-    run_key = str(config.get(RUN_KEY, "") or f"flwr-run-{context.run_id}")
     state = state_paths(context.node_config)
-    limit = epsilon_limit(policy_for(dict(context.node_config)), cfg)
-    with locked(state):
-        run_history = ledger_history(state.ledger, run_key)
-        dp = SampleDP(cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, run_history)
-        planned = [*run_history, (cfg.dp_noise, sample_rate(cfg.batch_size, n_train), int(cfg.local_steps))]
-        site_eps = epsilon_of(site_history(state.ledger, except_run=run_key) + planned, cfg.dp_delta)
-        if limit > 0 and site_eps > limit:
-            return dp, run_key, state, Refusal(
-                "epsilon_budget", f"this round's {cfg.local_steps} steps would take this site's image-level epsilon "
-                f"over all runs to {site_eps:.4f} > budget {limit:g} (delta {cfg.dp_delta:g}; the stricter of the "
-                f"site policy's and the run's); not training")
-        ledger_record(state.ledger, run_key, planned, cfg.dp_delta, server_round)
+    budget = SiteBudget(state, cfg.dp_delta, epsilon_limit(policy_for(dict(context.node_config)), cfg))
+    dp = SampleDP(cfg.dp_noise, cfg.dp_clip, cfg.dp_delta)
+    steps = [(cfg.dp_noise, sample_rate(cfg.batch_size, n_train), int(cfg.local_steps))]
+    planned = budget.plan(steps, flower_run_id=context.run_id, message_id=str(msg.metadata.message_id or ""),
+                          statement=statement_key(dict(context.run_config)),
+                          run_key=str(config.get(RUN_KEY, "") or ""), server_round=server_round)
+    if isinstance(planned, OverBudget):
+        return dp, budget, None, Refusal(
+            "epsilon_budget", f"this round's {cfg.local_steps} steps would take this site's image-level epsilon "
+            f"over all runs to {planned.epsilon:.4f} > budget {planned.limit:g} (delta {cfg.dp_delta:g}; the "
+            "stricter of the site policy's and the run's); not training")
     open_state(state)  # marks the ledger as held: losing it later refuses training instead of restarting at 0
-    return dp, run_key, state, None
+    return dp, budget, planned, None
 
 
 def round_lr_for(msg: Message, cfg: RunConfig, server_round: int) -> float:
@@ -217,11 +219,11 @@ def handle_train(msg: Message, context: Context) -> Message:
 
         n_train = len(split_indices(data, tcfg.holdout)[0])
         try:
-            dp, run_key, state, refusal = _sample_dp_for(msg, context, cfg, n_train, server_round)
+            dp, budget, planned, refusal = _sample_dp_for(msg, context, cfg, n_train, server_round)
         except ValueError as exc:  # an unreadable ledger or state: refuse, never restart ε at 0
             return refuse(msg, state_paths(context.node_config), "dp_ledger", str(exc), ErrorCode.PRIVACY_BUDGET)
         if refusal is not None:
-            return refuse(msg, state, refusal.rule, refusal.detail, ErrorCode.PRIVACY_BUDGET)
+            return refuse(msg, budget.state, refusal.rule, refusal.detail, ErrorCode.PRIVACY_BUDGET)
     scores = _held_out_scores(model, data, cfg, device) if cfg.eval_in_train else {}
     if cfg.eval_in_train:  # the representation monitor of the received weights, also before training
         scores.update(site_monitor(model, data, cfg, context.node_config, device, server_round))
@@ -241,15 +243,12 @@ def handle_train(msg: Message, context: Context) -> Message:
     if dp is not None:
         from dataclasses import replace
 
-        from fedrad.client.sample_dp import ledger_record, projected_epsilon
-        from fedrad.client.site_state import locked
+        from fedrad.client.sample_dp import sample_rate
 
         # Recorded before the weights leave: a crash after this over-counts, never under-counts.
-        with locked(state):
-            eps = ledger_record(state.ledger, run_key, result.dp_history, cfg.dp_delta, server_round)
-        dp.history = result.dp_history
-        report = replace(report, dp_epsilon=eps,
-                         dp_epsilon_next=projected_epsilon(dp, n_train, cfg.batch_size, cfg.local_steps))
+        eps = budget.record(planned.entry_id, result.dp_history)
+        next_steps = [(cfg.dp_noise, sample_rate(cfg.batch_size, n_train), int(cfg.local_steps))]
+        report = replace(report, dp_epsilon=eps, dp_epsilon_next=budget.check(next_steps))
     # The site's one line per message (the node's terminal and log): what it did with its own images.
     privacy = f", image-level ε {report.dp_epsilon:.3f} at δ {cfg.dp_delta:g}" if report.dp_epsilon is not None else ""
     log.info("round %s train (%s): %d steps on %d images, loss %.4f -> %.4f, %.1f images/s, %.1f s%s",

@@ -31,6 +31,9 @@ class ErrorCode(IntEnum):
     PRIVACY_BUDGET = 4003  # the site's own privacy budget would be exceeded by this round
     WIRE_BLOCKED = 4004  # the reply broke the wire protocol and was blocked at the site
     PROTOCOL_MISMATCH = 4005  # the coordinator's message does not match the run-config (e.g. SecAgg+ on/off)
+    RUN_REPLAYED = 4011  # the signed run's nonce was already used by another Flower run at this site
+    RUN_EXPIRED = 4012  # the signed run's not-after time has passed
+    RUN_OUT_OF_BOUNDS = 4013  # a message type or server-round the signed run does not allow
     SITE_FAILED = 5001  # the site failed while handling the message (details in its own log)
     DATA_UNAVAILABLE = 5002  # the site has no usable data for this run
 
@@ -41,6 +44,9 @@ ERROR_TEXT: dict[ErrorCode, str] = {
     ErrorCode.PRIVACY_BUDGET: "site privacy budget exhausted",
     ErrorCode.WIRE_BLOCKED: "reply blocked by the site's wire guard",
     ErrorCode.PROTOCOL_MISMATCH: "message does not match the run's protocol settings",
+    ErrorCode.RUN_REPLAYED: "signed run already used by another run",
+    ErrorCode.RUN_EXPIRED: "signed run expired",
+    ErrorCode.RUN_OUT_OF_BOUNDS: "message not allowed by the signed run",
     ErrorCode.SITE_FAILED: "site failed while handling the message",
     ErrorCode.DATA_UNAVAILABLE: "site data unavailable",
 }
@@ -82,7 +88,8 @@ SECAGG_MAX_WEIGHT = "secagg-max-weight"
 ROUND_LR = "round-lr"
 MESSAGE_CONFIG: dict[str, ConfigKey] = {k.name: k for k in (
     ConfigKey(SERVER_ROUND, int, ">= 0", "coordinator (Flower strategies inject it into train and evaluate)"),
-    ConfigKey(RUN_KEY, str, "hex string, <= 64 characters; names the run across resumes",
+    ConfigKey(RUN_KEY, str, "1-64 characters of [A-Za-z0-9._-] (else refused); an unsigned label the site "
+              "stores, never a key of its ledger",
               "coordinator, train messages (plain mode)"),
     ConfigKey(ROUND_LR, float, "the signed run config's schedule at this round; a site refuses any other value",
               "coordinator, train messages (plain mode; under SecAgg+ the site computes it from the run config)"),

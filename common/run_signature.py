@@ -6,6 +6,10 @@ overrides, exactly as the SuperNode fuses them). The operator signs `run_stateme
 Ed25519 key and sends the signature as the run-config value `run-signature`; the site recomputes the same
 statement from what it received and checks it against `consortium.pub` before any of its data is touched.
 A coordinator that changes one byte of the FAB or one config value (model, dp, label fields...) breaks it.
+
+The statement also carries `RunClaims`: a nonce (each site binds it to the first Flower run id that uses it
+and refuses it under any other, so a signed run cannot be started again), a not-after time, and the message
+types the run may send; the site also refuses a `server-round` above the signed `num-server-rounds`.
 """
 
 from __future__ import annotations
@@ -14,10 +18,68 @@ import base64
 import binascii
 import hashlib
 import json
+import re
+import secrets
+import time
+from dataclasses import dataclass
 from typing import Any
 
 SIGNATURE_KEY = "run-signature"  # run-config key; its own value is left out of what is signed
-STATEMENT_VERSION = 1
+STATEMENT_VERSION = 2  # 2: + nonce, not-after, message types (a version-1 signature is refused as replayable)
+DEFAULT_VALID_SECONDS = 7 * 86_400  # `fedrad run --sign-key`: a signed run may be used for a week unless told
+# The message types a run may send (Flower's MessageType.TRAIN/EVALUATE, fedrad.common.release_wire's queries).
+TRAINING_MESSAGES = ("train", "evaluate")
+RELEASE_MESSAGES = ("query.release_offer", "query.release_files")
+_NONCE = re.compile(r"^[0-9a-f]{32}$")
+MAX_CLAIMS_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class RunClaims:
+    """What the signature binds besides the FAB and the config: the run may be started once (`nonce`, bound by
+    each site to the first Flower run id that uses it), until `not_after` (unix seconds), sending only
+    `message_types`. The round bound is the signed config's own `num-server-rounds`."""
+
+    nonce: str
+    not_after: int
+    message_types: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"nonce": self.nonce, "not_after": int(self.not_after), "message_types": list(self.message_types)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> RunClaims | None:
+        """The claims, or None when `data` is not exactly a well-formed claims object."""
+        if not isinstance(data, dict) or set(data) != {"nonce", "not_after", "message_types"}:
+            return None
+        nonce, not_after, types = data["nonce"], data["not_after"], data["message_types"]
+        if not isinstance(nonce, str) or not _NONCE.match(nonce):
+            return None
+        if isinstance(not_after, bool) or not isinstance(not_after, int) or not_after <= 0:
+            return None
+        if not isinstance(types, list) or not types or not all(isinstance(t, str) and 0 < len(t) <= 64 for t in types):
+            return None
+        return cls(nonce, not_after, tuple(types))
+
+
+def run_message_types(run_config: dict[str, Any]) -> tuple[str, ...]:
+    """The message types a run of this config sends: training and evaluation, plus the release queries when it
+    publishes (`publish-dir`); a `publish-only` run sends only those."""
+    def on(key: str) -> bool:
+        value = run_config.get(key, False)
+        return value if isinstance(value, bool) else str(value).lower() == "true"
+
+    types = () if on("publish-only") else TRAINING_MESSAGES
+    return types + (RELEASE_MESSAGES if str(run_config.get("publish-dir") or "") else ())
+
+
+def new_claims(run_config: dict[str, Any], valid_seconds: float = DEFAULT_VALID_SECONDS,
+               now: float | None = None) -> RunClaims:
+    """Fresh claims for signing a run: a random nonce, not-after `valid_seconds` from now."""
+    if not valid_seconds > 0:
+        raise ValueError(f"a signed run's validity must be > 0 seconds, got {valid_seconds!r}")
+    now = time.time() if now is None else now
+    return RunClaims(secrets.token_hex(16), int(now + valid_seconds), run_message_types(run_config))
 
 
 def fused_run_config(fab_bytes: bytes, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -31,30 +93,67 @@ def fused_run_config(fab_bytes: bytes, overrides: dict[str, Any]) -> dict[str, A
     return fuse_dicts(flatten_dict(defaults), dict(overrides))
 
 
-def run_statement(fab_sha256: str, run_config: dict[str, Any]) -> bytes:
-    """Canonical bytes that the consortium signs: FAB hash + every run-config value except the signature."""
+def run_statement(fab_sha256: str, run_config: dict[str, Any], claims: RunClaims) -> bytes:
+    """Canonical bytes that the consortium signs: FAB hash + every run-config value except the signature +
+    the claims (nonce, not-after, message types)."""
     config = {k: v for k, v in run_config.items() if k != SIGNATURE_KEY}
-    body = {"fedrad-run-statement": STATEMENT_VERSION, "fab_sha256": fab_sha256, "run_config": config}
+    body = {"fedrad-run-statement": STATEMENT_VERSION, "fab_sha256": fab_sha256, "run_config": config,
+            **claims.to_json()}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def format_signature(signer_fingerprint: str, signature: bytes) -> str:
-    """`<signer fingerprint hex>:<base64 Ed25519 signature>`, the value of run-config `run-signature`."""
-    return f"{signer_fingerprint}:{base64.b64encode(signature).decode('ascii')}"
+def format_signature(signer_fingerprint: str, claims: RunClaims, signature: bytes) -> str:
+    """`<signer fingerprint hex>:<base64 claims JSON>:<base64 Ed25519 signature>`, run-config `run-signature`."""
+    body = json.dumps(claims.to_json(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    b64_claims, b64_signature = base64.b64encode(body).decode("ascii"), base64.b64encode(signature).decode("ascii")
+    return f"{signer_fingerprint}:{b64_claims}:{b64_signature}"
 
 
-def parse_signature(value: object) -> tuple[str, bytes] | None:
-    """(signer fingerprint, signature bytes), or None when `value` is not a well-formed signature."""
-    if not isinstance(value, str) or value.count(":") != 1:
+def parse_signature(value: object) -> tuple[str, RunClaims, bytes] | None:
+    """(signer fingerprint, claims, signature bytes), or None when `value` is not a well-formed signature
+    (a version-1 signature, without claims, is not one)."""
+    if not isinstance(value, str) or value.count(":") != 2 or len(value) > 4 * MAX_CLAIMS_BYTES:
         return None
-    fingerprint, b64 = value.split(":")
+    fingerprint, b64_claims, b64 = value.split(":")
     if len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
         return None
     try:
         signature = base64.b64decode(b64, validate=True)
+        claims = RunClaims.from_json(json.loads(base64.b64decode(b64_claims, validate=True)))
     except (binascii.Error, ValueError):
         return None
-    return (fingerprint, signature) if len(signature) == 64 else None
+    return (fingerprint, claims, signature) if claims is not None and len(signature) == 64 else None
+
+
+def claims_problem(claims: RunClaims, run_config: dict[str, Any], message_type: str, server_round: int | None,
+                   now: float | None = None) -> tuple[str, str] | None:
+    """(rule, why) a message may not run under these (verified) claims, or None. Rules: "run_expiry",
+    "run_message_types", "run_rounds". The nonce is the site's to bind (rule "run_nonce")."""
+    now = time.time() if now is None else now
+    if now > claims.not_after:
+        expired = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(claims.not_after))
+        return "run_expiry", f"the signed run expired at {expired} (sign it afresh to run it again)"
+    if message_type not in claims.message_types:
+        return "run_message_types", (f"message type {message_type[:64]!r} is not one the signed run may send "
+                                     f"({list(claims.message_types)})")
+    if server_round is not None:
+        try:
+            rounds = int(run_config.get("num-server-rounds", 0))
+        except (TypeError, ValueError):
+            rounds = 0
+        if server_round > rounds:
+            return "run_rounds", f"server-round {server_round} exceeds the signed num-server-rounds {rounds}"
+    return None
+
+
+def statement_key(run_config: dict[str, Any]) -> str:
+    """A key naming the run as the consortium signed it (the hash of its signature, which covers the nonce),
+    for the site's ledger; for an unsigned run (--allow-unsigned), the hash of its config."""
+    signed = run_config.get(SIGNATURE_KEY) or ""
+    if signed:
+        return "signed:" + sha256_hex(str(signed).encode("utf-8"))[:32]
+    body = json.dumps(run_config, sort_keys=True, default=repr).encode("utf-8")
+    return "unsigned:" + sha256_hex(body)[:32]
 
 
 def sha256_hex(data: bytes) -> str:

@@ -98,7 +98,8 @@ def write_flwr_home(home: Path, address: str, ca_cert: Path | None = None) -> Pa
     return home
 
 
-def run_config_string(overrides: dict[str, object], app: Path, sign_key: Path | None = None) -> str:
+def run_config_string(overrides: dict[str, object], app: Path, sign_key: Path | None = None,
+                      valid_seconds: float | None = None) -> str:
     """The `--run-config` string for `flwr run`; with `sign_key`, plus the consortium's `run-signature`.
 
     The signature covers the FAB `flwr run` will build from `app` (Flower's build is byte-deterministic)
@@ -113,20 +114,21 @@ def run_config_string(overrides: dict[str, object], app: Path, sign_key: Path | 
     from fedrad.server.run_signing import build_fab, load_signing_key, sign_run
 
     key = load_signing_key(sign_key)  # a missing or wrong key fails before the FAB is built
-    signature = sign_run(build_fab(app), parse_config_args([text]) if text else {}, key)
+    extra = {} if valid_seconds is None else {"valid_seconds": valid_seconds}  # default: DEFAULT_VALID_SECONDS
+    signature = sign_run(build_fab(app), parse_config_args([text]) if text else {}, key, **extra)
     return f"{text} {SIGNATURE_KEY}={toml_value(signature)}".strip()
 
 
 def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | None = None,
                ca_cert: Path | None = None, timeout: float | None = None, app: Path | None = None,
-               echo: bool = True, sign_key: Path | None = None) -> int:
+               echo: bool = True, sign_key: Path | None = None, valid_seconds: float | None = None) -> int:
     """`flwr run <fedrad app> fedrad --stream` with overrides (signed with `sign_key` when given).
 
     Returns flwr's exit code. The output streams to this terminal (and to `log_path` when given) so an
     operator watches the rounds.
     """
     app = Path(app or app_dir())
-    config_text = run_config_string(overrides, app, sign_key)
+    config_text = run_config_string(overrides, app, sign_key, valid_seconds)
     home = write_flwr_home(Path(tempfile.mkdtemp(prefix="fedrad-flwr-")), superlink, ca_cert)
     cmd = [tool("flwr"), "run", str(app), "fedrad", "--stream"]
     if config_text:
@@ -340,7 +342,9 @@ def cmd_run(args) -> int:
         print("fedrad run: warning: unsigned run (no --sign-key): sites refuse it unless started with "
               "--allow-unsigned", file=sys.stderr, flush=True)
     print(f"fedrad run: submitting to {superlink}; run directory {run_dir}", flush=True)
-    code = submit_run(superlink, overrides, log_path=run_dir / "flwr-run.log", ca_cert=ca, sign_key=sign_key)
+    valid = float(getattr(args, "valid_days", 0) or 0) * 86_400 or None  # --valid-days (signed runs' expiry)
+    code = submit_run(superlink, overrides, log_path=run_dir / "flwr-run.log", ca_cert=ca, sign_key=sign_key,
+                      valid_seconds=valid)
     return report_run(run_dir, code)
 
 

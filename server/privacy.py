@@ -58,6 +58,9 @@ def check_privacy_config(cfg: RunConfig) -> None:
         if cfg.strategy.lower() == "fedprox":
             raise ValueError("run-config dp=sample does not combine with strategy=fedprox (its proximal gradient "
                              "term is not clipped per image); choose another strategy")
+        if cfg.eval_in_train:
+            raise ValueError("run-config dp=sample does not combine with eval-in-train: the held-out metrics would "
+                             "leave the sites un-noised (sites refuse it; under dp=sample no evaluation is sent)")
 
 
 @dataclass

@@ -261,8 +261,9 @@ def _time_fields(times: RoundTimes, round_seconds: float) -> dict[str, float]:
 
 def _evaluate(state: RunState, rnd: int, arrays: ArrayRecord, times: RoundTimes) -> tuple[dict, dict[str, dict]]:
     """Evaluation is the same in every mode: the global model is public to the sites anyway.
-    With fraction-evaluate = 0 or eval-in-train the strategy samples no site and nothing is sent or awaited."""
-    if state.cfg.eval_in_train:
+    With fraction-evaluate = 0 or eval-in-train the strategy samples no site and nothing is sent or awaited;
+    under dp = "sample" neither (sites refuse evaluate messages: their metrics would leave un-noised)."""
+    if state.cfg.eval_in_train or state.cfg.dp == "sample":
         return {}, {}
     t0 = time.perf_counter()
     msgs = list(state.strategy.configure_evaluate(rnd, arrays, ConfigRecord({SERVER_ROUND: rnd}), state.grid))

@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from fedrad.common.keys import key_fingerprint
-from fedrad.common.run_signature import SIGNATURE_KEY, format_signature, fused_run_config, run_statement, sha256_hex
+from fedrad.common.run_signature import (
+    DEFAULT_VALID_SECONDS,
+    SIGNATURE_KEY,
+    RunClaims,
+    format_signature,
+    fused_run_config,
+    new_claims,
+    run_statement,
+    sha256_hex,
+)
 
 
 def build_fab(app: str | os.PathLike[str]) -> bytes:
@@ -28,12 +37,15 @@ def load_signing_key(path: str | os.PathLike[str]):
     return load_private_key(Path(path))
 
 
-def sign_run(fab_bytes: bytes, overrides: dict[str, Any], key) -> str:
+def sign_run(fab_bytes: bytes, overrides: dict[str, Any], key, valid_seconds: float = DEFAULT_VALID_SECONDS,
+             claims: RunClaims | None = None) -> str:
     """The `run-signature` value for a run of `fab_bytes` with run-config `overrides` (as Flower parsed them).
 
-    `key` is a private key from `load_signing_key`.
-    """
+    `key` is a private key from `load_signing_key`. The signature carries fresh claims (a nonce, valid for
+    `valid_seconds`, the message types this config's run sends) unless `claims` are given (tests)."""
     if SIGNATURE_KEY in overrides:
         raise ValueError(f"run-config '{SIGNATURE_KEY}' is set by the signer, not by an override")
-    statement = run_statement(sha256_hex(fab_bytes), fused_run_config(fab_bytes, overrides))
-    return format_signature(key_fingerprint(key.public_key()), key.sign(statement))
+    config = fused_run_config(fab_bytes, overrides)
+    claims = claims or new_claims(config, valid_seconds)
+    statement = run_statement(sha256_hex(fab_bytes), config, claims)
+    return format_signature(key_fingerprint(key.public_key()), claims, key.sign(statement))

@@ -234,13 +234,16 @@ def test_sample_dp_run_ledgers_budget_and_release(consortium3, tmp_path):
     p = summary["privacy"]
     assert p["formal_guarantee"] and p["unit"].startswith("image") and len(p["site_epsilons"]) == 3
     assert max(p["site_epsilons"].values()) <= budget
-    # every site kept its own ledger, keyed by the run (not Flower's per-submission run id)
+    # every site kept its own ledger: one recorded entry per trained message, the run-key only a label
     run_key = json.loads((run_dir / "run.json").read_text())["run_key"]
     for i in range(3):
         ledger = json.loads((root / "state" / f"s{i}" / "dp_sample_ledger.json").read_text())
-        entry = ledger["runs"][run_key]
-        assert entry["steps"] == 6 and entry["last_round"] == 2
-        assert entry["epsilon"] == pytest.approx(epsilon_of([tuple(h) for h in entry["history"]], 1e-5))
+        entries = [e for e in ledger["entries"].values() if e["status"] == "recorded"]
+        assert [e["server_round"] for e in entries] == [1, 2] and {e["run_key"] for e in entries} == {run_key}
+        assert len({e["message_id"] for e in entries}) == 2 and len({e["flower_run_id"] for e in entries}) == 1
+        history = [tuple(h) for e in ledger["entries"].values() for h in e["history"]]
+        assert len(ledger["entries"]) == 2 and sum(h[2] for h in history) == 6
+        assert ledger["site_epsilon"] == pytest.approx(epsilon_of(history, 1e-5))
     # the released weights are the GroupNorm variant and say what protects them
     key, pub = generate_keys(tmp_path / "keys")
     bundle = release_bundle(run_dir, key)

@@ -9,7 +9,9 @@ import pytest
 import torch
 from fake_site import make_fake_site
 
-from fedrad.client.sample_dp import SampleDP, epsilon_of, ledger_history, ledger_record, projected_epsilon
+from fedrad.client.budget import OverBudget, SiteBudget, read_ledger
+from fedrad.client.sample_dp import SampleDP, epsilon_of, projected_epsilon
+from fedrad.client.site_state import state_paths
 from fedrad.client.trainer import TrainConfig, split_indices, train_local
 from fedrad.common.losses import get_objective
 from fedrad.common.models import build_model, load_backbone, save_backbone
@@ -157,18 +159,35 @@ def test_empty_poisson_draw_still_takes_a_noise_step(mode: str):
 
 
 def test_ledger_round_trip_and_corruption_is_loud(tmp_path):
-    path = tmp_path / "cache" / "dp_sample_ledger.json"
-    assert ledger_history(path, "run-a") == []
-    eps = ledger_record(path, "run-a", [(1.0, 0.1, 10)], 1e-5, server_round=1)
-    assert eps == pytest.approx(epsilon_of([(1.0, 0.1, 10)], 1e-5))
-    ledger_record(path, "run-b", [(2.0, 0.1, 5)], 1e-5, server_round=1)
-    assert ledger_history(path, "run-a") == [(1.0, 0.1, 10)]
-    assert json.loads(path.read_text())["runs"]["run-a"]["steps"] == 10
+    state = state_paths({"state-dir": str(tmp_path / "state")})
+    budget = SiteBudget(state, 1e-5)
+    assert budget.spent() == 0.0
+    a = budget.plan([(1.0, 0.1, 10)], flower_run_id=1, message_id="m1", statement="s", run_key="run-a")
+    assert a.epsilon == pytest.approx(epsilon_of([(1.0, 0.1, 10)], 1e-5))
+    assert budget.record(a.entry_id, [(1.0, 0.1, 10)]) == pytest.approx(a.epsilon)
+    b = budget.plan([(2.0, 0.1, 5)], flower_run_id=2, message_id="m1", statement="t", run_key="run-a")
+    both = epsilon_of([(1.0, 0.1, 10), (2.0, 0.1, 5)], 1e-5)
+    assert b.epsilon == pytest.approx(both) and budget.spent() == pytest.approx(both)
+    entries = read_ledger(state.ledger)["entries"]
+    assert [e["status"] for e in entries.values()] == ["recorded", "planned"]  # same run-key: two entries
+    assert state.ledger.stat().st_mode & 0o777 == 0o600
+    # fewer steps taken than planned: the entry holds what was taken
+    assert budget.record(b.entry_id, [(2.0, 0.1, 3)]) == pytest.approx(epsilon_of([(1.0, 0.1, 10), (2.0, 0.1, 3)],
+                                                                                 1e-5))
+    limited = SiteBudget(state, 1e-5, limit=budget.spent() + 1e-6)
+    refused = limited.plan([(1.0, 0.1, 10)], flower_run_id=3, message_id="m", statement="s")
+    assert isinstance(refused, OverBudget) and refused.epsilon > refused.limit
+    assert len(read_ledger(state.ledger)["entries"]) == 2  # a refused plan writes nothing
     more = projected_epsilon(SampleDP(1.0, 1.0, 1e-5, history=[(1.0, 0.1, 10)]), 100, 10, 10)
-    assert more > eps
-    path.write_text("{not json")
+    assert more > a.epsilon
+    # merging steps of equal (σ, q) is exact: RDP adds up
+    assert epsilon_of([(1.0, 0.1, 4), (1.0, 0.1, 6)], 1e-5) == pytest.approx(epsilon_of([(1.0, 0.1, 10)], 1e-5))
+    # a format-2 ledger (one history per run-key) still counts
+    state.ledger.write_text(json.dumps({"format": 2, "runs": {"old": {"history": [[1.0, 0.1, 10]]}}}))
+    assert budget.spent() == pytest.approx(a.epsilon)
+    state.ledger.write_text("{not json")
     with pytest.raises(ValueError, match="DP ledger is unreadable"):
-        ledger_history(path, "run-a")
+        budget.spent()
 
 
 def test_config_checks():

@@ -324,8 +324,15 @@ def test_fresh_run_key_does_not_reset_epsilon_and_cache_clear_keeps_it(tmp_path,
     """Real DP-SGD through handle_train: round 1 of run-a spends ε; a fresh run key cannot spend it again, under
     the site's budget or the run's own; clearing the cache keeps ε and the salt; losing the ledger refuses."""
     from fedrad.client.policy_mod import site_policy_mod
-    from fedrad.client.sample_dp import epsilon_of, site_history
+    from fedrad.client.budget import ledger_history, read_ledger
+    from fedrad.client.sample_dp import epsilon_of
     from fedrad.client.task import handle_train
+
+    def site_history(path):
+        return ledger_history(read_ledger(path))
+
+    def run_keys(path):
+        return {e["run_key"] for e in read_ledger(path)["entries"].values()}
 
     policy = tmp_path / "site.toml"
     policy.write_text("[privacy]\nepsilon_budget = 0\n")
@@ -338,7 +345,9 @@ def test_fresh_run_key_does_not_reset_epsilon_and_cache_clear_keeps_it(tmp_path,
     reply = train(_dp_run(), "run-a")
     assert not reply.has_error()
     state = state_paths(_context(tmp_path, site, {}).node_config)
-    ((sigma, q, steps),) = json.loads(state.ledger.read_text())["runs"]["run-a"]["history"]
+    (entry,) = json.loads(state.ledger.read_text())["entries"].values()
+    assert entry["run_key"] == "run-a" and entry["status"] == "recorded" and entry["flower_run_id"] == 7
+    ((sigma, q, steps),) = entry["history"]
     assert (sigma, steps) == (1.0, 2) and 0 < q <= 1
     eps1, eps2 = epsilon_of([(1.0, q, 2)], 1e-5), epsilon_of([(1.0, q, 4)], 1e-5)
     assert reply.content["metrics"]["dp_epsilon"] == pytest.approx(eps1, rel=1e-6)
@@ -356,7 +365,7 @@ def test_fresh_run_key_does_not_reset_epsilon_and_cache_clear_keeps_it(tmp_path,
     reply = train(_dp_run(**{"dp-epsilon-budget": budget}), "run-c", policy_path=None)
     _assert_fixed_reply(reply, ErrorCode.PRIVACY_BUDGET)
     assert epsilon_of(site_history(state.ledger), 1e-5) == pytest.approx(eps1, rel=1e-6)
-    assert set(json.loads(state.ledger.read_text())["runs"]) == {"run-a"}
+    assert run_keys(state.ledger) == {"run-a"}
 
     # clearing the decoded cache keeps ε and the salt
     shutil.rmtree(tmp_path / "cache")
@@ -376,7 +385,7 @@ def test_fresh_run_key_does_not_reset_epsilon_and_cache_clear_keeps_it(tmp_path,
     assert "unreadable" in _refusals(tmp_path)[-1]["detail"]
     state.ledger.write_bytes(saved)
     assert not train(_dp_run(), "run-e", policy_path=None).has_error()  # restored: the site trains again
-    assert set(json.loads(state.ledger.read_text())["runs"]) == {"run-a", "run-e"}
+    assert run_keys(state.ledger) == {"run-a", "run-e"}
     assert json.loads(state.ledger.read_text())["site_epsilon"] == pytest.approx(eps2, rel=1e-6)
 
 
