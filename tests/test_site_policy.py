@@ -323,8 +323,8 @@ def _dp_run(**kw) -> dict:
 def test_fresh_run_key_does_not_reset_epsilon_and_cache_clear_keeps_it(tmp_path, site):
     """Real DP-SGD through handle_train: round 1 of run-a spends ε; a fresh run key cannot spend it again, under
     the site's budget or the run's own; clearing the cache keeps ε and the salt; losing the ledger refuses."""
-    from fedrad.client.policy_mod import site_policy_mod
     from fedrad.client.budget import ledger_history, read_ledger
+    from fedrad.client.policy_mod import site_policy_mod
     from fedrad.client.sample_dp import epsilon_of
     from fedrad.client.task import handle_train
 

@@ -78,6 +78,77 @@ def test_signed_run_passes_and_every_alteration_is_refused(tmp_path):
         run_config_string({SIGNATURE_KEY: "x"}, app, key)
 
 
+def _signed_message(message_type: str = "train", server_round: int | None = 1):
+    """A message as the runtime receives it: its type and (optionally) the server-round in its config."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 11, 1, 1  # as inside a ClientApp process
+    config = {} if server_round is None else {"server-round": server_round}
+    return Message(content=RecordDict({"config": ConfigRecord(config)}), dst_node_id=1, message_type=message_type)
+
+
+def test_signed_claims_bind_nonce_expiry_rounds_and_message_types(tmp_path):
+    """The signature covers a nonce, a not-after time and the message types; the site binds the nonce to the
+    first Flower run id that uses it and refuses it under another, refuses an expired statement, a
+    server-round above the signed num-server-rounds and a message type the statement does not name."""
+    import base64
+    import time
+
+    from fedrad.client.runtime import check_claims
+    from fedrad.common.run_signature import (
+        RELEASE_MESSAGES,
+        RunClaims,
+        format_signature,
+        parse_signature,
+        run_message_types,
+    )
+    from fedrad.server.run_signing import load_signing_key, sign_run
+
+    key, pub = generate_keys(tmp_path / "keys" / "consortium")
+    app = small_genuine_app(tmp_path / "app")
+    fab = build_fab(app)
+    overrides = {"num-server-rounds": 2, "model": "test_resnet"}
+    before = time.time()
+    signature = sign_run(fab, overrides, load_signing_key(key), valid_seconds=3600)
+    config = {**fused_run_config(fab, overrides), SIGNATURE_KEY: signature}
+    trust = SiteTrust(consortium_key=pub)
+    assert check_run(trust, fab, config) is None
+    signer, claims, raw = parse_signature(signature)
+    assert claims.message_types == ("train", "evaluate")
+    assert before + 3600 - 1 <= claims.not_after <= time.time() + 3600
+    node = {"state-dir": str(tmp_path / "state")}
+
+    assert check_claims(config, _signed_message(), 11, node) is None  # first use binds the nonce to run 11
+    assert check_claims(config, _signed_message("evaluate", 2), 11, node) is None  # the same run goes on
+    rule, why, code = check_claims(config, _signed_message(), 12, node)  # the same statement, another run
+    assert (rule, code) == ("run_nonce", ErrorCode.RUN_REPLAYED) and "Flower run 11" in why
+    rule, _, code = check_claims(config, _signed_message(server_round=3), 11, node)
+    assert (rule, code) == ("run_rounds", ErrorCode.RUN_OUT_OF_BOUNDS)
+    rule, _, code = check_claims(config, _signed_message("query.release_offer", None), 11, node)
+    assert (rule, code) == ("run_message_types", ErrorCode.RUN_OUT_OF_BOUNDS)
+    rule, _, code = check_claims(config, _signed_message(), 11, node, now=claims.not_after + 1)
+    assert (rule, code) == ("run_expiry", ErrorCode.RUN_EXPIRED)
+    nonces = tmp_path / "state" / "run_nonces.json"
+    assert nonces.stat().st_mode & 0o777 == 0o600 and claims.nonce in nonces.read_text()
+    # a fresh signature of the same config is a fresh nonce: runs anew
+    again = {**config, SIGNATURE_KEY: sign_run(fab, overrides, load_signing_key(key))}
+    assert check_run(trust, fab, again) is None and check_claims(again, _signed_message(), 12, node) is None
+
+    # the claims are signed: a later not-after, another nonce or more message types break the signature
+    for forged in (RunClaims(claims.nonce, claims.not_after + 10**6, claims.message_types),
+                   RunClaims("0" * 32, claims.not_after, claims.message_types),
+                   RunClaims(claims.nonce, claims.not_after, (*claims.message_types, *RELEASE_MESSAGES))):
+        tampered = {**config, SIGNATURE_KEY: format_signature(signer, forged, raw)}
+        assert "does not match" in check_run(trust, fab, tampered)
+    # a version-1 signature (no claims: replayable forever) is not accepted
+    v1 = f"{signer}:{base64.b64encode(raw).decode()}"
+    assert "malformed" in check_run(trust, fab, {**config, SIGNATURE_KEY: v1})
+    # what a run may send follows its config: a publish-only run sends only the release queries
+    assert run_message_types({"publish-only": True, "publish-dir": "/r"}) == RELEASE_MESSAGES
+    assert run_message_types({"publish-dir": "/r"}) == ("train", "evaluate", *RELEASE_MESSAGES)
+
+
 def test_loopback_detection():
     assert all(is_loopback(a) for a in ["127.0.0.1:8000", "localhost:8000", "[::1]:8000", "127.1.2.3:1", "::1"])
     assert not any(is_loopback(a) for a in ["10.0.0.5:8000", "coordinator.example.org:8000", "0.0.0.0:8000",
@@ -152,5 +223,45 @@ def test_rogue_fab_never_runs_and_only_consortium_signed_runs_train(tmp_path):
         run_log = (tmp_path / "logs" / "flwr-run.log").read_text()
         assert ERROR_TEXT[ErrorCode.SITE_FAILED] in run_log and "PATIENT-FOLDER-XYZ" not in run_log
         assert not marker.exists()
+    finally:
+        c.stop()
+
+
+@pytest.mark.slow
+def test_a_replayed_signed_run_is_refused_at_a_real_supernode(tmp_path):
+    """A genuine signed run trains; the very same signed FAB and run-config submitted again (a new Flower run,
+    as whoever holds one signed run could do at any time) is refused by the site's runtime with a fixed code
+    before any data is touched: nothing is trained, the rule and reason stay in the site's audit."""
+    from federation_harness import TINY_RUN
+
+    from fedrad.deploy.synthetic import write_synthetic_sites
+    from fedrad.server.run_log import read_metrics
+
+    (site,) = write_synthetic_sites(tmp_path / "sites", n_sites=1, patients_per_site=4, images_per_patient=(1, 2),
+                                    size=64, seed=5)
+    c = Consortium(tmp_path)
+    try:
+        c.start_link()
+        c.start_node("s0", site)
+        run_dir = tmp_path / "run"
+        cfg = {"num-server-rounds": 1, "objective": "simclr", "run-dir": str(run_dir), "min-train-nodes": 1,
+               "min-available-nodes": 1, "round-timeout": 90.0, "fraction-evaluate": 0.0}
+        signed = parse_config_args([run_config_string({**TINY_RUN, **cfg}, app_dir(), c.consortium_key)])
+        assert c.run({**cfg, SIGNATURE_KEY: signed[SIGNATURE_KEY]}, sign_key=False, timeout=400) == 0
+        (row,) = read_metrics(run_dir)
+        assert row["sites_aggregated"] == 1
+        activity = tmp_path / "state" / "s0" / "rounds.json"
+        trained = json.loads(activity.read_text())["train"]
+        assert len(trained) == 1 and not _refusals(c.audit_dir("s0"))
+
+        run_dir.rename(tmp_path / "first-run")  # the replay names the same (signed) run-dir
+        c.run({**cfg, SIGNATURE_KEY: signed[SIGNATURE_KEY]}, sign_key=False, timeout=400)
+        refusals = _refusals(c.audit_dir("s0"))
+        assert refusals and all(r["code"] == ErrorCode.RUN_REPLAYED and r["rule"] == "run_nonce" for r in refusals)
+        assert json.loads(activity.read_text())["train"] == trained  # nothing trained
+        if run_dir.exists():  # the coordinator's side of the replay aggregated nothing
+            assert not read_metrics(run_dir)
+        run_log = (tmp_path / "logs" / "flwr-run.log").read_text()
+        assert ERROR_TEXT[ErrorCode.RUN_REPLAYED] in run_log and "nonce" not in run_log  # the reason stays home
     finally:
         c.stop()
