@@ -144,6 +144,11 @@ def test_signed_claims_bind_nonce_expiry_rounds_and_message_types(tmp_path):
     # a version-1 signature (no claims: replayable forever) is not accepted
     v1 = f"{signer}:{base64.b64encode(raw).decode()}"
     assert "malformed" in check_run(trust, fab, {**config, SIGNATURE_KEY: v1})
+    # `fedrad run --sign-key --valid-days`: the operator's validity reaches the claims
+    short = parse_config_args([run_config_string(overrides, app, key, valid_seconds=60)])[SIGNATURE_KEY]
+    assert parse_signature(short)[1].not_after <= time.time() + 60
+    with pytest.raises(ValueError, match="validity"):
+        run_config_string(overrides, app, key, valid_seconds=-1)
     # what a run may send follows its config: a publish-only run sends only the release queries
     assert run_message_types({"publish-only": True, "publish-dir": "/r"}) == RELEASE_MESSAGES
     assert run_message_types({"publish-dir": "/r"}) == ("train", "evaluate", *RELEASE_MESSAGES)
