@@ -16,9 +16,11 @@ def register(sub, lazy, add_policy) -> None:
     """Add `export`, and `--license` to `release` (called by deploy.cli.build_parser with its lazy handler
     factory and its rollback-policy options)."""
     from fedrad.client.exporters import FORMATS
+    from fedrad.deploy.publish_command import add_release_source
 
     p = sub.add_parser("export", help="write a verified release as a MONAI bundle, an ONNX graph or TorchScript")
-    p.add_argument("bundle", help="the release folder (from `fedrad release`)")
+    p.add_argument("bundle", nargs="?", help="the release folder (from `fedrad release`), or give --release")
+    add_release_source(p)
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     p.add_argument("--pubkey", required=True, help="consortium public key: the release is verified first")
     p.add_argument("--out", required=True, help="output folder (created)")
@@ -33,6 +35,7 @@ def register(sub, lazy, add_policy) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     """0 and what was written; 1 when the release is refused; 2 for bad input or a missing extra."""
     from fedrad.client.exporters import EXPORTERS, RELEASE_DIR, MissingExtra, require_extra
+    from fedrad.client.release_store import bundle_from_args
     from fedrad.common.bundle import (
         WEIGHTS,
         BundleVerificationError,
@@ -49,7 +52,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
-    bundle = Path(args.bundle)
+    bundle = Path(bundle_from_args(args))  # BUNDLE, or --release latest|ID from the site's store
     try:
         verified = read_verified(bundle, Path(args.pubkey), policy_from_args(args))
         backbone = build_backbone(verified.manifest, verified.state_dict(), bundle, bundle / WEIGHTS)

@@ -82,6 +82,25 @@ def test_plain_timm_rebuilds_the_release_and_its_preprocessing(signed, tmp_path)
         np.testing.assert_array_equal(np.load(path.parent / "plain_timm.npy"), _features(backbone))
 
 
+def test_timm_transform_from_the_config_is_fedrads_reading(signed, tmp_path):
+    """timm.data.create_transform(**resolve_data_config(model)) on an 8-bit image gives what fedrad's image reader
+    gives (the same zero padding; resampling differs by at most a few 1/1000)."""
+    import timm
+    from PIL import Image
+
+    from fedrad.common.sources.image_folder import image_entry
+
+    bundle, _key, _pub = signed
+    model = timm.create_model(f"local-dir:{bundle}", pretrained=True)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    yy, xx = np.mgrid[0:300, 0:500]
+    Image.fromarray((127 + 100 * np.sin(xx / 37.0) * np.cos(yy / 23.0)).astype(np.uint8)).save(tmp_path / "g.png")
+    theirs = transform(Image.open(tmp_path / "g.png"))[0].numpy()
+    ours, _ = image_entry(str(tmp_path / "g.png"), SIZE)
+    assert theirs.shape == ours.shape and np.array_equal(theirs == 0, ours == 0)
+    assert float(np.abs(theirs - ours).max()) < 0.02
+
+
 def test_groupnorm_release_timm_cannot_rebuild_says_why(tmp_path):
     """test_resnet's 48-channel layers get 16 GroupNorm groups in fedrad, 32 in timm: no config.json, and the
     manifest, `verify` and the card say why; a config.json dropped in beside it is refused as unsigned."""
