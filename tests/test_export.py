@@ -227,6 +227,13 @@ def test_finetune_and_embed_sources_give_the_same_backbone(signed, exported, tmp
         backbone, manifest = load_model_source(source, pub)
         assert manifest["input_size"] == SIZE
         np.testing.assert_array_equal(_features(backbone), want)
+    plain = tmp_path / "plain"  # any timm local-dir folder (no fedrad manifest): only with --insecure
+    plain.mkdir()
+    for name in ("config.json", "weights.safetensors"):
+        shutil.copyfile(bundle / name, plain / name)
+    backbone, manifest = load_model_source(f"local-dir:{plain}", None, insecure=True)
+    assert manifest["model"] == "test_resnet" and manifest["input_size"] == SIZE
+    np.testing.assert_array_equal(_features(backbone), want)
     tampered = tmp_path / "m"
     shutil.copytree(monai_dir, tampered)
     state = torch.load(tampered / "models" / "model.pt", weights_only=True)
