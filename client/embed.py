@@ -96,9 +96,10 @@ def write_index(path: Path, rows: list[dict[str, Any]]) -> Path:
 def cmd_embed(args: argparse.Namespace) -> int:
     """Verify (unless --insecure), embed every usable image, write npy + index + t-SNE."""
     from fedrad.client.finetune.heads import embed_images
+    from fedrad.client.model_source import load_model_source
     from fedrad.client.release_store import bundle_from_args
     from fedrad.common.atomic import atomic_write
-    from fedrad.common.bundle import BundleVerificationError, load_verified_backbone, policy_from_args
+    from fedrad.common.bundle import BundleVerificationError, policy_from_args
 
     args.bundle = bundle_from_args(args)  # BUNDLE, or --release latest|ID from the site's store
     if not args.insecure and not args.pubkey:
@@ -107,7 +108,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out}: exists and is not a folder")
     try:
-        backbone, manifest = load_verified_backbone(args.bundle, args.pubkey, args.insecure, policy_from_args(args))
+        backbone, manifest = load_model_source(args.bundle, args.pubkey, args.insecure, policy_from_args(args))
     except BundleVerificationError as exc:
         print(f"fedrad embed: bundle verification FAILED: {exc}", file=sys.stderr)
         return 1

@@ -38,15 +38,17 @@ from fedrad.common.bundle import (
 )
 from fedrad.common.release_wire import (
     MAX_CARD_BYTES,
+    MAX_CONFIG_BYTES,
     MODEL_CARD,
     REQUIRED_FILES,
+    TIMM_CONFIG,
     ReleaseCode,
     manifest_release_id,
 )
 
 INCOMING_PREFIX = ".incoming-"
 FILE_LIMITS = {WEIGHTS: MAX_WEIGHTS_BYTES, MANIFEST: MAX_MANIFEST_BYTES, SIGNATURE: SIGNATURE_BYTES,
-               MODEL_CARD: MAX_CARD_BYTES}
+               MODEL_CARD: MAX_CARD_BYTES, TIMM_CONFIG: MAX_CONFIG_BYTES}
 
 
 class ReleaseRefused(Exception):

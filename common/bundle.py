@@ -12,6 +12,10 @@ A bundle is a folder with three files (four with its model card):
   with plain OpenSSL: `openssl pkeyutl -verify -pubin -inkey K.pub -rawin -in manifest.json -sigfile manifest.sig`.
 * `MODEL_CARD.md` (optional): what the weights are, were trained on and are for; when the manifest lists it
   (`card`: file, sha256, bytes) it is covered by the signature like the weights, and a changed card is refused.
+* `config.json` (optional): timm's config, so `timm.create_model("local-dir:BUNDLE", pretrained=True)` rebuilds
+  the backbone and `timm.data.resolve_data_config` gives its preprocessing (fedrad.common.timm_config). The
+  manifest's `config` lists it like the card (a changed one is refused) or says why there is none
+  (`file`: null, `reason`); a config.json the signed manifest does not list is refused.
 
 Each file is read once: the signature is checked over the manifest bytes in memory, the weights are hashed
 in memory and loaded from those same bytes, so swapping a file on disk during the check changes nothing.
@@ -55,6 +59,8 @@ CREATED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 MAX_MANIFEST_BYTES = 1 << 20
 SIGNATURE_BYTES = 64
 MAX_CARD_BYTES = 1 << 20
+CONFIG = "config.json"  # fedrad.common.timm_config writes it
+MAX_CONFIG_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 4 << 30  # unsigned (--insecure) files only; a signed manifest states the exact size
 NORMS = ("batch", "group")
 
@@ -175,6 +181,8 @@ def check_manifest(body: bytes, where: Path | str) -> dict[str, Any]:
         raise BundleVerificationError(f"{where}: signed manifest 'weights' must name {WEIGHTS} with a size >= 0")
     if "card" in manifest:
         _check_card_entry(manifest["card"], where)
+    if "config" in manifest:
+        _check_config_entry(manifest["config"], where)
     try:
         parse_created(manifest["created"])
     except ValueError:
@@ -202,6 +210,24 @@ def _check_card_entry(card: Any, where: Path | str) -> None:
     if card["file"] != CARD or not 0 <= card["bytes"] <= MAX_CARD_BYTES:
         raise BundleVerificationError(f"{where}: signed manifest 'card' must name {CARD} with a size of 0 to "
                                       f"{MAX_CARD_BYTES} bytes")
+
+
+def _check_config_entry(entry: Any, where: Path | str) -> None:
+    """The manifest's optional `config` block: config.json with a sha256 and size, or no file and a reason."""
+    if not isinstance(entry, dict):
+        raise BundleVerificationError(f"{where}: signed manifest 'config' is not an object")
+    if entry.get("file") is None:
+        if not isinstance(entry.get("reason"), str):
+            raise BundleVerificationError(f"{where}: signed manifest 'config' names no file and gives no reason")
+        return
+    _check_fields(entry, {"file": ((str,), False), "sha256": ((str,), False), "bytes": ((int,), False)},
+                  str(where), "config.")
+    sha = entry["sha256"]
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise BundleVerificationError(f"{where}: signed manifest 'config.sha256' is not a sha256 hex digest")
+    if entry["file"] != CONFIG or not 0 <= entry["bytes"] <= MAX_CONFIG_BYTES:
+        raise BundleVerificationError(f"{where}: signed manifest 'config' must name {CONFIG} with a size of 0 to "
+                                      f"{MAX_CONFIG_BYTES} bytes")
 
 
 # -- rollback --------------------------------------------------------------------------------------------
@@ -268,6 +294,7 @@ class VerifiedBundle:
     manifest: dict[str, Any]
     weights: bytes
     card: bytes | None = None  # MODEL_CARD.md, when the signed manifest lists it (its hash checked)
+    config: bytes | None = None  # timm's config.json, when the signed manifest lists it (its hash checked)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights as tensors, parsed from the verified bytes (never re-read from disk)."""
@@ -321,7 +348,7 @@ def read_verified(bundle: str | os.PathLike[str], pubkey, policy: ReleasePolicy 
         raise BundleVerificationError(
             f"weights hash mismatch: {bundle / WEIGHTS} has sha256 {got[:16]}..., the signed manifest says "
             f"{want['sha256'][:16]}... (file modified or corrupted)")
-    return VerifiedBundle(bundle, manifest, data, _verified_card(bundle, manifest))
+    return VerifiedBundle(bundle, manifest, data, _verified_card(bundle, manifest), _verified_config(bundle, manifest))
 
 
 def _verified_card(bundle: Path, manifest: dict[str, Any]) -> bytes | None:
@@ -333,6 +360,23 @@ def _verified_card(bundle: Path, manifest: dict[str, Any]) -> bytes | None:
     if len(data) != want["bytes"] or sha256_bytes(data) != want["sha256"]:
         raise BundleVerificationError(
             f"model card mismatch: {bundle / CARD} is not the card the signed manifest lists (sha256 "
+            f"{want['sha256'][:16]}..., {want['bytes']} bytes): modified after signing")
+    return data
+
+
+def _verified_config(bundle: Path, manifest: dict[str, Any]) -> bytes | None:
+    """config.json's bytes when the signed manifest lists it (size and hash checked); a config.json it does
+    not list is refused, since timm would load it beside the signed weights."""
+    want = manifest.get("config") or {}
+    if want.get("file") is None:
+        if (bundle / CONFIG).exists():
+            raise BundleVerificationError(f"unsigned file: {bundle / CONFIG} is not listed in the signed manifest "
+                                          f"(timm would read it with these weights); remove it")
+        return None
+    data = read_bounded(bundle / CONFIG, MAX_CONFIG_BYTES, "timm config")
+    if len(data) != want["bytes"] or sha256_bytes(data) != want["sha256"]:
+        raise BundleVerificationError(
+            f"timm config mismatch: {bundle / CONFIG} is not the config.json the signed manifest lists (sha256 "
             f"{want['sha256'][:16]}..., {want['bytes']} bytes): modified after signing")
     return data
 
@@ -428,8 +472,6 @@ def load_verified_backbone(bundle: str | os.PathLike[str], pubkey, insecure: boo
                            policy: ReleasePolicy | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """(backbone in eval mode, manifest), built from the verified bytes. Verified unless `insecure`, which
     also accepts a bare .safetensors file. Signed weights that do not fit the model they name are refused."""
-    from fedrad.common.models import create_backbone
-
     bundle = Path(bundle)
     if insecure:
         print(f"fedrad: WARNING: using {bundle} WITHOUT signature verification (--insecure)", file=sys.stderr)
@@ -442,6 +484,14 @@ def load_verified_backbone(bundle: str | os.PathLike[str], pubkey, insecure: boo
         verified = read_verified(bundle, pubkey, policy)
         manifest, where, error = verified.manifest, bundle / WEIGHTS, BundleVerificationError
         state = verified.state_dict()
+    return build_backbone(manifest, state, bundle, where, error), manifest
+
+
+def build_backbone(manifest: dict[str, Any], state: dict[str, torch.Tensor], bundle: Path, where: Path,
+                   error: type[Exception] = BundleVerificationError) -> nn.Module:
+    """The manifest's backbone (eval mode) with `state` loaded strictly; `error` naming `where` if it does not fit."""
+    from fedrad.common.models import create_backbone
+
     model = manifest.get("model")
     if not isinstance(model, str) or not model:
         raise error(f"{bundle}: the manifest/metadata names no model")
@@ -452,8 +502,7 @@ def load_verified_backbone(bundle: str | os.PathLike[str], pubkey, insecure: boo
     except (RuntimeError, ValueError, TypeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise error(f"{where}: weights do not load into {model[:60]} ({first})") from None
-    backbone.eval()
-    return backbone, manifest
+    return backbone.eval()
 
 
 # -- `fedrad verify` ----------------------------------------------------------------------------------------
@@ -466,6 +515,7 @@ def describe(manifest: dict[str, Any], bundle: str, pubkey: str) -> str:
     return (f"OK {bundle}\n  signature: valid Ed25519 signature by {pubkey} over {MANIFEST}\n"
             f"  weights:   {WEIGHTS} sha256 {m['weights']['sha256']} matches the manifest\n"
             f"  card:      {_card_line(m)}\n"
+            f"  timm:      {_config_line(m)}\n"
             f"  model:     {m['model']} in_chans={m['in_chans']} input {m['input_size']}px ({m['intensity']})\n"
             f"  training:  {m['objective']}, {m['rounds']} rounds, {m['sites']} sites, "
             f"{m.get('examples_seen', '?')} examples seen\n"
@@ -482,6 +532,15 @@ def _card_line(manifest: dict[str, Any]) -> str:
     return f"{CARD} sha256 {card['sha256']} matches the manifest"
 
 
+def _config_line(manifest: dict[str, Any]) -> str:
+    entry = manifest.get("config")
+    if not entry:
+        return f"no {CONFIG} in this bundle's manifest"
+    if entry.get("file") is None:
+        return f"no {CONFIG}: {entry.get('reason')}"
+    return f"{CONFIG} sha256 {entry['sha256']} matches the manifest (timm: local-dir:BUNDLE)"
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """`fedrad verify`: 0 and a summary when the bundle passes, 1 and the reason when it is refused."""
     policy = policy_from_args(args)
@@ -494,7 +553,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["BUNDLE_FORMAT", "BundleVerificationError", "CARD", "INTENSITY", "MANIFEST", "ReleasePolicy", "SIGNATURE",
-           "VerifiedBundle", "WEIGHTS", "check_manifest", "cmd_verify", "describe", "load_verified_backbone",
-           "manifest_bytes", "parse_weights", "policy_from_args", "read_manifest_unverified", "read_verified",
-           "sha256_bytes", "verify_bundle"]
+__all__ = ["BUNDLE_FORMAT", "BundleVerificationError", "CARD", "CONFIG", "INTENSITY", "MANIFEST", "ReleasePolicy",
+           "SIGNATURE", "VerifiedBundle", "WEIGHTS", "build_backbone", "check_manifest", "cmd_verify", "describe",
+           "load_verified_backbone", "manifest_bytes", "parse_weights", "policy_from_args",
+           "read_manifest_unverified", "read_verified", "sha256_bytes", "verify_bundle"]

@@ -22,15 +22,17 @@ from enum import IntEnum
 from typing import Any
 
 from fedrad.common.bundle import CARD as MODEL_CARD
-from fedrad.common.bundle import MANIFEST, MAX_CARD_BYTES, SIGNATURE, WEIGHTS
+from fedrad.common.bundle import CONFIG as TIMM_CONFIG
+from fedrad.common.bundle import MANIFEST, MAX_CARD_BYTES, MAX_CONFIG_BYTES, SIGNATURE, WEIGHTS
 
 ACTION_OFFER = "release_offer"
 ACTION_FILES = "release_files"
 MESSAGE_OFFER = f"query.{ACTION_OFFER}"
 MESSAGE_FILES = f"query.{ACTION_FILES}"
 
-# the only files that travel (fixed allowlist); MODEL_CARD is stored only when the signed manifest lists it
-BUNDLE_FILES = (WEIGHTS, MANIFEST, SIGNATURE, MODEL_CARD)
+# the only files that travel (fixed allowlist); MODEL_CARD and TIMM_CONFIG (timm's config.json) are stored only
+# when the signed manifest lists them
+BUNDLE_FILES = (WEIGHTS, MANIFEST, SIGNATURE, MODEL_CARD, TIMM_CONFIG)
 REQUIRED_FILES = (WEIGHTS, MANIFEST, SIGNATURE)
 RELEASE_CHUNK_BYTES = 8 << 20  # one array per 8 MiB: well under Flower's message and object limits
 
@@ -128,6 +130,7 @@ def reply_code(values: Mapping[str, Any]) -> ReleaseCode:
 
 
 __all__ = ["ACTION_FILES", "ACTION_OFFER", "BUNDLE", "BUNDLE_FILES", "CONFIG", "DONE_CODES", "MAX_CARD_BYTES",
+           "MAX_CONFIG_BYTES", "TIMM_CONFIG",
            "MESSAGE_FILES", "MESSAGE_OFFER", "MODEL_CARD", "OFFER_CREATED", "OFFER_ID", "OFFER_RUN_ID",
            "OFFER_RUN_KEY", "OFFER_SEQUENCE", "RELEASE_CHUNK_BYTES", "RELEASE_CODE", "REQUIRED_FILES",
            "ReleaseCode", "ReleaseWireError", "chunk_key", "join_chunks", "manifest_release_id", "release_id",

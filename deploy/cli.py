@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from fedrad.common.losses import OBJECTIVES
+from fedrad.deploy.export_command import register as register_export
 from fedrad.deploy.publish_command import add_release_source
 from fedrad.deploy.publish_command import register as register_publish
 
@@ -356,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy(sub)
     _add_release(sub)
     register_publish(sub, _lazy)
+    register_export(sub, _lazy, _add_release_policy)
     _add_security(sub)
     return parser
 

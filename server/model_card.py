@@ -5,12 +5,17 @@ metrics.jsonl) and the manifest just built, so the card and the signed numbers a
 in the manifest, so the signature covers it. The coordinator knows only what crossed the wire: per-site image
 counts and losses, never headers, so modalities and views are stated as not reported (each site's own
 `fedrad scan` shows them). Fine-tuning AUCs appear when the operator passes a `fedrad finetune` results.json.
+
+The card opens with Hugging Face front matter (licence, tags, metrics, the training data described without
+dataset identifiers), written by `huggingface_hub.ModelCardData`, so `huggingface_hub.ModelCard.load` and the
+Hub read it. Per-site counts are those the coordinator weighted by (`site_counts`), beside what each claimed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,26 +54,101 @@ def read_finetune_results(path: Path) -> dict[str, Any]:
     return {"meta": meta, "rows": rows}
 
 
+def site_counts(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Node id -> {"claimed", "counted", "reason", "round"}: the images each site reported and those the
+    coordinator weighted its update by, from the last round the site took part in.
+
+    The one reader of the run's per-site counts (kept in one place so a change to what the coordinator
+    records touches only this): a round's `sites[node].num_examples` is the count after the cap, and its
+    `capped[node]` says why ("claimed N examples, counted as M ..."), the claim being read from that text.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: int(r.get("round", 0))):
+        capped = {str(k): str(v) for k, v in (row.get("capped") or {}).items()}
+        rejected = {str(k) for k in (row.get("rejected") or {})}
+        for node, record in (row.get("sites") or {}).items():
+            node = str(node)
+            if record.get("num_examples") is None or node in rejected:
+                continue
+            counted = float(record["num_examples"])
+            reason = capped.get(node)
+            claim = re.match(r"claimed ([0-9.eE+]+) examples", reason or "")
+            out[node] = {"claimed": float(claim.group(1)) if claim else counted, "counted": counted,
+                         "reason": reason, "round": int(row.get("round", 0))}
+    return out
+
+
+def _front_matter(manifest: dict[str, Any], counts: dict[str, dict[str, Any]], results: dict[str, Any] | None
+                  ) -> str:
+    """The YAML front matter, through huggingface_hub's ModelCardData (no dataset identifiers: the images
+    stayed at the sites, so the data are described, not named)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    p = manifest.get("privacy") or {}
+    rel = manifest.get("release") or {}
+    dp = str(p.get("differential_privacy", "none"))
+    tags = ["fedrad", "federated-learning", "radiology", "medical-imaging", "grayscale", "feature-extraction",
+            str(manifest.get("objective") or "contrastive")] + ([] if dp == "none" else ["differential-privacy"])
+    name = f"fedrad-{manifest['model']}-run{rel.get('run_id')}-release{rel.get('sequence')}"
+    evals = [EvalResult(task_type="image-classification", dataset_type="site-local-labelled-radiographs",
+                        dataset_name="labelled radiographs of the site that ran fedrad finetune",
+                        metric_type="roc_auc", metric_value=round(float(r["auc"]), 4),
+                        metric_name=f"test ROC-AUC ({str(r['backbone'])[:40]}, {str(r['mode'])[:20]}, "
+                                    f"{float(r['fraction']):.0%} labels)")
+             for r in (results or {}).get("rows", [])]
+    data = ModelCardData(
+        license=manifest.get("license"), library_name="timm", pipeline_tag="image-feature-extraction", tags=tags,
+        model_name=name, metrics=["roc_auc"] if evals else None, eval_results=evals or None,
+        training_data={
+            "description": "grayscale radiographs held at the consortium's sites; they never left the sites, "
+                           "so no dataset identifier is given",
+            "sites": len(counts), "images_counted": int(sum(c["counted"] for c in counts.values())),
+            "images_claimed": int(sum(c["claimed"] for c in counts.values())),
+            "modalities_and_views": "not recorded at the coordinator (each site's `fedrad scan` shows them)"},
+        privacy={"differential_privacy": dp, "epsilon": p.get("epsilon"), "delta": p.get("delta"),
+                 "unit": p.get("unit"), "secure_aggregation": bool(p.get("secure_aggregation"))},
+        input={"channels": manifest["in_chans"], "size": manifest["input_size"], "intensity": manifest["intensity"]},
+    )
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
 def model_card(manifest: dict[str, Any], run: dict[str, Any], summary: dict[str, Any],
                rows: list[dict[str, Any]], results: dict[str, Any] | None = None) -> str:
-    """The card's Markdown, from the manifest and the run directory's files (see the module docstring)."""
+    """The card's Markdown with its front matter, from the manifest and the run directory's files (see the
+    module docstring); parsed once by `huggingface_hub.ModelCard`, so a card the Hub cannot read is never signed."""
+    from huggingface_hub import ModelCard
+
     config: dict[str, Any] = dict(run.get("config") or {})
     rel = manifest.get("release") or {}
+    counts = site_counts(rows)
     parts = [
+        _front_matter(manifest, counts, results),
         f"# Model card: {manifest['model']} radiograph backbone (fedrad run {rel.get('run_id')}, "
         f"release #{rel.get('sequence')})\n",
         f"Released {manifest['created']} by the consortium key {manifest['signer']['public_key_sha256'][:16]}...; "
         f"this file's sha256 is listed in manifest.json, which manifest.sig signs (`fedrad verify` checks both).\n",
         _model_section(manifest, config),
         _training_section(manifest, config, summary, rows),
-        _sites_section(rows),
+        _sites_section(rows, counts, manifest.get("privacy") or {}),
         _privacy_section(manifest.get("privacy") or {}),
         _evaluation_section(results),
         _USE_AND_LIMITS,
-        f"## How to load\n\n```python\n{manifest['load_with']}\n```\n\n"
-        f"Or `fedrad.load_backbone(BUNDLE, pubkey='consortium.pub')`, which verifies the bundle first.\n",
+        _load_section(manifest),
+        f"## License\n\nThe weights are released under `{manifest.get('license')}`.\n",
     ]
-    return "\n".join(parts)
+    return str(ModelCard("\n".join(parts)))
+
+
+def _load_section(m: dict[str, Any]) -> str:
+    entry = m.get("config") or {}
+    timm_line = ("`config.json` (timm): `timm.create_model(\"local-dir:BUNDLE\", pretrained=True)` rebuilds the "
+                 "backbone and `timm.data.resolve_data_config(model=model)` gives its preprocessing (1 channel in "
+                 "[0, 1], no mean/std, longer side resized bilinearly and zero-padded to a square)."
+                 if entry.get("file") else f"No timm `config.json`: {entry.get('reason') or 'older bundle'}.")
+    return (f"## How to load\n\n```python\n{m['load_with']}\n```\n\n{timm_line}\n\n"
+            "Or `fedrad.load_backbone(BUNDLE, pubkey='consortium.pub')`, which verifies the bundle first; "
+            "`fedrad export --format monai-bundle|onnx|torchscript BUNDLE --pubkey consortium.pub --out DIR` "
+            "writes a verified MONAI bundle, ONNX graph or TorchScript module.\n")
 
 
 def _model_section(m: dict[str, Any], config: dict[str, Any]) -> str:
@@ -114,10 +194,11 @@ def _positives(objective: str | None, config: dict[str, Any]) -> str:
     return "self-supervised: positives are two augmentations of one image; no labels used"
 
 
-def _sites_section(rows: list[dict[str, Any]]) -> str:
-    """One line per site: its enrolled name (else "site N"), images it reported, rounds taken part, last loss."""
+def _sites_section(rows: list[dict[str, Any]], counts: dict[str, dict[str, Any]], privacy: dict[str, Any]
+                   ) -> str:
+    """One line per site: its enrolled name (else "site N"), the images it claimed and those its update was
+    weighted by (with why they differ), its weight share, rounds taken part, last loss and, with DP, its ε."""
     labels = site_labels(rows)
-    images: dict[str, float] = {}
     rounds: dict[str, int] = {}
     last_loss: dict[str, Any] = {}
     epsilon: dict[str, float] = {}  # dp=sample: each site's image-level ε so far, as it reported it
@@ -126,30 +207,55 @@ def _sites_section(rows: list[dict[str, Any]]) -> str:
             node = str(node)
             if record.get("dp_epsilon") is not None:
                 epsilon[node] = float(record["dp_epsilon"])
-            if record.get("num_examples") is not None:
-                images[node] = float(record["num_examples"])
             if record.get("train_loss") is not None:
                 last_loss[node] = record["train_loss"]
                 if node not in (row.get("rejected") or {}):
                     rounds[node] = rounds.get(node, 0) + 1
     if not labels:
         return "## Sites\n\nNo per-site record in metrics.jsonl.\n"
-    eps_head, eps_sep = (" image-level ε |", "---|") if epsilon else ("", "")
-    lines = ["## Sites\n", "| site | images (as reported by the site) | rounds aggregated | last train loss |"
-             + eps_head, "|---|---|---|---|" + eps_sep]
+    epsilon = _site_epsilons(labels, epsilon, privacy)
+    eps_head, eps_sep = (" ε |", "---|") if epsilon else ("", "")
+    total = sum(c["counted"] for c in counts.values()) or 1.0
+    lines = ["## Sites\n", "| site | images reported | images counted (weight) | weight share | rounds aggregated "
+             "| last train loss |" + eps_head, "|---|---|---|---|---|---|" + eps_sep]
+    notes = []
     for node, label in labels.items():
-        count = f"{images[node]:.0f}" if node in images else "-"
+        c = counts.get(node)
+        claimed, counted = (f"{c['claimed']:.0f}", f"{c['counted']:.0f}") if c else ("-", "-")
+        share = f"{c['counted'] / total:.1%}" if c else "-"
         eps = (f" {_num(epsilon.get(node))} |" if epsilon else "")
-        lines.append(f"| {label} | {count} | {rounds.get(node, 0)} | {_num(last_loss.get(node))} |" + eps)
-    total = sum(images.values())
-    lines += ["", f"{len(labels)} sites, {total:.0f} images in all (the last count each site reported). Site "
-              "names are those the operator enrolled the sites' keys under; \"site N\" marks a site enrolled "
+        lines.append(f"| {label} | {claimed} | {counted} | {share} | {rounds.get(node, 0)} | "
+                     f"{_num(last_loss.get(node))} |" + eps)
+        if c and c["reason"]:
+            notes.append(f"- {label}, round {c['round']}: {c['reason']}")
+    lines += ["", f"{len(labels)} sites; {sum(c['claimed'] for c in counts.values()):.0f} images reported, "
+              f"{sum(c['counted'] for c in counts.values()):.0f} counted in aggregation (each site's last round). "
+              "The coordinator weights an update by the images counted: a claim far above the round's median is "
+              "cut down to a cap, so one site cannot outweigh the others by its word alone."]
+    if notes:
+        lines += ["", "Counts cut by the coordinator:", *notes]
+    lines += ["",
+              "Site names are those the operator enrolled the sites' keys under; \"site N\" marks a site enrolled "
               "without a name.",
               "",
               "Modalities and views: not recorded. Sites send the coordinator only model weights and numeric "
               "training metrics, never header values; each site's `fedrad scan` lists the modalities, views and "
               "body parts of its own images."]
     return "\n".join(lines) + "\n"
+
+
+def _site_epsilons(labels: dict[str, str], reported: dict[str, float], privacy: dict[str, Any]) -> dict[str, float]:
+    """Each site's ε where DP was on: the site's own report (dp=sample), else the run's per-site accounting,
+    else the run's ε for every site (dp=client protects each site as a whole with one ε)."""
+    if privacy.get("differential_privacy", "none") == "none":
+        return {}
+    out = dict(reported)
+    for node, eps in (privacy.get("site_epsilons") or {}).items():
+        out.setdefault(str(node), float(eps))
+    if isinstance(privacy.get("epsilon"), int | float):
+        for node in labels:
+            out.setdefault(node, float(privacy["epsilon"]))
+    return out
 
 
 def _privacy_section(p: dict[str, Any]) -> str:
@@ -211,4 +317,4 @@ def _num(value: Any) -> str:
     return "-" if value is None else f"{float(value):.4f}"
 
 
-__all__ = ["CARD", "model_card", "read_finetune_results"]
+__all__ = ["CARD", "model_card", "read_finetune_results", "site_counts"]

@@ -31,10 +31,12 @@ from fedrad.common.bundle import (
     sha256_bytes,
 )
 from fedrad.common.keys import key_fingerprint
+from fedrad.common.timm_config import CONFIG, config_bytes
 from fedrad.server.model_card import model_card, read_finetune_results
 from fedrad.server.run_log import read_metrics
 
 RELEASES = "releases.jsonl"
+DEFAULT_LICENSE = "apache-2.0"  # the weights' licence (SPDX-style id, as Hugging Face cards take it): `--license`
 
 
 # -- keys -----------------------------------------------------------------------------------------
@@ -168,7 +170,7 @@ def _record_release(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def build_manifest(run_dir: Path, weights: bytes, meta: dict[str, str], signer_fingerprint: str,
-                   sequence: int) -> dict[str, Any]:
+                   sequence: int, license_id: str = DEFAULT_LICENSE) -> dict[str, Any]:
     """The manifest of `weights` (bytes of global.safetensors, `meta` its header metadata) from the run
     directory's run.json, summary.json and metrics.jsonl, as release #`sequence` of the run."""
     run = _read_json(run_dir / "run.json", required=True)
@@ -213,12 +215,17 @@ def build_manifest(run_dir: Path, weights: bytes, meta: dict[str, str], signer_f
         "init": run.get("init"),  # what the run started from (a checkpoint's sha256, or an earlier release)
         "weights": {"file": WEIGHTS, "sha256": sha256_bytes(weights), "bytes": len(weights)},
         "signer": {"algorithm": "Ed25519", "public_key_sha256": signer_fingerprint},
+        "license": license_id,
         "load_with": _load_with(model, norm),
     }
 
 
-def _load_with(model: str, norm: str) -> str:
-    """How to load the weights without fedrad's CLI (the GroupNorm variant needs fedrad's converter)."""
+def _load_with(model: str, norm: str, timm_config: bool = False) -> str:
+    """How to load the weights without fedrad's CLI (the GroupNorm variant needs fedrad's converter unless the
+    bundle's config.json rebuilds it in timm)."""
+    if timm_config:
+        return ('timm.create_model("local-dir:BUNDLE", pretrained=True)  # config.json + weights.safetensors; '
+                'timm.data.resolve_data_config(model=model) gives the preprocessing')
     if norm == "group":
         return (f"fedrad.common.models.create_backbone({model!r}, in_chans=1, norm='group').load_state_dict("
                 f"safetensors.torch.load_file('{WEIGHTS}'))  # BatchNorm replaced by GroupNorm (dp=sample)")
@@ -242,11 +249,33 @@ def _check_loads(data: bytes, meta: dict[str, str], where: Path) -> None:
         raise ValueError(f"{where}: not a plain {model or '(unnamed)'} backbone ({first})") from None
 
 
+def _timm_config(out: Path, data: bytes, meta: dict[str, str], manifest: dict[str, Any]) -> None:
+    """Write the bundle's timm config.json (common.timm_config) and list it in the manifest, or record why
+    timm cannot rebuild this backbone; a config.json left by an earlier release is removed either way first."""
+    (out / CONFIG).unlink(missing_ok=True)
+    size = manifest["input_size"] or int(meta.get("image_size") or 0)
+    if not size:
+        manifest["config"] = {"file": None, "reason": "the weights record no input size"}
+        return
+    rel = manifest["release"]
+    body, reason = config_bytes(manifest["model"], manifest["in_chans"], size, manifest["norm"],
+                                parse_weights(data, out), f"fedrad-run{rel['run_id']}-release{rel['sequence']}",
+                                manifest["license"])
+    if body is None:
+        manifest["config"] = {"file": None, "reason": reason}
+        return
+    atomic_write_bytes(out / CONFIG, body, mode=0o644)
+    manifest["config"] = {"file": CONFIG, "sha256": sha256_bytes(body), "bytes": len(body)}
+    manifest["load_with"] = _load_with(manifest["model"], manifest["norm"], timm_config=True)
+
+
 def release_bundle(run_dir: str | os.PathLike[str], key_path: str | os.PathLike[str],
                    out_dir: str | os.PathLike[str] | None = None,
-                   finetune_results: str | os.PathLike[str] | None = None) -> Path:
-    """Write weights.safetensors, MODEL_CARD.md, manifest.json and manifest.sig into `out_dir` (default
-    RUN_DIR/release); `finetune_results`: a `fedrad finetune` results.json whose AUCs the card shows.
+                   finetune_results: str | os.PathLike[str] | None = None,
+                   license_id: str = DEFAULT_LICENSE) -> Path:
+    """Write weights.safetensors, config.json (timm), MODEL_CARD.md, manifest.json and manifest.sig into
+    `out_dir` (default RUN_DIR/release); `finetune_results`: a `fedrad finetune` results.json whose AUCs the
+    card shows; `license_id`: the weights' licence, as the card and config.json state it.
 
     global.safetensors is read once; those bytes are checked to load strictly into a fresh backbone before
     anything is signed (a consortium never signs a file sites cannot use), hashed, and written. The card is
@@ -273,7 +302,8 @@ def release_bundle(run_dir: str | os.PathLike[str], key_path: str | os.PathLike[
     meta = read_weights_metadata(atomic_write_bytes(out / WEIGHTS, data, mode=0o644))
     _check_loads(data, meta, src)
     sequence = next_sequence(run_dir)
-    manifest = build_manifest(run_dir, data, meta, fingerprint, sequence)
+    manifest = build_manifest(run_dir, data, meta, fingerprint, sequence, license_id)
+    _timm_config(out, data, meta, manifest)
     card = model_card(manifest, _read_json(run_dir / "run.json", required=True),
                       _read_json(run_dir / "summary.json", required=False), read_metrics(run_dir),
                       results).encode("utf-8")
@@ -303,14 +333,16 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     out = release_bundle(Path(args.run_dir), Path(args.key), Path(args.out) if args.out else None,
-                         getattr(args, "finetune_results", None))
+                         getattr(args, "finetune_results", None), getattr(args, "license", None) or DEFAULT_LICENSE)
     m = json.loads((out / MANIFEST).read_text())
     r = m["release"]
     print(f"released {out}: {m['model']} {m['input_size']}px, {m['objective']}, {m['rounds']} rounds, "
           f"{m['sites']} sites; run {r['run_id']} release #{r['sequence']}; weights sha256 {m['weights']['sha256']}"
-          f"\nmodel card {out / CARD} (signed with the manifest)")
+          f"\nmodel card {out / CARD} (signed with the manifest)"
+          + (f"\ntimm config {out / CONFIG}: timm.create_model('local-dir:{out}', pretrained=True)"
+             if m["config"]["file"] else f"\nno timm config.json: {m['config']['reason']}"))
     return 0
 
 
-__all__ = ["RELEASES", "build_manifest", "cmd_keys_generate", "cmd_release", "generate_keys", "load_private_key",
-           "next_sequence", "release_bundle"]
+__all__ = ["DEFAULT_LICENSE", "RELEASES", "build_manifest", "cmd_keys_generate", "cmd_release", "generate_keys",
+           "load_private_key", "next_sequence", "release_bundle"]

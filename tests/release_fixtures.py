@@ -15,7 +15,7 @@ SIZE = 32
 
 
 def make_run_dir(root: Path, model: str = MODEL, size: int = SIZE, rounds: int = 2, dp: str = "none",
-                 seed: int = 0) -> Path:
+                 seed: int = 0, norm: str = "batch") -> Path:
     import torch
 
     from fedrad.common.models import build_model, save_backbone
@@ -23,10 +23,10 @@ def make_run_dir(root: Path, model: str = MODEL, size: int = SIZE, rounds: int =
     run = root / "run"
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model_ = build_model(model, "simclr", size, proj_dim=32)
+    model_ = build_model(model, "simclr", size, proj_dim=32, norm=norm)
     save_backbone(model_.backbone, run / "global.safetensors",
                   {"model": model, "in_chans": "1", "image_size": str(size), "objective": "simclr",
-                   "rounds": str(rounds)})
+                   "rounds": str(rounds), "norm": norm})
     config = {"model": model, "objective": "simclr", "image-size": size, "num-server-rounds": rounds,
               "batch-size": 8, "local-steps": 3, "secagg": False, "dp": dp, "dp-delta": 1e-5, "strategy": "fedavg"}
     (run / "run.json").write_text(json.dumps({"run_id": 1, "config": config, "started": 0.0, "start_round": 1}))

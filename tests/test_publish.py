@@ -25,6 +25,7 @@ from fedrad.common.bundle import MANIFEST, SIGNATURE, WEIGHTS, verify_bundle
 from fedrad.common.release_wire import (
     MODEL_CARD,
     RELEASE_CODE,
+    TIMM_CONFIG,
     ReleaseCode,
     ReleaseWireError,
     join_chunks,
@@ -33,7 +34,7 @@ from fedrad.common.release_wire import (
     split_chunks,
 )
 
-LIMITS = {WEIGHTS: 1 << 20, MANIFEST: 1 << 20, SIGNATURE: 64, MODEL_CARD: 1 << 20}
+LIMITS = {WEIGHTS: 1 << 20, MANIFEST: 1 << 20, SIGNATURE: 64, MODEL_CARD: 1 << 20, TIMM_CONFIG: 1 << 20}
 
 
 # -- the wire contract ----------------------------------------------------------------------------------

@@ -164,6 +164,8 @@ def test_readme_operator_and_hospital_recipes_run_as_printed(tmp_path):
     assert len(held) == 1, held
     verify_bundle(held[0], site / "consortium.pub")
     assert "site-a" in (held[0] / "MODEL_CARD.md").read_text()
+    assert (held[0] / "config.json").is_file()  # timm's config travels with the release; exported from it:
+    assert (site / "monai-bundle" / "configs" / "metadata.json").is_file()
     # Beyond the README: a node with an unenrolled key is refused; one that trusts another CA gets nothing.
     for name, code in intruder_exits.items():
         log = (logs / f"{name}-node.log").read_text()

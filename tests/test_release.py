@@ -73,12 +73,14 @@ def test_model_card_is_signed_and_says_what_the_run_was(signed, capsys):
     card = (bundle / "MODEL_CARD.md").read_bytes()
     m = verify_bundle(bundle, pub)
     assert m["card"] == {"file": "MODEL_CARD.md", "sha256": hashlib.sha256(card).hexdigest(), "bytes": len(card)}
-    text = card.decode()
-    assert text.startswith(f"# Model card: {MODEL}") and "release #1" in text
+    from huggingface_hub import ModelCard
+
+    text = ModelCard.load(bundle / "MODEL_CARD.md").text  # the Markdown after the Hugging Face front matter
+    assert text.lstrip().startswith(f"# Model card: {MODEL}") and "release #1" in text
     assert "Objective: simclr (self-supervised: positives are two augmentations" in text
     assert "Rounds: 2 of 2 planned" in text
-    # Sites by label (node ids never), the image count each reported, and the total.
-    assert "| site 1 | 20 | 2 |" in text and "3 sites, 60 images in all" in text
+    # Sites by label (node ids never), the images each reported and those counted, its share, and the totals.
+    assert "| site 1 | 20 | 20 | 33.3% | 2 |" in text and "3 sites; 60 images reported, 60 counted" in text
     assert "Modalities and views: not recorded" in text
     assert "Differential privacy: none" in text and "Secure aggregation (SecAgg+): off" in text
     assert "## Intended use" in text and "## Limits" in text and "not a medical device" in text
@@ -251,7 +253,7 @@ def test_each_bundle_file_is_read_once(bundle_copy, monkeypatch):
     monkeypatch.setattr(builtins, "open", counting_open)
     load_verified_backbone(bundle, pub)
     assert sorted(opened) == sorted(str(bundle / n) for n in ("manifest.json", "manifest.sig",
-                                                              "weights.safetensors", "MODEL_CARD.md"))
+                                                              "weights.safetensors", "MODEL_CARD.md", "config.json"))
 
 
 @pytest.mark.parametrize("claimed", [2**70, 10**15, 0])
@@ -445,6 +447,7 @@ def test_model_card_names_enrolled_sites_and_their_epsilon(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     key, pub = generate_keys(tmp_path / "k")
     text = (release_bundle(run, key, tmp_path / "b") / "MODEL_CARD.md").read_text()
-    assert "| st-marys | 20 | 2 | 3.0000 | 0.5000 |" in text
-    assert "| site 1 | 20 | 2 | 3.0000 | 1.5000 |" in text and "| charite | 20 | 2 | 3.0000 | 2.5000 |" in text
+    assert "| st-marys | 20 | 20 | 33.3% | 2 | 3.0000 | 0.5000 |" in text
+    assert "| site 1 | 20 | 20 | 33.3% | 2 | 3.0000 | 1.5000 |" in text
+    assert "| charite | 20 | 20 | 33.3% | 2 | 3.0000 | 2.5000 |" in text
     assert "Differential privacy: sample" in text

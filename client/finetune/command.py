@@ -22,9 +22,10 @@ def _parse_fractions(text: str) -> list[float]:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Verify, load data, split by patient, fit per fraction and seed, write the tables and the plot."""
+    from fedrad.client.model_source import load_model_source
     from fedrad.client.release_store import bundle_from_args
     from fedrad.client.trainer import resolve_device
-    from fedrad.common.bundle import BundleVerificationError, load_verified_backbone, policy_from_args
+    from fedrad.common.bundle import BundleVerificationError, policy_from_args
 
     fractions = _parse_fractions(args.fractions)
     if args.seeds < 1 or args.epochs < 1:
@@ -40,10 +41,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: exists and is not a folder")
     policy = policy_from_args(args)  # applies to BUNDLE; --compare is a reference arm, often an older release
     try:
-        backbone, manifest = load_verified_backbone(args.bundle, args.pubkey, args.insecure, policy)
+        backbone, manifest = load_model_source(args.bundle, args.pubkey, args.insecure, policy)
         arms = [Arm("pretrained", backbone, manifest.get("input_size"))]
         if args.compare:
-            other, m2 = load_verified_backbone(args.compare, args.pubkey, args.insecure)
+            other, m2 = load_model_source(args.compare, args.pubkey, args.insecure)
             arms.append(Arm(f"compare:{Path(args.compare).name}", other, m2.get("input_size")))
     except BundleVerificationError as exc:
         print(f"fedrad finetune: bundle verification FAILED: {exc}", file=sys.stderr)
