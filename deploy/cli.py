@@ -339,6 +339,27 @@ def _add_security(sub) -> None:
     r.set_defaults(func=_lazy("fedrad.deploy.certs:cmd_register"))
 
 
+def _add_console(sub) -> None:
+    """The operator's console (issue 28): detach and re-attach runs, list sites, the dashboard, the site's audit."""
+    run, runs = sub.choices["run"], sub.choices["runs"]
+    run.add_argument("--detach", action="store_true", help="return once the coordinator accepted the run (prints "
+                     "its id; re-attach with `fedrad log RUN --follow`)")
+    runs.add_argument("--format", default="table", choices=["table", "json"], help="output (json: ISO 8601 times)")
+    p = sub.add_parser("log", help="the log of a run at the coordinator; --follow re-attaches until it ends")
+    p.add_argument("run", metavar="RUN", help="the run id, as `fedrad run --detach` or `fedrad runs` prints it")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="stream until the run ends; exit 0 if it completed, 1 if it failed or was stopped")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
+    p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (default: no TLS)")
+    p.set_defaults(func=_lazy("fedrad.deploy.runs_command:cmd_log"))
+    p = sub.add_parser("sites", help="the sites enrolled at the coordinator, connected or not (flwr supernode list)")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
+    p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (default: no TLS)")
+    p.add_argument("--runs-dir", default="runs", help="run directories: the sites' names, images and rejections")
+    p.add_argument("--format", default="table", choices=["table", "json"], help="output (json: ISO 8601 times)")
+    p.set_defaults(func=_lazy("fedrad.deploy.runs_command:cmd_sites"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="fedrad",
@@ -354,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_release(sub)
     register_publish(sub, _lazy)
     _add_security(sub)
+    _add_console(sub)
     return parser
 
 
