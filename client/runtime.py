@@ -514,13 +514,12 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 def configure_logging(level: str = "INFO") -> None:
     """The site's own lines (fedrad.client's one line per message, the runtime's refusals) go to stderr, which
-    is the node's terminal or log file; Flower's colour codes only where stderr is a terminal."""
-    from flwr.common.logger import update_console_handler
+    is the node's terminal or log file; Flower's lines in the same format, without colour codes."""
+    import flwr.common.logger  # noqa: F401  (Flower's console handler exists once its logger module is imported)
 
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
-    logging.getLogger("flwr").propagate = False  # Flower prints its own records; once is enough
-    update_console_handler(level=level, colored=sys.stderr.isatty())
+    from fedrad.common.log_format import configure
+
+    configure(level)  # ISO times and levels, JSON lines with FEDRAD_LOG_FORMAT=json (fedrad.common.log_format)
 
 
 def _copy_plain(stream, sink) -> None:

@@ -339,8 +339,11 @@ def _add_security(sub) -> None:
     r.set_defaults(func=_lazy("fedrad.deploy.certs:cmd_register"))
 
 
-def _add_console(sub) -> None:
+def _add_console(sub, parser) -> None:
     """The operator's console (issue 28): detach and re-attach runs, list sites, the dashboard, the site's audit."""
+    parser.add_argument("--log-format", default=None, choices=["text", "json"], help="log lines of fedrad and "
+                        "of the processes it starts: text (ISO time, level) or JSON lines (default: "
+                        "$FEDRAD_LOG_FORMAT, else text)")
     run, runs = sub.choices["run"], sub.choices["runs"]
     run.add_argument("--detach", action="store_true", help="return once the coordinator accepted the run (prints "
                      "its id; re-attach with `fedrad log RUN --follow`)")
@@ -375,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_release(sub)
     register_publish(sub, _lazy)
     _add_security(sub)
-    _add_console(sub)
+    _add_console(sub, parser)
     return parser
 
 
@@ -430,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"fedrad {version('fedrad')}")
         return 0
+    if args.log_format:  # the processes fedrad starts (node runtime, ServerApp) inherit it
+        os.environ["FEDRAD_LOG_FORMAT"] = args.log_format
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
