@@ -361,6 +361,19 @@ def _add_console(sub, parser) -> None:
     p.add_argument("--runs-dir", default="runs", help="run directories: the sites' names, images and rejections")
     p.add_argument("--format", default="table", choices=["table", "json"], help="output (json: ISO 8601 times)")
     p.set_defaults(func=_lazy("fedrad.deploy.runs_command:cmd_sites"))
+    p = sub.add_parser("dashboard", help="read-only web dashboard of the runs and sites, on the coordinator host")
+    p.add_argument("--runs-dir", default="runs", help="where `fedrad run` puts the run directories")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback only with TLS and a "
+                   "token)")
+    p.add_argument("--port", type=int, default=8050, help="port to listen on")
+    p.add_argument("--superlink", default=None, help="coordinator address, for run status and connected sites "
+                   "(default: none, the run directories only)")
+    p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (default: no TLS)")
+    p.add_argument("--token-file", default=None, help="file (mode 0600) holding the access token (default: "
+                   "$FEDRAD_DASHBOARD_TOKEN, else no token: loopback only)")
+    p.add_argument("--tls-cert", default=None, help="HTTPS certificate (PEM; default: plain HTTP on loopback)")
+    p.add_argument("--tls-key", default=None, help="HTTPS private key (PEM; with --tls-cert)")
+    p.set_defaults(func=_lazy("fedrad.deploy.dashboard:cmd_dashboard"))
 
 
 def build_parser() -> argparse.ArgumentParser:
