@@ -372,7 +372,7 @@ def _add_console(sub, parser) -> None:
     p.add_argument("--token-file", default=None, help="file (mode 0600) holding the access token (default: "
                    "$FEDRAD_DASHBOARD_TOKEN, else no token: loopback only)")
     p.add_argument("--tls-cert", default=None, help="HTTPS certificate (PEM; default: plain HTTP on loopback)")
-    p.add_argument("--tls-key", default=None, help="HTTPS private key (PEM; with --tls-cert)")
+    p.add_argument("--tls-key", default=None, help="HTTPS private key (PEM; with --tls-cert; default: none)")
     p.set_defaults(func=_lazy("fedrad.deploy.dashboard:cmd_dashboard"))
 
 
