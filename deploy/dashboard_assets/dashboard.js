@@ -36,7 +36,7 @@ function table(id, header, rows) {
 function layout(title, ytitle, extra) {
   return Object.assign({
     title: { text: title, font: { size: 14 } }, margin: { l: 60, r: 20, t: 40, b: 45 },
-    xaxis: { title: { text: "round" }, tickformat: "d", dtick: 1, rangemode: "tozero" },
+    xaxis: { title: { text: "round" }, tickformat: "d", dtick: 1 },
     yaxis: { title: { text: ytitle } }, legend: { orientation: "h", y: -0.25 }, font: { size: 12 },
   }, extra || {});
 }
@@ -44,8 +44,13 @@ function layout(title, ytitle, extra) {
 function plot(id, traces, lay) {
   const node = document.getElementById(id);
   if (!node) return;
-  if (!traces.length) { node.textContent = "no data yet"; return; }
-  Plotly.react(node, traces, lay, { displaylogo: false, responsive: true });
+  if (!traces.length) {
+    if (node.data) Plotly.purge(node);
+    node.replaceChildren(el("p", { class: "muted empty" }, `${lay.title.text}: not recorded in this run (yet)`));
+    return;
+  }
+  if (!node.data) node.replaceChildren();
+  Plotly.react(node, traces, lay, { displayModeBar: false, responsive: true });
 }
 
 async function showRuns(view) {
@@ -91,7 +96,7 @@ async function showRun(view, name) {
     el("span", { id: "run-status" }, `status: ${r.status}`),
     el("span", { id: "run-round" }, `round ${r.round}/${r.rounds_planned || "?"}`),
     el("span", {}, `elapsed ${dur(r.elapsed_seconds)}`), el("span", {}, `ETA ${dur(r.eta_seconds)}`),
-    el("span", {}, `${r.strategy || ""} · ${r.objective || ""} · ${r.model || ""}`),
+    el("span", {}, [r.strategy, r.objective, r.model].filter(Boolean).join(" · ")),
     el("span", {}, `Flower run ${r.run_id || "-"}`));
   document.getElementById("run-sites").replaceChildren(r.site_names.length
     ? el("ul", { id: "run-site-names" }, ...r.site_names.map((s) => el("li", {}, s)))
