@@ -374,6 +374,15 @@ def _add_console(sub, parser) -> None:
     p.add_argument("--tls-cert", default=None, help="HTTPS certificate (PEM; default: plain HTTP on loopback)")
     p.add_argument("--tls-key", default=None, help="HTTPS private key (PEM; with --tls-cert; default: none)")
     p.set_defaults(func=_lazy("fedrad.deploy.dashboard:cmd_dashboard"))
+    p = sub.add_parser("audit", help="at a site: what left this node per run and per day, refusals, releases")
+    p.add_argument("--state-dir", default=None, help="the node's --state-dir (default: derived from --data)")
+    p.add_argument("--data", default=None, help="the node's --data folder, to find its default state (default: none)")
+    p.add_argument("--audit-dir", default=None, help="the node's --audit-dir (default <state-dir>/audit)")
+    p.add_argument("--days", type=float, default=None, help="only the last N days (default: everything)")
+    p.add_argument("--since", default=None, metavar="DATE", help="from this UTC date or time (default: the start)")
+    p.add_argument("--until", default=None, metavar="DATE", help="before this UTC date or time (default: now)")
+    p.add_argument("--format", default="table", choices=["table", "json"], help="output (times ISO 8601, UTC)")
+    p.set_defaults(func=_lazy("fedrad.deploy.audit_command:cmd_audit"))
 
 
 def build_parser() -> argparse.ArgumentParser:
