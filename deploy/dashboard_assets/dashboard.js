@@ -35,9 +35,9 @@ function table(id, header, rows) {
 
 function layout(title, ytitle, extra) {
   return Object.assign({
-    title: { text: title, font: { size: 14 } }, margin: { l: 60, r: 20, t: 40, b: 45 },
+    title: { text: title, font: { size: 14 } }, margin: { l: 60, r: 20, t: 40, b: 90 },
     xaxis: { title: { text: "round" }, tickformat: "d", dtick: 1 },
-    yaxis: { title: { text: ytitle } }, legend: { orientation: "h", y: -0.25 }, font: { size: 12 },
+    yaxis: { title: { text: ytitle } }, legend: { orientation: "h", x: 0, y: -0.32, yanchor: "top" }, font: { size: 12 },
   }, extra || {});
 }
 
