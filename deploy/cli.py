@@ -383,6 +383,10 @@ def _add_console(sub, parser) -> None:
     p.add_argument("--until", default=None, metavar="DATE", help="before this UTC date or time (default: now)")
     p.add_argument("--format", default="table", choices=["table", "json"], help="output (times ISO 8601, UTC)")
     p.set_defaults(func=_lazy("fedrad.deploy.audit_command:cmd_audit"))
+    p = sub.add_parser("tensorboard", help="TensorBoard event files from a run's metrics.jsonl (RUN_DIR/tensorboard)")
+    p.add_argument("run_dir", help="the run directory `fedrad run` wrote")
+    p.add_argument("--follow", action="store_true", help="keep exporting new rounds until the run finishes (default: export once)")
+    p.set_defaults(func=_lazy("fedrad.deploy.tensorboard_command:cmd_tensorboard"))
 
 
 def build_parser() -> argparse.ArgumentParser:
