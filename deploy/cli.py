@@ -371,6 +371,8 @@ def _add_console(sub, parser) -> None:
     p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (default: no TLS)")
     p.add_argument("--token-file", default=None, help="file (mode 0600) holding the access token (default: "
                    "$FEDRAD_DASHBOARD_TOKEN, else no token: loopback only)")
+    p.add_argument("--allow-host", action="append", default=None, metavar="NAME", help="another name browsers "
+                   "reach it by (repeatable; default: loopback and --host only)")
     p.add_argument("--tls-cert", default=None, help="HTTPS certificate (PEM; default: plain HTTP on loopback)")
     p.add_argument("--tls-key", default=None, help="HTTPS private key (PEM; with --tls-cert; default: none)")
     p.set_defaults(func=_lazy("fedrad.deploy.dashboard:cmd_dashboard"))
@@ -385,7 +387,8 @@ def _add_console(sub, parser) -> None:
     p.set_defaults(func=_lazy("fedrad.deploy.audit_command:cmd_audit"))
     p = sub.add_parser("tensorboard", help="TensorBoard event files from a run's metrics.jsonl (RUN_DIR/tensorboard)")
     p.add_argument("run_dir", help="the run directory `fedrad run` wrote")
-    p.add_argument("--follow", action="store_true", help="keep exporting new rounds until the run finishes (default: export once)")
+    p.add_argument("--follow", action="store_true",
+                   help="keep exporting new rounds until the run finishes (default: export once)")
     p.set_defaults(func=_lazy("fedrad.deploy.tensorboard_command:cmd_tensorboard"))
 
 

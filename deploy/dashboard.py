@@ -12,7 +12,8 @@ Access: bound to 127.0.0.1 unless TLS (certificate + key) and a token are both c
 a file (--token-file) or FEDRAD_DASHBOARD_TOKEN, never the command line (it would show in `ps`). With a token,
 every page and API route answers 401 without it (a sign-in form at the pages); it is taken as
 `Authorization: Bearer TOKEN` or the HttpOnly cookie that signing in sets. Only GET (and POST to /login)
-exist; long paths and bodies are refused before any handler runs.
+exist; long paths and bodies are refused before any handler runs, and so is a Host header that names this
+host by another name than loopback, --host or --allow-host (a DNS-rebinding page elsewhere).
 """
 
 from __future__ import annotations
@@ -150,9 +151,13 @@ autocomplete="current-password"></label> <button type="submit" id="sign-in">sign
 <p class="muted">{note}</p></main></body></html>"""
 
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
 def build_app(runs_dir: Path, token: str | None = None, superlink: str | None = None, ca: Path | None = None,
-              secure_cookie: bool = False) -> Starlette:
-    """The ASGI app (uvicorn serves it; tests use Starlette's TestClient on it)."""
+              secure_cookie: bool = False, hosts: tuple[str, ...] = LOOPBACK_NAMES) -> Starlette:
+    """The ASGI app (uvicorn serves it; tests use Starlette's TestClient on it). `hosts`: the names the
+    browser may call it by (the Host header), so a web page elsewhere cannot reach it by DNS rebinding."""
     runs = Runs(runs_dir)
     coordinator = Coordinator(superlink, ca)
     plotly = plotly_js()
@@ -230,7 +235,7 @@ def build_app(runs_dir: Path, token: str | None = None, superlink: str | None = 
 
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.coordinator = coordinator
-    return Guard(app, token)
+    return Guard(app, token, hosts)
 
 
 def _site_fields(seen: dict[str, Any]) -> dict[str, Any]:
@@ -246,8 +251,8 @@ def _login_form(status: int, note: str = "this dashboard asks for its access tok
 class Guard:
     """ASGI middleware in front of every route: request limits, the token, security headers."""
 
-    def __init__(self, app, token: str | None) -> None:
-        self.app, self.token = app, token
+    def __init__(self, app, token: str | None, hosts: tuple[str, ...] = LOOPBACK_NAMES) -> None:
+        self.app, self.token, self.hosts = app, token, {h.strip("[]").lower() for h in hosts}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -255,6 +260,8 @@ class Guard:
         request = Request(scope)
         path = scope.get("raw_path") or scope["path"].encode()
         refusal = self._refuse(request, path, scope.get("query_string", b""))
+        if refusal is None and _host_name(request.headers.get("host", "")) not in self.hosts:
+            refusal = JSONResponse({"error": "unknown Host"}, status_code=400)  # DNS rebinding
         if refusal is not None:
             return await _with_headers(refusal)(scope, receive, send)
         if scope["path"] != "/login" and not authorized(request, self.token):
@@ -304,6 +311,14 @@ class Guard:
         if request.headers.get("transfer-encoding") and request.method != "POST":
             return JSONResponse({"error": "request too large"}, status_code=413)
         return None
+
+
+def _host_name(header: str) -> str:
+    """The host of a Host header, without its port: `127.0.0.1:8050` -> 127.0.0.1, `[::1]:8050` -> ::1."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 class _TooLarge(Exception):
@@ -370,7 +385,8 @@ def cmd_dashboard(args) -> int:
     if not runs_dir.is_dir():
         raise FileNotFoundError(f"--runs-dir {runs_dir}: no such folder (where `fedrad run` writes its runs)")
     superlink = with_default_port(args.superlink) if args.superlink else None
-    app = build_app(runs_dir, token, superlink, _ca_from(args.certs), secure_cookie=bool(args.tls_cert))
+    hosts = tuple(dict.fromkeys([*LOOPBACK_NAMES, args.host, *(args.allow_host or [])]))
+    app = build_app(runs_dir, token, superlink, _ca_from(args.certs), secure_cookie=bool(args.tls_cert), hosts=hosts)
     scheme = "https" if args.tls_cert else "http"
     print(f"fedrad dashboard: {scheme}://{args.host}:{args.port}/ over {runs_dir}"
           + (" (token required)" if token else " (no token: loopback only)"), file=sys.stderr, flush=True)

@@ -80,7 +80,7 @@ ROUTES = ["/", "/api/runs", "/api/runs/r1", "/api/sites", "/static/plotly.min.js
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_without_the_token_every_route_answers_401(runs, route):
-    client = TestClient(build_app(runs, token=TOKEN))
+    client = TestClient(base_url="http://127.0.0.1:8050", app=build_app(runs, token=TOKEN))
     for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Cookie": "fedrad_dashboard=forged"}):
         response = client.get(route, headers=headers)
         assert response.status_code == 401, (route, headers, response.status_code)
@@ -88,19 +88,19 @@ def test_without_the_token_every_route_answers_401(runs, route):
 
 
 def test_signing_in_with_the_token(runs):
-    client = TestClient(build_app(runs, token=TOKEN))
+    client = TestClient(base_url="http://127.0.0.1:8050", app=build_app(runs, token=TOKEN))
     assert client.post("/login", data={"token": "wrong"}).status_code == 403
     assert "fedrad_dashboard" not in client.cookies
     response = client.post("/login", data={"token": TOKEN}, follow_redirects=False)
     assert response.status_code == 303
     assert "httponly" in response.headers["set-cookie"].lower() and TOKEN not in response.headers["set-cookie"]
     assert client.get("/api/runs").json()["runs"][0]["name"] == "r1"
-    bearer = TestClient(build_app(runs, token=TOKEN))
+    bearer = TestClient(base_url="http://127.0.0.1:8050", app=build_app(runs, token=TOKEN))
     assert bearer.get("/api/runs/r1", headers={"Authorization": f"Bearer {TOKEN}"}).json()["round"] == 2
 
 
 def test_pages_load_nothing_from_elsewhere(runs):
-    client = TestClient(build_app(runs))
+    client = TestClient(base_url="http://127.0.0.1:8050", app=build_app(runs))
     page = client.get("/")
     assert page.status_code == 200
     csp = page.headers["content-security-policy"]
@@ -115,14 +115,14 @@ def test_pages_load_nothing_from_elsewhere(runs):
                                  "/static/%2e%2e%2f%2e%2e%2fpyproject.toml", "/api/runs/r1%00", "/api/runs/..\\r1",
                                  "/api/runs/.hidden"])
 def test_path_traversal_is_refused(runs, raw):
-    client = TestClient(build_app(runs))
+    client = TestClient(base_url="http://127.0.0.1:8050", app=build_app(runs))
     response = client.get(raw)
     assert response.status_code in (400, 404), (raw, response.status_code)
     assert "root:" not in response.text and "[build-system]" not in response.text
 
 
 def test_oversized_and_writing_requests_are_refused(runs):
-    client = TestClient(build_app(runs, token=TOKEN))
+    client = TestClient(base_url="http://127.0.0.1:8050", app=build_app(runs, token=TOKEN))
     assert client.get("/api/runs/" + "a" * 600).status_code == 414
     assert client.get("/api/runs?x=" + "b" * 600).status_code == 414
     assert client.post("/login", content=b"token=" + b"x" * 10_000,
@@ -163,3 +163,16 @@ def test_dashboard_command_refuses_an_exposed_bind_in_one_line(tmp_path, capsys)
     assert main(["dashboard", "--runs-dir", str(tmp_path), "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "only with TLS" in err[0]
+
+
+def test_another_host_name_is_refused(runs):
+    """A page elsewhere that rebinds its DNS name to 127.0.0.1 sends its own name as Host: refused."""
+    client = TestClient(build_app(runs), base_url="http://127.0.0.1:8050")
+    assert client.get("/api/runs").status_code == 200
+    assert client.get("/api/runs", headers={"host": "localhost:8050"}).status_code == 200
+    assert client.get("/api/runs", headers={"host": "[::1]:8050"}).status_code == 200
+    for host in ("evil.example:8050", "evil.example", "127.0.0.1.evil.example:8050"):
+        response = client.get("/api/runs", headers={"host": host})
+        assert response.status_code == 400 and "r1" not in response.text, host
+    named = TestClient(build_app(runs, hosts=("coordinator.example.org",)), base_url="https://coordinator.example.org")
+    assert named.get("/api/runs").status_code == 200
