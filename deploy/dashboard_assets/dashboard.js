@@ -107,7 +107,8 @@ async function showRun(view, name) {
   plot("plot-geometry", lines(r.rounds, r.series, { alignment: "alignment", uniformity: "uniformity" }),
     layout("Held-out alignment and uniformity", "value"));
   plot("plot-auc", [...lines(r.rounds, r.series, { knn_auc: "k-NN AUC (mean)", probe_auc: "linear-probe AUC (mean)" }),
-    ...perSite(r.sites, "probe_auc").map((t) => ({ ...t, name: `${t.name} probe`, line: { dash: "dot" } }))],
+    ...perSite(r.sites, "probe_auc").map((t) => ({ ...t, name: `${t.name} probe`, line: { dash: "dot" } })),
+    ...perSite(r.sites, "knn_auc").map((t) => ({ ...t, name: `${t.name} k-NN`, line: { dash: "dash" } }))],
   layout("Probe-monitor AUC per round", "AUC", { yaxis: { title: { text: "AUC" }, range: [0, 1] } }));
   const parts = { time_send: "send", time_site_compute_max: "site compute (slowest)", time_wait: "wait",
     time_aggregate: "aggregate", time_checkpoint: "checkpoint" };
