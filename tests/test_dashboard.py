@@ -176,3 +176,40 @@ def test_another_host_name_is_refused(runs):
         assert response.status_code == 400 and "r1" not in response.text, host
     named = TestClient(build_app(runs, hosts=("coordinator.example.org",)), base_url="https://coordinator.example.org")
     assert named.get("/api/runs").status_code == 200
+
+
+def test_served_over_tls_with_a_token(tmp_path, runs):
+    """`fedrad dashboard` as its own process with the consortium's TLS certificate: HTTPS only, the token
+    required, the sign-in cookie marked Secure."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from fedrad.deploy.certs import init_certs
+    from fedrad.deploy.processes import free_port, wait_for_port
+
+    certs = tmp_path / "certs"
+    init_certs(certs, ["site-a"], ["localhost", "127.0.0.1"])
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fedrad.deploy.cli", "dashboard", "--runs-dir", str(runs),
+                             "--port", str(port), "--tls-cert", str(certs / "coordinator.pem"), "--tls-key",
+                             str(certs / "coordinator.key"), "--token-file", str(token_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port("127.0.0.1", port, 60, proc)
+        base = f"https://127.0.0.1:{port}"
+        with httpx.Client(verify=str(certs / "ca.pem"), base_url=base, follow_redirects=False) as client:
+            assert client.get("/api/runs").status_code == 401
+            listed = client.get("/api/runs", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+            assert listed["runs"][0]["name"] == "r1"
+            signed_in = client.post("/login", data={"token": TOKEN})
+            assert signed_in.status_code == 303 and "secure" in signed_in.headers["set-cookie"].lower()
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
+            httpx.get(f"http://127.0.0.1:{port}/api/runs", timeout=10)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
