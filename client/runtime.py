@@ -453,7 +453,7 @@ def serve(port: int, trust: SiteTrust, supernode_cmd: list[str], log_level: str 
     node = subprocess.Popen(cmd, env=node_env, preexec_fn=_die_with_parent,  # noqa: PLW1509 (single-threaded here)
                             **(pipe if plain else {}))
     if plain:
-        threading.Thread(target=_copy_plain, args=(node.stdout, sys.stderr), daemon=True).start()
+        threading.Thread(target=_copy_formatted, args=(node.stdout, sys.stderr), daemon=True).start()
     tasks: list[subprocess.Popen] = []
     pool: WorkerPool | None = None
 
@@ -520,6 +520,16 @@ def configure_logging(level: str = "INFO") -> None:
     from fedrad.common.log_format import configure
 
     configure(level)  # ISO times and levels, JSON lines with FEDRAD_LOG_FORMAT=json (fedrad.common.log_format)
+
+
+def _copy_formatted(stream, sink) -> None:
+    """Copy the SuperNode's output line by line in the site's log format (fedrad.common.log_format)."""
+    from fedrad.common.log_format import FlowerLines
+
+    lines = FlowerLines("flwr.supernode")
+    for line in stream:
+        sink.write(lines.line(_ANSI.sub("", line)))
+        sink.flush()
 
 
 def _copy_plain(stream, sink) -> None:

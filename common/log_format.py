@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from datetime import UTC, datetime
 
@@ -43,6 +44,29 @@ class JsonFormatter(IsoFormatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+_FLOWER_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*(.*)$")
+
+
+class FlowerLines:
+    """Another process's Flower lines (`INFO :      text`, colour codes already stripped) in this format.
+
+    The SuperNode is Flower's own executable and prints in Flower's format; the node runtime copies its output
+    through this, so the site's log has one format. A line without a level (a traceback's) keeps the level of
+    the line before it."""
+
+    def __init__(self, logger: str = "flwr", choice: str | None = None) -> None:
+        self.logger, self.formatter, self.level = logger, formatter(choice), logging.INFO
+
+    def line(self, text: str) -> str:
+        text = text.rstrip("\n")
+        match = _FLOWER_LINE.match(text)
+        if match:
+            self.level = logging.getLevelName(match.group(1))
+            text = match.group(2)
+        record = logging.LogRecord(self.logger, self.level, "", 0, text, None, None)
+        return self.formatter.format(record) + "\n"
 
 
 def log_format(choice: str | None = None) -> str:
@@ -77,5 +101,5 @@ def configure(level: str | int | None = "INFO", choice: str | None = None) -> No
             flower_handler.format = fmt.format  # type: ignore[method-assign]  # ConsoleHandler overrides format()
 
 
-__all__ = ["LOG_FORMATS", "LOG_FORMAT_ENV", "IsoFormatter", "JsonFormatter", "configure", "formatter", "iso_utc",
-           "log_format"]
+__all__ = ["LOG_FORMATS", "LOG_FORMAT_ENV", "FlowerLines", "IsoFormatter", "JsonFormatter", "configure", "formatter",
+           "iso_utc", "log_format"]

@@ -82,3 +82,22 @@ def test_progress_bar_only_on_a_terminal(capsys):
                              desc="decode")) == [1, 2, 3]
     captured = capsys.readouterr()
     assert "decode" not in captured.err and "\r" not in captured.err
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_supernodes_flower_lines_are_rewritten_in_the_format(fmt):
+    """The SuperNode prints Flower's own `INFO :      text`; the node runtime copies it in the site's format."""
+    from fedrad.common.log_format import FlowerLines
+
+    lines = FlowerLines("flwr.supernode", fmt)
+    out = [lines.line(x) for x in ("INFO :      Starting Flower SuperNode\n", "ERROR :     boom\n",
+                                    "Traceback (most recent call last):\n")]
+    assert all(x.endswith("\n") and x.count("\n") == 1 for x in out)
+    if fmt == "json":
+        entries = [json.loads(x) for x in out]
+        assert [(e["level"], e["message"]) for e in entries] == [
+            ("INFO", "Starting Flower SuperNode"), ("ERROR", "boom"), ("ERROR", "Traceback (most recent call last):")]
+        assert all(e["logger"] == "flwr.supernode" and re.fullmatch(ISO, e["time"]) for e in entries)
+    else:
+        assert re.fullmatch(ISO + r" INFO flwr\.supernode: Starting Flower SuperNode\n", out[0]), out
+        assert re.fullmatch(ISO + r" ERROR flwr\.supernode: Traceback \(most recent call last\):\n", out[2]), out
