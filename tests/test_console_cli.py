@@ -61,7 +61,7 @@ def test_sites_join_flower_nodes_with_names_images_and_rejections(tmp_path):
     assert "norm_outlier x2" in table[2]
 
 
-@pytest.mark.parametrize("command", [["log", "12"], ["log", "12", "--follow"], ["sites"],
+@pytest.mark.parametrize("command", [["log", "12", "--follow"], ["sites"],
                                      ["runs", "--format", "json"]])
 def test_console_commands_against_a_stopped_coordinator_say_why_in_one_line(command, tmp_path, capsys):
     assert main([*command, "--superlink", f"127.0.0.1:{free_port()}"]) == 1
