@@ -506,7 +506,7 @@ def serve(port: int, trust: SiteTrust, supernode_cmd: list[str], log_level: str 
     node = subprocess.Popen(cmd, env=node_env, preexec_fn=_die_with_parent,  # noqa: PLW1509 (single-threaded here)
                             **(pipe if plain else {}))
     if plain:
-        threading.Thread(target=_copy_plain, args=(node.stdout, sys.stderr), daemon=True).start()
+        threading.Thread(target=_copy_formatted, args=(node.stdout, sys.stderr), daemon=True).start()
     tasks: list[subprocess.Popen] = []
     pool: WorkerPool | None = None
 
@@ -567,13 +567,22 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 def configure_logging(level: str = "INFO") -> None:
     """The site's own lines (fedrad.client's one line per message, the runtime's refusals) go to stderr, which
-    is the node's terminal or log file; Flower's colour codes only where stderr is a terminal."""
-    from flwr.common.logger import update_console_handler
+    is the node's terminal or log file; Flower's lines in the same format, without colour codes."""
+    import flwr.common.logger  # noqa: F401  (Flower's console handler exists once its logger module is imported)
 
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
-    logging.getLogger("flwr").propagate = False  # Flower prints its own records; once is enough
-    update_console_handler(level=level, colored=sys.stderr.isatty())
+    from fedrad.common.log_format import configure
+
+    configure(level)  # ISO times and levels, JSON lines with FEDRAD_LOG_FORMAT=json (fedrad.common.log_format)
+
+
+def _copy_formatted(stream, sink) -> None:
+    """Copy the SuperNode's output line by line in the site's log format (fedrad.common.log_format)."""
+    from fedrad.common.log_format import FlowerLines
+
+    lines = FlowerLines("flwr.supernode")
+    for line in stream:
+        sink.write(lines.line(_ANSI.sub("", line)))
+        sink.flush()
 
 
 def _copy_plain(stream, sink) -> None:

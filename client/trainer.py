@@ -336,8 +336,8 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
     times: list[float] = []
     examples = 0
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=f"{cfg.objective} train", unit="step", disable=not progress,
-               leave=False)
+    bar = tqdm(range(cfg.steps), desc=f"{cfg.objective} train", unit="step", leave=False,
+               disable=None if progress else True)  # None: a bar only on a terminal, never in a log file
     every = max(1, cfg.steps // 50)
     with stack:
         for step in bar:
@@ -364,7 +364,7 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
             loss_hist.append(loss.detach())
             examples += b
             times.append(time.perf_counter() - t0)
-            if progress and (step % every == 0 or step == cfg.steps - 1):
+            if not bar.disable and (step % every == 0 or step == cfg.steps - 1):
                 bar.set_postfix(loss=f"{loss_hist[-1].item():.4f}")
     bar.close()
     losses = torch.stack(loss_hist).float().cpu().tolist() if loss_hist else []

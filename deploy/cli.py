@@ -343,6 +343,59 @@ def _add_security(sub) -> None:
     r.set_defaults(func=_lazy("fedrad.deploy.certs:cmd_register"))
 
 
+def _add_console(sub, parser) -> None:
+    """The operator's console (issue 28): detach and re-attach runs, list sites, the dashboard, the site's audit."""
+    parser.add_argument("--log-format", default=None, choices=["text", "json"], help="log lines of fedrad and "
+                        "of the processes it starts: text (ISO time, level) or JSON lines (default: "
+                        "$FEDRAD_LOG_FORMAT, else text)")
+    run, runs = sub.choices["run"], sub.choices["runs"]
+    run.add_argument("--detach", action="store_true", help="return once the coordinator accepted the run (prints "
+                     "its id; re-attach with `fedrad log RUN --follow`)")
+    runs.add_argument("--format", default="table", choices=["table", "json"], help="output (json: ISO 8601 times)")
+    p = sub.add_parser("log", help="the log of a run at the coordinator; --follow re-attaches until it ends")
+    p.add_argument("run", metavar="RUN", help="the run id, as `fedrad run --detach` or `fedrad runs` prints it")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="stream until the run ends; exit 0 if it completed, 1 if it failed or was stopped")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
+    p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (default: no TLS)")
+    p.set_defaults(func=_lazy("fedrad.deploy.runs_command:cmd_log"))
+    p = sub.add_parser("sites", help="the sites enrolled at the coordinator, connected or not (flwr supernode list)")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
+    p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (default: no TLS)")
+    p.add_argument("--runs-dir", default="runs", help="run directories: the sites' names, images and rejections")
+    p.add_argument("--format", default="table", choices=["table", "json"], help="output (json: ISO 8601 times)")
+    p.set_defaults(func=_lazy("fedrad.deploy.runs_command:cmd_sites"))
+    p = sub.add_parser("dashboard", help="read-only web dashboard of the runs and sites, on the coordinator host")
+    p.add_argument("--runs-dir", default="runs", help="where `fedrad run` puts the run directories")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback only with TLS and a "
+                   "token)")
+    p.add_argument("--port", type=int, default=8050, help="port to listen on")
+    p.add_argument("--superlink", default=None, help="coordinator address, for run status and connected sites "
+                   "(default: none, the run directories only)")
+    p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (default: no TLS)")
+    p.add_argument("--token-file", default=None, help="file (mode 0600) holding the access token (default: "
+                   "$FEDRAD_DASHBOARD_TOKEN, else no token: loopback only)")
+    p.add_argument("--allow-host", action="append", default=None, metavar="NAME", help="another name browsers "
+                   "reach it by (repeatable; default: loopback and --host only)")
+    p.add_argument("--tls-cert", default=None, help="HTTPS certificate (PEM; default: plain HTTP on loopback)")
+    p.add_argument("--tls-key", default=None, help="HTTPS private key (PEM; with --tls-cert; default: none)")
+    p.set_defaults(func=_lazy("fedrad.deploy.dashboard:cmd_dashboard"))
+    p = sub.add_parser("audit", help="at a site: what left this node per run and per day, refusals, releases")
+    p.add_argument("--state-dir", default=None, help="the node's --state-dir (default: derived from --data)")
+    p.add_argument("--data", default=None, help="the node's --data folder, to find its default state (default: none)")
+    p.add_argument("--audit-dir", default=None, help="the node's --audit-dir (default <state-dir>/audit)")
+    p.add_argument("--days", type=float, default=None, help="only the last N days (default: everything)")
+    p.add_argument("--since", default=None, metavar="DATE", help="from this UTC date or time (default: the start)")
+    p.add_argument("--until", default=None, metavar="DATE", help="before this UTC date or time (default: now)")
+    p.add_argument("--format", default="table", choices=["table", "json"], help="output (times ISO 8601, UTC)")
+    p.set_defaults(func=_lazy("fedrad.deploy.audit_command:cmd_audit"))
+    p = sub.add_parser("tensorboard", help="TensorBoard event files from a run's metrics.jsonl (RUN_DIR/tensorboard)")
+    p.add_argument("run_dir", help="the run directory `fedrad run` wrote")
+    p.add_argument("--follow", action="store_true",
+                   help="keep exporting new rounds until the run finishes (default: export once)")
+    p.set_defaults(func=_lazy("fedrad.deploy.tensorboard_command:cmd_tensorboard"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="fedrad",
@@ -359,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_publish(sub, _lazy)
     register_export(sub, _lazy, _add_release_policy)
     _add_security(sub)
+    _add_console(sub, parser)
     return parser
 
 
@@ -413,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"fedrad {version('fedrad')}")
         return 0
+    if args.log_format:  # the processes fedrad starts (node runtime, ServerApp) inherit it
+        os.environ["FEDRAD_LOG_FORMAT"] = args.log_format
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -343,9 +343,59 @@ def cmd_run(args) -> int:
               "--allow-unsigned", file=sys.stderr, flush=True)
     print(f"fedrad run: submitting to {superlink}; run directory {run_dir}", flush=True)
     valid = float(getattr(args, "valid_days", 0) or 0) * 86_400 or None  # --valid-days (signed runs' expiry)
+    if getattr(args, "detach", False):
+        return detach_run(superlink, overrides, run_dir, ca, sign_key, args.certs, valid_seconds=valid)
     code = submit_run(superlink, overrides, log_path=run_dir / "flwr-run.log", ca_cert=ca, sign_key=sign_key,
                       valid_seconds=valid)
     return report_run(run_dir, code)
+
+
+def submit_detached(superlink: str, overrides: dict[str, object], ca_cert: Path | None = None,
+                    sign_key: Path | None = None, app: Path | None = None, timeout: float = 300.0,
+                    valid_seconds: float | None = None) -> int:
+    """`flwr run` without `--stream`: the coordinator accepts the run and Flower returns at once.
+
+    Returns the run id the coordinator gave; ValueError with Flower's own reason when it refused the run."""
+    app = Path(app or app_dir())
+    config_text = run_config_string(overrides, app, sign_key, valid_seconds)
+    home = write_flwr_home(Path(tempfile.mkdtemp(prefix="fedrad-flwr-")), superlink, ca_cert)
+    cmd = [tool("flwr"), "run", str(app), "fedrad"] + (["--run-config", config_text] if config_text else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=flower_env({"FLWR_HOME": str(home)}),
+                             timeout=timeout, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise SubmitError(f"{superlink}: no answer in {timeout:.0f} s") from None
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    text = _ANSI.sub("", out.stdout + out.stderr)
+    started = _STARTED.search(text)
+    if started:
+        return int(started.group(1))
+    boxed, reason = FlowerBox(), ""
+    for line in text.splitlines():
+        if boxed.feed(line) and boxed.message:
+            reason = boxed.message
+    last = [line.strip() for line in text.splitlines() if line.strip()]
+    raise SubmitError(reason or (last[-1] if last else f"flwr exited with {out.returncode}"))
+
+
+class SubmitError(Exception):
+    """The coordinator did not accept the run; the message is Flower's reason."""
+
+
+def detach_run(superlink: str, overrides: dict[str, object], run_dir: Path, ca_cert: Path | None,
+               sign_key: Path | None, certs: str | None, valid_seconds: float | None = None) -> int:
+    """`fedrad run --detach`: submit, print the run id and how to re-attach, return (the run goes on)."""
+    try:
+        run_id = submit_detached(superlink, overrides, ca_cert, sign_key, valid_seconds=valid_seconds)
+    except SubmitError as exc:
+        print(f"fedrad run: the coordinator did not accept the run: {exc}", file=sys.stderr, flush=True)
+        return 1
+    where = f" --superlink {superlink}" + (f" --certs {certs}" if certs else "")
+    print(f"fedrad run: run {run_id} submitted (detached); run directory {run_dir}", flush=True)
+    print(f"fedrad run: re-attach with: fedrad log {run_id} --follow{where}", flush=True)
+    print(f"fedrad run: stop it with:   fedrad stop {run_id}{where}", flush=True)
+    return 0
 
 
 def report_run(run_dir: Path, flwr_code: int) -> int:

@@ -15,7 +15,10 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from fedrad.common.log_format import configure
     from fedrad.common.run_config import RunConfig
+
+    configure(level=None)  # ISO times in the coordinator's log and `fedrad log` (fedrad.common.log_format)
 
     cfg = RunConfig.from_flower(dict(context.run_config))
     if cfg.publish_dir:

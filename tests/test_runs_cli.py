@@ -97,3 +97,6 @@ def test_runs_and_stop_on_a_real_superlink(tmp_path, capsys):
         assert "stopped" in line.split()[1], line
         assert main(["stop", run_id, "--superlink", address]) == 0
         assert "already finished" in capsys.readouterr().out
+        # Re-attaching to the stopped run ends with its status: exit 1, not 0 (tests/test_console_live.py: 0).
+        assert main(["log", run_id, "--follow", "--superlink", address]) == 1
+        assert f"run {run_id} ended finished:stopped (exit 1)" in capsys.readouterr().err

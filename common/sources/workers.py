@@ -80,7 +80,8 @@ def map_isolated(fn: Callable, items: Sequence, on_crash: Callable[[object, str]
 
     workers = default_workers() if workers is None else workers
     limit = memory_limit or memory_limit_bytes()
-    bar = tqdm(total=len(items), desc=desc, unit="file", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(items), desc=desc, unit="file", disable=None if progress else True,  # terminal only
+               dynamic_ncols=True)
     try:
         if workers >= 1 and items:
             try:
