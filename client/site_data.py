@@ -209,10 +209,9 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
         return _load_images(reader, image_size, cache, progress)
 
     listing = reader.list_items()
-    items = listing.items
-    images, kept, skipped = cache.load_items(items, progress=progress)
-    metas = [cache.meta(items[i].item_id) for i in kept]
-    kept_paths = [items[i].locator for i in kept]
+    images, kept_items, skipped = cache.load_frames(listing.items, progress=progress)  # a frame is an image
+    metas = [cache.meta(it.item_id) for it in kept_items]
+    kept_paths = [it.locator for it in kept_items]
     labels: dict[str, list[str]] = {
         "modality": [m.get("modality") or UNKNOWN for m in metas],
         "body_part": [m.get("body_part") or UNKNOWN for m in metas],
