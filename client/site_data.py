@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedrad.common.cache import DecodedCache
+from fedrad.common.data_rules import DataRules
 from fedrad.common.header_signals import UNKNOWN, age_bucket, load_site_salt, patient_key
+from fedrad.common.series import series_arrays
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.image_folder import IMAGE_EXTS, image_entry, read_csv
 from fedrad.common.sources.layout import csv_columns, detect_source, open_location
@@ -49,6 +51,11 @@ class SiteData:
     labels: dict[str, list[str]]
     skipped: Counter = field(default_factory=Counter)
     image_size: int = 0
+    # cross-sectional sampling (common/series.py): series id and position along its normal per image (None:
+    # every image its own series), and the site's rules for a round's series share and slice spacing
+    series_ids: np.ndarray | None = None
+    slice_pos: np.ndarray | None = None
+    rules: DataRules | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -87,6 +94,9 @@ class SiteData:
             labels={k: [v[i] for i in idx] for k, v in self.labels.items()},
             skipped=Counter(self.skipped),
             image_size=self.image_size,
+            series_ids=None if self.series_ids is None else self.series_ids[idx],
+            slice_pos=None if self.slice_pos is None else self.slice_pos[idx],
+            rules=self.rules,
         )
 
 
@@ -190,7 +200,7 @@ def _dicom_labels(root: Path, labels_csv: Path, paths: list[str], sops: list[str
 def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str | os.PathLike[str] | None = None,
               progress: bool = True, labels_csv: str | os.PathLike[str] | None = None,
               state_dir: str | os.PathLike[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-              source_options: PacsOptions | None = None) -> SiteData:
+              source_options: PacsOptions | None = None, rules: DataRules | None = None) -> SiteData:
     """Load a site folder (DICOM tree or PNG/JPEG + manifest) through the decoded-image cache.
 
     `labels_csv` (DICOM only) overrides the auto-detected `<data>/labels.csv`; unlabelled images get ''.
@@ -199,6 +209,9 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
     without a reader (NIfTI, archives), are counted in `SiteData.skipped` by reason.
     `data_dir` may be a PACS source URL (dicomweb+https://..., dimse://AET@host:port; `source_options` its
     query and limits): instances are pulled into the site's store and decoded like a DICOM folder.
+    `rules` (the site policy's [data] rules, default DataRules()): DICOM images of a modality it excludes or
+    with burned-in annotation are skipped with that reason; a frame of a multi-frame object is an image; CT/MR
+    slices are grouped into series (series_ids, slice_pos) for the trainer's per-series sampling.
     Raises FileNotFoundError if the folder does not exist (the CLI turns that into exit code 2).
     """
     opened = open_location(data_dir, max_pixels, cache_dir, source_options)
@@ -209,8 +222,11 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
         return _load_images(reader, image_size, cache, progress)
 
     listing = reader.list_items()
-    images, kept_items, skipped = cache.load_frames(listing.items, progress=progress)  # a frame is an image
+    rules = rules or DataRules()
+    images, kept_items, skipped = cache.load_frames(listing.items, progress=progress,  # a frame is an image
+                                                    accept=rules.refuse)
     metas = [cache.meta(it.item_id) for it in kept_items]
+    series_ids, slice_pos, _series = series_arrays(metas)
     kept_paths = [it.locator for it in kept_items]
     labels: dict[str, list[str]] = {
         "modality": [m.get("modality") or UNKNOWN for m in metas],
@@ -228,7 +244,7 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
     reasons = Counter(skipped.values())
     reasons.update(p.reason for p in listing.skipped)
     return SiteData(images=images, paths=kept_paths, patient_keys=keys, labels=labels,
-                    skipped=reasons, image_size=image_size)
+                    skipped=reasons, image_size=image_size, series_ids=series_ids, slice_pos=slice_pos, rules=rules)
 
 
 def site_salt(cache_dir: str | os.PathLike[str], state_dir: str | os.PathLike[str] | None = None) -> bytes:

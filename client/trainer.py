@@ -128,7 +128,16 @@ class _PairSampler:
                  patient_pairs: bool) -> None:
         import numpy as np
 
-        self.indices = np.asarray(indices)
+        from fedrad.common.series import thin_by_spacing
+
+        rules = getattr(data, "rules", None)
+        self.series_ids = getattr(data, "series_ids", None)
+        self.max_share = rules.max_series_share if rules is not None and self.series_ids is not None else 0.0
+        indices = np.asarray(indices)
+        if rules is not None and rules.min_slice_spacing > 0 and self.series_ids is not None:
+            thinned = thin_by_spacing(indices, self.series_ids, data.slice_pos, rules.min_slice_spacing)
+            indices = thinned if len(thinned) >= 2 else indices
+        self.indices = indices
         self.batch_size = min(batch_size, len(self.indices))
         self.g = generator
         self.perm = np.empty(0, dtype=np.int64)
@@ -156,6 +165,13 @@ class _PairSampler:
 
         if self.pos + self.batch_size > len(self.perm):
             self.perm = torch.randperm(len(self.indices), generator=self.g).numpy()
+            if self.max_share > 0:  # this epoch's pool: no series over its share (series.round_pool)
+                from fedrad.common.series import round_pool
+
+                rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=self.g)))
+                pool = round_pool(np.arange(len(self.indices)), self.series_ids[self.indices], self.max_share, rng)
+                if len(pool) >= self.batch_size:
+                    self.perm = self.perm[np.isin(self.perm, pool)]
             self.pos = 0
         p = self.perm[self.pos: self.pos + self.batch_size]
         self.pos += self.batch_size

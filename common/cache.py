@@ -249,13 +249,16 @@ class DecodedCache:
         return images, origin, skipped
 
     def load_frames(self, items: Sequence[Item], progress: bool = True,
+                    accept: Callable[[dict], tuple[str, str] | None] | None = None,
                     ) -> tuple[np.ndarray, list[Item], dict[str, str]]:
         """Like load_items, but returns the kept images' items: a multi-frame object's frames are items of
-        their own (`<item_id>#<k>`, fingerprint `<content>#f<k>`); skipped frames are listed by that id."""
-        images, frames, _origin, skipped = self._load(items, progress)
+        their own (`<item_id>#<k>`, fingerprint `<content>#f<k>`); skipped frames are listed by that id.
+        `accept(meta)` -> (reason, detail) keeps a decoded image out (the site policy's data rules)."""
+        images, frames, _origin, skipped = self._load(items, progress, accept)
         return images, frames, skipped
 
-    def _load(self, items: Sequence[Item], progress: bool) -> tuple[np.ndarray, list[Item], list[int], dict]:
+    def _load(self, items: Sequence[Item], progress: bool, accept: Callable | None = None,
+              ) -> tuple[np.ndarray, list[Item], list[int], dict]:
         t0 = time.perf_counter()
         with self._locked():
             self._entries, self._files = self._read_index()
@@ -284,7 +287,10 @@ class DecodedCache:
                 self._key_of[it.item_id] = fp
                 self._key_of[os.path.abspath(it.locator)] = fp
                 e = self._entries[fp]
-                if "chunk" in e:
+                refused = accept(e.get("meta", {})) if accept is not None and "reason" not in e else None
+                if refused:
+                    skipped[it.item_id] = refused[0]
+                elif "chunk" in e:
                     frames.append(it)
                     origin.append(i)
                     keys.append(fp)

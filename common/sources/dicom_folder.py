@@ -57,6 +57,7 @@ def dicom_entry(path: str, size: int, salt: bytes, max_pixels: int = DEFAULT_MAX
     pid, study = meta.pop("patient_id"), meta.pop("study_uid")
     # No PatientID and no study: a key of its own (by SOP UID or path), never one shared 'unknown' group.
     meta["patient_key"] = patient_key(pid, study or h.sop_uid or f"path:{path}", salt)
+    meta["study_key"] = patient_key(None, study, salt) if study else ""  # studies counted, never named
     return img, meta
 
 
