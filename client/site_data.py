@@ -26,6 +26,7 @@ import numpy as np
 from fedrad.common.cache import DecodedCache
 from fedrad.common.data_rules import DataRules
 from fedrad.common.header_signals import UNKNOWN, age_bucket, load_site_salt, patient_key
+from fedrad.common.intensity import preset_mask, series_affines
 from fedrad.common.series import series_arrays
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.image_folder import IMAGE_EXTS, image_entry, read_csv
@@ -56,6 +57,10 @@ class SiteData:
     series_ids: np.ndarray | None = None
     slice_pos: np.ndarray | None = None
     rules: DataRules | None = None
+    # intensity per modality (common/intensity.py): per-image (scale, offset) putting an MR slice on its
+    # series' scale, and per CT image the bit mask of window presets a batch may show it with (0: not CT)
+    affine: np.ndarray | None = None
+    ct_mask: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -97,6 +102,8 @@ class SiteData:
             series_ids=None if self.series_ids is None else self.series_ids[idx],
             slice_pos=None if self.slice_pos is None else self.slice_pos[idx],
             rules=self.rules,
+            affine=None if self.affine is None else self.affine[idx],
+            ct_mask=None if self.ct_mask is None else self.ct_mask[idx],
         )
 
 
@@ -227,6 +234,7 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
                                                     accept=rules.refuse)
     metas = [cache.meta(it.item_id) for it in kept_items]
     series_ids, slice_pos, _series = series_arrays(metas)
+    affine, ct_mask = _intensity(metas, series_ids)
     kept_paths = [it.locator for it in kept_items]
     labels: dict[str, list[str]] = {
         "modality": [m.get("modality") or UNKNOWN for m in metas],
@@ -244,7 +252,17 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
     reasons = Counter(skipped.values())
     reasons.update(p.reason for p in listing.skipped)
     return SiteData(images=images, paths=kept_paths, patient_keys=keys, labels=labels,
-                    skipped=reasons, image_size=image_size, series_ids=series_ids, slice_pos=slice_pos, rules=rules)
+                    skipped=reasons, image_size=image_size, series_ids=series_ids, slice_pos=slice_pos, rules=rules,
+                    affine=affine, ct_mask=ct_mask)
+
+
+def _intensity(metas: list[dict], series_ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(MR series affines, CT preset masks) from the stored per-image intensity fields; None when unused."""
+    ranges = np.array([m.get("value_range") or (np.nan, np.nan) for m in metas], dtype=np.float64).reshape(-1, 2)
+    affine = series_affines(ranges[:, 0], ranges[:, 1], series_ids) if np.isfinite(ranges).any() else None
+    ct = np.array([preset_mask(m.get("body_part", "")) if m.get("intensity") == "hu" else 0 for m in metas],
+                  dtype=np.int16)
+    return affine, (ct if ct.any() else None)
 
 
 def site_salt(cache_dir: str | os.PathLike[str], state_dir: str | os.PathLike[str] | None = None) -> bytes:

@@ -258,12 +258,18 @@ def _views_of(st: _Setup, data: SiteData, anchors: np.ndarray, partners: np.ndar
     import torch
 
     from fedrad.common.augment import augment
+    from fedrad.common.intensity import apply_intensity
     from fedrad.common.losses import Batch
 
-    x = _fetch(data, anchors, st.device, st.size)
+    def fetch(idx: np.ndarray) -> torch.Tensor:  # MR on its series' scale, CT through a sampled window preset
+        affine, ct = getattr(data, "affine", None), getattr(data, "ct_mask", None)
+        return apply_intensity(_fetch(data, idx, st.device, st.size), None if affine is None else affine[idx],
+                               None if ct is None else ct[idx], gen_aug)
+
+    x = fetch(anchors)
     sources = [x] * n_views
     if partners is not None and n_views > 1:
-        sources[1] = _fetch(data, partners, st.device, st.size)
+        sources[1] = fetch(partners)
     views = tuple(augment(src, st.aug, gen_aug) for src in sources)
     if st.channels_last:
         views = tuple(v.contiguous(memory_format=torch.channels_last) for v in views)

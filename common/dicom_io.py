@@ -87,6 +87,8 @@ class HeaderInfo:
     burned_in: str = ""  # BurnedInAnnotation: YES / NO / ''
     contrast: str = ""  # ContrastBolusAgent
     series_description: str = ""
+    intensity: str = ""  # how pixels became [0, 1]: hu (CT), percentile (MR; value_range = its lo/hi), display
+    value_range: list[float] | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -437,14 +439,32 @@ def _degenerate(x: np.ndarray) -> bool:
     return float(s.std()) < 1e-3 or max(float((s <= 0.0).mean()), float((s >= 1.0).mean())) > 0.95
 
 
-def _to_unit(arr: np.ndarray, ds) -> np.ndarray:
-    """Stored values -> [0, 1] display intensities: BitsStored mask, Modality LUT, VOI LUT/window, MONO1."""
+def _is_hu(ds) -> bool:
+    """CT values are HU after the Modality LUT when a rescale is given or the samples are signed."""
+    return "RescaleIntercept" in ds or _int(ds, "PixelRepresentation", 0) == 1
+
+
+def _to_unit(arr: np.ndarray, ds, modality: str = "") -> tuple[np.ndarray, dict]:
+    """Stored values -> [0, 1]: BitsStored mask, Modality LUT, then per modality (common/intensity.py):
+    CT as linear HU, MR between its own percentiles (returned as value_range), others VOI LUT/window, MONO1.
+    Returns (image, {"intensity": ..., "value_range": ...})."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    from fedrad.common.intensity import MR_PERCENTILES, hu_to_unit
 
     bits_stored = _int(ds, "BitsStored", 0)
     if arr.dtype.kind == "u" and 0 < bits_stored < arr.dtype.itemsize * 8:
         arr = arr & np.asarray((1 << bits_stored) - 1, dtype=arr.dtype)  # drop overlay/garbage high bits
     values = apply_modality_lut(arr, ds)
+    if modality == "CT" and _is_hu(ds):
+        return np.ascontiguousarray(hu_to_unit(values)), {"intensity": "hu"}
+    if modality == "MR":
+        v = np.asarray(values, dtype=np.float32)
+        step = max(1, int(np.sqrt(v.size / 250_000)))
+        lo, hi = (float(x) for x in np.percentile(v[::step, ::step], MR_PERCENTILES))
+        if hi > lo:
+            out = np.clip((v - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
+            return np.ascontiguousarray(out, dtype=np.float32), {"intensity": "percentile", "value_range": [lo, hi]}
     out: np.ndarray | None = None
     if ds.get("VOILUTSequence"):
         try:
@@ -468,7 +488,7 @@ def _to_unit(arr: np.ndarray, ds) -> np.ndarray:
         out = robust_minmax(np.asarray(values, dtype=np.float32))
     if _str(ds, "PhotometricInterpretation").upper() == "MONOCHROME1":
         out = 1.0 - out
-    return np.ascontiguousarray(out, dtype=np.float32)
+    return np.ascontiguousarray(out, dtype=np.float32), {"intensity": "display"}
 
 
 def _parse(src, max_pixels: int, frames_ok: bool = True):
@@ -493,8 +513,9 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return y.astype(np.float32) / 255.0
 
 
-def _unit(arr: np.ndarray, ds, view, rows: int, cols: int) -> np.ndarray:
-    """One decoded frame -> float32 [rows, cols] in [0, 1] (SkipImage if unusable)."""
+def _unit(arr: np.ndarray, ds, view, rows: int, cols: int) -> tuple[np.ndarray, dict]:
+    """One decoded frame -> (float32 [rows, cols] in [0, 1], how: intensity / value_range); SkipImage if
+    unusable."""
     photometric = _str(ds, "PhotometricInterpretation").upper()
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
@@ -505,7 +526,8 @@ def _unit(arr: np.ndarray, ds, view, rows: int, cols: int) -> np.ndarray:
     if arr.size and arr.min() == arr.max():
         raise SkipImage("blank", f"every pixel is {arr.flat[0]}")
     try:
-        unit = _luminance(arr) if arr.ndim == 3 else _to_unit(arr, view)
+        unit, how = (_luminance(arr), {"intensity": "luminance"}) if arr.ndim == 3 else \
+            _to_unit(arr, view, _str(ds, "Modality").upper())
     except BaseException as exc:  # noqa: BLE001
         reraise_fatal(exc)
         raise skip_from(exc, "intensity mapping") from None
@@ -513,7 +535,7 @@ def _unit(arr: np.ndarray, ds, view, rows: int, cols: int) -> np.ndarray:
         raise SkipImage("decode-failed", "non-finite pixel values")
     if float(unit.max()) - float(unit.min()) < 1e-6:
         raise SkipImage("blank", "constant image after the intensity mapping")
-    return unit
+    return unit, how
 
 
 def _single(ds, h: HeaderInfo, size: int) -> np.ndarray:
@@ -524,7 +546,9 @@ def _single(ds, h: HeaderInfo, size: int) -> np.ndarray:
     except BaseException as exc:  # noqa: BLE001 - decoder plugins raise anything; the contract is SkipImage
         reraise_fatal(exc)
         raise skip_from(exc, h.transfer_syntax_name) from None
-    return fit_square(_unit(arr, ds, _frame_view(ds, 0), h.rows, h.cols), size)
+    unit, how = _unit(arr, ds, _frame_view(ds, 0), h.rows, h.cols)
+    h.intensity, h.value_range = how["intensity"], how.get("value_range")
+    return fit_square(unit, size)
 
 
 def frame_meta(view, k: int) -> dict:
@@ -550,10 +574,10 @@ def _frames(ds, h: HeaderInfo, size: int) -> Frames:
                 for arr in iter_pixels(source, indices=range(k, n)):
                     view = _frame_view(ds, k)
                     try:
-                        img = fit_square(_unit(arr, ds, view, h.rows, h.cols), size)
-                        images[len(out.index)] = to_uint16(img)
+                        unit, how = _unit(arr, ds, view, h.rows, h.cols)
+                        images[len(out.index)] = to_uint16(fit_square(unit, size))
                         out.index.append(k)
-                        out.metas.append(frame_meta(view, k))
+                        out.metas.append({**frame_meta(view, k), **how})
                     except SkipImage as skip:
                         out.skipped.append((k, skip.reason, skip.detail))
                     k += 1

@@ -134,3 +134,32 @@ def test_policy_data_rules_keys():
     assert p.data_rules == DataRules(("CT", "NM"), True, 0.25, 3.0)
     with pytest.raises(PolicyError, match="max_series_share"):
         parse_policy("[data]\nmax_series_share = 2\n")
+
+
+def test_ct_is_stored_in_hounsfield_units_and_windowed_per_batch():
+    import torch
+
+    from fedrad.common.dicom_io import decode_item
+    from fedrad.common.intensity import CT_HU_RANGE, PRESET_NAMES, apply_intensity, preset_mask
+
+    root = _xsec()
+    img, h = decode_item(root / "pydicom_CT_small_ct_signed16_hu_explicitLE.dcm", 128)
+    assert h.intensity == "hu"
+    hu = img * (CT_HU_RANGE[1] - CT_HU_RANGE[0]) + CT_HU_RANGE[0]
+    assert -1100 < np.percentile(hu, 1) < -800 and 900 < hu.max() < 3100  # air and bone where HU put them
+    x = torch.from_numpy(np.stack([img, img]))[:, None]
+    brain = 1 << PRESET_NAMES.index("brain")
+    out = apply_intensity(x, None, np.array([brain, 0]), torch.Generator().manual_seed(0))
+    expect = np.clip((hu - (40 - 40)) / 80, 0, 1)
+    np.testing.assert_allclose(out[0, 0].numpy(), expect, atol=1e-4)
+    assert torch.equal(out[1], x[1])  # not CT: untouched
+    assert preset_mask("CHEST") != preset_mask("") and preset_mask("HEAD") & brain
+
+
+def test_mr_slices_share_their_series_scale():
+    from fedrad.common.intensity import series_affines
+
+    lo, hi = np.array([0.0, 0.0, 10.0]), np.array([100.0, 50.0, 110.0])
+    aff = series_affines(lo, hi, np.array([0, 0, 1]))
+    # series 0: median range 0..75; a slice scaled to 0..50 is shrunk to 2/3 of it
+    np.testing.assert_allclose(aff, [[100 / 75, 0], [50 / 75, 0], [1, 0]], rtol=1e-6)
