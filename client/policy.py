@@ -22,7 +22,7 @@ from fedrad.common.data_rules import DEFAULT_MODALITIES, DataRules
 from fedrad.common.run_config import RunConfig
 
 DP_MODES = ("none", "client", "sample")
-HEADER_LABEL_FIELDS = ("view", "body_part", "sex", "age", "modality")  # derived from DICOM headers
+HEADER_LABEL_FIELDS = ("view", "body_part", "sex", "age", "modality", "plane", "contrast")  # from DICOM headers
 # The default policy's models: those fedrad knows to work (common.models.KNOWN_MODELS, kept equal by a test).
 # Not imported from there because that module imports torch, and this policy is read for every message,
 # SecAgg+'s key-exchange stages included, which otherwise never load torch.

@@ -25,7 +25,7 @@ from pathlib import Path
 from fedrad.client.site_data import is_writable_dir
 from fedrad.common.atomic import atomic_write_bytes
 from fedrad.common.data_rules import DataRules
-from fedrad.common.header_signals import UNKNOWN, age_bucket, patient_key
+from fedrad.common.header_signals import UNKNOWN, age_bucket, contrast_label, patient_key, plane_label
 from fedrad.common.series import group_series
 from fedrad.common.sources.base import Frames
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
@@ -135,6 +135,8 @@ def _volumes(results: list[dict], ok: list[int], rel: list[str]) -> dict:
     spacing = [round(s.spacing, 3) for s in series if s.spacing]
     return {"by_modality": {k: {"studies": len(v["studies"]), "series": len(v["series"]), "slices": v["slices"],
                                 "frames": v["frames"], "files": v["files"]} for k, v in sorted(per.items())},
+            "plane": _counts(plane_label(results[i].get("orientation")) for i in ok),
+            "contrast": _counts(contrast_label(results[i].get("contrast"), results[i].get("modality")) for i in ok),
             "series_ordered_by": dict(order.most_common()), "series_independent": independent,
             "slice_spacing_mm": sorted(set(spacing))}
 
@@ -278,6 +280,8 @@ def format_report(r: dict) -> str:
         for mod, v in vol.get("by_modality", {}).items():
             lines.append(row(f"  {mod}", f"studies {v['studies']}, series {v['series']}, slices {v['slices']}, "
                              f"frames {v['frames']} ({v['files']} files)"))
+        if vol.get("plane"):
+            lines.append(row("plane / contrast", f"{_fmt_counts(vol['plane'])}; {_fmt_counts(vol['contrast'])}"))
         if vol.get("series_ordered_by"):
             lines.append(row("series ordered by", _fmt_counts(vol["series_ordered_by"])
                              + (f"; slice spacing {', '.join(f'{x:g}' for x in vol['slice_spacing_mm'])} mm"

@@ -25,7 +25,14 @@ import numpy as np
 
 from fedrad.common.cache import DecodedCache
 from fedrad.common.data_rules import DataRules
-from fedrad.common.header_signals import UNKNOWN, age_bucket, load_site_salt, patient_key
+from fedrad.common.header_signals import (
+    UNKNOWN,
+    age_bucket,
+    contrast_label,
+    load_site_salt,
+    patient_key,
+    plane_label,
+)
 from fedrad.common.intensity import preset_mask, series_affines
 from fedrad.common.series import series_arrays
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
@@ -36,7 +43,7 @@ from fedrad.common.sources.pacs import PacsOptions
 if TYPE_CHECKING:
     import torch
 
-HEADER_FIELDS = ("modality", "body_part", "view", "sex", "age")
+HEADER_FIELDS = ("modality", "body_part", "view", "sex", "age", "plane", "contrast")
 CACHE_DIRNAME = ".fedrad-cache"
 __all__ = ["SiteData", "load_site", "detect_layout", "default_cache_dir", "site_salt", "read_csv",
            "csv_columns", "image_entry", "IMAGE_EXTS", "HEADER_FIELDS", "is_writable_dir"]
@@ -242,6 +249,8 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
         "view": [m.get("view") or UNKNOWN for m in metas],
         "sex": [_norm_header_value("sex", m.get("sex", "")) for m in metas],
         "age": [age_bucket(m.get("age_years")) for m in metas],
+        "plane": [plane_label(m.get("orientation")) for m in metas],  # cross-sectional weak labels (SupCon)
+        "contrast": [contrast_label(m.get("contrast"), m.get("modality")) for m in metas],
     }
     csv_path = Path(labels_csv) if labels_csv else layout.csv
     if csv_path is not None:

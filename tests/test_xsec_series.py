@@ -163,3 +163,18 @@ def test_mr_slices_share_their_series_scale():
     aff = series_affines(lo, hi, np.array([0, 0, 1]))
     # series 0: median range 0..75; a slice scaled to 0..50 is shrunk to 2/3 of it
     np.testing.assert_allclose(aff, [[100 / 75, 0], [50 / 75, 0], [1, 0]], rtol=1e-6)
+
+
+def test_header_labels_plane_and_contrast():
+    from fedrad.common.header_signals import UNKNOWN, contrast_label, plane_label
+
+    assert plane_label([1, 0, 0, 0, 1, 0]) == "AXIAL"
+    assert plane_label([1, 0, 0, 0, 0, -1]) == "CORONAL"
+    assert plane_label([0, 1, 0, 0, 0, -1]) == "SAGITTAL"
+    assert plane_label([1, 0, 0, 0, 0.7071, 0.7071]) == "OBLIQUE"
+    assert plane_label(None) == plane_label([1, 2]) == UNKNOWN
+    assert contrast_label("OMNIPAQUE 350", "CT") == "CONTRAST"
+    assert contrast_label("", "CT") == "NONE" and contrast_label("", "CR") == UNKNOWN
+    labels = scan_folder(_xsec(), progress=False)["volumes"]
+    assert labels["plane"].get("AXIAL", 0) >= 10  # the EGSnrc series and the other axial CT/MR
+    assert set(labels["contrast"]) <= {"CONTRAST", "NONE", UNKNOWN}
