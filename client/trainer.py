@@ -125,7 +125,7 @@ class _PairSampler:
     """Draws batches without repeats (a fresh permutation per epoch) and, for MICLe, each anchor's partner."""
 
     def __init__(self, data: SiteData, indices: np.ndarray, batch_size: int, generator: torch.Generator,
-                 patient_pairs: bool) -> None:
+                 patient_pairs: bool | np.ndarray) -> None:
         import numpy as np
 
         from fedrad.common.series import thin_by_spacing
@@ -142,9 +142,10 @@ class _PairSampler:
         self.g = generator
         self.perm = np.empty(0, dtype=np.int64)
         self.pos = 0
-        self.patient_pairs = patient_pairs
-        if patient_pairs:
-            groups = np.asarray(data.group_ids())[self.indices]
+        self.patient_pairs = patient_pairs is not None and patient_pairs is not False
+        if self.patient_pairs:  # True: pairs within a patient; an array: pairs within those groups
+            all_groups = data.group_ids() if patient_pairs is True else patient_pairs
+            groups = np.asarray(all_groups)[self.indices]
             order = np.argsort(groups, kind="stable")
             sorted_groups = groups[order]
             starts = np.searchsorted(sorted_groups, sorted_groups, side="left")
@@ -235,6 +236,12 @@ def _setup(model: nn.Module, data: SiteData, cfg: TrainConfig) -> _Setup:
         labels = np.asarray(data.label_ids(cfg.fields_list()), dtype=np.int64)
     if objective.positives == "patient":
         labels = np.asarray(data.group_ids(), dtype=np.int64)
+    elif objective.positives == "slices":  # nearby slices of one series (common/series.py)
+        from fedrad.common.series import neighbour_groups
+
+        sid, pos = getattr(data, "series_ids", None), getattr(data, "slice_pos", None)
+        labels = (np.arange(len(data), dtype=np.int64) if sid is None or pos is None
+                  else neighbour_groups(np.asarray(sid), np.asarray(pos)))
     elif objective.positives == "patient+labels":
         groups = np.asarray(data.group_ids(), dtype=np.int64)
     cl = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
@@ -244,6 +251,13 @@ def _setup(model: nn.Module, data: SiteData, cfg: TrainConfig) -> _Setup:
     size = cfg.image_size if cfg.image_size and cfg.image_size != data.image_size else None
     aug = cfg.augment if cfg.augment is not None else AugmentConfig(hflip=cfg.hflip)
     return _Setup(device, objective, aug, _amp_dtype(cfg, device), cl, size, labels, groups)
+
+
+def _pairs(st: _Setup):
+    """What the sampler pairs within: the slice blocks (objective "slices"), patients, or nothing."""
+    if st.objective.positives == "slices":
+        return st.labels
+    return st.objective.pairing == "patient"
 
 
 def _views(st: _Setup, data: SiteData, sampler: _PairSampler, gen_aug, n_views: int) -> tuple[Batch, int]:
@@ -320,7 +334,7 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
     st = _setup(model, data, cfg)
     train_idx, _ = split_indices(data, cfg.holdout)
     g_idx, g_aug = _generators(cfg.seed, st.device)
-    sampler = _PairSampler(data, train_idx, cfg.batch_size, g_idx, st.objective.pairing == "patient")
+    sampler = _PairSampler(data, train_idx, cfg.batch_size, g_idx, _pairs(st))
     opt = make_optimizer(model, cfg)
     n_views = st.objective.n_views
     dp_run = None
@@ -433,7 +447,7 @@ def evaluate_local(model: nn.Module, data: SiteData, cfg: TrainConfig) -> dict[s
     _, eval_idx = split_indices(data, cfg.holdout)
     eval_idx = eval_idx[:MAX_EVAL_IMAGES]
     g_idx, g_aug = _generators(EVAL_SEED, st.device)
-    sampler = _PairSampler(data, eval_idx, cfg.batch_size, g_idx, st.objective.pairing == "patient")
+    sampler = _PairSampler(data, eval_idx, cfg.batch_size, g_idx, _pairs(st))
     sampler.perm = torch.arange(len(eval_idx)).numpy()  # in order, one pass
     n_batches = max(1, len(eval_idx) // sampler.batch_size)
     n_views = st.objective.n_views

@@ -99,10 +99,12 @@ def _order_unique(uid: str, members: list[int], metas: Sequence[dict]) -> Series
         if (gaps < POSITION_TOL).any():
             return _independent(uid, members, "two or more slices at one position (several phases or echoes)")
         return Series(uid, [members[j] for j in order], [float(x) for x in ds], float(np.median(gaps)), "position")
-    numbers = [m.get("instance_number") for m in ms]
-    if all(isinstance(n, int) for n in numbers) and len(set(numbers)) == len(numbers):
-        order = np.argsort(numbers, kind="stable")
-        return Series(uid, [members[j] for j in order], [float(numbers[j]) for j in order], None, "instance-number")
+    # InstanceNumber, then the frame within a multi-frame object (frames of one object share its number)
+    numbers = [(m.get("instance_number"), m.get("frame") or 0) for m in ms]
+    if all(isinstance(n, int) for n, _f in numbers) and len(set(numbers)) == len(numbers):
+        order = sorted(range(len(numbers)), key=numbers.__getitem__)
+        return Series(uid, [members[j] for j in order], [float(j) for j in range(len(order))], None,
+                      "instance-number")
     return _independent(uid, members, "no usable ImagePositionPatient/ImageOrientationPatient or InstanceNumber")
 
 
@@ -191,3 +193,22 @@ def round_pool(indices: np.ndarray, series_id: np.ndarray, max_share: float, rng
         drop = rng.choice(at, size=len(at) - k, replace=False)
         keep[drop] = False
     return indices[keep]
+
+
+SLICE_BLOCK_MM = 10.0  # nearby-slice positives: slices of one series within a block this thick
+
+
+def neighbour_groups(series_id: np.ndarray, position: np.ndarray, block_mm: float = SLICE_BLOCK_MM) -> np.ndarray:
+    """int64 group per image: (series, block of `block_mm` along its normal) for ordered slices, else a group
+    of its own (the objective "slices" then pairs it with a second augmentation of itself)."""
+    n = len(series_id)
+    out = np.arange(n, dtype=np.int64) + 1  # own groups: 1..n
+    ok = np.isfinite(position)
+    if ok.any():
+        start = {s: np.nanmin(position[ok & (series_id == s)]) for s in np.unique(series_id[ok])}
+        block = np.array([np.floor((p - start[s]) / block_mm) if f else 0 for s, p, f in
+                          zip(series_id, position, ok, strict=True)], dtype=np.int64)
+        keys = series_id.astype(np.int64) * (1 << 20) + block
+        _, inv = np.unique(keys[ok], return_inverse=True)
+        out[ok] = -(inv.astype(np.int64) + 1)  # shared groups: negative ids, never equal to an own group
+    return out

@@ -38,3 +38,28 @@ def test_synthetic_volumes_load_in_order_and_train(tmp_path):
     cfg = TrainConfig(objective="simclr", steps=4, batch_size=8, lr=1e-3, seed=0, device="cpu")
     result = train_local(model, data, cfg, progress=False)
     assert result.steps == 4 and np.isfinite(result.losses).all()
+
+
+def test_nearby_slice_positives_pair_slices_of_one_block(tmp_path):
+    import torch
+
+    from fedrad.client.trainer import TrainConfig, _PairSampler, train_local
+    from fedrad.common.models import build_model
+    from fedrad.common.series import neighbour_groups
+
+    site = tmp_path / "site"
+    site.mkdir()
+    write_volumes(site, "site-b", seed=1)
+    data = load_site(site, 32, cache_dir=tmp_path / "cache", progress=False)
+    groups = neighbour_groups(data.series_ids, data.slice_pos)
+    sampler = _PairSampler(data, np.arange(len(data)), 8, torch.Generator().manual_seed(0), groups)
+    for _ in range(5):
+        anchors, partners, _ = sampler.next()
+        assert (groups[anchors] == groups[partners]).all()
+        ordered = np.isfinite(data.slice_pos[anchors])
+        assert (np.abs(data.slice_pos[anchors] - data.slice_pos[partners])[ordered] < 10).all()
+        assert (partners[~ordered] == anchors[~ordered]).all()  # US frames (no geometry): augment pairs
+        assert ((partners != anchors) & ordered).any() or not ordered.any()
+    model = build_model("test_resnet", "slices", 32, proj_dim=32)
+    cfg = TrainConfig(objective="slices", steps=3, batch_size=8, lr=1e-3, seed=0, device="cpu")
+    assert np.isfinite(train_local(model, data, cfg, progress=False).losses).all()
