@@ -125,6 +125,8 @@ def _volumes(results: list[dict], ok: list[int], rel: list[str]) -> dict:
         if "frames_ok" in r:
             m["frames"] += r["frames_ok"]
             images += [{**base, **fm, "instance_number": fm.get("frame")} for fm in r.get("frame_metas", [])]
+        elif int(r.get("frames") or 1) > 1:  # --no-decode: the header's frame count, no per-frame geometry
+            m["frames"] += int(r["frames"])
         else:
             m["slices"] += 1
             images.append({**base, "position": r.get("position"), "orientation": r.get("orientation")})

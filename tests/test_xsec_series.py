@@ -178,3 +178,9 @@ def test_header_labels_plane_and_contrast():
     labels = scan_folder(_xsec(), progress=False)["volumes"]
     assert labels["plane"].get("AXIAL", 0) >= 10  # the EGSnrc series and the other axial CT/MR
     assert set(labels["contrast"]) <= {"CONTRAST", "NONE", UNKNOWN}
+
+
+def test_scan_without_decoding_counts_frames_from_the_header():
+    report = scan_folder(_xsec(), decode=False, progress=False)
+    vol = report["volumes"]["by_modality"]
+    assert vol["MR"]["frames"] == 50 and vol["US"]["frames"] == 32 and vol["CT"]["frames"] == 2
