@@ -63,3 +63,20 @@ def test_nearby_slice_positives_pair_slices_of_one_block(tmp_path):
     model = build_model("test_resnet", "slices", 32, proj_dim=32)
     cfg = TrainConfig(objective="slices", steps=3, batch_size=8, lr=1e-3, seed=0, device="cpu")
     assert np.isfinite(train_local(model, data, cfg, progress=False).losses).all()
+
+
+def test_burned_in_cine_is_skipped_by_policy_unless_allowed(tmp_path):
+    import pydicom
+
+    from fedrad.common.data_rules import DataRules
+
+    site = tmp_path / "site"
+    site.mkdir()
+    write_volumes(site, "site-c", seed=2, ct_slices=2, mr_frames=2, us_frames=3)
+    ds = pydicom.dcmread(site / "xsec/us_cine.dcm")
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(site / "xsec/us_cine.dcm")
+    data = load_site(site, 32, cache_dir=tmp_path / "cache", progress=False)
+    assert "US" not in data.labels["modality"] and data.skipped["burned-in-annotation"] == 1
+    allowed = load_site(site, 32, cache_dir=tmp_path / "cache", progress=False, rules=DataRules(burned_in_ok=True))
+    assert list(allowed.labels["modality"]).count("US") == 3 and not allowed.skipped
