@@ -18,10 +18,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fedrad.common.data_rules import DEFAULT_MODALITIES, DataRules
 from fedrad.common.run_config import RunConfig
 
 DP_MODES = ("none", "client", "sample")
-HEADER_LABEL_FIELDS = ("view", "body_part", "sex", "age", "modality")  # derived from DICOM headers
+HEADER_LABEL_FIELDS = ("view", "body_part", "sex", "age", "modality", "plane", "contrast")  # from DICOM headers
 # The default policy's models: those fedrad knows to work (common.models.KNOWN_MODELS, kept equal by a test).
 # Not imported from there because that module imports torch, and this policy is read for every message,
 # SecAgg+'s key-exchange stages included, which otherwise never load torch.
@@ -64,12 +65,23 @@ class SitePolicy:
     dp_delta: float = 0.0
     epsilon_budget: float = 0.0
     max_megapixels: int = 0
+    # cross-sectional data rules (issue 27): see common/data_rules.py
+    modalities: tuple[str, ...] = ()
+    allow_burned_in: bool = False
+    max_series_share: float = 0.0
+    min_slice_spacing_mm: float = 0.0
     source: str = "built-in default"
 
     @property
     def max_pixels(self) -> int:
         """The pixel budget a file's header may declare before it is skipped as too-large, undecoded."""
         return self.max_megapixels << 20
+
+    @property
+    def data_rules(self) -> DataRules:
+        """Which decoded images this site uses and how a round samples series (scan, loader, trainer)."""
+        return DataRules(tuple(m.upper() for m in self.modalities), self.allow_burned_in, self.max_series_share,
+                         self.min_slice_spacing_mm)
 
 
 # table -> keys it may hold
@@ -78,7 +90,7 @@ _LAYOUT: dict[str, tuple[str, ...]] = {
     "training": ("objectives", "models", "max_image_size", "max_batch_size", "max_local_steps",
                  "max_rounds_per_day", "max_evaluations_per_day", "label_fields"),
     "privacy": ("require_secagg", "dp_modes", "min_dp_noise", "dp_delta", "epsilon_budget"),
-    "data": ("max_megapixels",),
+    "data": ("max_megapixels", "modalities", "allow_burned_in", "max_series_share", "min_slice_spacing_mm"),
 }
 
 
@@ -135,6 +147,12 @@ epsilon_budget = 20.0
 # Largest image a DICOM header may declare (rows x columns x frames x samples, in 2^20 pixels) before the file
 # is skipped as too-large without being decoded: a few-KB compressed file can declare gigapixels.
 max_megapixels = 64
+# Modalities used for training (an empty list: any). NM and PT are read and listed by `fedrad scan` but used
+# only when named here. Images without a Modality tag are used only when the list is empty.
+modalities = {toml_list(DEFAULT_MODALITIES)}
+allow_burned_in = false    # true: also use images whose BurnedInAnnotation is YES (text may identify a patient)
+max_series_share = 0.1     # largest share of a local round's images one CT/MR series may be (0: no cap)
+min_slice_spacing_mm = 0.0 # keep slices of one series at least this far apart (0: every slice)
 """
 
 
@@ -269,6 +287,8 @@ def _validate(p: SitePolicy, text: str, source: str) -> None:
     for mode in p.dp_modes:
         if mode not in DP_MODES:
             raise fail("privacy", "dp_modes", f"unknown dp mode '{mode}' (choose from {', '.join(DP_MODES)})")
+    if p.max_series_share > 1:
+        raise fail("data", "max_series_share", "data.max_series_share is a share: between 0 and 1")
     if p.max_megapixels < 1:
         raise fail("data", "max_megapixels", "data.max_megapixels must be at least 1")
     if not 0 < p.dp_delta < 1:

@@ -24,7 +24,10 @@ from pathlib import Path
 
 from fedrad.client.site_data import is_writable_dir
 from fedrad.common.atomic import atomic_write_bytes
-from fedrad.common.header_signals import UNKNOWN, age_bucket, patient_key
+from fedrad.common.data_rules import DataRules
+from fedrad.common.header_signals import UNKNOWN, age_bucket, contrast_label, patient_key, plane_label
+from fedrad.common.series import group_series
+from fedrad.common.sources.base import Frames
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.errors import reraise_fatal, skip_from
 from fedrad.common.sources.layout import csv_columns, open_location
@@ -43,9 +46,13 @@ def _scan_one(entry, check, decode: bool, salt: bytes, max_pixels: int, locator:
     """One item -> a JSON-able record (never raises: a worker must survive any file)."""
     try:
         if decode:
-            _img, d = entry(locator, SCAN_SIZE, salt, max_pixels)
+            img, d = entry(locator, SCAN_SIZE, salt, max_pixels)
             d = dict(d)
             key = d.pop("patient_key", None)
+            if isinstance(img, Frames):  # a multi-frame object: its frames, each usable or skipped alone
+                d["frames_ok"] = len(img.index)
+                d["frame_metas"] = img.metas
+                d["frames_skipped"] = [list(s) for s in img.skipped]
         else:
             d = dict(check(locator, max_pixels))
             key = None
@@ -58,7 +65,13 @@ def _scan_one(entry, check, decode: bool, salt: bytes, max_pixels: int, locator:
         key = patient_key(pid, study or d.get("sop_uid") or locator, salt)
     if key is not None:
         d["patient"] = key
-    d.pop("sop_uid", None)
+    if study:
+        d["study_key"] = patient_key(None, study, salt)
+    series = d.pop("series_uid", "")  # UIDs are keyed with the in-memory salt like patients: counted, never named
+    d["series_key"] = patient_key(None, series, salt) if series else ""
+    sop = d.pop("sop_uid", None)
+    d["sop_key"] = patient_key(None, sop, salt) if sop else ""  # copies of one instance are one slice
+    d.pop("series_description", None)
     d["ok"] = True
     return d
 
@@ -96,9 +109,43 @@ def source_options_from_args(args: argparse.Namespace) -> PacsOptions:
     return PacsOptions(query=query, **kw)
 
 
+def _volumes(results: list[dict], ok: list[int], rel: list[str]) -> dict:
+    """Studies, series, slices and frames per modality, and how each series was ordered (series.py)."""
+    per: dict[str, dict] = {}
+    images: list[dict] = []
+    for i in ok:
+        r = results[i]
+        m = per.setdefault(display_name(r.get("modality") or UNKNOWN), {"studies": set(), "series": set(),
+                                                                       "slices": 0, "frames": 0, "files": 0})
+        m["files"] += 1
+        m["studies"].add(r.get("study_key") or f"file:{i}")
+        m["series"].add(r.get("series_key") or f"file:{i}")
+        base = {"series_uid": r.get("series_key") or "", "instance_number": r.get("instance_number"), "file": rel[i],
+                "sop_key": r.get("sop_key") or ""}
+        if "frames_ok" in r:
+            m["frames"] += r["frames_ok"]
+            images += [{**base, **fm, "instance_number": fm.get("frame")} for fm in r.get("frame_metas", [])]
+        elif int(r.get("frames") or 1) > 1:  # --no-decode: the header's frame count, no per-frame geometry
+            m["frames"] += int(r["frames"])
+        else:
+            m["slices"] += 1
+            images.append({**base, "position": r.get("position"), "orientation": r.get("orientation")})
+    series = [s for s in group_series(images) if len(s.members) > 1]
+    order = Counter(s.ordered_by for s in series)
+    independent = [{"files": sorted({images[j]["file"] for j in s.members})[:3], "images": len(s.members),
+                    "reason": s.reason} for s in series if s.independent]
+    spacing = [round(s.spacing, 3) for s in series if s.spacing]
+    return {"by_modality": {k: {"studies": len(v["studies"]), "series": len(v["series"]), "slices": v["slices"],
+                                "frames": v["frames"], "files": v["files"]} for k, v in sorted(per.items())},
+            "plane": _counts(plane_label(results[i].get("orientation")) for i in ok),
+            "contrast": _counts(contrast_label(results[i].get("contrast"), results[i].get("modality")) for i in ok),
+            "series_ordered_by": dict(order.most_common()), "series_independent": independent,
+            "slice_spacing_mm": sorted(set(spacing))}
+
+
 def scan_folder(path: str | os.PathLike[str], decode: bool = True, progress: bool = True,
                 max_pixels: int = DEFAULT_MAX_PIXELS, source_options: PacsOptions | None = None,
-                cache_dir: str | os.PathLike[str] | None = None) -> dict:
+                cache_dir: str | os.PathLike[str] | None = None, rules: DataRules | None = None) -> dict:
     """Inventory of a DICOM folder (or PNG/JPEG folder with manifest.csv/labels.csv) as a JSON-able dict.
 
     `path` may be a PACS source URL (see sources.pacs): its instances matching `source_options` are pulled
@@ -123,6 +170,11 @@ def scan_folder(path: str | os.PathLike[str], decode: bool = True, progress: boo
     work = partial(_scan_one, reader.entry, reader.check, decode, salt, max_pixels)
     results = list(map_isolated(work, [it.locator for it in items], _crashed, progress=progress,
                                 desc="decoding" if decode else "reading headers"))
+    rules = rules or DataRules()
+    for r in results:  # read fine, but the site policy keeps it out (modality, burned-in annotation)
+        refused = rules.refuse(r) if r["ok"] and layout.kind == "dicom" else None
+        if refused:
+            r.update(ok=False, reason=refused[0], detail=refused[1])
     ok = [i for i, r in enumerate(results) if r["ok"]]
     rel = [display_name(it.item_id) for it in items]
 
@@ -157,6 +209,11 @@ def scan_folder(path: str | os.PathLike[str], decode: bool = True, progress: boo
         report["age"] = _counts(age_bucket(r["age_years"]) for r in good)
         if layout.csv is not None:
             report["labels_csv"] = display_name(layout.csv.name)
+        report["volumes"] = _volumes(results, ok, rel)
+        report["frames_skipped"] = [{"file": rel[i], "frame": k, "reason": why, "detail": display_name(more)}
+                                    for i in ok for k, why, more in results[i].get("frames_skipped", [])]
+        for r in good:  # per-frame details stay out of the JSON's per-file rows
+            r.pop("frame_metas", None)
 
     skipped = [{"file": rel[i], "reason": r["reason"], "detail": display_name(r.get("detail", ""))}
                for i, r in enumerate(results) if not r["ok"]]
@@ -221,6 +278,22 @@ def format_report(r: dict) -> str:
             lines.append(row(label, _fmt_counts(r[key])))
         if r.get("labels_csv"):
             lines.append(row("labels CSV", r["labels_csv"]))
+        vol = r.get("volumes") or {}
+        for mod, v in vol.get("by_modality", {}).items():
+            lines.append(row(f"  {mod}", f"studies {v['studies']}, series {v['series']}, slices {v['slices']}, "
+                             f"frames {v['frames']} ({v['files']} files)"))
+        if vol.get("plane"):
+            lines.append(row("plane / contrast", f"{_fmt_counts(vol['plane'])}; {_fmt_counts(vol['contrast'])}"))
+        if vol.get("series_ordered_by"):
+            lines.append(row("series ordered by", _fmt_counts(vol["series_ordered_by"])
+                             + (f"; slice spacing {', '.join(f'{x:g}' for x in vol['slice_spacing_mm'])} mm"
+                                if vol.get("slice_spacing_mm") else "")))
+        for s in vol.get("series_independent", []):
+            lines.append(f"      - independent slices ({s['images']}, e.g. {s['files'][0]}): {s['reason']}")
+        if r.get("frames_skipped"):
+            lines.append(row("frames skipped", str(len(r["frames_skipped"]))))
+            for f in r["frames_skipped"][:20]:
+                lines.append(f"      - {f['file']} frame {f['frame']}: {f['reason']} ({f['detail'][:120]})")
     else:
         for col, counts in r.get("labels", {}).items():
             lines.append(row(f"label {col}", _fmt_counts(counts)))
@@ -260,6 +333,12 @@ def _write_json(report: dict, json_out: str | None, data: Path) -> Path:
     return out
 
 
+def _rules(policy_file: str | None) -> DataRules:
+    from fedrad.client.policy import default_policy, load_policy
+
+    return (load_policy(policy_file) if policy_file else default_policy()).data_rules
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     """CLI handler: print the inventory, write the JSON atomically, exit 0 (2 if the folder is missing)."""
     source = getattr(args, "source", None)
@@ -281,7 +360,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                          progress=not getattr(args, "quiet", False),
                          max_pixels=getattr(args, "max_pixels", None) or DEFAULT_MAX_PIXELS,
                          source_options=source_options_from_args(args) if source else None,
-                         cache_dir=getattr(args, "cache", None))
+                         cache_dir=getattr(args, "cache", None), rules=_rules(getattr(args, "policy", None)))
     print(format_report(report))
     out = _write_json(report, getattr(args, "json_out", None), Path(report["store"]) if source else data.resolve())
     print(f"\ninventory written to {display_name(str(out))}")

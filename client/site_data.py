@@ -24,7 +24,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedrad.common.cache import DecodedCache
-from fedrad.common.header_signals import UNKNOWN, age_bucket, load_site_salt, patient_key
+from fedrad.common.data_rules import DataRules
+from fedrad.common.header_signals import (
+    UNKNOWN,
+    age_bucket,
+    contrast_label,
+    load_site_salt,
+    patient_key,
+    plane_label,
+)
+from fedrad.common.intensity import preset_mask, series_affines
+from fedrad.common.series import series_arrays
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.image_folder import IMAGE_EXTS, image_entry, read_csv
 from fedrad.common.sources.layout import csv_columns, detect_source, open_location
@@ -33,7 +43,7 @@ from fedrad.common.sources.pacs import PacsOptions
 if TYPE_CHECKING:
     import torch
 
-HEADER_FIELDS = ("modality", "body_part", "view", "sex", "age")
+HEADER_FIELDS = ("modality", "body_part", "view", "sex", "age", "plane", "contrast")
 CACHE_DIRNAME = ".fedrad-cache"
 __all__ = ["SiteData", "load_site", "detect_layout", "default_cache_dir", "site_salt", "read_csv",
            "csv_columns", "image_entry", "IMAGE_EXTS", "HEADER_FIELDS", "is_writable_dir"]
@@ -49,6 +59,15 @@ class SiteData:
     labels: dict[str, list[str]]
     skipped: Counter = field(default_factory=Counter)
     image_size: int = 0
+    # cross-sectional sampling (common/series.py): series id and position along its normal per image (None:
+    # every image its own series), and the site's rules for a round's series share and slice spacing
+    series_ids: np.ndarray | None = None
+    slice_pos: np.ndarray | None = None
+    rules: DataRules | None = None
+    # intensity per modality (common/intensity.py): per-image (scale, offset) putting an MR slice on its
+    # series' scale, and per CT image the bit mask of window presets a batch may show it with (0: not CT)
+    affine: np.ndarray | None = None
+    ct_mask: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -87,6 +106,11 @@ class SiteData:
             labels={k: [v[i] for i in idx] for k, v in self.labels.items()},
             skipped=Counter(self.skipped),
             image_size=self.image_size,
+            series_ids=None if self.series_ids is None else self.series_ids[idx],
+            slice_pos=None if self.slice_pos is None else self.slice_pos[idx],
+            rules=self.rules,
+            affine=None if self.affine is None else self.affine[idx],
+            ct_mask=None if self.ct_mask is None else self.ct_mask[idx],
         )
 
 
@@ -190,7 +214,7 @@ def _dicom_labels(root: Path, labels_csv: Path, paths: list[str], sops: list[str
 def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str | os.PathLike[str] | None = None,
               progress: bool = True, labels_csv: str | os.PathLike[str] | None = None,
               state_dir: str | os.PathLike[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-              source_options: PacsOptions | None = None) -> SiteData:
+              source_options: PacsOptions | None = None, rules: DataRules | None = None) -> SiteData:
     """Load a site folder (DICOM tree or PNG/JPEG + manifest) through the decoded-image cache.
 
     `labels_csv` (DICOM only) overrides the auto-detected `<data>/labels.csv`; unlabelled images get ''.
@@ -199,6 +223,9 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
     without a reader (NIfTI, archives), are counted in `SiteData.skipped` by reason.
     `data_dir` may be a PACS source URL (dicomweb+https://..., dimse://AET@host:port; `source_options` its
     query and limits): instances are pulled into the site's store and decoded like a DICOM folder.
+    `rules` (the site policy's [data] rules, default DataRules()): DICOM images of a modality it excludes or
+    with burned-in annotation are skipped with that reason; a frame of a multi-frame object is an image; CT/MR
+    slices are grouped into series (series_ids, slice_pos) for the trainer's per-series sampling.
     Raises FileNotFoundError if the folder does not exist (the CLI turns that into exit code 2).
     """
     opened = open_location(data_dir, max_pixels, cache_dir, source_options)
@@ -209,16 +236,21 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
         return _load_images(reader, image_size, cache, progress)
 
     listing = reader.list_items()
-    items = listing.items
-    images, kept, skipped = cache.load_items(items, progress=progress)
-    metas = [cache.meta(items[i].item_id) for i in kept]
-    kept_paths = [items[i].locator for i in kept]
+    rules = rules or DataRules()
+    images, kept_items, skipped = cache.load_frames(listing.items, progress=progress,  # a frame is an image
+                                                    accept=rules.refuse)
+    metas = [cache.meta(it.item_id) for it in kept_items]
+    series_ids, slice_pos, _series = series_arrays(metas)
+    affine, ct_mask = _intensity(metas, series_ids)
+    kept_paths = [it.locator for it in kept_items]
     labels: dict[str, list[str]] = {
         "modality": [m.get("modality") or UNKNOWN for m in metas],
         "body_part": [m.get("body_part") or UNKNOWN for m in metas],
         "view": [m.get("view") or UNKNOWN for m in metas],
         "sex": [_norm_header_value("sex", m.get("sex", "")) for m in metas],
         "age": [age_bucket(m.get("age_years")) for m in metas],
+        "plane": [plane_label(m.get("orientation")) for m in metas],  # cross-sectional weak labels (SupCon)
+        "contrast": [contrast_label(m.get("contrast"), m.get("modality")) for m in metas],
     }
     csv_path = Path(labels_csv) if labels_csv else layout.csv
     if csv_path is not None:
@@ -229,7 +261,17 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
     reasons = Counter(skipped.values())
     reasons.update(p.reason for p in listing.skipped)
     return SiteData(images=images, paths=kept_paths, patient_keys=keys, labels=labels,
-                    skipped=reasons, image_size=image_size)
+                    skipped=reasons, image_size=image_size, series_ids=series_ids, slice_pos=slice_pos, rules=rules,
+                    affine=affine, ct_mask=ct_mask)
+
+
+def _intensity(metas: list[dict], series_ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(MR series affines, CT preset masks) from the stored per-image intensity fields; None when unused."""
+    ranges = np.array([m.get("value_range") or (np.nan, np.nan) for m in metas], dtype=np.float64).reshape(-1, 2)
+    affine = series_affines(ranges[:, 0], ranges[:, 1], series_ids) if np.isfinite(ranges).any() else None
+    ct = np.array([preset_mask(m.get("body_part", "")) if m.get("intensity") == "hu" else 0 for m in metas],
+                  dtype=np.int16)
+    return affine, (ct if ct.any() else None)
 
 
 def site_salt(cache_dir: str | os.PathLike[str], state_dir: str | os.PathLike[str] | None = None) -> bytes:

@@ -58,6 +58,7 @@ def load_site_for(context: Context, cfg: RunConfig):
     kwargs: dict = {"labels_csv": labels} if labels else {}
     kwargs["state_dir"] = state_paths(context.node_config).root  # the salt lives in the state folder, not the cache
     kwargs["max_pixels"] = policy_for(dict(context.node_config)).max_pixels  # the site's pixel budget
+    kwargs["rules"] = policy_for(dict(context.node_config)).data_rules  # modalities, burned-in, series sampling
     from fedrad.common.sources.pacs import PacsOptions, is_source_url
 
     if is_source_url(data_dir):  # a PACS: data-dir is its URL, node config source-* its query and limits

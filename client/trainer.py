@@ -125,17 +125,27 @@ class _PairSampler:
     """Draws batches without repeats (a fresh permutation per epoch) and, for MICLe, each anchor's partner."""
 
     def __init__(self, data: SiteData, indices: np.ndarray, batch_size: int, generator: torch.Generator,
-                 patient_pairs: bool) -> None:
+                 patient_pairs: bool | np.ndarray) -> None:
         import numpy as np
 
-        self.indices = np.asarray(indices)
+        from fedrad.common.series import thin_by_spacing
+
+        rules = getattr(data, "rules", None)
+        self.series_ids = getattr(data, "series_ids", None)
+        self.max_share = rules.max_series_share if rules is not None and self.series_ids is not None else 0.0
+        indices = np.asarray(indices)
+        if rules is not None and rules.min_slice_spacing > 0 and self.series_ids is not None:
+            thinned = thin_by_spacing(indices, self.series_ids, data.slice_pos, rules.min_slice_spacing)
+            indices = thinned if len(thinned) >= 2 else indices
+        self.indices = indices
         self.batch_size = min(batch_size, len(self.indices))
         self.g = generator
         self.perm = np.empty(0, dtype=np.int64)
         self.pos = 0
-        self.patient_pairs = patient_pairs
-        if patient_pairs:
-            groups = np.asarray(data.group_ids())[self.indices]
+        self.patient_pairs = patient_pairs is not None and patient_pairs is not False
+        if self.patient_pairs:  # True: pairs within a patient; an array: pairs within those groups
+            all_groups = data.group_ids() if patient_pairs is True else patient_pairs
+            groups = np.asarray(all_groups)[self.indices]
             order = np.argsort(groups, kind="stable")
             sorted_groups = groups[order]
             starts = np.searchsorted(sorted_groups, sorted_groups, side="left")
@@ -156,6 +166,13 @@ class _PairSampler:
 
         if self.pos + self.batch_size > len(self.perm):
             self.perm = torch.randperm(len(self.indices), generator=self.g).numpy()
+            if self.max_share > 0:  # this epoch's pool: no series over its share (series.round_pool)
+                from fedrad.common.series import round_pool
+
+                rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=self.g)))
+                pool = round_pool(np.arange(len(self.indices)), self.series_ids[self.indices], self.max_share, rng)
+                if len(pool) >= self.batch_size:
+                    self.perm = self.perm[np.isin(self.perm, pool)]
             self.pos = 0
         p = self.perm[self.pos: self.pos + self.batch_size]
         self.pos += self.batch_size
@@ -219,6 +236,12 @@ def _setup(model: nn.Module, data: SiteData, cfg: TrainConfig) -> _Setup:
         labels = np.asarray(data.label_ids(cfg.fields_list()), dtype=np.int64)
     if objective.positives == "patient":
         labels = np.asarray(data.group_ids(), dtype=np.int64)
+    elif objective.positives == "slices":  # nearby slices of one series (common/series.py)
+        from fedrad.common.series import neighbour_groups
+
+        sid, pos = getattr(data, "series_ids", None), getattr(data, "slice_pos", None)
+        labels = (np.arange(len(data), dtype=np.int64) if sid is None or pos is None
+                  else neighbour_groups(np.asarray(sid), np.asarray(pos)))
     elif objective.positives == "patient+labels":
         groups = np.asarray(data.group_ids(), dtype=np.int64)
     cl = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
@@ -228,6 +251,13 @@ def _setup(model: nn.Module, data: SiteData, cfg: TrainConfig) -> _Setup:
     size = cfg.image_size if cfg.image_size and cfg.image_size != data.image_size else None
     aug = cfg.augment if cfg.augment is not None else AugmentConfig(hflip=cfg.hflip)
     return _Setup(device, objective, aug, _amp_dtype(cfg, device), cl, size, labels, groups)
+
+
+def _pairs(st: _Setup):
+    """What the sampler pairs within: the slice blocks (objective "slices"), patients, or nothing."""
+    if st.objective.positives == "slices":
+        return st.labels
+    return st.objective.pairing == "patient"
 
 
 def _views(st: _Setup, data: SiteData, sampler: _PairSampler, gen_aug, n_views: int) -> tuple[Batch, int]:
@@ -242,12 +272,18 @@ def _views_of(st: _Setup, data: SiteData, anchors: np.ndarray, partners: np.ndar
     import torch
 
     from fedrad.common.augment import augment
+    from fedrad.common.intensity import apply_intensity
     from fedrad.common.losses import Batch
 
-    x = _fetch(data, anchors, st.device, st.size)
+    def fetch(idx: np.ndarray) -> torch.Tensor:  # MR on its series' scale, CT through a sampled window preset
+        affine, ct = getattr(data, "affine", None), getattr(data, "ct_mask", None)
+        return apply_intensity(_fetch(data, idx, st.device, st.size), None if affine is None else affine[idx],
+                               None if ct is None else ct[idx], gen_aug)
+
+    x = fetch(anchors)
     sources = [x] * n_views
     if partners is not None and n_views > 1:
-        sources[1] = _fetch(data, partners, st.device, st.size)
+        sources[1] = fetch(partners)
     views = tuple(augment(src, st.aug, gen_aug) for src in sources)
     if st.channels_last:
         views = tuple(v.contiguous(memory_format=torch.channels_last) for v in views)
@@ -298,7 +334,7 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
     st = _setup(model, data, cfg)
     train_idx, _ = split_indices(data, cfg.holdout)
     g_idx, g_aug = _generators(cfg.seed, st.device)
-    sampler = _PairSampler(data, train_idx, cfg.batch_size, g_idx, st.objective.pairing == "patient")
+    sampler = _PairSampler(data, train_idx, cfg.batch_size, g_idx, _pairs(st))
     opt = make_optimizer(model, cfg)
     n_views = st.objective.n_views
     dp_run = None
@@ -411,7 +447,7 @@ def evaluate_local(model: nn.Module, data: SiteData, cfg: TrainConfig) -> dict[s
     _, eval_idx = split_indices(data, cfg.holdout)
     eval_idx = eval_idx[:MAX_EVAL_IMAGES]
     g_idx, g_aug = _generators(EVAL_SEED, st.device)
-    sampler = _PairSampler(data, eval_idx, cfg.batch_size, g_idx, st.objective.pairing == "patient")
+    sampler = _PairSampler(data, eval_idx, cfg.batch_size, g_idx, _pairs(st))
     sampler.perm = torch.arange(len(eval_idx)).numpy()  # in order, one pass
     n_batches = max(1, len(eval_idx) // sampler.batch_size)
     n_views = st.objective.n_views

@@ -24,6 +24,7 @@ import hmac
 import inspect
 import json
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -36,7 +37,7 @@ import numpy as np
 from fedrad.common.atomic import atomic_write_bytes
 from fedrad.common.header_signals import load_site_salt
 from fedrad.common.image_ops import to_uint16
-from fedrad.common.sources.base import Item
+from fedrad.common.sources.base import Frames, Item
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.dicom_folder import dicom_entry
 from fedrad.common.sources.errors import reraise_fatal, skip_from
@@ -44,7 +45,7 @@ from fedrad.common.sources.workers import default_workers, map_isolated
 
 __all__ = ["DecodedCache", "dicom_entry", "default_workers", "file_fingerprint"]
 
-FORMAT_VERSION = 2  # 2: entries keyed by content fingerprint (1 was keyed by absolute path)
+FORMAT_VERSION = 3  # 3: multi-frame objects (an entry per frame); 2: keyed by content; 1: by absolute path
 HASH_BLOCK = 1 << 20
 
 Decoder = Callable[..., tuple[np.ndarray, dict]]  # (locator, size, salt[, max_pixels]) -> (image, meta)
@@ -55,6 +56,10 @@ def _work(decoder: Decoder, size: int, salt: bytes, budget: int | None, item: tu
     i, path = item
     try:
         img, meta = decoder(path, size, salt) if budget is None else decoder(path, size, salt, budget)
+        if isinstance(img, Frames):  # a multi-frame object: already uint16, one row per usable frame
+            if img.images.shape[1:] != (size, size):
+                return i, None, {}, "bad-dimensions", f"decoder returned frames {img.images.shape}"
+            return i, img, meta, "", ""
         if img.shape != (size, size):
             return i, None, {}, "bad-dimensions", f"decoder returned {img.shape}"
         return i, to_uint16(img), meta, "", ""
@@ -236,9 +241,24 @@ class DecodedCache:
                    ) -> tuple[np.ndarray, list[int], dict[str, str]]:
         """Images for a source's `items` in order, decoding only content not seen before.
 
-        Returns (images uint16 [len(kept), S, S], kept: indices into `items` that decoded,
-        skipped: {item_id: reason}). `entry(item_id)` gives the stored meta / skip detail.
+        Returns (images uint16 [len(kept), S, S], kept: indices into `items` that decoded, skipped:
+        {item_id: reason}). A multi-frame item gives one image per usable frame, so its index repeats in
+        `kept` (load_frames names each frame). `entry(item_id)` gives the stored meta / skip detail.
         """
+        images, _frames, origin, skipped = self._load(items, progress)
+        return images, origin, skipped
+
+    def load_frames(self, items: Sequence[Item], progress: bool = True,
+                    accept: Callable[[dict], tuple[str, str] | None] | None = None,
+                    ) -> tuple[np.ndarray, list[Item], dict[str, str]]:
+        """Like load_items, but returns the kept images' items: a multi-frame object's frames are items of
+        their own (`<item_id>#<k>`, fingerprint `<content>#f<k>`); skipped frames are listed by that id.
+        `accept(meta)` -> (reason, detail) keeps a decoded image out (the site policy's data rules)."""
+        images, frames, _origin, skipped = self._load(items, progress, accept)
+        return images, frames, skipped
+
+    def _load(self, items: Sequence[Item], progress: bool, accept: Callable | None = None,
+              ) -> tuple[np.ndarray, list[Item], list[int], dict]:
         t0 = time.perf_counter()
         with self._locked():
             self._entries, self._files = self._read_index()
@@ -247,64 +267,122 @@ class DecodedCache:
             todo: list[tuple[int, str]] = []
             queued: set[str] = set()
             for i, (it, fp) in enumerate(zip(items, fps, strict=True)):
-                if fp is not None and fp not in queued and not self._fresh(self._entries.get(fp)):
+                if fp is not None and fp not in queued and not self._fresh_item(fp):
                     todo.append((i, it.locator))
                     queued.add(fp)
             changed = bool(todo) or self.stats["hashed"] > hashed
             if todo:
-                results: dict[int, tuple] = {}
-                ok: list[int] = []
-
-                def fill(mm: np.ndarray) -> None:
-                    row = 0
-                    for i, img, meta, reason, detail in self._decode(todo, progress):
-                        results[i] = (meta, reason, detail)
-                        if img is not None:
-                            mm[row] = img
-                            ok.append(i)
-                            row += 1
-
-                # Decode straight into a chunk sized for the worst case, then keep only the good rows.
-                tmp_name = self._new_chunk(len(todo), fill)
-                chunk = tmp_name
-                if len(ok) < len(todo):
-                    src = self._chunk(tmp_name, len(todo))
-                    chunk = self._new_chunk(len(ok), lambda mm: mm.__setitem__(slice(None), src[: len(ok)]))
-                    del src
-                    with contextlib.suppress(OSError):
-                        (self.dir / tmp_name).unlink()
-                rows = {i: r for r, i in enumerate(ok)}
-                for i, _loc in todo:
-                    meta, reason, detail = results[i]
-                    entry: dict = {"decoder": self.decoder_name}
-                    if i in rows:
-                        entry.update(chunk=chunk, row=rows[i], meta=meta)
-                    else:
-                        entry.update(reason=reason, detail=detail)
-                        if reason == "too-large":
-                            entry["max_pixels"] = self.max_pixels
-                    self._entries[fps[i]] = entry
-                self.stats["decoded"] += len(todo)
+                self._decode_into_chunk(todo, fps, progress)
             self.stats["reused"] += len(items) - len(todo)
 
             self._key_of = {}
-            kept, skipped = [], {}
+            frames: list[Item] = []
+            origin: list[int] = []
+            keys: list[str] = []
+            skipped: dict[str, str] = {}
             for i, (it, fp) in enumerate(zip(items, fps, strict=True)):
                 if fp is None:
                     skipped[it.item_id] = "unreadable"
                     continue
                 self._key_of[it.item_id] = fp
                 self._key_of[os.path.abspath(it.locator)] = fp
-                if "chunk" in self._entries[fp]:
-                    kept.append(i)
+                e = self._entries[fp]
+                refused = accept(e.get("meta", {})) if accept is not None and "reason" not in e else None
+                if refused:
+                    skipped[it.item_id] = refused[0]
+                elif "chunk" in e:
+                    frames.append(it)
+                    origin.append(i)
+                    keys.append(fp)
+                elif e.get("frames"):
+                    for k in range(int(e["frames"])):
+                        fk, fid = frame_key(fp, k), f"{it.item_id}#{k}"
+                        self._key_of[fid] = fk
+                        fe = self._entries.get(fk, {})
+                        if "chunk" in fe:
+                            frames.append(Item(fid, it.locator, fk))
+                            origin.append(i)
+                            keys.append(fk)
+                        else:
+                            skipped[fid] = fe.get("reason", "decode-failed")
                 else:
-                    skipped[it.item_id] = self._entries[fp].get("reason", "decode-failed")
-            images, consolidated = self._gather([fps[i] for i in kept])
+                    skipped[it.item_id] = e.get("reason", "decode-failed")
+            images, consolidated = self._gather(keys)
             if changed or consolidated:
                 self._write_index()
                 self._gc()
         self.stats["seconds"] += time.perf_counter() - t0
-        return images, kept, skipped
+        return images, frames, origin, skipped
+
+    def _fresh_item(self, fp: str) -> bool:
+        """Is `fp` decoded already (a multi-frame object: its entry and every frame's entry)?"""
+        e = self._entries.get(fp)
+        if not self._fresh(e):
+            return False
+        return not e.get("frames") or all(frame_key(fp, k) in self._entries for k in range(int(e["frames"])))
+
+    def _decode_into_chunk(self, todo: list[tuple[int, str]], fps: list[str | None], progress: bool) -> None:
+        """Decode `todo` straight into one new chunk file, appended row by row (frames included)."""
+        results: dict[int, tuple] = {}
+        rows: dict[str, int] = {}  # entry key -> row in the chunk
+
+        def write(f) -> int:
+            n = 0
+            for i, img, meta, reason, detail in self._decode(todo, progress):
+                results[i] = (img, meta, reason, detail)
+                fp = fps[i]
+                if isinstance(img, Frames):
+                    for r, k in enumerate(img.index):
+                        f.write(np.ascontiguousarray(img.images[r], dtype=np.uint16).tobytes())
+                        rows[frame_key(fp, k)] = n
+                        n += 1
+                    results[i] = (None, meta, reason, detail, img.index, img.metas, img.skipped, img.total)
+                elif img is not None:
+                    f.write(np.ascontiguousarray(img, dtype=np.uint16).tobytes())
+                    rows[fp] = n
+                    n += 1
+            return n
+
+        chunk = self._stream_chunk(write)
+        for i, _loc in todo:
+            fp = fps[i]
+            img, meta, reason, detail, *multi = results[i]
+            entry: dict = {"decoder": self.decoder_name}
+            if multi:
+                index, metas, skips, total = multi
+                entry.update(frames=total, meta=meta)
+                for k, m in zip(index, metas, strict=True):
+                    self._entries[frame_key(fp, k)] = {"decoder": self.decoder_name, "chunk": chunk,
+                                                       "row": rows[frame_key(fp, k)], "meta": m}
+                for k, why, more in skips:
+                    self._entries[frame_key(fp, k)] = {"decoder": self.decoder_name, "reason": why, "detail": more}
+            elif fp in rows:
+                entry.update(chunk=chunk, row=rows[fp], meta=meta)
+            else:
+                entry.update(reason=reason, detail=detail)
+                if reason == "too-large":
+                    entry["max_pixels"] = self.max_pixels
+            self._entries[fp] = entry
+        self.stats["decoded"] += len(todo)
+
+    def _stream_chunk(self, write: Callable) -> str:
+        """A new chunk file from `write(file) -> rows` (raw uint16 rows appended), or '' when no row came."""
+        name = f"chunk-{uuid.uuid4().hex[:16]}.u16"
+        fd, tmp = tempfile.mkstemp(prefix=".chunk-", suffix=".tmp", dir=self.dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                n = write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            if n == 0:
+                os.unlink(tmp)
+                return ""
+            os.replace(tmp, self.dir / name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return name
 
     def _gather(self, keys: list[str]) -> tuple[np.ndarray, bool]:
         """One memmap holding `keys` in order: reuse a chunk that already is exactly that, else write one."""
@@ -335,5 +413,22 @@ class DecodedCache:
         return self._entries.get(fp) if fp else None
 
     def meta(self, key: str | os.PathLike[str]) -> dict:
-        e = self.entry(key)
-        return dict(e.get("meta", {})) if e else {}
+        """Stored header fields of an item or frame (a frame's own fields over its object's)."""
+        k = os.fspath(key)
+        fp = self._key_of.get(k) or self._key_of.get(os.path.abspath(k))
+        e = self._entries.get(fp) if fp else None
+        if not e:
+            return {}
+        out = dict(e.get("meta", {}))
+        if _FRAME.search(fp):
+            base = self._entries.get(_FRAME.sub("", fp), {})
+            out = {**base.get("meta", {}), **out}
+        return out
+
+
+_FRAME = re.compile(r"#f\d+$")
+
+
+def frame_key(fp: str, k: int) -> str:
+    """The cache key of frame `k` of the content `fp`."""
+    return f"{fp}#f{k}"

@@ -132,3 +132,30 @@ def _create_exclusive(path: Path, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def plane_label(orientation: object) -> str:
+    """AXIAL / CORONAL / SAGITTAL from ImageOrientationPatient (the axis the slice normal follows), OBLIQUE when
+    the normal is more than ~35 degrees off every axis; UNKNOWN without a usable orientation."""
+    try:
+        o = [float(v) for v in orientation]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return UNKNOWN
+    if len(o) != 6:
+        return UNKNOWN
+    n = (o[1] * o[5] - o[2] * o[4], o[2] * o[3] - o[0] * o[5], o[0] * o[4] - o[1] * o[3])
+    norm = sum(v * v for v in n) ** 0.5
+    if not norm > 0:
+        return UNKNOWN
+    axis = max(range(3), key=lambda i: abs(n[i]))
+    if abs(n[axis]) / norm < 0.82:
+        return "OBLIQUE"
+    return ("SAGITTAL", "CORONAL", "AXIAL")[axis]
+
+
+def contrast_label(agent: object, modality: object = "") -> str:
+    """CONTRAST when ContrastBolusAgent names an agent; NONE for a CT/MR without one; else UNKNOWN."""
+    text = str(agent or "").strip().upper()
+    if text and text not in ("NONE", "NO", "N/A", "-"):
+        return "CONTRAST"
+    return "NONE" if str(modality or "").upper() in ("CT", "MR") or text else UNKNOWN

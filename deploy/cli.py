@@ -85,6 +85,8 @@ def _add_scan(sub) -> None:
     p.add_argument("--max-pixels", type=int, default=64 << 20,
                    help="largest image a header may declare (rows x columns x frames x samples) before the file is "
                    "skipped as too-large, undecoded (a site policy's data.max_megapixels sets it for the node)")
+    p.add_argument("--policy", default=None, help="site policy file whose [data] rules (modalities, burned-in "
+                   "annotation) the inventory applies (default: the built-in policy)")
     p.set_defaults(func=_lazy("fedrad.client.scan:cmd_scan"))
 
 

@@ -64,7 +64,8 @@ def cmd_demo(args) -> int:
     from fedrad.deploy.synthetic import write_synthetic_sites
 
     sites = write_synthetic_sites(workdir / "sites", n_sites=3, patients_per_site=DEMO_PATIENTS_PER_SITE,
-                                  images_per_patient=DEMO_IMAGES_PER_PATIENT, seed=0)
+                                  images_per_patient=DEMO_IMAGES_PER_PATIENT, seed=0,
+                                  volumes=True)  # + a CT series, an enhanced MR and a US cine per site
     _step("scanning each site (what its IT would check first; nothing is sent)")
     from fedrad.client.scan import scan_folder
 

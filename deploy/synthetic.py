@@ -1,4 +1,5 @@
-"""Synthetic hospitals for the demo and tests: procedural chest radiographs written as real DICOM files.
+"""Synthetic hospitals for the demo and tests: procedural chest radiographs (and, with `volumes`, a CT
+series, an enhanced MR and an ultrasound cine) written as real DICOM files.
 
 Why synthetic: the demo and CI need several sites with many images per patient, real DICOM encodings and
 realistic between-site differences, without shipping patient data. The three site profiles differ the way
@@ -176,10 +177,11 @@ def _relpath(prof: SiteProfile, p: int, k: int, n_written: int) -> str:
 
 def write_synthetic_sites(out_dir: str | Path, n_sites: int = 3, patients_per_site: int = 15,
                           images_per_patient: tuple[int, int] = (1, 4), size: int = 128,
-                          seed: int = 0) -> list[Path]:
+                          seed: int = 0, volumes: bool = False) -> list[Path]:
     """Write `n_sites` synthetic hospital folders (site profiles cycle after 3); return their paths.
 
-    Deterministic for a seed. ~3 x 37 images at 128 px take about 1 s.
+    Deterministic for a seed. ~3 x 37 images at 128 px take about 1 s. `volumes`: each site also gets a CT
+    series, an enhanced MR and an ultrasound cine (write_volumes; 26 images, unlabelled in labels.csv).
     """
     from pydicom.uid import generate_uid
 
@@ -221,9 +223,134 @@ def write_synthetic_sites(out_dir: str | Path, n_sites: int = 3, patients_per_si
                 ds.save_as(path, enforce_file_format=True)
                 labels.append((rel, int(positive)))
                 n_written += 1
+        if volumes:
+            write_volumes(site, name, seed)
         with open(site / "labels.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["file", "finding"])
             w.writerows(labels)
         dirs.append(site)
     return dirs
+
+
+# -- cross-sectional volumes (issue 27): a CT series, an enhanced MR and an ultrasound cine per site --------
+CT_SOP = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_MR_SOP = "1.2.840.10008.5.1.4.1.1.4.1"
+US_MULTIFRAME_SOP = "1.2.840.10008.5.1.4.1.1.3.1"
+
+
+def _base(sop_class: str, modality: str, pid: str, study: str, series: str, sop: str, body_part: str):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = sop_class, sop
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = sop_class, sop, study, series
+    ds.Modality, ds.PatientID, ds.PatientName, ds.BodyPartExamined = modality, pid, f"SYNTH^{pid}", body_part
+    ds.PatientSex, ds.PatientAge, ds.StudyDate, ds.SeriesNumber = "F", "060Y", "20240101", 1
+    ds.ImageComments = "fedrad synthetic image, not a real patient"
+    return ds
+
+
+def ct_phantom(rows: int, z: float, rng: np.random.Generator, finding: bool) -> np.ndarray:
+    """A chest CT slice in HU: body (soft tissue), two lungs, a spine, ribs and, if `finding`, a lung nodule
+    whose size follows z (a sphere through the slices)."""
+    yy, xx = (np.mgrid[:rows, :rows] + 0.5) / rows * 2 - 1
+    hu = np.full((rows, rows), -1000.0)
+    hu[(xx / 0.9) ** 2 + (yy / 0.65) ** 2 < 1] = 40.0
+    for side in (-1, 1):
+        hu[((xx - side * 0.4) / 0.3) ** 2 + ((yy + 0.05) / (0.45 - 0.004 * abs(z))) ** 2 < 1] = -820.0
+    hu[(xx / 0.1) ** 2 + ((yy - 0.45) / 0.1) ** 2 < 1] = 700.0
+    ring = np.abs((xx / 0.86) ** 2 + (yy / 0.61) ** 2 - 1) < 0.05
+    hu[ring & (np.cos(8 * np.arctan2(yy, xx) + z / 7) > 0.6)] = 500.0
+    if finding:
+        r2 = 0.12**2 - (z / 100.0) ** 2
+        if r2 > 0:
+            hu[((xx - 0.4) ** 2 + (yy + 0.1) ** 2) < r2] = 30.0
+    return hu + rng.normal(0, 12, hu.shape)
+
+
+def write_volumes(site: Path, name: str, seed: int, rows: int = 64, ct_slices: int = 12, mr_frames: int = 8,
+                  us_frames: int = 6) -> list[str]:
+    """Write a CT series (single-frame slices), an enhanced MR and an ultrasound cine under `site/xsec/`;
+    return their relative paths. Real DICOM: what `fedrad scan` and the loader read on a real archive."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import generate_uid
+
+    rng = np.random.default_rng([seed, len(name), 27])
+    pid = f"{name.upper()}-XSEC"
+    study = generate_uid(entropy_srcs=[str(seed), name, "xsec-study"])
+    out: list[str] = []
+    series = generate_uid(entropy_srcs=[str(seed), name, "ct-series"])
+    for k in range(ct_slices):  # CT: unsigned stored values with RescaleIntercept -1024, 2.5 mm apart
+        z = 2.5 * (k - ct_slices / 2)
+        ds = _base(CT_SOP, "CT", pid, study, series, generate_uid(entropy_srcs=[str(seed), name, "ct", str(k)]),
+                   "CHEST")
+        ds.Rows = ds.Columns = rows
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, -1024, "HU"
+        ds.WindowCenter, ds.WindowWidth = 40, 400
+        ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [-160, -160, z]
+        ds.SliceThickness, ds.PixelSpacing, ds.InstanceNumber = 2.5, [5, 5], k + 1
+        hu = ct_phantom(rows, z, rng, finding=True)
+        ds.PixelData = np.clip(np.round(hu + 1024), 0, 4095).astype(np.uint16).tobytes()
+        rel = f"xsec/ct/{ct_slices - k:03d}.dcm"  # names in reverse: order must come from the geometry
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(site / rel, enforce_file_format=True)
+        out.append(rel)
+
+    mr = _base(ENHANCED_MR_SOP, "MR", pid, study, generate_uid(entropy_srcs=[str(seed), name, "mr-series"]),
+               generate_uid(entropy_srcs=[str(seed), name, "mr"]), "HEAD")
+    mr.Rows = mr.Columns = rows
+    mr.SamplesPerPixel, mr.PhotometricInterpretation = 1, "MONOCHROME2"
+    mr.BitsAllocated, mr.BitsStored, mr.HighBit, mr.PixelRepresentation = 16, 12, 11, 0
+    mr.NumberOfFrames = mr_frames
+    shared, orient = Dataset(), Dataset()
+    orient.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # coronal
+    shared.PlaneOrientationSequence = Sequence([orient])
+    mr.SharedFunctionalGroupsSequence = Sequence([shared])
+    per, frames = [], []
+    yy, xx = (np.mgrid[:rows, :rows] + 0.5) / rows * 2 - 1
+    for k in range(mr_frames):
+        g, pos = Dataset(), Dataset()
+        pos.ImagePositionPatient = [-100, 4.0 * k, 100]
+        g.PlanePositionSequence = Sequence([pos])
+        per.append(g)
+        r = 0.8 - 0.02 * abs(k - mr_frames / 2)
+        head = (xx / r) ** 2 + (yy / (r * 1.2)) ** 2 < 1
+        brain = (xx / (r - 0.08)) ** 2 + (yy / (r * 1.2 - 0.08)) ** 2 < 1
+        img = np.where(brain, 1400 + 300 * np.cos(6 * xx + k), np.where(head, 2600, 30)) + rng.normal(0, 25, xx.shape)
+        frames.append(np.clip(img, 0, 4095).astype(np.uint16))
+    mr.PerFrameFunctionalGroupsSequence = Sequence(per)
+    mr.PixelData = np.stack(frames).tobytes()
+    rel = "xsec/mr_enhanced.dcm"
+    mr.save_as(site / rel, enforce_file_format=True)
+    out.append(rel)
+
+    us = _base(US_MULTIFRAME_SOP, "US", pid, study, generate_uid(entropy_srcs=[str(seed), name, "us-series"]),
+               generate_uid(entropy_srcs=[str(seed), name, "us"]), "ABDOMEN")
+    h, w = rows * 3 // 4, rows
+    us.Rows, us.Columns, us.NumberOfFrames = h, w, us_frames
+    us.SamplesPerPixel, us.PhotometricInterpretation, us.PlanarConfiguration = 3, "RGB", 0
+    us.BitsAllocated, us.BitsStored, us.HighBit, us.PixelRepresentation = 8, 8, 7, 0
+    us.BurnedInAnnotation = "NO"
+    yy, xx = np.mgrid[:h, :w] / np.array([h, w])[:, None, None]
+    sector = (np.abs(xx - 0.5) < yy * 0.6) & (yy > 0.05)
+    cine = []
+    for k in range(us_frames):
+        speckle = rng.gamma(2.0, 0.5, (h, w))
+        organ = ((xx - 0.5 - 0.02 * k) / 0.2) ** 2 + ((yy - 0.6) / 0.15) ** 2 < 1
+        grey = np.clip(sector * (60 + 80 * speckle * (1 + organ)), 0, 255)
+        rgb = np.stack([grey, grey, grey], axis=-1)
+        rgb[:4, : w // 3] = (255, 200, 0)  # a coloured scale bar, as scanners draw
+        cine.append(rgb.astype(np.uint8))
+    us.PixelData = np.stack(cine).tobytes()
+    rel = "xsec/us_cine.dcm"
+    us.save_as(site / rel, enforce_file_format=True)
+    out.append(rel)
+    return out

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from dicom_fixtures import dicom_index, make_corrupt_files, shared_data, small_dicom
 
-from fedrad.common.dicom_io import REASONS, SkipImage, check_dicom, decode_dicom, read_header
+from fedrad.common.dicom_io import REASONS, Frames, SkipImage, check_dicom, decode_dicom, decode_item, read_header
 from fedrad.common.header_signals import age_bucket, load_or_create_salt, parse_age, patient_key
 from fedrad.common.image_ops import fit_square
 
@@ -99,13 +99,16 @@ def test_pydicom_signed_ct_and_12bit_jpeg_extended():
     assert read_header(_testdata("JPGExtended.dcm")).transfer_syntax == "1.2.840.10008.1.2.4.51"
 
 
-def test_pydicom_multiframe_and_colour_are_skipped():
-    with pytest.raises(SkipImage) as exc:
+def test_pydicom_multiframe_is_one_image_per_frame_and_colour_is_luminance():
+    with pytest.raises(SkipImage) as exc:  # decode_dicom is the one-image API
         decode_dicom(_testdata("rtdose.dcm"), 32)
     assert exc.value.reason == "multi-frame"
-    with pytest.raises(SkipImage) as exc:
-        decode_dicom(_testdata("SC_rgb_rle.dcm"), 32)
-    assert exc.value.reason == "colour"
+    frames, h = decode_item(_testdata("rtdose.dcm"), 32)
+    assert isinstance(frames, Frames) and frames.total == h.frames > 1
+    assert frames.images.shape[1:] == (32, 32) and frames.images.dtype == np.uint16
+    assert len(frames.index) + len(frames.skipped) == frames.total
+    rgb = decode_dicom(_testdata("SC_rgb_rle.dcm"), 32)  # colour -> luminance, not skipped
+    assert rgb.std() > 0.05
 
 
 # -- corrupt inputs -------------------------------------------------------------------------------

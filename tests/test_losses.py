@@ -137,10 +137,11 @@ def test_simsiam_model_level_decomposable_in_eval_mode() -> None:
 def test_get_objective_flags() -> None:
     flags = {n: (get_objective(n).needs_labels, get_objective(n).per_sample) for n in OBJECTIVES}
     assert flags == {"simclr": (False, False), "supcon": (True, False), "micle": (False, False),
-                     "micle+supcon": (True, False), "simsiam": (False, True), "byol": (False, True)}
+                     "micle+supcon": (True, False), "simsiam": (False, True), "byol": (False, True),
+                     "slices": (False, False)}
     assert {n: REGISTRY[n].positives for n in OBJECTIVES} == {
         "simclr": "augment", "supcon": "labels", "micle": "patient", "micle+supcon": "patient+labels",
-        "simsiam": "augment", "byol": "augment"}
+        "simsiam": "augment", "byol": "augment", "slices": "slices"}
     assert per_sample_objectives() == ("simsiam", "byol")
     assert get_objective("micle").pairing == "patient"
     assert get_objective("SimCLR").name == "simclr"

@@ -59,7 +59,7 @@ def test_default_policy_is_the_init_file_and_lets_the_shipped_configs_run():
     ]
     for run in shipped:
         assert check_run(default, _cfg(**run)) is None, run
-    assert default.label_fields == ("view", "body_part", "sex", "age", "modality")
+    assert default.label_fields == ("view", "body_part", "sex", "age", "modality", "plane", "contrast")
     from fedrad.common.models import KNOWN_MODELS
 
     assert default.models == KNOWN_MODELS

@@ -14,9 +14,11 @@ from fedrad.common.losses.micle import MICLe
 from fedrad.common.losses.micle_supcon import MICLeSupCon
 from fedrad.common.losses.simclr import SimCLR
 from fedrad.common.losses.simsiam import SimSiam
+from fedrad.common.losses.slices import NearbySlices
 from fedrad.common.losses.supcon import SupCon
 
-REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (SimCLR, SupCon, MICLe, MICLeSupCon, SimSiam, BYOL)}
+REGISTRY: dict[str, type[Objective]] = {cls.name: cls for cls in (SimCLR, SupCon, MICLe, MICLeSupCon, SimSiam, BYOL,
+                                                                  NearbySlices)}
 OBJECTIVES = tuple(REGISTRY)
 
 

@@ -8,7 +8,8 @@ A subclass declares, as class attributes, everything the rest of fedrad needs to
   header label; labels = label ids), "patient" (the second view is another image of the same patient;
   labels = patient group ids), "patient+labels" (the second view is another image of the same patient, and
   every image of the same patient or sharing the header label is a positive; labels = label ids, groups =
-  patient group ids), "none" (single-view objectives such as a masked autoencoder).
+  patient group ids), "slices" (the second view is a nearby slice of the same CT/MR series; labels = slice
+  block ids), "none" (single-view objectives such as a masked autoencoder).
 - `n_views`: how many augmented views of each image the trainer hands over (2; 1 for MAE-style).
 - `per_sample`: each image's loss depends on no other image of the batch, so per-image gradient clipping
   bounds its influence (the premise of `dp = "sample"`). BatchNorm still couples samples in train mode.
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, ClassVar
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-POSITIVES = ("augment", "labels", "patient", "patient+labels", "none")
+POSITIVES = ("augment", "labels", "patient", "patient+labels", "slices", "none")
 
 
 @dataclass
@@ -62,9 +63,9 @@ class Objective:
 
     @property
     def pairing(self) -> str:
-        """How the trainer builds the second view: "patient" (another image of the same patient) or
-        "augment" (another augmentation of the same image)."""
-        return "patient" if self.positives in ("patient", "patient+labels") else "augment"
+        """How the trainer builds the second view: "patient" (another image of the same group: patient, or
+        slice block for "slices") or "augment" (another augmentation of the same image)."""
+        return "patient" if self.positives in ("patient", "patient+labels", "slices") else "augment"
 
     def heads(self, num_features: int, proj_dim: int) -> dict[str, nn.Module]:
         """The modules after the backbone, by attribute name (their state_dict prefix), in order.

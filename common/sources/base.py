@@ -32,6 +32,19 @@ class Item:
 
 
 @dataclass
+class Frames:
+    """What `entry` returns for a multi-frame object instead of one image: every usable frame (uint16, value
+    / 65535 in [0, 1]), which frame each row is with its own fields (position, orientation), and the frames
+    skipped with their reason. The cache stores each frame as its own entry (`<fingerprint>#f<k>`)."""
+
+    images: np.ndarray  # uint16 [len(index), size, size]
+    index: list[int]
+    metas: list[dict]
+    skipped: list[tuple[int, str, str]]  # (frame, reason, detail)
+    total: int
+
+
+@dataclass
 class Listing:
     """What a source holds: items to decode, and everything else, each with a reason (nothing vanishes)."""
 
@@ -63,7 +76,8 @@ class Reader(abc.ABC):
     @abc.abstractmethod
     def entry(locator: str, size: int, salt: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
               ) -> tuple[np.ndarray, dict]:
-        """Decode one item: (float32 [size, size] in [0, 1], header signals as a JSON-able dict).
+        """Decode one item: (float32 [size, size] in [0, 1], header signals as a JSON-able dict); a
+        multi-frame object gives a `Frames` instead of the single image.
 
         The signals never hold a raw patient identifier: `patient_key` is salted with `salt`."""
 

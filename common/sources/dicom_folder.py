@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fedrad.common.header_signals import patient_key
-from fedrad.common.sources.base import Item, Listing, Reader
+from fedrad.common.sources.base import Frames, Item, Listing, Reader
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.walk import Problem, walk_folder
 
@@ -47,15 +47,17 @@ def classify(path: Path) -> tuple[str, str]:
 
 
 def dicom_entry(path: str, size: int, salt: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-                ) -> tuple[np.ndarray, dict]:
-    """Pixels plus header metadata, with the raw PatientID replaced by its salted key."""
-    from fedrad.common.dicom_io import decode_with_header
+                ) -> tuple[np.ndarray | Frames, dict]:
+    """Pixels (one image, or every frame of a multi-frame object) plus header metadata, with the raw
+    PatientID replaced by its salted key."""
+    from fedrad.common.dicom_io import decode_item
 
-    img, h = decode_with_header(path, size, max_pixels)
+    img, h = decode_item(path, size, max_pixels)
     meta = h.as_dict()
     pid, study = meta.pop("patient_id"), meta.pop("study_uid")
     # No PatientID and no study: a key of its own (by SOP UID or path), never one shared 'unknown' group.
     meta["patient_key"] = patient_key(pid, study or h.sop_uid or f"path:{path}", salt)
+    meta["study_key"] = patient_key(None, study, salt) if study else ""  # studies counted, never named
     return img, meta
 
 

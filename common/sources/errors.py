@@ -24,6 +24,8 @@ REASONS = (
     "blank",  # RescaleSlope 0 / inf / NaN, or every pixel the same value: nothing to learn from
     "unsupported-format",  # a file fedrad has no reader for (NIfTI, archives, ...): reported, never silent
     "decoder-crashed",  # the decode worker process died (segfault, abort) on this file
+    "modality-excluded",  # read, but the site policy does not use this modality (data.modalities)
+    "burned-in-annotation",  # BurnedInAnnotation YES: skipped unless the site policy allows it
 )
 
 
