@@ -112,6 +112,8 @@ def _add_source(p) -> None:
     g.add_argument("--ca-bundle", default=None,
                    help="CA bundle (PEM) for the PACS's TLS (verification is always on; default: the system CAs)")
     g.add_argument("--calling-aet", default=None, help="this site's AE title for DIMSE (default FEDRAD)")
+    g.add_argument("--max-listed", type=int, default=None, help="most instances a PACS listing may name before "
+                   "the pull stops with an error (default 100000; a PACS paging forever is stopped here)")
 
 
 def _add_pretrain(sub) -> None:
