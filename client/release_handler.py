@@ -14,6 +14,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedrad.client.release_store import (
     FILE_LIMITS,
+    ReleaseQuota,
     ReleaseRefused,
     judge_offer,
     record_participation,
@@ -98,7 +99,11 @@ def handle_files(msg: Message, context: Context) -> Message:
     except (KeyError, ReleaseWireError) as exc:
         return _refused(msg, state, ReleaseCode.REFUSED_MALFORMED, f"release files: {exc}")
     try:
-        code, rid = store_release(state, files, pubkey)
+        quota = ReleaseQuota.from_node_config(node_config)
+    except ValueError as exc:  # a quota in node-config that is not a whole number: the site's own mistake
+        return _refused(msg, state, ReleaseCode.FAILED, f"node-config release quota: {exc}")
+    try:
+        code, rid = store_release(state, files, pubkey, quota)
     except ReleaseRefused as exc:
         return _refused(msg, state, exc.code, str(exc))
     except (OSError, SiteStateError) as exc:

@@ -196,6 +196,9 @@ def _add_federation(sub) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="INFO: one line per round at this site (steps, loss, images/s, ε); DEBUG adds Flower's "
                         "details, WARNING only problems")
+    p.add_argument("--max-releases", type=int, default=None, help="most released models this site keeps; a "
+                   "newer one is refused until an older one is removed (default 5)")
+    p.add_argument("--max-release-gib", type=float, default=None, help="most GiB of released models kept (default 20)")
     p.set_defaults(func=_lazy("fedrad.deploy.node_command:cmd_node"))
 
     p = sub.add_parser("run", help="submit a pretraining run to the coordinator and follow it")

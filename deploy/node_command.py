@@ -107,6 +107,10 @@ def cmd_node(args) -> int:
                    "labels": args.labels, "policy": str(Path(args.policy).resolve()) if args.policy else None,
                    **node_state_config(args.state_dir, data, cache, getattr(args, "audit_dir", None)),
                    **source_config}
+    if getattr(args, "max_releases", None) is not None:  # the site's quota of held releases (release_store)
+        node_config["max-releases"] = str(args.max_releases)
+    if getattr(args, "max_release_gib", None) is not None:
+        node_config["max-release-bytes"] = str(int(args.max_release_gib * (1 << 30)))
     tls = _node_tls_from(args.certs, args.site_name)
     check_coordinator_ca(policy, tls.ca_cert if tls else None)
     print(f"fedrad node: site policy {policy.source}; state (salt, DP ledger) in {node_config['state-dir']}; "
