@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrad.client.site_state import JOINED_FILE, RELEASES_DIRNAME, SiteState, SiteStateError, locked
-from fedrad.common.atomic import atomic_write_json
+from fedrad.common.atomic import PRIVATE_FILE, atomic_write_json
 from fedrad.common.bundle import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
@@ -129,7 +129,7 @@ def record_participation(state: SiteState, run_id: int | str, run_key: str | Non
         if run_key:
             entry["run_key"] = str(run_key)
         entry["last"] = now
-        atomic_write_json(state.root / JOINED_FILE, data)
+        atomic_write_json(state.root / JOINED_FILE, data, mode=PRIVATE_FILE)
 
 
 def took_part(state: SiteState, run_id: Any, run_key: Any) -> bool:

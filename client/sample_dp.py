@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedrad.common.atomic import atomic_write_json
+from fedrad.common.atomic import PRIVATE_FILE, atomic_write_json
 
 if TYPE_CHECKING:
     import numpy as np
@@ -260,7 +260,7 @@ def ledger_record(path: str | os.PathLike, run_key: str, history: list[tuple[flo
     data["site_epsilon"] = epsilon_of([h for key in sorted(data["runs"]) for h in _history(data["runs"][key])],
                                       delta)
     data["site_delta"] = delta
-    atomic_write_json(path, data)
+    atomic_write_json(path, data, mode=PRIVATE_FILE)
     return eps
 
 

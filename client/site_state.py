@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedrad.common.atomic import atomic_write_bytes, atomic_write_json
+from fedrad.common.atomic import PRIVATE_FILE, append_private, atomic_write_bytes, atomic_write_json, private_dir
 from fedrad.common.header_signals import SALT_FILE  # patient-pseudonym salt (0600), one name for all readers
 
 STATE_FILE = "state.json"  # the site's id and which files it has held (the "expected" marks)
@@ -146,7 +146,7 @@ def open_state(state: SiteState, cache_dir: str | os.PathLike[str] | None = None
     if cache_dir is not None and _inside(state.root, Path(cache_dir)):
         raise SiteStateError(f"state folder {state.root} is inside the decoded-image cache {cache_dir}: clearing "
                              "the cache would reset the site's privacy ledger; choose another --state-dir")
-    state.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(state.root)  # also a folder an older fedrad made 0755
     with locked(state):
         marker = _read_marker(state)
         if cache_dir is not None:
@@ -164,7 +164,7 @@ def open_state(state: SiteState, cache_dir: str | os.PathLike[str] | None = None
             if path.is_file():
                 updated[key] = True
         if updated != marker:
-            atomic_write_json(state.marker, updated)
+            atomic_write_json(state.marker, updated, mode=PRIVATE_FILE)
     return state
 
 
@@ -211,9 +211,7 @@ def record_refusal(state: SiteState, rule: str, detail: str, code: int, message_
     entry = {"time": time.time(), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "rule": rule, "detail": detail, "message_type": message_type, "run_id": run_id,
              "reply": {"error_code": int(code)}}
-    state.audit_dir.mkdir(parents=True, exist_ok=True)
-    with open(state.refusals, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(entry) + "\n")
+    append_private(state.refusals, json.dumps(entry) + "\n")
 
 
 def count_round(state: SiteState, limit: int, now: float | None = None) -> int | None:
@@ -230,7 +228,7 @@ def count_round(state: SiteState, limit: int, now: float | None = None) -> int |
         recent = [t for t in stamps if now - t < 86_400.0]
         if limit > 0 and len(recent) >= limit:
             return len(recent)
-        atomic_write_json(state.activity, {"train": [*recent, now]})
+        atomic_write_json(state.activity, {"train": [*recent, now]}, mode=PRIVATE_FILE)
     return None
 
 

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedrad.common.atomic import atomic_write_bytes
+from fedrad.common.atomic import PRIVATE_FILE, atomic_write_bytes
 from fedrad.common.sources.base import Item, Listing, Reader
 from fedrad.common.sources.budget import BYTES_PER_PIXEL_BUDGET, DEFAULT_MAX_PIXELS
 from fedrad.common.sources.dicom_folder import dicom_check, dicom_entry
@@ -296,7 +296,7 @@ class InstanceStore:
         return self.path(sop_uid).is_file()
 
     def put(self, sop_uid: str, data: bytes) -> None:
-        atomic_write_bytes(self.path(sop_uid), data)
+        atomic_write_bytes(self.path(sop_uid), data, mode=PRIVATE_FILE)
 
 
 @dataclass(frozen=True)
@@ -390,7 +390,7 @@ class PacsReader(Reader):
             return [Remote(sop, "", "") for sop in last.get("sops", []) if self.store.has(str(sop))]
         found = [r for r in found if UID_RE.match(r.sop_uid) and len(r.sop_uid) <= 64]
         payload = {"query": self._query_text(), "sops": sorted({r.sop_uid for r in found})}
-        atomic_write_bytes(self._listing_path(), json.dumps(payload).encode("utf-8"))
+        atomic_write_bytes(self._listing_path(), json.dumps(payload).encode("utf-8"), mode=PRIVATE_FILE)
         return found
 
     def list_items(self) -> Listing:
