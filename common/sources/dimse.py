@@ -8,8 +8,8 @@ stores it in (no transcoding: the stored file decodes as the same file exported 
 
 Bounded like DICOMweb: every C-FIND level stops at --max-listed answers, and a C-GET whose received bytes
 (counted per PDU as they arrive) pass the instance cap (pixel budget plus header slack) aborts the
-association. Limit, stated: pynetdicom reads one PDU whole before any hook sees it, and a PDU may declare
-up to 4 GiB; the cap applies from the next PDU on.
+association (the C-GET then ends at the DIMSE timeout). Limit, stated: pynetdicom reads one PDU whole
+before any hook sees it, and a PDU may declare up to 4 GiB; the cap applies from the next PDU on.
 """
 
 from __future__ import annotations
@@ -118,8 +118,10 @@ class DimseReader(PacsReader):
                     for i in self._find(assoc, image_keys, counts):
                         found.append(Remote(str(i.get("SOPInstanceUID", "")), study, series,
                                             str(i.get("SOPClassUID", ""))))
-        finally:
-            assoc.release()
+        except BaseException:
+            assoc.abort()  # a listing stopped mid-answer: a release would wait for the rest of it
+            raise
+        assoc.release()
         return found
 
     # -- C-GET -----------------------------------------------------------------------------------
