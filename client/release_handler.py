@@ -71,7 +71,8 @@ def handle_offer(msg: Message, context: Context) -> Message:
         offered = str(cfg[OFFER_ID])
         sequence = int(cfg[OFFER_SEQUENCE])
         code = judge_offer(state, str(cfg[OFFER_RUN_ID]), str(cfg.get(OFFER_RUN_KEY, "") or ""), sequence,
-                           _created(cfg[OFFER_CREATED]), offered)
+                           _created(cfg[OFFER_CREATED]), offered,
+                           ReleaseQuota.from_node_config(dict(context.node_config)))
     except (KeyError, TypeError, ValueError) as exc:
         return _refused(msg, state, ReleaseCode.REFUSED_MALFORMED, f"release offer: {type(exc).__name__}: {exc}")
     if code not in (ReleaseCode.WANT, ReleaseCode.HAVE):

@@ -176,7 +176,7 @@ def resolve_release(state_root: Path, name: str) -> Path:
 
 
 def judge_offer(state: SiteState, run_id: Any, run_key: Any, sequence: int, created: str,
-                offered_id: str) -> ReleaseCode:
+                offered_id: str, quota: ReleaseQuota | None = None) -> ReleaseCode:
     """WANT, HAVE, or the refusal the site would give the offered release (from the offer's unsigned
     claims: this only spares a transfer; the bundle itself is checked again when it arrives)."""
     held = held_releases(state.root)
@@ -186,6 +186,8 @@ def judge_offer(state: SiteState, run_id: Any, run_key: Any, sequence: int, crea
         return ReleaseCode.REFUSED_NOT_PARTICIPANT
     if _rollback(held, str(run_id), str(run_key or ""), sequence, created):
         return ReleaseCode.REFUSED_ROLLBACK
+    if len(held) >= (quota or ReleaseQuota()).max_releases:  # full: the weights need not travel at all
+        return ReleaseCode.REFUSED_QUOTA
     return ReleaseCode.WANT
 
 

@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 from release_fixtures import make_bundle
 
-from fedrad.client.release_store import ReleaseQuota, ReleaseRefused, held_releases, record_participation, store_release
+from fedrad.client.release_store import (
+    ReleaseQuota,
+    ReleaseRefused,
+    held_releases,
+    judge_offer,
+    record_participation,
+    store_release,
+)
 from fedrad.client.site_state import SiteState
 from fedrad.common.bundle import SIGNATURE, WEIGHTS
 from fedrad.common.release_wire import RELEASE_CODE, ReleaseCode, split_chunks
@@ -132,3 +139,6 @@ def test_the_site_quota_of_held_releases(signed, tmp_path):
         store_release(state, _files(second), pub, ReleaseQuota(max_releases=9, max_bytes=size))
     assert store_release(state, _files(second), pub, ReleaseQuota(max_releases=2))[0] == ReleaseCode.STORED
     assert ReleaseQuota.from_node_config({"max-releases": "3", "max-release-bytes": ""}) == ReleaseQuota(3)
+    # a full store declines the offer itself, so the weights never travel
+    assert judge_offer(state, "1", "", 3, "2099-01-01T00:00:00Z", "1-3", ReleaseQuota(max_releases=2)) == \
+        ReleaseCode.REFUSED_QUOTA
