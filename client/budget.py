@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrad.client.site_state import SiteState, locked
-from fedrad.common.atomic import atomic_write_bytes
+from fedrad.common.atomic import PRIVATE_FILE, atomic_write_bytes
 
 LEDGER_FORMAT = 3
 Step = tuple[float, float, int]  # opacus RDP history item: (noise multiplier, sample rate, steps)
@@ -145,7 +145,7 @@ class SiteBudget:
     def _write(self, data: dict[str, Any], eps: float) -> None:
         data.update(format=LEDGER_FORMAT, site_epsilon=eps, site_delta=self.delta, updated=_utc())
         body = json.dumps(data, indent=1, sort_keys=False).encode("utf-8") + b"\n"
-        atomic_write_bytes(self.path, body, mode=0o600)  # run ids, rounds and times: the site's eyes only
+        atomic_write_bytes(self.path, body, mode=PRIVATE_FILE)  # run ids, rounds and times: the site's eyes only
 
 
 def _utc() -> str:

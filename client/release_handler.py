@@ -14,6 +14,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedrad.client.release_store import (
     FILE_LIMITS,
+    ReleaseQuota,
     ReleaseRefused,
     judge_offer,
     record_participation,
@@ -70,7 +71,8 @@ def handle_offer(msg: Message, context: Context) -> Message:
         offered = str(cfg[OFFER_ID])
         sequence = int(cfg[OFFER_SEQUENCE])
         code = judge_offer(state, str(cfg[OFFER_RUN_ID]), str(cfg.get(OFFER_RUN_KEY, "") or ""), sequence,
-                           _created(cfg[OFFER_CREATED]), offered)
+                           _created(cfg[OFFER_CREATED]), offered,
+                           ReleaseQuota.from_node_config(dict(context.node_config)))
     except (KeyError, TypeError, ValueError) as exc:
         return _refused(msg, state, ReleaseCode.REFUSED_MALFORMED, f"release offer: {type(exc).__name__}: {exc}")
     if code not in (ReleaseCode.WANT, ReleaseCode.HAVE):
@@ -98,7 +100,11 @@ def handle_files(msg: Message, context: Context) -> Message:
     except (KeyError, ReleaseWireError) as exc:
         return _refused(msg, state, ReleaseCode.REFUSED_MALFORMED, f"release files: {exc}")
     try:
-        code, rid = store_release(state, files, pubkey)
+        quota = ReleaseQuota.from_node_config(node_config)
+    except ValueError as exc:  # a quota in node-config that is not a whole number: the site's own mistake
+        return _refused(msg, state, ReleaseCode.FAILED, f"node-config release quota: {exc}")
+    try:
+        code, rid = store_release(state, files, pubkey, quota)
     except ReleaseRefused as exc:
         return _refused(msg, state, exc.code, str(exc))
     except (OSError, SiteStateError) as exc:

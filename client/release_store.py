@@ -1,10 +1,13 @@
 """The site's store of released foundation weights: `<state-dir>/releases/<release-id>/`.
 
-A bundle arrives as bytes (fedrad.client.release_handler). It is written into a hidden temporary folder in
-the state directory, verified there with the site's own consortium key (common.bundle, read once), checked
-against the runs this site took part in and against the releases it already holds (no rollback), and only
-then renamed into `releases/`. Any refusal removes the temporary folder: a refused or partial bundle leaves
-nothing behind. The store is also what `fedrad releases` lists and what `--release latest|ID` resolves.
+A bundle arrives as bytes (fedrad.client.release_handler). Before any byte is written, its manifest's
+signature is checked with the site's own consortium key, every file is checked in memory against the size
+and sha256 the signed manifest states (a file it does not list is refused), and the release is checked
+against the runs this site took part in, the releases it already holds (no rollback) and the site's quota
+of held releases. Only then are the files written into a hidden temporary folder in the state directory,
+verified there once more (common.bundle: the stored bytes, and the weights parse), and renamed into
+`releases/`. Any refusal before that writes nothing; one after it removes the temporary folder. The store
+is also what `fedrad releases` lists and what `--release latest|ID` resolves.
 
 Runs taken part in are recorded in `<state-dir>/runs_joined.json` each time this site answers a training
 message (run id and run key, as a release manifest names them).
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrad.client.site_state import JOINED_FILE, RELEASES_DIRNAME, SiteState, SiteStateError, locked
-from fedrad.common.atomic import atomic_write_json
+from fedrad.common.atomic import PRIVATE_FILE, atomic_write_json
 from fedrad.common.bundle import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
@@ -34,7 +37,10 @@ from fedrad.common.bundle import (
     BundleVerificationError,
     ReleasePolicy,
     parse_created,
+    sha256_bytes,
+    signed_files,
     verify_bundle,
+    verify_manifest_bytes,
 )
 from fedrad.common.release_wire import (
     MAX_CARD_BYTES,
@@ -47,6 +53,12 @@ from fedrad.common.release_wire import (
 )
 
 INCOMING_PREFIX = ".incoming-"
+# The site's quota of held releases (node options --max-releases / --max-release-gib, node-config keys
+# below): a release beyond it is refused (REFUSED_QUOTA) until the site removes an older one itself; nothing
+# held is ever deleted for a newcomer. Five backbones of a few hundred MB each fit a modest disk.
+QUOTA_COUNT_KEY, QUOTA_BYTES_KEY = "max-releases", "max-release-bytes"
+DEFAULT_MAX_RELEASES = 5
+DEFAULT_MAX_RELEASE_BYTES = 20 << 30
 FILE_LIMITS = {WEIGHTS: MAX_WEIGHTS_BYTES, MANIFEST: MAX_MANIFEST_BYTES, SIGNATURE: SIGNATURE_BYTES,
                MODEL_CARD: MAX_CARD_BYTES, TIMM_CONFIG: MAX_CONFIG_BYTES}
 
@@ -57,6 +69,21 @@ class ReleaseRefused(Exception):
     def __init__(self, code: ReleaseCode, detail: str) -> None:
         super().__init__(detail)
         self.code = code
+
+
+@dataclass(frozen=True)
+class ReleaseQuota:
+    """How many releases, and how many bytes of them, this site keeps at most."""
+
+    max_releases: int = DEFAULT_MAX_RELEASES
+    max_bytes: int = DEFAULT_MAX_RELEASE_BYTES
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any]) -> ReleaseQuota:
+        """From node-config `max-releases` / `max-release-bytes` (missing or empty: the default)."""
+        count, size = node_config.get(QUOTA_COUNT_KEY), node_config.get(QUOTA_BYTES_KEY)
+        return cls(int(count) if count not in (None, "") else DEFAULT_MAX_RELEASES,
+                   int(size) if size not in (None, "") else DEFAULT_MAX_RELEASE_BYTES)
 
 
 @dataclass(frozen=True)
@@ -104,7 +131,7 @@ def record_participation(state: SiteState, run_id: int | str, run_key: str | Non
         if run_key:
             entry["run_key"] = str(run_key)
         entry["last"] = now
-        atomic_write_json(state.root / JOINED_FILE, data)
+        atomic_write_json(state.root / JOINED_FILE, data, mode=PRIVATE_FILE)
 
 
 def took_part(state: SiteState, run_id: Any, run_key: Any) -> bool:
@@ -151,7 +178,7 @@ def resolve_release(state_root: Path, name: str) -> Path:
 
 
 def judge_offer(state: SiteState, run_id: Any, run_key: Any, sequence: int, created: str,
-                offered_id: str) -> ReleaseCode:
+                offered_id: str, quota: ReleaseQuota | None = None) -> ReleaseCode:
     """WANT, HAVE, or the refusal the site would give the offered release (from the offer's unsigned
     claims: this only spares a transfer; the bundle itself is checked again when it arrives)."""
     held = held_releases(state.root)
@@ -161,6 +188,8 @@ def judge_offer(state: SiteState, run_id: Any, run_key: Any, sequence: int, crea
         return ReleaseCode.REFUSED_NOT_PARTICIPANT
     if _rollback(held, str(run_id), str(run_key or ""), sequence, created):
         return ReleaseCode.REFUSED_ROLLBACK
+    if len(held) >= (quota or ReleaseQuota()).max_releases:  # full: the weights need not travel at all
+        return ReleaseCode.REFUSED_QUOTA
     return ReleaseCode.WANT
 
 
@@ -185,40 +214,66 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def store_release(state: SiteState, files: dict[str, bytes], pubkey) -> tuple[ReleaseCode, str]:
+def store_release(state: SiteState, files: dict[str, bytes], pubkey,
+                  quota: ReleaseQuota | None = None) -> tuple[ReleaseCode, str]:
     """Verify and store a received bundle: (STORED or HAVE, release id), or ReleaseRefused.
 
-    `pubkey`: the site's consortium key (PEM path or key object). Nothing stays behind on refusal.
+    `pubkey`: the site's consortium key (PEM path or key object). Nothing is written before the signed
+    manifest, every file's size and hash, participation, rollback and `quota` have passed.
     """
     missing = [n for n in REQUIRED_FILES if n not in files]
     if missing:
         raise ReleaseRefused(ReleaseCode.REFUSED_UNVERIFIED, f"incomplete bundle: {', '.join(missing)} missing")
+    manifest = _verify_in_memory(files, pubkey)
     state.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     with locked(state):
+        rid = _judge(state, manifest, quota or ReleaseQuota(), sum(len(d) for d in files.values()))
+        if rid is None:
+            return ReleaseCode.HAVE, manifest_release_id(manifest)
         incoming = Path(tempfile.mkdtemp(prefix=INCOMING_PREFIX, dir=state.root))
         try:
             for name, data in files.items():
                 _write_file(incoming / name, data)
-            manifest = _verify(incoming, files, pubkey)
-            return _place(state, incoming, manifest)
+            _verify(incoming, pubkey)
+            return _place(state, incoming, rid)
         finally:
             shutil.rmtree(incoming, ignore_errors=True)  # gone after the rename; removed on any refusal
 
 
-def _verify(incoming: Path, files: dict[str, bytes], pubkey) -> dict[str, Any]:
+def _verify_in_memory(files: dict[str, bytes], pubkey) -> dict[str, Any]:
+    """The signed manifest, once every received file is one it lists, with the size and sha256 it states."""
     try:
-        manifest = verify_bundle(incoming, pubkey)
+        manifest = verify_manifest_bytes(files[MANIFEST], files[SIGNATURE], pubkey, "the received release")
     except BundleVerificationError as exc:
         raise ReleaseRefused(ReleaseCode.REFUSED_UNVERIFIED, str(exc)) from None
-    # verify_bundle checks a card the signed manifest lists (its `card` entry: size and sha256); a card the
-    # manifest does not list is covered by nothing, so it is refused rather than stored beside the bundle.
-    if MODEL_CARD in files and "card" not in manifest:
-        raise ReleaseRefused(ReleaseCode.REFUSED_UNVERIFIED, f"{MODEL_CARD}: not listed in the signed manifest")
+    listed = signed_files(manifest)
+    for name, data in files.items():
+        if name in (MANIFEST, SIGNATURE):
+            continue
+        entry = listed.get(name)
+        if entry is None:  # covered by nothing: refused rather than stored beside the bundle
+            raise ReleaseRefused(ReleaseCode.REFUSED_UNVERIFIED, f"{name}: not listed in the signed manifest")
+        if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
+            raise ReleaseRefused(ReleaseCode.REFUSED_UNVERIFIED,
+                                 f"{name}: {len(data)} bytes that are not the file the signed manifest lists "
+                                 f"({entry['bytes']} bytes, sha256 {entry['sha256'][:16]}...)")
+    absent = sorted(set(listed) - set(files))
+    if absent:
+        raise ReleaseRefused(ReleaseCode.REFUSED_UNVERIFIED, f"incomplete bundle: {', '.join(absent)} missing")
     return manifest
 
 
-def _place(state: SiteState, incoming: Path, manifest: dict[str, Any]) -> tuple[ReleaseCode, str]:
-    """Participation and rollback checks on the verified manifest, then the rename into the store."""
+def _verify(incoming: Path, pubkey) -> dict[str, Any]:
+    """The written files once more, from disk (and the weights parse as safetensors)."""
+    try:
+        return verify_bundle(incoming, pubkey)
+    except BundleVerificationError as exc:
+        raise ReleaseRefused(ReleaseCode.REFUSED_UNVERIFIED, str(exc)) from None
+
+
+def _judge(state: SiteState, manifest: dict[str, Any], quota: ReleaseQuota, size: int) -> str | None:
+    """The release id to store; None when it is already held; ReleaseRefused for a run this site did not
+    take part in, a rollback, or a release over the site's quota."""
     try:
         rid = manifest_release_id(manifest)
     except ValueError as exc:
@@ -226,7 +281,7 @@ def _place(state: SiteState, incoming: Path, manifest: dict[str, Any]) -> tuple[
     release = manifest["release"]
     held = held_releases(state.root)
     if any(h.release_id == rid for h in held):
-        return ReleaseCode.HAVE, rid
+        return None
     if not took_part(state, release["run_id"], release.get("run_key")):
         raise ReleaseRefused(ReleaseCode.REFUSED_NOT_PARTICIPANT,
                              f"release {rid}: this site took no part in run {release['run_id']}")
@@ -234,6 +289,17 @@ def _place(state: SiteState, incoming: Path, manifest: dict[str, Any]) -> tuple[
                     manifest["created"])
     if why:
         raise ReleaseRefused(ReleaseCode.REFUSED_ROLLBACK, f"release {rid}: {why}")
+    held_bytes = sum(f.stat().st_size for h in held for f in h.path.iterdir() if f.is_file())
+    if len(held) >= quota.max_releases or held_bytes + size > quota.max_bytes:
+        raise ReleaseRefused(ReleaseCode.REFUSED_QUOTA,
+                             f"release {rid}: this site holds {len(held)} release(s), {held_bytes} bytes; its quota "
+                             f"is {quota.max_releases} releases, {quota.max_bytes} bytes (remove an older one from "
+                             f"{releases_dir(state.root)}, or raise --max-releases / --max-release-gib)")
+    return rid
+
+
+def _place(state: SiteState, incoming: Path, rid: str) -> tuple[ReleaseCode, str]:
+    """The rename into the store (checked by `_judge` under the same lock)."""
     target = releases_dir(state.root)
     target.mkdir(exist_ok=True, mode=0o700)
     os.rename(incoming, target / rid)
@@ -279,6 +345,6 @@ def bundle_from_args(args: argparse.Namespace) -> str:
     return str(resolve_release(Path(args.state_dir), str(release)))
 
 
-__all__ = ["HeldRelease", "JOINED_FILE", "RELEASES_DIRNAME", "ReleaseRefused", "bundle_from_args", "cmd_releases",
-           "held_releases", "judge_offer", "record_participation", "releases_dir", "resolve_release", "store_release",
-           "took_part"]
+__all__ = ["HeldRelease", "JOINED_FILE", "RELEASES_DIRNAME", "ReleaseQuota", "ReleaseRefused", "bundle_from_args",
+           "cmd_releases", "held_releases", "judge_offer", "record_participation", "releases_dir", "resolve_release",
+           "store_release", "took_part"]

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedrad.common.atomic import append_private
 from fedrad.common.protocol import ErrorCode
 from fedrad.common.run_signature import (
     SIGNATURE_KEY,
@@ -203,10 +204,7 @@ def audit_refusal(node_config: dict[str, Any], entry: dict[str, Any]) -> None:
     if not audit_dir:
         return
     try:
-        path = Path(str(audit_dir))
-        path.mkdir(parents=True, exist_ok=True)
-        with open(path / "refusals.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"time": time.time(), **entry}) + "\n")
+        append_private(Path(str(audit_dir)) / "refusals.jsonl", json.dumps({"time": time.time(), **entry}) + "\n")
     except OSError as exc:
         log.error("fedrad runtime: cannot write the audit log in %s: %s", audit_dir, exc)
 

@@ -103,7 +103,8 @@ def _per_patient(keys: list[str]) -> dict[str, float]:
 def source_options_from_args(args: argparse.Namespace) -> PacsOptions:
     """PacsOptions from the `--query/--since/--until/--max-instances/...` options of scan and node."""
     kw = {k: getattr(args, k) for k in ("max_instances", "concurrency", "rate", "auth_file", "auth_env",
-                                         "ca_bundle", "calling_aet") if getattr(args, k, None) not in (None, "")}
+                                         "ca_bundle", "calling_aet", "max_listed")
+          if getattr(args, k, None) not in (None, "")}
     query = PacsQuery.parse(getattr(args, "query", None) or [], getattr(args, "since", None),
                             getattr(args, "until", None))
     return PacsOptions(query=query, **kw)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedrad.common.atomic import atomic_write_bytes, atomic_write_json
+from fedrad.common.atomic import PRIVATE_FILE, append_private, atomic_write_bytes, atomic_write_json, private_dir
 from fedrad.common.header_signals import SALT_FILE  # patient-pseudonym salt (0600), one name for all readers
 
 STATE_FILE = "state.json"  # the site's id and which files it has held (the "expected" marks)
@@ -152,7 +152,7 @@ def open_state(state: SiteState, cache_dir: str | os.PathLike[str] | None = None
     if cache_dir is not None and _inside(state.root, Path(cache_dir)):
         raise SiteStateError(f"state folder {state.root} is inside the decoded-image cache {cache_dir}: clearing "
                              "the cache would reset the site's privacy ledger; choose another --state-dir")
-    state.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(state.root)  # also a folder an older fedrad made 0755
     with locked(state):
         marker = _read_marker(state)
         if cache_dir is not None:
@@ -170,7 +170,7 @@ def open_state(state: SiteState, cache_dir: str | os.PathLike[str] | None = None
             if path.is_file():
                 updated[key] = True
         if updated != marker:
-            atomic_write_json(state.marker, updated)
+            atomic_write_json(state.marker, updated, mode=PRIVATE_FILE)
     return state
 
 
@@ -179,7 +179,7 @@ def _adopt_legacy(state: SiteState, cache_dir: Path, marker: dict[str, Any]) -> 
     for legacy, target, key in ((cache_dir / "salt.bin", state.salt, "salt"),
                                 (cache_dir / LEDGER_FILE, state.ledger, "ledger")):
         if legacy.is_file() and not target.exists() and not marker.get(key):
-            atomic_write_bytes(target, legacy.read_bytes(), mode=0o600)
+            atomic_write_bytes(target, legacy.read_bytes(), mode=PRIVATE_FILE)
 
 
 @contextlib.contextmanager
@@ -217,9 +217,7 @@ def record_refusal(state: SiteState, rule: str, detail: str, code: int, message_
     entry = {"time": time.time(), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "rule": rule, "detail": detail, "message_type": message_type, "run_id": run_id,
              "reply": {"error_code": int(code)}}
-    state.audit_dir.mkdir(parents=True, exist_ok=True)
-    with open(state.refusals, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(entry) + "\n")
+    append_private(state.refusals, json.dumps(entry) + "\n")
 
 
 def bind_nonce(state: SiteState, nonce: str, run_id: int, not_after: int, now: float | None = None) -> int | None:
@@ -245,7 +243,7 @@ def bind_nonce(state: SiteState, nonce: str, run_id: int, not_after: int, now: f
         kept = {k: v for k, v in nonces.items() if float(v.get("not_after", 0)) + NONCE_KEEP_SECONDS >= now}
         kept[nonce] = {"run_id": int(run_id), "not_after": int(not_after),
                        "first_used": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
-        atomic_write_bytes(state.nonces, json.dumps({"format": 1, "nonces": kept}, indent=1).encode(), mode=0o600)
+        atomic_write_json(state.nonces, {"format": 1, "nonces": kept}, mode=PRIVATE_FILE)
     return None
 
 
@@ -268,7 +266,7 @@ def count_activity(state: SiteState, limits: Mapping[str, int], now: float | Non
                 return kind, len(recent[kind])
         for kind in limits:
             recent[kind] = [*recent.get(kind, []), now]
-        atomic_write_bytes(state.activity, json.dumps(recent).encode("utf-8"), mode=0o600)
+        atomic_write_bytes(state.activity, json.dumps(recent).encode("utf-8"), mode=PRIVATE_FILE)
     return None
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 
 from fedrad.client.error_reply import error_reply
+from fedrad.common.atomic import append_private
 from fedrad.common.protocol import (
     ARRAYS,
     ERROR_TEXT,
@@ -252,10 +253,7 @@ def _audit(context: Context, msg: Message, exp: Expected, reply: Message, attemp
     }
     if reply.has_error():
         entry["error"] = {"code": int(reply.error.code), "reason": reply.error.reason, "detail": detail}
-    path = Path(str(audit_dir))
-    path.mkdir(parents=True, exist_ok=True)
-    with open(path / "outgoing.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(entry) + "\n")
+    append_private(Path(str(audit_dir)) / "outgoing.jsonl", json.dumps(entry) + "\n")
 
 
 def wire_guard_mod(msg: Message, context: Context, call_next) -> Message:

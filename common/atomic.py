@@ -50,5 +50,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = 
     return atomic_write(path, lambda p: p.write_bytes(data), mode=mode)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def atomic_write_json(path: str | os.PathLike, obj: Any, mode: int | None = None) -> Path:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode=mode)
+
+
+PRIVATE_FILE, PRIVATE_DIR = 0o600, 0o700  # whatever holds paths, UIDs, ages, patient keys: the owner only
+
+
+def private_dir(path: str | os.PathLike) -> Path:
+    """Make `path` (and missing parents) and set it to 0700: a folder holding identifiers."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    os.chmod(path, PRIVATE_DIR)
+    return path
+
+
+def append_private(path: str | os.PathLike, text: str) -> None:
+    """Append `text` to a log file that holds identifiers (audit lines): created 0600 (its folder, when made
+    here, 0700; a folder the site chose keeps its mode), and a file an older fedrad left readable by others is
+    set back to 0600."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE)
+        os.write(fd, text.encode("utf-8"))
+    finally:
+        os.close(fd)

@@ -400,6 +400,21 @@ def _bad_signature(bundle: Path, body: bytes, public, pubkey) -> str:
             f"(does not verify with {shown})")
 
 
+def verify_manifest_bytes(body: bytes, sig: bytes, pubkey, where: str | os.PathLike[str]) -> dict[str, Any]:
+    """The signed manifest from bytes not yet on disk (a release arriving at a site): the signature first,
+    then the manifest's shape; BundleVerificationError otherwise. The files it lists are not checked here."""
+    public = _public_key(pubkey)
+    if len(body) > MAX_MANIFEST_BYTES or len(sig) != SIGNATURE_BYTES or not signature_valid(public, sig, body):
+        raise BundleVerificationError(_bad_signature(Path(where), body[:MAX_MANIFEST_BYTES], public, pubkey))
+    return check_manifest(body, Path(where) / MANIFEST)
+
+
+def signed_files(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """file name -> its signed entry ({file, sha256, bytes}) for every file a checked manifest lists."""
+    return {entry["file"]: entry for entry in manifest.values()
+            if isinstance(entry, dict) and {"file", "sha256", "bytes"} <= set(entry)}
+
+
 def verify_bundle(bundle: str | os.PathLike[str], pubkey, policy: ReleasePolicy | None = None) -> dict[str, Any]:
     """The manifest of a bundle that passes `read_verified` and whose weights parse; raises otherwise."""
     verified = read_verified(bundle, pubkey, policy)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrad.common.atomic import atomic_write_bytes
+from fedrad.common.atomic import PRIVATE_FILE, atomic_write_bytes, private_dir
 from fedrad.common.header_signals import load_site_salt
 from fedrad.common.image_ops import to_uint16
 from fedrad.common.sources.base import Frames, Item
@@ -107,8 +107,7 @@ class DecodedCache:
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.root = Path(cache_dir)
         self.size = int(size)
-        self.dir = self.root / f"s{self.size}"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = private_dir(self.root / f"s{self.size}")  # decoded images and their index: the owner only
         self.decoder: Decoder = decoder or dicom_entry
         self.decoder_name = f"{self.decoder.__module__}.{self.decoder.__qualname__}"
         self.max_pixels = int(max_pixels)
@@ -144,7 +143,8 @@ class DecodedCache:
         self._entries = {k: e for k, e in self._entries.items() if k in live}
         payload = {"version": FORMAT_VERSION, "size": self.size, "salt_id": self.salt_id,
                    "entries": self._entries, "files": files}
-        atomic_write_bytes(self.index_path, json.dumps(payload, separators=(",", ":")).encode("utf-8"))
+        atomic_write_bytes(self.index_path, json.dumps(payload, separators=(",", ":")).encode("utf-8"),
+                           mode=PRIVATE_FILE)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -57,12 +57,14 @@ class ReleaseCode(IntEnum):
     REFUSED_ROLLBACK = 11  # older than a release the site holds
     REFUSED_NOT_PARTICIPANT = 12  # from a run this site did not take part in
     REFUSED_MALFORMED = 13  # the message breaks this contract (file names, chunking, sizes)
+    REFUSED_QUOTA = 14  # the site holds as many releases (or bytes) as it allows; it frees room itself
     FAILED = 20  # the site could not store it (disk, permissions); details in its log
 
 
 DONE_CODES = frozenset({ReleaseCode.HAVE, ReleaseCode.STORED, ReleaseCode.REFUSED_UNVERIFIED,
                         ReleaseCode.REFUSED_ROLLBACK, ReleaseCode.REFUSED_NOT_PARTICIPANT,
-                        ReleaseCode.REFUSED_MALFORMED})  # the coordinator does not offer this release again
+                        ReleaseCode.REFUSED_MALFORMED,
+                        ReleaseCode.REFUSED_QUOTA})  # the coordinator does not offer this release again
 
 
 class ReleaseWireError(ValueError):

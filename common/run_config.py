@@ -96,10 +96,15 @@ class RunConfig:
     # is more than this many times the round's median distance is rejected (0 disables). It does not catch
     # an update pointed elsewhere at a normal norm (e.g. a sign flip): see server/screening.py.
     norm_outlier_factor: float = 3.0
-    # A site's claimed example count is cut to this many times the round's median (0 disables), and no
-    # site's weight share exceeds max-site-share (1 disables; fewer than 1/share sites: equal weights).
+    # A site's claimed example count is cut to the maximum the operator declared for its enrolled name in
+    # site-max-examples (a TOML file on the coordinator: `"site-a" = 5000` lines), else to
+    # max-example-factor x the round's median (0 disables), and to max-example-growth x its own last
+    # accepted count (0 disables); no site without a declared maximum has a weight share above
+    # max-site-share (1 disables; fewer than 1/share such sites: equal weights). See server/screening.py.
     max_example_factor: float = 1.5
     max_site_share: float = 0.5
+    site_max_examples: str = ""
+    max_example_growth: float = 2.0
     # Run directory (checkpoints, metrics.jsonl, plots); empty: runs/<timestamp> under the cwd.
     run_dir: str = ""
     resume: bool = False
@@ -164,8 +169,9 @@ class RunConfig:
         if self.secagg and STRATEGY_NAMES[name] is not None:
             raise ValueError(f"run-config secagg=true cannot run strategy '{self.strategy}': it "
                              f"{STRATEGY_NAMES[name]}. Use strategy=fedavg or fedprox with secagg, or secagg=false.")
-        if self.norm_outlier_factor < 0 or self.max_example_factor < 0:
-            raise ValueError("run-config 'norm-outlier-factor' and 'max-example-factor' must be >= 0 (0 disables)")
+        if self.norm_outlier_factor < 0 or self.max_example_factor < 0 or self.max_example_growth < 0:
+            raise ValueError("run-config 'norm-outlier-factor', 'max-example-factor' and 'max-example-growth' "
+                             "must be >= 0 (0 disables)")
         if not 0 < self.max_site_share <= 1:
             raise ValueError("run-config 'max-site-share' must be in (0, 1]")
         if self.publish_linger < 0 or (self.publish_only and not self.publish_dir):

@@ -9,6 +9,9 @@ Layout written by `init_certs(out_dir, sites, hosts)` (private keys 0600, writte
 
 A site needs only `ca.pem` and its own `sites/<site>/` folder; the coordinator needs `ca.pem`,
 `coordinator.pem/.key` and every site's `node.pub` (to register it). See docs/PRIVACY.md.
+
+`init_certs` never replaces an existing consortium (a new CA would lock out every site); `add_site` gives an
+existing consortium one more site key pair (`fedrad certs add-site NAME`).
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def _check_site_name(site: str) -> str:
 def init_certs(out_dir: Path | str, sites: list[str], hosts: list[str] | None = None) -> None:
     """Make the consortium CA, a coordinator certificate for `hosts` and an auth key pair per site.
 
-    Existing files are replaced (re-running init starts a new consortium: every site must get the new CA).
+    Refuses (ValueError, exit 2) a folder that already holds a consortium CA: replacing it would change the
+    coordinator's TLS and every site's key; `add_site` adds a site to it instead.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -72,6 +76,10 @@ def init_certs(out_dir: Path | str, sites: list[str], hosts: list[str] | None = 
     out = Path(out_dir)
     hosts = list(hosts or ["localhost", "127.0.0.1", "::1"])
     sites = [_check_site_name(s) for s in sites]
+    if (out / "ca.pem").exists() or (out / "ca.key").exists():
+        raise ValueError(f"{out} already holds a consortium CA: `fedrad certs init` never replaces it (every site's "
+                         f"key and the coordinator's certificate would change); add a site with `fedrad certs "
+                         f"add-site NAME --certs {out}`, or start a new consortium in another folder")
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     pem = serialization.Encoding.PEM
     no_pw = serialization.NoEncryption()
@@ -111,14 +119,36 @@ def init_certs(out_dir: Path | str, sites: list[str], hosts: list[str] | None = 
     _write_private(out / "coordinator.key", srv_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_pw))
     _write_public(out / "coordinator.pem", srv_cert.public_bytes(pem))
     for site in sites:
-        node_key = ec.generate_private_key(ec.SECP384R1())
-        folder = out / "sites" / site
-        _write_private(folder / "node.key",
-                       node_key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, no_pw))
-        _write_public(folder / "node.pub", node_key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + f" fedrad-{site}\n".encode())
-        _write_public(folder / "ca.pem", ca_cert.public_bytes(pem))
+        _write_site(out / "sites" / site, site, ca_cert.public_bytes(pem))
     os.chmod(out, 0o700)
+
+
+def _write_site(folder: Path, site: str, ca_pem: bytes) -> None:
+    """A site's folder: its SuperNode auth key pair (EC P-384, OpenSSH) and the consortium CA."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    node_key = ec.generate_private_key(ec.SECP384R1())
+    _write_private(folder / "node.key", node_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    _write_public(folder / "node.pub", node_key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + f" fedrad-{site}\n".encode())
+    _write_public(folder / "ca.pem", ca_pem)
+
+
+def add_site(certs_dir: Path | str, site: str) -> Path:
+    """Add one site to an existing consortium: `sites/<site>/` with a new key pair and the CA; the CA, the
+    coordinator's certificate and every other site stay as they are. Returns the site's folder."""
+    root = Path(certs_dir)
+    site = _check_site_name(site)
+    if not (root / "ca.pem").is_file():
+        raise FileNotFoundError(f"{root / 'ca.pem'}: no consortium CA here (run `fedrad certs init` first)")
+    folder = root / "sites" / site
+    if folder.exists():
+        raise ValueError(f"site {site} already exists in {root / 'sites'}: its key is never replaced (remove the "
+                         f"folder and re-register the new key to rotate it)")
+    _write_site(folder, site, (root / "ca.pem").read_bytes())
+    return folder
 
 
 def tls_files(certs_dir: Path | str, site: str | None = None) -> TlsFiles:
@@ -214,6 +244,15 @@ def cmd_certs_init(args) -> int:
           f"  register each site: fedrad certs register {out}/sites/SITE/node.pub --certs {out} "
           "--superlink HOST:8000\n"
           f"  give site SITE the folder {out}/sites/SITE (ca.pem, node.key, node.pub) only; keep ca.key offline.")
+    return 0
+
+
+def cmd_add_site(args) -> int:
+    folder = add_site(Path(args.certs), args.name)
+    root = Path(args.certs).resolve()
+    print(f"fedrad certs: site {args.name} added to the consortium in {root} ({folder.resolve()}: ca.pem, node.key, "
+          f"node.pub).\n  register it: fedrad certs register {folder.resolve() / 'node.pub'} --certs {root} "
+          f"--superlink HOST:8000\n  give site {args.name} the folder {folder.resolve()} only.")
     return 0
 
 

@@ -115,6 +115,8 @@ def _add_source(p) -> None:
     g.add_argument("--ca-bundle", default=None,
                    help="CA bundle (PEM) for the PACS's TLS (verification is always on; default: the system CAs)")
     g.add_argument("--calling-aet", default=None, help="this site's AE title for DIMSE (default FEDRAD)")
+    g.add_argument("--max-listed", type=int, default=None, help="most instances a PACS listing may name before "
+                   "the pull stops with an error (default 100000; a PACS paging forever is stopped here)")
 
 
 def _add_pretrain(sub) -> None:
@@ -197,6 +199,9 @@ def _add_federation(sub) -> None:
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="INFO: one line per round at this site (steps, loss, images/s, ε); DEBUG adds Flower's "
                         "details, WARNING only problems")
+    p.add_argument("--max-releases", type=int, default=None, help="most released models this site keeps; a "
+                   "newer one is refused until an older one is removed (default 5)")
+    p.add_argument("--max-release-gib", type=float, default=None, help="most GiB of released models kept (default 20)")
     p.set_defaults(func=_lazy("fedrad.deploy.node_command:cmd_node"))
 
     p = sub.add_parser("run", help="submit a pretraining run to the coordinator and follow it")
@@ -336,6 +341,10 @@ def _add_security(sub) -> None:
     i.add_argument("--sites", default="site-a,site-b,site-c", help="site names, comma separated")
     i.add_argument("--hosts", default="localhost,127.0.0.1,::1", help="coordinator DNS names / IPs (SANs)")
     i.set_defaults(func=_lazy("fedrad.deploy.certs:cmd_certs_init"))
+    a = cs.add_parser("add-site", help="add a site's node key pair to an existing consortium (CA unchanged)")
+    a.add_argument("name", help="the new site's name (its folder under --certs/sites)")
+    a.add_argument("--certs", default="fedrad-certs", help="the consortium folder from `fedrad certs init`")
+    a.set_defaults(func=_lazy("fedrad.deploy.certs:cmd_add_site"))
     r = cs.add_parser("register", help="enrol a site's public key with the coordinator")
     r.add_argument("pubkey", help="the site's node public key file")
     r.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)

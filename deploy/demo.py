@@ -91,7 +91,8 @@ def cmd_demo(args) -> int:
         from fedrad.deploy.certs import init_certs, tls_files
 
         certs_dir = workdir / "certs"
-        init_certs(certs_dir, [s.name for s in sites], ["localhost", "127.0.0.1", "::1"])
+        if not (certs_dir / "ca.pem").exists():  # a second demo in this folder keeps its consortium
+            init_certs(certs_dir, [s.name for s in sites], ["localhost", "127.0.0.1", "::1"])
         tls = tls_files(certs_dir, None)
 
     with ProcessGroup() as group:

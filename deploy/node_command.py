@@ -4,6 +4,7 @@ policy, state folder, data or PACS location), then the real SuperLink / the pinn
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from fedrad.client.runtime import SiteTrust
@@ -67,6 +68,11 @@ def node_location(args) -> tuple[str | Path, str | None, dict[str, str], dict]:
     return data, cache, source_config, scan_kw
 
 
+# What Flower 1.41's SuperNode prints (exit code 305, API error 2004) when the SuperLink refuses to activate it:
+# with node authentication, its public key is not registered (the reason is only in the coordinator's log).
+NOT_ENROLLED = "Failed to activate SuperNode"
+
+
 def cmd_node(args) -> int:
     data, cache, source_config, scan_kw = node_location(args)
     trust = SiteTrust(
@@ -107,6 +113,10 @@ def cmd_node(args) -> int:
                    "labels": args.labels, "policy": str(Path(args.policy).resolve()) if args.policy else None,
                    **node_state_config(args.state_dir, data, cache, getattr(args, "audit_dir", None)),
                    **source_config}
+    if getattr(args, "max_releases", None) is not None:  # the site's quota of held releases (release_store)
+        node_config["max-releases"] = str(args.max_releases)
+    if getattr(args, "max_release_gib", None) is not None:
+        node_config["max-release-bytes"] = str(int(args.max_release_gib * (1 << 30)))
     tls = _node_tls_from(args.certs, args.site_name)
     check_coordinator_ca(policy, tls.ca_cert if tls else None)
     print(f"fedrad node: site policy {policy.source}; state (salt, DP ledger) in {node_config['state-dir']}; "
@@ -116,4 +126,12 @@ def cmd_node(args) -> int:
     print(f"fedrad node: joining the coordinator at {args.superlink} "
           f"({'TLS' if tls else 'plaintext'}); running {trust.client_app} for {signed_by}. Ctrl-C leaves.",
           flush=True)
-    return _run_foreground(cmd, flower_env())
+    refused: list[str] = []
+    code = _run_foreground(cmd, flower_env(), watch=lambda line: NOT_ENROLLED in line and refused.append(line))
+    if refused and tls is not None:
+        print(f"fedrad node: this node is not enrolled at the coordinator {args.superlink} (its key "
+              f"{tls.node_public_key} is not registered there); the coordinator's operator enrols it with: "
+              f"fedrad certs register CERTS/sites/{tls.node_public_key.parent.name}/node.pub --certs CERTS "
+              f"--superlink {args.superlink}", file=sys.stderr, flush=True)
+        return 2
+    return code

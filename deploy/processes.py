@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -309,17 +310,25 @@ def with_default_port(address: str, port: int = DEFAULT_PORT) -> str:
     return f"[{address}]:{port}"  # a bare IPv6 address
 
 
-def _run_foreground(cmd: list[str], env: dict[str, str]) -> int:
+def _watched(stream, watch: Callable[[str], object]):
+    """Each line of `stream`, shown to `watch` before it is copied."""
+    for line in stream:
+        watch(line)
+        yield line
+
+
+def _run_foreground(cmd: list[str], env: dict[str, str], watch: Callable[[str], object] | None = None) -> int:
     """Run a long-lived Flower process in the foreground; Ctrl-C/SIGTERM stop it and its children.
 
     Its output keeps Flower's colours on a terminal; redirected (a log file, systemd, a container) it is
-    plain text.
+    plain text. `watch` sees every output line (then the output is plain text on a terminal too).
     """
-    plain = not sys.stdout.isatty()
+    plain = watch is not None or not sys.stdout.isatty()
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE if plain else None,
                             stderr=subprocess.STDOUT if plain else None, text=plain or None,
                             encoding="utf-8" if plain else None, errors="replace" if plain else None)
-    pump = threading.Thread(target=_copy_plain, args=(proc.stdout, sys.stdout), daemon=True) if plain else None
+    lines = proc.stdout if watch is None else _watched(proc.stdout, watch)
+    pump = threading.Thread(target=_copy_plain, args=(lines, sys.stdout), daemon=True) if plain else None
     if pump:
         pump.start()
 

@@ -23,13 +23,16 @@ from fedrad.server.exchange import RoundTimes, arriving_replies, exchange
 from fedrad.server.privacy import PrivacyLedger, wrap_dp_strategy
 from fedrad.server.run_log import read_metrics
 from fedrad.server.screening import (
+    CountBounds,
     ScreeningRules,
     UpdateSpill,
     drain,
     error_summary,
+    read_site_maxima,
     screen_replies,
     screen_stream,
 )
+from fedrad.server.site_names import SiteNames
 from fedrad.server.strategies import MEAN_STRATEGIES
 
 
@@ -56,7 +59,7 @@ def screening_rules(cfg: RunConfig) -> ScreeningRules:
     dp_client = cfg.dp == "client"
     return ScreeningRules(norm_factor=0.0 if dp_client else cfg.norm_outlier_factor,
                           max_example_factor=cfg.max_example_factor, max_site_share=cfg.max_site_share,
-                          equal_weights=dp_client)
+                          equal_weights=dp_client, max_example_growth=cfg.max_example_growth)
 
 
 class PlainRounds:
@@ -66,6 +69,10 @@ class PlainRounds:
         self.grid, self.cfg, self.strategy, self.run_key, self.run_dir = grid, cfg, strategy, run_key, run_dir
         self.train_strategy = strategy
         self.rules = screening_rules(cfg)
+        # each site's count over the run: its declared maximum (by enrolled name) and its last accepted count
+        declared = read_site_maxima(cfg.site_max_examples)
+        names = SiteNames(grid) if declared else None
+        self.bounds = CountBounds(declared, names.refresh if names is not None else dict)
 
     def stop_before(self, rnd: int) -> str | None:
         """dp=sample: stop when a site's projected ε for this round would pass the budget."""
@@ -97,7 +104,7 @@ class PlainRounds:
             if msgs and not answered:
                 self._nothing_back(rnd, msgs, replies)
             # drained: each packed reply is let go once screening has unpacked it
-            kept, report = screen_replies(drain(replies), arrays, self.rules, MESSAGE_TRAIN)
+            kept, report = screen_replies(drain(replies), arrays, self.rules, MESSAGE_TRAIN, self.bounds)
             del replies
             agg, metrics = self.train_strategy.aggregate_train(rnd, kept)
         # Per-site records: rejected sites' claims too; an accepted site's count as it was counted.
@@ -128,7 +135,7 @@ class PlainRounds:
                 yield reply
 
         with UpdateSpill(arrays, self.run_dir) as spill:
-            kept, report = screen_stream(arriving(), arrays, self.rules, spill)
+            kept, report = screen_stream(arriving(), arrays, self.rules, spill, self.bounds)
             t_agg = time.perf_counter()
             if msgs and not answered:
                 self._nothing_back(rnd, msgs, errors)

@@ -284,6 +284,8 @@ def _round_entry(state: RunState, rnd: int, outcome: TrainOutcome, privacy: dict
     """The round's line in metrics.jsonl: counts, what was rejected or capped and why, per-site records."""
     agg_eval, eval_sites = _evaluate(state, rnd, arrays, times)
     sites = {n: r.values(SITE_RECORD) for n, r in outcome.reports.items()}
+    for node, why in outcome.capped.items():  # num_examples is the count used; this says why it is not the claim
+        sites.setdefault(node, {})["weight_reason"] = why
     for node, values in eval_sites.items():  # a key both replies carry (num_examples) keeps the train value
         record = sites.setdefault(node, {})
         for key, value in values.items():

@@ -6,12 +6,16 @@ model packed in fedrad's wire format (fedrad.common.packing: exactly its dtypes 
 a kept reply's arrays are unpacked into the model's named arrays, which the strategies average. Then, across
 the round:
 
-- example counts: a claim that is not a finite positive whole number rejects the reply; a claim above
-  `max_example_factor` x the round's (lower) median is cut down to that;
+- example counts (CountBounds): a claim that is not a finite positive whole number rejects the reply; a
+  claim is cut to the maximum the operator declared for that enrolled site (run-config
+  `site-max-examples`, a coordinator-side file), or, for a site with none, to `max_example_factor` x the
+  round's (lower) median (nobody vouched for that count, so it may not outgrow the others); and every
+  site's to `max_example_growth` x its own last accepted count in the run (its data does not double in a
+  round). A declared site is never bounded by the others: a hospital 100x larger keeps its weight;
 - weights: the aggregation weight (AGGREGATION_WEIGHT, the only key Flower's strategies weight by) is the
-  validated count, or 1 for every site when the mean must be unweighted (dp=client), and no site's share
-  of the total exceeds `max_site_share` (shares above it are cut, the rest scale up; with fewer than
-  1/max_site_share sites every site gets the same weight);
+  validated count, or 1 for every site when the mean must be unweighted (dp=client), and no site without a
+  declared maximum has a share of the total above `max_site_share` (shares above it are cut, the rest scale
+  up; with fewer than 1/max_site_share sites every site gets the same weight);
 - update norms (train): an update whose L2 distance to the global model is over `norm_factor` x the
   round's lower median is rejected.
 
@@ -19,15 +23,18 @@ Limits, stated: a norm rule only bounds how *far* an update moves the model. A s
 of its update, or points it anywhere else, at a normal norm passes every norm rule; against that, the
 weight and share caps bound its influence to its share, and a robust strategy (fedmedian, krum,
 fedtrimmedavg; not available with SecAgg+) is the remedy. The median needs an honest majority of the
-sites in a round. Claimed counts cannot be checked against the data; the cap is relative to the others.
+sites in a round. Claimed counts cannot be checked against the data: a declared site may lie up to its
+declared maximum, never beyond it, growing at most max_example_growth x a round.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+import tomllib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -54,7 +61,8 @@ from fedrad.common.protocol import (
 @dataclass(frozen=True)
 class ScreeningRules:
     norm_factor: float = 3.0  # 0 disables the norm screen
-    max_example_factor: float = 1.5  # 0 disables the count cap
+    max_example_factor: float = 1.5  # a site with no declared maximum: x the round's median; 0 disables
+    max_example_growth: float = 2.0  # any site: x its own last accepted count in the run; 0 disables
     max_site_share: float = 0.5  # 1 disables the share cap
     equal_weights: bool = False  # dp=client: the DP noise is calibrated to an unweighted mean
 
@@ -68,6 +76,58 @@ class ScreeningReport:
     weights: dict[int, float] = field(default_factory=dict)  # the weight each accepted site aggregated with
     counted: dict[int, int] = field(default_factory=dict)  # each accepted site's example count after the cap
     capped: dict[int, str] = field(default_factory=dict)  # why a site's weight was cut
+
+
+def read_site_maxima(path: str | os.PathLike | None) -> dict[str, int]:
+    """The operator's per-site maxima: a TOML file of `"site name" = max images` lines (enrolled names).
+    ValueError naming the file and key for anything else (the ServerApp refuses to start)."""
+    if not path:
+        return {}
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"site-max-examples {path}: cannot read it ({type(exc).__name__}: {exc})") from None
+    out = {}
+    for name, value in data.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"site-max-examples {path}: '{name}' must be a whole number of images >= 1")
+        out[str(name)] = value
+    return out
+
+
+@dataclass
+class CountBounds:
+    """Per-site bounds on claimed example counts over a run. `declared`: the operator's maximum per enrolled
+    site name; `names()` maps node id -> enrolled name; `last`: each site's last accepted count."""
+
+    declared: dict[str, int] = field(default_factory=dict)
+    names: Callable[[], Mapping[str, str]] = dict
+    last: dict[int, int] = field(default_factory=dict)
+
+    def bound(self, node: int, count: float, median: float, rules: ScreeningRules) -> tuple[float, str | None, bool]:
+        """(count used, why it was changed or None, whether the operator declared this site's maximum).
+
+        Declared: at most the declared maximum. Not declared: at most max_example_factor x the round's lower
+        median (nobody vouched for the count, so it may not outgrow the others). Both: at most
+        max_example_growth x the site's own last accepted count in this run."""
+        name = self.names().get(str(node)) if self.declared else None
+        vouched = name is not None and name in self.declared
+        limit, why = None, None
+        if vouched:
+            limit, why = self.declared[name], f"the operator's maximum for {name}"
+        elif rules.max_example_factor > 0:
+            limit = rules.max_example_factor * median
+            why = f"{rules.max_example_factor:g}x the round's median; no maximum declared for this site"
+        used, reason = count, None
+        if limit is not None and count > limit:
+            used, reason = float(limit), why
+        prev = self.last.get(node)
+        if prev and rules.max_example_growth > 0 and used > math.ceil(rules.max_example_growth * prev):
+            used = float(math.ceil(rules.max_example_growth * prev))
+            reason = f"at most {rules.max_example_growth:g}x its last accepted count {prev}"
+        if reason:
+            reason = f"claimed {count:g} examples, counted as {used:g} ({reason})"
+        return used, reason, vouched
 
 
 def _check_arrays(arrays: Mapping[str, np.ndarray], reference: ArrayRecord, sink: BinaryIO | None = None
@@ -179,16 +239,18 @@ def lower_median(values: list[float]) -> float:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def cap_shares(weights: dict[int, float], max_share: float) -> dict[int, float]:
-    """Cut the weights whose share of the total is over `max_share`, to exactly that share."""
-    n = len(weights)
+def cap_shares(weights: dict[int, float], max_share: float, exempt: Iterable[int] = ()) -> dict[int, float]:
+    """Cut the weights whose share of the total is over `max_share`, to exactly that share; `exempt` sites
+    (an operator-declared maximum vouches for their size) are never cut but count in the total."""
+    exempt = set(exempt) & set(weights)
+    n = len(weights) - len(exempt)
     if n == 0 or max_share >= 1:
         return dict(weights)
-    if max_share * n <= 1:
+    if not exempt and max_share * n <= 1:
         return {k: 1.0 for k in weights}  # no weighting satisfies the cap better than equal weights
     w = dict(weights)
     for _ in range(n):
-        over = {k for k, v in w.items() if v > max_share * sum(w.values()) * (1 + 1e-9)}
+        over = {k for k, v in w.items() if k not in exempt and v > max_share * sum(w.values()) * (1 + 1e-9)}
         if not over:
             break
         under = sum(v for k, v in w.items() if k not in over)
@@ -210,7 +272,7 @@ class ScreenedUpdate:
 
 
 def _screen(replies: Iterable[Message], global_arrays: ArrayRecord | None, rules: ScreeningRules,
-            message_type: str, spill: UpdateSpill | None):
+            message_type: str, spill: UpdateSpill | None, bounds: CountBounds | None = None):
     """The one screening pass both entry points share: each reply is parsed and checked as it comes and the
     iterable's reference to it dropped, then the round-relative rules run on the small per-reply facts.
     Returns (candidates {node: (message or None, parsed, norm, spill path)}, report, with arrays)."""
@@ -244,7 +306,7 @@ def _screen(replies: Iterable[Message], global_arrays: ArrayRecord | None, rules
                 del candidates[node]
                 if path is not None:
                     path.unlink(missing_ok=True)
-    report.weights = _weights({n: float(c[1].num_examples) for n, c in candidates.items()}, rules, report)
+    report.weights = _weights({n: float(c[1].num_examples) for n, c in candidates.items()}, rules, report, bounds)
     report.accepted = list(candidates)
     return candidates, report, reference is not None
 
@@ -267,11 +329,12 @@ def _common(candidates: dict) -> set[str]:
 
 
 def screen_replies(replies: Iterable[Message], global_arrays: ArrayRecord | None, rules: ScreeningRules,
-                   message_type: str = MESSAGE_TRAIN) -> tuple[list[Message], ScreeningReport]:
+                   message_type: str = MESSAGE_TRAIN, bounds: CountBounds | None = None
+                   ) -> tuple[list[Message], ScreeningReport]:
     """Keep well-formed, non-outlier replies, rebuilt to hold only the arrays, the aggregated metrics and
     the coordinator's AGGREGATION_WEIGHT; say what was rejected or capped and why. Every round's path unless
     run-config spill-updates sends a mean strategy's replies through `screen_stream` instead."""
-    candidates, report, with_arrays = _screen(replies, global_arrays, rules, message_type, None)
+    candidates, report, with_arrays = _screen(replies, global_arrays, rules, message_type, None, bounds)
     common = _common(candidates)
     kept = []
     for node, (msg, parsed, _, _) in candidates.items():
@@ -283,11 +346,12 @@ def screen_replies(replies: Iterable[Message], global_arrays: ArrayRecord | None
 
 
 def screen_stream(replies: Iterable[Message], global_arrays: ArrayRecord, rules: ScreeningRules,
-                  spill: UpdateSpill) -> tuple[list[ScreenedUpdate], ScreeningReport]:
+                  spill: UpdateSpill, bounds: CountBounds | None = None
+                  ) -> tuple[list[ScreenedUpdate], ScreeningReport]:
     """`screen_replies` for train replies that arrive one at a time: the same decisions, but each reply's
     arrays go to `spill` as they are checked and the reply is released before the next is read, so the
     coordinator holds about one update beside the global model however many sites answer."""
-    candidates, report, _ = _screen(replies, global_arrays, rules, MESSAGE_TRAIN, spill)
+    candidates, report, _ = _screen(replies, global_arrays, rules, MESSAGE_TRAIN, spill, bounds)
     common = _common(candidates)
     return [ScreenedUpdate(node, msg.metadata, _metrics(parsed, report.weights[node], common),
                            report.weights[node], path)
@@ -302,19 +366,24 @@ def drain(items: list) -> Iterator:
         yield items.pop()
 
 
-def _weights(counts: dict[int, float], rules: ScreeningRules, report: ScreeningReport) -> dict[int, float]:
-    weights = dict(counts)
-    if counts and rules.max_example_factor > 0:
-        limit = rules.max_example_factor * lower_median(list(counts.values()))
-        for node, count in counts.items():
-            if count > limit:
-                weights[node] = limit
-                report.capped[node] = f"claimed {count:g} examples, counted as {limit:g} " \
-                                      f"({rules.max_example_factor:g}x the round's median)"
+def _weights(counts: dict[int, float], rules: ScreeningRules, report: ScreeningReport,
+             bounds: CountBounds | None = None) -> dict[int, float]:
+    """Each count within its site's bounds (CountBounds; a fresh one, without history, when none is kept),
+    then the weights; a kept `bounds` remembers each count used as the site's last accepted count."""
+    bounds = bounds if bounds is not None else CountBounds()
+    median = lower_median(list(counts.values())) if counts else 0.0
+    weights, declared = {}, set()
+    for node, count in counts.items():
+        weights[node], why, vouched = bounds.bound(node, count, median, rules)
+        if why:
+            report.capped[node] = why
+        if vouched:
+            declared.add(node)
     report.counted = {n: int(w) for n, w in weights.items()}
+    bounds.last.update(report.counted)
     if rules.equal_weights:
         return {n: 1.0 for n in counts}
-    shared = cap_shares(weights, rules.max_site_share)
+    shared = cap_shares(weights, rules.max_site_share, exempt=declared)
     before, after = sum(weights.values()), sum(shared.values())
     for node in weights:
         if shared[node] / after < weights[node] / before - 1e-9 and node not in report.capped:

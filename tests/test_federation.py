@@ -158,6 +158,9 @@ def test_poisoned_update_is_rejected(consortium, sites, tmp_path):
     assert any("update norm" in r for r in reasons)
     assert any("code 5001" in r for r in reasons)  # SITE_FAILED, by code only
     assert [r for r in row["capped"].values() if "claimed 1e+09" in r]
+    # the per-site record carries the count used and why it is not the claim (metrics.jsonl, the model card's data)
+    assert [s for s in row["sites"].values() if "claimed 1e+09" in s.get("weight_reason", "") and
+            s["num_examples"] < 1e9]
     from safetensors.numpy import load_file
 
     tensors = load_file(run_dir / "checkpoints" / "round-0001.safetensors")

@@ -5,6 +5,11 @@ destinations, which is what hospital IT hands out most easily. The query walks t
 PACS supports it (studies by date, their series by modality/body part, their images). Each storage SOP class
 is proposed once per transfer syntax fedrad decodes, so the PACS can send every instance in the syntax it
 stores it in (no transcoding: the stored file decodes as the same file exported to a folder would).
+
+Bounded like DICOMweb: every C-FIND level stops at --max-listed answers, and a C-GET whose received bytes
+(counted per PDU as they arrive) pass the instance cap (pixel budget plus header slack) aborts the
+association (the C-GET then ends at the DIMSE timeout). Limit, stated: pynetdicom reads one PDU whole
+before any hook sees it, and a PDU may declare up to 4 GiB; the cap applies from the next PDU on.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ class DimseReader(PacsReader):
         return assoc
 
     # -- C-FIND ----------------------------------------------------------------------------------
-    def _find(self, assoc, keys: dict[str, str]) -> Iterator:
+    def _find(self, assoc, keys: dict[str, str], counts: dict[str, int] | None = None) -> Iterator:
         from pydicom.dataset import Dataset
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
@@ -72,6 +77,10 @@ class DimseReader(PacsReader):
                 raise PacsError("DIMSE C-FIND: the PACS did not answer (timeout or association lost)")
             code = int(getattr(status, "Status", 0xFFFF))
             if code in (0xFF00, 0xFF01) and ident is not None:
+                if counts is not None:  # answers per query level over the whole listing
+                    level = keys["QueryRetrieveLevel"]
+                    counts[level] = counts.get(level, 0) + 1
+                    self._check_listed(counts[level])
                 yield ident
             elif code not in (0x0000, 0xFF00, 0xFF01):
                 raise PacsError(f"DIMSE C-FIND refused by the PACS (status 0x{code:04X})")
@@ -89,27 +98,30 @@ class DimseReader(PacsReader):
         except Exception as exc:  # noqa: BLE001 - socket errors: one line
             raise PacsError(f"DIMSE: cannot reach the PACS ({type(exc).__name__})") from None
         found: list[Remote] = []
+        counts: dict[str, int] = {}
         try:
             studies = [(str(s.get("StudyInstanceUID", "")), str(s.get("StudyDate", "")))
                        for s in self._find(assoc, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "",
-                                                   "StudyDate": q.study_date})]
+                                                   "StudyDate": q.study_date}, counts)]
             for study, date in studies:
                 if not UID_RE.match(study) or not q.accepts_date(date):
                     continue
                 series_keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": study, "SeriesInstanceUID": "",
                                "Modality": "", "BodyPartExamined": ""}
-                for s in list(self._find(assoc, series_keys)):  # one C-FIND at a time on an association
+                for s in list(self._find(assoc, series_keys, counts)):  # one C-FIND at a time on an association
                     series = str(s.get("SeriesInstanceUID", ""))
                     if not UID_RE.match(series) or not q.accepts(str(s.get("Modality", "")),
                                                                   str(s.get("BodyPartExamined", "")), date):
                         continue
                     image_keys = {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": study,
                                   "SeriesInstanceUID": series, "SOPInstanceUID": "", "SOPClassUID": ""}
-                    for i in self._find(assoc, image_keys):
+                    for i in self._find(assoc, image_keys, counts):
                         found.append(Remote(str(i.get("SOPInstanceUID", "")), study, series,
                                             str(i.get("SOPClassUID", ""))))
-        finally:
-            assoc.release()
+        except BaseException:
+            assoc.abort()  # a listing stopped mid-answer: a release would wait for the rest of it
+            raise
+        assoc.release()
         return found
 
     # -- C-GET -----------------------------------------------------------------------------------
@@ -131,11 +143,19 @@ class DimseReader(PacsReader):
 
         wanted = {r.sop_uid for r in batch}
         received: set[str] = set()
+        arriving = [0]  # bytes received since the current C-GET was sent
+
+        def on_data(event) -> None:
+            arriving[0] += len(event.data)
+            if arriving[0] > self.max_instance_bytes and event.assoc.is_established:
+                event.assoc.abort(block=False)  # from pynetdicom's own thread: queue the A-ABORT, do not wait
 
         def on_store(event) -> int:
             sop = str(event.request.AffectedSOPInstanceUID)
             if sop not in wanted:
                 return 0xA900  # not asked for: refuse ("dataset does not match SOP class" family)
+            if arriving[0] > self.max_instance_bytes:
+                return 0xA700  # out of resources: over the instance cap, never stored
             self.store.put(sop, event.encoded_dataset())
             received.add(sop)
             return 0x0000
@@ -147,7 +167,7 @@ class DimseReader(PacsReader):
                 ae.add_requested_context(uid, ts)
         roles = [build_role(uid, scp_role=True) for uid in classes]
         try:
-            assoc = self._associate(ae, roles, [(evt.EVT_C_STORE, on_store)])
+            assoc = self._associate(ae, roles, [(evt.EVT_C_STORE, on_store), (evt.EVT_DATA_RECV, on_data)])
         except Exception as exc:  # noqa: BLE001
             for r in batch:
                 done[r.sop_uid] = f"no association ({type(exc).__name__})"
@@ -159,10 +179,14 @@ class DimseReader(PacsReader):
                 ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = r.study_uid, r.series_uid, r.sop_uid
                 self.rate.wait()
                 last = None
+                arriving[0] = 0
                 for status, _ident in assoc.send_c_get(ds, StudyRootQueryRetrieveInformationModelGet):
                     if status is not None:
                         last = int(getattr(status, "Status", 0xFFFF))
-                if r.sop_uid not in received:
+                if arriving[0] > self.max_instance_bytes:
+                    done[r.sop_uid] = f"C-GET: the PACS sent more than the {self.max_instance_bytes} bytes allowed"
+                    received.discard(r.sop_uid)
+                elif r.sop_uid not in received:
                     done[r.sop_uid] = "C-GET: not received" + (f" (status 0x{last:04X})" if last is not None else "")
                 if not assoc.is_established:
                     break

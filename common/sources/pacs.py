@@ -25,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedrad.common.atomic import atomic_write_bytes
+from fedrad.common.atomic import PRIVATE_FILE, atomic_write_bytes
 from fedrad.common.sources.base import Item, Listing, Reader
-from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
+from fedrad.common.sources.budget import BYTES_PER_PIXEL_BUDGET, DEFAULT_MAX_PIXELS
 from fedrad.common.sources.dicom_folder import dicom_check, dicom_entry
 from fedrad.common.sources.walk import Problem
 
@@ -38,6 +38,12 @@ QUERY_KEYS = {"modality": "Modality", "bodypartexamined": "BodyPartExamined", "b
               "body_part": "BodyPartExamined"}
 # Safe defaults: a node never floods the hospital's PACS.
 DEFAULT_MAX_INSTANCES = 1000  # per pull; the next pull continues
+# A hostile or broken PACS must not exhaust the node: at most this many instances listed per pull (a query
+# matching more is refused: narrow it or raise --max-listed), at most this many bytes per listing response,
+# and an instance may be as large as the pixel budget allows plus this much for its header.
+DEFAULT_MAX_LISTED = 100_000
+MAX_LIST_RESPONSE_BYTES = 4 << 20  # one QIDO page of 1000 instances is ~0.6 MB; parsed JSON stays < ~100 MB
+HEADER_SLACK_BYTES = 16 << 20
 DEFAULT_CONCURRENCY = 2  # parallel HTTP connections / DIMSE associations
 DEFAULT_RATE = 20.0  # requests per second to the PACS, all connections together
 DEFAULT_CALLING_AET = "FEDRAD"
@@ -50,6 +56,11 @@ class PacsError(ValueError):
     """The PACS cannot be used as given (bad URL, option, credentials file; unreachable; refused).
 
     A ValueError so that the CLI prints it as one line with exit code 2. Never holds a secret."""
+
+
+def instance_byte_cap(max_pixels: int) -> int:
+    """The most bytes one fetched instance may hold: its pixels at the budget, plus header slack."""
+    return int(max_pixels) * BYTES_PER_PIXEL_BUDGET + HEADER_SLACK_BYTES
 
 
 def is_source_url(text: str) -> bool:
@@ -138,10 +149,13 @@ class PacsOptions:
     calling_aet: str = DEFAULT_CALLING_AET
     timeout: float = DEFAULT_TIMEOUT
     offline_ok: bool = False  # PACS unreachable: use the instances the last listing named (node rounds)
+    max_listed: int = DEFAULT_MAX_LISTED  # most instances one listing may name (a hostile PACS pages forever)
 
     def __post_init__(self) -> None:
         if self.max_instances < 0:
             raise PacsError(f"max-instances {self.max_instances}: must be >= 0")
+        if self.max_listed < 1:
+            raise PacsError(f"max-listed {self.max_listed}: must be >= 1")
         if not 1 <= self.concurrency <= 32:
             raise PacsError(f"concurrency {self.concurrency}: must be 1..32")
         if not 0 < self.rate <= 10_000:
@@ -151,19 +165,21 @@ class PacsOptions:
 
     _KEYS = {"query": "query", "since": "since", "until": "until", "max-instances": "max_instances",
              "concurrency": "concurrency", "rate": "rate", "auth-file": "auth_file", "auth-env": "auth_env",
-             "ca-bundle": "ca_bundle", "calling-aet": "calling_aet", "timeout": "timeout"}
+             "ca-bundle": "ca_bundle", "calling-aet": "calling_aet", "timeout": "timeout",
+             "max-listed": "max_listed"}
 
     @classmethod
     def from_config(cls, config: Mapping[str, object]) -> PacsOptions:
         """From node-config style keys: source-query, source-since, source-until, source-max-instances,
         source-concurrency, source-rate, source-auth-file, source-auth-env, source-ca-bundle,
-        source-calling-aet, source-timeout (missing or empty: the default). A node trains on what its store
-        holds when the PACS is briefly unreachable (offline_ok)."""
+        source-calling-aet, source-timeout, source-max-listed (missing or empty: the default). A node trains
+        on what its store holds when the PACS is briefly unreachable (offline_ok)."""
         got = {k: str(config.get(CONFIG_PREFIX + k, "") or "") for k in cls._KEYS}
         try:
             query = PacsQuery.parse([got["query"]], got["since"] or None, got["until"] or None)
             kw: dict[str, object] = {"query": query, "offline_ok": True}
-            for key, cast in (("max-instances", int), ("concurrency", int), ("rate", float), ("timeout", float)):
+            for key, cast in (("max-instances", int), ("concurrency", int), ("rate", float), ("timeout", float),
+                              ("max-listed", int)):
                 if got[key]:
                     kw[cls._KEYS[key]] = cast(got[key])
         except ValueError as exc:
@@ -178,7 +194,8 @@ class PacsOptions:
         vals = {"query": self.query.to_text(), "since": self.query.since, "until": self.query.until,
                 "max-instances": str(self.max_instances), "concurrency": str(self.concurrency),
                 "rate": f"{self.rate:g}", "auth-file": self.auth_file, "auth-env": self.auth_env,
-                "ca-bundle": self.ca_bundle, "calling-aet": self.calling_aet, "timeout": f"{self.timeout:g}"}
+                "ca-bundle": self.ca_bundle, "calling-aet": self.calling_aet, "timeout": f"{self.timeout:g}",
+                "max-listed": str(self.max_listed)}
         return {CONFIG_PREFIX + k: v for k, v in vals.items() if v}
 
 
@@ -279,7 +296,7 @@ class InstanceStore:
         return self.path(sop_uid).is_file()
 
     def put(self, sop_uid: str, data: bytes) -> None:
-        atomic_write_bytes(self.path(sop_uid), data)
+        atomic_write_bytes(self.path(sop_uid), data, mode=PRIVATE_FILE)
 
 
 @dataclass(frozen=True)
@@ -331,6 +348,14 @@ class PacsReader(Reader):
         self.root = self.store.root
         self.rate = RateLimit(self.options.rate)
         self.pull = PullReport()
+        self.max_instance_bytes = instance_byte_cap(max_pixels)
+
+    def _check_listed(self, count: int) -> None:
+        """Stop a listing that names more instances than --max-listed (a PACS paging forever, or a query
+        far wider than meant): one line, nothing fetched."""
+        if count > self.options.max_listed:
+            raise PacsError(f"the PACS listed more than {self.options.max_listed} instances for this query: "
+                            "stopped (narrow it with --query/--since/--until, or raise --max-listed)")
 
     @abc.abstractmethod
     def _list_remote(self) -> list[Remote]:
@@ -365,7 +390,7 @@ class PacsReader(Reader):
             return [Remote(sop, "", "") for sop in last.get("sops", []) if self.store.has(str(sop))]
         found = [r for r in found if UID_RE.match(r.sop_uid) and len(r.sop_uid) <= 64]
         payload = {"query": self._query_text(), "sops": sorted({r.sop_uid for r in found})}
-        atomic_write_bytes(self._listing_path(), json.dumps(payload).encode("utf-8"))
+        atomic_write_bytes(self._listing_path(), json.dumps(payload).encode("utf-8"), mode=PRIVATE_FILE)
         return found
 
     def list_items(self) -> Listing:
