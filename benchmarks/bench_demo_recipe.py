@@ -41,25 +41,22 @@ def fedavg_pretrain(sites: list, run: dict, rounds: int, seed: int):
     import torch
 
     from fedrad.client.trainer import TrainConfig, evaluate_local
-    from fedrad.common.augment import AugmentConfig
     from fedrad.common.models import build_model
+    from fedrad.common.run_config import RunConfig
 
-    size = int(run["image-size"])
-    augment = AugmentConfig(crop_scale=(float(run["aug-crop-min"]), 1.0), blur_p=float(run["aug-blur-p"]))
+    recipe = RunConfig.from_flower({**run, "objective": "simclr", "label-fields": ""})  # the demo's recipe, SimCLR
     torch.manual_seed(seed)
-    model = build_model(str(run["model"]), "simclr", size, proj_dim=int(run["proj-dim"]))
+    model = build_model(recipe.model, recipe.objective, recipe.image_size, proj_dim=recipe.proj_dim)
 
     def config(**kw) -> TrainConfig:
-        return TrainConfig(objective="simclr", batch_size=int(run["batch-size"]), lr=float(run["lr"]),
-                           temperature=float(run["temperature"]), device="cpu", image_size=size,
-                           label_fields=[], augment=augment, **kw)
+        return TrainConfig.from_recipe(recipe, device="cpu", **kw)
 
     held: list[float] = []
 
     def held_out(rnd: int) -> None:
-        held.append(float(np.mean([evaluate_local(model, d, config())["eval_loss"] for d in sites])))
+        held.append(float(np.mean([evaluate_local(model, d, config(steps=1))["eval_loss"] for d in sites])))
 
-    fedavg_in_process(model, sites, rounds, lambda rnd: config(steps=int(run["local-steps"])), seed, held_out)
+    fedavg_in_process(model, sites, rounds, lambda rnd: config(steps=recipe.local_steps), seed, held_out)
     return model, held
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common_bench import append_result, fedavg_in_process, machine, shared_data, today  # noqa: E402
+from common_bench import append_result, fedavg_in_process, machine, recipe_rounds, shared_data, today  # noqa: E402
 
 TARGETS = ["sex", "view", "icu"]
 FRACTIONS = [0.1, 1.0]
@@ -90,20 +90,11 @@ def fedavg_pretrain(sites: list, cfg, seed: int):
     then the example-weighted mean (float tensors, BN running statistics included)."""
     import torch
 
-    from fedrad.client.trainer import TrainConfig
     from fedrad.common.models import build_model
 
     torch.manual_seed(seed)
     model = build_model(cfg.model, cfg.objective, cfg.image_size, proj_dim=cfg.proj_dim, norm=cfg.model_norm)
-    augment = cfg.augment_config()
-
-    def config_of_round(rnd: int) -> TrainConfig:
-        return TrainConfig(objective=cfg.objective, steps=cfg.local_steps, batch_size=cfg.batch_size,
-                           lr=cfg.round_lr(rnd), optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
-                           temperature=cfg.temperature, label_fields=cfg.label_field_list, device="cpu",
-                           image_size=cfg.image_size, hflip=cfg.hflip, augment=augment)
-
-    losses = fedavg_in_process(model, sites, cfg.num_server_rounds, config_of_round, seed)
+    losses = fedavg_in_process(model, sites, cfg.num_server_rounds, recipe_rounds(cfg), seed)
     return model, losses[0], losses[-1]
 
 

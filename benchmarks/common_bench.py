@@ -80,6 +80,14 @@ def fedavg_in_process(model, sites: list, rounds: int, config_of_round, seed: in
     return losses
 
 
+def recipe_rounds(cfg, device: str = "cpu"):
+    """`config_of_round` for `fedavg_in_process` from a RunConfig: each round's TrainConfig is the run's one
+    recipe (fedrad.common.recipe) at that round's scheduled learning rate, as a site builds it in a real run."""
+    from fedrad.client.trainer import TrainConfig
+
+    return lambda rnd: TrainConfig.from_recipe(cfg, cfg.local_steps, device, cfg.round_lr(rnd))
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

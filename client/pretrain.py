@@ -33,17 +33,17 @@ def check_out_file(out: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _apply_init(model, args: argparse.Namespace):
+def _apply_init(model, args: argparse.Namespace, recipe):
     """`--init`: the backbone from a local timm checkpoint or a verified release (InitRecord); None without
     --init, or when the bundle is refused (said on stderr; the caller exits 1, as `fedrad verify` does)."""
-    if not getattr(args, "init", None):
+    if not recipe.init:
         return None
     from fedrad.common.bundle import BundleVerificationError
     from fedrad.common.init_weights import apply_init
 
     try:
-        record = apply_init(model, args.init, args.init_pubkey, args.model, args.image_size,
-                            getattr(args, "norm", "batch"))
+        record = apply_init(model, recipe.init, recipe.init_pubkey or None, recipe.model, recipe.image_size,
+                            recipe.norm)
     except BundleVerificationError as exc:
         print(f"fedrad pretrain: --init bundle verification FAILED: {exc}", file=sys.stderr)
         return None
@@ -51,45 +51,63 @@ def _apply_init(model, args: argparse.Namespace):
     return record
 
 
+def train_rounds(model, data, recipe, steps: int, rounds: int, device: str):
+    """`steps` optimiser steps split into `rounds` rounds, each at its round's rate under the recipe's schedule
+    with a fresh optimiser (as a federated site trains its rounds); one round is one plain run at `lr`."""
+    from fedrad.client.trainer import TrainConfig, TrainResult, train_local
+
+    done = TrainResult(losses=[], steps=0, examples=0, seconds=0.0)
+    for rnd in range(1, rounds + 1):
+        n = steps // rounds + (1 if rnd <= steps % rounds else 0)
+        cfg = TrainConfig.from_recipe(recipe, n, device, recipe.recipe_lr(rnd, rounds),
+                                      seed=recipe.seed + (rnd - 1) * 7919)
+        result = train_local(model, data, cfg, progress=True)
+        done = TrainResult(losses=done.losses + result.losses, steps=done.steps + result.steps,
+                           examples=done.examples + result.examples, seconds=done.seconds + result.seconds)
+    return done
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    """Load the site, train `args.steps` steps, evaluate on the held-out patients, write the backbone."""
+    """Load the site, train `args.steps` steps of the recipe the options give, evaluate on the held-out
+    patients, write the backbone."""
     import torch
 
     from fedrad.client.site_data import load_site
-    from fedrad.client.trainer import TrainConfig, evaluate_local, resolve_device, train_local
+    from fedrad.client.trainer import TrainConfig, evaluate_local, resolve_device
+    from fedrad.common.losses import REGISTRY
     from fedrad.common.models import build_model, save_backbone
+    from fedrad.common.recipe import Recipe
 
-    if args.steps < 1 or args.batch_size < 2 or args.image_size < 16:
-        raise ValueError("need --steps >= 1, --batch-size >= 2 and --image-size >= 16")
+    recipe = Recipe.from_attrs(args)  # a bad value: one line naming the option, exit 2
+    if args.steps < 1 or not 1 <= args.rounds <= args.steps:
+        raise ValueError("need --steps >= 1 and 1 <= --rounds <= --steps")
+    if recipe.warmup_rounds >= args.rounds and recipe.warmup_rounds:
+        raise ValueError("--warmup-rounds must be below --rounds")
     check_out_file(args.out)
-    init = getattr(args, "init", None)
-    if init:
+    if recipe.init:
         from fedrad.common.init_weights import init_kind
 
-        init_kind(init, getattr(args, "init_pubkey", None))  # a bad path: one line before the data is loaded
+        init_kind(recipe.init, recipe.init_pubkey or None)  # a bad path: one line before the data is loaded
     device = resolve_device(args.device)
-    print(f"fedrad pretrain: loading {args.data} at {args.image_size} px", file=sys.stderr)
-    data = load_site(args.data, args.image_size, cache_dir=args.cache, progress=True)
+    print(f"fedrad pretrain: loading {args.data} at {recipe.image_size} px", file=sys.stderr)
+    data = load_site(args.data, recipe.image_size, cache_dir=args.cache, progress=True)
     skipped = sum((getattr(data, "skipped", None) or {}).values())
     print(f"  {len(data)} images usable, {skipped} skipped", file=sys.stderr)
     if len(data) < 2:
         raise ValueError(f"{args.data}: {len(data)} usable image(s); contrastive training needs at least 2")
 
-    torch.manual_seed(args.seed)
-    norm = getattr(args, "norm", "batch")
-    model = build_model(args.model, args.objective, args.image_size, norm=norm)
-    init_record = _apply_init(model, args)
-    if init_record is None and init:
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe.model, recipe.objective, recipe.image_size, proj_dim=recipe.proj_dim,
+                        norm=recipe.norm)
+    init_record = _apply_init(model, args, recipe)
+    if init_record is None and recipe.init:
         return 1  # the bundle was refused (already said why)
-    cfg = TrainConfig(objective=args.objective, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      optimizer=getattr(args, "optimizer", "adamw"), temperature=getattr(args, "temperature", 0.1),
-                      label_fields=args.label_fields, device=str(device), seed=args.seed,
-                      image_size=args.image_size)
+    cfg = TrainConfig.from_recipe(recipe, args.steps, str(device))
     n_params = sum(p.numel() for p in model.backbone.parameters()) / 1e6
-    print(f"  {args.model} ({n_params:.1f}M params), {args.objective}, batch {cfg.batch_size}, "
-          f"{cfg.steps} steps on {device}", file=sys.stderr)
+    print(f"  {recipe.model} ({n_params:.1f}M params), {recipe.objective}, batch {cfg.batch_size}, "
+          f"{cfg.steps} steps in {args.rounds} round(s) on {device}", file=sys.stderr)
     t0 = time.perf_counter()
-    result = train_local(model, data, cfg, progress=True)
+    result = train_rounds(model, data, recipe, args.steps, args.rounds, str(device))
     k = min(3, max(1, len(result.losses) // 2))
     first, last = _mean(result.losses[:k]), _mean(result.losses[-k:])
     rate = result.steps / result.seconds if result.seconds else float("nan")
@@ -98,19 +116,21 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     scores = evaluate_local(model, data, cfg)
     print("held-out: " + ", ".join(f"{k_}={v:.4f}" for k_, v in scores.items() if k_ != "eval_examples")
           + f" ({int(scores.get('eval_examples', 0))} images)")
+    needs_labels = REGISTRY[recipe.objective]().needs_labels
     meta = {
-        "model": args.model,
+        "model": recipe.model,
         "in_chans": 1,
-        "image_size": args.image_size,
-        "objective": args.objective,
+        "image_size": recipe.image_size,
+        "objective": recipe.objective,
         "steps": result.steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
+        "batch_size": recipe.batch_size,
+        "lr": recipe.lr,
         "optimizer": cfg.optimizer,
         "temperature": cfg.temperature,
-        "seed": args.seed,
-        "norm": norm,
-        "label_fields": args.label_fields if args.objective == "supcon" else "",
+        "seed": recipe.seed,
+        "norm": recipe.norm,
+        "label_fields": recipe.label_fields if needs_labels else "",
+        "recipe": json.dumps({**recipe.recipe_dict(), "steps": args.steps, "rounds": args.rounds}, sort_keys=True),
         "images": len(data),
         "final_loss": f"{last:.6f}",
         "input": "grayscale [0,1], no mean/std normalisation",

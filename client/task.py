@@ -119,21 +119,8 @@ def round_lr_for(msg: Message, cfg: RunConfig, server_round: int) -> float:
 def train_config_for(cfg: RunConfig, device: str, server_round: int, node_seed: int, lr: float | None = None):
     from fedrad.client.trainer import TrainConfig
 
-    return TrainConfig(
-        objective=cfg.objective,
-        steps=cfg.local_steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr if lr is None else lr,
-        optimizer=cfg.optimizer,
-        weight_decay=cfg.weight_decay,
-        temperature=cfg.temperature,
-        label_fields=cfg.label_field_list,
-        device=device,
-        seed=cfg.seed * 1_000_003 + server_round * 7919 + node_seed,
-        hflip=cfg.hflip,
-        image_size=cfg.image_size,
-        augment=cfg.augment_config(),
-    )
+    return TrainConfig.from_recipe(cfg, cfg.local_steps, device, lr,
+                                   seed=cfg.seed * 1_000_003 + server_round * 7919 + node_seed)
 
 
 def wire_layout(state: dict, cfg: RunConfig) -> Layout:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from fedrad.client.sample_dp import SampleDP
     from fedrad.client.site_data import SiteData
     from fedrad.common.losses import Batch
+    from fedrad.common.recipe import Recipe
 
 EVAL_SEED = 1234  # fixed: held-out views are the same in every round and at every site
 HOLDOUT_FRACTION = 0.1
@@ -51,6 +52,17 @@ class TrainConfig:
         if isinstance(self.label_fields, str):
             return [f.strip() for f in self.label_fields.split(",") if f.strip()]
         return list(self.label_fields)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, steps: int, device: str = "auto", lr: float | None = None,
+                    seed: int | None = None, **extra: Any) -> TrainConfig:
+        """The trainer settings of a fedrad.common.recipe.Recipe (a RunConfig is one): how `fedrad pretrain`, a
+        site's round and the benchmarks build theirs, so they train the same recipe. `lr`: this round's rate."""
+        return cls(objective=recipe.objective, steps=steps, batch_size=recipe.batch_size,
+                   lr=recipe.lr if lr is None else lr, optimizer=recipe.optimizer, weight_decay=recipe.weight_decay,
+                   temperature=recipe.temperature, label_fields=recipe.label_field_list, device=device,
+                   seed=recipe.seed if seed is None else seed, hflip=recipe.hflip, image_size=recipe.image_size,
+                   augment=recipe.augment_config(), **extra)
 
 
 @dataclass

@@ -6,8 +6,10 @@ it through `RunConfig.from_flower` so a misspelt or mistyped key fails loudly, n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fedrad.common.recipe import Recipe
 
 # Aggregation strategies by run-config name, each with the reason it cannot run under SecAgg+ (None: it
 # can). SecAgg+ unmasks only the weighted sum of the sites' updates, so only a weighted mean of updates
@@ -27,13 +29,15 @@ STRATEGY_NAMES: dict[str, str | None] = {
     "multikrum": _NEEDS_EACH_UPDATE,
 }
 
-# The model's normalisation layers by run-config name (fedrad.common.norms.NORMS; repeated here so that reading a
-# run config never imports torch; tests/test_norm_policy.py checks the two agree).
-NORM_NAMES = ("batch", "group")
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Recipe):
+    """A federated run: the training recipe (fedrad.common.recipe.Recipe: model, objective, optimiser, schedule,
+    augmentations, with their defaults and range checks) plus the federation's own keys below."""
+
+    _where: ClassVar[str] = "run-config"
+
     num_server_rounds: int = 3
     strategy: str = "fedavg"
     fraction_train: float = 1.0
@@ -48,44 +52,8 @@ class RunConfig:
     # file in the run folder, so the coordinator holds ~2 model copies however many sites answer (large models
     # with many sites); false: all replies in memory, no disk traffic (server/screening.py).
     spill_updates: bool = False
-    model: str = "resnet18"
-    objective: str = "supcon"
-    image_size: int = 64
-    proj_dim: int = 128
+    # Optimiser steps each site takes per round (`fedrad pretrain --steps` counts its whole run instead).
     local_steps: int = 10
-    batch_size: int = 32
-    lr: float = 3e-4
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-4
-    temperature: float = 0.1
-    label_fields: str = "view,body_part,sex,age"
-    hflip: bool = False
-    seed: int = 0
-    # Normalisation layers of the model (fedrad.common.norms): "batch" (BatchNorm; FedAvg averages its running
-    # statistics too) or "group" (GroupNorm: no batch or site statistics at all). dp = "sample" forces "group".
-    # Chosen by measurement on label-skewed sites: README "Recipe switches", RESULTS.md "norm policy".
-    norm: str = "batch"
-    # The first global model (fedrad.common.init_weights): a local timm checkpoint file (e.g. ImageNet weights)
-    # or an earlier release bundle folder, on the coordinator; init-pubkey verifies a bundle. Empty: random.
-    init: str = ""
-    init_pubkey: str = ""
-    # The round's learning rate (fedrad.common.lr_schedule, timm's CosineLRScheduler over rounds): "constant"
-    # or "cosine" from `lr` down to `lr-min`, after `warmup-rounds` of linear warm-up from lr-min.
-    lr_schedule: str = "constant"
-    warmup_rounds: int = 0
-    lr_min: float = 0.0
-    # Augmentations of the contrastive views (fedrad.common.augment, README "Recipe switches"): crop area range,
-    # rotation (degrees), brightness shift, contrast factor, gamma in [1/g, g], blur and noise probabilities, the
-    # largest noise std. 0 (1 for crop-min/gamma) switches a piece off. hflip stays off: laterality matters.
-    aug_crop_min: float = 0.4
-    aug_crop_max: float = 1.0
-    aug_rotate: float = 10.0
-    aug_brightness: float = 0.1
-    aug_contrast: float = 0.2
-    aug_gamma: float = 1.25
-    aug_blur_p: float = 0.5
-    aug_noise_p: float = 0.5
-    aug_noise_std: float = 0.03
     # Strategy knobs (used by the strategies that take them).
     server_lr: float = 1.0
     server_momentum: float = 0.9
@@ -132,33 +100,6 @@ class RunConfig:
     publish_only: bool = False
     publish_linger: float = 0.0
 
-    @classmethod
-    def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:
-        """Build from Flower's kebab-case dict; unknown keys are an error that names them."""
-        known = {f.name: f for f in fields(cls)}
-        values: dict[str, Any] = {}
-        unknown = []
-        for key, value in run_config.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                unknown.append(key)
-                continue
-            default = known[name].default
-            try:
-                if isinstance(default, bool):
-                    values[name] = value if isinstance(value, bool) else str(value).lower() == "true"
-                elif isinstance(default, int):
-                    values[name] = int(value)
-                elif isinstance(default, float):
-                    values[name] = float(value)
-                else:
-                    values[name] = str(value)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"run-config key '{key}': cannot read {value!r} as {type(default).__name__}") from exc
-        if unknown:
-            raise ValueError(f"unknown run-config keys: {', '.join(sorted(unknown))}")
-        return cls(**values)
-
     def __post_init__(self) -> None:
         """Refuse what cannot run as configured, naming the key: both `fedrad run` (before submission) and
         the ServerApp build a RunConfig, so both refuse."""
@@ -177,33 +118,9 @@ class RunConfig:
         if self.publish_linger < 0 or (self.publish_only and not self.publish_dir):
             raise ValueError("run-config 'publish-linger' must be >= 0, and publish-only needs 'publish-dir'")
         self._check_recipe()
-        self._check_monitor()
-
-    def _check_recipe(self) -> None:
-        """The schedule and augmentation keys, each refused by name when out of range."""
-        from fedrad.common.lr_schedule import LR_SCHEDULES
-
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"run-config 'lr-schedule': unknown '{self.lr_schedule}', choose one of "
-                             f"{', '.join(LR_SCHEDULES)}")
         if not 0 <= self.warmup_rounds < max(self.num_server_rounds, 1):
             raise ValueError("run-config 'warmup-rounds' must be >= 0 and below num-server-rounds")
-        if not 0 <= self.lr_min <= self.lr:
-            raise ValueError("run-config 'lr-min' must be in [0, lr]")
-        if not 0 < self.aug_crop_min <= self.aug_crop_max <= 1:
-            raise ValueError("run-config 'aug-crop-min' and 'aug-crop-max' must satisfy 0 < min <= max <= 1")
-        if self.norm not in NORM_NAMES:
-            raise ValueError(f"run-config 'norm': unknown '{self.norm}', choose one of {', '.join(NORM_NAMES)}")
-        if not 0 <= self.aug_rotate <= 180:
-            raise ValueError("run-config 'aug-rotate' must be in [0, 180] degrees")
-        if not (0 <= self.aug_brightness < 1 and 0 <= self.aug_contrast < 1):
-            raise ValueError("run-config 'aug-brightness' and 'aug-contrast' must be in [0, 1)")
-        if self.aug_gamma < 1:
-            raise ValueError("run-config 'aug-gamma' must be >= 1 (gamma is drawn in [1/g, g]; 1 switches it off)")
-        if not (0 <= self.aug_blur_p <= 1 and 0 <= self.aug_noise_p <= 1):
-            raise ValueError("run-config 'aug-blur-p' and 'aug-noise-p' must be probabilities in [0, 1]")
-        if self.aug_noise_std < 0:
-            raise ValueError("run-config 'aug-noise-std' must be >= 0")
+        self._check_monitor()
 
     def _check_monitor(self) -> None:
         """probe-monitor names one label column, never one SupCon trains on (its AUCs would flatter the model), and
@@ -224,23 +141,9 @@ class RunConfig:
                 raise ValueError(f"run-config 'probe-monitor' = {column!r} is one of the label-fields objective "
                                  f"'{self.objective}' trains on: monitor a column the model does not learn from")
 
-    def augment_config(self):
-        """The AugmentConfig these keys describe (imports torch: call it where training happens)."""
-        from fedrad.common.augment import AugmentConfig
-
-        no_crop = self.aug_crop_min >= 1.0  # the whole image: no aspect jitter either
-        return AugmentConfig(crop_scale=(self.aug_crop_min, self.aug_crop_max),
-                             crop_ratio=(1.0, 1.0) if no_crop else AugmentConfig.crop_ratio, rotate_deg=self.aug_rotate,
-                             hflip=self.hflip, brightness=self.aug_brightness, contrast=self.aug_contrast,
-                             gamma=(1 / self.aug_gamma, self.aug_gamma), blur_p=self.aug_blur_p,
-                             noise_p=self.aug_noise_p, noise_std=(0.0, self.aug_noise_std))
-
     def round_lr(self, server_round: int) -> float:
         """The learning rate of `server_round` (1-based) under this run's schedule."""
-        from fedrad.common.lr_schedule import round_lr
-
-        return round_lr(self.lr, server_round, self.num_server_rounds, self.lr_schedule, self.warmup_rounds,
-                        self.lr_min)
+        return self.recipe_lr(server_round, self.num_server_rounds)
 
     @property
     def aggregation(self) -> str:
@@ -257,7 +160,3 @@ class RunConfig:
         """The `norm` key, but GroupNorm whenever sites train with per-image DP-SGD (BatchNorm mixes the images
         of a batch, so per-image clipping would not bound one image's influence)."""
         return "group" if self.dp == "sample" else self.norm
-
-    @property
-    def label_field_list(self) -> list[str]:
-        return [f.strip() for f in self.label_fields.split(",") if f.strip()]

@@ -16,6 +16,7 @@ from fedrad.common.losses import OBJECTIVES
 from fedrad.deploy.export_command import register as register_export
 from fedrad.deploy.publish_command import add_release_source
 from fedrad.deploy.publish_command import register as register_publish
+from fedrad.deploy.recipe_options import add_recipe_options
 
 # Flower phones home and checks for updates unless told not to; fedrad runs on closed networks.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -60,7 +61,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or action.required:
+        if ("default" in text.lower() or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or action.required):
             return text
         return super()._get_help_string(action)
 
@@ -122,30 +124,14 @@ def _add_source(p) -> None:
 def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="centralised contrastive pretraining on one folder (baseline)")
     p.add_argument("data", help="DICOM folder, or PNG folder with manifest.csv")
-    p.add_argument("--objective", default="simclr", choices=OBJECTIVES, help="self-supervised loss")
-    p.add_argument("--model", default="resnet18", help="timm architecture (1 input channel)")
-    p.add_argument("--steps", type=int, default=100, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step")
-    p.add_argument("--image-size", type=int, default=64, help="square input size in pixels")
-    p.add_argument("--lr", type=float, default=3e-4, help="learning rate")
-    p.add_argument("--label-fields", default="view,body_part,sex,age",
-                   help="header fields whose combination is the SupCon label")
+    p.add_argument("--steps", type=int, default=100, help="optimiser steps in all")
+    p.add_argument("--rounds", type=int, default=1, help="rounds the steps are split into, each at its round's "
+                   "learning rate under --lr-schedule with a fresh optimiser, as a federated site trains")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--cache", default=None, help="decoded-image cache folder (default <data>/.fedrad-cache)")
     p.add_argument("--out", default="pretrained.safetensors",
                    help="weights file to write (checked before training: not a folder, writable)")
-    p.add_argument("--init", default=None, metavar="CHECKPOINT_OR_BUNDLE",
-                   help="start from a local timm checkpoint (.safetensors/.pth, e.g. ImageNet weights; RGB first conv "
-                   "summed to 1 channel) or an earlier release bundle folder (verified with --init-pubkey); never "
-                   "downloads (default: random init)")
-    p.add_argument("--init-pubkey", default=None, help="consortium public key verifying an --init bundle (no default)")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lars"],
-                   help="timm optimizer (lars for large batches)")
-    p.add_argument("--temperature", type=float, default=0.1, help="contrastive temperature")
-    p.add_argument("--norm", default="batch", choices=["batch", "group"],
-                   help="normalisation layers: batch (BatchNorm, the default) or group (GroupNorm, as federated runs "
-                   "with norm = \"group\" or dp = \"sample\" train; recorded in the weights file)")
+    add_recipe_options(p)  # every recipe switch, with the defaults `fedrad run` uses (fedrad.common.recipe)
     p.set_defaults(func=_lazy("fedrad.client.pretrain:cmd_pretrain"))
 
 

@@ -10,7 +10,8 @@ import pytest
 from torch import nn
 
 from fedrad.common.norms import NORMS
-from fedrad.common.run_config import NORM_NAMES, RunConfig
+from fedrad.common.recipe import NORM_NAMES
+from fedrad.common.run_config import RunConfig
 
 
 def test_names_are_the_models_norms() -> None:

@@ -72,7 +72,8 @@ def load_backbone(bundle: PathLike, pubkey: PathLike):
 def pretrain(data: PathLike, out: PathLike = "pretrained.safetensors", **options: Any) -> Path:
     """Centralised self-supervised pretraining on one folder (`fedrad pretrain`); returns the weights file.
 
-    Options as the command's: objective, model, steps, batch_size, image_size, lr, label_fields, device, seed, cache.
+    Options as the command's: steps, rounds, device, cache, and every recipe switch with the defaults of a
+    federated run (objective, model, batch_size, image_size, lr, aug_*, ...: fedrad.common.recipe.Recipe).
     """
     _run("pretrain", [data], {**options, "out": out})
     return Path(out)

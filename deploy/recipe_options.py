@@ -1,0 +1,43 @@
+"""Command-line options generated from the training recipe (fedrad.common.recipe.Recipe), one per field.
+
+`fedrad pretrain` takes every recipe switch a federated run takes (`fedrad run -c KEY=VALUE`), under the same
+name and with the same default, because both come from the one `Recipe` declaration.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from fedrad.common.recipe import NORM_NAMES, OPTIMIZER_NAMES, Recipe
+
+
+def _choices(kind: str | None) -> tuple[str, ...] | None:
+    """The allowed names of a recipe field whose metadata names where they are declared."""
+    if kind == "objectives":
+        from fedrad.common.losses import OBJECTIVES
+
+        return tuple(OBJECTIVES)
+    if kind == "lr_schedules":
+        from fedrad.common.lr_schedule import LR_SCHEDULES
+
+        return LR_SCHEDULES
+    return {"optimizers": OPTIMIZER_NAMES, "norms": NORM_NAMES, None: None}[kind]
+
+
+def add_recipe_options(parser: argparse.ArgumentParser, title: str = "training recipe (as `fedrad run -c KEY=VALUE`)"
+                       ) -> None:
+    """One `--key` option per recipe field: its type, its default and its help from the declaration."""
+    group = parser.add_argument_group(title)
+    for f in Recipe.recipe_fields():
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"default": f.default, "help": f.metadata["help"], "dest": f.name}
+        if isinstance(f.default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = type(f.default)
+            choices = _choices(f.metadata.get("choices"))
+            if choices:
+                kw["choices"] = choices
+        group.add_argument(flag, **kw)
+
