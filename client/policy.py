@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from fedrad.common.data_rules import DEFAULT_MODALITIES, DataRules
-from fedrad.common.run_config import RunConfig
+from fedrad.common.run_config import DP_MODES, RunConfig
 
-DP_MODES = ("none", "client", "sample")
 HEADER_LABEL_FIELDS = ("view", "body_part", "sex", "age", "modality", "plane", "contrast")  # from DICOM headers
 # The default policy's models: those fedrad knows to work (common.models.KNOWN_MODELS, kept equal by a test).
 # Not imported from there because that module imports torch, and this policy is read for every message,
@@ -343,9 +342,6 @@ def check_run(policy: SitePolicy, cfg: RunConfig) -> Refusal | None:
         return Refusal("require_secagg", "run has secagg = false; this site requires SecAgg+")
     if cfg.dp not in policy.dp_modes:
         return Refusal("dp_modes", f"run has dp = {cfg.dp!r}; this site accepts {list(policy.dp_modes)}")
-    if cfg.dp == "sample" and cfg.eval_in_train:
-        return Refusal("dp_modes", "run has dp = \"sample\" with eval-in-train: its held-out metrics would leave "
-                       "un-noised, outside the image-level epsilon")
     if cfg.dp != "none":
         if cfg.dp_noise < policy.min_dp_noise:
             return Refusal("min_dp_noise", f"run has dp-noise {cfg.dp_noise:g} < this site's {policy.min_dp_noise:g}")

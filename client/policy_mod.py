@@ -89,7 +89,7 @@ def site_policy_mod(msg: Message, context: Context, call_next) -> Message:
     except PolicyError as exc:  # a configured policy that does not load refuses everything
         return refuse(msg, state, "policy_file", str(exc), ErrorCode.POLICY_REFUSED)
     try:
-        cfg = RunConfig.from_flower(dict(context.run_config))
+        cfg = RunConfig.of(context.run_config)
     except ValueError as exc:
         return refuse(msg, state, "run_config", str(exc), ErrorCode.POLICY_REFUSED)
     refusal = check_run(policy, cfg)

@@ -77,7 +77,7 @@ def _model_layout(context: Context):
     from fedrad.client.task import model_layout
     from fedrad.common.run_config import RunConfig
 
-    return model_layout(RunConfig.from_flower(dict(context.run_config)))
+    return model_layout(RunConfig.of(context.run_config))
 
 
 def _legacy_edge(msg: Message, context: Context, call_next) -> Message:

@@ -183,7 +183,7 @@ def handle_train(msg: Message, context: Context) -> Message:
 
     from fedrad.client.trainer import train_local
 
-    cfg = RunConfig.from_flower(dict(context.run_config))
+    cfg = RunConfig.of(context.run_config)  # parsed once per message (the policy mod already did)
     server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0)) if CONFIG in msg.content else 0
     device = _node_setting(context, "device", "auto")  # the trainer resolves "auto"
     threads = int(_node_setting(context, "threads", "0") or 0)
@@ -193,10 +193,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     data = load_site_for(context, cfg)
     model, received, layout = _model_from(msg, cfg, context.run_id)
     start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if cfg.proximal_mu > 0 and cfg.strategy == "fedprox":
-        proximal = (cfg.proximal_mu, start_state)
-    else:
-        proximal = None
+    proximal = (cfg.fedprox_mu, start_state) if cfg.fedprox_mu > 0 else None
     tcfg = train_config_for(cfg, device, server_round, context.node_id % 100_000, round_lr_for(msg, cfg, server_round))
     dp = None
     if cfg.dp == "sample":
@@ -257,7 +254,7 @@ def _held_out_scores(model, data, cfg: RunConfig, device: str) -> dict[str, floa
 def handle_evaluate(msg: Message, context: Context) -> Message:
     from fedrad.client.trainer import evaluate_local
 
-    cfg = RunConfig.from_flower(dict(context.run_config))
+    cfg = RunConfig.of(context.run_config)
     device = _node_setting(context, "device", "auto")
     data = load_site_for(context, cfg)
     model, _, _ = _model_from(msg, cfg, context.run_id)

@@ -6,8 +6,10 @@ it through `RunConfig.from_flower` so a misspelt or mistyped key fails loudly, n
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from functools import lru_cache
+from typing import Any, ClassVar
 
 from fedrad.common.recipe import Recipe
 
@@ -17,6 +19,10 @@ from fedrad.common.recipe import Recipe
 # name to Flower's class.
 _NEEDS_EACH_UPDATE = "needs each site's update, and SecAgg+ reveals only their sum"
 _SERVER_OPTIMISER = "applies a server-side optimiser that fedrad's SecAgg+ path does not run (it applies the mean)"
+# Differential-privacy modes by run-config name (docs/PRIVACY.md): none; client = site-level (update clipping +
+# noise at the coordinator); sample = image-level DP-SGD at each site. The site policy's dp_modes use these names.
+DP_MODES = ("none", "client", "sample")
+
 STRATEGY_NAMES: dict[str, str | None] = {
     "fedavg": None,
     "fedprox": None,
@@ -121,6 +127,62 @@ class RunConfig(Recipe):
         if not 0 <= self.warmup_rounds < max(self.num_server_rounds, 1):
             raise ValueError("run-config 'warmup-rounds' must be >= 0 and below num-server-rounds")
         self._check_monitor()
+        self._check_privacy()
+
+    @classmethod
+    def of(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """The RunConfig of Flower's run-config dict, parsed and checked once: the site's mods and handlers of a
+        message (and a warm worker's later messages of the same run) share one frozen object."""
+        items = tuple(sorted(run_config.items()))
+        try:
+            hash(items)
+        except TypeError:  # not TOML scalars: from_flower names the key
+            return cls.from_flower(dict(run_config))
+        return _parsed(items)
+
+    def _check_privacy(self) -> None:
+        """The privacy keys: refuse settings that cannot mean what they say (the coordinator, `fedrad run` and
+        every site build a RunConfig, so all three refuse the same way)."""
+        if self.dp not in DP_MODES:
+            raise ValueError(f"run-config 'dp': unknown '{self.dp}', choose one of {', '.join(DP_MODES)}")
+        if self.dp == "none":
+            return
+        if self.dp_noise <= 0:
+            raise ValueError(f"run-config dp={self.dp} needs 'dp-noise' > 0 (the noise multiplier); "
+                             "with no noise there is no privacy guarantee")
+        if self.dp_clip <= 0:
+            raise ValueError("run-config 'dp-clip' must be > 0")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError("run-config 'dp-delta' must be in (0, 1)")
+        if self.dp == "client" and self.strategy.lower() != "fedavg":
+            raise ValueError(f"run-config dp=client works with strategy=fedavg only (the noise is calibrated to an "
+                             f"equal-weight mean of clipped updates), not '{self.strategy}'")
+        if self.dp == "sample":
+            from fedrad.common.losses import per_sample_objectives
+
+            per_sample = per_sample_objectives()
+            if self.objective.lower() not in per_sample:
+                raise ValueError(
+                    f"run-config dp=sample needs a per-sample objective ({', '.join(per_sample)}); "
+                    f"'{self.objective}' couples the images of a batch (NT-Xent/SupCon/MICLe compare every image "
+                    "with every other), so per-sample clipping would not bound one image's influence and the "
+                    f"reported epsilon would be false. Use objective={' or '.join(per_sample)}, or dp=client for a "
+                    "site-level guarantee.")
+            if self.secagg:
+                raise ValueError("run-config dp=sample with secagg=true is not supported; use dp=client with secagg")
+            if self.strategy.lower() == "fedprox":
+                raise ValueError("run-config dp=sample does not combine with strategy=fedprox (its proximal "
+                                 "gradient term is not clipped per image); choose another strategy")
+            if self.eval_in_train:
+                raise ValueError("run-config dp=sample does not combine with eval-in-train: the held-out metrics "
+                                 "would leave the sites un-noised (sites refuse it; under dp=sample no evaluation "
+                                 "is sent)")
+
+    @property
+    def fedprox_mu(self) -> float:
+        """The proximal weight each site adds to its loss: proximal-mu under strategy fedprox, else 0 (the other
+        strategies ignore the key)."""
+        return self.proximal_mu if self.strategy.lower() == "fedprox" and self.proximal_mu > 0 else 0.0
 
     def _check_monitor(self) -> None:
         """probe-monitor names one label column, never one SupCon trains on (its AUCs would flatter the model), and
@@ -160,3 +222,8 @@ class RunConfig(Recipe):
         """The `norm` key, but GroupNorm whenever sites train with per-image DP-SGD (BatchNorm mixes the images
         of a batch, so per-image clipping would not bound one image's influence)."""
         return "group" if self.dp == "sample" else self.norm
+
+
+@lru_cache(maxsize=8)
+def _parsed(items: tuple[tuple[str, Any], ...]) -> RunConfig:
+    return RunConfig.from_flower(dict(items))

@@ -294,16 +294,14 @@ def app_run_config(app: Path | None = None) -> dict[str, object]:
 def validate_run_config(overrides: dict[str, object], app: Path | None = None) -> None:
     """Refuse a run-config the ServerApp would refuse, before anything is submitted (ValueError names the key).
 
-    The same checks as the ServerApp: the app's defaults fused with the overrides, `RunConfig.from_flower`,
-    then the privacy settings.
+    The same checks as the ServerApp: the app's defaults fused with the overrides, `RunConfig.from_flower`
+    (whose rules include the privacy settings).
     """
     from fedrad.common.run_config import RunConfig
-    from fedrad.server.privacy import check_privacy_config
 
     config = app_run_config(app)
     config.update(overrides)
-    cfg = RunConfig.from_flower(config)
-    check_privacy_config(cfg)
+    cfg = RunConfig.from_flower(config)  # every rule: the ServerApp and each site build the same RunConfig
     if cfg.init and not cfg.resume:  # a missing checkpoint or bundle: one line now, not a dead ServerApp later
         from fedrad.common.init_weights import init_kind
 

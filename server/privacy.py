@@ -1,4 +1,5 @@
-"""Client-level differential privacy on the coordinator: checks, Flower's DP wrapper, and the privacy ledger.
+"""Client-level differential privacy on the coordinator: Flower's DP wrapper and the privacy ledger (the run-config
+rules live in fedrad.common.run_config.RunConfig, which the coordinator, `fedrad run` and every site build).
 
 Mechanism (dp = "client"): each site's model update (local weights minus the global weights it received)
 is clipped to L2 norm `dp-clip`; the coordinator averages the clipped updates with equal weights and adds
@@ -20,47 +21,7 @@ from typing import Any
 
 from flwr.common.logger import log
 
-from fedrad.common.losses import per_sample_objectives
 from fedrad.common.run_config import RunConfig
-
-DP_MODES = ("none", "client", "sample")
-# Objectives whose loss for one image depends on no other image in the batch (opacus's premise), as the
-# objective registry declares them.
-PER_SAMPLE_OBJECTIVES = per_sample_objectives()
-
-
-def check_privacy_config(cfg: RunConfig) -> None:
-    """Refuse run-configs whose privacy settings cannot mean what they say; raise ValueError naming the key."""
-    if cfg.dp not in DP_MODES:
-        raise ValueError(f"run-config 'dp': unknown '{cfg.dp}', choose one of {', '.join(DP_MODES)}")
-    if cfg.dp == "none":
-        return
-    if cfg.dp_noise <= 0:
-        raise ValueError(f"run-config dp={cfg.dp} needs 'dp-noise' > 0 (the noise multiplier); "
-                         "with no noise there is no privacy guarantee")
-    if cfg.dp_clip <= 0:
-        raise ValueError("run-config 'dp-clip' must be > 0")
-    if not 0 < cfg.dp_delta < 1:
-        raise ValueError("run-config 'dp-delta' must be in (0, 1)")
-    if cfg.dp == "client" and cfg.strategy.lower() != "fedavg":
-        raise ValueError(f"run-config dp=client works with strategy=fedavg only (the noise is calibrated to an "
-                         f"equal-weight mean of clipped updates), not '{cfg.strategy}'")
-    if cfg.dp == "sample":
-        if cfg.objective.lower() not in PER_SAMPLE_OBJECTIVES:
-            raise ValueError(
-                f"run-config dp=sample needs a per-sample objective ({', '.join(PER_SAMPLE_OBJECTIVES)}); "
-                f"'{cfg.objective}' couples the images of a batch (NT-Xent/SupCon/MICLe compare every image with "
-                "every other), so per-sample clipping would not bound one image's influence and the reported "
-                f"epsilon would be false. Use objective={' or '.join(PER_SAMPLE_OBJECTIVES)}, or dp=client for a "
-                "site-level guarantee.")
-        if cfg.secagg:
-            raise ValueError("run-config dp=sample with secagg=true is not supported; use dp=client with secagg")
-        if cfg.strategy.lower() == "fedprox":
-            raise ValueError("run-config dp=sample does not combine with strategy=fedprox (its proximal gradient "
-                             "term is not clipped per image); choose another strategy")
-        if cfg.eval_in_train:
-            raise ValueError("run-config dp=sample does not combine with eval-in-train: the held-out metrics would "
-                             "leave the sites un-noised (sites refuse it; under dp=sample no evaluation is sent)")
 
 
 @dataclass

@@ -41,7 +41,7 @@ from fedrad.common.protocol import MESSAGE_EVALUATE, MONITOR, SERVER_ROUND, SITE
 from fedrad.common.run_config import RunConfig
 from fedrad.server.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fedrad.server.exchange import RoundTimes, exchange
-from fedrad.server.privacy import check_privacy_config, privacy_summary
+from fedrad.server.privacy import privacy_summary
 from fedrad.server.round_modes import RoundStop, TrainOutcome, round_mode, screening_rules
 from fedrad.server.run_log import append_metrics, plot_run, read_metrics, site_labels, truncate_metrics
 from fedrad.server.screening import screen_replies
@@ -144,8 +144,7 @@ def _previous_init(run_dir: Path) -> dict | None:
 
 
 def run_federation(grid: Grid, context: Context) -> None:
-    cfg = RunConfig.from_flower(dict(context.run_config))
-    check_privacy_config(cfg)
+    cfg = RunConfig.from_flower(dict(context.run_config))  # every rule, the privacy ones included
     run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     strategy = build_strategy(cfg)

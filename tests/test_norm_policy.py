@@ -23,7 +23,8 @@ def test_names_are_the_models_norms() -> None:
     ("group", "sample", "group"), ("batch", "client", "batch"), ("group", "client", "group"),
 ])
 def test_model_norm_is_the_key_but_sample_dp_forces_group(norm: str, dp: str, want: str) -> None:
-    assert RunConfig(norm=norm, dp=dp).model_norm == want
+    valid = {"none": {}, "client": {"dp_noise": 1.0}, "sample": {"dp_noise": 1.0, "objective": "simsiam"}}[dp]
+    assert RunConfig(norm=norm, dp=dp, **valid).model_norm == want
 
 
 def test_flower_key_parses_is_declared_and_a_bad_value_names_it() -> None:

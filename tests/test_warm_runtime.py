@@ -184,9 +184,10 @@ def test_resident_model_is_reused_within_a_run_and_loaded_with_each_message():
     b, _, _ = task._model_from(m2, cfg, run_id=7)
     assert b is a and all(torch.equal(b.state_dict()[k], v) for k, v in s2.items())
     assert task._model_from(m1, cfg, run_id=8)[0] is not a  # another run: its own model
-    dp_cfg = RunConfig(model="test_resnet", objective="simclr", image_size=32, proj_dim=32, dp="sample")
+    dp_cfg = RunConfig(model="test_resnet", objective="simsiam", image_size=32, proj_dim=32, dp="sample",
+                       dp_noise=1.0)
     m3 = SimpleNamespace(content=RecordDict({"arrays": pack(  # a GroupNorm model's arrays
-        build_model("test_resnet", "simclr", 32, proj_dim=32, norm="group").state_dict())}))
+        build_model("test_resnet", "simsiam", 32, proj_dim=32, norm="group").state_dict())}))
     assert task._model_from(m3, dp_cfg, run_id=8)[0] is not task._model_from(m3, dp_cfg, run_id=8)[0]
     task._RESIDENT.clear()
 
