@@ -28,7 +28,8 @@ def test_group_norm_model_is_the_same_everywhere_and_reloads(tmp_path):
     a, b = _dp_model(0), _dp_model(1)
     assert not has_batch_norm(a) and list(a.state_dict()) == list(b.state_dict())
     assert any(isinstance(m, torch.nn.GroupNorm) for m in a.backbone.modules())
-    assert RunConfig(dp="sample", objective="simsiam", dp_noise=1.0).model_norm == "group" and RunConfig().model_norm == "batch"
+    sample = RunConfig(dp="sample", objective="simsiam", dp_noise=1.0)
+    assert sample.model_norm == "group" and RunConfig().model_norm == "batch"
     save_backbone(a.backbone, tmp_path / "w.safetensors", {"model": "test_resnet", "norm": "group"})
     loaded = load_backbone("test_resnet", tmp_path / "w.safetensors")  # the metadata says GroupNorm
     x = torch.rand(2, 1, 32, 32)
