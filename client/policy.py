@@ -315,7 +315,9 @@ def load_policy(path: str | os.PathLike[str]) -> SitePolicy:
 def policy_for(node_config: dict[str, Any]) -> SitePolicy:
     """The node's policy: node-config `policy` (a file that must load; never silently the default) or the
     built-in default when no policy is configured."""
-    path = str(node_config.get("policy") or "")
+    from fedrad.common.node_config import NodeConfig
+
+    path = NodeConfig.of(node_config).policy
     return load_policy(path) if path else default_policy()
 
 

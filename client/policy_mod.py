@@ -54,10 +54,12 @@ def _trains(msg: Message) -> bool:
 
 
 def _cache_dir(node_config) -> str | None:
-    cache = str(node_config.get("cache-dir") or "")
-    if cache:
-        return cache
-    data = str(node_config.get("data-dir") or "")
+    from fedrad.common.node_config import NodeConfig
+
+    node = NodeConfig.of(node_config)
+    if node.cache_dir:
+        return node.cache_dir
+    data = node.data_dir
     if not data:
         return None
     from fedrad.client.site_data import default_cache_dir

@@ -22,6 +22,7 @@ from fedrad.client.release_store import (
 )
 from fedrad.client.site_state import SiteState, SiteStateError, record_refusal, state_paths
 from fedrad.common.bundle import CREATED_FORMAT
+from fedrad.common.node_config import NodeConfig
 from fedrad.common.protocol import CONFIG, METRICS, RUN_KEY
 from fedrad.common.release_wire import (
     BUNDLE,
@@ -85,7 +86,7 @@ def handle_files(msg: Message, context: Context) -> Message:
     """Verify the bundle with this site's consortium key and store it (temp, then rename), or refuse."""
     node_config = dict(context.node_config)
     state = state_paths(node_config)
-    pubkey = str(node_config.get(CONSORTIUM_KEY) or "")
+    pubkey = NodeConfig.of(node_config).consortium_key
     if not pubkey:
         return _refused(msg, state, ReleaseCode.REFUSED_UNVERIFIED,
                         "this node has no consortium key to verify releases with (start it with --consortium-key)")

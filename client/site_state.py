@@ -89,12 +89,14 @@ class SiteState:
 def state_paths(node_config: Mapping[str, Any]) -> SiteState:
     """The SiteState named by node-config `state-dir` (else the default for `data-dir`) and `audit-dir`
     (else `<state>/audit`); nothing is created."""
-    state_dir = str(node_config.get("state-dir") or "")
-    data_dir = str(node_config.get("data-dir") or "")
+    from fedrad.common.node_config import NodeConfig
+
+    node = NodeConfig.of(node_config)
+    state_dir, data_dir = node.state_dir, node.data_dir
     if not state_dir and not data_dir:
         raise SiteStateError("node-config has neither 'state-dir' nor 'data-dir': cannot place the site's state")
     root = (Path(state_dir) if state_dir else default_state_dir(data_dir)).absolute()
-    audit = str(node_config.get("audit-dir") or "")
+    audit = node.audit_dir
     return SiteState(root=root, audit_dir=Path(audit).absolute() if audit else root / AUDIT_DIRNAME)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from fedrad.client.probe_monitor import site_monitor
+from fedrad.common.node_config import NodeConfig
 from fedrad.common.packing import Layout, pack, unpack
 from fedrad.common.protocol import ARRAYS, CONFIG, METRICS, ROUND_LR, RUN_KEY, SERVER_ROUND, ProtocolError, SiteReport
 from fedrad.common.run_config import RunConfig
@@ -40,8 +41,9 @@ def _resident(slot: str, key: tuple, build):
     return value
 
 
-def _node_setting(context: Context, key: str, default: str = "") -> str:
-    return str(context.node_config.get(key, default) or default)
+def _node(context: Context) -> NodeConfig:
+    """The site's node config, typed (fedrad.common.node_config): a bad value names its key."""
+    return NodeConfig.of(context.node_config)
 
 
 def load_site_for(context: Context, cfg: RunConfig):
@@ -50,11 +52,12 @@ def load_site_for(context: Context, cfg: RunConfig):
     from fedrad.client.site_data import load_site
     from fedrad.client.site_state import state_paths
 
-    data_dir = _node_setting(context, "data-dir")
+    node = _node(context)
+    data_dir = node.data_dir
     if not data_dir:
         raise ValueError("node-config 'data-dir' is not set: start the node with `fedrad node --data DIR`")
-    cache_dir = _node_setting(context, "cache-dir") or None
-    labels = _node_setting(context, "labels") or None
+    cache_dir = node.cache_dir or None
+    labels = node.labels or None
     kwargs: dict = {"labels_csv": labels} if labels else {}
     kwargs["state_dir"] = state_paths(context.node_config).root  # the salt lives in the state folder, not the cache
     kwargs["max_pixels"] = policy_for(dict(context.node_config)).max_pixels  # the site's pixel budget
@@ -185,10 +188,9 @@ def handle_train(msg: Message, context: Context) -> Message:
 
     cfg = RunConfig.of(context.run_config)  # parsed once per message (the policy mod already did)
     server_round = int(msg.content[CONFIG].get(SERVER_ROUND, 0)) if CONFIG in msg.content else 0
-    device = _node_setting(context, "device", "auto")  # the trainer resolves "auto"
-    threads = int(_node_setting(context, "threads", "0") or 0)
-    if threads > 0:  # unset: torch's own default (all cores)
-        torch.set_num_threads(threads)
+    device = _node(context).device  # the trainer resolves "auto"
+    if _node(context).threads > 0:  # unset: torch's own default (all cores)
+        torch.set_num_threads(_node(context).threads)
     t0 = time.perf_counter()
     data = load_site_for(context, cfg)
     model, received, layout = _model_from(msg, cfg, context.run_id)
@@ -255,7 +257,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     from fedrad.client.trainer import evaluate_local
 
     cfg = RunConfig.of(context.run_config)
-    device = _node_setting(context, "device", "auto")
+    device = _node(context).device
     data = load_site_for(context, cfg)
     model, _, _ = _model_from(msg, cfg, context.run_id)
     tcfg = train_config_for(cfg, device, 0, 0)

@@ -1,0 +1,68 @@
+"""The node config: what a site's own `fedrad node` hands its ClientApp (Flower's `--node-config`), typed once.
+
+Every key a site reads is declared here with its type and default, so a handler asks `NodeConfig.of(context
+.node_config).data_dir` instead of spelling the string key again. The values are the site's own (never the
+coordinator's); Flower hands them over as TOML scalars, `fedrad node` writes them as strings, and an empty
+value means "not set". A PACS source's `source-*` keys belong to fedrad.common.sources.pacs.PacsOptions (its
+`to_config` / `from_config`), and pass through here untouched.
+
+pydantic v2 (installed with flwr) checks the types: a bad value is a ValueError that names the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class NodeConfig(BaseModel):
+    """The node-config keys fedrad reads, by kebab-case name (`data_dir` is `data-dir`)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow", alias_generator=_kebab, populate_by_name=True)
+
+    data_dir: str = Field("", description="the site's folder, or a PACS URL (fedrad node --data / --source)")
+    cache_dir: str = Field("", description="decoded-image cache (default <data>/.fedrad-cache)")
+    state_dir: str = Field("", description="what outlives the cache: salt, DP ledger, activity (site_state)")
+    audit_dir: str = Field("", description="refusals.jsonl and outgoing.jsonl (default <state>/audit)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    threads: int = Field(0, ge=0, description="torch threads per message (0: torch's default)")
+    labels: str = Field("", description="a labels CSV for a PNG/JPEG folder")
+    policy: str = Field("", description="the site policy file (empty: the built-in default policy)")
+    consortium_key: str = Field("", description="the consortium public key verifying releases")
+    max_releases: str = Field("", description="the release store's count quota (release_store.ReleaseQuota)")
+    max_release_bytes: str = Field("", description="the release store's size quota (release_store.ReleaseQuota)")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _unset_is_default(cls, value: Any, info) -> Any:
+        """An empty or missing value means "not set": the field's default."""
+        if value is None or value == "":
+            return cls.model_fields[info.field_name].default
+        if isinstance(value, bool):
+            raise ValueError("must be a string or a number, not true/false")
+        return str(value) if cls.model_fields[info.field_name].annotation is str else value
+
+    @classmethod
+    def of(cls, node_config: Mapping[str, Any]) -> NodeConfig:
+        """The typed view of Flower's node-config mapping; a bad value raises ValueError naming the key."""
+        try:
+            return cls.model_validate(dict(node_config))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"node-config '{key}': {err['msg']} (got {err.get('input')!r})") from None
+
+    def to_flower(self) -> dict[str, str]:
+        """The set keys as `fedrad node` hands them to the SuperNode (strings; unset keys left out)."""
+        out = {_kebab(k): str(v) for k, v in self.model_dump().items() if k in type(self).model_fields and v != ""}
+        out.update({k: str(v) for k, v in (self.model_extra or {}).items() if v is not None})
+        return out
+
+
+NODE_CONFIG_KEYS = tuple(_kebab(name) for name in NodeConfig.model_fields)
