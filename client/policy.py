@@ -160,25 +160,10 @@ def default_policy_text() -> str:
     return _default_text()
 
 
-def _line_of(text: str, table: str | None, key: str | None) -> int:
-    """1-based line of `key` in `[table]` (or of the table header); 0 when not found (a default value)."""
-    current = None
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        header = re.match(r"^\[\s*([A-Za-z0-9_.-]+)\s*\]", stripped)
-        if header:
-            current = header.group(1)
-            if key is None and current == table:
-                return number
-            continue
-        if key is not None and current == table and re.match(rf"^{re.escape(key)}\s*=", stripped):
-            return number
-    return 0
-
-
 def _fail(source: str, text: str, table: str | None, key: str | None, message: str) -> PolicyError:
-    line = _line_of(text, table, key) if text else 0
-    return PolicyError(f"{source}:{line}: {message}" if line else f"{source}: {message}")
+    from fedrad.common.toml_lines import at
+
+    return PolicyError(f"{at(source, text, key, table)}: {message}")
 
 
 def _plain_model_name(name: str) -> bool:
@@ -302,14 +287,17 @@ def default_policy() -> SitePolicy:
 
 def load_policy(path: str | os.PathLike[str]) -> SitePolicy:
     """Read and validate a policy file; PolicyError (a ValueError) names the file, line and key."""
+    return parse_policy(_read_policy(path), str(path))
+
+
+def _read_policy(path: str | os.PathLike[str]) -> str:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PolicyError(f"{path}: policy file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(f"{path}: policy file unreadable ({exc})") from None
-    return parse_policy(text, str(path))
 
 
 def policy_for(node_config: dict[str, Any]) -> SitePolicy:
@@ -318,7 +306,21 @@ def policy_for(node_config: dict[str, Any]) -> SitePolicy:
     from fedrad.common.node_config import NodeConfig
 
     path = NodeConfig.of(node_config).policy
-    return load_policy(path) if path else default_policy()
+    if not path:
+        return _cached_default()
+    return _parsed_policy(_read_policy(path), path)
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_default() -> SitePolicy:
+    return default_policy()
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_policy(text: str, source: str) -> SitePolicy:
+    """A policy text parsed once: the mod, the data loader, the DP budget and the monitor of a message (and a
+    warm worker's later messages) share it; an edited file is a new text, parsed again."""
+    return parse_policy(text, source)
 
 
 def check_run(policy: SitePolicy, cfg: RunConfig) -> Refusal | None:

@@ -17,6 +17,7 @@ import tomllib
 from pathlib import Path
 
 from fedrad.client.runtime import _ANSI
+from fedrad.common.toml_lines import key_line
 from fedrad.deploy.processes import (
     _signal_tree,
     app_dir,
@@ -64,12 +65,8 @@ def read_run_config_file(path: Path) -> dict[str, object]:
 
 
 def config_line(text: str, key: str) -> int:
-    """1-based line where `key` is set in a TOML text (0 when it is not)."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if ("=" in line and line.split("=", 1)[0].strip().strip('"') == key) or stripped.strip("[] ") == key:
-            return number
-    return 0
+    """1-based line where top-level `key` is set in a TOML text (0 when it is not)."""
+    return key_line(text, key)
 
 
 def validate_with_lines(overrides: dict[str, object], files: list[Path]) -> None:

@@ -56,3 +56,15 @@ def test_fedprox_term_only_under_fedprox() -> None:
     assert RunConfig(strategy="fedprox", proximal_mu=0.1).fedprox_mu == 0.1
     assert RunConfig(strategy="fedavg", proximal_mu=0.1).fedprox_mu == 0.0
     assert RunConfig(strategy="fedprox", proximal_mu=0.0).fedprox_mu == 0.0
+
+
+def test_the_site_policy_is_parsed_once_per_version(tmp_path) -> None:
+    from fedrad.client.policy import policy_for
+
+    path = tmp_path / "site.toml"
+    path.write_text("[training]\nmax_image_size = 32\n")
+    node = {"policy": str(path)}
+    first = policy_for(node)
+    assert policy_for(dict(node)) is first  # the mod, the loader, the budget and the monitor share it
+    path.write_text("[training]\nmax_image_size = 64\n")  # same size, maybe the same mtime: still re-read
+    assert policy_for(node) is not first and policy_for(node).max_image_size == 64

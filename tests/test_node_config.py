@@ -53,3 +53,16 @@ def test_the_site_state_and_policy_read_it() -> None:
     assert policy_for({"policy": ""}).source == policy_for({}).source  # unset: the built-in policy
     with pytest.raises(ValueError, match="node-config 'threads'"):
         state_paths({"data-dir": "/data", "threads": "x"})
+
+
+def test_one_line_finder_for_every_config_file() -> None:
+    from fedrad.client.policy import PolicyError, parse_policy
+    from fedrad.common.toml_lines import key_line
+    from fedrad.deploy.run_command import config_line
+
+    text = 'a = 1\n"b-c" = 2\n\n[training]\nmax_image_size = "big"\na = 3\n[d]\n'
+    assert (key_line(text, "a"), key_line(text, "b-c"), key_line(text, "a", "training")) == (1, 2, 6)
+    assert (key_line(text, None, "training"), key_line(text, "d"), key_line(text, "zzz")) == (4, 7, 0)
+    assert config_line(text, "b-c") == 2  # `fedrad run -c FILE` and `fedrad node --config` use the same finder
+    with pytest.raises(PolicyError, match=r"site\.toml:5: training\.max_image_size"):
+        parse_policy(text.replace('a = 1\n"b-c" = 2\n', "\n\n").replace("a = 3\n[d]\n", ""), "site.toml")
