@@ -33,7 +33,7 @@ from fedrad.server.screening import (
     screen_stream,
 )
 from fedrad.server.site_names import SiteNames
-from fedrad.server.strategies import MEAN_STRATEGIES
+from fedrad.server.strategies import STRATEGY_SPECS
 
 
 class RoundStop(Exception):
@@ -95,7 +95,7 @@ class PlainRounds:
         self._sampled(len(msgs))
         times.send += time.perf_counter() - t0
         if self.cfg.spill_updates and self.train_strategy is self.strategy and \
-                self.cfg.strategy.lower() in MEAN_STRATEGIES:
+                STRATEGY_SPECS[self.cfg.strategy.lower()].mean:
             kept, report, agg, metrics, answered, t_agg = self._train_streamed(rnd, arrays, msgs, times)
         else:
             replies = exchange(self.grid, msgs, self.cfg.round_timeout, times)

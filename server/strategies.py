@@ -4,7 +4,9 @@ finite aggregate."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -17,30 +19,48 @@ from fedrad.server.screening import ScreenedUpdate, UpdateSpill
 
 log = logging.getLogger("fedrad.server")
 
-# Flower's strategy for each run-config name (common/run_config.STRATEGY_NAMES lists the names and which of
-# them can run on SecAgg+'s masked sum).
-STRATEGIES = {
-    "fedavg": fl.FedAvg,
-    "fedavgm": fl.FedAvgM,
-    "fedprox": fl.FedProx,
-    "fedadam": fl.FedAdam,
-    "fedyogi": fl.FedYogi,
-    "fedmedian": fl.FedMedian,
-    "fedtrimmedavg": fl.FedTrimmedAvg,
-    "krum": fl.Krum,
-    "multikrum": fl.MultiKrum,
+@dataclass(frozen=True)
+class StrategySpec:
+    """One row per run-config strategy name: everything the coordinator needs to know about it.
+
+    `flower`: Flower's class; `knobs`: its constructor arguments from the run config; `mean`: its aggregate is
+    the weighted mean of the updates, then at most a server step (such strategies fold a round's replies one at
+    a time, GuardedAggregation.aggregate_screened); `server_step`: it steps the mean with a server optimiser
+    (BatchNorm's running statistics are then averaged aside, never stepped). Which names can run on SecAgg+'s
+    masked sum is declared with the name in common/run_config.py STRATEGY_NAMES (the site and `fedrad run` read
+    it without importing Flower's strategies); tests/test_server_units.py checks the two tables agree.
+    """
+
+    flower: type
+    knobs: Callable[[RunConfig], dict[str, Any]] = lambda cfg: {}
+    mean: bool = False
+    server_step: bool = False
+
+
+def _server_optimiser(cfg: RunConfig) -> dict[str, Any]:
+    return {"eta": cfg.server_lr if cfg.server_lr != 1.0 else 1e-2, "eta_l": cfg.lr}
+
+
+STRATEGY_SPECS: dict[str, StrategySpec] = {
+    "fedavg": StrategySpec(fl.FedAvg, mean=True),
+    "fedavgm": StrategySpec(fl.FedAvgM, lambda cfg: {"server_learning_rate": cfg.server_lr,
+                                                     "server_momentum": cfg.server_momentum},
+                            mean=True, server_step=True),
+    "fedprox": StrategySpec(fl.FedProx, lambda cfg: {"proximal_mu": cfg.proximal_mu}, mean=True),
+    "fedadam": StrategySpec(fl.FedAdam, _server_optimiser, mean=True, server_step=True),
+    "fedyogi": StrategySpec(fl.FedYogi, _server_optimiser, mean=True, server_step=True),
+    "fedmedian": StrategySpec(fl.FedMedian),
+    "fedtrimmedavg": StrategySpec(fl.FedTrimmedAvg, lambda cfg: {"beta": cfg.trimmed_beta}),
+    "krum": StrategySpec(fl.Krum, lambda cfg: {"num_malicious_nodes": cfg.krum_byzantine}),
+    "multikrum": StrategySpec(fl.MultiKrum, lambda cfg: {"num_malicious_nodes": cfg.krum_byzantine}),
 }
-# The strategies whose aggregate is the weighted mean of the updates (FedAvg's), then at most a server-side
-# step on it: these aggregate a round's replies one at a time (GuardedAggregation.aggregate_screened).
-MEAN_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")
-# Of those, the ones whose aggregate IS the mean (FedProx differs from FedAvg at the sites only).
-_PLAIN_MEAN = (fl.FedAvg, fl.FedProx)
+# Views of the table, by the names the rest of the coordinator uses.
+STRATEGIES = {name: spec.flower for name, spec in STRATEGY_SPECS.items()}
+MEAN_STRATEGIES = tuple(name for name, spec in STRATEGY_SPECS.items() if spec.mean)
 # BatchNorm's running statistics are averaged as they are, never stepped by a server optimizer: FedAvgM's
 # momentum or FedAdam's step extrapolates them like weights, and a variance driven below zero makes the global
 # model NaN (seen with FedAvgM at server-lr 2 on PneumoniaMNIST).
 RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
-# The strategies that take such a server step on the mean (the robust ones aggregate the statistics robustly).
-_SERVER_STEP = (fl.FedAvgM, fl.FedAdam, fl.FedYogi)
 
 
 def is_running_stat(key: str) -> bool:
@@ -74,11 +94,16 @@ class GuardedAggregation:
             log.warning("round %d: %s", server_round, self.last_refusal)
             return None, None
         stats = None
-        if self._flower_base() in _SERVER_STEP and any(is_running_stat(k) for k in self.global_arrays.keys()):
+        if self._spec().server_step and any(is_running_stat(k) for k in self.global_arrays.keys()):
             stats = _running_stats_mean(replies, self.weighted_by_key)  # type: ignore[attr-defined]
         arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         arrays = _with_running_stats(_restore_dtypes(arrays, self.global_arrays), stats, self.global_arrays)
         return self._accept(server_round, arrays, metrics)
+
+    def _spec(self) -> StrategySpec:
+        """This strategy's row of STRATEGY_SPECS (build_strategy sets it; else found by its Flower class)."""
+        spec = getattr(self, "spec", None)
+        return spec if spec is not None else _spec_of(self._flower_base())
 
     def _flower_base(self) -> type:
         """The Flower strategy this one guards."""
@@ -114,7 +139,8 @@ class GuardedAggregation:
         metrics = self.train_metrics_aggr_fn(records, self.weighted_by_key)  # type: ignore[attr-defined]
         total = sum(u.weight for u in updates)
         factors = [u.weight / total for u in updates]
-        plain = self._flower_base() in _PLAIN_MEAN
+        spec = self._spec()
+        plain = spec.mean and not spec.server_step  # its aggregate IS the mean (FedProx differs at the sites only)
         mean: dict[str, Array] = {}
         for key, ref in self.global_arrays.items():
             acc = spill.read(updates[0].path, key) * factors[0]
@@ -176,10 +202,14 @@ def _restore_dtypes(arrays: ArrayRecord | None, reference: ArrayRecord) -> Array
                         for key, ref in reference.items()})
 
 
+def _spec_of(flower_class: type) -> StrategySpec:
+    return next(spec for spec in STRATEGY_SPECS.values() if spec.flower is flower_class)
+
+
 def build_strategy(cfg: RunConfig):
     """Instantiate the run-config's strategy with fedrad's guarded aggregation."""
     name = cfg.strategy.lower()
-    base = STRATEGIES[name]
+    base = STRATEGY_SPECS[name].flower
     kwargs: dict = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
@@ -188,15 +218,6 @@ def build_strategy(cfg: RunConfig):
         min_available_nodes=cfg.min_available_nodes,
         weighted_by_key=AGGREGATION_WEIGHT,  # written by screening (equal weights under dp=client)
     )
-    if name == "fedavgm":
-        kwargs.update(server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum)
-    elif name == "fedprox":
-        kwargs.update(proximal_mu=cfg.proximal_mu)
-    elif name in ("fedadam", "fedyogi"):
-        kwargs.update(eta=cfg.server_lr if cfg.server_lr != 1.0 else 1e-2, eta_l=cfg.lr)
-    elif name == "fedtrimmedavg":
-        kwargs.update(beta=cfg.trimmed_beta)
-    elif name in ("krum", "multikrum"):
-        kwargs.update(num_malicious_nodes=cfg.krum_byzantine)
-    cls = type(f"Guarded{base.__name__}", (GuardedAggregation, base), {})
+    kwargs.update(STRATEGY_SPECS[name].knobs(cfg))
+    cls = type(f"Guarded{base.__name__}", (GuardedAggregation, base), {"spec": STRATEGY_SPECS[name]})
     return cls(**kwargs)
