@@ -1,5 +1,7 @@
 """Label efficiency on PneumoniaMNIST: does federated pretraining across 3 hospitals beat training alone?
 
+Over 500 lines on purpose: one benchmark, data preparation to RESULTS.md row, read and rerun as a whole.
+
 The official train images (labels withheld) are split into 3 non-IID "hospitals" by label skew and written
 as PNG folders with a manifest.csv, exactly as a site would hand them to `fedrad node`. Backbones of the
 same architecture, image size, recipe and optimizer-step budget are compared:

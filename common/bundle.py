@@ -1,5 +1,8 @@
 """Reading a signed foundation-weights bundle: check it, refuse old releases, load the very bytes checked.
 
+Over 500 lines on purpose: one concern (a bundle is read, checked and loaded from the same bytes), whose
+no-verify-then-load-race argument is easiest to audit in one file.
+
 The verifying half of a release, shared by sites (`fedrad verify/finetune/embed`) and the operator (who
 checks each bundle right after signing it); the signing half is `fedrad.server.release`.
 

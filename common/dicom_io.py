@@ -1,5 +1,8 @@
 """Read DICOM headers and decode pixels (radiographs, CT, MR, US, NM, PET) into normalised [0, 1] squares.
 
+Over 500 lines on purpose: one concern (a DICOM file to pixels or one SkipImage reason), and every
+modality's rules meet in the one decode path the pixel budget guards.
+
 Every way a hospital file can be unusable ends in `SkipImage(reason, detail)` with a short stable reason
 code, never another exception type: the scan report, the cache and the site loader count and list these,
 and one bad file must never stop a site from training.

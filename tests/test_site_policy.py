@@ -1,5 +1,7 @@
 """The site's policy and state: the hospital, not the coordinator, decides what runs and what ε it spends.
 
+Over 500 lines on purpose: every policy rule and its file errors beside the real mod that enforces them.
+
 Units for every policy rule and the file's validation; the real ClientApp mod and handler on a real
 synthetic DICOM site (refusals carry only a fixed code, the rule stays in the site's audit); the DP ledger
 across run keys; the state folder surviving a cleared cache; and one real-process consortium whose sites

@@ -98,3 +98,23 @@ def test_a_new_strategy_is_one_name_and_one_spec_row(toy_strategy: str) -> None:
     agg, _ = strategy.aggregate_train(1, kept)
     assert agg is not None, (len(kept), strategy.last_refusal, report)
     np.testing.assert_allclose(agg["w"].numpy(), np.full(3, (1 * 10 + 4 * 30) / 40, np.float32), rtol=1e-6)
+
+
+# client/runtime.py is being changed by issue 26 (the DDP poll loop) and is split or given its reason there.
+LONG_PENDING = {"client/runtime.py"}
+
+
+def test_no_file_over_500_lines_without_its_reason() -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    long = []
+    for folder in ("common", "client", "server", "deploy", "benchmarks", "tests"):
+        for path in sorted((root / folder).rglob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            rel = path.relative_to(root).as_posix()
+            if text.count("\n") > 500 and rel not in LONG_PENDING:
+                if "Over 500 lines" not in (ast.get_docstring(ast.parse(text)) or ""):
+                    long.append(rel)
+    assert not long, f"over 500 lines with no reason in the module docstring: {long}"
