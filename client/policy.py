@@ -307,13 +307,8 @@ def policy_for(node_config: dict[str, Any]) -> SitePolicy:
 
     path = NodeConfig.of(node_config).policy
     if not path:
-        return _cached_default()
+        return default_policy()  # parsed once per process (functools.cache)
     return _parsed_policy(_read_policy(path), path)
-
-
-@functools.lru_cache(maxsize=1)
-def _cached_default() -> SitePolicy:
-    return default_policy()
 
 
 @functools.lru_cache(maxsize=4)

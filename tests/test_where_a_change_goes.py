@@ -27,13 +27,16 @@ class ToyMean(fl.FedAvg):
 
 @pytest.fixture
 def toy_objective(monkeypatch):
+    import fedrad.client.policy as policy
     import fedrad.common.losses as losses
 
     # "+ one line in REGISTRY (common/losses/__init__.py)"; OBJECTIVES is derived from it there.
     registry = {**losses.REGISTRY, ToySiam.name: ToySiam}
     monkeypatch.setattr(losses, "REGISTRY", registry)
     monkeypatch.setattr(losses, "OBJECTIVES", tuple(registry))
-    return ToySiam.name
+    policy.default_policy.cache_clear()  # built from OBJECTIVES once per process, as at a site's start
+    yield ToySiam.name
+    policy.default_policy.cache_clear()
 
 
 @pytest.fixture
