@@ -5,7 +5,9 @@ the SuperLink brings no message, and no option changes it. Right after a site pu
 round's message is not there yet, so every round waited up to 3 s more at every site before it was even
 received. The runtime (client/runtime.py) owns this process and starts it through here: the same Flower
 entry point, with that loop's sleeps capped at IDLE_POLL_SECONDS (one small PullMessages call per site per
-interval; nothing else in Flower changes). The module's `time` is replaced, not the global one.
+interval). The module's `time` is replaced, not the global one. Its object puller (`pull_objects`, which
+backs off 1, 2, 4 s when the message's arrays are not uploaded yet) gets the runtime's loopback-sized
+backoff (client/runtime.py PULL_BACKOFF). Nothing else in Flower changes.
 """
 
 from __future__ import annotations
@@ -30,9 +32,15 @@ def patch_supernode_loop(cap: float = IDLE_POLL_SECONDS) -> bool:
 
     if version("flwr") != FLWR_VERSION:
         return False
+    import functools
+
     import flwr.supernode.start_client_internal as loop
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects
+
+    from fedrad.client.runtime import PULL_BACKOFF
 
     loop.time = capped_time(cap)
+    loop.pull_objects = functools.partial(pull_objects, initial_backoff=PULL_BACKOFF[0], backoff_cap=PULL_BACKOFF[1])
     return True
 
 
