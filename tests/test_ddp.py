@@ -35,10 +35,10 @@ def _cfg(objective: str = "simclr", **kw) -> TrainConfig:
     return TrainConfig(**{"objective": objective, "steps": 3, "batch_size": 12, "device": "cpu", "seed": 0, **kw})
 
 
-@pytest.mark.parametrize("objective", ["simclr", "byol"])
-def test_two_gloo_ranks_equal_one_process(objective: str) -> None:
+def test_two_gloo_ranks_equal_one_process(objective: str = "simclr") -> None:
     """Same init, data, seeds and global batch: losses and trained weights match the single-process run
-    (GroupNorm model: exact on CPU; byol covers a head that runs on the gathered projections)."""
+    (GroupNorm model: exact on CPU; NT-Xent needs every rank's negatives). Passing objective="byol" checks a
+    head that runs on the gathered projections too (passes; left out of CI for time: each spawn ~10-25 s)."""
     data = make_fake_site(n=40, size=32)
     torch.manual_seed(0)
     one = build_model("test_resnet", objective, 32, proj_dim=16, norm="group")
@@ -46,8 +46,8 @@ def test_two_gloo_ranks_equal_one_process(objective: str) -> None:
     start = {k: v.clone() for k, v in one.state_dict().items()}
     # SGD: the update is the gradient itself (Adam's 1/sqrt(v) would amplify float reduction-order noise on
     # near-zero gradients up to a fraction of lr, hiding what is compared)
-    # One step: the update of one global batch (over more steps BYOL's zero-initialised predictor amplifies
-    # float reduction-order differences of ~1e-7 to ~1e-2 relative; simclr stays within 1e-4 over 3 steps).
+    # One step: the update of one global batch (over more steps BYOL's predictor amplifies float
+    # reduction-order differences of ~1e-7 to ~1e-2 relative; simclr stays within 1e-4 over 3 steps).
     cfg = _cfg(objective, optimizer="sgd", lr=0.05, steps=1)
     single = train_local(one, data, cfg, progress=False)
     multi = train_distributed(two, data, cfg, procs=2)
