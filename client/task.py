@@ -197,7 +197,16 @@ def handle_train(msg: Message, context: Context) -> Message:
     start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     proximal = (cfg.fedprox_mu, start_state) if cfg.fedprox_mu > 0 else None
     tcfg = train_config_for(cfg, device, server_round, context.node_id % 100_000, round_lr_for(msg, cfg, server_round))
+    procs = int(_node_setting(context, "ddp-procs", "1") or 1)
     dp = None
+    if cfg.dp == "sample" and procs > 1:  # opacus's per-image clipping and the accountant run in one process
+        from fedrad.client.policy_mod import refuse
+        from fedrad.client.site_state import state_paths
+        from fedrad.common.protocol import ErrorCode
+
+        return refuse(msg, state_paths(context.node_config), "ddp_procs",
+                      f"dp = sample trains in one process; this node runs --ddp-procs {procs}",
+                      ErrorCode.POLICY_REFUSED)
     if cfg.dp == "sample":
         from fedrad.client.policy_mod import refuse
         from fedrad.client.site_state import state_paths
@@ -214,7 +223,12 @@ def handle_train(msg: Message, context: Context) -> Message:
     scores = _held_out_scores(model, data, cfg, device) if cfg.eval_in_train else {}
     if cfg.eval_in_train:  # the representation monitor of the received weights, also before training
         scores.update(site_monitor(model, data, cfg, context.node_config, device, server_round))
-    result = train_local(model, data, tcfg, progress=False, proximal=proximal, dp=dp)
+    if procs > 1:  # several devices: rank 0's weights come back into `model`; still one reply (one SecAgg+ share)
+        from fedrad.client.ddp import train_distributed
+
+        result = train_distributed(model, data, tcfg, procs, proximal=proximal)
+    else:
+        result = train_local(model, data, tcfg, progress=False, proximal=proximal, dp=dp)
     model.to("cpu")
     seconds = time.perf_counter() - t0
     report = SiteReport(

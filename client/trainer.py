@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from fedrad.client.ddp import RankContext
     from fedrad.client.sample_dp import SampleDP
     from fedrad.client.site_data import SiteData
     from fedrad.common.losses import Batch
@@ -321,7 +322,7 @@ def _generators(seed: int, device: torch.device):
 
 def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bool = True,
                 proximal: tuple[float, dict[str, torch.Tensor]] | None = None,
-                dp: SampleDP | None = None) -> TrainResult:
+                dp: SampleDP | None = None, dist_ctx: RankContext | None = None) -> TrainResult:
     """Run `cfg.steps` optimizer steps of `cfg.objective` on the site's training split; per-step losses.
 
     A fresh optimizer every call (each federated round starts from the aggregated weights). Seeded: the same
@@ -329,6 +330,8 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
     mu/2 ||w - w_start||^2 on the parameters (as a gradient term; the reported loss is the objective's).
     `dp` trains with opacus DP-SGD instead (per-image clipping and noise, Poisson-sampled batches, secret
     randomness, so not seeded); the result carries the accounting history and ε.
+    `dist_ctx`: this call is one rank of fedrad.client.ddp.train_distributed (the global batch's forward is
+    split over the ranks and the gradients averaged).
     """
     import contextlib
     import dataclasses
@@ -341,6 +344,8 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
     if dp is not None:
         if proximal is not None:
             raise ValueError("sample-level DP does not combine with FedProx's proximal term")
+        if dist_ctx is not None:
+            raise ValueError("sample-level DP trains in one process (one accountant): use one device")
         # bf16 per-sample gradients and channels_last buy little here and complicate opacus's hooks.
         cfg = dataclasses.replace(cfg, amp="off", channels_last=False)
     st = _setup(model, data, cfg)
@@ -370,6 +375,7 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
         opt = dp_run.optimizer
     else:
         st.objective.start(model)
+    loss_model = dist_ctx.wrap(model) if dist_ctx is not None else model
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     prox = None
@@ -392,11 +398,13 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
             if dp_run is None:
                 batch, b = _views(st, data, sampler, g_aug, n_views)
                 with autocast:
-                    loss = st.objective.batch_loss(model, batch)
+                    loss = st.objective.batch_loss(loss_model, batch)
             else:
                 loss, b = _dp_loss(st, data, dp_run.draw(train_idx), dp_run, g_aug)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if dist_ctx is not None:
+                dist_ctx.sync_grads(params)
             if prox is not None:
                 with torch.no_grad():
                     for p, p0 in zip(params, prox[1], strict=True):

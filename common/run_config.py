@@ -82,6 +82,9 @@ class RunConfig(Recipe):
     # Run directory (checkpoints, metrics.jsonl, plots); empty: runs/<timestamp> under the cwd.
     run_dir: str = ""
     resume: bool = False
+    # Checkpoints kept in the run directory: the newest K rounds (the latest, which resume reads, always among
+    # them); 0 keeps every round's (a weeks-long run writes one model per round).
+    keep_checkpoints: int = 5
     # Privacy (see docs/PRIVACY.md).
     secagg: bool = False
     secagg_shares: int = 3

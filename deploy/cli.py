@@ -153,6 +153,9 @@ def _add_federation(sub) -> None:
     p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
     _add_source(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--ddp-procs", type=int, default=1, metavar="N",
+                   help="split each local round over N processes with torch.distributed (one per GPU with --device "
+                   "cuda: NCCL; gloo on CPU); the site still sends one reply (default 1: one process)")
     p.add_argument("--port", type=int, default=9094, help="local Runtime API port on 127.0.0.1 (unique per node)")
     p.add_argument("--labels", default=None, help="optional CSV of labels to keep site-local (default: none)")
     p.add_argument("--certs", default=None,

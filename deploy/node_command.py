@@ -109,7 +109,10 @@ def cmd_node(args) -> int:
               f"this machine; images and headers stay here.", flush=True)
     from fedrad.client.site_state import node_state_config
 
-    node_config = {"data-dir": str(data), "cache-dir": cache, "device": args.device,
+    procs = int(getattr(args, "ddp_procs", 1) or 1)
+    if procs < 1:
+        raise ValueError(f"--ddp-procs {procs}: give 1 or more processes")
+    node_config = {"data-dir": str(data), "cache-dir": cache, "device": args.device, "ddp-procs": str(procs),
                    "labels": args.labels, "policy": str(Path(args.policy).resolve()) if args.policy else None,
                    **node_state_config(args.state_dir, data, cache, getattr(args, "audit_dir", None)),
                    **source_config}

@@ -65,7 +65,9 @@ def _restore_state(strategy, tensors: dict[str, np.ndarray], kinds: dict[str, st
         setattr(strategy, attr, value)
 
 
-def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, strategy, info: dict) -> Path:
+def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, strategy, info: dict,
+                    keep: int = 0) -> Path:
+    """Write round `server_round`'s checkpoint atomically, then keep only the newest `keep` (0: all)."""
     from safetensors.numpy import save_file
 
     tensors = {f"model/{k}": np.array(v.numpy(), order="C", copy=True) for k, v in arrays.items()}
@@ -74,7 +76,20 @@ def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, strat
     header = {"server_round": server_round, "strategy_kinds": kinds, "info": info}
     path = Path(run_dir) / "checkpoints" / f"round-{server_round:04d}.safetensors"
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"fedrad": json.dumps(header)}))
+    if keep > 0:
+        prune_checkpoints(run_dir, keep)
     return path
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (by round number; the latest is always kept, and
+    only after the new one is renamed into place, so a crash never leaves no checkpoint). The removed paths."""
+    folder = Path(run_dir) / "checkpoints"
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.search(p.name)))
+    removed = [p for _, p in found[: max(0, len(found) - max(1, keep))]]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -105,3 +105,30 @@ def arriving_replies(grid: Grid, messages: Iterable[Message], timeout: float, ti
             time.sleep(min(interval, max(0.0, end - time.monotonic())))
     finally:
         times.wait += time.perf_counter() - t1
+
+
+class PromptGrid:
+    """The Grid as a Flower workflow that calls `send_and_receive` itself sees it (the SecAgg+ workflow: four
+    exchanges per round, each paying Flower's fixed 3 s poll): the same push-then-pull, Flower's semantics
+    (timeout None waits for every reply; replies only, no packing), pulled every REPLY_POLL_SECONDS."""
+
+    def __init__(self, grid: Grid, interval: float = REPLY_POLL_SECONDS) -> None:
+        self._grid, self._interval = grid, interval
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        short_reply_backoff()
+        pending = {mid for mid in self._grid.push_messages(messages) if mid}
+        end = None if timeout is None else time.monotonic() + timeout
+        got: list[Message] = []
+        while pending:
+            replies = list(self._grid.pull_messages(pending))
+            got.extend(replies)
+            pending.difference_update(m.metadata.reply_to_message_id for m in replies)
+            if not pending or (end is not None and time.monotonic() >= end):
+                break
+            time.sleep(self._interval if end is None else min(self._interval, max(0.0, end - time.monotonic())))
+        return got
+
+    def __getattr__(self, name: str):  # everything else is the Grid's own
+        return getattr(self._grid, name)
+

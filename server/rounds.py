@@ -43,7 +43,14 @@ from fedrad.server.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from fedrad.server.exchange import RoundTimes, exchange
 from fedrad.server.privacy import privacy_summary
 from fedrad.server.round_modes import RoundStop, TrainOutcome, round_mode, screening_rules
-from fedrad.server.run_log import append_metrics, plot_run, read_metrics, site_labels, truncate_metrics
+from fedrad.server.run_log import (
+    append_metrics,
+    follow_metrics,
+    plot_run,
+    read_metrics,
+    site_labels,
+    truncate_metrics,
+)
 from fedrad.server.screening import screen_replies
 from fedrad.server.site_names import SiteNames
 from fedrad.server.strategies import build_strategy
@@ -187,6 +194,7 @@ def _round_loop(state: RunState, mode, arrays: ArrayRecord, start_round: int) ->
     """The one skeleton of every mode: check -> train (configure, send/receive, screen, aggregate) ->
     evaluate -> record -> checkpoint."""
     cfg = state.cfg
+    follow_metrics(state.run_dir)  # each round parses only its new metrics lines, not the whole file again
     for rnd in range(start_round, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
         times = RoundTimes()
@@ -212,7 +220,7 @@ def _round_loop(state: RunState, mode, arrays: ArrayRecord, start_round: int) ->
         plot_run(state.run_dir, pending=entry)
         info = {"array_order": state.array_order, "time": time.time(), "run_key": state.run_key,
                 **mode.checkpoint_info()}
-        save_checkpoint(state.run_dir, rnd, arrays, state.strategy, info)
+        save_checkpoint(state.run_dir, rnd, arrays, state.strategy, info, keep=cfg.keep_checkpoints)
         times.checkpoint = time.perf_counter() - t_ckpt
         entry.update(_time_fields(times, time.perf_counter() - t0))
         append_metrics(state.run_dir, entry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +23,46 @@ def append_metrics(run_dir: Path, entry: dict[str, Any]) -> None:
         fh.flush()
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+# The coordinator's own run (follow_metrics): path -> (inode, bytes parsed, rows), so each round parses only
+# the lines appended since its last read instead of the whole file (a weeks-long run has 10^4+ lines).
+_FOLLOWED: dict[Path, tuple[int, int, list[dict[str, Any]]]] = {}
+
+
+def follow_metrics(run_dir: Path) -> None:
+    """From now on read_metrics(run_dir) in this process parses only what was appended since its last call
+    (a replaced or truncated file, e.g. by truncate_metrics, is read again from the start)."""
+    _FOLLOWED[Path(run_dir) / "metrics.jsonl"] = (-1, 0, [])
+
+
+def _parse(lines: list[str], rows: list[dict[str, Any]]) -> None:
+    for line in lines:
         line = line.strip()
         if line:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # a line cut by a crash; the round is redone on resume
-    return rows
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    if path not in _FOLLOWED:
+        rows: list[dict[str, Any]] = []
+        _parse(path.read_text(encoding="utf-8").splitlines(), rows)
+        return rows
+    inode, offset, rows = _FOLLOWED[path]
+    with open(path, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if st.st_ino != inode or st.st_size < offset:
+            offset, rows = 0, []
+        fh.seek(offset)
+        chunk = fh.read()
+    whole = chunk.rfind(b"\n") + 1  # a line still being written is parsed once it is complete
+    _parse(chunk[:whole].decode("utf-8").splitlines(), rows)
+    _FOLLOWED[path] = (st.st_ino, offset + whole, rows)
+    return list(rows)
 
 
 def truncate_metrics(run_dir: Path, last_round: int) -> None:

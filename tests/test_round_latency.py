@@ -109,3 +109,21 @@ def test_time_fields_overhead_is_round_minus_slowest_site():
     assert fields["time_overhead"] == 1.5 and fields["round_seconds"] == 6.0
     assert set(fields) == {"time_send", "time_wait", "time_site_compute_max", "time_aggregate", "time_train",
                            "time_checkpoint", "round_seconds", "time_overhead"}
+
+
+def test_secagg_workflows_grid_pulls_at_the_short_interval_with_flowers_semantics():
+    """The Grid handed to Flower's SecAgg+ workflow (server/secagg.py): its send_and_receive polls every
+    REPLY_POLL_SECONDS (several pulls before a reply 1 s late, Flower's loop would pull twice), waits for every
+    reply with timeout None, and stops at a timeout."""
+    from fedrad.server.exchange import PromptGrid
+
+    grid = _RecordingGrid([11, 12], delay=1.0)
+    prompt = PromptGrid(grid)
+    assert prompt.get_node_ids() == [11, 12]
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (11, 12)]
+    replies = prompt.send_and_receive(msgs, timeout=None)
+    assert sorted(r.metadata.src_node_id for r in replies) == [11, 12]
+    assert grid.pulls >= 3
+    silent = _RecordingGrid([11], delay=None)
+    assert PromptGrid(silent).send_and_receive([Message(RecordDict(), dst_node_id=11, message_type="train")],
+                                               timeout=0.5) == []
