@@ -197,7 +197,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     proximal = (cfg.fedprox_mu, start_state) if cfg.fedprox_mu > 0 else None
     tcfg = train_config_for(cfg, device, server_round, context.node_id % 100_000, round_lr_for(msg, cfg, server_round))
-    procs = int(_node_setting(context, "ddp-procs", "1") or 1)
+    procs = _node(context).ddp_procs
     dp = None
     if cfg.dp == "sample" and procs > 1:  # opacus's per-image clipping and the accountant run in one process
         from fedrad.client.policy_mod import refuse
