@@ -55,7 +55,8 @@ __all__ = ["DecodedCache", "dicom_entry", "default_workers", "file_fingerprint"]
 
 FORMAT_VERSION = 4  # 4: SQLite index, append-only chunks; 3: multi-frame objects (an entry per frame);
 # 2: keyed by content; 1: by absolute path
-BATCH = 1024  # items decoded per committed chunk: what a kill can cost, and the decode memory bound
+# items decoded per committed chunk (what a kill can cost; FEDRAD_INGEST_BATCH overrides it for tests)
+BATCH = int(os.environ.get("FEDRAD_INGEST_BATCH") or 1024)
 INLINE_DECODE_MAX = 2000  # a round decodes pending images itself only up to this many (else `fedrad ingest`)
 
 HASH_BLOCK = 1 << 20
