@@ -106,7 +106,7 @@ def _takes_budget(decoder: Decoder) -> bool:
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS info(k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries(key TEXT PRIMARY KEY, e TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS files(path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime INTEGER NOT NULL,
+CREATE TABLE IF NOT EXISTS files(path BLOB PRIMARY KEY, size INTEGER NOT NULL, mtime INTEGER NOT NULL,
                                  fp TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks(name TEXT PRIMARY KEY, rows INTEGER NOT NULL);
 """
@@ -224,7 +224,7 @@ class DecodedCache:
         path = os.path.abspath(item.locator)
         try:
             st = os.stat(path)
-            row = self._db.execute("SELECT size, mtime, fp FROM files WHERE path = ?", (path,)).fetchone()
+            row = self._db.execute("SELECT size, mtime, fp FROM files WHERE path = ?", (os.fsencode(path),)).fetchone()
             if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
                 return row[2]
             fp = file_fingerprint(path)
@@ -311,7 +311,7 @@ class DecodedCache:
         if self._memo:
             with self._tx() as db:
                 db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
-                               [(p, *v) for p, v in self._memo.items()])
+                               [(os.fsencode(p), *v) for p, v in self._memo.items()])
             self._memo = {}
 
     def _load(self, items: Sequence[Item], progress: bool, accept: Callable | None = None,
@@ -401,7 +401,7 @@ class DecodedCache:
         path = os.path.abspath(locator)
         memo = self._memo.get(path)
         if memo is None:
-            row = self._db.execute("SELECT size, mtime, fp FROM files WHERE path = ?", (path,)).fetchone()
+            row = self._db.execute("SELECT size, mtime, fp FROM files WHERE path = ?", (os.fsencode(path),)).fetchone()
             memo = tuple(row) if row else None
         try:
             st = os.stat(path)
@@ -444,7 +444,7 @@ class DecodedCache:
                 db.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?)",
                                [(k, json.dumps(e, separators=(",", ":"))) for k, e in batch.entries])
                 db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
-                               [(p, *v) for p, v in self._memo.items()])
+                               [(os.fsencode(p), *v) for p, v in self._memo.items()])
             self._memo = {}
         self.stats["decoded"] += batch.items
 

@@ -128,3 +128,38 @@ def test_a_full_disk_fails_clearly_and_leaves_the_store_consistent(tmp_path, mon
     c = DecodedCache(tmp_path / "c", 16, workers=0)
     imgs, kept, _ = c.load(paths, progress=False)
     assert kept == [0, 1, 2, 3, 4] and c.stats["decoded"] == 1  # the batch committed before the failure is kept
+
+
+def _without_volatile(report: dict) -> dict:
+    drop = {"seconds", "decodes_reused", "files_per_second", "images_per_second"}
+    return {k: v for k, v in report.items() if k not in drop and "second" not in k}
+
+
+def test_a_second_scan_of_an_unchanged_folder_decodes_nothing(tmp_path, monkeypatch):
+    from dicom_fixtures import make_corrupt_files
+
+    from fedrad.client.scan import scan_folder
+
+    monkeypatch.setenv("FEDRAD_DECODE_WORKERS", "0")
+    data = tmp_path / "d"
+    _files(data, 4)
+    make_corrupt_files(data / "bad")
+    first = scan_folder(data, progress=False, cache_dir=tmp_path / "c")
+    assert first["decodes_reused"] == 0
+    decoded = []
+    from fedrad.common.sources import dicom_folder
+
+    real = dicom_folder.DicomFolderReader.entry
+
+    def counting(locator, size, salt, max_pixels=1 << 26):
+        decoded.append(locator)
+        return real(locator, size, salt, max_pixels)
+
+    monkeypatch.setattr(dicom_folder.DicomFolderReader, "entry", staticmethod(counting))
+    second = scan_folder(data, progress=False, cache_dir=tmp_path / "c")
+    assert decoded == [] and second["decodes_reused"] == first["candidates"]
+    assert _without_volatile(second) == _without_volatile(first)
+    small_dicom(data / "img000.dcm", rows=30, cols=30)  # a changed file is decoded again, alone
+    os.utime(data / "img000.dcm", ns=(1, 10**18))
+    third = scan_folder(data, progress=False, cache_dir=tmp_path / "c")
+    assert decoded == [str(data / "img000.dcm")] and third["decodes_reused"] == first["candidates"] - 1
