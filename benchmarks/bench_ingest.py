@@ -101,7 +101,8 @@ def _child(phase: str, data: str, cache: str, state: str) -> None:
         site = load_site(data, SIZE, cache_dir=cache, state_dir=state, progress=False, max_decode=INLINE_DECODE_MAX)
         assert site.pending == 0
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0}))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "rss_mb": peak - rss0, "peak_mb": peak}))
 
 
 def child(phase: str, data: Path, cache: Path, state: Path) -> dict:
@@ -145,8 +146,9 @@ def run(n: int, compressed: bool, workers: int, tmp: Path) -> str:
     print(f"{kind}: wrote {n} in {written:.0f} s; bare {bare:.0f}/s, ingest {ingest:.0f}/s ({ingest / bare:.2f}x); "
           f"append 1 {append_s:.3f} s, ingest pass +1 {pass_s:.2f} s; index check {index}; node start {start}")
     return (f"| {today()} | {n} | {kind} | {workers} | {bare:.0f} | {ingest:.0f} | {ingest / bare:.2f}x | "
-            f"{append_s:.3f} | {pass_s:.2f} | {index['rss_mb']:.0f} MB / {index['seconds']:.1f} s | "
-            f"{start['seconds']:.1f} s / {start['rss_mb']:.0f} MB | {machine()} |")
+            f"{append_s:.3f} | {pass_s:.2f} | +{index['rss_mb']:.0f} MB (peak {index['peak_mb']:.0f}) / "
+            f"{index['seconds']:.1f} s | {start['seconds']:.1f} s / +{start['rss_mb']:.0f} MB (peak "
+            f"{start['peak_mb']:.0f}) | {machine()} |")
 
 
 def main() -> int:
@@ -161,11 +163,11 @@ def main() -> int:
     args = ap.parse_args()
     header = ("| date | N | files | processes | bare pydicom img/s | ingest img/s | ratio (goal >= 0.8) | "
               "append 1 file s | ingest pass +1 file s | index check: RSS growth / time (goal <= 100 MB) | "
-              "node load_site: time (goal <= 10 s) / RSS growth | machine |")
+              "node load_site: time (goal <= 10 s) / RSS growth | machine | load |")
     for kind in args.kinds.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             row = run(args.n, kind == "j2k", args.workers, Path(tmp))
-        append_result("Ingest at scale (issue 26)", header, row[:-1] + (f" {args.note} |" if args.note else "|"))
+        append_result("Ingest at scale (issue 26)", header, row + f" {args.note or 'not recorded'} |")
     return 0
 
 
