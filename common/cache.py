@@ -151,6 +151,7 @@ class DecodedCache:
         self.index_path = self.dir / "index.sqlite"
         self._key_of: dict[str, str] = {}  # item id / locator of the last load -> fingerprint
         self._memo: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, fp) hashed, not yet stored
+        self._loaded: dict[str, dict] = {}  # entries read while planning the last load (one query per item)
         self.pending = 0  # items of the last load left for `fedrad ingest` (see load_frames' max_decode)
         self.stats: dict[str, float] = {"decoded": 0, "reused": 0, "hashed": 0, "changed": 0, "seconds": 0.0}
         self._db = self._open()
@@ -187,6 +188,9 @@ class DecodedCache:
         db.execute("COMMIT")
 
     def _get(self, key: str) -> dict | None:
+        e = self._loaded.get(key)
+        if e is not None:
+            return e
         row = self._db.execute("SELECT e FROM entries WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else None
 
@@ -287,6 +291,7 @@ class DecodedCache:
         """Decode every item not stored yet, in committed batches (resumable); no images are gathered."""
         t0 = time.perf_counter()
         fps, todo = self._plan(items)
+        self._loaded = {}  # nothing is gathered: keep memory to the slice being decoded
         if todo:
             self._decode_batches(todo, fps, items, progress)
         self._flush_memo()
@@ -298,6 +303,7 @@ class DecodedCache:
     def _plan(self, items: Sequence[Item]) -> tuple[list[str | None], list[tuple[int, str]]]:
         """(fingerprint per item, the (index, locator) of each distinct content not decoded yet)."""
         self._memo = {}
+        self._loaded = {}
         fps = [self._fingerprint(it) for it in items]
         todo: list[tuple[int, str]] = []
         queued: set[str] = set()
@@ -374,7 +380,12 @@ class DecodedCache:
         e = self._get(fp)
         if not self._fresh(e):
             return False
-        return not e.get("frames") or all(self._get(frame_key(fp, k)) is not None for k in range(int(e["frames"])))
+        frames = {k: self._get(frame_key(fp, k)) for k in range(int(e.get("frames") or 0))}
+        if any(f is None for f in frames.values()):
+            return False
+        self._loaded[fp] = e  # read once: the gather and meta() below use it
+        self._loaded.update((frame_key(fp, k), f) for k, f in frames.items())
+        return True
 
     def _decode_batches(self, todo: list[tuple[int, str]], fps: list[str | None], items: Sequence[Item],
                         progress: bool) -> None:
