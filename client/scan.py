@@ -22,7 +22,8 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-from fedrad.client.site_data import is_writable_dir
+from fedrad.client.scan_memo import ScanMemo, stat_key
+from fedrad.client.site_data import default_cache_dir, is_writable_dir
 from fedrad.common.atomic import atomic_write_bytes
 from fedrad.common.data_rules import DataRules
 from fedrad.common.header_signals import UNKNOWN, age_bucket, contrast_label, patient_key, plane_label
@@ -73,6 +74,20 @@ def _scan_one(entry, check, decode: bool, salt: bytes, max_pixels: int, locator:
     d["sop_key"] = patient_key(None, sop, salt) if sop else ""  # copies of one instance are one slice
     d.pop("series_description", None)
     d["ok"] = True
+    return d
+
+
+def _scan_item(entry, check, decode: bool, salt: bytes, max_pixels: int, item: tuple[str, dict | None]) -> dict:
+    """`_scan_one`, or for a file whose decode outcome a previous scan proved (scan_memo): its header only, or
+    nothing at all when it is known to be unusable."""
+    locator, known = item
+    if known is None:
+        return _scan_one(entry, check, decode, salt, max_pixels, locator)
+    if not known.get("ok"):
+        return dict(known)
+    d = _scan_one(entry, check, False, salt, max_pixels, locator)
+    if d["ok"]:
+        d.update({k: v for k, v in known.items() if k != "ok"})
     return d
 
 
@@ -168,9 +183,18 @@ def scan_folder(path: str | os.PathLike[str], decode: bool = True, progress: boo
         report["store"] = display_name(str(root))
         report["pull"] = reader.pull.as_dict()
     items = listing.items
-    work = partial(_scan_one, reader.entry, reader.check, decode, salt, max_pixels)
-    results = list(map_isolated(work, [it.locator for it in items], _crashed, progress=progress,
-                                desc="decoding" if decode else "reading headers"))
+    memo = ScanMemo(Path(cache_dir) if cache_dir else default_cache_dir(root), max_pixels,
+                    type(reader).__name__) if decode and not pacs else None
+    stats = [stat_key(it.locator) for it in items] if memo else [None] * len(items)
+    known = [memo.known(it.locator, st) for it, st in zip(items, stats, strict=True)] if memo else stats
+    report["decodes_reused"] = sum(k is not None for k in known)
+    work = partial(_scan_item, reader.entry, reader.check, decode, salt, max_pixels)
+    results = list(map_isolated(work, [(it.locator, k) for it, k in zip(items, known, strict=True)], _crashed,
+                                progress=progress, desc="decoding" if decode else "reading headers"))
+    if memo is not None:
+        memo.remember([(it.locator, st, r) for it, st, r, k in zip(items, stats, results, known, strict=True)
+                       if k is None])
+        memo.close()
     rules = rules or DataRules()
     for r in results:  # read fine, but the site policy keeps it out (modality, burned-in annotation)
         refused = rules.refuse(r) if r["ok"] and layout.kind == "dicom" else None

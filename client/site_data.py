@@ -68,6 +68,8 @@ class SiteData:
     # series' scale, and per CT image the bit mask of window presets a batch may show it with (0: not CT)
     affine: np.ndarray | None = None
     ct_mask: np.ndarray | None = None
+    # images found but not decoded yet (left to `fedrad ingest`, see load_site's max_decode)
+    pending: int = 0
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -214,7 +216,8 @@ def _dicom_labels(root: Path, labels_csv: Path, paths: list[str], sops: list[str
 def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str | os.PathLike[str] | None = None,
               progress: bool = True, labels_csv: str | os.PathLike[str] | None = None,
               state_dir: str | os.PathLike[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-              source_options: PacsOptions | None = None, rules: DataRules | None = None) -> SiteData:
+              source_options: PacsOptions | None = None, rules: DataRules | None = None,
+              max_decode: int | None = None) -> SiteData:
     """Load a site folder (DICOM tree or PNG/JPEG + manifest) through the decoded-image cache.
 
     `labels_csv` (DICOM only) overrides the auto-detected `<data>/labels.csv`; unlabelled images get ''.
@@ -226,6 +229,8 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
     `rules` (the site policy's [data] rules, default DataRules()): DICOM images of a modality it excludes or
     with burned-in annotation are skipped with that reason; a frame of a multi-frame object is an image; CT/MR
     slices are grouped into series (series_ids, slice_pos) for the trainer's per-series sampling.
+    `max_decode` (DICOM): when more files than this are not decoded yet, none is decoded here; the site uses
+    what is stored and `SiteData.pending` counts the rest (a round never decodes a hospital's archive).
     Raises FileNotFoundError if the folder does not exist (the CLI turns that into exit code 2).
     """
     opened = open_location(data_dir, max_pixels, cache_dir, source_options)
@@ -238,7 +243,7 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
     listing = reader.list_items()
     rules = rules or DataRules()
     images, kept_items, skipped = cache.load_frames(listing.items, progress=progress,  # a frame is an image
-                                                    accept=rules.refuse)
+                                                    accept=rules.refuse, max_decode=max_decode)
     metas = [cache.meta(it.item_id) for it in kept_items]
     series_ids, slice_pos, _series = series_arrays(metas)
     affine, ct_mask = _intensity(metas, series_ids)
@@ -262,7 +267,7 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
     reasons.update(p.reason for p in listing.skipped)
     return SiteData(images=images, paths=kept_paths, patient_keys=keys, labels=labels,
                     skipped=reasons, image_size=image_size, series_ids=series_ids, slice_pos=slice_pos, rules=rules,
-                    affine=affine, ct_mask=ct_mask)
+                    affine=affine, ct_mask=ct_mask, pending=cache.pending)
 
 
 def _intensity(metas: list[dict], series_ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:

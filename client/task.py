@@ -62,6 +62,10 @@ def load_site_for(context: Context, cfg: RunConfig):
     kwargs["state_dir"] = state_paths(context.node_config).root  # the salt lives in the state folder, not the cache
     kwargs["max_pixels"] = policy_for(dict(context.node_config)).max_pixels  # the site's pixel budget
     kwargs["rules"] = policy_for(dict(context.node_config)).data_rules  # modalities, burned-in, series sampling
+    from fedrad.common.cache import INLINE_DECODE_MAX
+
+    # a round decodes new files itself only when they are few; more wait for `fedrad ingest` (issue 26)
+    kwargs["max_decode"] = int(_node_setting(context, "inline-decode-max", str(INLINE_DECODE_MAX)))
     from fedrad.common.sources.pacs import PacsOptions, is_source_url
 
     if is_source_url(data_dir):  # a PACS: data-dir is its URL, node config source-* its query and limits
@@ -235,6 +239,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         train_loss=sum(result.losses[-3:]) / len(result.losses[-3:]),
         train_loss_first=result.losses[0],
         num_examples=len(data),
+        images_pending=data.pending or None,  # only when a site has files waiting for `fedrad ingest`
         examples_seen=result.examples,
         steps=result.steps,
         seconds=seconds,

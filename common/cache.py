@@ -3,17 +3,24 @@
 Why: JPEG 2000 / JPEG-LS films decode at ~5-30 images/s, and Flower starts a fresh ClientApp process for
 every message, so without a cache a site would re-decode its archive every round.
 
-Layout under `cache_dir`:
+Layout under `cache_dir` (folders 0700, files 0600: the index holds pseudonymised header fields):
   salt.bin                  site salt for patient pseudonyms (0600; see header_signals), unless the site
                             keeps it in a state directory (`state_dir/salt`), which clearing the cache keeps
-  s<size>/index.json        entries keyed by content fingerprint (sha256 of the file, or the source's own
-                            fingerprint for a server), plus a memo path -> (size, mtime_ns, fingerprint)
-  s<size>/chunk-<id>.u16    raw uint16 [rows, size, size] (value/65535 = intensity), read via np.memmap
-  s<size>/.lock             fcntl lock: concurrent loaders (scan, node, clientapp) wait rather than race
+  s<size>/index.sqlite      SQLite (WAL): entries keyed by content fingerprint (sha256 of the file, or the
+                            source's own fingerprint for a server), a memo path -> (size, mtime_ns,
+                            fingerprint), and the chunk files with their row counts
+  s<size>/chunk-<id>.u16    raw uint16 [rows, size, size] (value/65535 = intensity), append-only: written
+                            once per batch of newly decoded images, never rewritten or consolidated
+  s<size>/.lock             fcntl lock around publishing a chunk and deleting orphans
+Scale (issue 26): nothing is read or rewritten whole. A batch of decodes is one new chunk (temp file,
+fsync, rename) then one SQLite transaction naming it; a process killed anywhere leaves either an orphan
+chunk (deleted later) or a committed batch, so a rerun decodes only what was never committed. Adding one
+file costs one small chunk and one transaction; the images of a load are a lazy view over the chunks
+(store_view.StoreView) unless they already are one whole chunk in order.
 Unusable files are remembered with their SkipImage reason, so a corrupt file is not re-decoded each run
 unless it changes. Decoding runs in worker processes under an address-space limit (sources/workers.py).
-Every write is a new temp file + os.replace (a crash leaves the old state or the new one, never a torn
-file); chunk files are immutable once written and unreferenced ones are deleted.
+Format 3 (index.json + one consolidated chunk) is not migrated: its files are deleted and the folder is
+decoded again once.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import inspect
 import json
 import os
 import re
+import sqlite3
 import tempfile
 import time
 import uuid
@@ -34,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrad.common.atomic import PRIVATE_FILE, atomic_write_bytes, private_dir
 from fedrad.common.header_signals import load_site_salt
 from fedrad.common.image_ops import to_uint16
 from fedrad.common.sources.base import Frames, Item
@@ -42,10 +49,16 @@ from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.dicom_folder import dicom_entry
 from fedrad.common.sources.errors import reraise_fatal, skip_from
 from fedrad.common.sources.workers import default_workers, map_isolated
+from fedrad.common.store_view import StoreView
 
 __all__ = ["DecodedCache", "dicom_entry", "default_workers", "file_fingerprint"]
 
-FORMAT_VERSION = 3  # 3: multi-frame objects (an entry per frame); 2: keyed by content; 1: by absolute path
+FORMAT_VERSION = 4  # 4: SQLite index, append-only chunks; 3: multi-frame objects (an entry per frame);
+# 2: keyed by content; 1: by absolute path
+# items decoded per committed chunk (what a kill can cost; FEDRAD_INGEST_BATCH overrides it for tests)
+BATCH = int(os.environ.get("FEDRAD_INGEST_BATCH") or 1024)
+INLINE_DECODE_MAX = 2000  # a round decodes pending images itself only up to this many (else `fedrad ingest`)
+
 HASH_BLOCK = 1 << 20
 
 Decoder = Callable[..., tuple[np.ndarray, dict]]  # (locator, size, salt[, max_pixels]) -> (image, meta)
@@ -90,6 +103,22 @@ def _takes_budget(decoder: Decoder) -> bool:
     return "max_pixels" in params
 
 
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS info(k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries(key TEXT PRIMARY KEY, e TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files(path BLOB PRIMARY KEY, size INTEGER NOT NULL, mtime INTEGER NOT NULL,
+                                 fp TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks(name TEXT PRIMARY KEY, rows INTEGER NOT NULL);
+"""
+STALE_TMP_S = 600  # a temp chunk untouched this long belongs to a killed process
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)
+
+
 class DecodedCache:
     """Decode-once cache for one image size. `load(paths)` / `load_items(items)` -> (images uint16 [N,S,S],
     kept, skipped).
@@ -100,6 +129,8 @@ class DecodedCache:
     -> (float32 [S,S] in [0,1], json-able meta)` must be a module-level function (it runs in memory-limited
     worker processes); the default decodes DICOM and records header fields. The site salt lives in
     `state_dir/salt` when `state_dir` is given, else `cache_dir/salt.bin` (see header_signals.load_site_salt).
+    The images returned are a memmap (one whole chunk in order) or a StoreView (rows of several chunks):
+    both index like a uint16 array and neither can write the store.
     """
 
     def __init__(self, cache_dir: str | os.PathLike[str], size: int, decoder: Decoder | None = None,
@@ -107,7 +138,9 @@ class DecodedCache:
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.root = Path(cache_dir)
         self.size = int(size)
-        self.dir = private_dir(self.root / f"s{self.size}")  # decoded images and their index: the owner only
+        self.dir = self.root / f"s{self.size}"
+        _private_dir(self.root)
+        _private_dir(self.dir)
         self.decoder: Decoder = decoder or dicom_entry
         self.decoder_name = f"{self.decoder.__module__}.{self.decoder.__qualname__}"
         self.max_pixels = int(max_pixels)
@@ -115,36 +148,54 @@ class DecodedCache:
         self.salt = load_site_salt(self.root, state_dir)
         self.salt_id = hmac.new(self.salt, b"fedrad-salt-id", hashlib.sha256).hexdigest()[:12]
         self.workers = workers if workers is not None else default_workers()
-        self.index_path = self.dir / "index.json"
-        self._entries: dict[str, dict] = {}
-        self._files: dict[str, list] = {}  # absolute path -> [size, mtime_ns, fingerprint]
+        self.index_path = self.dir / "index.sqlite"
         self._key_of: dict[str, str] = {}  # item id / locator of the last load -> fingerprint
-        self.stats: dict[str, float] = {"decoded": 0, "reused": 0, "hashed": 0, "seconds": 0.0}
+        self._memo: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, fp) hashed, not yet stored
+        self._loaded: dict[str, dict] = {}  # entries read while planning the last load (one query per item)
+        self.pending = 0  # items of the last load left for `fedrad ingest` (see load_frames' max_decode)
+        self.stats: dict[str, float] = {"decoded": 0, "reused": 0, "hashed": 0, "changed": 0, "seconds": 0.0}
+        self._db = self._open()
 
     # -- index -------------------------------------------------------------------------------------
-    def _read_index(self) -> tuple[dict[str, dict], dict[str, list]]:
-        try:
-            data = json.loads(self.index_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}, {}
-        if (data.get("version") != FORMAT_VERSION or data.get("size") != self.size
-                or data.get("salt_id") != self.salt_id):
-            return {}, {}
-        entries = data.get("entries", {})
-        # A chunk that vanished (manual cleanup) invalidates the entries that pointed into it.
-        chunks = {e["chunk"] for e in entries.values() if e.get("chunk")}
-        missing = {c for c in chunks if not (self.dir / c).exists()}
-        return {k: e for k, e in entries.items() if e.get("chunk") not in missing}, data.get("files", {})
+    def _open(self) -> sqlite3.Connection:
+        if not self.index_path.exists():
+            os.close(os.open(self.index_path, os.O_CREAT | os.O_WRONLY, 0o600))  # WAL/SHM files inherit 0600
+        db = sqlite3.connect(self.index_path, timeout=600, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL: a kill loses nothing committed; power loss only the last
+        db.executescript(_SCHEMA)
+        want = {"version": str(FORMAT_VERSION), "size": str(self.size), "salt_id": self.salt_id}
+        if dict(db.execute("SELECT k, v FROM info").fetchall()) != want:
+            with self._locked(), self._tx(db):  # a new store, another salt: nothing in it is ours
+                for table in ("info", "entries", "files", "chunks"):
+                    db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
+                db.executemany("INSERT INTO info VALUES (?, ?)", list(want.items()))
+            with contextlib.suppress(OSError):
+                (self.dir / "index.json").unlink()  # format 3: decoded again, its chunks deleted by _gc
+        self._db = db
+        self._gc()
+        return db
 
-    def _write_index(self) -> None:
-        files = {p: v for p, v in self._files.items() if v[2] in self._entries and os.path.exists(p)}
-        # Keep what this load used and what a file still on disk holds; forget content nothing points to.
-        live = set(self._key_of.values()) | {v[2] for v in files.values()}
-        self._entries = {k: e for k, e in self._entries.items() if k in live}
-        payload = {"version": FORMAT_VERSION, "size": self.size, "salt_id": self.salt_id,
-                   "entries": self._entries, "files": files}
-        atomic_write_bytes(self.index_path, json.dumps(payload, separators=(",", ":")).encode("utf-8"),
-                           mode=PRIVATE_FILE)
+    @contextlib.contextmanager
+    def _tx(self, db: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        db = db or self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _get(self, key: str) -> dict | None:
+        e = self._loaded.get(key)
+        if e is not None:
+            return e
+        row = self._db.execute("SELECT e FROM entries WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def close(self) -> None:
+        self._db.close()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -153,7 +204,8 @@ class DecodedCache:
         except ImportError:  # not POSIX: no cross-process lock, writes are still atomic
             yield
             return
-        with open(self.dir / ".lock", "a+b") as f:
+        fd = os.open(self.dir / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+        with open(fd, "a+b") as f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             try:
                 yield
@@ -176,54 +228,30 @@ class DecodedCache:
         path = os.path.abspath(item.locator)
         try:
             st = os.stat(path)
-            memo = self._files.get(path)
-            if memo and memo[0] == st.st_size and memo[1] == st.st_mtime_ns:
-                return memo[2]
+            row = self._db.execute("SELECT size, mtime, fp FROM files WHERE path = ?", (os.fsencode(path),)).fetchone()
+            if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
+                return row[2]
             fp = file_fingerprint(path)
+            after = os.stat(path)
         except OSError:
             return None
         self.stats["hashed"] += 1
-        self._files[path] = [st.st_size, st.st_mtime_ns, fp]
+        if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):  # not memoised while it changes
+            self._memo[path] = (st.st_size, st.st_mtime_ns, fp)
         return fp
 
     # -- chunks ------------------------------------------------------------------------------------
-    def _chunk(self, name: str, rows: int) -> np.ndarray:
-        if rows == 0:
-            return np.zeros((0, self.size, self.size), dtype=np.uint16)
-        # mode "c": copy-on-write, so callers get a writable array without ever touching the cache file.
-        return np.memmap(self.dir / name, dtype=np.uint16, mode="c", shape=(rows, self.size, self.size))
-
-    def _new_chunk(self, rows: int, fill: Callable[[np.ndarray], None]) -> str:
-        name = f"chunk-{uuid.uuid4().hex[:16]}.u16"
-        fd, tmp = tempfile.mkstemp(prefix=".chunk-", suffix=".tmp", dir=self.dir)
-        os.close(fd)
-        try:
-            mm = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(rows, self.size, self.size))
-            fill(mm)
-            mm.flush()
-            del mm
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.dir / name)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return name
-
     def _gc(self) -> None:
-        used = {e["chunk"] for e in self._entries.values() if e.get("chunk")}
-        for p in self.dir.glob("chunk-*.u16"):
-            if p.name not in used:
+        """Delete chunk files no committed batch names (a process killed between rename and commit; format 3)."""
+        with self._locked():
+            used = {r[0] for r in self._db.execute("SELECT name FROM chunks")}
+            now = time.time()
+            for p in self.dir.iterdir():
                 with contextlib.suppress(OSError):
-                    p.unlink()  # a process still mapping it keeps its pages (POSIX unlink semantics)
-
-    def _chunk_rows(self) -> dict[str, int]:
-        rows: dict[str, int] = {}
-        for e in self._entries.values():
-            if e.get("chunk"):
-                rows[e["chunk"]] = max(rows.get(e["chunk"], 0), e["row"] + 1)
-        return rows
+                    if p.name.startswith("chunk-") and p.name not in used:
+                        p.unlink()  # a process still mapping it keeps its pages (POSIX unlink semantics)
+                    elif p.name.startswith(".chunk-") and now - p.stat().st_mtime > STALE_TMP_S:
+                        p.unlink()
 
     # -- decode ----------------------------------------------------------------------------------------
     def _decode(self, todo: list[tuple[int, str]], progress: bool) -> Iterator[tuple]:
@@ -250,180 +278,255 @@ class DecodedCache:
 
     def load_frames(self, items: Sequence[Item], progress: bool = True,
                     accept: Callable[[dict], tuple[str, str] | None] | None = None,
-                    ) -> tuple[np.ndarray, list[Item], dict[str, str]]:
+                    max_decode: int | None = None) -> tuple[np.ndarray, list[Item], dict[str, str]]:
         """Like load_items, but returns the kept images' items: a multi-frame object's frames are items of
         their own (`<item_id>#<k>`, fingerprint `<content>#f<k>`); skipped frames are listed by that id.
-        `accept(meta)` -> (reason, detail) keeps a decoded image out (the site policy's data rules)."""
-        images, frames, _origin, skipped = self._load(items, progress, accept)
+        `accept(meta)` -> (reason, detail) keeps a decoded image out (the site policy's data rules).
+        `max_decode`: when more items than this need decoding, decode none of them here and leave them out
+        (`self.pending` says how many): a round trains on what `fedrad ingest` already decoded."""
+        images, frames, _origin, skipped = self._load(items, progress, accept, max_decode)
         return images, frames, skipped
 
-    def _load(self, items: Sequence[Item], progress: bool, accept: Callable | None = None,
-              ) -> tuple[np.ndarray, list[Item], list[int], dict]:
+    def ingest(self, items: Sequence[Item], progress: bool = True) -> dict[str, int]:
+        """Decode every item not stored yet, in committed batches (resumable); no images are gathered."""
         t0 = time.perf_counter()
-        with self._locked():
-            self._entries, self._files = self._read_index()
-            hashed = self.stats["hashed"]
-            fps = [self._fingerprint(it) for it in items]
-            todo: list[tuple[int, str]] = []
-            queued: set[str] = set()
-            for i, (it, fp) in enumerate(zip(items, fps, strict=True)):
-                if fp is not None and fp not in queued and not self._fresh_item(fp):
-                    todo.append((i, it.locator))
-                    queued.add(fp)
-            changed = bool(todo) or self.stats["hashed"] > hashed
-            if todo:
-                self._decode_into_chunk(todo, fps, progress)
-            self.stats["reused"] += len(items) - len(todo)
+        fps, todo = self._plan(items)
+        self._loaded = {}  # nothing is gathered: keep memory to the slice being decoded
+        if todo:
+            self._decode_batches(todo, fps, items, progress)
+        self._flush_memo()
+        self.stats["reused"] += len(items) - len(todo)
+        self.stats["seconds"] += time.perf_counter() - t0
+        return {"items": len(items), "decoded": len(todo) - int(self.stats["changed"]),
+                "stored_before": len(items) - len(todo), "changed_while_read": int(self.stats["changed"])}
 
-            self._key_of = {}
-            frames: list[Item] = []
-            origin: list[int] = []
-            keys: list[str] = []
-            skipped: dict[str, str] = {}
-            for i, (it, fp) in enumerate(zip(items, fps, strict=True)):
-                if fp is None:
-                    skipped[it.item_id] = "unreadable"
-                    continue
-                self._key_of[it.item_id] = fp
-                self._key_of[os.path.abspath(it.locator)] = fp
-                e = self._entries[fp]
-                refused = accept(e.get("meta", {})) if accept is not None and "reason" not in e else None
-                if refused:
-                    skipped[it.item_id] = refused[0]
-                elif "chunk" in e:
-                    frames.append(it)
-                    origin.append(i)
-                    keys.append(fp)
-                elif e.get("frames"):
-                    for k in range(int(e["frames"])):
-                        fk, fid = frame_key(fp, k), f"{it.item_id}#{k}"
-                        self._key_of[fid] = fk
-                        fe = self._entries.get(fk, {})
-                        if "chunk" in fe:
-                            frames.append(Item(fid, it.locator, fk))
-                            origin.append(i)
-                            keys.append(fk)
-                        else:
-                            skipped[fid] = fe.get("reason", "decode-failed")
-                else:
-                    skipped[it.item_id] = e.get("reason", "decode-failed")
-            images, consolidated = self._gather(keys)
-            if changed or consolidated:
-                self._write_index()
-                self._gc()
+    def _plan(self, items: Sequence[Item]) -> tuple[list[str | None], list[tuple[int, str]]]:
+        """(fingerprint per item, the (index, locator) of each distinct content not decoded yet)."""
+        self._memo = {}
+        self._loaded = {}
+        fps = [self._fingerprint(it) for it in items]
+        todo: list[tuple[int, str]] = []
+        queued: set[str] = set()
+        for i, (it, fp) in enumerate(zip(items, fps, strict=True)):
+            if fp is not None and fp not in queued and not self._fresh_item(fp):
+                todo.append((i, it.locator))
+                queued.add(fp)
+        return fps, todo
+
+    def _flush_memo(self) -> None:
+        if self._memo:
+            with self._tx() as db:
+                db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
+                               [(os.fsencode(p), *v) for p, v in self._memo.items()])
+            self._memo = {}
+
+    def _load(self, items: Sequence[Item], progress: bool, accept: Callable | None = None,
+              max_decode: int | None = None) -> tuple[np.ndarray, list[Item], list[int], dict]:
+        t0 = time.perf_counter()
+        fps, todo = self._plan(items)
+        waiting: set[str] = set()
+        self.pending = 0
+        if max_decode is not None and len(todo) > max_decode:
+            waiting = {fps[i] for i, _ in todo}
+            self.pending, todo = len(todo), []
+        if todo:
+            self._decode_batches(todo, fps, items, progress)
+        self._flush_memo()
+        self.stats["reused"] += len(items) - len(todo) - self.pending
+
+        self._key_of = {}
+        frames: list[Item] = []
+        origin: list[int] = []
+        refs: list[tuple[str, int]] = []
+        skipped: dict[str, str] = {}
+        for i, (it, fp) in enumerate(zip(items, fps, strict=True)):
+            if fp is None:
+                skipped[it.item_id] = "unreadable"
+                continue
+            if fp in waiting:
+                continue
+            self._key_of[it.item_id] = fp
+            self._key_of[os.path.abspath(it.locator)] = fp
+            e = self._get(fp)
+            if e is None:  # changed while it was read: not stored, decoded at the next load
+                skipped[it.item_id] = "unreadable"
+                continue
+            refused = accept(e.get("meta", {})) if accept is not None and "reason" not in e else None
+            if refused:
+                skipped[it.item_id] = refused[0]
+            elif "chunk" in e:
+                frames.append(it)
+                origin.append(i)
+                refs.append((e["chunk"], e["row"]))
+            elif e.get("frames"):
+                for k in range(int(e["frames"])):
+                    fk, fid = frame_key(fp, k), f"{it.item_id}#{k}"
+                    self._key_of[fid] = fk
+                    fe = self._get(fk) or {}
+                    if "chunk" in fe:
+                        frames.append(Item(fid, it.locator, fk))
+                        origin.append(i)
+                        refs.append((fe["chunk"], fe["row"]))
+                    else:
+                        skipped[fid] = fe.get("reason", "decode-failed")
+            else:
+                skipped[it.item_id] = e.get("reason", "decode-failed")
+        images = self._gather(refs)
         self.stats["seconds"] += time.perf_counter() - t0
         return images, frames, origin, skipped
 
     def _fresh_item(self, fp: str) -> bool:
         """Is `fp` decoded already (a multi-frame object: its entry and every frame's entry)?"""
-        e = self._entries.get(fp)
+        e = self._get(fp)
         if not self._fresh(e):
             return False
-        return not e.get("frames") or all(frame_key(fp, k) in self._entries for k in range(int(e["frames"])))
+        frames = {k: self._get(frame_key(fp, k)) for k in range(int(e.get("frames") or 0))}
+        if any(f is None for f in frames.values()):
+            return False
+        self._loaded[fp] = e  # read once: the gather and meta() below use it
+        self._loaded.update((frame_key(fp, k), f) for k, f in frames.items())
+        return True
 
-    def _decode_into_chunk(self, todo: list[tuple[int, str]], fps: list[str | None], progress: bool) -> None:
-        """Decode `todo` straight into one new chunk file, appended row by row (frames included)."""
-        results: dict[int, tuple] = {}
-        rows: dict[str, int] = {}  # entry key -> row in the chunk
-
-        def write(f) -> int:
-            n = 0
-            for i, img, meta, reason, detail in self._decode(todo, progress):
-                results[i] = (img, meta, reason, detail)
-                fp = fps[i]
-                if isinstance(img, Frames):
-                    for r, k in enumerate(img.index):
-                        f.write(np.ascontiguousarray(img.images[r], dtype=np.uint16).tobytes())
-                        rows[frame_key(fp, k)] = n
-                        n += 1
-                    results[i] = (None, meta, reason, detail, img.index, img.metas, img.skipped, img.total)
-                elif img is not None:
-                    f.write(np.ascontiguousarray(img, dtype=np.uint16).tobytes())
-                    rows[fp] = n
-                    n += 1
-            return n
-
-        chunk = self._stream_chunk(write)
-        for i, _loc in todo:
-            fp = fps[i]
-            img, meta, reason, detail, *multi = results[i]
-            entry: dict = {"decoder": self.decoder_name}
-            if multi:
-                index, metas, skips, total = multi
-                entry.update(frames=total, meta=meta)
-                for k, m in zip(index, metas, strict=True):
-                    self._entries[frame_key(fp, k)] = {"decoder": self.decoder_name, "chunk": chunk,
-                                                       "row": rows[frame_key(fp, k)], "meta": m}
-                for k, why, more in skips:
-                    self._entries[frame_key(fp, k)] = {"decoder": self.decoder_name, "reason": why, "detail": more}
-            elif fp in rows:
-                entry.update(chunk=chunk, row=rows[fp], meta=meta)
-            else:
-                entry.update(reason=reason, detail=detail)
-                if reason == "too-large":
-                    entry["max_pixels"] = self.max_pixels
-            self._entries[fp] = entry
-        self.stats["decoded"] += len(todo)
-
-    def _stream_chunk(self, write: Callable) -> str:
-        """A new chunk file from `write(file) -> rows` (raw uint16 rows appended), or '' when no row came."""
-        name = f"chunk-{uuid.uuid4().hex[:16]}.u16"
-        fd, tmp = tempfile.mkstemp(prefix=".chunk-", suffix=".tmp", dir=self.dir)
+    def _decode_batches(self, todo: list[tuple[int, str]], fps: list[str | None], items: Sequence[Item],
+                        progress: bool) -> None:
+        """Decode `todo`, publishing every BATCH items as one new chunk plus one index transaction."""
+        batch: _Batch | None = None
         try:
-            with os.fdopen(fd, "wb") as f:
-                n = write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            if n == 0:
-                os.unlink(tmp)
-                return ""
-            os.replace(tmp, self.dir / name)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return name
+            for n, (i, img, meta, reason, detail) in enumerate(self._decode(todo, progress), 1):
+                batch = batch or _Batch(self.dir, self.size)
+                if not items[i].fingerprint and self._changed_since_hashed(items[i].locator, fps[i]):
+                    self.stats["changed"] += 1  # the bytes decoded may not be the bytes hashed: not stored
+                else:
+                    self._add(batch, fps[i], img, meta, reason, detail)
+                if n % BATCH == 0:
+                    self._publish(batch)
+                    batch = None
+            if batch is not None:
+                self._publish(batch)
+                batch = None
+        finally:
+            if batch is not None:
+                batch.discard()
 
-    def _gather(self, keys: list[str]) -> tuple[np.ndarray, bool]:
-        """One memmap holding `keys` in order: reuse a chunk that already is exactly that, else write one."""
-        n = len(keys)
+    def _changed_since_hashed(self, locator: str, fp: str | None) -> bool:
+        path = os.path.abspath(locator)
+        memo = self._memo.get(path)
+        if memo is None:
+            row = self._db.execute("SELECT size, mtime, fp FROM files WHERE path = ?", (os.fsencode(path),)).fetchone()
+            memo = tuple(row) if row else None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return True
+        return memo is None or memo[2] != fp or (memo[0], memo[1]) != (st.st_size, st.st_mtime_ns)
+
+    def _add(self, batch: _Batch, fp: str, img, meta: dict, reason: str, detail: str) -> None:
+        """Rows of one decode result into the batch's chunk, entries into its pending transaction."""
+        entry: dict = {"decoder": self.decoder_name}
+        if isinstance(img, Frames):
+            entry.update(frames=img.total, meta=meta)
+            for r, (k, m) in enumerate(zip(img.index, img.metas, strict=True)):
+                row = batch.write(img.images[r])
+                batch.entries.append((frame_key(fp, k), {"decoder": self.decoder_name, "chunk": batch.name,
+                                                         "row": row, "meta": m}))
+            for k, why, more in img.skipped:
+                batch.entries.append((frame_key(fp, k), {"decoder": self.decoder_name, "reason": why,
+                                                         "detail": more}))
+        elif img is not None:
+            entry.update(chunk=batch.name, row=batch.write(img), meta=meta)
+        else:
+            entry.update(reason=reason, detail=detail)
+            if reason == "too-large":
+                entry["max_pixels"] = self.max_pixels
+        batch.entries.append((fp, entry))
+        batch.items += 1
+
+    def _publish(self, batch: _Batch) -> None:
+        """Make a batch durable: chunk fsynced and renamed, then one transaction naming it and its entries."""
+        batch.close()
+        with self._locked():
+            if batch.rows:
+                os.replace(batch.tmp, self.dir / batch.name)
+            else:
+                batch.discard()
+            with self._tx() as db:
+                if batch.rows:
+                    db.execute("INSERT INTO chunks VALUES (?, ?)", (batch.name, batch.rows))
+                db.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?)",
+                               [(k, json.dumps(e, separators=(",", ":"))) for k, e in batch.entries])
+                db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
+                               [(os.fsencode(p), *v) for p, v in self._memo.items()])
+            self._memo = {}
+        self.stats["decoded"] += batch.items
+
+    def _gather(self, refs: list[tuple[str, int]]) -> np.ndarray | StoreView:
+        """The images at `refs`: the chunk itself when it is exactly them in order, else a lazy view."""
+        n = len(refs)
         if n == 0:
-            return np.zeros((0, self.size, self.size), dtype=np.uint16), False
-        refs = [(self._entries[k]["chunk"], self._entries[k]["row"]) for k in keys]
-        rows = self._chunk_rows()
+            return np.zeros((0, self.size, self.size), dtype=np.uint16)
+        names = sorted({c for c, _ in refs})
+        counts = {}
+        for k in range(0, len(names), 500):
+            part = names[k:k + 500]
+            counts.update(self._db.execute(
+                f"SELECT name, rows FROM chunks WHERE name IN ({','.join('?' * len(part))})", part).fetchall())
         first = refs[0][0]
-        if rows.get(first) == n and all(c == first and r == j for j, (c, r) in enumerate(refs)):
-            return self._chunk(first, n), False
-        sources = {c: self._chunk(c, rows[c]) for c in {c for c, _ in refs}}
-
-        def fill(mm: np.ndarray) -> None:
-            for j, (c, r) in enumerate(refs):
-                mm[j] = sources[c][r]
-
-        name = self._new_chunk(n, fill)
-        sources.clear()
-        for j, k in enumerate(keys):
-            self._entries[k]["chunk"], self._entries[k]["row"] = name, j
-        return self._chunk(name, n), True
+        if len(names) == 1 and counts[first] == n and all(r == j for j, (_c, r) in enumerate(refs)):
+            # mode "c": copy-on-write, so callers get a writable array without ever touching the store
+            return np.memmap(self.dir / first, dtype=np.uint16, mode="c", shape=(n, self.size, self.size))
+        pos = {c: j for j, c in enumerate(names)}
+        return StoreView(self.dir, self.size, names, [counts[c] for c in names],
+                         np.fromiter((pos[c] for c, _ in refs), dtype=np.int32, count=n),
+                         np.fromiter((r for _, r in refs), dtype=np.int64, count=n))
 
     def entry(self, key: str | os.PathLike[str]) -> dict | None:
         """The index entry for an item id or path of the last load: `meta` if decoded, else `reason`/`detail`."""
         k = os.fspath(key)
         fp = self._key_of.get(k) or self._key_of.get(os.path.abspath(k))
-        return self._entries.get(fp) if fp else None
+        return self._get(fp) if fp else None
 
     def meta(self, key: str | os.PathLike[str]) -> dict:
         """Stored header fields of an item or frame (a frame's own fields over its object's)."""
         k = os.fspath(key)
         fp = self._key_of.get(k) or self._key_of.get(os.path.abspath(k))
-        e = self._entries.get(fp) if fp else None
+        e = self._get(fp) if fp else None
         if not e:
             return {}
         out = dict(e.get("meta", {}))
         if _FRAME.search(fp):
-            base = self._entries.get(_FRAME.sub("", fp), {})
+            base = self._get(_FRAME.sub("", fp)) or {}
             out = {**base.get("meta", {}), **out}
         return out
+
+
+class _Batch:
+    """One chunk being written: a private temp file of raw uint16 rows and the entries naming its rows."""
+
+    def __init__(self, folder: Path, size: int) -> None:
+        self.name = f"chunk-{uuid.uuid4().hex[:16]}.u16"
+        self.size = size
+        fd, self.tmp = tempfile.mkstemp(prefix=".chunk-", suffix=".tmp", dir=folder)  # 0600
+        self.file = os.fdopen(fd, "wb")
+        self.rows = 0
+        self.items = 0
+        self.entries: list[tuple[str, dict]] = []
+
+    def write(self, img: np.ndarray) -> int:
+        self.file.write(np.ascontiguousarray(img, dtype=np.uint16).tobytes())
+        self.rows += 1
+        return self.rows - 1
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
 
 
 _FRAME = re.compile(r"#f\d+$")

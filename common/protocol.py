@@ -143,6 +143,7 @@ class SiteReport:
     train_loss_first: float | None = _metric(float, _T, (SITE_RECORD, AGGREGATE), "loss of the first step")
     examples_seen: int | None = _metric(int, _T, (SITE_RECORD, MANIFEST), "images drawn in local steps")
     steps: int | None = _metric(int, _T, (SITE_RECORD, MANIFEST), "local optimizer steps")
+    images_pending: int | None = _metric(int, _T, (SITE_RECORD,), "files found, not decoded yet (fedrad ingest)")
     seconds: float | None = _metric(float, _T, (SITE_RECORD, AGGREGATE), "wall time of the handler")
     train_seconds: float | None = _metric(float, _T, (AGGREGATE,), "wall time of the local steps")
     dp_epsilon: float | None = _metric(float, _T, (SITE_RECORD, PLOT, MANIFEST), "site's image-level ε so far")

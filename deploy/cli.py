@@ -396,6 +396,20 @@ def _add_console(sub, parser) -> None:
     p.set_defaults(func=_lazy("fedrad.deploy.tensorboard_command:cmd_tensorboard"))
 
 
+def _add_ingest(sub) -> None:
+    """issue 26: a large site decodes its folder before and between rounds, never inside one."""
+    p = sub.add_parser("ingest", help="decode a site folder into the node's image store (resumable, every core)")
+    p.add_argument("data", help="the site's image folder (the node's --data)")
+    p.add_argument("--image-size", type=int, default=64, help="the runs' image size (run config image-size)")
+    p.add_argument("--cache", default=None, help="the node's --cache (default <data>/.fedrad-cache)")
+    p.add_argument("--state-dir", default=None, help="the node's --state-dir: its salt keys the patients "
+                   "(default: derived from the folder, as for the node)")
+    p.add_argument("--policy", default=None, help="site policy whose pixel budget applies (default: built-in)")
+    p.add_argument("--max-pixels", type=int, default=64 << 20, help="pixel budget without --policy")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_lazy("fedrad.client.ingest:cmd_ingest"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="fedrad",
@@ -413,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_export(sub, _lazy, _add_release_policy)
     _add_security(sub)
     _add_console(sub, parser)
+    _add_ingest(sub)
     return parser
 
 

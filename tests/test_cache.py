@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+import sqlite3
 
 import numpy as np
 from dicom_fixtures import make_corrupt_files, shared_data, small_dicom
@@ -64,12 +64,13 @@ def test_changed_and_new_files_refresh(tmp_path):
     imgs, kept, _ = c.load([*paths, new], progress=False)
     assert sorted(CALLS) == sorted([paths[0], new])
     assert imgs.shape[0] == 4 and not np.array_equal(imgs[0], before)
-    # one consolidated chunk is left, old chunks are garbage-collected, no temp files
+    # append-only: the first chunk is kept byte for byte, the two new images are one new chunk, no temp files
     files = sorted(p.name for p in (tmp_path / "c" / "s32").iterdir())
-    assert len([f for f in files if f.startswith("chunk-")]) == 1
+    assert len([f for f in files if f.startswith("chunk-")]) == 2
     assert not [f for f in files if f.endswith(".tmp")]
-    index = json.loads((tmp_path / "c" / "s32" / "index.json").read_text())
-    assert len(index["entries"]) == len(paths) + 1
+    db = sqlite3.connect(tmp_path / "c" / "s32" / "index.sqlite")
+    assert sorted(r[0] for r in db.execute("SELECT rows FROM chunks")) == [2, 3]
+    assert db.execute("SELECT COUNT(*) FROM entries").fetchone()[0] == len(paths) + 2  # old content kept
 
 
 def test_sizes_are_separate_and_subset_order(tmp_path):
@@ -79,16 +80,22 @@ def test_sizes_are_separate_and_subset_order(tmp_path):
     assert a.shape == (3, 32, 32) and b.shape == (3, 16, 16)
     rev, kept, _ = DecodedCache(tmp_path / "c", 32, workers=1).load(paths[:3][::-1], progress=False)
     assert np.array_equal(np.asarray(rev), np.asarray(a)[::-1])
-    rev[0] = 0  # copy-on-write memmap: callers may write, the cache file is untouched
+    mine = np.asarray(rev)
+    mine[0] = 0  # callers get copies: writing them never touches the store
     again, _, _ = DecodedCache(tmp_path / "c", 32, workers=1).load(paths[:3], progress=False)
     assert np.array_equal(np.asarray(again), np.asarray(a))
+
+
+def _stored(folder):
+    db = sqlite3.connect(folder / "index.sqlite")
+    return sorted(db.execute("SELECT key, e FROM entries")), sorted(db.execute("SELECT * FROM chunks"))
 
 
 def test_atomic_write_leaves_old_index_on_failure(tmp_path, monkeypatch):
     paths, _ = _folder(tmp_path, n=2)
     DecodedCache(tmp_path / "c", 32, workers=1).load(paths[:1], progress=False)
-    index = tmp_path / "c" / "s32" / "index.json"
-    old = index.read_bytes()
+    index = tmp_path / "c" / "s32" / "index.sqlite"
+    old = _stored(index.parent)
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -99,7 +106,7 @@ def test_atomic_write_leaves_old_index_on_failure(tmp_path, monkeypatch):
     except OSError:
         pass
     monkeypatch.undo()
-    assert index.read_bytes() == old  # never a torn or half-written index
+    assert _stored(index.parent) == old  # never a torn or half-written index
     assert not [p for p in index.parent.iterdir() if p.name.endswith(".tmp")]
     imgs, kept, _ = DecodedCache(tmp_path / "c", 32, workers=1).load(paths[:2], progress=False)
     assert imgs.shape[0] == 2

@@ -97,7 +97,8 @@ def test_no_number_without_two_classes_or_enough_images(pooled):
 def test_the_wire_lets_exactly_the_monitors_numbers_through():
     """The protocol's whole metric whitelist, and what the monitor may add to a train or evaluate reply."""
     assert set(metric_specs()) == {
-        "num_examples", "train_loss", "train_loss_first", "examples_seen", "steps", "seconds", "train_seconds",
+        "num_examples", "train_loss", "train_loss_first", "examples_seen", "steps", "images_pending", "seconds",
+        "train_seconds",
         "dp_epsilon", "dp_epsilon_next", "eval_loss", "alignment", "uniformity", "eval_examples", *MONITOR_KEYS}
     assert set(metrics_for(MONITOR)) == {"knn_auc", "probe_auc"}
     values = {"num_examples": 40, "knn_auc": 0.7, "probe_auc": 0.65, "probe_examples": 40}
