@@ -65,7 +65,7 @@ def load_site_for(context: Context, cfg: RunConfig):
     from fedrad.common.cache import INLINE_DECODE_MAX
 
     # a round decodes new files itself only when they are few; more wait for `fedrad ingest` (issue 26)
-    kwargs["max_decode"] = int(_node_setting(context, "inline-decode-max", str(INLINE_DECODE_MAX)))
+    kwargs["max_decode"] = INLINE_DECODE_MAX if node.inline_decode_max is None else node.inline_decode_max
     from fedrad.common.sources.pacs import PacsOptions, is_source_url
 
     if is_source_url(data_dir):  # a PACS: data-dir is its URL, node config source-* its query and limits

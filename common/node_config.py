@@ -33,6 +33,8 @@ class NodeConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     threads: int = Field(0, ge=0, description="torch threads per message (0: torch's default)")
     ddp_procs: int = Field(1, ge=1, description="torch.distributed ranks per local round (fedrad node --ddp-procs)")
+    inline_decode_max: int | None = Field(None, ge=0, description="a round decodes pending images itself only up "
+                                          "to this many (unset: fedrad.common.cache.INLINE_DECODE_MAX)")
     labels: str = Field("", description="a labels CSV for a PNG/JPEG folder")
     policy: str = Field("", description="the site policy file (empty: the built-in default policy)")
     consortium_key: str = Field("", description="the consortium public key verifying releases")
