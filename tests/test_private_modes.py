@@ -61,8 +61,8 @@ def test_decoded_cache_index_and_pacs_store_are_private(tmp_path, open_umask):
     from fedrad.common.sources.pacs import InstanceStore
 
     cache = DecodedCache(tmp_path / "cache", 8, decoder=_decoder, workers=0, state_dir=tmp_path / "state")
-    cache._write_index()
-    assert _mode(cache.dir) == 0o700 and _mode(cache.index_path) == 0o600
+    assert _mode(cache.dir) == 0o700 and _mode(cache.root) == 0o700 and _mode(cache.index_path) == 0o600
+    cache.close()
     store = InstanceStore(tmp_path / "pacs")
     store.put("1.2.3", b"DICM")
     assert _mode(store.root) == 0o700 and _mode(store.path("1.2.3")) == 0o600
