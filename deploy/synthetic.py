@@ -354,3 +354,85 @@ def write_volumes(site: Path, name: str, seed: int, rows: int = 64, ct_slices: i
     us.save_as(site / rel, enforce_file_format=True)
     out.append(rel)
     return out
+
+
+# -- a labelled cross-sectional archive (benchmarks/bench_xsec_quality.py): CT volumes whose plane, body part
+# and contrast vary, each written in the headers a real scanner fills (ImageOrientationPatient,
+# BodyPartExamined, ContrastBolusAgent) so the labels come from the same header reading as on a real archive.
+XSEC_PLANES = {"AXIAL": ([1, 0, 0, 0, 1, 0], 0), "CORONAL": ([1, 0, 0, 0, 0, -1], 1),
+               "SAGITTAL": ([0, 1, 0, 0, 0, -1], 2)}  # orientation, axis of the [z, y, x] volume cut across
+XSEC_PARTS = ("CHEST", "ABDOMEN", "HEAD")
+
+
+def xsec_volume(part: str, n: int, contrast: bool, rng: np.random.Generator) -> np.ndarray:
+    """A [z, y, x] HU volume of `part` (n voxels a side, one patient's size and position); `contrast`
+    enhances the vessels and organs as an iodinated bolus does. CHEST is ct_phantom's slices."""
+    s, (dy, dx) = rng.uniform(0.85, 1.1), rng.normal(0, 0.04, 2)
+    zz, yy, xx = (np.mgrid[:n, :n, :n] + 0.5) / n * 2 - 1
+    yy, xx = (yy - dy) / s, (xx - dx) / s
+    boost = 1.0 if contrast else 0.0
+    if part == "CHEST":
+        vol = np.stack([ct_phantom(n, 60.0 * z, rng, finding=False) for z in zz[:, 0, 0]])
+        vol[((xx - 0.1) / 0.2) ** 2 + ((yy - 0.05) / 0.18) ** 2 + (zz / 0.7) ** 2 < 1] = 40 + 260 * boost  # heart
+        vol[(xx + 0.02) ** 2 + (yy - 0.3) ** 2 < 0.06**2] = 40 + 300 * boost  # descending aorta
+        return vol
+    vol = np.full((n, n, n), -1000.0)
+    if part == "HEAD":
+        r = (xx / 0.7) ** 2 + (yy / 0.85) ** 2 + (zz / 0.9) ** 2
+        vol[r < 1] = 1000.0  # skull
+        vol[r < 0.8] = 35.0  # brain
+        vol[((np.abs(xx) - 0.12) / 0.07) ** 2 + (yy / 0.3) ** 2 + (zz / 0.3) ** 2 < 1] = 5.0  # ventricles
+        vol[(xx**2 + (yy - 0.65) ** 2 < 0.05**2) & (r < 0.9)] = 40 + 250 * boost  # sagittal sinus
+        vol[(np.abs(np.abs(xx) - 0.25) < 0.03) & (np.abs(zz) < 0.6) & (r < 0.8)] = 35 + 200 * boost  # arteries
+    else:  # ABDOMEN
+        vol[(xx / 0.9) ** 2 + (yy / 0.7) ** 2 < 1] = 40.0  # body, the whole length
+        vol[((xx + 0.35) / 0.35) ** 2 + ((yy + 0.1) / 0.3) ** 2 + (zz / 0.6) ** 2 < 1] = 55 + 60 * boost  # liver
+        for side in (-1, 1):
+            vol[((xx - side * 0.4) / 0.1) ** 2 + ((yy - 0.3) / 0.14) ** 2 + (zz / 0.3) ** 2 < 1] = 30 + 160 * boost
+        vol[(xx / 0.1) ** 2 + ((yy - 0.5) / 0.1) ** 2 < 1] = 700.0  # spine
+        vol[(xx - 0.05) ** 2 + (yy - 0.32) ** 2 < 0.06**2] = 40 + 300 * boost  # aorta
+    return vol + rng.normal(0, 12, vol.shape)
+
+
+def write_xsec_archive(out_dir: str | Path, n_patients: int = 24, volumes_per_patient: int = 2, rows: int = 32,
+                       slices: int = 12, seed: int = 0) -> Path:
+    """One site folder of CT series: each patient `volumes_per_patient` volumes, each with a plane, body part
+    and contrast, each label drawn balanced and independently of the others (labels only in the headers);
+    `slices` slices 2.5 mm apart cut from the middle of a rows^3 phantom. Deterministic for a seed."""
+    from pydicom.uid import generate_uid
+
+    site = Path(out_dir)
+    rng = np.random.default_rng([seed, 2727])
+    n_vol = n_patients * volumes_per_patient
+    planes, parts, agents = (rng.permutation(np.resize(np.arange(k), n_vol)) for k in (3, 3, 2))  # balanced
+    for p in range(n_patients):
+        pid = f"XSEC-{p:04d}"
+        study = generate_uid(entropy_srcs=[str(seed), pid, "study"])
+        for v in range(volumes_per_patient):
+            i = p * volumes_per_patient + v
+            plane, part, contrast = list(XSEC_PLANES)[planes[i]], XSEC_PARTS[parts[i]], bool(agents[i])
+            vol = xsec_volume(part, rows, contrast, rng)
+            orientation, axis = XSEC_PLANES[plane]
+            series = generate_uid(entropy_srcs=[str(seed), pid, "series", str(v)])
+            first = (rows - slices) // 2
+            for k in range(slices):
+                cut = np.take(vol, first + k, axis=axis)
+                img = cut if axis == 0 else cut[::-1]  # coronal/sagittal rows run head to foot
+                pos = [-80.0, -80.0, 80.0]
+                pos[2 - axis] = 2.5 * k  # along the normal: x for sagittal, y for coronal, z for axial
+                ds = _base(CT_SOP, "CT", pid, study, series,
+                           generate_uid(entropy_srcs=[str(seed), pid, str(v), str(k)]), part)
+                ds.SeriesNumber = v + 1
+                ds.Rows = ds.Columns = rows
+                ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+                ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+                ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, -1024, "HU"
+                ds.ImageOrientationPatient, ds.ImagePositionPatient = orientation, pos
+                ds.SliceThickness, ds.PixelSpacing, ds.InstanceNumber = 2.5, [5, 5], k + 1
+                if contrast:
+                    ds.ContrastBolusAgent = "IOHEXOL"
+                ds.PixelData = np.clip(np.round(img + 1024), 0, 4095).astype(np.uint16).tobytes()
+                path = site / pid / f"s{v}" / f"{k:03d}.dcm"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                ds.save_as(path, enforce_file_format=True)
+    return site
