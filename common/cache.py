@@ -21,6 +21,10 @@ Unusable files are remembered with their SkipImage reason, so a corrupt file is 
 unless it changes. Decoding runs in worker processes under an address-space limit (sources/workers.py).
 Format 3 (index.json + one consolidated chunk) is not migrated: its files are deleted and the folder is
 decoded again once.
+
+Over 500 lines because the store's index, chunk publishing, orphan collection and the load planning share one
+SQLite connection and one lock, and splitting them would hand both across modules (store_view.py already holds
+the read side).
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ class NodeConfig(BaseModel):
 
     def to_flower(self) -> dict[str, str]:
         """The set keys as `fedrad node` hands them to the SuperNode (strings; unset keys left out)."""
-        out = {_kebab(k): str(v) for k, v in self.model_dump().items() if k in type(self).model_fields and v != ""}
+        fields = type(self).model_fields
+        out = {_kebab(k): str(v) for k, v in self.model_dump().items() if k in fields and v not in ("", None)}
         out.update({k: str(v) for k, v in (self.model_extra or {}).items() if v is not None})
         return out
 

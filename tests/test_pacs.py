@@ -73,9 +73,10 @@ def pacs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def folder_scan(pacs) -> dict:
-    """The folder path's inventory of exactly the files the PACS holds (computed once for both kinds)."""
-    return scan_folder(pacs[1], progress=False)
+def folder_scan(pacs, tmp_path_factory) -> dict:
+    """The folder path's inventory of exactly the files the PACS holds (computed once for both kinds; its scan
+    memo kept outside the folder, which holds exactly Orthanc's files)."""
+    return scan_folder(pacs[1], progress=False, cache_dir=tmp_path_factory.mktemp("folder-scan-cache"))
 
 
 @pytest.fixture(scope="module")
