@@ -201,36 +201,33 @@ def check_manifest(body: bytes, where: Path | str) -> dict[str, Any]:
     return manifest
 
 
-def _check_card_entry(card: Any, where: Path | str) -> None:
-    """The manifest's optional `card` block names MODEL_CARD.md with a sha256 and a size within bounds."""
-    if not isinstance(card, dict):
-        raise BundleVerificationError(f"{where}: signed manifest 'card' is not an object")
-    _check_fields(card, {"file": ((str,), False), "sha256": ((str,), False), "bytes": ((int,), False)},
-                  str(where), "card.")
-    sha = card["sha256"]
+def _check_file_entry(entry: Any, where: Path | str, key: str, name: str, max_bytes: int) -> None:
+    """A manifest block naming one extra file of the bundle (`card`: MODEL_CARD.md, `config`: config.json) with
+    a sha256 and a size within bounds."""
+    if not isinstance(entry, dict):
+        raise BundleVerificationError(f"{where}: signed manifest '{key}' is not an object")
+    _check_fields(entry, {"file": ((str,), False), "sha256": ((str,), False), "bytes": ((int,), False)},
+                  str(where), f"{key}.")
+    sha = entry["sha256"]
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise BundleVerificationError(f"{where}: signed manifest 'card.sha256' is not a sha256 hex digest")
-    if card["file"] != CARD or not 0 <= card["bytes"] <= MAX_CARD_BYTES:
-        raise BundleVerificationError(f"{where}: signed manifest 'card' must name {CARD} with a size of 0 to "
-                                      f"{MAX_CARD_BYTES} bytes")
+        raise BundleVerificationError(f"{where}: signed manifest '{key}.sha256' is not a sha256 hex digest")
+    if entry["file"] != name or not 0 <= entry["bytes"] <= max_bytes:
+        raise BundleVerificationError(f"{where}: signed manifest '{key}' must name {name} with a size of 0 to "
+                                      f"{max_bytes} bytes")
+
+
+def _check_card_entry(card: Any, where: Path | str) -> None:
+    """The manifest's optional `card` block names MODEL_CARD.md."""
+    _check_file_entry(card, where, "card", CARD, MAX_CARD_BYTES)
 
 
 def _check_config_entry(entry: Any, where: Path | str) -> None:
     """The manifest's optional `config` block: config.json with a sha256 and size, or no file and a reason."""
-    if not isinstance(entry, dict):
-        raise BundleVerificationError(f"{where}: signed manifest 'config' is not an object")
-    if entry.get("file") is None:
+    if isinstance(entry, dict) and entry.get("file") is None:
         if not isinstance(entry.get("reason"), str):
             raise BundleVerificationError(f"{where}: signed manifest 'config' names no file and gives no reason")
         return
-    _check_fields(entry, {"file": ((str,), False), "sha256": ((str,), False), "bytes": ((int,), False)},
-                  str(where), "config.")
-    sha = entry["sha256"]
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise BundleVerificationError(f"{where}: signed manifest 'config.sha256' is not a sha256 hex digest")
-    if entry["file"] != CONFIG or not 0 <= entry["bytes"] <= MAX_CONFIG_BYTES:
-        raise BundleVerificationError(f"{where}: signed manifest 'config' must name {CONFIG} with a size of 0 to "
-                                      f"{MAX_CONFIG_BYTES} bytes")
+    _check_file_entry(entry, where, "config", CONFIG, MAX_CONFIG_BYTES)
 
 
 # -- rollback --------------------------------------------------------------------------------------------
