@@ -351,17 +351,21 @@ def read_verified(bundle: str | os.PathLike[str], pubkey, policy: ReleasePolicy 
     return VerifiedBundle(bundle, manifest, data, _verified_card(bundle, manifest), _verified_config(bundle, manifest))
 
 
+def _verified_extra(bundle: Path, want: dict[str, Any], name: str, max_bytes: int, what: str) -> bytes:
+    """The bytes of an extra file the signed manifest lists (`want`: its sha256 and size), read bounded and
+    checked against both."""
+    data = read_bounded(bundle / name, max_bytes, what)
+    if len(data) != want["bytes"] or sha256_bytes(data) != want["sha256"]:
+        raise BundleVerificationError(
+            f"{what} mismatch: {bundle / name} is not the {name} the signed manifest lists (sha256 "
+            f"{want['sha256'][:16]}..., {want['bytes']} bytes): modified after signing")
+    return data
+
+
 def _verified_card(bundle: Path, manifest: dict[str, Any]) -> bytes | None:
     """MODEL_CARD.md's bytes when the signed manifest lists it, checked against its size and hash."""
     want = manifest.get("card")
-    if want is None:
-        return None
-    data = read_bounded(bundle / CARD, MAX_CARD_BYTES, "model card")
-    if len(data) != want["bytes"] or sha256_bytes(data) != want["sha256"]:
-        raise BundleVerificationError(
-            f"model card mismatch: {bundle / CARD} is not the card the signed manifest lists (sha256 "
-            f"{want['sha256'][:16]}..., {want['bytes']} bytes): modified after signing")
-    return data
+    return None if want is None else _verified_extra(bundle, want, CARD, MAX_CARD_BYTES, "model card")
 
 
 def _verified_config(bundle: Path, manifest: dict[str, Any]) -> bytes | None:
@@ -373,12 +377,7 @@ def _verified_config(bundle: Path, manifest: dict[str, Any]) -> bytes | None:
             raise BundleVerificationError(f"unsigned file: {bundle / CONFIG} is not listed in the signed manifest "
                                           f"(timm would read it with these weights); remove it")
         return None
-    data = read_bounded(bundle / CONFIG, MAX_CONFIG_BYTES, "timm config")
-    if len(data) != want["bytes"] or sha256_bytes(data) != want["sha256"]:
-        raise BundleVerificationError(
-            f"timm config mismatch: {bundle / CONFIG} is not the config.json the signed manifest lists (sha256 "
-            f"{want['sha256'][:16]}..., {want['bytes']} bytes): modified after signing")
-    return data
+    return _verified_extra(bundle, want, CONFIG, MAX_CONFIG_BYTES, "timm config")
 
 
 def _digest(data: bytes) -> str:
