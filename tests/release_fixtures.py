@@ -52,6 +52,19 @@ def make_bundle(root: Path, **kw) -> tuple[Path, Path, Path]:
     return release_bundle(run, key, root / "bundle"), key, pub
 
 
+def two_releases(root: Path) -> tuple[Path, Path, Path, Path]:
+    """(release #1, release #2 of the same run, private key, public key)."""
+    from fedrad.server.release import release_bundle
+
+    first, key, pub = make_bundle(root)
+    return first, release_bundle(root / "run", key, root / "bundle2"), key, pub
+
+
+def bundle_files(bundle: Path) -> dict[str, bytes]:
+    """A bundle folder's files by name, as a release message carries them."""
+    return {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
+
+
 def resign(bundle: Path, key: Path, manifest: bytes) -> None:
     """Write `manifest` as the bundle's manifest.json and sign it with `key`: a signed-but-odd bundle."""
     from fedrad.server.release import load_private_key

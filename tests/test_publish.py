@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from release_fixtures import make_bundle
+from release_fixtures import bundle_files, two_releases
 
 from fedrad.client.release_store import (
     JOINED_FILE,
@@ -66,16 +66,7 @@ def test_reply_code_is_exactly_one_known_code():
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory):
     """Release #1 and #2 of one run, and the consortium key pair."""
-    from fedrad.server.release import release_bundle
-
-    root = tmp_path_factory.mktemp("publish")
-    first, key, pub = make_bundle(root)
-    second = release_bundle(root / "run", key, root / "bundle2")
-    return first, second, key, pub
-
-
-def _files(bundle: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
+    return two_releases(tmp_path_factory.mktemp("publish"))
 
 
 def _state(tmp_path: Path) -> SiteState:
@@ -92,14 +83,14 @@ def test_store_verifies_then_renames_and_lists(signed, tmp_path):
     first, _, _, pub = signed
     state = _state(tmp_path)
     with pytest.raises(ReleaseRefused) as refused:  # a run this site took no part in
-        store_release(state, _files(first), pub)
+        store_release(state, bundle_files(first), pub)
     assert refused.value.code == ReleaseCode.REFUSED_NOT_PARTICIPANT and _leftovers(state) == []
     record_participation(state, 1, None)
-    assert store_release(state, _files(first), pub) == (ReleaseCode.STORED, "1-1")
-    assert store_release(state, _files(first), pub) == (ReleaseCode.HAVE, "1-1")
+    assert store_release(state, bundle_files(first), pub) == (ReleaseCode.STORED, "1-1")
+    assert store_release(state, bundle_files(first), pub) == (ReleaseCode.HAVE, "1-1")
     stored = resolve_release(state.root, "latest")
     assert stored == state.root / "releases" / "1-1" and verify_bundle(stored, pub)["release"]["sequence"] == 1
-    assert sorted(p.name for p in stored.iterdir()) == sorted(_files(first))
+    assert sorted(p.name for p in stored.iterdir()) == sorted(bundle_files(first))
     assert _leftovers(state) == ["releases"]
     assert judge_offer(state, "1", "", 1, "2030-01-01T00:00:00Z", "1-1") == ReleaseCode.HAVE
     assert judge_offer(state, "1", "", 2, "2099-01-01T00:00:00Z", "1-2") == ReleaseCode.WANT
@@ -114,7 +105,7 @@ def test_store_refuses_tampered_unsigned_or_foreign_and_leaves_nothing(signed, t
     first, _, _, pub = signed
     state = _state(tmp_path)
     record_participation(state, 1, None)
-    files = _files(first)
+    files = bundle_files(first)
     if damage == "weights":
         files[WEIGHTS] = files[WEIGHTS][:-1] + bytes([files[WEIGHTS][-1] ^ 1])
     elif damage == "manifest":
@@ -135,9 +126,9 @@ def test_store_refuses_rollback(signed, tmp_path):
     first, second, _, pub = signed
     state = _state(tmp_path)
     record_participation(state, 1, None)
-    assert store_release(state, _files(second), pub) == (ReleaseCode.STORED, "1-2")
+    assert store_release(state, bundle_files(second), pub) == (ReleaseCode.STORED, "1-2")
     with pytest.raises(ReleaseRefused) as refused:
-        store_release(state, _files(first), pub)
+        store_release(state, bundle_files(first), pub)
     assert refused.value.code == ReleaseCode.REFUSED_ROLLBACK and "rollback refused" in str(refused.value)
     assert [h.release_id for h in held_releases(state.root)] == ["1-2"]
 
@@ -155,7 +146,7 @@ def test_store_is_all_or_nothing_when_the_rename_fails(signed, tmp_path, monkeyp
 
     monkeypatch.setattr(store.os, "rename", full_disk)
     with pytest.raises(OSError):
-        store_release(state, _files(first), pub)
+        store_release(state, bundle_files(first), pub)
     assert [p.name for p in (state.root / "releases").iterdir()] == []
     assert not [p for p in state.root.iterdir() if p.name.startswith(".incoming-")]
 
@@ -168,7 +159,7 @@ def test_release_argument_resolution(signed, tmp_path):
     with pytest.raises(FileNotFoundError, match="no release"):
         resolve_release(state.root, "latest")
     record_participation(state, 1, None)
-    store_release(state, _files(first), pub)
+    store_release(state, bundle_files(first), pub)
     ns = argparse.Namespace
     assert bundle_from_args(ns(bundle=None, release="1-1", state_dir=str(state.root))).endswith("releases/1-1")
     for bad in (ns(bundle="x", release="latest", state_dir=None), ns(bundle=None, release=None, state_dir=None),
@@ -189,12 +180,12 @@ def test_staged_release_ships_only_the_allowlisted_files(signed, tmp_path):
     (extra / "run.py").write_text("import os; os.system('evil')\n")
     staged = stage_release(extra, tmp_path / "releases")
     stage_release(second, tmp_path / "releases")
-    assert staged.name == "1-1" and sorted(p.name for p in staged.iterdir()) == sorted(_files(first))
+    assert staged.name == "1-1" and sorted(p.name for p in staged.iterdir()) == sorted(bundle_files(first))
     latest = published_releases(tmp_path / "releases")[-1]
     assert latest.release_id == "1-2"
     record = files_content(latest)["bundle"]
     pieces = {k: a.numpy().tobytes() for k, a in record.items()}
-    assert join_chunks(pieces, {**LIMITS, WEIGHTS: 1 << 30}) == _files(second)
+    assert join_chunks(pieces, {**LIMITS, WEIGHTS: 1 << 30}) == bundle_files(second)
     assert dict(offer_content(latest)["config"])["release-sequence"] == 2
 
 
@@ -243,12 +234,12 @@ def test_client_app_answers_offer_and_files_with_codes_only(signed, tmp_path):
                   for k, v in split_chunks(name, data, chunk=4096)}
         return Message(RecordDict({"bundle": ArrayRecord(arrays)}), dst_node_id=1, message_type=MESSAGE_FILES)
 
-    bad = _files(first)
+    bad = bundle_files(first)
     bad[WEIGHTS] = bad[WEIGHTS][:-1] + b"\0"
     reply = _site_app_call(files_msg(bad), tmp_path, pub)
     assert dict(reply.content.metric_records["metrics"]) == {RELEASE_CODE: ReleaseCode.REFUSED_UNVERIFIED}
     assert not (tmp_path / "state" / "releases").exists()
-    reply = _site_app_call(files_msg(_files(first)), tmp_path, pub)
+    reply = _site_app_call(files_msg(bundle_files(first)), tmp_path, pub)
     assert dict(reply.content.metric_records["metrics"]) == {RELEASE_CODE: ReleaseCode.STORED}
     assert check_outgoing(offer, reply) is None
     assert (tmp_path / "state" / "releases" / "1-1" / WEIGHTS).read_bytes() == (first / WEIGHTS).read_bytes()

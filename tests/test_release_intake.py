@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from release_fixtures import make_bundle
+from release_fixtures import bundle_files, two_releases
 
 from fedrad.client.release_store import (
     ReleaseQuota,
@@ -54,16 +54,7 @@ sys.addaudithook(_hook)  # hooks cannot be removed; this one does nothing unless
 
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory):
-    from fedrad.server.release import release_bundle
-
-    root = tmp_path_factory.mktemp("intake")
-    first, key, pub = make_bundle(root)
-    second = release_bundle(root / "run", key, root / "bundle2")
-    return first, second, key, pub
-
-
-def _files(bundle: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
+    return two_releases(tmp_path_factory.mktemp("intake"))
 
 
 def _site_app_call(msg, tmp_path: Path, pub: Path):
@@ -101,7 +92,7 @@ def test_unsigned_release_bytes_never_touch_the_state_folder(signed, tmp_path, d
     (tmp_path / "data").mkdir()
     state = SiteState(tmp_path / "state", tmp_path / "audit")
     record_participation(state, 1, None)  # the site took part: only the signature stands in the way
-    files = _files(first)
+    files = bundle_files(first)
     files[WEIGHTS] = os.urandom(4 << 20)  # 4 MiB of weights nobody signed
     if damage == "unsigned":
         files[SIGNATURE] = bytes(64)
@@ -125,19 +116,19 @@ def test_the_site_quota_of_held_releases(signed, tmp_path):
     first, second, _, pub = signed
     state = SiteState(tmp_path / "state", tmp_path / "audit")
     record_participation(state, 1, None)
-    assert store_release(state, _files(first), pub, ReleaseQuota(max_releases=1))[0] == ReleaseCode.STORED
+    assert store_release(state, bundle_files(first), pub, ReleaseQuota(max_releases=1))[0] == ReleaseCode.STORED
     _WATCH.update(root=str(state.root / "releases"), writes=[])
     try:
         with pytest.raises(ReleaseRefused) as refused:
-            store_release(state, _files(second), pub, ReleaseQuota(max_releases=1))
+            store_release(state, bundle_files(second), pub, ReleaseQuota(max_releases=1))
     finally:
         _WATCH["root"] = None
     assert refused.value.code == ReleaseCode.REFUSED_QUOTA and "quota is 1 releases" in str(refused.value)
     assert _WATCH["writes"] == [] and [h.release_id for h in held_releases(state.root)] == ["1-1"]
-    size = sum(len(d) for d in _files(second).values())
+    size = sum(len(d) for d in bundle_files(second).values())
     with pytest.raises(ReleaseRefused, match="bytes"):  # the byte quota: what is held plus the newcomer
-        store_release(state, _files(second), pub, ReleaseQuota(max_releases=9, max_bytes=size))
-    assert store_release(state, _files(second), pub, ReleaseQuota(max_releases=2))[0] == ReleaseCode.STORED
+        store_release(state, bundle_files(second), pub, ReleaseQuota(max_releases=9, max_bytes=size))
+    assert store_release(state, bundle_files(second), pub, ReleaseQuota(max_releases=2))[0] == ReleaseCode.STORED
     assert ReleaseQuota.from_node_config({"max-releases": "3", "max-release-bytes": ""}) == ReleaseQuota(3)
     # a full store declines the offer itself, so the weights never travel
     assert judge_offer(state, "1", "", 3, "2099-01-01T00:00:00Z", "1-3", ReleaseQuota(max_releases=2)) == \
