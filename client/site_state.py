@@ -272,13 +272,7 @@ def count_activity(state: SiteState, limits: Mapping[str, int], now: float | Non
     return None
 
 
-def count_round(state: SiteState, limit: int, now: float | None = None) -> int | None:
-    """`count_activity` for one training round: the count when refusing, None when recorded."""
-    refused = count_activity(state, {"train": limit}, now)
-    return None if refused is None else refused[1]
-
-
 __all__ = ["ACTIVITY_FILE", "AUDIT_DIRNAME", "JOINED_FILE", "LEDGER_FILE", "NONCES_FILE", "REFUSALS_FILE",
            "RELEASES_DIRNAME", "SALT_FILE", "STATE_FILE", "SiteState", "SiteStateError", "bind_nonce",
-           "count_activity", "count_round", "default_state_dir", "locked", "node_state_config", "open_state",
+           "count_activity", "default_state_dir", "locked", "node_state_config", "open_state",
            "record_refusal", "site_id", "site_salt", "state_paths"]

@@ -30,7 +30,7 @@ from fedrad.client.policy import (
 )
 from fedrad.client.site_state import (
     SiteStateError,
-    count_round,
+    count_activity,
     open_state,
     site_salt,
     state_paths,
@@ -315,7 +315,8 @@ def test_rounds_per_day_counts_training_rounds_only(tmp_path, site):
     _assert_fixed_reply(reply, ErrorCode.POLICY_REFUSED)
     assert _refusals(tmp_path)[-1]["rule"] == "max_rounds_per_day"
     state = state_paths(ctx.node_config)
-    assert count_round(state, 3, now=__import__("time").time() + 86_401) is None  # a day later: allowed again
+    a_day_later = __import__("time").time() + 86_401
+    assert count_activity(state, {"train": 3}, now=a_day_later) is None  # allowed again
 
 
 def _dp_run(**kw) -> dict:
