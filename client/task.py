@@ -60,8 +60,9 @@ def load_site_for(context: Context, cfg: RunConfig):
     labels = node.labels or None
     kwargs: dict = {"labels_csv": labels} if labels else {}
     kwargs["state_dir"] = state_paths(context.node_config).root  # the salt lives in the state folder, not the cache
-    kwargs["max_pixels"] = policy_for(dict(context.node_config)).max_pixels  # the site's pixel budget
-    kwargs["rules"] = policy_for(dict(context.node_config)).data_rules  # modalities, burned-in, series sampling
+    policy = policy_for(dict(context.node_config))
+    kwargs["max_pixels"] = policy.max_pixels  # the site's pixel budget
+    kwargs["rules"] = policy.data_rules  # modalities, burned-in, series sampling
     from fedrad.common.cache import INLINE_DECODE_MAX
 
     # a round decodes new files itself only when they are few; more wait for `fedrad ingest` (issue 26)
