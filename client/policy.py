@@ -5,6 +5,9 @@ owns (`fedrad node --policy FILE`, written by `fedrad policy init`); the node re
 `policy_mod.site_policy_mod` refuses a run that breaks it before any image is loaded. `check_run` returns the
 first rule broken as a `Refusal(rule, detail)`: both stay at the site (log and audit), the coordinator gets
 only a fixed error code. Without a file the node uses `DEFAULT_POLICY_TOML` (the file `policy init` writes).
+
+`SitePolicy` is a pydantic model on fedrad.common.schema.Schema, the one mechanism of the run config and the
+node config: a wrong type and a broken rule are both one PolicyError line `FILE:LINE: table.key ...`.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import hashlib
 import os
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from pydantic import field_validator, model_validator
 
 from fedrad.common.data_rules import DEFAULT_MODALITIES, DataRules
 from fedrad.common.run_config import DP_MODES, RunConfig
+from fedrad.common.schema import ConfigError, Rule, Schema
 
 HEADER_LABEL_FIELDS = ("view", "body_part", "sex", "age", "modality", "plane", "contrast")  # from DICOM headers
 # The default policy's models: those fedrad knows to work (common.models.KNOWN_MODELS, kept equal by a test).
@@ -32,7 +38,7 @@ _TIMM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class PolicyError(ValueError):
+class PolicyError(ConfigError):
     """The policy file is unreadable or breaks its own rules; the message starts with `FILE:LINE:`."""
 
 
@@ -45,9 +51,24 @@ class Refusal:
     detail: str
 
 
-@dataclass(frozen=True)
-class SitePolicy:
-    """The parsed policy; field names are the TOML keys (tables: coordinator, training, privacy)."""
+# table -> keys it may hold
+_LAYOUT: dict[str, tuple[str, ...]] = {
+    "coordinator": ("ca_sha256",),
+    "training": ("objectives", "models", "max_image_size", "max_batch_size", "max_local_steps",
+                 "max_rounds_per_day", "max_evaluations_per_day", "label_fields"),
+    "privacy": ("require_secagg", "dp_modes", "min_dp_noise", "dp_delta", "epsilon_budget"),
+    "data": ("max_megapixels", "modalities", "allow_burned_in", "max_series_share", "min_slice_spacing_mm"),
+}
+_TABLE_OF = {key: table for table, keys in _LAYOUT.items() for key in keys}
+# What a key of each type must be (the words of a refusal).
+_MUST = {bool: "true or false", int: "a whole number >= 0", float: "a finite number >= 0", str: "a string"}
+
+
+class SitePolicy(Schema):
+    """The parsed policy; field names are the TOML keys (tables: coordinator, training, privacy, data)."""
+
+    _where: ClassVar[str] = "policy"
+    _error: ClassVar[type[ConfigError]] = PolicyError
 
     ca_sha256: str = ""
     objectives: tuple[str, ...] = ()
@@ -82,15 +103,40 @@ class SitePolicy:
         return DataRules(tuple(m.upper() for m in self.modalities), self.allow_burned_in, self.max_series_share,
                          self.min_slice_spacing_mm)
 
+    @classmethod
+    def file_key(cls, name: str) -> tuple[str | None, str]:
+        return _TABLE_OF.get(name), name
 
-# table -> keys it may hold
-_LAYOUT: dict[str, tuple[str, ...]] = {
-    "coordinator": ("ca_sha256",),
-    "training": ("objectives", "models", "max_image_size", "max_batch_size", "max_local_steps",
-                 "max_rounds_per_day", "max_evaluations_per_day", "label_fields"),
-    "privacy": ("require_secagg", "dp_modes", "min_dp_noise", "dp_delta", "epsilon_budget"),
-    "data": ("max_megapixels", "modalities", "allow_burned_in", "max_series_share", "min_slice_spacing_mm"),
-}
+    @classmethod
+    def field_message(cls, name: str, what: str, value: Any) -> str:
+        return f"{_TABLE_OF.get(name, '?')}.{name} {what}"
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _typed(cls, value: Any, info) -> Any:
+        """TOML values of the declared kind only (no "yes" for true, no negative counts)."""
+        kind = cls.model_fields[info.field_name].annotation
+        must = _MUST.get(kind, "a list of non-empty strings")
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = not isinstance(value, bool) and isinstance(value, int) and value >= 0
+        elif kind is float:
+            ok = not isinstance(value, bool) and isinstance(value, int | float) and value >= 0 and value != float("inf")
+            value = float(value) if ok else value
+        elif kind is str:
+            ok = isinstance(value, str)
+        else:  # a tuple of strings
+            ok = isinstance(value, list | tuple) and all(isinstance(v, str) and v.strip() for v in value)
+            value = tuple(v.strip() for v in value) if ok else value
+        if not ok:
+            raise ValueError(f"must be {must}, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _rules(self):
+        _validate(self)
+        return self
 
 
 def _default_text() -> str:
@@ -174,34 +220,6 @@ def _norm_fingerprint(value: str) -> str:
     return value.replace(":", "").replace(" ", "").strip().lower()
 
 
-def _coerce(source: str, text: str, table: str, key: str, value: Any, kind: Any) -> Any:
-    where = f"{table}.{key}"
-
-    def bad(what: str) -> PolicyError:
-        return _fail(source, text, table, key, f"{where} must be {what}, got {value!r}")
-
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise bad("a whole number >= 0")
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not (value >= 0) or value == float("inf"):
-            raise bad("a finite number >= 0")
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    # tuple of strings
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise bad("a list of non-empty strings")
-    return tuple(v.strip() for v in value)
-
-
 @functools.lru_cache(maxsize=16)
 def parse_policy(text: str, source: str = "<policy>") -> SitePolicy:
     """Parse and validate policy TOML; missing keys take the default. PolicyError names FILE:LINE and key.
@@ -219,8 +237,6 @@ def _parse(text: str, source: str, base: SitePolicy | None) -> SitePolicy:
         m = re.search(r"\(at line (\d+), column \d+\)", msg)
         line = int(m.group(1)) if m else max(1, len(text.splitlines()))
         raise PolicyError(f"{source}:{line}: not valid TOML: {re.sub(r' [(]at .*[)]$', '', msg)}") from None
-    kinds = {f.name: f.type for f in fields(SitePolicy)}
-    kind_of = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple}
     values: dict[str, Any] = {}
     for table, body in data.items():
         if table not in _LAYOUT:
@@ -231,20 +247,19 @@ def _parse(text: str, source: str, base: SitePolicy | None) -> SitePolicy:
             if key not in _LAYOUT[table]:
                 raise _fail(source, text, table, key,
                             f"unknown key {table}.{key} (known: {', '.join(_LAYOUT[table])})")
-            values[key] = _coerce(source, text, table, key, value, kind_of[str(kinds[key])])
-    merged = {f.name: getattr(base, f.name) for f in fields(SitePolicy)} if base else {}
+            values[key] = value
+    merged = {name: getattr(base, name) for name in SitePolicy.model_fields} if base else {}
     merged.update(values)
     merged["source"] = source
-    policy = SitePolicy(**merged)
-    _validate(policy, text, source)
-    return policy
+    return SitePolicy.parse(merged, source, text)
 
 
-def _validate(p: SitePolicy, text: str, source: str) -> None:
+def _validate(p: SitePolicy) -> None:
+    """The policy's own rules (a Rule names the key, so the error names its line)."""
     from fedrad.common.losses import OBJECTIVES
 
-    def fail(table: str, key: str, message: str) -> PolicyError:
-        return _fail(source, text, table, key, message)
+    def fail(table: str, key: str, message: str) -> Rule:
+        return Rule(message, key)
 
     if p.ca_sha256 and not _HEX64.match(_norm_fingerprint(p.ca_sha256)):
         raise fail("coordinator", "ca_sha256", "coordinator.ca_sha256 must be a SHA-256 fingerprint "

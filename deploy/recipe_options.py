@@ -29,14 +29,15 @@ def add_recipe_options(parser: argparse.ArgumentParser, title: str = "training r
                        ) -> None:
     """One `--key` option per recipe field: its type, its default and its help from the declaration."""
     group = parser.add_argument_group(title)
-    for f in Recipe.recipe_fields():
-        flag = "--" + f.name.replace("_", "-")
-        kw: dict[str, Any] = {"default": f.default, "help": f.metadata["help"], "dest": f.name}
-        if isinstance(f.default, bool):
+    for name in Recipe.recipe_fields():
+        default, help_line, kind = Recipe.field_help(name)
+        flag = "--" + name.replace("_", "-")
+        kw: dict[str, Any] = {"default": default, "help": help_line, "dest": name}
+        if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = type(f.default)
-            choices = _choices(f.metadata.get("choices"))
+            kw["type"] = type(default)
+            choices = _choices(kind)
             if choices:
                 kw["choices"] = choices
         group.add_argument(flag, **kw)
