@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedrad.common.atomic import append_private
 from fedrad.common.protocol import ErrorCode
 from fedrad.common.run_signature import (
     SIGNATURE_KEY,
@@ -194,21 +193,6 @@ def check_claims(run_config: dict[str, Any], message, run_id: int,
     return None
 
 
-def audit_refusal(node_config: dict[str, Any], entry: dict[str, Any]) -> None:
-    """One JSON line per error reply the runtime itself sends, in `<audit-dir>/refusals.jsonl` and the node log.
-
-    An audit folder that cannot be written is logged; it never turns a refusal into something else.
-    """
-    log.error("fedrad runtime: %s run %s: %s", entry.get("event"), entry.get("run_id"), entry.get("reason"))
-    audit_dir = node_config.get("audit-dir")
-    if not audit_dir:
-        return
-    try:
-        append_private(Path(str(audit_dir)) / "refusals.jsonl", json.dumps({"time": time.time(), **entry}) + "\n")
-    except OSError as exc:
-        log.error("fedrad runtime: cannot write the audit log in %s: %s", audit_dir, exc)
-
-
 def load_site_app(trust: SiteTrust):
     """The ClientApp installed at this site (never anything from the FAB)."""
     from flwr.clientapp import ClientApp
@@ -225,11 +209,12 @@ def load_site_app(trust: SiteTrust):
     return app
 
 
-def error_reply(message, code: ErrorCode):
-    """A reply that carries only the code and its fixed text (imported here: `serve` never loads Flower's app)."""
-    from fedrad.client.error_reply import error_reply as reply
+def refuse(message, code: ErrorCode, rule: str, reason: str, node_config, entry: dict[str, Any]):
+    """The runtime's refusal (fedrad.client.error_reply.refuse: logged, one line in `<audit-dir>/refusals.jsonl`,
+    the code alone in the reply); imported here: `serve` never loads Flower's app."""
+    from fedrad.client.error_reply import refuse as site_refuse
 
-    return reply(message, code)
+    return site_refuse(message, code, rule, reason, audit=node_config, entry=entry)
 
 
 # --- one message: `task` ------------------------------------------------------------------------------
@@ -307,17 +292,15 @@ def run_task(address: str, token: str, trust: SiteTrust, verdicts: VerdictCache 
         except Exception as exc:  # an unreadable FAB or config is a run nobody signed
             run_config, reason = {}, f"the FAB or its run-config cannot be read ({type(exc).__name__})"
         if reason is not None:
-            audit_refusal(context.node_config, {
+            reply = refuse(message, ErrorCode.RUN_NOT_SIGNED, "run_signature", reason, context.node_config, {
                 "event": "refused", "rule": "run_signature", "code": int(ErrorCode.RUN_NOT_SIGNED), "reason": reason,
                 "run_id": run.run_id, "message_type": message.metadata.message_type,
                 "fab_id": run.fab_id, "fab_version": run.fab_version, "fab_sha256": sha256_hex(fab.content)})
-            reply = error_reply(message, ErrorCode.RUN_NOT_SIGNED)
         elif (refused := check_claims(run_config, message, run.run_id, context.node_config)) is not None:
-            audit_refusal(context.node_config, {
+            reply = refuse(message, refused[2], refused[0], refused[1], context.node_config, {
                 "event": "refused", "rule": refused[0], "code": int(refused[2]), "reason": refused[1],
                 "run_id": run.run_id, "message_type": message.metadata.message_type,
                 "fab_sha256": sha256_hex(fab.content)})
-            reply = error_reply(message, refused[2])
         else:
             # The ClientApp sees exactly the config that was verified, not whatever the node state holds.
             context.run_config = run_config
@@ -329,10 +312,10 @@ def run_task(address: str, token: str, trust: SiteTrust, verdicts: VerdictCache 
     except Exception as exc:
         log.exception("fedrad runtime: the site's ClientApp failed")  # the details stay in the node's log
         if message is not None:
-            reply = error_reply(message, ErrorCode.SITE_FAILED)
-            audit_refusal(context.node_config if context is not None else {}, {
-                "event": "failed", "code": int(ErrorCode.SITE_FAILED), "reason": type(exc).__name__,
-                "run_id": message.metadata.run_id, "message_type": message.metadata.message_type})
+            reply = refuse(message, ErrorCode.SITE_FAILED, "failed", type(exc).__name__,
+                           context.node_config if context is not None else {}, {
+                               "event": "failed", "code": int(ErrorCode.SITE_FAILED), "reason": type(exc).__name__,
+                               "run_id": message.metadata.run_id, "message_type": message.metadata.message_type})
     finally:
         try:
             if reply is not None and context is not None:

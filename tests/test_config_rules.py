@@ -103,3 +103,19 @@ def test_a_copy_is_checked_like_a_new_config() -> None:
         cfg.replace(aug_gamma=0.5)
     with pytest.raises(ValueError):
         cfg.lr = 1.0  # frozen
+
+
+def test_one_refusal_helper_at_the_site() -> None:
+    """fedrad.client.error_reply.refuse is the one way a site refuses: no other client module builds an error reply
+    (the wire guard only rewrites and blocks replies on their way out) or writes the refusals file."""
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "client"
+    others = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name in ("error_reply.py", "wire_guard.py"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        if "error_reply(" in text or "record_refusal" in text or "REFUSALS_FILE)" in text:
+            others.append(path.relative_to(root).as_posix())
+    assert not others, f"refuse through fedrad.client.error_reply.refuse: {others}"
