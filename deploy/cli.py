@@ -19,7 +19,7 @@ from fedrad.common.losses import OBJECTIVES
 from fedrad.deploy.export_command import register as register_export
 from fedrad.deploy.publish_command import add_release_source
 from fedrad.deploy.publish_command import register as register_publish
-from fedrad.deploy.recipe_options import add_recipe_options
+from fedrad.deploy.recipe_options import add_recipe_options, recipe_defaults_text
 
 # Flower phones home and checks for updates unless told not to; fedrad runs on closed networks.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -196,7 +196,8 @@ def _add_federation(sub) -> None:
     p.add_argument("--max-release-gib", type=float, default=None, help="most GiB of released models kept (default 20)")
     p.set_defaults(func=_lazy("fedrad.deploy.node_command:cmd_node"))
 
-    p = sub.add_parser("run", help="submit a pretraining run to the coordinator and follow it")
+    p = sub.add_parser("run", help="submit a pretraining run to the coordinator and follow it",
+                       epilog=recipe_defaults_text())
     p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
     p.add_argument("--run-dir", default=None,
         help="where checkpoints, metrics and plots go (default: runs/<date-time>)")

@@ -42,3 +42,15 @@ def add_recipe_options(parser: argparse.ArgumentParser, title: str = "training r
                 kw["choices"] = choices
         group.add_argument(flag, **kw)
 
+
+
+def recipe_defaults_text() -> str:
+    """`fedrad run --help`'s list of the training recipe's keys and defaults: the same declaration and values as
+    `fedrad pretrain --help` (and pyproject's app config, tests/test_recipe_defaults.py)."""
+    pairs = []
+    for name in Recipe.recipe_fields():
+        default = Recipe.field_help(name)[0]
+        shown = str(default).lower() if isinstance(default, bool) else (repr(default) if default == "" else default)
+        pairs.append(f"{name.replace('_', '-')}={shown}")
+    return ("training recipe run-config keys and their defaults (the same as `fedrad pretrain --help`; set one with "
+            "-c KEY=VALUE): " + ", ".join(pairs))

@@ -108,3 +108,14 @@ def test_pretrain_trains_the_recipe_in_rounds(tmp_path, capsys) -> None:
     assert meta["objective"] == "supcon" and meta["steps"] == "3"
     assert (recipe["lr-schedule"], recipe["aug-rotate"], recipe["weight-decay"], recipe["proj-dim"],
             recipe["rounds"]) == ("cosine", 0.0, 0.02, 16, 2)
+
+
+def test_run_help_and_pretrain_help_show_the_same_defaults() -> None:
+    """Issue 24's "done when": `fedrad pretrain --help` and `fedrad run --help` show the same recipe defaults."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    run_help = " ".join(sub.choices["run"].format_help().split())
+    pretrain = _pretrain_parser().parse_args(["DIR"])
+    for name in Recipe.recipe_fields():
+        value = getattr(pretrain, name)
+        shown = str(value).lower() if isinstance(value, bool) else (repr(value) if value == "" else value)
+        assert f"{_kebab(name)}={shown}" in run_help, name
