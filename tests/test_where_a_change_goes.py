@@ -219,9 +219,11 @@ def toy_source(monkeypatch):
     def detect_source(folder):  # "+ its detection in layout.py": a folder of .npy files
         return layout.Layout("npy", None) if any(Path(folder).glob("*.npy")) else detect(folder)
 
-    def open_source(folder, max_pixels=layout.DEFAULT_MAX_PIXELS, layout_=None, **pacs):
+    def open_source(folder, max_pixels=layout.DEFAULT_MAX_PIXELS, layout_=None, labels_csv=None, **pacs):
         found = layout_ or detect_source(folder)
-        return NpyFolderReader(folder, max_pixels) if found.kind == "npy" else open_(folder, max_pixels, found, **pacs)
+        if found.kind == "npy":
+            return NpyFolderReader(folder, max_pixels)
+        return open_(folder, max_pixels, found, labels_csv, **pacs)
 
     monkeypatch.setattr(layout, "detect_source", detect_source)
     monkeypatch.setattr(layout, "open_source", open_source)

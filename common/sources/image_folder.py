@@ -94,15 +94,20 @@ class ImageFolderReader(Reader):
     """The rows of a manifest CSV; item id = the row's `image` path, `rows[i]` its label columns."""
 
     kind = "images"
+    has_headers = False  # labels and patients come from the manifest's rows
     entry = staticmethod(image_entry)
     check = staticmethod(image_check)
 
     def __init__(self, root: str | os.PathLike[str], manifest: str | os.PathLike[str],
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        super().__init__(max_pixels)
+                 max_pixels: int = DEFAULT_MAX_PIXELS, labels_csv: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(max_pixels, labels_csv)
         self.root = Path(root).resolve()
         self.manifest = Path(manifest)
         self.rows = read_csv(self.manifest)
+
+    def _csv_layout(self, header: list[str]) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+        key = "image" if "image" in header else "file"
+        return (key,), (key, "patient_id"), "an 'image' or 'file' column for a PNG/JPEG folder"
 
     def list_items(self) -> Listing:
         out = Listing(files_seen=len(self.rows))
