@@ -35,7 +35,7 @@ def test_run_cli_coordinator_and_site_refuse_the_same_config(overrides: dict, wo
 
 
 def test_site_policy_dp_modes_are_the_run_configs() -> None:
-    from fedrad.client import policy
+    from fedrad.client.site import policy
 
     assert policy.DP_MODES is DP_MODES
 
@@ -59,7 +59,7 @@ def test_fedprox_term_only_under_fedprox() -> None:
 
 
 def test_the_site_policy_is_parsed_once_per_version(tmp_path) -> None:
-    from fedrad.client.policy import policy_for
+    from fedrad.client.site.policy import policy_for
 
     path = tmp_path / "site.toml"
     path.write_text("[training]\nmax_image_size = 32\n")
@@ -73,7 +73,7 @@ def test_the_site_policy_is_parsed_once_per_version(tmp_path) -> None:
 def test_one_schema_mechanism_for_run_config_node_config_and_policy() -> None:
     """Recipe, RunConfig, NodeConfig and SitePolicy are pydantic models on one Schema base, and each refusal is one
     ConfigError line naming the key and, for a file, FILE:LINE."""
-    from fedrad.client.policy import PolicyError, SitePolicy, parse_policy
+    from fedrad.client.site.policy import PolicyError, SitePolicy, parse_policy
     from fedrad.common.node_config import NodeConfig
     from fedrad.common.recipe import Recipe
     from fedrad.common.schema import ConfigError, Schema
@@ -106,7 +106,7 @@ def test_a_copy_is_checked_like_a_new_config() -> None:
 
 
 def test_one_refusal_helper_at_the_site() -> None:
-    """fedrad.client.error_reply.refuse is the one way a site refuses: no other client module builds an error reply
+    """fedrad.client.app.error_reply.refuse is the one way a site refuses: no other client module builds an error reply
     (the wire guard only rewrites and blocks replies on their way out) or writes the refusals file."""
     from pathlib import Path
 
@@ -118,4 +118,4 @@ def test_one_refusal_helper_at_the_site() -> None:
         text = path.read_text(encoding="utf-8")
         if "error_reply(" in text or "record_refusal" in text or "REFUSALS_FILE)" in text:
             others.append(path.relative_to(root).as_posix())
-    assert not others, f"refuse through fedrad.client.error_reply.refuse: {others}"
+    assert not others, f"refuse through fedrad.client.app.error_reply.refuse: {others}"

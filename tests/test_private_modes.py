@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedrad.client.budget import SiteBudget
-from fedrad.client.error_reply import audit_refusal
-from fedrad.client.release_store import record_participation
-from fedrad.client.site_state import SiteState, bind_nonce, count_activity, open_state
+from fedrad.client.app.error_reply import audit_refusal
+from fedrad.client.site.budget import SiteBudget
+from fedrad.client.site.release_store import record_participation
+from fedrad.client.site.site_state import SiteState, bind_nonce, count_activity, open_state
 from fedrad.common.atomic import append_private
 
 
