@@ -18,6 +18,14 @@ from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.walk import Problem
 
 
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV (a manifest or a labels file), keys and values stripped."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 @dataclass(frozen=True)
 class Item:
     """One image of a source.
@@ -89,8 +97,6 @@ class Reader(abc.ABC):
         The reader owns its labels: site data and fine-tuning ask it instead of branching on the layout."""
         if self.labels_csv is None:
             return {}
-        from fedrad.common.sources.image_folder import read_csv
-
         rows = read_csv(self.labels_csv)
         if not rows:
             return {}

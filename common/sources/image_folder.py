@@ -8,7 +8,6 @@ before any pixels are decoded.
 
 from __future__ import annotations
 
-import csv
 import os
 import warnings
 from pathlib import Path
@@ -16,16 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from fedrad.common.image_ops import fit_square
-from fedrad.common.sources.base import Item, Listing, Reader
+from fedrad.common.sources.base import Item, Listing, Reader, read_csv
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS, check_pixel_budget
 from fedrad.common.sources.errors import SkipImage, reraise_fatal, skip_from
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _open(path: str | bytes, max_pixels: int):
