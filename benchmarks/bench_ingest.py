@@ -24,7 +24,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common_bench import append_result, machine, today  # noqa: E402
+from common_bench import bench_command, record_row  # noqa: E402
 
 SIZE = 64
 J2K = "1.2.840.10008.1.2.4.90"  # JPEG 2000 Image Compression (Lossless Only)
@@ -111,7 +111,7 @@ def child(phase: str, data: Path, cache: Path, state: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(n: int, compressed: bool, workers: int, tmp: Path) -> str:
+def run(n: int, compressed: bool, workers: int, tmp: Path, note: str = "") -> None:
     from fedrad.client.ingest import ingest_site
     from fedrad.common.cache import DecodedCache
     from fedrad.common.sources.base import Item
@@ -145,11 +145,17 @@ def run(n: int, compressed: bool, workers: int, tmp: Path) -> str:
     kind = "JPEG 2000 lossless" if compressed else "uncompressed"
     print(f"{kind}: wrote {n} in {written:.0f} s; bare {bare:.0f}/s, ingest {ingest:.0f}/s ({ingest / bare:.2f}x); "
           f"append 1 {append_s:.3f} s, ingest pass +1 {pass_s:.2f} s; index check {index}; node start {start}")
-    return (f"| {today()} | {n} | {kind} | {workers} | {bare:.0f} | {ingest:.0f} | {ingest / bare:.2f}x | "
-            f"{append_s:.3f} | {pass_s:.2f} | +{index['rss_mb']:.0f} MB (peak {index['peak_mb']:.0f}) / "
-            f"{index['seconds']:.1f} s | {start['seconds']:.1f} s / +{start['rss_mb']:.0f} MB (peak "
-            f"{start['peak_mb']:.0f}) | {machine()} |")
-
+    ctx = {"command": bench_command(__file__), "N": n, "files": kind, "processes": workers, "note": note}
+    record_row("ingest", "bare pydicom img/s", round(bare), "img/s", **ctx)
+    record_row("ingest", "ingest img/s", round(ingest), "img/s", **ctx)
+    record_row("ingest", "ratio", round(ingest / bare, 2), "x", goal=">= 0.8", met=ingest / bare >= 0.8, **ctx)
+    record_row("ingest", "append 1 file s", round(append_s, 3), "s", goal="<= 1 s at 10^5", met=append_s <= 1, **ctx)
+    record_row("ingest", "ingest pass +1 file s", round(pass_s, 2), "s", **ctx)
+    record_row("ingest", "index check: RSS growth", round(index["rss_mb"]), "MB", goal="<= 100 MB",
+               met=index["rss_mb"] <= 100, peak_mb=round(index["peak_mb"]), seconds=round(index["seconds"], 1), **ctx)
+    record_row("ingest", "node load_site: time", round(start["seconds"], 1), "s", goal="<= 10 s at 10^5",
+               met=start["seconds"] <= 10, rss_growth_mb=round(start["rss_mb"]), peak_mb=round(start["peak_mb"]),
+               **ctx)
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
@@ -159,15 +165,11 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=2000, help="synthetic DICOMs per kind (issue 26's size: 100000)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes, both sides")
     ap.add_argument("--kinds", default="uncompressed,j2k", help="uncompressed, j2k or both")
-    ap.add_argument("--note", default="", help="load on the machine, appended to the row")
+    ap.add_argument("--note", default="", help="what else ran on the machine (the rows' note)")
     args = ap.parse_args()
-    header = ("| date | N | files | processes | bare pydicom img/s | ingest img/s | ratio (goal >= 0.8) | "
-              "append 1 file s | ingest pass +1 file s | index check: RSS growth / time (goal <= 100 MB) | "
-              "node load_site: time (goal <= 10 s) / RSS growth | machine | load |")
     for kind in args.kinds.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            row = run(args.n, kind == "j2k", args.workers, Path(tmp))
-        append_result("Ingest at scale (issue 26)", header, row + f" {args.note or 'not recorded'} |")
+            run(args.n, kind == "j2k", args.workers, Path(tmp), args.note)
     return 0
 
 

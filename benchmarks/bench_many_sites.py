@@ -6,7 +6,7 @@ warm workers): round wall time, fixed overhead (round - slowest site's handler s
 aggregation; and memory sampled every 0.5 s with psutil over each site's process tree (runtime + SuperNode +
 warm worker): the peak during the run, and the idle RSS 5 s after the run ended (the warm worker still alive,
 between rounds as far as it knows), mean and max over the sites; plus the coordinator's tree (SuperLink +
-ServerApp). Rows are appended to RESULTS.md.
+ServerApp). Rows go to benchmarks/results/many_sites.jsonl.
 Run: python benchmarks/bench_many_sites.py --sites 3,10,20 [--rounds 3] [--modes plain,secagg]
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from common_bench import append_result, machine, today  # noqa: E402
+from common_bench import bench_command, record_row  # noqa: E402
 
 TINY = {"model": "test_resnet", "image-size": 32, "local-steps": 5, "batch-size": 8, "proj-dim": 32,
         "objective": "simclr", "fraction-evaluate": 0.0, "eval-in-train": True}
@@ -115,8 +115,6 @@ def main() -> int:
     args = ap.parse_args()
     from fedrad.deploy.synthetic import write_synthetic_sites
 
-    command = (f"`python benchmarks/bench_many_sites.py --sites {args.sites} --rounds {args.rounds} "
-               f"--modes {args.modes}`")
     for n in [int(s) for s in args.sites.split(",")]:
         for mode in args.modes.split(","):
             load_start = os.getloadavg()[0]
@@ -124,21 +122,21 @@ def main() -> int:
                 tmp = Path(tmpdir)
                 sites = write_synthetic_sites(tmp / "sites", n_sites=n, patients_per_site=10, size=64)
                 r = consortium_run(sites, tmp / "fed", args.rounds, mode == "secagg")
-            load = f"load avg {load_start:.1f} -> {os.getloadavg()[0]:.1f}" + (f"; {args.note}" if args.note else "")
             print(f"{n:>3} sites {mode:>6}: round 1 {r['round1']:.2f} s, rounds 2+ {r['round_seconds']:.2f} s, "
                   f"overhead {r['time_overhead']:.2f} s, aggregate {r['time_aggregate']:.2f} s; site RSS peak "
                   f"{r['site_peak_mean']:.0f} (max {r['site_peak_max']:.0f}) MB, idle {r['site_idle_mean']:.0f} "
                   f"(max {r['site_idle_max']:.0f}) MB; coordinator peak {r['coord_peak']:.0f} MB", flush=True)
-            append_result(
-                "many sites: round overhead and per-site memory vs consortium size (issue 26; rounds 2+ mean, "
-                "seconds; RSS of each site's runtime + SuperNode + warm worker, MB)",
-                "| date | machine | sites | mode | rounds | round 1 | round 2+ | overhead | aggregate | "
-                "site peak RSS mean/max | site idle RSS mean/max | coordinator peak/idle RSS | load | command |",
-                f"| {today()} | {machine()} | {n} | {mode} | {args.rounds} | {r['round1']:.2f} | "
-                f"{r['round_seconds']:.2f} | {r['time_overhead']:.2f} | {r['time_aggregate']:.2f} | "
-                f"{r['site_peak_mean']:.0f}/{r['site_peak_max']:.0f} | {r['site_idle_mean']:.0f}/"
-                f"{r['site_idle_max']:.0f} | {r['coord_peak']:.0f}/{r['coord_idle']:.0f} | {load} | {command} |",
-            )
+            ctx = {"command": bench_command(__file__), "sites": n, "mode": mode, "rounds": args.rounds,
+                   "load_start": round(load_start, 2), "note": args.note}
+            for metric, key, unit in (("round 1", "round1", "s"), ("round 2+", "round_seconds", "s"),
+                                      ("overhead", "time_overhead", "s"), ("aggregate", "time_aggregate", "s"),
+                                      ("site peak RSS mean", "site_peak_mean", "MB"),
+                                      ("site peak RSS max", "site_peak_max", "MB"),
+                                      ("site idle RSS mean", "site_idle_mean", "MB"),
+                                      ("site idle RSS max", "site_idle_max", "MB"),
+                                      ("coordinator peak RSS", "coord_peak", "MB"),
+                                      ("coordinator idle RSS", "coord_idle", "MB")):
+                record_row("many_sites", metric, round(r[key], 2), unit, **ctx)
     return 0
 
 

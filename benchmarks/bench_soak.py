@@ -6,7 +6,7 @@ Reported: RSS of the coordinator's process tree (SuperLink + ServerApp) and of e
 2 s, as the mean over the first and the last quarter of the rounds (goal: within 10 %); the coordinator's own
 work per round (send + aggregate + checkpoint seconds from metrics.jsonl) over the first and last quarter
 (goal: independent of the round number); whether the resumed run continued exactly (rounds 1..N each once in
-metrics.jsonl, the latest checkpoint is round N, keep-checkpoints bounded the folder). Rows go to RESULTS.md.
+metrics.jsonl, the latest checkpoint is round N, keep-checkpoints bounded the folder). Rows: soak.jsonl.
 Run: python benchmarks/bench_soak.py [--rounds 200] [--sites 3]
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from bench_many_sites import MB, TINY, tree_rss  # noqa: E402
-from common_bench import append_result, machine, today  # noqa: E402
+from common_bench import bench_command, record_row  # noqa: E402
 
 
 class Series(threading.Thread):
@@ -94,18 +94,21 @@ def main() -> int:
     late = [r for r in series.rows if r[0] - t0 >= 0.75 * span]
     coord = (sum(r[1] for r in early) / max(1, len(early)), sum(r[1] for r in late) / max(1, len(late)))
     site = (sum(r[2] for r in early) / max(1, len(early)), sum(r[2] for r in late) / max(1, len(late)))
-    load = f"load avg {load_start:.1f} -> {os.getloadavg()[0]:.1f}" + (f"; {args.note}" if args.note else "")
     print(f"rounds {args.rounds} ({n} sites), restart after {half}: resumed exactly {exact}; checkpoints kept {kept}; "
           f"coordinator RSS {coord[0]:.0f} -> {coord[1]:.0f} MB; site RSS {site[0]:.0f} -> {site[1]:.0f} MB; "
           f"coordinator work/round {work_first:.3f} -> {work_last:.3f} s; wall {span / 60:.1f} min")
-    append_result(
-        "soak: a long run with a coordinator restart in the middle (issue 26; RSS MB, first vs last quarter)",
-        "| date | machine | sites | rounds | resumed exactly | checkpoints kept | coordinator RSS | site RSS | "
-        "coordinator work/round s | wall min | load | command |",
-        f"| {today()} | {machine()} | {n} | {args.rounds} | {exact} | {kept} | {coord[0]:.0f} -> {coord[1]:.0f} | "
-        f"{site[0]:.0f} -> {site[1]:.0f} | {work_first:.3f} -> {work_last:.3f} | {span / 60:.1f} | {load} | "
-        f"`python benchmarks/bench_soak.py --rounds {args.rounds} --sites {n}` |",
-    )
+    ctx = {"command": bench_command(__file__), "sites": n, "rounds": args.rounds,
+           "load_start": round(load_start, 2), "note": args.note}
+    record_row("soak", "resumed exactly", int(exact), "bool", met=exact, **ctx)
+    record_row("soak", "checkpoints kept", kept, "files", **ctx)
+    record_row("soak", "coordinator RSS", round(coord[0]), "MB", text=f"{coord[0]:.0f} -> {coord[1]:.0f}", **ctx)
+    record_row("soak", "coordinator RSS, last quarter", round(coord[1]), "MB", **ctx)
+    record_row("soak", "site RSS", round(site[0]), "MB", text=f"{site[0]:.0f} -> {site[1]:.0f}", **ctx)
+    record_row("soak", "site RSS, last quarter", round(site[1]), "MB", **ctx)
+    record_row("soak", "coordinator work/round s", round(work_first, 3), "s",
+               text=f"{work_first:.3f} -> {work_last:.3f}", **ctx)
+    record_row("soak", "coordinator work/round s, last quarter", round(work_last, 3), "s", **ctx)
+    record_row("soak", "wall min", round(span / 60, 1), "min", **ctx)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 A real SuperLink and one SuperNode on loopback (fedrad's runtime, warm worker per run) run `--rounds` small
 rounds with eval-in-train. A sampler reads the worker's RSS (psutil) after every round's line lands in
-metrics.jsonl. Printed and appended to RESULTS.md: RSS after round 1, after round `--settle`, at the end and
+metrics.jsonl. Printed and recorded (worker_memory.jsonl): RSS after round 1, after round `--settle`, at the end and
 the peak, and the growth from round `--settle` to the end (the first rounds import, decode and allocate).
 Run: python benchmarks/bench_worker_memory.py [--rounds 50]
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from common_bench import append_result, machine, today  # noqa: E402
+from common_bench import bench_command, record_row  # noqa: E402
 
 SMALL = {"model": "test_resnet", "image-size": 32, "local-steps": 3, "batch-size": 8, "proj-dim": 32,
          "fraction-evaluate": 0.0, "eval-in-train": True, "objective": "simclr"}
@@ -92,14 +92,13 @@ def main() -> int:
     print(f"worker RSS MiB: round {rounds[0]} {first / MIB:.1f}, round {settle} {settled / MIB:.1f}, "
           f"round {rounds[-1]} {last / MIB:.1f}, peak {peak / MIB:.1f}; growth {settle}->{rounds[-1]}: "
           f"{growth / MIB:+.1f} MiB; {len(rounds)} samples, {wall:.0f} s")
-    append_result(
-        "warm worker RSS across rounds (issue 13)",
-        "| date | machine | rounds | RSS round 1 MiB | RSS settled MiB | RSS end MiB | peak MiB | growth settled->end "
-        "MiB | wall s | load | command |",
-        f"| {today()} | {machine()} | {rounds[-1]} | {first / MIB:.1f} | {settled / MIB:.1f} (round {settle}) | "
-        f"{last / MIB:.1f} | {peak / MIB:.1f} | {growth / MIB:+.1f} | {wall:.0f} | load avg {load_start:.1f} -> "
-        f"{os.getloadavg()[0]:.1f} | `python benchmarks/bench_worker_memory.py --rounds {args.rounds}` |",
-    )
+    ctx = {"command": bench_command(__file__), "rounds": rounds[-1], "load_start": round(load_start, 2)}
+    record_row("worker_memory", "RSS round 1 MiB", round(first / MIB, 1), "MiB", **ctx)
+    record_row("worker_memory", "RSS settled MiB", round(settled / MIB, 1), "MiB", settle_round=settle, **ctx)
+    record_row("worker_memory", "RSS end MiB", round(last / MIB, 1), "MiB", **ctx)
+    record_row("worker_memory", "peak MiB", round(peak / MIB, 1), "MiB", **ctx)
+    record_row("worker_memory", "growth settled->end MiB", round(growth / MIB, 1), "MiB", **ctx)
+    record_row("worker_memory", "wall s", round(wall), "s", **ctx)
     return 0
 
 

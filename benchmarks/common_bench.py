@@ -145,12 +145,11 @@ def record_row(bench: str, metric: str, value, unit: str, *, command: str, goal:
     return row
 
 
-def bench_command() -> str:
-    """The command line that ran this bench, as a reader would retype it (python benchmarks/bench_x.py ...)."""
-    argv = [Path(sys.argv[0]).as_posix()] + sys.argv[1:]
-    if argv[0].startswith(REPO.as_posix() + "/"):
-        argv[0] = argv[0][len(REPO.as_posix()) + 1:]
-    return "python " + " ".join(shlex.quote(a) for a in argv)
+def bench_command(script: str, argv: list[str] | None = None) -> str:
+    """The command that ran a bench, as a reader would retype it: `python benchmarks/<script's name> ARGS`
+    (`argv` defaults to this process's arguments)."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *(shlex.quote(str(a)) for a in args)])
 
 
 def today() -> str:
