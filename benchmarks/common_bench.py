@@ -9,7 +9,6 @@ import os
 import platform
 import shlex
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -150,7 +149,3 @@ def bench_command(script: str, argv: list[str] | None = None) -> str:
     (`argv` defaults to this process's arguments)."""
     args = sys.argv[1:] if argv is None else argv
     return " ".join(["python", f"benchmarks/{Path(script).name}", *(shlex.quote(str(a)) for a in args)])
-
-
-def today() -> str:
-    return time.strftime("%Y-%m-%d %H:%M")

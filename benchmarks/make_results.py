@@ -20,7 +20,9 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REQUIRED = ("bench", "date", "machine", "load", "command", "metric", "value", "unit", "goal", "met", "note")
+sys.path.insert(0, str(HERE))
+from common_bench import REQUIRED  # noqa: E402  (the fields record_row writes: one list for writer and reader)
+
 SHOWN = set(REQUIRED) | {"superseded"}  # extra keys (not these) go into the note cell as key=value
 
 
