@@ -53,7 +53,7 @@ from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.dicom_folder import dicom_entry
 from fedrad.common.sources.errors import reraise_fatal, skip_from
 from fedrad.common.sources.workers import default_workers, map_isolated
-from fedrad.common.store_view import StoreView
+from fedrad.common.store_view import StoreView, hold_store
 
 __all__ = ["DecodedCache", "dicom_entry", "default_workers", "file_fingerprint"]
 
@@ -113,6 +113,7 @@ CREATE TABLE IF NOT EXISTS entries(key TEXT PRIMARY KEY, e TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files(path BLOB PRIMARY KEY, size INTEGER NOT NULL, mtime INTEGER NOT NULL,
                                  fp TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks(name TEXT PRIMARY KEY, rows INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dirs(path BLOB PRIMARY KEY, mtime INTEGER NOT NULL, ino INTEGER NOT NULL);
 """
 STALE_TMP_S = 600  # a temp chunk untouched this long belongs to a killed process
 
@@ -139,7 +140,7 @@ class DecodedCache:
 
     def __init__(self, cache_dir: str | os.PathLike[str], size: int, decoder: Decoder | None = None,
                  workers: int | None = None, state_dir: str | os.PathLike[str] | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, hold: bool = True) -> None:
         self.root = Path(cache_dir)
         self.size = int(size)
         self.dir = self.root / f"s{self.size}"
@@ -153,10 +154,12 @@ class DecodedCache:
         self.salt_id = hmac.new(self.salt, b"fedrad-salt-id", hashlib.sha256).hexdigest()[:12]
         self.workers = workers if workers is not None else default_workers()
         self.index_path = self.dir / "index.sqlite"
+        self._hold = hold_store(self.dir) if hold else None  # waits while `fedrad ingest --compact` runs
         self._key_of: dict[str, str] = {}  # item id / locator of the last load -> fingerprint
         self._memo: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, fp) hashed, not yet stored
         self._loaded: dict[str, dict] = {}  # entries read while planning the last load (one query per item)
         self.pending = 0  # items of the last load left for `fedrad ingest` (see load_frames' max_decode)
+        self.changed_paths: list[str] = []  # files that changed while read (not stored: decoded next time)
         self.stats: dict[str, float] = {"decoded": 0, "reused": 0, "hashed": 0, "changed": 0, "seconds": 0.0}
         self._db = self._open()
 
@@ -169,9 +172,10 @@ class DecodedCache:
         db.execute("PRAGMA synchronous=NORMAL")  # WAL: a kill loses nothing committed; power loss only the last
         db.executescript(_SCHEMA)
         want = {"version": str(FORMAT_VERSION), "size": str(self.size), "salt_id": self.salt_id}
-        if dict(db.execute("SELECT k, v FROM info").fetchall()) != want:
+        have = dict(db.execute("SELECT k, v FROM info").fetchall())
+        if {k: have.get(k) for k in want} != want:
             with self._locked(), self._tx(db):  # a new store, another salt: nothing in it is ours
-                for table in ("info", "entries", "files", "chunks"):
+                for table in ("info", "entries", "files", "chunks", "dirs"):
                     db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
                 db.executemany("INSERT INTO info VALUES (?, ?)", list(want.items()))
             with contextlib.suppress(OSError):
@@ -200,6 +204,29 @@ class DecodedCache:
 
     def close(self) -> None:
         self._db.close()
+        if self._hold is not None:
+            self._hold.close()
+            self._hold = None
+
+    # -- folder memo: the quick ingest pass (client/ingest.py) --------------------------------------------
+    def dir_known(self, path: str, mtime_ns: int, ino: int) -> bool:
+        """Were all files of folder `path` stored when it last had this mtime and inode?"""
+        row = self._db.execute("SELECT mtime, ino FROM dirs WHERE path = ?", (os.fsencode(path),)).fetchone()
+        return row is not None and (row[0], row[1]) == (mtime_ns, ino)
+
+    def remember_dirs(self, rows: Sequence[tuple[str, int, int]], full: bool) -> None:
+        """Record folders whose files are all stored; `full`: this was a full pass (the memo is replaced)."""
+        with self._tx() as db:
+            if full:
+                db.execute("DELETE FROM dirs")
+                db.execute("INSERT OR REPLACE INTO info VALUES ('full_pass', ?)", (repr(time.time()),))
+            db.executemany("INSERT OR REPLACE INTO dirs VALUES (?, ?, ?)",
+                           [(os.fsencode(p), m, i) for p, m, i in rows])
+
+    def last_full_pass(self) -> float | None:
+        """time.time() of the last completed full ingest pass, None if none was."""
+        row = self._db.execute("SELECT v FROM info WHERE k = 'full_pass'").fetchone()
+        return float(row[0]) if row else None
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -400,6 +427,7 @@ class DecodedCache:
                 batch = batch or _Batch(self.dir, self.size)
                 if not items[i].fingerprint and self._changed_since_hashed(items[i].locator, fps[i]):
                     self.stats["changed"] += 1  # the bytes decoded may not be the bytes hashed: not stored
+                    self.changed_paths.append(os.path.abspath(items[i].locator))
                 else:
                     self._add(batch, fps[i], img, meta, reason, detail)
                 if n % BATCH == 0:

@@ -15,7 +15,7 @@ import numpy as np
 from fedrad.common.header_signals import patient_key
 from fedrad.common.sources.base import Frames, Item, Listing, Reader
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
-from fedrad.common.sources.walk import Problem, walk_folder
+from fedrad.common.sources.walk import DirCheck, Problem, walk_folder
 
 # Certainly not image data: listed as ignored.
 NOT_IMAGE_EXTS = {
@@ -79,10 +79,11 @@ class DicomFolderReader(Reader):
         super().__init__(max_pixels)
         self.root = Path(root).resolve()
 
-    def list_items(self) -> Listing:
-        walk = walk_folder(self.root)
+    def list_items(self, known: DirCheck | None = None) -> Listing:
+        """Every file under the folder; `known` (walk_folder's) leaves out the files of unchanged folders."""
+        walk = walk_folder(self.root, known)
         out = Listing(folders=walk.folders, skipped=list(walk.problems),
-                      files_seen=len(walk.files) + len(walk.problems))
+                      files_seen=len(walk.files) + len(walk.problems), dirs=walk.dirs, unchanged=walk.unchanged)
         for p in walk.files:
             rel = p.relative_to(self.root).as_posix()
             kind, detail = classify(p)

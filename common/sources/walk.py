@@ -7,10 +7,12 @@ display by `display_name`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,13 @@ class Walk:
     files: list[Path] = field(default_factory=list)  # regular files, sorted
     problems: list[Problem] = field(default_factory=list)  # files that cannot be opened as files
     folders: list[Problem] = field(default_factory=list)  # folders not walked (unreadable, symlinked)
+    # (absolute folder, st_mtime_ns, st_ino) of each folder walked, stat taken before it was listed; and the
+    # folders whose files `known` said were unchanged (their files are not listed)
+    dirs: list[tuple[str, int, int]] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+
+DirCheck = Callable[[str, int, int], bool]  # (absolute folder, st_mtime_ns, st_ino) -> its files are known
 
 
 def display_name(name: str) -> str:
@@ -49,14 +58,25 @@ def display_name(name: str) -> str:
     return "".join(out)
 
 
-def walk_folder(root: str | os.PathLike[str]) -> Walk:
+def walk_folder(root: str | os.PathLike[str], known: DirCheck | None = None) -> Walk:
     """Every regular file under `root`, sorted, skipping hidden files and folders (.fedrad-cache, .git).
 
     Symlinked folders are not followed (a loop or a link out of the archive would otherwise be walked);
     they, unreadable folders, dangling or looping file links and non-regular files are reported.
+    `known(folder, mtime_ns, inode)` (the quick ingest pass, issue 26): True says the folder is as it was when
+    its files were all stored, so its files are neither stat'ed nor listed (its subfolders still are: a
+    folder's mtime changes when an entry is added, removed or renamed in it, not below it).
     """
     base = Path(root)
     result = Walk()
+    stats: dict[str, tuple[int, int]] = {}
+
+    def note(folder: str) -> None:  # stat before os.walk lists it: a file added after this changes its mtime
+        with contextlib.suppress(OSError):
+            st = os.stat(folder)
+            stats[os.path.abspath(folder)] = (st.st_mtime_ns, st.st_ino)
+
+    note(str(base))
 
     def rel(p: str | Path) -> str:
         return os.path.relpath(p, base)
@@ -75,7 +95,15 @@ def walk_folder(root: str | os.PathLike[str]) -> Walk:
                 result.folders.append(Problem(rel(full), "unreadable", "symbolic link to a folder: not followed"))
             else:
                 keep.append(d)
+                note(full)
         dirnames[:] = keep
+        here = os.path.abspath(dirpath)
+        seen = stats.get(here)
+        if seen is not None:
+            result.dirs.append((here, *seen))
+            if known is not None and known(here, *seen):
+                result.unchanged.append(here)
+                continue
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
