@@ -127,3 +127,37 @@ def test_compaction_is_refused_while_a_round_or_an_ingest_uses_the_store(tmp_pat
     del site
     assert main(args) == 0
     assert "1 images of deleted files dropped" in capsys.readouterr().out
+
+
+def test_compaction_killed_mid_rewrite_leaves_a_consistent_store(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "BATCH", 8)
+    data = _site(tmp_path / "data", 24)
+    cache, state, store = tmp_path / "cache", tmp_path / "state", tmp_path / "cache" / "s16"
+    _run(tmp_path)
+    before = load_site(data, 16, cache_dir=cache, state_dir=state, progress=False, max_decode=0)
+    pixels = {p: np.asarray(before.images[i]) for i, p in enumerate(before.paths)}
+    del before
+    for p in sorted(data.rglob("*.dcm"))[::4]:
+        p.unlink()
+    real_tx, calls = DecodedCache._tx, []
+
+    def dying_tx(self, db=None):
+        calls.append(1)
+        if len(calls) == 2:  # the first chunk's rewrite: its new chunk is renamed in, never committed
+            raise KeyboardInterrupt("killed")
+        return real_tx(self, db)
+
+    monkeypatch.setattr(DecodedCache, "_tx", dying_tx)
+    with pytest.raises(KeyboardInterrupt):
+        compact_store(cache, 16, DicomFolderReader(data), state_dir=state)
+    monkeypatch.setattr(DecodedCache, "_tx", real_tx)
+    DecodedCache(cache, 16, workers=0, state_dir=state).close()  # the next open deletes the orphan chunk
+    db = sqlite3.connect(store / "index.sqlite")
+    assert {r[0] for r in db.execute("SELECT name FROM chunks")} == _chunk_files(store)
+    db.close()
+    after = load_site(data, 16, cache_dir=cache, state_dir=state, progress=False, max_decode=0)
+    assert len(after) == 18
+    for i, p in enumerate(after.paths):
+        np.testing.assert_array_equal(np.asarray(after.images[i]), pixels[p])
+    del after
+    assert compact_store(cache, 16, DicomFolderReader(data), state_dir=state)["rows_dropped"] == 6
