@@ -215,7 +215,7 @@ class DecodedCache:
             self._hold.close()
             self._hold = None
 
-    # -- folder memo: the quick ingest pass (client/ingest.py) --------------------------------------------
+    # -- folder memo: the quick ingest pass (client/site/ingest.py) ---------------------------------------
     def dir_known(self, path: str, mtime_ns: int, ino: int) -> bool:
         """Were all files of folder `path` stored when it last had this mtime and inode?"""
         row = self._db.execute("SELECT mtime, ino FROM dirs WHERE path = ?", (os.fsencode(path),)).fetchone()

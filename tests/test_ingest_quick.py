@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from dicom_fixtures import small_dicom
 
-from fedrad.client.ingest import ingest_site
-from fedrad.client.site_data import load_site
+from fedrad.client.site.ingest import ingest_site
+from fedrad.client.site.site_data import load_site
 from fedrad.common import cache as cache_mod
 from fedrad.common.cache import DecodedCache
 from fedrad.common.sources.dicom_folder import DicomFolderReader
