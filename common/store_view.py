@@ -53,6 +53,14 @@ class StoreView:
         self._maps: OrderedDict[int, np.memmap] = OrderedDict()
         self._hold = hold_store(self.folder)  # its chunks are opened lazily: no compaction while it lives
 
+    def __getstate__(self) -> dict:  # sent to a spawned process (DDP ranks): maps and lock are reopened there
+        return {k: v for k, v in self.__dict__.items() if k not in ("_maps", "_hold")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._maps = OrderedDict()
+        self._hold = hold_store(self.folder)
+
     @property
     def shape(self) -> tuple[int, int, int]:
         return (len(self.rows), self.size, self.size)

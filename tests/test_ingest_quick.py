@@ -161,3 +161,28 @@ def test_compaction_killed_mid_rewrite_leaves_a_consistent_store(tmp_path, monke
         np.testing.assert_array_equal(np.asarray(after.images[i]), pixels[p])
     del after
     assert compact_store(cache, 16, DicomFolderReader(data), state_dir=state)["rows_dropped"] == 6
+
+
+def test_a_lazy_view_pickles_for_spawned_ranks_and_holds_the_store_there_too(tmp_path):
+    import pickle
+
+    from fedrad.common.store_view import hold_store
+
+    data = _site(tmp_path / "data", 12)
+    _run(tmp_path)
+    (data / "s0" / "img0000.dcm").unlink()
+    site = load_site(data, 16, cache_dir=tmp_path / "cache", state_dir=tmp_path / "state", progress=False,
+                     max_decode=0)
+    view = site.images
+    if isinstance(view, np.memmap):
+        pytest.skip("the rows are one whole chunk: no lazy view")
+    expected = np.asarray(view[[0, 5, 10]])
+    del site
+    copy = pickle.loads(pickle.dumps(view))
+    del view
+    np.testing.assert_array_equal(copy[[0, 5, 10]], expected)
+    assert hold_store(tmp_path / "cache" / "s16", exclusive=True) is None  # the copy holds the store
+    del copy
+    lock = hold_store(tmp_path / "cache" / "s16", exclusive=True)
+    assert lock is not None
+    lock.close()
