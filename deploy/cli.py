@@ -410,6 +410,10 @@ def _add_ingest(sub) -> None:
     p.add_argument("--policy", default=None, help="site policy whose pixel budget applies (default: built-in)")
     p.add_argument("--max-pixels", type=int, default=64 << 20, help="pixel budget without --policy")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--full", action="store_true", help="stat every file (default: skip folders unchanged since "
+                   "the last pass; a full pass runs by itself when the last one is over 24 h old)")
+    p.add_argument("--compact", action="store_true", help="then rewrite the store without the images of deleted "
+                   "files (refused, exit 2, while a round or another ingest uses the store)")
     p.set_defaults(func=_lazy("fedrad.client.site.ingest:cmd_ingest"))
 
 
