@@ -193,6 +193,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="plain,secagg")
     ap.add_argument("--idle-release", default="on", choices=["on", "off"], help="the sites' node-config idle-release")
+    ap.add_argument("--site-mib", type=float, default=750.0, help="memory one site takes (PSS; raised to what a "
+                    "smaller size measured) for the check that N sites fit before starting them")
+    ap.add_argument("--coordinator-mib", type=float, default=1300.0, help="the coordinator's peak (raised likewise)")
+    ap.add_argument("--margin-mib", type=float, default=2048.0, help="left free for the machine's other users")
     ap.add_argument("--note", default="", help="what else ran on the machine (goes into the row)")
     args = ap.parse_args()
     from fedrad.deploy.synthetic import write_synthetic_sites
@@ -200,9 +204,20 @@ def main() -> int:
     command = (f"python benchmarks/bench_many_sites.py --sites {args.sites} --rounds {args.rounds} "
                f"--modes {args.modes} --idle-release {args.idle_release}")
     overhead: dict[tuple[int, str], float] = {}
+    per_site, coordinator = args.site_mib, args.coordinator_mib
     for n in [int(s) for s in args.sites.split(",")]:
         for mode in args.modes.split(","):
             load_start = os.getloadavg()[0]
+            need, have = n * per_site + coordinator + args.margin_mib, mem_available() / MIB
+            if need > have:  # never push the shared machine into the OOM killer: say what stands in the way
+                why = (f"not run: {n} sites need ~{need:.0f} MiB ({n} x {per_site:.0f} MiB per site (PSS, measured "
+                       f"at the smaller size) + coordinator {coordinator:.0f} + margin {args.margin_mib:.0f}), the "
+                       f"machine has {have:.0f} MiB available (load {load_start:.1f})")
+                print(f"{n:>3} sites {mode:>6}: {why}", flush=True)
+                record_row("fixed overhead per round (rounds 2+ mean: round wall - slowest site's compute)", None, "s",
+                           command=command, note=why + (f"; {args.note}" if args.note else ""), sites=n, mode=mode,
+                           need_mib=round(need), available_mib=round(have))
+                continue
             with tempfile.TemporaryDirectory() as tmpdir:
                 tmp = Path(tmpdir)
                 sites = write_synthetic_sites(tmp / "sites", n_sites=n, patients_per_site=10, size=64)
@@ -210,6 +225,8 @@ def main() -> int:
             note = (f"load avg {load_start:.1f} -> {os.getloadavg()[0]:.1f} (max {r['load_high']:.1f}) on "
                     f"{os.cpu_count()} cores" + (f"; {args.note}" if args.note else ""))
             report(n, mode, r, command, note, args.idle_release == "on")
+            per_site = max(per_site, r["sites_pss_idle_sum"] / n, r["site_peak_mean"] * 0.75)
+            coordinator = max(coordinator, r["coord_peak"])
             overhead[(n, mode)] = r["time_overhead"]
     for mode in args.modes.split(","):
         small = min((n for n, m in overhead if m == mode), default=None)

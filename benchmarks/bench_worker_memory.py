@@ -141,7 +141,8 @@ def main() -> int:
               f"{settled / MIB:.1f}, round {rounds[-1]} {last / MIB:.1f}, peak {peak / MIB:.1f}; growth "
               f"{settle}->{rounds[-1]}: {growth / MIB:+.1f} MiB; idle after the run: "
               + ", ".join(f"{k} {v / MIB:.1f}" for k, v in idle.items())
-              + f" MiB; USS beyond imports {beyond / MIB:+.1f} MiB; {len(rounds)} samples, {wall:.0f} s")
+              + f" MiB; beyond imports: USS {beyond / MIB:+.1f}, anonymous "
+              f"{(idle['anon'] - imports['anon']) / MIB:+.1f} MiB; {len(rounds)} samples, {wall:.0f} s")
         extra = {"idle_release": setting, "rounds": rounds[-1]}
         record_row("worker RSS growth from the settled round to the end", round(growth / MIB, 1), "MiB",
                    command=command, goal="no growth across rounds", met=growth / MIB <= 5.0, note=note,
@@ -150,7 +151,10 @@ def main() -> int:
         record_row("idle worker USS (run over, worker alive)", round(idle["uss"] / MIB, 1), "MiB", command=command,
                    note=note, idle=mib(idle), imports_only=mib(imports), **extra)
         record_row("idle worker USS beyond its imports (idle USS - imports-only USS)", round(beyond / MIB, 1),
-                   "MiB", command=command, note=note, **extra)
+                   "MiB", command=command, note=note + "; USS counts library pages no other process maps, so it "
+                   "depends on what else runs: compare anonymous memory (next row)", **extra)
+        record_row("idle worker anonymous memory beyond its imports (heap, Python objects, tensors)",
+                   round((idle["anon"] - imports["anon"]) / MIB, 1), "MiB", command=command, note=note, **extra)
     return 0
 
 

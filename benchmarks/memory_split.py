@@ -38,13 +38,12 @@ def smaps(pid: int) -> dict[str, int]:
 
 def kind_of(cmdline: list[str]) -> str:
     """Which of a site's processes this is: runtime (serve), supernode, worker, task, or other."""
-    text = " ".join(cmdline)
-    if "fedrad.client.node_poll" in text or "flower-supernode" in text:
+    own = cmdline[:cmdline.index("--")] if "--" in cmdline else cmdline  # serve names the SuperNode after "--"
+    if "fedrad.client.runtime" in own:
+        mode = own[own.index("fedrad.client.runtime") + 1] if own[-1] != "fedrad.client.runtime" else ""
+        return {"serve": "runtime", "worker": "worker", "task": "task"}.get(mode, "other")
+    if "fedrad.client.node_poll" in own or any(Path(a).name == "flower-supernode" for a in own):
         return "supernode"
-    if "fedrad.client.runtime" in text:
-        for mode in ("serve", "worker", "task"):
-            if f" {mode} " in f" {text} ":
-                return {"serve": "runtime"}.get(mode, mode)
     return "other"
 
 
