@@ -106,15 +106,71 @@ def one_run(rounds: int, idle_release: str) -> tuple[dict[int, int], dict[str, i
     return rss, idle, wall, code
 
 
+_RELEASE_PROBE = """
+import json, os, sys
+sys.path.insert(0, {here!r})
+import torch
+from memory_split import smaps
+from fedrad.client import task
+from fedrad.common.models import build_model
+torch.set_num_threads(1)
+name = {name!r}
+model = build_model(name, "simclr", 64, proj_dim=128)
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+for _ in range(2):  # a local round's state: weights and their gradients (the optimizer is dropped after a round)
+    out = model(torch.rand(8, 1, 64, 64))
+    loss = (out[0] if isinstance(out, tuple) else out).float().pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+del opt, loss, out
+task._RESIDENT["model"] = (("probe", name), model)
+params = sum(p.numel() for p in model.parameters())
+del model
+import ctypes, gc
+gc.collect()  # what the runtime does after every message anyway (runtime._release_memory): not counted here
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+task.release_idle()  # measured around this call
+"""
+
+
+def release_by_model(name: str) -> dict:
+    """What release_idle frees in a worker holding a trained `name` (weights + gradients), fresh interpreter."""
+    code = _RELEASE_PROBE.format(here=str(Path(__file__).parent), name=name).replace(
+        "task.release_idle()  # measured", "before = smaps(os.getpid())\ntask.release_idle()  # measured") + (
+        "after = smaps(os.getpid())\nprint(json.dumps({'params': params, 'before': before, 'after': after}))\n")
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-400:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--settle", type=int, default=5, help="growth is measured from this round on")
     ap.add_argument("--idle-release", default="on,off", help="node-config idle-release settings to run, in order")
     ap.add_argument("--note", default="", help="what else ran on the machine (goes into the rows)")
+    ap.add_argument("--release-models", default="", help="also: what idle release frees in a worker holding "
+                    "these trained models (comma separated, e.g. resnet18,resnet50); alone with --rounds 0")
     args = ap.parse_args()
     command = (f"python benchmarks/bench_worker_memory.py --rounds {args.rounds} --settle {args.settle} "
-               f"--idle-release {args.idle_release}")
+               f"--idle-release {args.idle_release}" + (f" --release-models {args.release_models}"
+                                                         if args.release_models else ""))
+    for name in filter(None, args.release_models.split(",")):
+        r = release_by_model(name)
+        freed = (r["before"]["anon"] - r["after"]["anon"]) / MIB
+        weights = r["params"] * 4 / MIB
+        print(f"{name}: idle release frees {freed:.0f} MiB anonymous memory ({weights:.0f} MiB of fp32 weights, "
+              f"+ gradients); worker USS {r['before']['uss'] / MIB:.0f} -> {r['after']['uss'] / MIB:.0f} MiB")
+        record_row(f"idle release frees (trained {name} resident, 64 px)", round(freed, 1), "MiB", command=command,
+                   note=f"fresh interpreter; load avg {os.getloadavg()[0]:.1f}"
+                   + (f"; {args.note}" if args.note else ""),
+                   model=name, weights_mib=round(weights, 1), before=mib(r["before"]), after=mib(r["after"]))
+    if args.rounds <= 0:
+        return 0
     ladder = import_ladder()
     imports = ladder["worker after a message"]
     print("imports only (fresh interpreter): " + "; ".join(
