@@ -122,3 +122,22 @@ def test_idle_release_switch_is_validated(value, expected):
 def test_a_bad_idle_release_names_its_key(value):
     with pytest.raises(ValueError, match="node-config 'idle-release'"):
         NodeConfig.of({"idle-release": value})
+
+
+def test_fedrad_node_keep_resident_turns_idle_release_off(tmp_path, monkeypatch):
+    """`fedrad node --keep-resident` hands the SuperNode node-config idle-release = off; without it the key is
+    unset (the default: on)."""
+    from fedrad.deploy import cli, node_command
+
+    seen: list[dict] = []
+    monkeypatch.setattr(node_command, "supernode_command", lambda _link, _port, config, *a, **k: seen.append(config)
+                        or ["true"])
+    monkeypatch.setattr(node_command, "_run_foreground", lambda *a, **k: 0)
+    (tmp_path / "data").mkdir()
+    base = ["node", "--data", str(tmp_path / "data"), "--allow-unsigned", "--no-scan",
+            "--state-dir", str(tmp_path / "state")]
+    for extra in ([], ["--keep-resident"]):
+        args = cli.build_parser().parse_args(base + extra)
+        assert node_command.cmd_node(args) == 0
+    assert "idle-release" not in seen[0] and NodeConfig.of(seen[0]).idle_release is True
+    assert seen[1]["idle-release"] == "off" and NodeConfig.of(seen[1]).idle_release is False
