@@ -111,7 +111,7 @@ import json, os, sys
 sys.path.insert(0, {here!r})
 import torch
 from memory_split import smaps
-from fedrad.client import task
+from fedrad.client.app import task
 from fedrad.common.models import build_model
 torch.set_num_threads(1)
 name = {name!r}

@@ -39,10 +39,11 @@ def smaps(pid: int) -> dict[str, int]:
 def kind_of(cmdline: list[str]) -> str:
     """Which of a site's processes this is: runtime (serve), supernode, worker, task, or other."""
     own = cmdline[:cmdline.index("--")] if "--" in cmdline else cmdline  # serve names the SuperNode after "--"
-    if "fedrad.client.runtime" in own:
-        mode = own[own.index("fedrad.client.runtime") + 1] if own[-1] != "fedrad.client.runtime" else ""
+    runtime = "fedrad.client.runtime.site_runtime"
+    if runtime in own:
+        mode = own[own.index(runtime) + 1] if own[-1] != runtime else ""
         return {"serve": "runtime", "worker": "worker", "task": "task"}.get(mode, "other")
-    if "fedrad.client.node_poll" in own or any(Path(a).name == "flower-supernode" for a in own):
+    if "fedrad.client.runtime.node_poll" in own or any(Path(a).name == "flower-supernode" for a in own):
         return "supernode"
     return "other"
 
@@ -89,15 +90,16 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-# What each of a site's processes imports (fedrad.client.runtime's serve, the SuperNode, the warm worker before
-# and after its first message); each step includes the ones before it.
+# What each of a site's processes imports (fedrad.client.runtime.site_runtime's serve, the SuperNode, the warm
+# worker before and after its first message); each step includes the ones before it.
 LADDER = {
     "python": "",
-    "runtime serve": "import fedrad.client.runtime; from flwr.supercore.runtime import RuntimeHttpClient",
-    "supernode": "import fedrad.client.node_poll, flwr.supernode.cli, flwr.supernode.start_client_internal",
-    "worker before a message": "import fedrad.client.runtime, fedrad.client.client_app",
-    "worker after a message": ("import fedrad.client.runtime, fedrad.client.client_app, fedrad.client.task, "
-                               "fedrad.client.trainer, fedrad.client.site_data, fedrad.common.models; "
+    "runtime serve": "import fedrad.client.runtime.site_runtime; from flwr.supercore.runtime import RuntimeHttpClient",
+    "supernode": "import fedrad.client.runtime.node_poll, flwr.supernode.cli, flwr.supernode.start_client_internal",
+    "worker before a message": "import fedrad.client.runtime.site_runtime, fedrad.client.app.client_app",
+    "worker after a message": ("import fedrad.client.runtime.site_runtime, fedrad.client.app.client_app, "
+                               "fedrad.client.app.task, fedrad.client.training.trainer, fedrad.client.site.site_data, "
+                               "fedrad.common.models; "
                                "from fedrad.common.models import build_model; "
                                "build_model('test_resnet', 'simclr', 32, proj_dim=32)"),
 }

@@ -51,7 +51,7 @@ class NodeConfig(BaseModel):
     inline_decode_max: int | None = Field(None, ge=0, description="a round decodes pending images itself only up "
                                           "to this many (unset: fedrad.common.cache.INLINE_DECODE_MAX)")
     idle_release: bool = Field(True, description="after each message the warm worker lets go of the model, the "
-                               "site images' memory maps and freed heap (fedrad.client.task.release_idle); off: "
+                               "site images' memory maps and freed heap (fedrad.client.app.task.release_idle); off: "
                                "they stay resident between rounds (no rebuild, more idle memory)")
     labels: str = Field("", description="a labels CSV for a PNG/JPEG folder")
     policy: str = Field("", description="the site policy file (empty: the built-in default policy)")

@@ -1,4 +1,4 @@
-"""Between rounds the warm worker lets go of its model and the site images' memory maps (fedrad.client.task
+"""Between rounds the warm worker lets go of its model and the site images' memory maps (fedrad.client.app.task
 .release_idle, node-config `idle-release`, default on); the next round rebuilds them and trains identically."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedrad.client import task
+from fedrad.client.app import task
 from fedrad.common.node_config import NodeConfig
 from fedrad.common.packing import Layout, pack, unpack
 from fedrad.common.run_config import RunConfig
@@ -78,7 +78,7 @@ def test_release_drops_the_model_and_the_maps_and_the_next_round_trains_identica
 
 
 def test_release_drops_site_data_held_in_memory():
-    from fedrad.client.site_data import SiteData
+    from fedrad.client.site.site_data import SiteData
 
     task._RESIDENT.clear()
     task._RESIDENT["site"] = (("k",), SiteData(images=np.zeros((2, 4, 4), np.uint16), paths=["a", "b"],
@@ -90,7 +90,7 @@ def test_release_drops_site_data_held_in_memory():
 
 
 def test_store_view_release_closes_maps_and_reads_again(tmp_path):
-    from fedrad.client.site_data import SiteData
+    from fedrad.client.site.site_data import SiteData
 
     rows = np.arange(2 * 3 * 3, dtype=np.uint16).reshape(2, 3, 3)
     rows.tofile(tmp_path / "c0")
