@@ -126,7 +126,13 @@ def consortium_run(sites: list[Path], work: Path, rounds: int, secagg: bool, idl
         time.sleep(5)
         site_names = [k for k in pids if k != "coordinator"]
         idle = {name: tree_split(pid) for name, pid in pids.items()}
-        rows = read_metrics(work / "run")
+        rows = read_metrics(work / "run") if (work / "run" / "metrics.jsonl").exists() else []
+        if not rows:  # the run ended without a round line: keep its logs, they leave with the temporary folder
+            import shutil
+
+            kept = Path(tempfile.gettempdir()) / f"many_sites_{n}_logs_{int(time.time())}"
+            shutil.copytree(work / "logs", kept)
+            raise RuntimeError(f"the run exited {code} without a round in metrics.jsonl; logs kept in {kept}")
         later = rows[1:] or rows
         split = {k: sum(float(r.get(k) or 0.0) for r in later) / len(later) for k in TIMED}
         kinds = sorted({k for s in site_names for k in idle[s]})
