@@ -108,3 +108,10 @@ class StoreView:
     def __iter__(self):
         for i in range(len(self)):
             yield self[i]
+
+    def release(self) -> int:
+        """Close the open memory maps (their file descriptors and the page-cache pages they map leave this
+        process's RSS); the next read maps its chunk again. Returns how many were open."""
+        n = len(self._maps)
+        self._maps.clear()
+        return n

@@ -159,6 +159,10 @@ def _add_federation(sub) -> None:
     p.add_argument("--ddp-procs", type=int, default=1, metavar="N",
                    help="split each local round over N processes with torch.distributed (one per GPU with --device "
                    "cuda: NCCL; gloo on CPU); the site still sends one reply (default 1: one process)")
+    p.add_argument("--keep-resident", action="store_true",
+                   help="the warm worker keeps the model and the site images' memory maps between rounds "
+                   "(node-config idle-release off: no rebuild per round, more idle memory; default: let go of them "
+                   "after each message)")
     p.add_argument("--port", type=int, default=9094, help="local Runtime API port on 127.0.0.1 (unique per node)")
     p.add_argument("--labels", default=None, help="optional CSV of labels to keep site-local (default: none)")
     p.add_argument("--certs", default=None,
