@@ -136,7 +136,7 @@ def main() -> int:
     os.environ["FEDRAD_LOG_KEEP"] = str(LOG_KEEP)
     from federation_harness import Consortium
 
-    from fedrad.client.runtime import SiteTrust
+    from fedrad.client.runtime.site_runtime import SiteTrust
     from fedrad.deploy.synthetic import write_synthetic_sites
     from fedrad.server.checkpoint import latest_checkpoint
     from fedrad.server.run_log import read_metrics

@@ -13,7 +13,7 @@ types the run may send; the site also refuses a `server-round` above the signed 
 
 The not-after time bounds when the run may START, not how long it may last: a site refuses to start (bind the
 nonce of) a run whose statement has expired, but a run it accepted before then is served to its last signed
-round, however many weeks that takes (`expiry_problem`; the site's side is client/site_state.bind_nonce).
+round, however many weeks that takes (`expiry_problem`; the site's side is client/site/site_state.bind_nonce).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def expiry_problem(claims: RunClaims, now: float | None = None) -> tuple[str, st
     """(rule, why) when a run under these claims may no longer START (now is past its not-after), else None.
 
     Only a run's start is bounded: the site asks this when it first sees the run (its nonce is not yet bound
-    to a Flower run id, client/site_state.bind_nonce); a run it accepted before the not-after keeps running
+    to a Flower run id, client/site/site_state.bind_nonce); a run it accepted before the not-after keeps running
     to its signed num-server-rounds, so a weeks-long run is not cut off mid-way by its statement's expiry."""
     now = time.time() if now is None else now
     if now <= claims.not_after:

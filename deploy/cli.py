@@ -92,7 +92,7 @@ def _add_scan(sub) -> None:
                    "skipped as too-large, undecoded (a site policy's data.max_megapixels sets it for the node)")
     p.add_argument("--policy", default=None, help="site policy file whose [data] rules (modalities, burned-in "
                    "annotation) the inventory applies (default: the built-in policy)")
-    p.set_defaults(func=_lazy("fedrad.client.scan:cmd_scan"))
+    p.set_defaults(func=_lazy("fedrad.client.site.scan:cmd_scan"))
 
 
 def _add_source(p) -> None:
@@ -135,7 +135,7 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--out", default="pretrained.safetensors",
                    help="weights file to write (checked before training: not a folder, writable)")
     add_recipe_options(p)  # every recipe switch, with the defaults `fedrad run` uses (fedrad.common.recipe)
-    p.set_defaults(func=_lazy("fedrad.client.pretrain:cmd_pretrain"))
+    p.set_defaults(func=_lazy("fedrad.client.training.pretrain:cmd_pretrain"))
 
 
 def _add_federation(sub) -> None:
@@ -184,7 +184,7 @@ def _add_federation(sub) -> None:
     p.add_argument("--fresh-process-per-message", action="store_true",
                    help="answer each message in a fresh process instead of the run's warm worker (slower; the "
                         "older runtime, kept as a fallback)")
-    p.add_argument("--client-app", default="fedrad.client.client_app:app", metavar="MODULE:ATTR",
+    p.add_argument("--client-app", default="fedrad.client.app.client_app:app", metavar="MODULE:ATTR",
                    help="the ClientApp installed here that answers the coordinator (default: fedrad's)")
     p.add_argument("--client-app-dir", default=None,
         help="folder holding --client-app's module, if not installed (default: the installed package)")
@@ -244,12 +244,12 @@ def _add_policy(sub) -> None:
     i = ps.add_parser("init", help="write the commented default policy file")
     i.add_argument("path", nargs="?", default=None, help="where (default fedrad-site-policy.toml)")
     i.add_argument("--force", action="store_true", help="replace an existing file")
-    i.set_defaults(func=_lazy("fedrad.client.policy:cmd_policy_init"))
+    i.set_defaults(func=_lazy("fedrad.client.site.policy:cmd_policy_init"))
     c = ps.add_parser("check", help="validate a policy file (errors name the line; exit 2)")
     c.add_argument("path", help="the policy file")
     c.add_argument("--ca", default=None,
         help="also check this CA certificate against coordinator.ca_sha256 (default: no CA check)")
-    c.set_defaults(func=_lazy("fedrad.client.policy:cmd_policy_check"))
+    c.set_defaults(func=_lazy("fedrad.client.site.policy:cmd_policy_check"))
 
 
 def _add_release(sub) -> None:
@@ -301,7 +301,7 @@ def _add_release(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", default="finetune-results", help="results folder (JSON, CSV, plot)")
     _add_release_policy(p)
-    p.set_defaults(func=_lazy("fedrad.client.finetune.command:cmd_finetune"))
+    p.set_defaults(func=_lazy("fedrad.client.tools.finetune.command:cmd_finetune"))
 
     p = sub.add_parser("embed", help="write embeddings (npy + CSV) and a t-SNE plot for a folder")
     p.add_argument("bundle", nargs="?", help="the bundle folder (from `fedrad release`), or give --release")
@@ -312,7 +312,7 @@ def _add_release(sub) -> None:
     p.add_argument("--color-by", default=None, help="label column to colour the t-SNE plot (default: one colour)")
     p.add_argument("--out", default="embeddings", help="output folder")
     _add_release_policy(p)
-    p.set_defaults(func=_lazy("fedrad.client.embed:cmd_embed"))
+    p.set_defaults(func=_lazy("fedrad.client.tools.embed:cmd_embed"))
 
 
 def _add_release_policy(p) -> None:
@@ -411,7 +411,7 @@ def _add_ingest(sub) -> None:
     p.add_argument("--policy", default=None, help="site policy whose pixel budget applies (default: built-in)")
     p.add_argument("--max-pixels", type=int, default=64 << 20, help="pixel budget without --policy")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_lazy("fedrad.client.ingest:cmd_ingest"))
+    p.set_defaults(func=_lazy("fedrad.client.site.ingest:cmd_ingest"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """`fedrad export --format monai-bundle|onnx|torchscript RELEASE --pubkey consortium.pub --out DIR`.
 
 Exports never skip verification: the release is checked with the consortium key (and the usual rollback
-policy) first, the backbone is built from the verified bytes, and only then does fedrad.client.exporters
+policy) first, the backbone is built from the verified bytes, and only then does fedrad.client.tools.exporters
 write the format. A MONAI bundle's signed copy of the release is verified again once written.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 def register(sub, lazy, add_policy) -> None:
     """Add `export`, and `--license` to `release` (called by deploy.cli.build_parser with its lazy handler
     factory and its rollback-policy options)."""
-    from fedrad.client.exporters import FORMATS
+    from fedrad.client.tools.exporters import FORMATS
     from fedrad.deploy.publish_command import add_release_source
 
     p = sub.add_parser("export", help="write a verified release as a MONAI bundle, an ONNX graph or TorchScript")
@@ -34,8 +34,8 @@ def register(sub, lazy, add_policy) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """0 and what was written; 1 when the release is refused; 2 for bad input or a missing extra."""
-    from fedrad.client.exporters import EXPORTERS, RELEASE_DIR, MissingExtra, require_extra
-    from fedrad.client.release_store import bundle_from_args
+    from fedrad.client.site.release_store import bundle_from_args
+    from fedrad.client.tools.exporters import EXPORTERS, RELEASE_DIR, MissingExtra, require_extra
     from fedrad.common.bundle import (
         WEIGHTS,
         BundleVerificationError,

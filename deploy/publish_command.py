@@ -115,7 +115,7 @@ def register(sub, lazy) -> None:
     p = sub.add_parser("releases", help="list the verified releases this site's node received")
     p.add_argument("--state-dir", required=True, help="the site's state folder (as `fedrad node` printed it)")
     p.add_argument("--pubkey", default=None, help="verify each again with this consortium.pub (default: list only)")
-    p.set_defaults(func=lazy("fedrad.client.release_store:cmd_releases"))
+    p.set_defaults(func=lazy("fedrad.client.site.release_store:cmd_releases"))
 
 
 def add_release_source(p: argparse.ArgumentParser) -> None:

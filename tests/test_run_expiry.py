@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from fedrad.client.site_state import NONCE_KEEP_SECONDS, SiteState, StatementExpired, bind_nonce
+from fedrad.client.site.site_state import NONCE_KEEP_SECONDS, SiteState, StatementExpired, bind_nonce
 from fedrad.common.run_signature import RunClaims, expiry_problem
 
 T0 = 2_000_000_000
