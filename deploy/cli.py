@@ -215,8 +215,9 @@ def _add_federation(sub) -> None:
                    help="consortium private key (`fedrad keys generate`): signs the run so sites accept it "
                         "(default: unsigned; only --allow-unsigned sites run it)")
     p.add_argument("--valid-days", type=float, default=7.0, metavar="DAYS",
-                   help="with --sign-key: sites refuse the signed run's messages after this many days; each "
-                        "signature is usable for one run only (default: 7)")
+                   help="with --sign-key: the run must start by then (sites refuse to START it after this many "
+                        "days; a run already started goes on to its last round); each signature is usable for "
+                        "one run only (default: 7)")
     p.set_defaults(func=_lazy("fedrad.deploy.run_command:cmd_run"))
 
     p = sub.add_parser("runs", help="list the coordinator's runs: status, round, last loss (flwr ls)")
