@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from common_bench import append_result, machine, today  # noqa: E402
+from common_bench import bench_command, record_row  # noqa: E402
 
 
 def main() -> int:
@@ -48,18 +48,15 @@ def main() -> int:
     many = train_distributed(copy.deepcopy(model), data, cfg, args.procs)
     start = time.perf_counter() - t0 - many.seconds
     rate1, rate_n = one.examples / one.seconds, many.examples / many.seconds
-    load = f"load avg {load_start:.1f} -> {os.getloadavg()[0]:.1f}" + (f"; {args.note}" if args.note else "")
     print(f"1 process {rate1:.1f} samples/s; {args.procs} processes {rate_n:.1f} samples/s "
           f"({rate_n / rate1:.2f}x); start {start:.1f} s")
-    append_result(
-        "multi-process training at one site (issue 26; samples/s of the training loop, same global batch)",
-        "| date | machine | device | model | image | batch | steps | 1 process | N processes | N | scaling | "
-        "start s | load | command |",
-        f"| {today()} | {machine()} | {args.device} | {args.model} | {args.image_size} | {args.batch_size} | "
-        f"{args.steps} | {rate1:.1f} | {rate_n:.1f} | {args.procs} | {rate_n / rate1:.2f}x | {start:.1f} | {load} | "
-        f"`python benchmarks/bench_ddp.py --procs {args.procs} --device {args.device} --model {args.model} "
-        f"--image-size {args.image_size}` |",
-    )
+    ctx = {"command": bench_command(__file__), "device": args.device, "model": args.model, "image": args.image_size,
+           "batch": args.batch_size, "steps": args.steps, "N": args.procs, "load_start": round(load_start, 2),
+           "note": args.note}
+    record_row("ddp", "1 process", round(rate1, 1), "samples/s", **ctx)
+    record_row("ddp", "N processes", round(rate_n, 1), "samples/s", **ctx)
+    record_row("ddp", "scaling", round(rate_n / rate1, 2), "x", **ctx)
+    record_row("ddp", "start s", round(start, 1), "s", **ctx)
     return 0
 
 
