@@ -10,11 +10,7 @@ is walked once, then decoded SLICE files at a time.
 
 from __future__ import annotations
 
-import argparse
-import errno
 import logging
-import sqlite3
-import sys
 import time
 from pathlib import Path
 
@@ -58,32 +54,3 @@ def ingest_site(data_dir: str | Path, image_size: int, cache_dir: str | Path | N
         cache.close()
     total["seconds"] = round(time.perf_counter() - t0, 3)
     return total
-
-
-def cmd_ingest(args: argparse.Namespace) -> int:
-    """CLI handler: exit 0 when every file is stored or skipped with its reason; 2 on bad input or full disk."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    data = Path(args.data)
-    if not data.is_dir():
-        print(f"fedrad ingest: error: folder not found: {display_name(str(args.data))}", file=sys.stderr)
-        return 2
-    max_pixels = args.max_pixels
-    if args.policy:
-        from fedrad.client.policy import load_policy
-
-        max_pixels = load_policy(args.policy).max_pixels
-    try:
-        out = ingest_site(data, args.image_size, cache_dir=args.cache, state_dir=args.state_dir,
-                          max_pixels=max_pixels, progress=not args.quiet)
-    except (OSError, sqlite3.OperationalError) as exc:
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) if isinstance(exc, OSError) else \
-            any(w in str(exc) for w in ("full", "disk I/O"))
-        if full:
-            why = getattr(exc, "strerror", None) or exc
-            print(f"fedrad ingest: error: the store's disk is full ({why}); everything committed so far is kept: "
-                  "free space and run `fedrad ingest` again to continue", file=sys.stderr)
-            return 2
-        raise
-    print(f"ingest done: {out['files']} files, {out['decoded']} decoded now, {out['stored_before']} already stored, "
-          f"{out['changed_while_read']} changed while read (decoded at the next ingest), {out['seconds']:.1f} s")
-    return 0
