@@ -7,7 +7,7 @@ stay fast. The functions raise instead of returning exit codes; `main` turns err
 bad-input errors into one line and exit 2, errors.Refused into its line and exit 1 (or the code it carries).
 
 This is the only module that imports argparse (tests/test_cli_shell.py checks it); it also parses the site
-runtime's own command line (`parse_runtime_args`, for `python -m fedrad.client.runtime`).
+runtime's own command line (`parse_runtime_args`, for `python -m fedrad.deploy.runtime_entry`).
 
 Why argparse and not typer (issue 24 suggested typer, which flwr installs): typer 0.20.1 without rich drops the
 help text of positional arguments (`fedrad scan --help` shows `[DATA]` with no description) and prints usage
@@ -618,6 +618,32 @@ def run_command(func, args: argparse.Namespace, command: str) -> int:
         # Bad input: say what and where, without a traceback wall.
         print(f"fedrad {command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def parse_runtime_args(argv: list[str] | None = None):
+    """The site runtime's command line (`python -m fedrad.deploy.runtime_entry MODE --port N ... [-- SUPERNODE]`,
+    started by `fedrad node` and by the runtime itself) as fedrad.client.runtime.RuntimeArgs."""
+    from fedrad.client.runtime import DEFAULT_CLIENT_APP, LOG_LEVELS, RUNTIME_MODES, RuntimeArgs
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    supernode_cmd: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, supernode_cmd = argv[:cut], argv[cut + 1:]
+    p = argparse.ArgumentParser(prog="python -m fedrad.deploy.runtime_entry",
+                                description="fedrad's site runtime: the trust gate between the SuperNode and the "
+                                "ClientApp")
+    p.add_argument("mode", choices=RUNTIME_MODES)
+    p.add_argument("--port", type=int, required=True, help="the SuperNode's Runtime API port on 127.0.0.1")
+    p.add_argument("--consortium-key", type=Path, default=None, help="consortium.pub: runs must be signed by it")
+    p.add_argument("--allow-unsigned", action="store_true", help="also run unsigned runs (local experiments)")
+    p.add_argument("--client-app", default=DEFAULT_CLIENT_APP, help="the installed ClientApp, module:attribute")
+    p.add_argument("--client-app-dir", type=Path, default=None, help="folder holding --client-app's module")
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="the node's and its tasks' log level")
+    p.add_argument("--fresh-process-per-message", action="store_true",
+                   help="serve: a fresh process per message instead of a warm worker per run (slower; fallback)")
+    p.add_argument("--run-id", type=int, default=0, help="worker: the run it serves (for its log lines)")
+    return RuntimeArgs(**vars(p.parse_args(argv)), supernode_cmd=tuple(supernode_cmd))
 
 
 if __name__ == "__main__":
