@@ -80,7 +80,9 @@ def _add_recipe_options(parser: argparse.ArgumentParser,
     from fedrad.common.recipe import NORM_NAMES, OPTIMIZER_NAMES, Recipe
 
     def choices(kind: str | None) -> tuple[str, ...] | None:
-        if kind == "objectives":
+        if kind == "objectives":  # read now: a test (or plugin) may register one after this module was imported
+            from fedrad.common.losses import OBJECTIVES
+
             return tuple(OBJECTIVES)
         if kind == "lr_schedules":
             from fedrad.common.lr_schedule import LR_SCHEDULES
