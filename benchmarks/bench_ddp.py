@@ -34,8 +34,8 @@ def main() -> int:
     import torch
     from fake_site import make_fake_site
 
-    from fedrad.client.ddp import train_distributed
-    from fedrad.client.trainer import TrainConfig, train_local
+    from fedrad.client.training.ddp import train_distributed
+    from fedrad.client.training.trainer import TrainConfig, train_local
     from fedrad.common.models import build_model
 
     data = make_fake_site(n=512, size=args.image_size)

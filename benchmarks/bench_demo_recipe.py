@@ -40,7 +40,7 @@ def fedavg_pretrain(sites: list, run: dict, rounds: int, seed: int):
     """The demo's run in one process: per round, each site trains from the global weights; example-weighted mean."""
     import torch
 
-    from fedrad.client.trainer import TrainConfig, evaluate_local
+    from fedrad.client.training.trainer import TrainConfig, evaluate_local
     from fedrad.common.models import build_model
     from fedrad.common.run_config import RunConfig
 
@@ -63,8 +63,8 @@ def fedavg_pretrain(sites: list, run: dict, rounds: int, seed: int):
 def main() -> int:
     import torch
 
-    from fedrad.client.finetune import Arm, patient_split, random_arm, run_experiment
-    from fedrad.client.site_data import load_site
+    from fedrad.client.site.site_data import load_site
+    from fedrad.client.tools.finetune import Arm, patient_split, random_arm, run_experiment
     from fedrad.deploy.demo import DEMO_CONFIG, DEMO_IMAGES_PER_PATIENT, DEMO_PATIENTS_PER_SITE, pooled_sites
     from fedrad.deploy.synthetic import write_synthetic_sites
 

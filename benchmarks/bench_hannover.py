@@ -116,8 +116,8 @@ def write_hospitals(src: Path, rows: list[dict[str, str]], sites: list[set[str]]
 
 def labelled_set(src: Path, rows: list[dict[str, str]], image_size: int, cache: Path):
     """All 243 images as a LabelledSet with targets sex=m, view=pa, icu and groups = patient."""
-    from fedrad.client.finetune import LabelledSet, binarise
-    from fedrad.client.site_data import load_site
+    from fedrad.client.site.site_data import load_site
+    from fedrad.client.tools.finetune import LabelledSet, binarise
 
     site = load_site(src, image_size, cache_dir=cache, progress=False)
     by_name = {Path(r["image"]).name: r for r in rows}
@@ -150,8 +150,8 @@ def pretrain_local(data, args, objective: str, steps: int):
     """`steps` optimizer steps of `objective` with exactly the config a federated site trains with."""
     import torch
 
-    from fedrad.client.task import train_config_for
-    from fedrad.client.trainer import train_local
+    from fedrad.client.app.task import train_config_for
+    from fedrad.client.training.trainer import train_local
     from fedrad.common.models import build_model
     from fedrad.common.run_config import RunConfig
 
@@ -330,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_start: float) -> int:
-    from fedrad.client.finetune import Arm, random_arm, run_experiment
-    from fedrad.client.site_data import load_site
+    from fedrad.client.site.site_data import load_site
+    from fedrad.client.tools.finetune import Arm, random_arm, run_experiment
     from fedrad.common.models import load_backbone
 
     rows_csv = read_rows(src)

@@ -2,7 +2,7 @@
 
 For N synthetic CR DICOMs (128x128, 16 bit; uncompressed and JPEG 2000 lossless), written as copies of 64
 distinct images with their own UIDs and patients (every file is distinct content):
-- ingest images/s (fedrad.client.ingest.ingest_site, image size 64, P decode workers) vs a bare
+- ingest images/s (fedrad.client.site.ingest.ingest_site, image size 64, P decode workers) vs a bare
   `pydicom.dcmread(...).pixel_array` loop in a multiprocessing pool of the same P processes (goal >= 0.8x);
 - adding 1 file to the N-image store: the store append alone (DecodedCache.ingest of the new item), and a whole
   `ingest` pass (walk + stat of N files + 1 decode) (goal <= 1 s at 10^5);
@@ -88,8 +88,8 @@ def _child(phase: str, data: str, cache: str, state: str) -> None:
     """Runs in a fresh process: prints {"seconds", "rss_mb" growth over the imports} as JSON."""
     import resource
 
-    from fedrad.client.ingest import ingest_site
-    from fedrad.client.site_data import load_site
+    from fedrad.client.site.ingest import ingest_site
+    from fedrad.client.site.site_data import load_site
     from fedrad.common.cache import INLINE_DECODE_MAX
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -112,7 +112,7 @@ def child(phase: str, data: Path, cache: Path, state: Path) -> dict:
 
 
 def run(n: int, compressed: bool, workers: int, tmp: Path) -> str:
-    from fedrad.client.ingest import ingest_site
+    from fedrad.client.site.ingest import ingest_site
     from fedrad.common.cache import DecodedCache
     from fedrad.common.sources.base import Item
     from fedrad.common.sources.dicom_folder import DicomFolderReader

@@ -121,7 +121,7 @@ def write_hospitals(images: np.ndarray, labels: np.ndarray, root: Path, seed: in
 
 def pool(sites: list):
     """One SiteData of several sites' images (the centralised arm: all data in one place)."""
-    from fedrad.client.site_data import SiteData
+    from fedrad.client.site.site_data import SiteData
 
     keys = set().union(*(s.labels for s in sites))
     return SiteData(images=np.concatenate([s.images for s in sites]),
@@ -155,7 +155,7 @@ def pretrain_local(data, args, steps: int, seed: int, *, objective: str = "simcl
     `seed` seeds the initial weights too, as the federated run's `seed` does its global model."""
     import torch
 
-    from fedrad.client.trainer import TrainConfig, train_local
+    from fedrad.client.training.trainer import TrainConfig, train_local
     from fedrad.common.models import build_model
 
     rc = _run_config(args, objective=objective)
@@ -177,8 +177,8 @@ def pretrain_local(data, args, steps: int, seed: int, *, objective: str = "simcl
 
 def dp_noise_for(epsilon: float, delta: float, batch_size: int, n_train: int, steps: int) -> float:
     """The smallest noise multiplier (to 1e-3) whose `steps` Poisson-sampled DP-SGD steps at rate
-    batch/n_train spend at most `epsilon` at `delta` (the sites' own accountant, fedrad.client.sample_dp)."""
-    from fedrad.client.sample_dp import epsilon_of, sample_rate
+    batch/n_train spend at most `epsilon` at `delta` (the sites' own accountant, fedrad.client.training.sample_dp)."""
+    from fedrad.client.training.sample_dp import epsilon_of, sample_rate
 
     q = sample_rate(batch_size, n_train)
     lo, hi = 0.3, 50.0
@@ -196,7 +196,7 @@ def dp_noise_for(epsilon: float, delta: float, batch_size: int, n_train: int, st
 def site_dp_noise(site_data: list, epsilon: float, delta: float, batch_size: int, steps: int) -> float:
     """`dp_noise_for` the sites of a federation: the smallest site's training images (after the held-out
     patients) set the sampling rate, since it spends the most epsilon per step."""
-    from fedrad.client.trainer import split_indices
+    from fedrad.client.training.trainer import split_indices
 
     n_train = min(len(split_indices(sd)[0]) for sd in site_data)
     return dp_noise_for(epsilon, delta, batch_size, n_train, steps)
@@ -442,7 +442,7 @@ def _dp_arm(sites: list[Path], site_data: list, args, work: Path) -> tuple[Any, 
 def pretrain_arms(sites: list[Path], site_data: list, args, work: Path, seed: int, times: dict[str, float]) -> list:
     """Random init, each single site, centralised and federated backbones of one pretraining seed (initial
     weights and augmentation draws); `times` accumulates each arm's seconds."""
-    from fedrad.client.finetune import Arm, random_arm
+    from fedrad.client.tools.finetune import Arm, random_arm
     from fedrad.common.models import load_backbone
 
     budget = args.rounds * 3 * args.local_steps
@@ -486,8 +486,8 @@ def combine_pretrain_seeds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_start: float, modes: list[str]) -> int:
-    from fedrad.client.finetune import Arm, load_npz, run_experiment, write_outputs
-    from fedrad.client.site_data import load_site
+    from fedrad.client.site.site_data import load_site
+    from fedrad.client.tools.finetune import Arm, load_npz, run_experiment, write_outputs
     from fedrad.common.atomic import atomic_write_json
 
     d = np.load(src)

@@ -65,7 +65,7 @@ class Sampler(threading.Thread):
 def consortium_run(sites: list[Path], work: Path, rounds: int, secagg: bool) -> dict:
     from federation_harness import Consortium
 
-    from fedrad.client.runtime import SiteTrust
+    from fedrad.client.runtime.site_runtime import SiteTrust
     from fedrad.server.run_log import read_metrics
 
     n = len(sites)

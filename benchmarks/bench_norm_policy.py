@@ -48,7 +48,7 @@ def fedavg(sites: list, policy: str, args, seed: int):
     """In-process FedAvg of SimCLR `train_local` (every tensor averaged; "group": GroupNorm model)."""
     import torch
 
-    from fedrad.client.trainer import TrainConfig
+    from fedrad.client.training.trainer import TrainConfig
     from fedrad.common.models import build_model
 
     torch.manual_seed(seed)
@@ -83,8 +83,8 @@ def recalibrated(backbone, images: np.ndarray, size: int, batch_size: int = 256)
 def main() -> int:
     import torch
 
-    from fedrad.client.finetune import Arm, load_npz, random_arm, run_experiment
-    from fedrad.client.site_data import load_site
+    from fedrad.client.site.site_data import load_site
+    from fedrad.client.tools.finetune import Arm, load_npz, random_arm, run_experiment
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -50,7 +50,7 @@ def main() -> int:
 
     from orthanc_server import find_orthanc, start_orthanc
 
-    from fedrad.client.site_data import load_site
+    from fedrad.client.site.site_data import load_site
     from fedrad.common.sources.pacs import PacsOptions
 
     exe, why = find_orthanc()
@@ -85,7 +85,7 @@ def main() -> int:
                       f"{n / rows[name][0]:.1f} files/s", flush=True)
             fetch = {}
             for name, url in (("dicomweb", server.dicomweb_url), ("dimse", server.dimse_url)):
-                from fedrad.common.sources.pacs import open_pacs
+                from fedrad.common.sources.layout import open_pacs
 
                 reader = open_pacs(url, cache_dir=probe / f"fetch-{name}", options=opts)
                 reader.list_items()

@@ -70,8 +70,8 @@ def dp_sgd_throughput(args) -> dict[str, tuple[float, float, str]]:
     import torch
     from fake_site import make_fake_site
 
-    from fedrad.client.sample_dp import SampleDP
-    from fedrad.client.trainer import TrainConfig, train_local
+    from fedrad.client.training.sample_dp import SampleDP
+    from fedrad.client.training.trainer import TrainConfig, train_local
     from fedrad.common.models import build_model
 
     data = make_fake_site(n=args.dp_images, size=args.image_size)
@@ -107,7 +107,8 @@ def main() -> int:
     ap.add_argument("--dp-images", type=int, default=400, help="images of the in-memory site for DP-SGD")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dp-modes", default="hooks,ew,functorch,ghost",
-                    help="per-image gradient modes to measure (client.sample_dp.GRAD_SAMPLE_MODES), comma-separated")
+                    help="per-image gradient modes to measure (client.training.sample_dp.GRAD_SAMPLE_MODES), "
+                         "comma-separated")
     ap.add_argument("--skip-federation", action="store_true")
     ap.add_argument("--skip-dp-sgd", action="store_true", help="only the federated round-time ratios")
     args = ap.parse_args()

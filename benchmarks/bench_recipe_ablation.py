@@ -101,8 +101,8 @@ def fedavg_pretrain(sites: list, cfg, seed: int):
 def per_target_rows(arms: list, data, train_idx: np.ndarray, test_idx: np.ndarray, seeds: int,
                     fractions: list[float] = FRACTIONS) -> dict:
     """{(arm, target, fraction): row} from run_experiment on each target alone (its CI is that target's)."""
-    from fedrad.client.finetune import run_experiment
-    from fedrad.client.finetune.data import LabelledSet
+    from fedrad.client.evaluation.data import LabelledSet
+    from fedrad.client.tools.finetune import run_experiment
 
     out = {}
     for k, target in enumerate(data.targets):
@@ -121,9 +121,9 @@ def gap(pre: dict, rnd: dict) -> tuple[float, float]:
 
 def hannover_sites(root: Path, size: int, work: Path):
     """(probe set, train idx, test idx, 3 pretraining sites): the probe's training patients split in three."""
-    from fedrad.client.finetune import patient_split
-    from fedrad.client.finetune.data import load_folder
-    from fedrad.client.site_data import load_site
+    from fedrad.client.evaluation.data import load_folder
+    from fedrad.client.site.site_data import load_site
+    from fedrad.client.tools.finetune import patient_split
 
     hannover = root / "hannover"
     cache = work / f"cache-{size}"
@@ -143,8 +143,8 @@ def pneumonia_sites(root: Path, size: int, work: Path):
     written as PNG folders and loaded as a site loads them)."""
     from bench_label_efficiency import write_hospitals
 
-    from fedrad.client.finetune import load_npz
-    from fedrad.client.site_data import load_site
+    from fedrad.client.site.site_data import load_site
+    from fedrad.client.tools.finetune import load_npz
 
     src = root / "pneumoniamnist" / "pneumoniamnist_28.npz"
     d = np.load(src)
@@ -157,7 +157,7 @@ def pneumonia_sites(root: Path, size: int, work: Path):
 def main() -> int:
     import torch
 
-    from fedrad.client.finetune import Arm, random_arm
+    from fedrad.client.tools.finetune import Arm, random_arm
 
     names = [name for name, _, _ in LINES]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],

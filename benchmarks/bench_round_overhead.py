@@ -1,7 +1,7 @@
 """Round overhead: what a federated round costs above its slowest site's own work, warm vs fresh site runtime.
 
 A real SuperLink and `--sites` SuperNodes on loopback run fedrad's ServerApp and the sites' runtime
-(client/runtime.py), once per site-runtime mode, side by side in one invocation:
+(client/runtime/site_runtime.py), once per site-runtime mode, side by side in one invocation:
 - `warm`: one long-lived worker process per run at each site (the default runtime);
 - `fresh`: `--fresh-process-per-message`, a fresh process per message (the runtime before issue 13).
 From metrics.jsonl (rounds 2+ mean; round 1 also decodes the sites' caches and starts the workers):
@@ -41,7 +41,7 @@ def federated(sites: list[Path], cfg: dict, work: Path, rounds: int, fresh: bool
     """Per-round timing fields of one run with every site in the given runtime mode."""
     from federation_harness import Consortium
 
-    from fedrad.client.runtime import SiteTrust
+    from fedrad.client.runtime.site_runtime import SiteTrust
     from fedrad.server.run_log import read_metrics
 
     c = Consortium(work)

@@ -49,7 +49,7 @@ def main() -> int:
     args = ap.parse_args()
     from federation_harness import Consortium
 
-    from fedrad.client.runtime import SiteTrust
+    from fedrad.client.runtime.site_runtime import SiteTrust
     from fedrad.deploy.synthetic import write_synthetic_sites
     from fedrad.server.checkpoint import latest_checkpoint
     from fedrad.server.run_log import read_metrics

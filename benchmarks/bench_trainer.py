@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedrad.client.trainer import TrainConfig, resolve_device, train_local
+from fedrad.client.training.trainer import TrainConfig, resolve_device, train_local
 from fedrad.common.augment import AugmentConfig, make_views
 from fedrad.common.losses import get_objective
 from fedrad.common.models import build_model

@@ -46,7 +46,7 @@ SECTION = "## Cross-sectional quality (issue 27; bench_xsec_quality.py): header 
 
 def labelled(sd, field: str):
     """A LabelledSet of every slice for one header label (one-vs-rest targets), grouped by patient."""
-    from fedrad.client.finetune.data import LabelledSet, binarise
+    from fedrad.client.evaluation.data import LabelledSet, binarise
 
     y, targets, _ = binarise({field: sd.labels[field]})
     return LabelledSet(images=sd.images.astype(np.float32) / 65535.0, y=y, targets=targets, groups=sd.group_ids(),
@@ -64,9 +64,9 @@ def pretrain_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Write + load the archive, pretrain every arm per seed, probe every label; (rows, facts)."""
-    from fedrad.client.finetune import Arm, random_arm
-    from fedrad.client.finetune.splits import patient_split
-    from fedrad.client.site_data import load_site
+    from fedrad.client.evaluation.splits import patient_split
+    from fedrad.client.site.site_data import load_site
+    from fedrad.client.tools.finetune import Arm, random_arm
     from fedrad.common.header_signals import SALT_FILE
     from fedrad.deploy.synthetic import write_xsec_archive
 
@@ -107,7 +107,7 @@ def probe(arm, sets: dict, train_idx: np.ndarray, test_idx: np.ndarray, fraction
           label_seeds: int, pretrain_seed: int) -> list[dict[str, Any]]:
     """One frozen backbone: per label and fraction, the linear probe's macro AUC on the held-out patients,
     averaged over label-subsample seeds (no bootstrap CI: the spread reported is across pretraining seeds)."""
-    from fedrad.client.finetune import embed_images, fit_linear, macro_auc, subsample_patients
+    from fedrad.client.tools.finetune import embed_images, fit_linear, macro_auc, subsample_patients
 
     feats = embed_images(arm.backbone, next(iter(sets.values())).images, arm.size)  # same slices for every label
     rows = []

@@ -22,7 +22,7 @@ def federated_run(sites: list[Path], overrides: dict[str, object], work: Path, n
 
     `overrides` is the run config (its run-dir is set here, under `work / name`); `name` keeps several runs in
     one `work`; `node_threads` is each SuperNode's torch threads (None: the node's default)."""
-    from fedrad.client.runtime import SiteTrust
+    from fedrad.client.runtime.site_runtime import SiteTrust
     from fedrad.deploy.processes import ProcessGroup, free_port, superlink_command, supernode_command, wait_for_port
     from fedrad.deploy.run_command import submit_run
     from fedrad.server.release import generate_keys
@@ -61,7 +61,7 @@ def fedavg_in_process(model, sites: list, rounds: int, config_of_round, seed: in
 
     import numpy as np
 
-    from fedrad.client.trainer import train_local
+    from fedrad.client.training.trainer import train_local
 
     losses = []
     for rnd in range(1, rounds + 1):
@@ -83,7 +83,7 @@ def fedavg_in_process(model, sites: list, rounds: int, config_of_round, seed: in
 def recipe_rounds(cfg, device: str = "cpu"):
     """`config_of_round` for `fedavg_in_process` from a RunConfig: each round's TrainConfig is the run's one
     recipe (fedrad.common.recipe) at that round's scheduled learning rate, as a site builds it in a real run."""
-    from fedrad.client.trainer import TrainConfig
+    from fedrad.client.training.trainer import TrainConfig
 
     return lambda rnd: TrainConfig.from_recipe(cfg, cfg.local_steps, device, cfg.round_lr(rnd))
 

@@ -1,6 +1,6 @@
 """Which decoded images a site lets into training: modalities, burned-in annotation, series sampling.
 
-The site policy (client/policy.py, `[data]`) owns these values; this module only applies them, so the scan,
+The site policy (client/site/policy.py, `[data]`) owns these values; this module only applies them, so the scan,
 the site loader and the trainer judge an image the same way. Applied after decoding (the cache does not
 depend on the policy, so changing the policy never re-decodes the archive).
 """

@@ -91,7 +91,7 @@ def load_or_create_salt(path: str | os.PathLike[str]) -> bytes:
     return p.read_bytes()
 
 
-SALT_FILE = "salt.bin"  # in the site state directory (client/site_state.py names the same file)
+SALT_FILE = "salt.bin"  # in the site state directory (client/site/site_state.py names the same file)
 LEGACY_SALT_FILE = "salt.bin"  # in the cache directory (before the state directory existed)
 
 

@@ -127,14 +127,14 @@ def _metric(kind: type, messages: tuple[str, ...], readers: tuple[str, ...], doc
 
 _T, _E, _TE = (MESSAGE_TRAIN,), (MESSAGE_EVALUATE,), (MESSAGE_TRAIN, MESSAGE_EVALUATE)
 # The held-out metrics are also allowed in train replies: with run-config eval-in-train a site measures the
-# received global weights before training and sends them with its update (client/task.py handle_train).
+# received global weights before training and sends them with its update (client/app/task.py handle_train).
 
 
 @dataclass(frozen=True)
 class SiteReport:
     """Everything a site may send besides the model's arrays: finite scalars, one field per metric.
 
-    client/task.py fills it, `to_metrics` makes the MetricRecord; the wire guard and the coordinator parse
+    client/app/task.py fills it, `to_metrics` makes the MetricRecord; the wire guard and the coordinator parse
     replies back with `from_metrics`, which refuses unknown keys, lists, strings and non-finite numbers.
     """
 
@@ -152,7 +152,7 @@ class SiteReport:
     alignment: float | None = _metric(float, _TE, (SITE_RECORD, AGGREGATE), "held-out alignment")
     uniformity: float | None = _metric(float, _TE, (SITE_RECORD, AGGREGATE), "held-out uniformity")
     eval_examples: int | None = _metric(int, _TE, (SITE_RECORD,), "held-out images evaluated")
-    # The representation monitor (run-config probe-monitor, client/probe_monitor.py): AUCs over the site's
+    # The representation monitor (run-config probe-monitor, client/app/probe_monitor.py): AUCs over the site's
     # labelled images, never a label or a per-image value.
     knn_auc: float | None = _metric(float, _TE, (SITE_RECORD, MONITOR), "cosine k-NN AUC, patient splits")
     probe_auc: float | None = _metric(float, _TE, (SITE_RECORD, MONITOR), "linear-probe AUC, patient splits")

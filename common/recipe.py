@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 # The model's normalisation layers by name (fedrad.common.norms.NORMS; repeated here so that reading a recipe
 # never imports torch; tests/test_norm_policy.py checks the two agree).
 NORM_NAMES = ("batch", "group")
-# timm's optimizers the trainer builds (fedrad.client.trainer.OPTIMIZERS; tests/test_recipe_defaults.py checks).
+# timm's optimizers the trainer builds (fedrad.client.training.trainer.OPTIMIZERS; tests/test_recipe_defaults.py
+# checks).
 OPTIMIZER_NAMES = ("adamw", "sgd", "lars")
 
 

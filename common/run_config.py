@@ -94,7 +94,7 @@ class RunConfig(Recipe):
     dp_noise: float = 0.0
     dp_delta: float = 1e-5
     dp_epsilon_budget: float = 0.0
-    # Representation monitor (client/probe_monitor.py): a label column each site may allow in its policy's
+    # Representation monitor (client/app/probe_monitor.py): a label column each site may allow in its policy's
     # label_fields ("finding", "view", ...); each evaluation embeds up to probe-monitor-images of its labelled
     # images and sends only k-NN and linear-probe AUCs. Empty: off.
     probe_monitor: str = ""

@@ -20,10 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedrad.client.site_state import REFUSALS_FILE, SiteState
+from fedrad.client.site.site_state import REFUSALS_FILE, SiteState
 from fedrad.common.protocol import ErrorCode
 
-OUTGOING_FILE = "outgoing.jsonl"  # written by fedrad.client.wire_guard
+OUTGOING_FILE = "outgoing.jsonl"  # written by fedrad.client.app.wire_guard
 MAX_LINE = 1 << 20  # a longer line is not one of ours: skipped, never held in memory whole
 RECENT = 10  # refusals listed one by one
 
@@ -131,7 +131,7 @@ def audit_summary(state: SiteState, since: float | None = None, until: float | N
         rules[refusal["rule"]] += 1
         codes[f"{refusal['code']} {refusal['code_name'] or ''}".strip() if refusal["code"] else "none"] += 1
         recent.append(refusal)
-    from fedrad.client.release_store import held_releases
+    from fedrad.client.site.release_store import held_releases
 
     releases = [{"release_id": h.release_id, "run_id": h.run_id, "sequence": h.sequence, "created": h.created,
                  "model": h.model} for h in held_releases(state.root)]

@@ -256,7 +256,7 @@ def _add_federation(sub) -> None:
     p.add_argument("--fresh-process-per-message", action="store_true",
                    help="answer each message in a fresh process instead of the run's warm worker (slower; the "
                         "older runtime, kept as a fallback)")
-    p.add_argument("--client-app", default="fedrad.client.client_app:app", metavar="MODULE:ATTR",
+    p.add_argument("--client-app", default="fedrad.client.app.client_app:app", metavar="MODULE:ATTR",
                    help="the ClientApp installed here that answers the coordinator (default: fedrad's)")
     p.add_argument("--client-app-dir", default=None,
         help="folder holding --client-app's module, if not installed (default: the installed package)")
@@ -405,7 +405,7 @@ def _add_release(sub) -> None:
     _add_release_policy(p)
     p.set_defaults(func=_lazy("finetune:embed"))
 
-    from fedrad.client.exporters import FORMATS
+    from fedrad.client.tools.exporters import FORMATS
 
     p = sub.add_parser("export", help="write a verified release as a MONAI bundle, an ONNX graph or TorchScript")
     p.add_argument("bundle", nargs="?", help="the release folder (from `fedrad release`), or give --release")
@@ -624,8 +624,8 @@ def run_command(func, args: argparse.Namespace, command: str) -> int:
 
 def parse_runtime_args(argv: list[str] | None = None):
     """The site runtime's command line (`python -m fedrad.deploy.runtime_entry MODE --port N ... [-- SUPERNODE]`,
-    started by `fedrad node` and by the runtime itself) as fedrad.client.runtime.RuntimeArgs."""
-    from fedrad.client.runtime import DEFAULT_CLIENT_APP, LOG_LEVELS, RUNTIME_MODES, RuntimeArgs
+    started by `fedrad node` and by the runtime itself) as fedrad.client.runtime.site_runtime.RuntimeArgs."""
+    from fedrad.client.runtime.site_runtime import DEFAULT_CLIENT_APP, LOG_LEVELS, RUNTIME_MODES, RuntimeArgs
 
     argv = list(sys.argv[1:] if argv is None else argv)
     supernode_cmd: list[str] = []

@@ -14,7 +14,7 @@ import signal
 import time
 from pathlib import Path
 
-from fedrad.client.runtime import SiteTrust
+from fedrad.client.runtime.site_runtime import SiteTrust
 from fedrad.deploy.processes import ProcessGroup, free_port, superlink_command, supernode_command, wait_for_port
 from fedrad.deploy.run_command import parse_overrides, report_run, submit_run
 
@@ -67,7 +67,7 @@ def demo_main(args) -> int:
                                   images_per_patient=DEMO_IMAGES_PER_PATIENT, seed=0,
                                   volumes=True)  # + a CT series, an enhanced MR and a US cine per site
     _step("scanning each site (what its IT would check first; nothing is sent)")
-    from fedrad.client.scan import scan_folder
+    from fedrad.client.site.scan import scan_folder
 
     for site in sites:
         rep = scan_folder(site, decode=True, progress=False)
@@ -174,7 +174,7 @@ def _release_and_publish(workdir: Path, run_dir: Path, address: str, key: Path, 
 
 def _finetune_received(workdir: Path, sites: list[Path], pub: Path) -> int:
     """Fine-tune from the copies the sites received (each verified again with the site's consortium.pub)."""
-    from fedrad.client.release_store import resolve_release
+    from fedrad.client.site.release_store import resolve_release
     from fedrad.common.bundle import verify_bundle
 
     _step("each site verifies the copy it received (fedrad releases; --release latest)")
@@ -199,7 +199,7 @@ def demo_finetune(bundle: str | Path, pubkey: str | Path, sites: list[Path], out
     import numpy as np
     import torch
 
-    from fedrad.client.finetune import Arm, patient_split, random_arm, run_experiment, write_outputs
+    from fedrad.client.tools.finetune import Arm, patient_split, random_arm, run_experiment, write_outputs
     from fedrad.common.bundle import load_verified_backbone
 
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
@@ -223,7 +223,7 @@ def pooled_sites(sites: list[Path], size: int, cache_dir: str | Path):
     keys are salted on their own, so two sites' ids could collide)."""
     import numpy as np
 
-    from fedrad.client.finetune import LabelledSet, load_folder
+    from fedrad.client.tools.finetune import LabelledSet, load_folder
 
     parts = []
     for i, site in enumerate(sites):

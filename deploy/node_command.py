@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fedrad.client.runtime import SiteTrust
+from fedrad.client.runtime.site_runtime import SiteTrust
 from fedrad.deploy.processes import (
     TlsFiles,
     _run_foreground,
@@ -51,7 +51,7 @@ def node_location(args) -> tuple[str | Path, str | None, dict[str, str], dict]:
     the secret is)."""
     source, cache, source_config, scan_kw = getattr(args, "source", None), args.cache, {}, {}
     if source:  # a PACS: node config data-dir holds its URL, source-* its query and limits (site-local)
-        from fedrad.client.scan import PACS_LIMITS, source_options
+        from fedrad.client.site.scan import PACS_LIMITS, source_options
         from fedrad.common.sources.pacs import default_source_cache_dir, is_source_url
 
         if args.data or not is_source_url(source):
@@ -93,11 +93,11 @@ def node_main(args) -> int:
     if not args.certs and not args.insecure and not is_loopback(args.superlink):
         raise ValueError(f"--superlink {args.superlink} is not on this machine and --certs is not given: "
                          "give the site folder from `fedrad certs init` (TLS), or --insecure to send in plaintext")
-    from fedrad.client.policy import check_coordinator_ca, default_policy, load_policy
+    from fedrad.client.site.policy import check_coordinator_ca, default_policy, load_policy
 
     policy = load_policy(args.policy) if args.policy else default_policy()  # bad file: one line, exit 2
     if not args.no_scan:
-        from fedrad.client.scan import scan_folder
+        from fedrad.client.site.scan import scan_folder
 
         print(f"fedrad node: scanning {data} to show what this site would train on ...", flush=True)
         report = scan_folder(data, decode=False, progress=True, max_pixels=policy.max_pixels, **scan_kw)
@@ -108,7 +108,7 @@ def node_main(args) -> int:
                   f"({p['pending']} left for the next pull)", flush=True)
         print(f"fedrad node: {usable} usable images. Only model weights and aggregate numbers will leave "
               f"this machine; images and headers stay here.", flush=True)
-    from fedrad.client.site_state import node_state_config
+    from fedrad.client.site.site_state import node_state_config
 
     procs = int(getattr(args, "ddp_procs", 1) or 1)
     if procs < 1:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedrad.client.runtime import RUNTIME_MODULE, SiteTrust, _copy_plain
+from fedrad.client.runtime.site_runtime import RUNTIME_MODULE, SiteTrust, _copy_plain
 
 DEFAULT_PORT = 8000  # flwr 1.41 SuperLink: Fleet, Control and Runtime APIs share one HTTP port
 
@@ -211,7 +211,7 @@ def node_config_string(config: dict[str, object]) -> str:
 def supernode_command(superlink: str, port: int, node_config: dict[str, object],
                       tls: TlsFiles | None = None, trust: SiteTrust | None = None,
                       log_level: str = "INFO") -> list[str]:
-    """The command that starts a site: fedrad's runtime (client/runtime.py), which runs the SuperNode.
+    """The command that starts a site: fedrad's runtime (client/runtime/site_runtime.py), which runs the SuperNode.
 
     The SuperNode runs with process isolation: it never installs or imports the run's FAB; the runtime
     answers each message with the ClientApp installed here, for runs the consortium signed (`trust`).

@@ -16,7 +16,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from fedrad.client.runtime import _ANSI
+from fedrad.client.runtime.site_runtime import _ANSI
 from fedrad.common.toml_lines import key_line
 from fedrad.deploy.processes import (
     _signal_tree,

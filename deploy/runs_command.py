@@ -177,7 +177,7 @@ def run_status(run_id: int, superlink: str, ca: Path | None) -> str:
 def log_main(args) -> int:
     """`fedrad log RUN [--follow]`: the run's log from the coordinator (Flower's `flwr log`); with --follow it
     streams until the run ends and exits with the run's status (0 completed, 1 failed or stopped)."""
-    from fedrad.client.runtime import _ANSI
+    from fedrad.client.runtime.site_runtime import _ANSI
     from fedrad.deploy.run_command import RUN_FAILED_EXIT, write_flwr_home
 
     run_id = parse_run_id(args.run)

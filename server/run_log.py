@@ -131,7 +131,7 @@ def run_figure(rows: list[dict[str, Any]]):
     ax.set(title="per round", xlabel="round", ylabel="value")
     if lines:
         ax.legend()
-    if aucs:  # the representation monitor: AUCs on the sites' labelled images (client/probe_monitor.py)
+    if aucs:  # the representation monitor: AUCs on the sites' labelled images (client/app/probe_monitor.py)
         ax = axes[1]
         for key in aucs:
             pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]

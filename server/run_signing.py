@@ -1,6 +1,6 @@
 """The operator's side of run signing: the consortium key signs the FAB and run-config a run will carry.
 
-Sites check the signature with `consortium.pub` before touching their data (fedrad.client.runtime); what
+Sites check the signature with `consortium.pub` before touching their data (fedrad.client.runtime.site_runtime); what
 is signed is defined once, in fedrad.common.run_signature.
 """
 

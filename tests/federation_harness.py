@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedrad.client.runtime import SiteTrust
+from fedrad.client.runtime.site_runtime import SiteTrust
 from fedrad.deploy.processes import (
     ProcessGroup,
     TlsFiles,

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from fedrad.client.runtime import audit_refusal
-from fedrad.client.site_state import SiteState, record_refusal
-from fedrad.client.wire_guard import describe_content
+from fedrad.client.app.wire_guard import describe_content
+from fedrad.client.runtime.site_runtime import audit_refusal
+from fedrad.client.site.site_state import SiteState, record_refusal
 from fedrad.common.protocol import ErrorCode
 from fedrad.deploy.audit_command import audit_summary
 from fedrad.deploy.cli import main

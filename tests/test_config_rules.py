@@ -35,7 +35,7 @@ def test_run_cli_coordinator_and_site_refuse_the_same_config(overrides: dict, wo
 
 
 def test_site_policy_dp_modes_are_the_run_configs() -> None:
-    from fedrad.client import policy
+    from fedrad.client.site import policy
 
     assert policy.DP_MODES is DP_MODES
 
@@ -59,7 +59,7 @@ def test_fedprox_term_only_under_fedprox() -> None:
 
 
 def test_the_site_policy_is_parsed_once_per_version(tmp_path) -> None:
-    from fedrad.client.policy import policy_for
+    from fedrad.client.site.policy import policy_for
 
     path = tmp_path / "site.toml"
     path.write_text("[training]\nmax_image_size = 32\n")

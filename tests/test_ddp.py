@@ -1,4 +1,4 @@
-"""Several processes at one site (fedrad.client.ddp): 2 gloo ranks on CPU compute the update of one process
+"""Several processes at one site (fedrad.client.training.ddp): 2 gloo ranks on CPU compute the update of one process
 on the same global batch, and a rank that dies fails the round without hanging it."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 from fake_site import make_fake_site
 
-from fedrad.client.ddp import DistributedTrainingError, train_distributed
-from fedrad.client.trainer import TrainConfig, train_local
+from fedrad.client.training.ddp import DistributedTrainingError, train_distributed
+from fedrad.client.training.trainer import TrainConfig, train_local
 from fedrad.common.models import build_model
 
 
@@ -74,14 +74,14 @@ def test_dead_rank_fails_the_round_and_the_next_starts_clean() -> None:
 
 
 def test_one_process_is_the_plain_path_and_sample_dp_refuses_ranks() -> None:
-    from fedrad.client.ddp import RankContext
+    from fedrad.client.training.ddp import RankContext
 
     data = make_fake_site(n=24, size=32)
     torch.manual_seed(0)
     a = build_model("test_resnet", "simclr", 32, proj_dim=16, norm="group")
     b = copy.deepcopy(a)
     assert train_distributed(a, data, _cfg(), procs=1).losses == train_local(b, data, _cfg(), progress=False).losses
-    from fedrad.client.sample_dp import SampleDP
+    from fedrad.client.training.sample_dp import SampleDP
 
     with pytest.raises(ValueError, match="one process"):
         train_local(a, data, _cfg(), progress=False, dp=SampleDP(1.0, 1.0, 1e-5), dist_ctx=RankContext(0, 2))
@@ -102,8 +102,8 @@ def test_node_with_two_procs_answers_once_and_refuses_sample_dp(tmp_path, dicom_
     from federation_harness import TINY_RUN
     from test_site_policy import _assert_fixed_reply, _context, _dp_run, _message, _refusals
 
-    from fedrad.client.policy_mod import site_policy_mod
-    from fedrad.client.task import handle_train
+    from fedrad.client.app.policy_mod import site_policy_mod
+    from fedrad.client.app.task import handle_train
     from fedrad.common.protocol import ErrorCode
     from fedrad.common.run_config import RunConfig
 

@@ -217,7 +217,7 @@ def test_monai_bundle_export_verifies_with_monai(signed, exported, tmp_path):
 def test_finetune_and_embed_sources_give_the_same_backbone(signed, exported, tmp_path):
     """A release folder, `local-dir:` and the MONAI export load the same verified weights; a MONAI export whose
     model.pt was changed is refused. `fedrad embed` end to end on `local-dir:` and on the MONAI export."""
-    from fedrad.client.model_source import load_model_source
+    from fedrad.client.tools.model_source import load_model_source
     from fedrad.deploy.synthetic import write_synthetic_sites
 
     bundle, _key, pub = signed

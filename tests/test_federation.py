@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from federation_harness import POISON_APP, POISON_CLIENT, Consortium, wait_for
 
-from fedrad.client.runtime import SiteTrust
+from fedrad.client.runtime.site_runtime import SiteTrust
 from fedrad.server.run_log import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from release_fixtures import make_bundle
 
-from fedrad.client.finetune import (
+from fedrad.client.tools.finetune import (
     auc_score,
     binarise,
     bootstrap_ci,
@@ -57,7 +57,7 @@ def small_npz(tmp_path_factory, sites) -> Path:
         np.savez(out, train_images=d["train_images"][:300], train_labels=d["train_labels"][:300],
                  test_images=d["test_images"][:200], test_labels=d["test_labels"][:200])
         return out
-    from fedrad.client.finetune import load_folder
+    from fedrad.client.tools.finetune import load_folder
 
     ds = load_folder(sites[0], 28, targets=["finding"], cache_dir=out.parent / "cache")
     imgs = (ds.images * 255).astype(np.uint8)
@@ -184,7 +184,7 @@ def test_finetune_needs_no_scipy():
     """scipy is not a declared dependency: the metrics come from scikit-learn's public API only."""
     import ast
 
-    import fedrad.client.finetune as pkg
+    import fedrad.client.tools.finetune as pkg
 
     for path in Path(pkg.__file__).parent.glob("*.py"):
         tree = ast.parse(path.read_text())

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from release_fixtures import make_bundle
 
-from fedrad.client.finetune.data import LabelledSet, load_folder
-from fedrad.client.finetune.ood import combine_for_ood
+from fedrad.client.evaluation.data import LabelledSet, load_folder
+from fedrad.client.tools.finetune.ood import combine_for_ood
 from fedrad.deploy.cli import main
 
 

@@ -10,7 +10,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from fedrad.common.sources.pacs import PacsError, PacsOptions, instance_byte_cap, open_pacs
+from fedrad.common.sources.layout import open_pacs
+from fedrad.common.sources.pacs import PacsError, PacsOptions, instance_byte_cap
 
 CR = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
 STUDY, SERIES, SOP = "1.2.826.0.1.3680043.10.999.1", "1.2.826.0.1.3680043.10.999.1.1", "1.2.826.0.1.3680043.10.999.9"

@@ -19,7 +19,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from fedrad.common.sources.pacs import PacsOptions, open_pacs
+from fedrad.common.sources.layout import open_pacs
+from fedrad.common.sources.pacs import PacsOptions
 
 FEDRAD = str(Path(sys.executable).parent / "fedrad")
 RSS_BOUND_MB = 300  # issue 25: the endless-QIDO server must not take the node past this

@@ -13,8 +13,8 @@ import time
 import pytest
 from dicom_fixtures import make_corrupt_files, small_dicom
 
-from fedrad.client.ingest import ingest_site
-from fedrad.client.site_data import load_site
+from fedrad.client.site.ingest import ingest_site
+from fedrad.client.site.site_data import load_site
 
 
 def _site(folder, n, rows=24):

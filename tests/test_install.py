@@ -123,5 +123,5 @@ print(json.dumps({"api": fedrad.__file__, "app": str(app), "refused": refused,
     import tomllib
 
     assert first["config"] == tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert {"common/run_config.py", "client/client_app.py", "server/server_app.py"} <= set(first["sources"])
+    assert {"common/run_config.py", "client/app/client_app.py", "server/server_app.py"} <= set(first["sources"])
     assert first["fab"] == second["fab"], "the FAB an installed fedrad signs must be byte-deterministic"

@@ -75,7 +75,7 @@ def test_goals_not_run_without_arms(bench):
 
 
 def test_dp_noise_spends_at_most_the_budget(bench):
-    from fedrad.client.sample_dp import epsilon_of, sample_rate
+    from fedrad.client.training.sample_dp import epsilon_of, sample_rate
 
     noise = bench.dp_noise_for(8.0, 1e-5, 64, 1100, 200)
     q = sample_rate(64, 1100)

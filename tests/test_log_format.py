@@ -17,7 +17,7 @@ ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 SNIPPET = """
 import logging, sys
-from fedrad.client.runtime import configure_logging
+from fedrad.client.runtime.site_runtime import configure_logging
 configure_logging("INFO")
 logging.getLogger("fedrad.client").info("round 1 train: 10 steps")
 from flwr.common.logger import log

@@ -11,7 +11,7 @@ import torch
 from dicom_fixtures import shared_data
 from torch import nn
 
-from fedrad.client.trainer import TrainConfig, _setup, _views_of, train_local
+from fedrad.client.training.trainer import TrainConfig, _setup, _views_of, train_local
 from fedrad.common.losses import REGISTRY, Batch, get_objective
 from fedrad.common.losses.ntxent import supcon_loss
 from fedrad.common.models import build_model
@@ -82,7 +82,7 @@ def test_gradient_pulls_a_same_patient_pair_with_different_labels_together() -> 
 
 
 def test_trains_on_real_radiographs_with_both_positives(tmp_path) -> None:
-    from fedrad.client.site_data import load_site
+    from fedrad.client.site.site_data import load_site
 
     data = load_site(shared_data() / "hannover", 32, cache_dir=tmp_path / "cache", progress=False)
     torch.manual_seed(0)

@@ -12,9 +12,9 @@ from fedrad.common.node_config import NODE_CONFIG_KEYS, NodeConfig
 
 ROOT = Path(__file__).parents[1]
 # Modules that still read a raw key, each with its reason: the wire guard must never raise (it turns every
-# failure into an error code, so it reads audit-dir without validation), and the site runtime (client/runtime.py)
-# writes consortium-key and reads audit-dir before any ClientApp runs.
-RAW_ALLOWED = {"client/wire_guard.py", "client/runtime.py"}
+# failure into an error code, so it reads audit-dir without validation), and the site runtime
+# (client/runtime/site_runtime.py) writes consortium-key and reads audit-dir before any ClientApp runs.
+RAW_ALLOWED = {"client/app/wire_guard.py", "client/runtime/site_runtime.py"}
 
 
 def test_values_are_typed_and_unset_is_the_default() -> None:
@@ -45,8 +45,8 @@ def test_the_site_code_reads_declared_keys_only() -> None:
 
 
 def test_the_site_state_and_policy_read_it() -> None:
-    from fedrad.client.policy import policy_for
-    from fedrad.client.site_state import state_paths
+    from fedrad.client.site.policy import policy_for
+    from fedrad.client.site.site_state import state_paths
 
     state = state_paths({"data-dir": "/data", "state-dir": "/s", "audit-dir": ""})
     assert state.root == Path("/s") and state.audit_dir == Path("/s/audit")
@@ -56,7 +56,7 @@ def test_the_site_state_and_policy_read_it() -> None:
 
 
 def test_one_line_finder_for_every_config_file() -> None:
-    from fedrad.client.policy import PolicyError, parse_policy
+    from fedrad.client.site.policy import PolicyError, parse_policy
     from fedrad.common.toml_lines import key_line
     from fedrad.deploy.run_command import config_line
 

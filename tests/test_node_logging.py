@@ -7,7 +7,7 @@ import sys
 
 SNIPPET = """
 import logging, sys
-from fedrad.client.runtime import configure_logging
+from fedrad.client.runtime.site_runtime import configure_logging
 configure_logging(sys.argv[1])
 logging.getLogger("fedrad.client").info("round 1 train (simclr): 10 steps")
 from flwr.common.logger import log

@@ -1,4 +1,4 @@
-"""The site's SuperNode runs Flower's own loop with its idle sleep capped (client/node_poll.py)."""
+"""The site's SuperNode runs Flower's own loop with its idle sleep capped (client/runtime/node_poll.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import flwr.supernode.start_client_internal as loop
 
-from fedrad.client.node_poll import IDLE_POLL_SECONDS, patch_supernode_loop
+from fedrad.client.runtime.node_poll import IDLE_POLL_SECONDS, patch_supernode_loop
 
 
 def test_supernode_idle_sleep_is_capped_in_that_module_only(monkeypatch) -> None:
@@ -21,6 +21,6 @@ def test_supernode_idle_sleep_is_capped_in_that_module_only(monkeypatch) -> None
     loop.time.sleep(0.1)
     assert slept == [IDLE_POLL_SECONDS, 0.1]
     assert loop.time.time is time.time and loop.time is not time  # the rest of `time` unchanged, global untouched
-    from fedrad.client.runtime import PULL_BACKOFF
+    from fedrad.client.runtime.site_runtime import PULL_BACKOFF
 
     assert (loop.pull_objects.keywords["initial_backoff"], loop.pull_objects.keywords["backoff_cap"]) == PULL_BACKOFF

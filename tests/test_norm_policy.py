@@ -42,7 +42,7 @@ def _kinds(module: nn.Module) -> set[type]:
 def test_group_run_builds_group_norm_everywhere_and_releases_it(tmp_path) -> None:
     """The coordinator's first model, the site's model layout and the saved backbone all follow the key, and
     the backbone file loads back (by its recorded norm) into the same structure."""
-    from fedrad.client.task import model_layout
+    from fedrad.client.app.task import model_layout
     from fedrad.common.models import load_backbone
     from fedrad.server.rounds import initial_arrays, save_global_backbone
 

@@ -93,7 +93,7 @@ def test_split_reads_a_float_sum_of_the_packed_model():
 
 def test_site_refuses_a_message_that_is_not_its_model():
     """The handler loads weights only from exactly the layout its run config builds."""
-    from fedrad.client import task
+    from fedrad.client.app import task
 
     cfg = RunConfig(model="test_resnet", objective="simclr", image_size=32, proj_dim=32)
     other = build_model("test_resnet", "byol", 32, proj_dim=32).state_dict()  # + a predictor head

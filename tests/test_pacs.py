@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedrad.client.scan import scan_folder
-from fedrad.client.site_data import load_site
+from fedrad.client.site.scan import scan_folder
+from fedrad.client.site.site_data import load_site
+from fedrad.common.sources.layout import open_pacs
 from fedrad.common.sources.pacs import (
     PacsError,
     PacsOptions,
     PacsQuery,
     is_source_url,
-    open_pacs,
     read_credentials,
 )
 

@@ -62,7 +62,7 @@ def _train_message(secagg: bool):
 def test_site_refuses_secagg_mismatch(run_secagg, msg_secagg):
     from flwr.app import Context, RecordDict
 
-    from fedrad.client.privacy_mods import privacy_mod
+    from fedrad.client.app.privacy_mods import privacy_mod
 
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={"secagg": run_secagg})
     called = []
@@ -204,8 +204,8 @@ def test_sample_dp_run_ledgers_budget_and_release(consortium3, tmp_path):
     """dp=sample on real processes: GroupNorm simsiam trained with opacus at each site, each site's ε in
     its own ledger and in metrics.jsonl, the budget stops the run before a site would pass it, and the
     released bundle says image-level DP and loads as the GroupNorm variant."""
-    from fedrad.client.sample_dp import epsilon_of
-    from fedrad.client.site_data import load_site
+    from fedrad.client.site.site_data import load_site
+    from fedrad.client.training.sample_dp import epsilon_of
     from fedrad.common.bundle import load_verified_backbone
     from fedrad.server.release import generate_keys, release_bundle
     from fedrad.server.run_log import read_metrics

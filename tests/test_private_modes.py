@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedrad.client.budget import SiteBudget
-from fedrad.client.release_store import record_participation
-from fedrad.client.site_state import SiteState, bind_nonce, count_activity, open_state, record_refusal
+from fedrad.client.site.budget import SiteBudget
+from fedrad.client.site.release_store import record_participation
+from fedrad.client.site.site_state import SiteState, bind_nonce, count_activity, open_state, record_refusal
 from fedrad.common.atomic import append_private
 
 

@@ -10,9 +10,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedrad.client.probe_monitor import measure, monitor_set
-from fedrad.client.site_data import SiteData, load_site
-from fedrad.client.wire_guard import wire_guard_mod
+from fedrad.client.app.probe_monitor import measure, monitor_set
+from fedrad.client.app.wire_guard import wire_guard_mod
+from fedrad.client.site.site_data import SiteData, load_site
 from fedrad.common.protocol import (
     MESSAGE_EVALUATE,
     MESSAGE_TRAIN,
@@ -111,7 +111,7 @@ def test_the_wire_lets_exactly_the_monitors_numbers_through():
 
 
 def _evaluate_through_the_guard(tmp_path, site, run: dict, policy: str | None):
-    from fedrad.client.task import _RESIDENT, handle_evaluate
+    from fedrad.client.app.task import _RESIDENT, handle_evaluate
     from fedrad.common.models import build_model
     from fedrad.common.packing import pack
 

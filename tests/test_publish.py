@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from release_fixtures import bundle_files, two_releases
 
-from fedrad.client.release_store import (
+from fedrad.client.site.release_store import (
     JOINED_FILE,
     ReleaseRefused,
     bundle_folder,
@@ -20,7 +20,7 @@ from fedrad.client.release_store import (
     resolve_release,
     store_release,
 )
-from fedrad.client.site_state import SiteState
+from fedrad.client.site.site_state import SiteState
 from fedrad.common.bundle import MANIFEST, SIGNATURE, WEIGHTS, verify_bundle
 from fedrad.common.release_wire import (
     MODEL_CARD,
@@ -135,7 +135,7 @@ def test_store_refuses_rollback(signed, tmp_path):
 
 def test_store_is_all_or_nothing_when_the_rename_fails(signed, tmp_path, monkeypatch):
     """A crash between verification and the rename leaves no folder, hidden or not."""
-    import fedrad.client.release_store as store
+    import fedrad.client.site.release_store as store
 
     first, _, _, pub = signed
     state = _state(tmp_path)
@@ -191,8 +191,8 @@ def _site_app_call(msg, tmp_path: Path, pub: Path):
     config (SecAgg+ required): release messages touch no data, so that rule does not stop them."""
     from flwr.app import Context, RecordDict
 
-    from fedrad.client.client_app import app
-    from fedrad.client.policy import default_policy_text
+    from fedrad.client.app.client_app import app
+    from fedrad.client.site.policy import default_policy_text
     from fedrad.deploy.run_command import app_run_config
 
     policy = tmp_path / "policy.toml"
@@ -209,7 +209,7 @@ def test_client_app_answers_offer_and_files_with_codes_only(signed, tmp_path):
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedrad.client.wire_guard import check_outgoing
+    from fedrad.client.app.wire_guard import check_outgoing
     from fedrad.common.release_wire import MESSAGE_FILES, MESSAGE_OFFER
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1

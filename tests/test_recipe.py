@@ -100,7 +100,7 @@ def _train_msg(config: dict) -> Message:
 
 
 def test_site_uses_the_sent_round_lr_only_when_it_is_the_signed_schedule(in_a_serverapp) -> None:
-    from fedrad.client.task import round_lr_for, train_config_for
+    from fedrad.client.app.task import round_lr_for, train_config_for
 
     cfg = RunConfig(lr=0.2, lr_schedule="cosine", warmup_rounds=1, num_server_rounds=4)
     expected = cfg.round_lr(3)

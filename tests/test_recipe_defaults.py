@@ -68,8 +68,8 @@ def test_pretrain_options_are_every_recipe_switch_with_the_run_defaults() -> Non
 
 
 def test_trainconfig_from_recipe_carries_every_training_field() -> None:
-    from fedrad.client.task import train_config_for
-    from fedrad.client.trainer import OPTIMIZERS, TrainConfig
+    from fedrad.client.app.task import train_config_for
+    from fedrad.client.training.trainer import OPTIMIZERS, TrainConfig
 
     assert OPTIMIZERS == OPTIMIZER_NAMES
     cfg = RunConfig(objective="simclr", batch_size=8, lr=0.01, optimizer="sgd", weight_decay=0.05, temperature=0.3,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from release_fixtures import bundle_files, two_releases
 
-from fedrad.client.release_store import (
+from fedrad.client.site.release_store import (
     ReleaseQuota,
     ReleaseRefused,
     held_releases,
@@ -23,7 +23,7 @@ from fedrad.client.release_store import (
     record_participation,
     store_release,
 )
-from fedrad.client.site_state import SiteState
+from fedrad.client.site.site_state import SiteState
 from fedrad.common.bundle import SIGNATURE, WEIGHTS
 from fedrad.common.release_wire import RELEASE_CODE, ReleaseCode, split_chunks
 
@@ -61,7 +61,7 @@ def _site_app_call(msg, tmp_path: Path, pub: Path):
     """The site's real ClientApp (mods included), its audit kept outside the state folder."""
     from flwr.app import Context, RecordDict
 
-    from fedrad.client.client_app import app
+    from fedrad.client.app.client_app import app
     from fedrad.deploy.run_command import app_run_config
 
     node_config = {"data-dir": str(tmp_path / "data"), "state-dir": str(tmp_path / "state"),

@@ -9,10 +9,10 @@ import pytest
 import torch
 from fake_site import make_fake_site
 
-from fedrad.client.budget import OverBudget, SiteBudget, read_ledger
-from fedrad.client.sample_dp import SampleDP, epsilon_of, projected_epsilon
-from fedrad.client.site_state import state_paths
-from fedrad.client.trainer import TrainConfig, split_indices, train_local
+from fedrad.client.site.budget import OverBudget, SiteBudget, read_ledger
+from fedrad.client.site.site_state import state_paths
+from fedrad.client.training.sample_dp import SampleDP, epsilon_of, projected_epsilon
+from fedrad.client.training.trainer import TrainConfig, split_indices, train_local
 from fedrad.common.losses import get_objective
 from fedrad.common.models import build_model, load_backbone, save_backbone
 from fedrad.common.norms import has_batch_norm, opacus_safe, to_group_norm
@@ -210,7 +210,7 @@ def test_config_checks():
 def test_grad_sample_modes_give_the_hooks_per_image_gradients(mode: str):
     """Every GRAD_SAMPLE_MODES entry hands opacus's optimizer the same per-image gradients (both views
     summed) as the hooks mode, so clipping, noise and accounting are unchanged by the choice."""
-    from fedrad.client.sample_dp import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, DPTraining
+    from fedrad.client.training.sample_dp import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, DPTraining
 
     assert DEFAULT_GRAD_SAMPLE_MODE in GRAD_SAMPLE_MODES and mode in GRAD_SAMPLE_MODES
     g = torch.Generator().manual_seed(0)
@@ -242,7 +242,7 @@ def _one_dp_step(mode: str, objective_name: str, clip: float, views, noise: floa
     """One DPTraining step of `mode` on a fresh seeded model (SGD lr 1, the same seeded noise generator):
     (p.grad the optimizer applied = (clipped sum + noise) / expected batch, per parameter; each image's
     gradient norm, from the hooks mode's p.grad_sample, None for other modes)."""
-    from fedrad.client.sample_dp import DPTraining
+    from fedrad.client.training.sample_dp import DPTraining
 
     model = _dp_model(objective=objective_name)
     objective = type(get_objective(objective_name))(joint_forward=False)
@@ -293,7 +293,7 @@ def test_ghost_clipping_refuses_layers_it_cannot_clip():
     from timm.layers import StdConv2d
     from torch import nn
 
-    from fedrad.client.sample_dp import DPTraining
+    from fedrad.client.training.sample_dp import DPTraining
 
     class Scaled(nn.Module):
         def __init__(self) -> None:

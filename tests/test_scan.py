@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dicom_fixtures import make_corrupt_files, shared_data, small_dicom
 
-from fedrad.client.scan import NOTHING_SENT, scan_folder
+from fedrad.client.site.scan import NOTHING_SENT, scan_folder
 from fedrad.deploy.cli import main
 
 

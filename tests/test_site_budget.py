@@ -14,8 +14,8 @@ import pytest
 from federation_harness import TINY_RUN
 from test_site_policy import _assert_fixed_reply, _context, _dp_run, _message, _refusals
 
-from fedrad.client.sample_dp import epsilon_of
-from fedrad.client.site_state import state_paths
+from fedrad.client.site.site_state import state_paths
+from fedrad.client.training.sample_dp import epsilon_of
 from fedrad.common.protocol import ErrorCode
 from fedrad.common.run_config import RunConfig
 
@@ -41,9 +41,9 @@ def test_two_runs_in_flight_with_one_run_key_keep_every_round(tmp_path, site, mo
     """Two Flower runs (ids 7 and 8) send train messages with the SAME run-key, their rounds in flight together
     (both planned before either is recorded, as with a retired worker, a fresh process per message or a
     replay): the ledger holds every trained round and the site's ε is that of all of them."""
-    from fedrad.client import trainer
-    from fedrad.client.policy_mod import site_policy_mod
-    from fedrad.client.task import handle_train
+    from fedrad.client.app.policy_mod import site_policy_mod
+    from fedrad.client.app.task import handle_train
+    from fedrad.client.training import trainer
 
     policy = tmp_path / "site.toml"
     policy.write_text("[privacy]\nepsilon_budget = 0\n")
@@ -104,8 +104,8 @@ def test_evaluates_over_the_daily_limit_are_refused(tmp_path, site):
     """max_evaluations_per_day = 2: two evaluate messages are answered by the real handler, the third is refused
     with a fixed code (rule audited at the site), training is metered on its own; a train message of an
     eval-in-train run is an evaluation too; under dp = "sample" evaluate is refused outright."""
-    from fedrad.client.policy_mod import site_policy_mod
-    from fedrad.client.task import handle_evaluate
+    from fedrad.client.app.policy_mod import site_policy_mod
+    from fedrad.client.app.task import handle_evaluate
 
     policy = tmp_path / "site.toml"
     policy.write_text("[training]\nmax_rounds_per_day = 10\nmax_evaluations_per_day = 2\n")
@@ -144,7 +144,7 @@ def test_evaluates_over_the_daily_limit_are_refused(tmp_path, site):
 def test_run_key_is_bounded(tmp_path, site):
     """The coordinator's run-key is stored at the site (a ledger label): one longer than 64 characters, or not
     of [A-Za-z0-9._-], is refused before anything is stored."""
-    from fedrad.client.policy_mod import site_policy_mod
+    from fedrad.client.app.policy_mod import site_policy_mod
 
     cfg = RunConfig.from_flower(dict(TINY_RUN))
     ctx = _context(tmp_path, site, TINY_RUN)

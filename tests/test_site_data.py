@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from dicom_fixtures import make_corrupt_files, shared_data, small_dicom
 
-from fedrad.client.site_data import default_cache_dir, detect_layout, load_site
+from fedrad.client.site.site_data import default_cache_dir, detect_layout, load_site
 from fedrad.common.header_signals import SALT_FILE
 from fedrad.deploy.synthetic import write_synthetic_sites
 
@@ -114,7 +114,7 @@ def test_real_dicom_folder_readonly_cache_fallback(tmp_path, monkeypatch):
 def test_state_dir_salt_adopts_cache_salt_and_survives_cache_clear(tmp_path):
     import shutil
 
-    from fedrad.client.site_data import site_salt
+    from fedrad.client.site.site_data import site_salt
 
     root = tmp_path / "site"
     for i in range(3):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from federation_harness import TINY_RUN, Consortium
 
-from fedrad.client.policy import (
+from fedrad.client.site.policy import (
     PolicyError,
     check_coordinator_ca,
     check_run,
@@ -28,7 +28,7 @@ from fedrad.client.policy import (
     load_policy,
     parse_policy,
 )
-from fedrad.client.site_state import (
+from fedrad.client.site.site_state import (
     SiteStateError,
     count_activity,
     open_state,
@@ -256,7 +256,7 @@ def _assert_fixed_reply(reply, code: ErrorCode) -> None:
 
 
 def test_mod_refuses_before_the_handler_with_a_fixed_code(tmp_path, site):
-    from fedrad.client.policy_mod import site_policy_mod
+    from fedrad.client.app.policy_mod import site_policy_mod
 
     policy = tmp_path / "site.toml"
     policy.write_text('[training]\nmax_image_size = 32\nlabel_fields = ["view", "finding"]\n')
@@ -296,7 +296,7 @@ def test_mod_refuses_before_the_handler_with_a_fixed_code(tmp_path, site):
 
 
 def test_rounds_per_day_counts_training_rounds_only(tmp_path, site):
-    from fedrad.client.policy_mod import site_policy_mod
+    from fedrad.client.app.policy_mod import site_policy_mod
 
     policy = tmp_path / "site.toml"
     policy.write_text("[training]\nmax_rounds_per_day = 2\n")
@@ -326,10 +326,10 @@ def _dp_run(**kw) -> dict:
 def test_fresh_run_key_does_not_reset_epsilon_and_cache_clear_keeps_it(tmp_path, site):
     """Real DP-SGD through handle_train: round 1 of run-a spends ε; a fresh run key cannot spend it again, under
     the site's budget or the run's own; clearing the cache keeps ε and the salt; losing the ledger refuses."""
-    from fedrad.client.budget import ledger_history, read_ledger
-    from fedrad.client.policy_mod import site_policy_mod
-    from fedrad.client.sample_dp import epsilon_of
-    from fedrad.client.task import handle_train
+    from fedrad.client.app.policy_mod import site_policy_mod
+    from fedrad.client.app.task import handle_train
+    from fedrad.client.site.budget import ledger_history, read_ledger
+    from fedrad.client.training.sample_dp import epsilon_of
 
     def site_history(path):
         return ledger_history(read_ledger(path))
@@ -396,8 +396,8 @@ def test_patient_keys_survive_a_cleared_cache(tmp_path, site):
     """With the salt in the state folder, clearing the cache does not change the patient pseudonyms."""
     import inspect
 
-    from fedrad.client.site_data import load_site
-    from fedrad.client.task import load_site_for
+    from fedrad.client.app.task import load_site_for
+    from fedrad.client.site.site_data import load_site
 
     if "state_dir" not in inspect.signature(load_site).parameters:
         pytest.skip("site_data.load_site(state_dir=...) (salt in the state folder) is not on this branch yet")
@@ -427,7 +427,7 @@ def test_state_folder_rules(tmp_path):
     with pytest.raises(SiteStateError, match="not a fedrad site state"):
         open_state(state)
     # the default is outside the data folder, one per data folder
-    from fedrad.client.site_state import default_state_dir
+    from fedrad.client.site.site_state import default_state_dir
 
     a, b = default_state_dir(tmp_path / "a"), default_state_dir(tmp_path / "b")
     assert a != b and a.parent == b.parent and a.parent.name == "fedrad"

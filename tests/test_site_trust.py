@@ -16,7 +16,7 @@ import pytest
 from federation_harness import Consortium
 from flwr.common.config import parse_config_args
 
-from fedrad.client.runtime import SiteTrust, check_run
+from fedrad.client.runtime.site_runtime import SiteTrust, check_run
 from fedrad.common.protocol import ERROR_TEXT, ErrorCode
 from fedrad.common.run_signature import SIGNATURE_KEY, fused_run_config
 from fedrad.deploy.processes import app_dir, is_loopback
@@ -95,7 +95,7 @@ def test_signed_claims_bind_nonce_expiry_rounds_and_message_types(tmp_path):
     import base64
     import time
 
-    from fedrad.client.runtime import check_claims
+    from fedrad.client.runtime.site_runtime import check_claims
     from fedrad.common.run_signature import (
         RELEASE_MESSAGES,
         RunClaims,

@@ -138,7 +138,7 @@ def _without_volatile(report: dict) -> dict:
 def test_a_second_scan_of_an_unchanged_folder_decodes_nothing(tmp_path, monkeypatch):
     from dicom_fixtures import make_corrupt_files
 
-    from fedrad.client.scan import scan_folder
+    from fedrad.client.site.scan import scan_folder
 
     monkeypatch.setenv("FEDRAD_DECODE_WORKERS", "0")
     data = tmp_path / "d"

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pydicom
 
-from fedrad.client.site_data import load_site
+from fedrad.client.site.site_data import load_site
 from fedrad.common.dicom_io import read_header
 from fedrad.deploy.synthetic import write_synthetic_sites
 

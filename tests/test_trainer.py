@@ -14,7 +14,7 @@ import torch
 from dicom_fixtures import shared_data
 from fake_site import make_fake_site
 
-from fedrad.client.trainer import (
+from fedrad.client.training.trainer import (
     TrainConfig,
     _PairSampler,
     evaluate_local,
@@ -116,7 +116,7 @@ def test_tiny_site_rejected() -> None:
 
 
 def test_module_import_is_light() -> None:
-    code = "import sys, fedrad.client.trainer; print('torch' in sys.modules, 'timm' in sys.modules)"
+    code = "import sys, fedrad.client.training.trainer; print('torch' in sys.modules, 'timm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -137,7 +137,7 @@ def test_fedprox_term_pulls_towards_start(site) -> None:
 
 def test_byol_loss_falls_on_real_radiographs(tmp_path) -> None:
     """Hannover chest X-rays (real PNGs, 71 patients): BYOL's loss falls and its EMA target moved."""
-    from fedrad.client.site_data import load_site
+    from fedrad.client.site.site_data import load_site
 
     data = load_site(shared_data() / "hannover", 32, cache_dir=tmp_path / "cache", progress=False)
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from federation_harness import wait_for
 
-from fedrad.client.runtime import SiteTrust, VerdictCache, WorkerPool
+from fedrad.client.runtime.site_runtime import SiteTrust, VerdictCache, WorkerPool
 
 WORKER_STARTED = re.compile(r"warm worker (\d+) started for run (\d+)")
 
@@ -35,7 +35,7 @@ def _alive(pid: int) -> bool:
 
 def test_verdict_cache_rechecks_when_fab_config_or_key_changes(tmp_path, monkeypatch):
     """A cached verdict is reused only for the same FAB bytes, run-config and key file contents."""
-    import fedrad.client.runtime as runtime
+    import fedrad.client.runtime.site_runtime as runtime
 
     key = tmp_path / "consortium.pub"
     key.write_text("key one")
@@ -164,7 +164,7 @@ def test_resident_model_is_reused_within_a_run_and_loaded_with_each_message():
     import torch
     from flwr.app import RecordDict
 
-    from fedrad.client import task
+    from fedrad.client.app import task
     from fedrad.common.models import build_model
     from fedrad.common.packing import pack
     from fedrad.common.run_config import RunConfig
@@ -223,7 +223,7 @@ def test_short_pull_backoffs_reach_flowers_pullers():
     from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
     from flwr.superlink.grid import http_grid
 
-    from fedrad.client.runtime import PULL_BACKOFF
+    from fedrad.client.runtime.site_runtime import PULL_BACKOFF
     from fedrad.server.exchange import REPLY_PULL_BACKOFF, short_reply_backoff
 
     assert short_reply_backoff() and short_reply_backoff()

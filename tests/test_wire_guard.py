@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.app.message_type import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedrad.client.wire_guard import refuse, wire_guard_mod
+from fedrad.client.app.wire_guard import refuse, wire_guard_mod
 from fedrad.common.packing import pack
 from fedrad.common.protocol import ERROR_TEXT, ErrorCode, SiteReport, metric_specs, metrics_for
 
@@ -168,7 +168,7 @@ def test_secagg_stage_error_from_flower_leaves_as_a_code(tmp_path):
 def test_masked_vectors_must_have_the_models_shapes(tmp_path):
     from flwr.common import ndarray_to_bytes
 
-    from fedrad.client.wire_guard import Expected, check_outgoing
+    from fedrad.client.app.wire_guard import Expected, check_outgoing
 
     exp = Expected(MessageType.TRAIN, stage="collect_masked_vectors", fit_shapes=[(3, 2), ()])
 
@@ -186,7 +186,7 @@ def test_masked_vectors_must_have_the_models_shapes(tmp_path):
     from flwr.common import FitIns, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
-    from fedrad.client.wire_guard import expected_reply
+    from fedrad.client.app.wire_guard import expected_reply
 
     fitins = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([np.ones((3, 2)), np.array(1.0)]), {}), True)
     fitins["secaggplus_configs"] = ConfigRecord({"stage": "collect_masked_vectors", "ctxts": [], "srcs": []})

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dicom_fixtures import shared_data  # noqa: E402
 from orthanc_server import find_orthanc, start_orthanc  # noqa: E402
 
-from fedrad.client.site_data import load_site  # noqa: E402
+from fedrad.client.site.site_data import load_site  # noqa: E402
 from fedrad.common.sources.pacs import PacsOptions, PacsQuery  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from dicom_fixtures import shared_data
 
-from fedrad.client.policy import PolicyError, default_policy, parse_policy
-from fedrad.client.scan import scan_folder
+from fedrad.client.site.policy import PolicyError, default_policy, parse_policy
+from fedrad.client.site.scan import scan_folder
 from fedrad.common.data_rules import DataRules
 from fedrad.common.dicom_io import read_header
 from fedrad.common.series import group_series, round_pool, series_arrays, series_quota, thin_by_spacing
@@ -94,7 +94,7 @@ def test_a_2000_slice_ct_cannot_dominate_a_round():
 def test_trainer_sampler_applies_the_series_cap():
     import torch
 
-    from fedrad.client.trainer import _PairSampler
+    from fedrad.client.training.trainer import _PairSampler
 
     class Data:
         series_ids = np.repeat([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [200] + [4] * 10)

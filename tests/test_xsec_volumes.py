@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedrad.client.site_data import load_site
+from fedrad.client.site.site_data import load_site
 from fedrad.common.intensity import CT_HU_RANGE
 from fedrad.deploy.synthetic import write_volumes
 
@@ -31,7 +31,7 @@ def test_synthetic_volumes_load_in_order_and_train(tmp_path):
     assert data.ct_mask[ct].all() and not data.ct_mask[mods != "CT"].any()
     assert data.affine is not None and np.isfinite(data.affine).all()
 
-    from fedrad.client.trainer import TrainConfig, train_local
+    from fedrad.client.training.trainer import TrainConfig, train_local
     from fedrad.common.models import build_model
 
     model = build_model("test_resnet", "simclr", 32, proj_dim=32)
@@ -43,7 +43,7 @@ def test_synthetic_volumes_load_in_order_and_train(tmp_path):
 def test_nearby_slice_positives_pair_slices_of_one_block(tmp_path):
     import torch
 
-    from fedrad.client.trainer import TrainConfig, _PairSampler, train_local
+    from fedrad.client.training.trainer import TrainConfig, _PairSampler, train_local
     from fedrad.common.models import build_model
     from fedrad.common.series import neighbour_groups
 

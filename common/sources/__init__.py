@@ -2,7 +2,7 @@
 
 Public names: Reader, Item, Listing (base); detect_source, open_source, Layout (layout); SkipImage, REASONS
 (errors); DEFAULT_MAX_PIXELS (budget); DicomFolderReader, ImageFolderReader; PACS sources
-(pacs: PacsOptions, PacsQuery, PacsError, is_source_url, open_pacs). Imported lazily so that
+(pacs: PacsOptions, PacsQuery, PacsError, is_source_url; layout: open_pacs). Imported lazily so that
 `fedrad.common.dicom_io` (which the readers wrap) can import `sources.errors` without a cycle.
 """
 
@@ -16,7 +16,7 @@ _WHERE = {
     "SkipImage": "errors", "REASONS": "errors", "skip_from": "errors",
     "DEFAULT_MAX_PIXELS": "budget",
     "DicomFolderReader": "dicom_folder", "ImageFolderReader": "image_folder",
-    "PacsOptions": "pacs", "PacsQuery": "pacs", "PacsError": "pacs", "is_source_url": "pacs", "open_pacs": "pacs",
+    "PacsOptions": "pacs", "PacsQuery": "pacs", "PacsError": "pacs", "is_source_url": "pacs", "open_pacs": "layout",
 }
 __all__ = sorted(_WHERE)
 

@@ -11,9 +11,13 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedrad.common.sources.base import Reader
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from fedrad.common.sources.pacs import PacsOptions, PacsReader
 
 MANIFEST_NAMES = ("manifest.csv", "labels.csv")
 
@@ -50,10 +54,10 @@ def detect_source(folder: str | os.PathLike[str]) -> Layout:
 def open_source(folder: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS,
                 layout: Layout | None = None, **pacs) -> Reader:
     """The reader for a site folder, chosen by `detect_source` (or the `layout` already detected), or for a
-    PACS source URL (`pacs`: cache_dir, options; see sources.pacs.open_pacs)."""
+    PACS source URL (`pacs`: cache_dir, options; see open_pacs)."""
     from fedrad.common.sources.dicom_folder import DicomFolderReader
     from fedrad.common.sources.image_folder import ImageFolderReader
-    from fedrad.common.sources.pacs import is_source_url, open_pacs
+    from fedrad.common.sources.pacs import is_source_url
 
     if is_source_url(str(folder)):
         return open_pacs(str(folder), max_pixels, **pacs)
@@ -92,3 +96,23 @@ def open_location(location: str | os.PathLike[str], max_pixels: int = DEFAULT_MA
         raise FileNotFoundError(f"folder not found: {location}")
     layout = detect_source(root)
     return OpenedSource(open_source(root, max_pixels, layout), root, layout, False, None)
+
+
+def open_pacs(url: str, max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: str | os.PathLike[str] | None = None,
+              options: PacsOptions | None = None) -> PacsReader:
+    """The reader for a PACS source URL (see pacs.SCHEMES); its store lives under `cache_dir`.
+
+    Here, not in pacs.py: the DIMSE and DICOMweb readers build on pacs.py, so the dispatch to them sits above
+    all three (no import circle)."""
+    from fedrad.common.sources.pacs import SCHEMES, PacsError, default_source_cache_dir
+
+    cdir = Path(cache_dir) if cache_dir else default_source_cache_dir(url)
+    if url.lower().startswith("dimse://"):
+        from fedrad.common.sources.dimse import DimseReader
+
+        return DimseReader(url, cdir, options, max_pixels)
+    if url.lower().startswith(("dicomweb+http://", "dicomweb+https://")):
+        from fedrad.common.sources.dicomweb import DicomWebReader
+
+        return DicomWebReader(url, cdir, options, max_pixels)
+    raise PacsError(f"not a PACS source: use {', '.join(s + '...' for s in SCHEMES)}")

@@ -429,17 +429,3 @@ class PacsReader(Reader):
                                            "fetch failed: " + failures.get(r.sop_uid, "not sent by the PACS")))
         return out
 
-
-def open_pacs(url: str, max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: str | os.PathLike[str] | None = None,
-              options: PacsOptions | None = None) -> PacsReader:
-    """The reader for a PACS source URL (see SCHEMES); its store lives under `cache_dir`."""
-    cdir = Path(cache_dir) if cache_dir else default_source_cache_dir(url)
-    if url.lower().startswith("dimse://"):
-        from fedrad.common.sources.dimse import DimseReader
-
-        return DimseReader(url, cdir, options, max_pixels)
-    if url.lower().startswith(("dicomweb+http://", "dicomweb+https://")):
-        from fedrad.common.sources.dicomweb import DicomWebReader
-
-        return DicomWebReader(url, cdir, options, max_pixels)
-    raise PacsError(f"not a PACS source: use {', '.join(s + '...' for s in SCHEMES)}")

@@ -20,7 +20,7 @@ PathLike = str | os.PathLike[str]
 
 
 def _bundle(bundle: PathLike | None, release: str | None, state_dir: PathLike | None) -> str:
-    from fedrad.client.release_store import bundle_folder
+    from fedrad.client.site.release_store import bundle_folder
 
     return bundle_folder(os.fspath(bundle) if bundle else None, release, os.fspath(state_dir) if state_dir else None)
 
@@ -40,7 +40,7 @@ def _fractions(value: str | Sequence[float]) -> list[float]:
 
 
 def _load(command: str, source: str, pubkey: PathLike | None, insecure: bool, policy=None):
-    from fedrad.client.model_source import load_model_source
+    from fedrad.client.tools.model_source import load_model_source
     from fedrad.common.bundle import BundleVerificationError
 
     try:
@@ -59,12 +59,12 @@ def finetune(bundle: PathLike | None = None, *, data: PathLike, release: str | N
              ) -> Path:
     """`fedrad finetune`: verify, load the labelled set, split by patient, fit per fraction and seed, write the
     tables and the plot into `out` (returned)."""
-    from fedrad.client.finetune.data import load_data
-    from fedrad.client.finetune.experiment import Arm, random_arm, run_experiment
-    from fedrad.client.finetune.metrics import N_BOOTSTRAP
-    from fedrad.client.finetune.report import write_outputs
-    from fedrad.client.finetune.splits import holdout_split
-    from fedrad.client.trainer import resolve_device
+    from fedrad.client.evaluation.data import load_data
+    from fedrad.client.evaluation.metrics import N_BOOTSTRAP
+    from fedrad.client.evaluation.splits import holdout_split
+    from fedrad.client.tools.finetune.experiment import Arm, random_arm, run_experiment
+    from fedrad.client.tools.finetune.report import write_outputs
+    from fedrad.client.training.trainer import resolve_device
 
     if mode not in ("linear", "mlp", "full"):
         raise BadInput(f"--mode {mode!r}: give linear, mlp or full")
@@ -91,7 +91,7 @@ def finetune(bundle: PathLike | None = None, *, data: PathLike, release: str | N
     targets = [t.strip() for t in target.split(",")] if target else None
     labelled = load_data(data, size, labels, targets)
     if test_data:  # REMEDIS's out-of-distribution setting: train here, test there
-        from fedrad.client.finetune.ood import combine_for_ood
+        from fedrad.client.tools.finetune.ood import combine_for_ood
 
         other_set = load_data(test_data, size, test_labels, targets)
         labelled, train_idx, test_idx, split_kind = combine_for_ood(labelled, other_set)
@@ -118,7 +118,7 @@ def embed(bundle: PathLike | None = None, *, data: PathLike, release: str | None
           color_by: str | None = None, out: PathLike = "embeddings", expect_run: str | None = None,
           min_sequence: int | None = None, min_created: str | None = None) -> Path:
     """`fedrad embed`: verify (unless insecure), embed every usable image, write npy + index + t-SNE into `out`."""
-    from fedrad.client.embed import embed_folder
+    from fedrad.client.tools.embed import embed_folder
 
     source = _bundle(bundle, release, state_dir)
     if not insecure and not pubkey:
@@ -134,7 +134,7 @@ def export(bundle: PathLike | None = None, *, format: str, pubkey: PathLike, out
            min_sequence: int | None = None, min_created: str | None = None) -> Path:
     """`fedrad export`: a verified release as a MONAI bundle, an ONNX graph or TorchScript in `out`; returns the
     file written. Exports never skip verification (the usual rollback policy applies)."""
-    from fedrad.client.exporters import EXPORTERS, FORMATS, RELEASE_DIR, MissingExtra, require_extra
+    from fedrad.client.tools.exporters import EXPORTERS, FORMATS, RELEASE_DIR, MissingExtra, require_extra
     from fedrad.common.bundle import WEIGHTS, BundleVerificationError, build_backbone, read_verified
 
     if format not in FORMATS:
@@ -170,7 +170,7 @@ def pretrain(data: PathLike, *, steps: int = 100, rounds: int = 1, device: str =
 
     `recipe`: any field of fedrad.common.recipe.Recipe (objective, model, batch_size, image_size, lr, aug_*, ...),
     with the defaults of a federated run; a bad value is a ValueError naming it (exit 2)."""
-    from fedrad.client.pretrain import pretrain_folder
+    from fedrad.client.training.pretrain import pretrain_folder
     from fedrad.common.bundle import BundleVerificationError
     from fedrad.common.recipe import Recipe
 

@@ -43,7 +43,14 @@ def scan(data: PathLike | None = None, *, source: str | None = None, query: list
          policy: PathLike | None = None, format: Format = "table") -> dict[str, Any]:
     """`fedrad scan`: inventory a folder (or a PACS), write the inventory JSON, print it (as a table, or the
     JSON itself with format="json"), and return the report."""
-    from fedrad.client.scan import NOTHING_SENT, PACS_SENT, format_report, policy_rules, scan_folder, source_options
+    from fedrad.client.site.scan import (
+        NOTHING_SENT,
+        PACS_SENT,
+        format_report,
+        policy_rules,
+        scan_folder,
+        source_options,
+    )
     from fedrad.common.sources.pacs import is_source_url
     from fedrad.common.sources.walk import display_name
 
@@ -65,7 +72,7 @@ def scan(data: PathLike | None = None, *, source: str | None = None, query: list
     report = scan_folder(source or folder, decode=decode, progress=not quiet and format == "table",
                          max_pixels=max_pixels or DEFAULT_MAX_PIXELS, source_options=options, cache_dir=cache,
                          rules=policy_rules(str(policy) if policy else None))
-    from fedrad.client.scan import write_inventory
+    from fedrad.client.site.scan import write_inventory
 
     out = write_inventory(report, str(json_out) if json_out else None,
                           Path(report["store"]) if source else folder.resolve())
@@ -87,7 +94,7 @@ def ingest(data: PathLike, *, image_size: int = 64, cache: PathLike | None = Non
     import logging
     import sqlite3
 
-    from fedrad.client.ingest import ingest_site
+    from fedrad.client.site.ingest import ingest_site
     from fedrad.common.sources.walk import display_name
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -95,7 +102,7 @@ def ingest(data: PathLike, *, image_size: int = 64, cache: PathLike | None = Non
     if not folder.is_dir():
         raise BadInput(f"folder not found: {display_name(str(data))}")
     if policy:
-        from fedrad.client.policy import load_policy
+        from fedrad.client.site.policy import load_policy
 
         max_pixels = load_policy(policy).max_pixels
     try:
@@ -123,7 +130,7 @@ def node(*, data: PathLike | None = None, superlink: str = "127.0.0.1:8000", sou
          certs: PathLike | None = None, site_name: str | None = None, no_scan: bool = False,
          audit_dir: PathLike | None = None, policy: PathLike | None = None, state_dir: PathLike | None = None,
          consortium_key: PathLike | None = None, allow_unsigned: bool = False, insecure: bool = False,
-         fresh_process_per_message: bool = False, client_app: str = "fedrad.client.client_app:app",
+         fresh_process_per_message: bool = False, client_app: str = "fedrad.client.app.client_app:app",
          client_app_dir: PathLike | None = None, log_level: str = "INFO", max_releases: int | None = None,
          max_release_gib: float | None = None) -> None:
     """`fedrad node`: start the site's SuperNode next to its data and run until it stops (Ctrl-C).
@@ -151,7 +158,7 @@ def verify(bundle: PathLike, *, pubkey: PathLike, expect_run: str | None = None,
 def releases(*, state_dir: PathLike, pubkey: PathLike | None = None, format: Format = "table") -> list[dict]:
     """`fedrad releases`: the releases this site holds, oldest first (with pubkey: each verified again).
     Printed as lines, or as one JSON list with format="json"; Refused (exit 1) if one fails verification."""
-    from fedrad.client.release_store import held_releases, releases_dir
+    from fedrad.client.site.release_store import held_releases, releases_dir
     from fedrad.common.bundle import BundleVerificationError, verify_bundle
 
     _format(format)
@@ -193,7 +200,7 @@ def audit(*, state_dir: PathLike | None = None, data: PathLike | None = None, au
     """`fedrad audit`: what left this node per run and per day, its refusals and releases (table or JSON)."""
     from datetime import UTC, datetime, timedelta
 
-    from fedrad.client.site_state import SiteState, state_paths
+    from fedrad.client.site.site_state import SiteState, state_paths
     from fedrad.deploy.audit_command import audit_summary, parse_when, render
 
     _format(format)
@@ -220,7 +227,7 @@ def audit(*, state_dir: PathLike | None = None, data: PathLike | None = None, au
 
 def policy_init(path: PathLike | None = None, *, force: bool = False) -> Path:
     """`fedrad policy init`: write the commented default policy (never over an existing file unless force)."""
-    from fedrad.client.policy import DEFAULT_POLICY_FILE, PolicyError, default_policy_text
+    from fedrad.client.site.policy import DEFAULT_POLICY_FILE, PolicyError, default_policy_text
     from fedrad.common.atomic import atomic_write_bytes
 
     out = Path(path or DEFAULT_POLICY_FILE)
@@ -234,7 +241,7 @@ def policy_init(path: PathLike | None = None, *, force: bool = False) -> Path:
 
 def policy_check(path: PathLike, *, ca: PathLike | None = None):
     """`fedrad policy check`: validate a policy file (errors name the line; exit 2), print a summary, return it."""
-    from fedrad.client.policy import check_coordinator_ca, check_models_known, file_sha256, load_policy
+    from fedrad.client.site.policy import check_coordinator_ca, check_models_known, file_sha256, load_policy
 
     path = Path(path)
     policy = load_policy(path)

@@ -17,10 +17,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
-from fedrad.client.client_app import evaluate as fedrad_evaluate
-from fedrad.client.client_app import train as fedrad_train
-from fedrad.client.privacy_mods import privacy_mod
-from fedrad.client.wire_guard import wire_guard_mod
+from fedrad.client.app.client_app import evaluate as fedrad_evaluate
+from fedrad.client.app.client_app import train as fedrad_train
+from fedrad.client.app.privacy_mods import privacy_mod
+from fedrad.client.app.wire_guard import wire_guard_mod
 
 
 def poison_mod(msg: Message, context: Context, call_next) -> Message:

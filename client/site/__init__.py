@@ -1,0 +1,1 @@
+"""The site's stored data and state: image store, scan, ingest, policy, privacy budget, releases."""

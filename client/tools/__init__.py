@@ -1,0 +1,1 @@
+"""Offline tools a site runs on released weights: fine-tuning, embeddings, exports."""

@@ -1,0 +1,1 @@
+"""Local training: the trainer, DP-SGD engines, multi-process (DDP) rounds and centralised pretraining."""
