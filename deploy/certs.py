@@ -233,7 +233,7 @@ def _now() -> float:
 # --- CLI handlers ----------------------------------------------------------------------------------
 
 
-def cmd_certs_init(args) -> int:
+def certs_init_main(args) -> int:
     sites = [s for s in str(args.sites).split(",") if s.strip()]
     hosts = [h for h in str(args.hosts).split(",") if h.strip()]
     init_certs(Path(args.out), sites, hosts)
@@ -247,7 +247,7 @@ def cmd_certs_init(args) -> int:
     return 0
 
 
-def cmd_add_site(args) -> int:
+def add_site_main(args) -> int:
     folder = add_site(Path(args.certs), args.name)
     root = Path(args.certs).resolve()
     print(f"fedrad certs: site {args.name} added to the consortium in {root} ({folder.resolve()}: ca.pem, node.key, "
@@ -256,7 +256,7 @@ def cmd_add_site(args) -> int:
     return 0
 
 
-def cmd_register(args) -> int:
+def register_main(args) -> int:
     try:
         text = register_node(Path(args.pubkey), args.superlink, Path(args.certs),
                              name=getattr(args, "site_name", None))

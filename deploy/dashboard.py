@@ -373,7 +373,7 @@ def check_exposure(host: str, token: str | None, tls_cert: str | None, tls_key: 
                          f"--tls-key) and a token (--token-file or {TOKEN_ENV})")
 
 
-def cmd_dashboard(args) -> int:
+def dashboard_main(args) -> int:
     import uvicorn
 
     from fedrad.deploy.processes import with_default_port
@@ -395,5 +395,5 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
-__all__ = ["COOKIE", "TOKEN_ENV", "build_app", "check_exposure", "cmd_dashboard", "plotly_js", "read_token",
+__all__ = ["COOKIE", "TOKEN_ENV", "build_app", "check_exposure", "dashboard_main", "plotly_js", "read_token",
            "session_value"]

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedrad.client.runtime.site_runtime import SiteTrust, _copy_plain
+from fedrad.client.runtime.site_runtime import RUNTIME_MODULE, SiteTrust, _copy_plain
 from fedrad.common.log_rotation import RotatingLog
 
 DEFAULT_PORT = 8000  # flwr 1.41 SuperLink: Fleet, Control and Runtime APIs share one HTTP port
@@ -230,7 +230,7 @@ def supernode_command(superlink: str, port: int, node_config: dict[str, object],
             # flwr 1.41 derives the public key from the private one (--auth-supernode-public-key is deprecated)
             node += ["--auth-supernode-private-key", str(tls.node_private_key)]
     # -I: the runtime imports nothing from the working directory or PYTHON* variables.
-    return [sys.executable, "-I", "-u", "-m", "fedrad.client.runtime.site_runtime", "serve", "--port", str(port),
+    return [sys.executable, "-I", "-u", "-m", RUNTIME_MODULE, "serve", "--port", str(port),
             "--log-level", log_level, *trust.args(), "--", *node]
 
 

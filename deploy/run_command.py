@@ -306,7 +306,7 @@ def validate_run_config(overrides: dict[str, object], app: Path | None = None) -
         init_kind(cfg.init, cfg.init_pubkey or None)
 
 
-def cmd_run(args) -> int:
+def run_main(args) -> int:
     overrides = parse_overrides(args.config)
     superlink = with_default_port(args.superlink)
     if args.resume:

@@ -174,7 +174,7 @@ def run_status(run_id: int, superlink: str, ca: Path | None) -> str:
     return str(runs[0].get("status") or "")
 
 
-def cmd_log(args) -> int:
+def log_main(args) -> int:
     """`fedrad log RUN [--follow]`: the run's log from the coordinator (Flower's `flwr log`); with --follow it
     streams until the run ends and exits with the run's status (0 completed, 1 failed or stopped)."""
     from fedrad.client.runtime.site_runtime import _ANSI
@@ -278,7 +278,7 @@ def sites_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines)
 
 
-def cmd_sites(args) -> int:
+def sites_main(args) -> int:
     """`fedrad sites`: the nodes enrolled at the coordinator, connected or not (Flower's `flwr supernode list`)."""
     superlink = with_default_port(args.superlink)
     ca = _ca_from(args.certs)
@@ -308,7 +308,7 @@ def parse_run_id(text: str) -> int:
     return int(text)
 
 
-def cmd_runs(args) -> int:
+def runs_main(args) -> int:
     superlink = with_default_port(args.superlink)
     ca = _ca_from(args.certs)
     runs_dir = Path(args.runs_dir).resolve()
@@ -328,7 +328,7 @@ def cmd_runs(args) -> int:
     return 0
 
 
-def cmd_stop(args) -> int:
+def stop_main(args) -> int:
     run_id = parse_run_id(args.run)
     superlink = with_default_port(args.superlink)
     ca = _ca_from(args.certs)
@@ -348,6 +348,6 @@ def cmd_stop(args) -> int:
     return 0
 
 
-__all__ = ["CoordinatorError", "Progress", "cmd_log", "cmd_runs", "cmd_sites", "cmd_stop", "hms", "iso_time",
+__all__ = ["CoordinatorError", "Progress", "log_main", "runs_main", "sites_main", "stop_main", "hms", "iso_time",
            "run_status", "runs_json", "sites_rows", "sites_table", "flwr_json", "parse_run_id", "progress",
            "run_directories", "runs_table"]

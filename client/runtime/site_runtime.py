@@ -28,7 +28,6 @@ A warm worker keeps imports, the decoded site data and the model resident betwee
 
 from __future__ import annotations
 
-import argparse
 import gc
 import hashlib
 import json
@@ -508,10 +507,9 @@ def serve(port: int, trust: SiteTrust, supernode_cmd: list[str], log_level: str 
         client = _runtime_client(f"127.0.0.1:{port}", [SuperExecAuthHttpInterceptor(
             master_secret=secret, protected_methods={_ACQUIRE_TASK})], max_tries=1)
         child = ["--port", str(port), "--log-level", log_level, *trust.args()]
-        task_cmd = [sys.executable, "-I", "-u", "-m", "fedrad.client.runtime.site_runtime", "task", *child]
+        task_cmd = [sys.executable, "-I", "-u", "-m", RUNTIME_MODULE, "task", *child]
         if not trust.fresh_process_per_message:
-            pool = WorkerPool([sys.executable, "-I", "-u", "-m", "fedrad.client.runtime.site_runtime", "worker",
-                               *child])
+            pool = WorkerPool([sys.executable, "-I", "-u", "-m", RUNTIME_MODULE, "worker", *child])
         whose = f"runs signed by {trust.consortium_key}" if trust.consortium_key else "unsigned runs"
         how = "a fresh process per message" if pool is None else "a warm worker per run"
         log.info("fedrad runtime: serving %s for %s (%s)", trust.client_app, whose, how)
@@ -579,28 +577,33 @@ def _copy_plain(stream, sink) -> None:
         sink.flush()
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fedrad.client.runtime.site_runtime", description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["serve", "worker", "task"])
-    p.add_argument("--port", type=int, required=True, help="the SuperNode's Runtime API port on 127.0.0.1")
-    p.add_argument("--consortium-key", type=Path, default=None, help="consortium.pub: runs must be signed by it")
-    p.add_argument("--allow-unsigned", action="store_true", help="also run unsigned runs (local experiments)")
-    p.add_argument("--client-app", default=DEFAULT_CLIENT_APP, help="the installed ClientApp, module:attribute")
-    p.add_argument("--client-app-dir", type=Path, default=None, help="folder holding --client-app's module")
-    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="the node's and its tasks' log level")
-    p.add_argument("--fresh-process-per-message", action="store_true",
-                   help="serve: a fresh process per message instead of a warm worker per run (slower; fallback)")
-    p.add_argument("--run-id", type=int, default=0, help="worker: the run it serves (for its log lines)")
-    return p
+# The runtime's processes are started as `python -m fedrad.deploy.runtime_entry MODE ...`, whose command line the
+# fedrad shell parses (fedrad.deploy.cli.parse_runtime_args) into RuntimeArgs for `run_runtime`.
+RUNTIME_MODULE = "fedrad.deploy.runtime_entry"
+RUNTIME_MODES = ("serve", "worker", "task")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    supernode_cmd: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, supernode_cmd = argv[:cut], argv[cut + 1:]
-    args = _parser().parse_args(argv)
+@dataclass(frozen=True)
+class RuntimeArgs:
+    """What a runtime process is told: its mode (serve: the SuperNode's side; worker: a run's warm process; task:
+    one message in a fresh process), the Runtime API port, the site's trust settings, and for serve the SuperNode
+    command (after `--` on the command line)."""
+
+    mode: str
+    port: int
+    consortium_key: Path | None = None
+    allow_unsigned: bool = False
+    client_app: str = DEFAULT_CLIENT_APP
+    client_app_dir: Path | None = None
+    log_level: str = "INFO"
+    fresh_process_per_message: bool = False
+    run_id: int = 0
+    supernode_cmd: tuple[str, ...] = ()
+
+
+def run_runtime(args: RuntimeArgs) -> int:
+    """Run one runtime process; its exit status (2: bad input, said in one line on stderr)."""
+    supernode_cmd = list(args.supernode_cmd)
     configure_logging(args.log_level)
     trust = SiteTrust(args.consortium_key, args.allow_unsigned, args.client_app, args.client_app_dir,
                       args.fresh_process_per_message)
@@ -629,7 +632,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedrad runtime: error: --consortium-key: {exc}", file=sys.stderr)
             return 2
     return serve(args.port, trust, supernode_cmd, args.log_level)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -414,45 +414,10 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-# -- CLI: fedrad policy init / check ----------------------------------------------------------------
 DEFAULT_POLICY_FILE = "fedrad-site-policy.toml"
 
 
-def cmd_policy_init(args) -> int:
-    """`fedrad policy init [PATH]`: write the commented default policy (never over an existing file)."""
-    from fedrad.common.atomic import atomic_write_bytes
-
-    path = Path(args.path or DEFAULT_POLICY_FILE)
-    if path.exists() and not args.force:
-        raise PolicyError(f"{path}: already exists (use --force to replace it)")
-    atomic_write_bytes(path, default_policy_text().encode("utf-8"))
-    print(f"fedrad policy: wrote {path}. Edit it, check it with `fedrad policy check {path}`, and start the "
-          f"node with `fedrad node --policy {path} ...`.")
-    return 0
-
-
-def cmd_policy_check(args) -> int:
-    """`fedrad policy check FILE [--ca CA.pem]`: validate (line-numbered errors, exit 2) and summarise."""
-    path = Path(args.path)
-    policy = load_policy(path)
-    check_models_known(policy, path.read_text(encoding="utf-8"), str(path))
-    if args.ca:
-        check_coordinator_ca(policy, args.ca)
-    dp_floor = "DP optional" if "none" in policy.dp_modes else f"dp in {list(policy.dp_modes)}"
-    print(f"{path}: OK (sha256 {file_sha256(path)[:16]})\n"
-          f"  objectives {', '.join(policy.objectives)}; models {', '.join(policy.models)}\n"
-          f"  at most: image {policy.max_image_size} px, batch {policy.max_batch_size}, "
-          f"{policy.max_local_steps} local steps, {policy.max_rounds_per_day or 'unlimited'} rounds/day, "
-          f"{policy.max_evaluations_per_day or 'unlimited'} evaluations/day\n"
-          f"  label fields {', '.join(policy.label_fields) or '(none)'}\n"
-          f"  privacy floor: secagg {'required' if policy.require_secagg else 'optional'}, {dp_floor}, "
-          f"dp-noise >= {policy.min_dp_noise:g}, dp-delta <= {policy.dp_delta:g}; site epsilon budget "
-          f"{policy.epsilon_budget:g} over all runs{' (none)' if not policy.epsilon_budget else ''}\n"
-          f"  coordinator CA: {policy.ca_sha256 or 'any given with --certs'}")
-    return 0
-
-
 __all__ = ["DEFAULT_MODELS", "DP_MODES", "HEADER_LABEL_FIELDS", "PolicyError", "Refusal", "SitePolicy",
-           "ca_fingerprint", "check_coordinator_ca", "check_models_known", "check_run", "cmd_policy_check",
-           "cmd_policy_init", "default_policy", "default_policy_text", "epsilon_limit", "load_policy",
+           "ca_fingerprint", "check_coordinator_ca", "check_models_known", "check_run",
+           "default_policy", "default_policy_text", "epsilon_limit", "load_policy",
            "parse_policy", "policy_for"]
