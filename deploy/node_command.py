@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from fedrad.client.runtime.site_runtime import SiteTrust
+from fedrad.deploy.certs import tls_from
 from fedrad.deploy.processes import (
     TlsFiles,
     _run_foreground,
-    _tls_from,
     flower_env,
     is_loopback,
     superlink_command,
@@ -31,13 +31,13 @@ def _node_tls_from(certs: str | None, site: str | None) -> TlsFiles | None:
             raise FileNotFoundError(f"--certs {folder}: no node.key here; give the site's own folder "
                                     "(e.g. fedrad-certs/sites/site-a) or add --site-name")
         site = folder.name
-    return _tls_from(certs, site)
+    return tls_from(certs, site)
 
 
 def coordinator_main(args) -> int:
     state = Path(args.state).resolve()
     state.mkdir(parents=True, exist_ok=True)
-    tls = _tls_from(args.certs)
+    tls = tls_from(args.certs)
     cmd = superlink_command(state, args.host, args.port, tls, node_auth=tls is not None)
     print(f"fedrad coordinator: SuperLink on {args.host}:{args.port} "
           f"({'TLS + node authentication' if tls else 'insecure, loopback/trusted network only'}); "

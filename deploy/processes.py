@@ -286,15 +286,6 @@ def _installed_app(package: Path) -> Path:
     return folder
 
 
-def _tls_from(certs: str | None, site: str | None = None) -> TlsFiles | None:
-    """The coordinator's TLS files (`site=None`) from a `fedrad certs init` folder."""
-    if not certs:
-        return None
-    from fedrad.deploy.certs import tls_files
-
-    return tls_files(Path(certs), site)
-
-
 def with_default_port(address: str, port: int = DEFAULT_PORT) -> str:
     """`host` -> `host:8000` (IPv6 too: `::1` -> `[::1]:8000`); an address with a port is kept."""
     address = address.strip()

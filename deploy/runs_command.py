@@ -16,37 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedrad.deploy.flower_cli import RUN_FAILED_EXIT, CoordinatorError, ca_from, flwr_json, write_flwr_home
 from fedrad.deploy.processes import flower_env, tool, with_default_port
-from fedrad.deploy.run_command import _ca_from, write_flwr_home
-
-
-class CoordinatorError(Exception):
-    """Flower could not do what was asked at the coordinator; the message is Flower's own reason."""
-
-
-def flwr_json(command: list[str], superlink: str, ca_cert: Path | None = None, timeout: float = 120.0
-              ) -> dict[str, Any]:
-    """`flwr COMMAND fedrad --format json` against `superlink`; its JSON reply, or CoordinatorError with the
-    last paragraph of Flower's error message (the reason, without its "Using SuperLink ..." preamble)."""
-    home = write_flwr_home(Path(tempfile.mkdtemp(prefix="fedrad-flwr-")), superlink, ca_cert)
-    try:
-        out = subprocess.run([tool("flwr"), *command, "fedrad", "--format", "json"], capture_output=True,
-                             text=True, env=flower_env({"FLWR_HOME": str(home)}), timeout=timeout,
-                             start_new_session=True)
-    except subprocess.TimeoutExpired:
-        raise CoordinatorError(f"no answer from {superlink} in {timeout:.0f} s") from None
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
-    text = out.stdout
-    try:
-        reply = json.loads(text[text.index("{"):])
-    except ValueError:
-        last = (out.stderr or out.stdout).strip().splitlines()
-        raise CoordinatorError(last[-1] if last else f"flwr exited with {out.returncode}") from None
-    if not reply.get("success"):
-        message = str(reply.get("error-message") or "unknown error")
-        raise CoordinatorError(" ".join(message.strip().split("\n\n")[-1].split()))
-    return reply
 
 
 @dataclass(frozen=True)
@@ -178,11 +149,10 @@ def log_main(args) -> int:
     """`fedrad log RUN [--follow]`: the run's log from the coordinator (Flower's `flwr log`); with --follow it
     streams until the run ends and exits with the run's status (0 completed, 1 failed or stopped)."""
     from fedrad.client.runtime.site_runtime import _ANSI
-    from fedrad.deploy.run_command import RUN_FAILED_EXIT, write_flwr_home
 
     run_id = parse_run_id(args.run)
     superlink = with_default_port(args.superlink)
-    ca = _ca_from(args.certs)
+    ca = ca_from(args.certs)
     try:
         status = run_status(run_id, superlink, ca)
     except CoordinatorError as exc:
@@ -281,7 +251,7 @@ def sites_table(rows: list[dict[str, Any]]) -> str:
 def sites_main(args) -> int:
     """`fedrad sites`: the nodes enrolled at the coordinator, connected or not (Flower's `flwr supernode list`)."""
     superlink = with_default_port(args.superlink)
-    ca = _ca_from(args.certs)
+    ca = ca_from(args.certs)
     try:
         nodes = flwr_json(["supernode", "list"], superlink, ca).get("nodes") or []
     except CoordinatorError as exc:
@@ -310,7 +280,7 @@ def parse_run_id(text: str) -> int:
 
 def runs_main(args) -> int:
     superlink = with_default_port(args.superlink)
-    ca = _ca_from(args.certs)
+    ca = ca_from(args.certs)
     runs_dir = Path(args.runs_dir).resolve()
     try:
         reply = flwr_json(["ls"], superlink, ca)
@@ -331,7 +301,7 @@ def runs_main(args) -> int:
 def stop_main(args) -> int:
     run_id = parse_run_id(args.run)
     superlink = with_default_port(args.superlink)
-    ca = _ca_from(args.certs)
+    ca = ca_from(args.certs)
     try:
         runs = {str(r.get("run-id")): r for r in flwr_json(["ls"], superlink, ca).get("runs") or []}
         if str(run_id) not in runs:

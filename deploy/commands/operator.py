@@ -127,11 +127,11 @@ def publish(bundle: PathLike, *, sign_key: PathLike, superlink: str = SUPERLINK,
 
 def _publish(bundle: PathLike, sign_key: PathLike, superlink: str, certs: PathLike | None,
              releases: PathLike | None, linger: float) -> dict[str, int]:
+    from fedrad.deploy.flower_cli import ca_from
     from fedrad.deploy.publish_command import DEFAULT_RELEASES, publish_bundle
-    from fedrad.deploy.run_command import _ca_from
 
     code, answers = publish_bundle(Path(bundle), Path(releases or DEFAULT_RELEASES), superlink, Path(sign_key),
-                                   _ca_from(os.fspath(certs) if certs else None), linger)
+                                   ca_from(os.fspath(certs) if certs else None), linger)
     summary = ", ".join(f"{n} {name}" for name, n in sorted(answers.items())) or "no site answered"
     print(f"fedrad publish: {summary} (codes: fedrad.common.release_wire.ReleaseCode; each site's reasons stay in "
           f"its refusals.jsonl)")
