@@ -650,7 +650,8 @@ def run_command(func, args: argparse.Namespace, command: str) -> int:
 def parse_runtime_args(argv: list[str] | None = None):
     """The site runtime's command line (`python -m fedrad.deploy.runtime_entry MODE --port N ... [-- SUPERNODE]`,
     started by `fedrad node` and by the runtime itself) as fedrad.client.runtime.site_runtime.RuntimeArgs."""
-    from fedrad.client.runtime.site_runtime import DEFAULT_CLIENT_APP, LOG_LEVELS, RUNTIME_MODES, RuntimeArgs
+    from fedrad.client.runtime.log_lines import LOG_LEVELS
+    from fedrad.client.runtime.site_runtime import DEFAULT_CLIENT_APP, RUNTIME_MODES, RuntimeArgs
 
     argv = list(sys.argv[1:] if argv is None else argv)
     supernode_cmd: list[str] = []

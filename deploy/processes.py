@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedrad.client.runtime.site_runtime import RUNTIME_MODULE, SiteTrust, _copy_plain
+from fedrad.client.runtime.log_lines import copy_plain
+from fedrad.client.runtime.site_runtime import RUNTIME_MODULE, SiteTrust
 from fedrad.common.log_rotation import RotatingLog
 
 DEFAULT_PORT = 8000  # flwr 1.41 SuperLink: Fleet, Control and Runtime APIs share one HTTP port
@@ -92,7 +93,7 @@ class ProcessGroup:
         self._logs.append(log_fh)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env or flower_env(),
                                 cwd=cwd, start_new_session=True, text=True, encoding="utf-8", errors="replace")
-        pump = threading.Thread(target=_copy_plain, args=(proc.stdout, log_fh), name=f"log-{name}", daemon=True)
+        pump = threading.Thread(target=copy_plain, args=(proc.stdout, log_fh), name=f"log-{name}", daemon=True)
         pump.start()
         self._pumps.append(pump)
         self.procs.append((name, proc))
@@ -322,7 +323,7 @@ def _run_foreground(cmd: list[str], env: dict[str, str], watch: Callable[[str], 
                             stderr=subprocess.STDOUT if plain else None, text=plain or None,
                             encoding="utf-8" if plain else None, errors="replace" if plain else None)
     lines = proc.stdout if watch is None else _watched(proc.stdout, watch)
-    pump = threading.Thread(target=_copy_plain, args=(lines, sys.stdout), daemon=True) if plain else None
+    pump = threading.Thread(target=copy_plain, args=(lines, sys.stdout), daemon=True) if plain else None
     if pump:
         pump.start()
 

@@ -16,7 +16,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from fedrad.client.runtime.site_runtime import _ANSI
+from fedrad.client.runtime.log_lines import ANSI
 from fedrad.common.log_rotation import RotatingLog
 from fedrad.common.toml_lines import key_line
 from fedrad.deploy.flower_cli import RUN_FAILED_EXIT, CoordinatorError, FlowerBox, ca_from, flwr_json, write_flwr_home
@@ -136,7 +136,7 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
         colour_ok = sys.stdout.isatty()  # colours only on a terminal, never in a redirected file
         for line in proc.stdout:
             if log_fh:
-                log_fh.write(_ANSI.sub("", line))  # Flower colours its lines whatever they are written to
+                log_fh.write(ANSI.sub("", line))  # Flower colours its lines whatever they are written to
                 log_fh.flush()
             if run_id is None and (started := _STARTED.search(line)):
                 run_id = int(started.group(1))
@@ -146,7 +146,7 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
                 if boxed.message:
                     print(f"fedrad run: flwr: {boxed.message}", file=sys.stderr, flush=True)
             elif _worth_showing(line):
-                print((line if colour_ok else _ANSI.sub("", line)).rstrip(), flush=True)
+                print((line if colour_ok else ANSI.sub("", line)).rstrip(), flush=True)
         code = proc.wait()
         return _run_outcome(code, run_id, superlink, ca_cert, log_path)
     except KeyboardInterrupt:
@@ -317,7 +317,7 @@ def submit_detached(superlink: str, overrides: dict[str, object], ca_cert: Path 
         raise SubmitError(f"{superlink}: no answer in {timeout:.0f} s") from None
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    text = _ANSI.sub("", out.stdout + out.stderr)
+    text = ANSI.sub("", out.stdout + out.stderr)
     started = _STARTED.search(text)
     if started:
         return int(started.group(1))

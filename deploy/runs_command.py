@@ -148,7 +148,7 @@ def run_status(run_id: int, superlink: str, ca: Path | None) -> str:
 def log_main(args) -> int:
     """`fedrad log RUN [--follow]`: the run's log from the coordinator (Flower's `flwr log`); with --follow it
     streams until the run ends and exits with the run's status (0 completed, 1 failed or stopped)."""
-    from fedrad.client.runtime.site_runtime import _ANSI
+    from fedrad.client.runtime.log_lines import ANSI
 
     run_id = parse_run_id(args.run)
     superlink = with_default_port(args.superlink)
@@ -166,7 +166,7 @@ def log_main(args) -> int:
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
-            print(line.rstrip("\n") if colour else _ANSI.sub("", line).rstrip("\n"), flush=True)
+            print(line.rstrip("\n") if colour else ANSI.sub("", line).rstrip("\n"), flush=True)
         proc.wait()
     except KeyboardInterrupt:
         proc.terminate()

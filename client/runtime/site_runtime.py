@@ -29,11 +29,8 @@ A warm worker keeps imports, the decoded site data and the model resident betwee
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import logging
 import os
-import re
 import secrets
 import signal
 import socket
@@ -46,17 +43,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedrad.client.runtime.log_lines import configure_logging, copy_formatted
+from fedrad.client.runtime.site_trust import (
+    DEFAULT_CLIENT_APP,
+    SiteTrust,
+    VerdictCache,
+    check_claims,
+    check_run,
+    load_site_app,
+)
 from fedrad.common.protocol import ErrorCode
 from fedrad.common.run_signature import (
-    SIGNATURE_KEY,
-    claims_problem,
     fused_run_config,
-    parse_signature,
-    run_statement,
     sha256_hex,
 )
 
-DEFAULT_CLIENT_APP = "fedrad.client.app.client_app:app"
 TOKEN_ENV = "FEDRAD_RUNTIME_TOKEN"  # the task token travels in the child's environment, not on its command line
 # AcquireTask is one loopback HTTP call; 10 per second costs next to nothing and a message waits <= 0.1 s here.
 POLL_SECONDS = 0.1
@@ -68,147 +69,6 @@ MAX_WORKERS = 3  # warm workers alive at once, retiring ones included; the oldes
 PULL_BACKOFF = (0.05, 0.5)
 _ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
 log = logging.getLogger("fedrad.runtime")
-
-
-@dataclass(frozen=True)
-class SiteTrust:
-    """What a site runs and for whom: its own ClientApp, for runs signed by the key it trusts."""
-
-    consortium_key: Path | None = None
-    allow_unsigned: bool = False  # local experiments only: run unsigned runs (still the site's own code)
-    client_app: str = DEFAULT_CLIENT_APP
-    client_app_dir: Path | None = None  # folder holding a site-named ClientApp module (tests, site extensions)
-    fresh_process_per_message: bool = False  # the older runtime: a fresh `task` process per message, no warm worker
-
-    def args(self) -> list[str]:
-        """Command-line form, shared by `fedrad node`, the demo and the test harness."""
-        out = ["--client-app", self.client_app]
-        if self.fresh_process_per_message:
-            out.append("--fresh-process-per-message")
-        if self.consortium_key is not None:
-            out += ["--consortium-key", str(self.consortium_key)]
-        if self.allow_unsigned:
-            out.append("--allow-unsigned")
-        if self.client_app_dir is not None:
-            out += ["--client-app-dir", str(self.client_app_dir)]
-        return out
-
-
-# --- the signature check (pure: no network, no site data) ---------------------------------------------
-
-
-def check_run(trust: SiteTrust, fab_bytes: bytes, run_config: dict[str, Any]) -> str | None:
-    """Why this run may not run here (for the site's audit log), or None when it may."""
-    reason = _signature_problem(trust.consortium_key, fab_bytes, run_config)
-    if reason is not None and trust.allow_unsigned:
-        log.warning("fedrad runtime: running an unverified run (--allow-unsigned): %s", reason)
-        return None
-    return reason
-
-
-class VerdictCache:
-    """A warm worker's signature verdicts, keyed by everything `check_run` reads: the FAB's sha256, the fused
-    run-config and the bytes of the consortium key file (a key replaced on disk is a new key). Bounded."""
-
-    MAX_ENTRIES = 64
-
-    def __init__(self) -> None:
-        self._verdicts: dict[tuple[str, str, str], str | None] = {}
-
-    def check(self, trust: SiteTrust, fab_bytes: bytes, run_config: dict[str, Any]) -> str | None:
-        try:
-            key_bytes = trust.consortium_key.read_bytes() if trust.consortium_key is not None else b""
-        except OSError:
-            return check_run(trust, fab_bytes, run_config)  # unreadable now: check (and refuse) uncached
-        config = json.dumps(run_config, sort_keys=True, default=repr).encode()
-        key = (sha256_hex(fab_bytes), hashlib.sha256(config).hexdigest(), hashlib.sha256(key_bytes).hexdigest())
-        if key not in self._verdicts:
-            if len(self._verdicts) >= self.MAX_ENTRIES:
-                self._verdicts.clear()
-            self._verdicts[key] = check_run(trust, fab_bytes, run_config)
-        return self._verdicts[key]
-
-
-def _signature_problem(key_path: Path | None, fab_bytes: bytes, run_config: dict[str, Any]) -> str | None:
-    from fedrad.common.keys import KeyFileError, key_fingerprint, load_public_key, signature_valid
-
-    if key_path is None:
-        return "this node has no consortium key (start it with --consortium-key consortium.pub)"
-    try:
-        public_key = load_public_key(key_path)
-    except KeyFileError as exc:
-        return f"consortium key unusable: {exc}"
-    raw = run_config.get(SIGNATURE_KEY, "")
-    if not raw:
-        return "the run carries no signature"
-    parsed = parse_signature(raw)
-    if parsed is None:
-        return "the run's signature is malformed"
-    signer, claims, signature = parsed
-    trusted = key_fingerprint(public_key)
-    if signer != trusted:
-        return f"the run is signed by key {signer[:16]}..., not by the consortium key {trusted[:16]}..."
-    if not signature_valid(public_key, signature, run_statement(sha256_hex(fab_bytes), run_config, claims)):
-        return "the signature does not match this FAB and run-config (altered or signed for another run)"
-    return None
-
-
-def _server_round(message) -> int | None:
-    """The `server-round` a message carries (plain config, or SecAgg+'s legacy FitIns config), if any."""
-    from fedrad.common.protocol import CONFIG, FIT_CONFIG, SERVER_ROUND
-
-    for name in (CONFIG, FIT_CONFIG):
-        record = message.content.config_records.get(name) if message.has_content() else None
-        if record is not None and SERVER_ROUND in record:
-            value = record[SERVER_ROUND]
-            return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 1 << 62
-    return None
-
-
-def check_claims(run_config: dict[str, Any], message, run_id: int,
-                 node_config: dict[str, Any], now: float | None = None) -> tuple[str, str, ErrorCode] | None:
-    """For a run whose signature carries claims: (rule, why, code) when this message may not run, else None.
-
-    Refused: a message type the statement does not name, a server-round above its signed num-server-rounds,
-    its nonce under a Flower run id other than the first that used it here, and the START of a run whose
-    statement is past its not-after (bound and checked in the site's state, fedrad.client.site.site_state.bind_nonce:
-    a run accepted before its not-after is served on after it). Called for every message."""
-    parsed = parse_signature(run_config.get(SIGNATURE_KEY, ""))
-    if parsed is None:
-        return None  # unsigned (only reached with --allow-unsigned): nothing was promised to check
-    claims = parsed[1]
-    problem = claims_problem(claims, run_config, str(message.metadata.message_type), _server_round(message))
-    if problem is not None:
-        rule, why = problem
-        return rule, why, ErrorCode.RUN_OUT_OF_BOUNDS
-    from fedrad.client.site.site_state import SiteStateError, StatementExpired, bind_nonce, state_paths
-
-    try:
-        first = bind_nonce(state_paths(node_config), claims.nonce, int(run_id), claims.not_after, now)
-    except StatementExpired as exc:  # a new run, too late to start; one already running here goes on
-        return exc.rule, str(exc), ErrorCode.RUN_EXPIRED
-    except (SiteStateError, OSError) as exc:  # the nonce cannot be recorded: the run cannot be shown fresh
-        return "run_nonce", f"the signed run's nonce cannot be recorded: {exc}", ErrorCode.SITE_FAILED
-    if first is not None:
-        return ("run_nonce", f"the signed run (nonce {claims.nonce[:8]}...) was already used by Flower run {first}: "
-                "a replay", ErrorCode.RUN_REPLAYED)
-    return None
-
-
-def load_site_app(trust: SiteTrust):
-    """The ClientApp installed at this site (never anything from the FAB)."""
-    from flwr.clientapp import ClientApp
-
-    if trust.client_app == DEFAULT_CLIENT_APP and trust.client_app_dir is None:
-        from fedrad.client.app.client_app import app
-    else:
-        from flwr.clientapp.client_app import LoadClientAppError
-        from flwr.supercore.object_ref import load_app
-
-        app = load_app(trust.client_app, LoadClientAppError, trust.client_app_dir or Path.cwd())
-    if not isinstance(app, ClientApp):
-        raise TypeError(f"--client-app {trust.client_app} is not a Flower ClientApp")
-    return app
 
 
 def refuse(message, code: ErrorCode, rule: str, reason: str, node_config, entry: dict[str, Any]):
@@ -491,7 +351,7 @@ def serve(port: int, trust: SiteTrust, supernode_cmd: list[str], log_level: str 
     node = subprocess.Popen(cmd, env=node_env, preexec_fn=_die_with_parent,  # noqa: PLW1509 (single-threaded here)
                             **(pipe if plain else {}))
     if plain:
-        threading.Thread(target=_copy_formatted, args=(node.stdout, sys.stderr), daemon=True).start()
+        threading.Thread(target=copy_formatted, args=(node.stdout, sys.stderr), daemon=True).start()
     tasks: list[subprocess.Popen] = []
     pool: WorkerPool | None = None
 
@@ -544,37 +404,6 @@ def serve(port: int, trust: SiteTrust, supernode_cmd: list[str], log_level: str 
         secret_file.unlink(missing_ok=True)
         if secret_dir.exists():
             secret_dir.rmdir()
-
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def configure_logging(level: str = "INFO") -> None:
-    """The site's own lines (fedrad.client's one line per message, the runtime's refusals) go to stderr, which
-    is the node's terminal or log file; Flower's lines in the same format, without colour codes."""
-    import flwr.common.logger  # noqa: F401  (Flower's console handler exists once its logger module is imported)
-
-    from fedrad.common.log_format import configure
-
-    configure(level)  # ISO times and levels, JSON lines with FEDRAD_LOG_FORMAT=json (fedrad.common.log_format)
-
-
-def _copy_formatted(stream, sink) -> None:
-    """Copy the SuperNode's output line by line in the site's log format (fedrad.common.log_format)."""
-    from fedrad.common.log_format import FlowerLines
-
-    lines = FlowerLines("flwr.supernode")
-    for line in stream:
-        sink.write(lines.line(_ANSI.sub("", line)))
-        sink.flush()
-
-
-def _copy_plain(stream, sink) -> None:
-    """Copy the SuperNode's output line by line without colour codes (it colours whatever it writes to)."""
-    for line in stream:
-        sink.write(_ANSI.sub("", line))
-        sink.flush()
 
 
 # The runtime's processes are started as `python -m fedrad.deploy.runtime_entry MODE ...`, whose command line the
