@@ -174,7 +174,7 @@ def pretrain(data: PathLike, *, steps: int = 100, rounds: int = 1, device: str =
     from fedrad.common.bundle import BundleVerificationError
     from fedrad.common.recipe import Recipe
 
-    known = {f.name for f in Recipe.recipe_fields()}
+    known = set(Recipe.recipe_fields())
     unknown = sorted(set(recipe) - known)
     if unknown:
         raise BadInput(f"unknown recipe option(s): {', '.join('--' + u.replace('_', '-') for u in unknown)}")
