@@ -117,14 +117,17 @@ def test_sample_dp_over_two_gloo_ranks_is_one_process_dp_sgd(mode: str) -> None:
     _, two_clean, two_clean_r = _dp_runs(1e-6, 2, mode=mode)
     _, one_noisy, one_noisy_r = _dp_runs(sigma, 1, steps=1, mode=mode)
     _, two_noisy, two_noisy_r = _dp_runs(sigma, 2, steps=1, mode=mode)
+    # Each tensor's update to 1e-3 of its largest element: float reduction order (per-image gradients of a
+    # slice of 6 vs a batch of 12, then summed over ranks) gives ~3e-5 after one step, ~3e-4 after two (step 2
+    # starts from weights that differ at float level); a lost image or a wrong scale would be >= 8 % and 50 %.
     for one, two in ((one_clean, two_clean), (one_noisy, two_noisy)):
-        scale = max(float((one[k] - start[k]).abs().max()) for k in start)
-        assert scale > 1e-4  # a real update is compared, to float reduction-order error of its size
+        assert max(float((one[k] - start[k]).abs().max()) for k in start) > 1e-3  # a real update is compared
         for k, v in one.items():
-            torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-5 * scale)
+            update = float((v - start[k]).abs().max())
+            assert float((two[k] - v).abs().max()) <= 1e-3 * update + 1e-8, k
     for one_r, two_r in ((one_clean_r, two_clean_r), (one_noisy_r, two_noisy_r)):
         assert two_r.examples == one_r.examples > 0 and two_r.steps == one_r.steps
-        assert two_r.losses == pytest.approx(one_r.losses, rel=1e-4, abs=1e-6)
+        assert two_r.losses == pytest.approx(one_r.losses, rel=1e-3, abs=1e-6)
         assert two_r.dp_history == one_r.dp_history  # one accountant: the site's (sigma, q, steps), not per rank
     # the site's ε after the round: one process's, from the site's q (global batch / the site's training images)
     n_train = len(split_indices(make_fake_site(n=40, size=32))[0])
