@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common_bench import append_result, machine, shared_data, today  # noqa: E402
+from common_bench import bench_command, record_row, shared_data  # noqa: E402
 
 COMPRESSED = ("1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.")  # RLE and every JPEG family syntax
 
@@ -94,12 +94,10 @@ def main() -> int:
     print(f"{len(files):>6} {args.size:>5} {t_uncached:>17.4f} {t_cached:>15.5f} {ratio:>8.1f}x  {source}")
     print(f"first fill of the cache: {first_fill:.2f}s; max |uncached - cached| = {max_diff:.2e} "
           "(uint16 quantisation)")
-    append_result(
-        "decoded cache: epoch over cached vs uncached decoding",
-        "| date | machine | files | px | uncached s/epoch | cached s/epoch | speed-up | source | command |",
-        f"| {today()} | {machine()} | {len(files)} | {args.size} | {t_uncached:.4f} | {t_cached:.5f} | "
-        f"{ratio:.1f}x | {source} | `python benchmarks/bench_cache.py --size {args.size}` |",
-    )
+    ctx = {"command": bench_command(__file__), "files": len(files), "px": args.size, "source": source}
+    record_row("cache", "uncached s/epoch", round(t_uncached, 4), "s/epoch", **ctx)
+    record_row("cache", "cached s/epoch", round(t_cached, 5), "s/epoch", **ctx)
+    record_row("cache", "speed-up", round(ratio, 1), "x", **ctx)
     return 0
 
 

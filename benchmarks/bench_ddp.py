@@ -1,20 +1,18 @@
 """Multi-process training at one site: samples/s of trainer.train_local (one process) vs
-client.training.ddp.train_distributed with N processes, same global batch, same steps.
+client.ddp.train_distributed with N processes, same global batch, same steps.
 
 samples/s = images of the global batch per second of the training loop (rank 0's loop; the N-process start,
-spawn plus imports, is reported apart as `start_s`). On CPU the ranks use gloo and split the torch threads; on
+spawn plus imports, is reported apart as `start s`). On CPU the ranks use gloo and split the torch threads; on
 2 cores this reports scaling, it is not a goal. With --device cuda each rank takes one GPU (NCCL).
 --dp: sample-level DP-SGD instead (SimSiam, GroupNorm model, ghost clipping, dp-noise 1, dp-clip 1): one
-Poisson draw of the global batch per step, each rank clips its slice, the noise is added once (issue 26).
-Rows go to benchmarks/results/ddp.jsonl (one JSON object per measurement), prose to benchmarks/notes/ddp.md.
-Run: python benchmarks/bench_ddp.py [--procs 2] [--device cpu] [--model test_resnet] [--image-size 64] [--dp]
+Poisson draw of the global batch per step, each rank clips its slice, the noise is added once (rows: mode "dp").
+Run: python benchmarks/bench_ddp.py [--procs 2] [--device cpu] [--model test_resnet] [--image-size 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -22,27 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from common_bench import machine  # noqa: E402
-
-BENCH = "ddp"
-
-
-def record_row(metric: str, value: float | None, unit: str, command: str, note: str = "", **extra) -> None:
-    """One measurement as one JSON line in benchmarks/results/ddp.jsonl (common_bench.record_row's format)."""
-    try:
-        from common_bench import record_row as shared
-    except ImportError:
-        shared = None
-    if shared is not None:
-        shared(BENCH, metric, value, unit, command=command, goal=None, met=None, note=note, **extra)
-        return
-    row = {"bench": BENCH, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "load": os.getloadavg()[0],
-           "command": command, "metric": metric, "value": value, "unit": unit, "goal": None, "met": None,
-           "note": note, **extra}
-    out = Path(__file__).parent / "results" / f"{BENCH}.jsonl"
-    out.parent.mkdir(exist_ok=True)
-    with out.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+from common_bench import bench_command, record_row  # noqa: E402
 
 
 def main() -> int:
@@ -69,25 +47,22 @@ def main() -> int:
     objective = "simsiam" if args.dp else "simclr"
     model = build_model(args.model, objective, args.image_size, proj_dim=64, norm="group" if args.dp else "batch")
     cfg = TrainConfig(objective=objective, steps=args.steps, batch_size=args.batch_size, device=args.device)
-    dp = SampleDP(1.0, 1.0, 1e-5) if args.dp else None
+    dp = SampleDP(1.0, 1.0, 1e-5) if args.dp else None  # Poisson batches: samples/s counts the images drawn
     load_start = os.getloadavg()[0]
     one = train_local(copy.deepcopy(model), data, cfg, progress=False, dp=dp)
     t0 = time.perf_counter()
     many = train_distributed(copy.deepcopy(model), data, cfg, args.procs, dp=dp)
     start = time.perf_counter() - t0 - many.seconds
     rate1, rate_n = one.examples / one.seconds, many.examples / many.seconds
-    mode = "dp-sample (ghost, noise 1, clip 1)" if args.dp else "plain"
-    print(f"{mode}: 1 process {rate1:.1f} samples/s; {args.procs} processes {rate_n:.1f} samples/s "
-          f"({rate_n / rate1:.2f}x); start {start:.1f} s")
-    command = (f"python benchmarks/bench_ddp.py --procs {args.procs} --device {args.device} --model {args.model} "
-               f"--image-size {args.image_size} --batch-size {args.batch_size} --steps {args.steps}"
-               + (" --dp" if args.dp else ""))
-    note = f"load avg {load_start:.1f} -> {os.getloadavg()[0]:.1f}" + (f"; {args.note}" if args.note else "")
-    extra = {"mode": mode, "device": args.device, "model": args.model, "image_size": args.image_size,
-             "batch_size": args.batch_size, "steps": args.steps, "procs": args.procs, "start_s": round(start, 1)}
-    record_row("samples/s, 1 process", round(rate1, 2), "samples/s", command, note, **extra)
-    record_row(f"samples/s, {args.procs} processes", round(rate_n, 2), "samples/s", command, note, **extra)
-    record_row(f"scaling, {args.procs} processes vs 1", round(rate_n / rate1, 3), "x", command, note, **extra)
+    print(f"{'dp' if args.dp else 'plain'}: 1 process {rate1:.1f} samples/s; {args.procs} processes "
+          f"{rate_n:.1f} samples/s ({rate_n / rate1:.2f}x); start {start:.1f} s")
+    ctx = {"command": bench_command(__file__), "device": args.device, "model": args.model, "image": args.image_size,
+           "batch": args.batch_size, "steps": args.steps, "N": args.procs, "load_start": round(load_start, 2),
+           "note": args.note, "mode": "dp" if args.dp else "plain"}
+    record_row("ddp", "1 process", round(rate1, 1), "samples/s", **ctx)
+    record_row("ddp", "N processes", round(rate_n, 1), "samples/s", **ctx)
+    record_row("ddp", "scaling", round(rate_n / rate1, 2), "x", **ctx)
+    record_row("ddp", "start s", round(start, 1), "s", **ctx)
     return 0
 
 

@@ -10,9 +10,9 @@ split, 5 label-subsample seeds, pretrained vs random init.
     python benchmarks/bench_demo_recipe.py                          # the demo's recipe, 3 seeds
     python benchmarks/bench_demo_recipe.py --crop-min 0.4 0.8 --seeds 0 1 2
     python benchmarks/bench_demo_recipe.py --patients 60 --local-steps 50 --crop-min 0.4 0.8 --data-seed 1
-        # the recipe of RESULTS.md's first rows (the demo's before it grew)
+        # the recipe of the first demo_recipe rows (the demo's before it grew)
 
-One row per (setting, seed) goes to benchmarks/RESULTS.md under "demo recipe". Training took 173-203 s per
+Rows per (setting, seed) go to benchmarks/results/demo_recipe.jsonl. Training took 173-203 s per
 row at 60 patients and 50 local steps on 2 cores at load 3-9 (one thread, as each demo site); the probe adds
 about a minute.
 """
@@ -28,12 +28,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common_bench import append_result, fedavg_in_process, machine, today  # noqa: E402
+from common_bench import fedavg_in_process, record_row  # noqa: E402
 
 FRACTIONS = [0.1, 0.25, 0.5, 1.0]
-# The columns of RESULTS.md's "demo recipe" table (its real-demo rows are added by hand; "how" says the rest).
-HEADER = ("| when | aug-crop-min | pretraining seed | data seed | held-out loss r1 -> r4 | "
-          + " | ".join(f"gap {f * 100:.0f} %" for f in FRACTIONS) + " | how |")
 
 
 def fedavg_pretrain(sites: list, run: dict, rounds: int, seed: int):
@@ -78,7 +75,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-steps", type=int, default=int(DEMO_CONFIG["local-steps"]))
     ap.add_argument("--work", default="/tmp/fedrad-bench-demo-recipe", help="synthetic sites and caches")
-    ap.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    ap.add_argument("--no-record", action="store_true", help="print only; record no rows")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as each of the demo's sites runs on 2 cores
 
@@ -113,12 +110,14 @@ def main() -> int:
                                     f"({g:+.3f})" for f, g in zip(FRACTIONS, gaps, strict=True)) + f"; {seconds:.0f}s")
                 print(line, flush=True)
                 if not args.no_record:
-                    append_result("demo recipe: pretrained - random-init AUC (linear probe, synthetic 'finding')",
-                                  HEADER,
-                                  f"| {today()} | {crop:.2f} | {seed} | {args.data_seed} | "
-                                  f"{held[0]:.3f} -> {held[-1]:.3f} | " + " | ".join(f"{g:+.3f}" for g in gaps)
-                                  + f" | `{command}`: blur-p {blur:.2f}, {args.patients} patients/site, "
-                                  f"{args.rounds} x {args.local_steps} steps, {seconds:.0f} s on {machine()} |")
+                    ctx = {"command": command, "aug-crop-min": crop, "aug-blur-p": blur, "pretraining seed": seed,
+                           "data seed": args.data_seed, "patients_per_site": args.patients,
+                           "schedule": f"{args.rounds} x {args.local_steps} steps", "pretrain_s": round(seconds)}
+                    record_row("demo_recipe", "held-out loss r1 -> r4", round(held[0], 3), "loss",
+                               text=f"{held[0]:.3f} -> {held[-1]:.3f}", **ctx)
+                    for f, g in zip(FRACTIONS, gaps, strict=True):
+                        record_row("demo_recipe", f"gap {f * 100:.0f} %", round(g, 3), "AUC gap",
+                                   goal=">= 0 (pretrained >= random init)", met=g >= 0, **ctx)
     return 0
 
 

@@ -45,12 +45,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_label_efficiency import pool, shared_data  # noqa: E402
-from common_bench import append_to_section, federated_run, machine  # noqa: E402
+from common_bench import federated_run, machine, record_row  # noqa: E402
 
 from fedrad.server.run_log import read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 PLOT = REPO / "benchmarks" / "plots" / "label_efficiency_hannover.png"
 TARGETS = ("sex", "view", "icu")
 FRACTIONS = (0.1, 0.25, 1.0)
@@ -257,14 +256,23 @@ def results_section(rows: list[dict[str, Any]], argv: list[str], seconds: float,
     return "\n".join(lines) + "\n"
 
 
-def append_results(section: str) -> None:
-    append_to_section(
-        "## Hannover chest X-rays, 128 px on CPU: label efficiency, 3 hospitals split by patient", section,
-        intro="`benchmarks/bench_hannover.py` (docstring: arms, split, budget). 30 % of patients are the probe's test "
-              "set and are not in any hospital's pretraining data; labels are fractions of the remaining (training) "
-              "patients. Test ROC-AUC, mean of 3 label-subsample seeds' probabilities, patient-level bootstrap 95 % "
-              "CI. Plot: benchmarks/plots/label_efficiency_hannover.png. Data: CC BY 3.0, "
-              "DOI 10.6084/m9.figshare.12275009.")
+def record_results(rows: list[dict[str, Any]], argv: list[str], seconds: float, info: list[str],
+                   goals: dict[str, Any]) -> None:
+    """One row per probed cell (target, backbone, mode, fraction: test AUC with its CI) and one per goal, in
+    benchmarks/results/hannover.jsonl; the run's settings (`info`) ride on every row."""
+    cmd = "python benchmarks/bench_hannover.py" + ("" if not argv else " " + shlex.join(argv))
+    ctx = {"command": cmd, "wall_min": round(seconds / 60, 1), "info": info}
+    for r in rows:
+        record_row("hannover", f"{r['target']} {r['backbone']} {r['mode']} {r['fraction']:.0%}", round(r["auc"], 3),
+                   "AUC", text=f"{r['auc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", target=r["target"],
+                   backbone=r["backbone"], mode=r["mode"], **ctx)
+    gains = ", ".join(f"{t} {g:+.3f}" for t, g in goals["gains"].items())
+    record_row("hannover", "goal: 10 % labels, federated >= random-init + 0.05 AUC on >= 2 of 3 targets",
+               len(goals["wins"]), "targets", goal=f">= {GOAL_TARGETS} targets", met=goals["label_goal"],
+               note=f"linear-probe gains: {gains}", **ctx)
+    record_row("hannover", "goal: full fine-tuning from pretrained never worse than random init beyond the CI",
+               goals["full_checked"], "cells checked", goal="no cell worse", met=goals["full_goal"],
+               note="worse at " + ", ".join(goals["full_worse"]) if goals.get("full_worse") else "", **ctx)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads in this process")
     p.add_argument("--workdir", default=None, help="sites, caches, Flower logs (default: a temporary folder)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "hannover"))
-    p.add_argument("--no-record", action="store_true", help="no RESULTS.md section, no committed plot")
+    p.add_argument("--no-record", action="store_true", help="no result rows, no committed plot")
     args = p.parse_args(raw)
     q = args.quick
     args.rounds = args.rounds or (2 if q else 6)
@@ -421,7 +429,8 @@ def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_star
                 f"mlp/full: {' and '.join(sorted(ft_names))} only, {args.epochs} epochs (at least 40 steps), "
                 f"{args.full_seeds} seed(s), fractions {', '.join(f'{f:.0%}' for f in args.full_fractions)}; "
                 f"targets {', '.join(data.targets)} (positive class after '=')")
-    goals = goal_lines(goal_check(rows))
+    checked = goal_check(rows)
+    goals = goal_lines(checked)
     section = results_section(rows, raw, seconds, info, goals)
     atomic_write_json(out / "results.json", {"info": info, "goals": goals, "rows": rows})
     plot(rows, out / "label_efficiency_hannover.png", f"Hannover CXR {args.image_size}px, {args.model}")
@@ -429,8 +438,8 @@ def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_star
     if not args.no_record:
         PLOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "label_efficiency_hannover.png", PLOT)
-        append_results(section)
-        print(f"appended to {RESULTS}; plot {PLOT}")
+        record_results(rows, raw, seconds, info, checked)
+        print(f"rows in benchmarks/results/hannover.jsonl (python benchmarks/make_results.py); plot {PLOT}")
     print("\n".join(goals))
     print(f"total {seconds / 60:.1f} min", flush=True)
     return 0

@@ -5,10 +5,13 @@ distinct images with their own UIDs and patients (every file is distinct content
 - ingest images/s (fedrad.client.site.ingest.ingest_site, image size 64, P decode workers) vs a bare
   `pydicom.dcmread(...).pixel_array` loop in a multiprocessing pool of the same P processes (goal >= 0.8x);
 - adding 1 file to the N-image store: the store append alone (DecodedCache.ingest of the new item), and a whole
-  `ingest` pass (walk + stat of N files + 1 decode) (goal <= 1 s at 10^5);
+  `ingest` pass, quick (folders unchanged since the last pass are not listed) and `--full` (walk + stat of N
+  files + 1 decode) (goal <= 1 s at 10^5);
 - index RAM: peak RSS growth of a fresh process checking all N items against the store (goal <= 100 MB at 10^5);
 - node start: `load_site` of the N-image store, nothing to decode (time and peak RSS; goal <= 10 s at 10^5).
-Run: python benchmarks/bench_ingest.py [--n 2000] [--workers P]   (the issue's size: --n 100000, ~1 h on 2 cores)
+Run: python benchmarks/bench_ingest.py [--n 2000] [--workers P] [--dir D [--keep-store]] [--note LOAD]
+(the issue's size: --n 100000, ~1 h on 2 cores; --dir keeps the synthetic folder for the next run). Each
+measurement is one JSON line in benchmarks/results/ingest.jsonl; prose in benchmarks/notes/ingest.md.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common_bench import append_result, machine, today  # noqa: E402
+from common_bench import bench_command, record_row  # noqa: E402
 
 SIZE = 64
 J2K = "1.2.840.10008.1.2.4.90"  # JPEG 2000 Image Compression (Lossless Only)
@@ -93,16 +96,17 @@ def _child(phase: str, data: str, cache: str, state: str) -> None:
     from fedrad.common.cache import INLINE_DECODE_MAX
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     if phase == "index":
-        out = ingest_site(data, SIZE, cache_dir=cache, state_dir=state, progress=False)
+        out = ingest_site(data, SIZE, cache_dir=cache, state_dir=state, progress=False, full=True)
         assert out["decoded"] == 0, out
     else:
         site = load_site(data, SIZE, cache_dir=cache, state_dir=state, progress=False, max_decode=INLINE_DECODE_MAX)
         assert site.pending == 0
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "rss_mb": peak - rss0, "peak_mb": peak}))
+    print(json.dumps({"seconds": seconds, "cpu_s": time.process_time() - cpu0, "rss_mb": peak - rss0, "peak_mb": peak}))
 
 
 def child(phase: str, data: Path, cache: Path, state: Path) -> dict:
@@ -111,44 +115,80 @@ def child(phase: str, data: Path, cache: Path, state: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(n: int, compressed: bool, workers: int, tmp: Path) -> str:
+def record(metric: str, value, unit: str, goal: str | None, met: bool | None, note: str, **extra) -> None:
+    """One row in benchmarks/results/ingest.jsonl."""
+    row = record_row("ingest", metric, value, unit, command=bench_command(__file__), goal=goal, met=met, note=note,
+                     **extra)
+    print(json.dumps(row))
+
+
+def _add(data: Path, tmp: Path, name: str, compressed: bool) -> Path:
+    new = data / "new" / name
+    new.parent.mkdir(exist_ok=True)
+    os.replace(write_files(tmp / f"extra-{name}", 1, compressed)[0], new)
+    return new
+
+
+def run(n: int, compressed: bool, workers: int, tmp: Path, keep_store: bool, note: str) -> None:
+    """The measurements, each recorded as it is made. `tmp` may hold the folder of an earlier run (reused)."""
+    import shutil
+
     from fedrad.client.site.ingest import ingest_site
     from fedrad.common.cache import DecodedCache
     from fedrad.common.sources.base import Item
     from fedrad.common.sources.dicom_folder import DicomFolderReader
 
+    kind = "JPEG 2000 lossless" if compressed else "uncompressed"
     data, cache, state = tmp / "data", tmp / "cache", tmp / "state"
-    t0 = time.perf_counter()
-    paths = write_files(data, n, compressed)
-    written = time.perf_counter() - t0
-    bare = bare_rate(paths, workers)
-    t0 = time.perf_counter()
-    out = ingest_site(data, SIZE, cache_dir=cache, state_dir=state, progress=False, workers=workers)
-    ingest = out["decoded"] / (time.perf_counter() - t0)
-    assert out["decoded"] == n, out
-    extra = write_files(tmp / "extra", 1, compressed)[0]
-    new = data / "new" / "one.dcm"
-    new.parent.mkdir()
-    os.replace(extra, new)
+    marker = tmp / f"written-{n}"
+    extra = {"n": n, "files": kind, "processes": workers}
+    shutil.rmtree(data / "new", ignore_errors=True)
+    if not marker.exists():
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        write_files(data, n, compressed)
+        marker.write_text(kind)
+    if not keep_store or not cache.exists():
+        shutil.rmtree(cache, ignore_errors=True)
+        bare = bare_rate(sorted(data.rglob("*.dcm")), workers)
+        t0 = time.perf_counter()
+        out = ingest_site(data, SIZE, cache_dir=cache, state_dir=state, progress=False, workers=workers)
+        ingest = out["decoded"] / (time.perf_counter() - t0)
+        assert out["decoded"] == n, out
+        record("ingest_vs_bare_pydicom", round(ingest / bare, 3), "x", ">= 0.8x", ingest / bare >= 0.8,
+               f"{kind}: bare pydicom pool {bare:.0f} img/s, fedrad ingest {ingest:.0f} img/s; {note}",
+               bare_img_s=round(bare, 1), ingest_img_s=round(ingest, 1), **extra)
+    start = child("site", data, cache, state)  # first: the store is whole, nothing pending
+    record("node_start_s", round(start["seconds"], 2), "s", "<= 10 s at 1e5",
+           start["seconds"] <= 10 if n >= 1e5 else None,
+           f"{kind}: load_site of the {n}-image store in a fresh process, nothing to decode; its own CPU time "
+           f"{start.get('cpu_s', float('nan')):.1f} s (wall time is that plus waiting for a core); RSS growth "
+           f"{start['rss_mb']:.0f} MB (peak {start['peak_mb']:.0f}); {note}", rss_growth_mb=round(start["rss_mb"], 1),
+           cpu_s=round(start.get("cpu_s", float("nan")), 2), **extra)
+    new = _add(data, tmp, "one.dcm", compressed)
     store = DecodedCache(cache, SIZE, decoder=DicomFolderReader.entry, workers=0, state_dir=state)
     t0 = time.perf_counter()
     store.ingest([Item("new/one.dcm", str(new))], progress=False)
     append_s = time.perf_counter() - t0
     store.close()
-    new2 = data / "new" / "two.dcm"
-    os.replace(write_files(tmp / "extra2", 1, compressed)[0], new2)
-    t0 = time.perf_counter()
-    ingest_site(data, SIZE, cache_dir=cache, state_dir=state, progress=False, workers=workers)
-    pass_s = time.perf_counter() - t0
+    record("append_1_file_store_s", round(append_s, 3), "s", "<= 1 s at 1e5", append_s <= 1 if n >= 1e5 else None,
+           f"{kind}: DecodedCache.ingest of one new file into the {n}-image store; {note}", **extra)
+    for mode, full in (("quick", False), ("full", True)):
+        _add(data, tmp, f"two-{mode}.dcm", compressed)
+        t0 = time.perf_counter()
+        out = ingest_site(data, SIZE, cache_dir=cache, state_dir=state, progress=False, workers=workers, full=full)
+        pass_s = time.perf_counter() - t0
+        assert out["decoded"] == 1, out
+        record(f"ingest_pass_plus_1_file_{mode}_s", round(pass_s, 3), "s", "<= 1 s at 1e5" if not full else None,
+               (pass_s <= 1 if n >= 1e5 else None) if not full else None,
+               f"{kind}: `fedrad ingest` {'--full ' if full else ''}pass picking up 1 new file "
+               f"({out['files']} files listed, {out['folders_unchanged']} unchanged folders skipped); {note}", **extra)
     index = child("index", data, cache, state)
-    start = child("site", data, cache, state)
-    kind = "JPEG 2000 lossless" if compressed else "uncompressed"
-    print(f"{kind}: wrote {n} in {written:.0f} s; bare {bare:.0f}/s, ingest {ingest:.0f}/s ({ingest / bare:.2f}x); "
-          f"append 1 {append_s:.3f} s, ingest pass +1 {pass_s:.2f} s; index check {index}; node start {start}")
-    return (f"| {today()} | {n} | {kind} | {workers} | {bare:.0f} | {ingest:.0f} | {ingest / bare:.2f}x | "
-            f"{append_s:.3f} | {pass_s:.2f} | +{index['rss_mb']:.0f} MB (peak {index['peak_mb']:.0f}) / "
-            f"{index['seconds']:.1f} s | {start['seconds']:.1f} s / +{start['rss_mb']:.0f} MB (peak "
-            f"{start['peak_mb']:.0f}) | {machine()} |")
+    record("index_check_rss_growth_mb", round(index["rss_mb"], 1), "MB", "<= 100 MB at 1e5",
+           index["rss_mb"] <= 100 if n >= 1e5 else None,
+           f"{kind}: peak RSS growth of a fresh process checking all {n} files against the index (a full pass, "
+           f"nothing to decode) over its imports; peak {index['peak_mb']:.0f} MB, {index['seconds']:.1f} s; {note}",
+           **extra)
 
 
 def main() -> int:
@@ -159,15 +199,20 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=2000, help="synthetic DICOMs per kind (issue 26's size: 100000)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes, both sides")
     ap.add_argument("--kinds", default="uncompressed,j2k", help="uncompressed, j2k or both")
-    ap.add_argument("--note", default="", help="load on the machine, appended to the row")
+    ap.add_argument("--dir", default=None, help="keep the synthetic folder here and reuse it next time "
+                    "(<dir>/<kind>/data; default: a temporary folder)")
+    ap.add_argument("--keep-store", action="store_true", help="with --dir: reuse its store, whole and ingested by a "
+                    "full pass (no throughput row)")
+    ap.add_argument("--note", default="", help="what else ran on the machine, added to each row's note")
     args = ap.parse_args()
-    header = ("| date | N | files | processes | bare pydicom img/s | ingest img/s | ratio (goal >= 0.8) | "
-              "append 1 file s | ingest pass +1 file s | index check: RSS growth / time (goal <= 100 MB) | "
-              "node load_site: time (goal <= 10 s) / RSS growth | machine | load |")
     for kind in args.kinds.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            row = run(args.n, kind == "j2k", args.workers, Path(tmp))
-        append_result("Ingest at scale (issue 26)", header, row + f" {args.note or 'not recorded'} |")
+        if args.dir:
+            folder = Path(args.dir) / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            run(args.n, kind == "j2k", args.workers, folder, args.keep_store, args.note)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                run(args.n, kind == "j2k", args.workers, Path(tmp), False, args.note)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Label efficiency on PneumoniaMNIST: does federated pretraining across 3 hospitals beat training alone?
 
-Over 500 lines on purpose: one benchmark, data preparation to RESULTS.md row, read and rerun as a whole.
+Over 500 lines on purpose: one benchmark, data preparation to its result rows, read and rerun as a whole.
 
 The official train images (labels withheld) are split into 3 non-IID "hospitals" by label skew and written
 as PNG folders with a manifest.csv, exactly as a site would hand them to `fedrad node`. Backbones of the
@@ -23,13 +23,14 @@ full fine-tune; 3 label-subsample seeds) and scored on the official test split: 
 CI. Every arm is pretrained with 3 seeds (initial weights, augmentation draws) and each linear-probe cell is
 their mean: one seed's 1 % AUC moves by ~0.015, as much as the gaps the goals ask about; MLP, full fine-tuning
 and federated + DP use the first seed. Prints the table and the issue's goals (met / missed, with the
-numbers), saves the plot (benchmarks/plots/label_efficiency_pneumoniamnist.png) and appends to
-benchmarks/RESULTS.md.
+numbers), saves the plot (benchmarks/plots/label_efficiency_pneumoniamnist.png) and records rows in
+benchmarks/results/label_efficiency.jsonl.
 
     python benchmarks/bench_label_efficiency.py --quick     # a few minutes, smoke test
     python benchmarks/bench_label_efficiency.py             # < 1 h on 2 CPU cores at 28 px
 
-The recipe defaults (RECIPE) come from an in-process exploration recorded in RESULTS.md: at 28 px the
+The recipe defaults (RECIPE) come from an in-process exploration recorded in
+benchmarks/notes/label_efficiency.md: at 28 px the
 40 % crops of the 224 px recipe cut away most of a small lung field, so crops keep >= 80 % of the area.
 
 PneumoniaMNIST: CC BY 4.0, MedMNIST (Yang et al., Scientific Data 2023). Data: $FEDRAD_SHARED_DATA or
@@ -50,24 +51,22 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common_bench import append_to_section, federated_run, machine  # noqa: E402
+from common_bench import federated_run, machine, record_row  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 PLOT = REPO / "benchmarks" / "plots" / "label_efficiency_pneumoniamnist.png"
 # Share of each class's images that goes to hospitals 0, 1, 2: hospital 0 is mostly normal films (an
 # outpatient clinic), hospital 2 mostly pneumonia (an ICU-heavy hospital).
 LABEL_SKEW = {0: (0.6, 0.3, 0.1), 1: (0.15, 0.35, 0.5)}
 FRACTIONS = (0.01, 0.1, 1.0)
 MODES = ("linear", "mlp", "full")
-# The 28 px recipe (run-config keys); see the module docstring and RESULTS.md for how it was chosen.
+# The 28 px recipe (run-config keys); how it was chosen: the module docstring, benchmarks/notes/label_efficiency.md.
 RECIPE: dict[str, object] = {"aug-crop-min": 0.8, "aug-rotate": 10.0, "aug-blur-p": 0.5, "aug-noise-p": 0.5,
                              "temperature": 0.1, "lr-schedule": "constant", "warmup-rounds": 0}
 DP_DELTA = 1e-5
@@ -324,31 +323,22 @@ def plot_arms(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-def append_results(rows: list[dict[str, Any]], args, argv: list[str], seconds: float, arms_info: str,
-                   goals: list[str], notes: list[str]) -> None:
+def record_results(rows: list[dict[str, Any]], argv: list[str], seconds: float, arms_info: str,
+                   goals: list[tuple[str, bool | None, str]], notes: list[str]) -> None:
+    """One row per probed cell (backbone, mode, fraction: test AUC, its CI, the pretraining seeds' sd, the best
+    single site) and one per issue-17 goal, in benchmarks/results/label_efficiency.jsonl."""
     cmd = "python benchmarks/bench_label_efficiency.py" + ("" if not argv else " " + shlex.join(argv))
-    lines = [f"### {datetime.now(UTC).strftime('%Y-%m-%d %H:%M')} UTC, `{cmd}`", "",
-              f"- machine: {machine()}; wall time {seconds / 60:.1f} min",
-              f"- {arms_info}", *[f"- {n}" for n in notes], "",
-              "| backbone | mode | 1 % | 10 % | 100 % |", "|---|---|---|---|---|"]
+    ctx = {"command": cmd, "wall_min": round(seconds / 60, 1), "arms": arms_info, "info": notes}
     shown = [r for r in rows if not r["backbone"].startswith(SINGLE + "-")]
-    for mode in MODES:
-        for name in dict.fromkeys(r["backbone"] for r in shown if r["mode"] == mode):
-            cells = []
-            for frac in FRACTIONS:
-                r = _cell(shown, name, mode, frac)
-                cell = "-" if r is None else f"{r['auc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-                if r is not None and r.get("pretrain_seeds", 1) > 1:
-                    cell += f" sd {r['auc_pretrain_sd']:.3f}"
-                if r is not None and r.get("site"):
-                    cell += f" ({r['site']})"
-                cells.append(cell)
-            lines.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
-    lines += ["", "Goals (issue 17):", "", *goals]
-    append_to_section("## label efficiency (PneumoniaMNIST, 3 label-skewed hospitals)", "\n".join(lines),
-                      intro="Official split; pretraining on the train images without labels; fine-tuning on 1/10/100 % "
-                            "of the train labels; test ROC-AUC with a 95 % bootstrap CI over test images. "
-                            "PneumoniaMNIST: CC BY 4.0 (MedMNIST, Yang et al. 2023).")
+    for r in shown:
+        text = f"{r['auc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        extra = {"pretrain_sd": round(r["auc_pretrain_sd"], 3)} if r.get("pretrain_seeds", 1) > 1 else {}
+        if r.get("site"):
+            extra["site"] = r["site"]
+        record_row("label_efficiency", f"{r['backbone']} {r['mode']} {r['fraction'] * 100:.0f} %", round(r["auc"], 3),
+                   "AUC", text=text, backbone=r["backbone"], mode=r["mode"], **extra, **ctx)
+    for goal, ok, numbers in goals:
+        record_row("label_efficiency", f"goal: {goal}", None, "", goal=goal, met=ok, note=numbers, **ctx)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="sites, caches, Flower logs (default: a temporary folder, "
                    "removed at the end)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "label_efficiency"))
-    p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md nor rewrite the plot")
+    p.add_argument("--no-record", action="store_true", help="record no result rows, do not rewrite the plot")
     args = p.parse_args(raw)
     q = args.quick
     args.rounds = args.rounds or (2 if q else 10)
@@ -541,7 +531,8 @@ def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_star
                      f"{args.dp_local_steps} local steps, noise {dp_info['noise']}, "
                      f"clip 1.0, delta {dp_info['delta']:g}; image-level epsilon spent per site "
                      f"{json.dumps(dp_info['site_epsilons'])} (budget {args.dp_epsilon:g})")
-    goals = format_goals(check_goals(rows))
+    checked = check_goals(rows)
+    goals = format_goals(checked)
     meta = {"data": str(src), "split": "official train/test", "arms": arms_info, "machine": machine(),
             "minutes": round(seconds / 60, 1), "dp": dp_info, "goals": goals}
     table = write_outputs(Path(args.out), rows, meta, "PneumoniaMNIST label efficiency")
@@ -551,8 +542,8 @@ def _run(args: argparse.Namespace, raw: list[str], src: Path, work: Path, t_star
         plot_arms(rows, PLOT, f"PneumoniaMNIST, 3 label-skewed hospitals: {args.model} {args.image_size}px, "
                               f"{budget} SimCLR steps per arm, {args.seeds} label seeds, linear: mean of "
                               f"{args.pretrain_seeds} pretraining seeds")
-        append_results(rows, args, raw, seconds, arms_info, goals, notes)
-        print(f"appended to {RESULTS}; plot {PLOT}")
+        record_results(rows, raw, seconds, arms_info, checked, notes)
+        print(f"rows in benchmarks/results/label_efficiency.jsonl (python benchmarks/make_results.py); plot {PLOT}")
     print(f"total {seconds / 60:.1f} min")
     return 0
 

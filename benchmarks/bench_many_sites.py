@@ -2,11 +2,15 @@
 tiny model), one run without and one with SecAgg+, for each N in --sites.
 
 Reported per N and mode, from metrics.jsonl (rounds 2+ mean; round 1 also decodes the caches and starts the
-warm workers): round wall time, fixed overhead (round - slowest site's handler seconds), coordinator time in
-aggregation; and memory sampled every 0.5 s with psutil over each site's process tree (runtime + SuperNode +
-warm worker): the peak during the run, and the idle RSS 5 s after the run ended (the warm worker still alive,
-between rounds as far as it knows), mean and max over the sites; plus the coordinator's tree (SuperLink +
-ServerApp). Rows are appended to RESULTS.md.
+warm workers), where a round's seconds go: the slowest site's own handler seconds (`compute`), the time the
+coordinator spends sending, waiting beyond the slowest site's compute, aggregating and checkpointing, and the fixed
+overhead (round - compute). CPU seconds per round of the sites' process trees and the coordinator's (SuperLink +
+ServerApp), against the 2 cores' capacity (cores x round wall): with many sites on few cores, "overhead" is
+mostly the sites queueing for CPU, and this says so. Memory (benchmarks/memory_split.py): the peak RSS of each
+site's tree (runtime + SuperNode + warm worker) sampled every 0.5 s, and 5 s after the run (the worker still
+alive, idle) each process kind's RSS / PSS / USS / anonymous memory; the sum of all sites' PSS is what N sites
+really take (shared library pages counted once), the machine's MemAvailable drop its cross-check.
+Rows go to benchmarks/results/many_sites.jsonl (one JSON object per measurement).
 Run: python benchmarks/bench_many_sites.py --sites 3,10,20 [--rounds 3] [--modes plain,secagg]
 """
 
@@ -22,11 +26,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from common_bench import append_result, machine, today  # noqa: E402
+import common_bench  # noqa: E402
+from memory_split import MIB, mib, tree_cpu_seconds, tree_split  # noqa: E402
 
+BENCH = "many_sites"
 TINY = {"model": "test_resnet", "image-size": 32, "local-steps": 5, "batch-size": 8, "proj-dim": 32,
         "objective": "simclr", "fraction-evaluate": 0.0, "eval-in-train": True}
-MB = 1024 * 1024
+TIMED = ("round_seconds", "time_site_compute_max", "time_send", "time_wait", "time_aggregate", "time_checkpoint",
+         "time_train", "time_overhead")
+
+
+def record_row(metric: str, value, unit: str, **fields) -> None:
+    """One measurement, one JSON line in benchmarks/results/many_sites.jsonl."""
+    common_bench.record_row("many_sites", metric, value, unit, **fields)
 
 
 def tree_rss(pid: int) -> int:
@@ -47,33 +59,45 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 class Sampler(threading.Thread):
-    """Peak tree RSS per named process while running."""
+    """Peak tree RSS per named process, the machine's lowest MemAvailable and the highest 1-min load."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         super().__init__(daemon=True)
         self.pids, self.peak = pids, dict.fromkeys(pids, 0)
+        self.low_available, self.high_load = mem_available(), os.getloadavg()[0]
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
             for name, pid in self.pids.items():
                 self.peak[name] = max(self.peak[name], tree_rss(pid))
+            self.low_available = min(self.low_available, mem_available())
+            self.high_load = max(self.high_load, os.getloadavg()[0])
             self.done.wait(0.5)
 
 
-def consortium_run(sites: list[Path], work: Path, rounds: int, secagg: bool) -> dict:
+def consortium_run(sites: list[Path], work: Path, rounds: int, secagg: bool, idle_release: bool) -> dict:
     from federation_harness import Consortium
 
     from fedrad.client.runtime.site_runtime import SiteTrust
     from fedrad.server.run_log import read_metrics
 
     n = len(sites)
+    available_before = mem_available()
     c = Consortium(work)
     try:
         c.start_link()
         for i, site in enumerate(sites):
-            c.start_node(f"s{i}", site, trust=SiteTrust(consortium_key=c.consortium_pub), config={"threads": 1})
+            c.start_node(f"s{i}", site, trust=SiteTrust(consortium_key=c.consortium_pub),
+                         config={"threads": 1, "idle-release": "on" if idle_release else "off"})
         cfg = dict(TINY, **{"num-server-rounds": rounds, "run-dir": str(work / "run"), "round-timeout": 3600.0,
                             "min-train-nodes": n, "min-available-nodes": n})
         if secagg:
@@ -82,28 +106,83 @@ def consortium_run(sites: list[Path], work: Path, rounds: int, secagg: bool) -> 
         pids["coordinator"] = c.link.pid
         sampler = Sampler(pids)
         sampler.start()
+        cpu0 = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
         t0 = time.perf_counter()
         code = c.run(cfg, timeout=3600)
         wall = time.perf_counter() - t0
+        cpu = {name: tree_cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
         sampler.done.set()
         sampler.join()
         if code != 0:
             raise RuntimeError(f"federated run failed; see {work / 'logs'}")
         time.sleep(5)
-        idle = {name: tree_rss(pid) for name, pid in pids.items()}
-        rows = read_metrics(work / "run")
-        later = rows[1:] or rows
-        mean = {k: sum(float(r.get(k) or 0.0) for r in later) / len(later)
-                for k in ("round_seconds", "time_overhead", "time_aggregate", "time_site_compute_max")}
         site_names = [k for k in pids if k != "coordinator"]
-        return {"wall": wall, "round1": float(rows[0]["round_seconds"]), **mean,
-                "site_peak_mean": sum(sampler.peak[s] for s in site_names) / n / MB,
-                "site_peak_max": max(sampler.peak[s] for s in site_names) / MB,
-                "site_idle_mean": sum(idle[s] for s in site_names) / n / MB,
-                "site_idle_max": max(idle[s] for s in site_names) / MB,
-                "coord_peak": sampler.peak["coordinator"] / MB, "coord_idle": idle["coordinator"] / MB}
+        idle = {name: tree_split(pid) for name, pid in pids.items()}
+        rows = read_metrics(work / "run") if (work / "run" / "metrics.jsonl").exists() else []
+        if not rows:  # the run ended without a round line: keep its logs, they leave with the temporary folder
+            import shutil
+
+            kept = Path(tempfile.gettempdir()) / f"many_sites_{n}_logs_{int(time.time())}"
+            shutil.copytree(work / "logs", kept)
+            raise RuntimeError(f"the run exited {code} without a round in metrics.jsonl; logs kept in {kept}")
+        later = rows[1:] or rows
+        split = {k: sum(float(r.get(k) or 0.0) for r in later) / len(later) for k in TIMED}
+        kinds = sorted({k for s in site_names for k in idle[s]})
+        idle_mean = {k: {f: sum(idle[s].get(k, {}).get(f, 0) for s in site_names) / n for f in ("rss", "pss", "uss",
+                                                                                                 "anon")}
+                     for k in kinds}
+        return {"wall": wall, "round1": float(rows[0]["round_seconds"]), "rounds": len(rows), **split,
+                "cpu_sites": sum(cpu[s] for s in site_names), "cpu_coord": cpu["coordinator"],
+                "site_peak_mean": sum(sampler.peak[s] for s in site_names) / n / MIB,
+                "site_peak_max": max(sampler.peak[s] for s in site_names) / MIB,
+                "idle_by_kind": {k: mib(v) for k, v in idle_mean.items()},
+                "sites_pss_idle_sum": sum(idle[s].get("total", {}).get("pss", 0) for s in site_names) / MIB,
+                "sites_rss_idle_sum": sum(idle[s].get("total", {}).get("rss", 0) for s in site_names) / MIB,
+                "coord_peak": sampler.peak["coordinator"] / MIB,
+                "coord_idle": mib(idle["coordinator"].get("total", {})),
+                "available_drop": (available_before - sampler.low_available) / MIB,
+                "load_high": sampler.high_load}
     finally:
         c.stop()
+
+
+def report(n: int, mode: str, r: dict, command: str, note: str, idle_release: bool) -> None:
+    per_round = r["rounds"] or 1
+    cores = os.cpu_count() or 1
+    compute = r["time_site_compute_max"]
+    beyond = max(r["time_wait"] - compute, 0.0)
+    extra = {"sites": n, "mode": mode, "rounds": r["rounds"], "idle_release": idle_release,
+             "load_high": round(r["load_high"], 1)}
+    breakdown = {"round_1": round(r["round1"], 2), **{k: round(r[k], 2) for k in TIMED},
+                 "wait_beyond_slowest_compute": round(beyond, 2)}
+    cpu = {"sites_cpu_s_per_round": round(r["cpu_sites"] / per_round, 2),
+           "coordinator_cpu_s_per_round": round(r["cpu_coord"] / per_round, 2),
+           "cpu_capacity_s_per_round": round(cores * r["wall"] / per_round, 2), "run_wall_s": round(r["wall"], 1)}
+    print(f"{n:>3} sites {mode:>6}: round 1 {r['round1']:.2f} s, rounds 2+ {r['round_seconds']:.2f} s = compute "
+          f"{compute:.2f} + overhead {r['time_overhead']:.2f} (send {r['time_send']:.2f}, wait beyond slowest "
+          f"{beyond:.2f}, aggregate {r['time_aggregate']:.2f}, checkpoint {r['time_checkpoint']:.2f}); CPU s/round "
+          f"sites {cpu['sites_cpu_s_per_round']:.1f} coordinator {cpu['coordinator_cpu_s_per_round']:.1f} of "
+          f"{cpu['cpu_capacity_s_per_round']:.1f}", flush=True)
+    print(f"    site peak RSS {r['site_peak_mean']:.0f} (max {r['site_peak_max']:.0f}) MiB; idle per kind (mean MiB): "
+          + "; ".join(f"{k} {v}" for k, v in r["idle_by_kind"].items())
+          + f"; all sites idle: RSS sum {r['sites_rss_idle_sum']:.0f} MiB, PSS sum {r['sites_pss_idle_sum']:.0f} MiB;"
+          f" MemAvailable drop {r['available_drop']:.0f} MiB; coordinator peak {r['coord_peak']:.0f} MiB", flush=True)
+    common = dict(command=command, note=note, **extra)
+    record_row("fixed overhead per round (rounds 2+ mean: round wall - slowest site's compute)",
+               round(r["time_overhead"], 2), "s", goal="<= 5 s (round latency goal, demo)" if n <= 3 else None,
+               met=(r["time_overhead"] <= 5.0) if n <= 3 else None, breakdown=breakdown, cpu=cpu, **common)
+    record_row("round wall time (rounds 2+ mean)", round(r["round_seconds"], 2), "s", breakdown=breakdown, **common)
+    record_row("coordinator CPU seconds per round", cpu["coordinator_cpu_s_per_round"], "s", cpu=cpu, **common)
+    record_row("site peak RSS (mean over sites; runtime + SuperNode + warm worker)", round(r["site_peak_mean"], 1),
+               "MiB", peak_max=round(r["site_peak_max"], 1), **common)
+    total = r["idle_by_kind"].get("total", {})
+    record_row("site idle USS (mean over sites; private memory, what ending the site gives back)",
+               total.get("uss"), "MiB", by_kind=r["idle_by_kind"], **common)
+    record_row("site idle PSS (mean over sites; shared pages split)", total.get("pss"), "MiB",
+               by_kind=r["idle_by_kind"], **common)
+    record_row("all sites idle PSS sum", round(r["sites_pss_idle_sum"], 1), "MiB",
+               rss_sum=round(r["sites_rss_idle_sum"], 1), mem_available_drop=round(r["available_drop"], 1),
+               coordinator_idle=r["coord_idle"], coordinator_peak_rss=round(r["coord_peak"], 1), **common)
 
 
 def main() -> int:
@@ -111,34 +190,51 @@ def main() -> int:
     ap.add_argument("--sites", default="3,10,20", help="consortium sizes, comma separated")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--modes", default="plain,secagg")
+    ap.add_argument("--idle-release", default="on", choices=["on", "off"], help="the sites' node-config idle-release")
+    ap.add_argument("--site-mib", type=float, default=750.0, help="memory one site takes (PSS; raised to what a "
+                    "smaller size measured) for the check that N sites fit before starting them")
+    ap.add_argument("--coordinator-mib", type=float, default=1300.0, help="the coordinator's peak (raised likewise)")
+    ap.add_argument("--margin-mib", type=float, default=2048.0, help="left free for the machine's other users")
     ap.add_argument("--note", default="", help="what else ran on the machine (goes into the row)")
     args = ap.parse_args()
     from fedrad.deploy.synthetic import write_synthetic_sites
 
-    command = (f"`python benchmarks/bench_many_sites.py --sites {args.sites} --rounds {args.rounds} "
-               f"--modes {args.modes}`")
+    command = (f"python benchmarks/bench_many_sites.py --sites {args.sites} --rounds {args.rounds} "
+               f"--modes {args.modes} --idle-release {args.idle_release}")
+    overhead: dict[tuple[int, str], float] = {}
+    per_site, coordinator = args.site_mib, args.coordinator_mib
     for n in [int(s) for s in args.sites.split(",")]:
         for mode in args.modes.split(","):
             load_start = os.getloadavg()[0]
+            need, have = n * per_site + coordinator + args.margin_mib, mem_available() / MIB
+            if need > have:  # never push the shared machine into the OOM killer: say what stands in the way
+                why = (f"not run: {n} sites need ~{need:.0f} MiB ({n} x {per_site:.0f} MiB per site (PSS, measured "
+                       f"at the smaller size) + coordinator {coordinator:.0f} + margin {args.margin_mib:.0f}), the "
+                       f"machine has {have:.0f} MiB available (load {load_start:.1f})")
+                print(f"{n:>3} sites {mode:>6}: {why}", flush=True)
+                record_row("fixed overhead per round (rounds 2+ mean: round wall - slowest site's compute)", None, "s",
+                           command=command, note=why + (f"; {args.note}" if args.note else ""), sites=n, mode=mode,
+                           need_mib=round(need), available_mib=round(have))
+                continue
             with tempfile.TemporaryDirectory() as tmpdir:
                 tmp = Path(tmpdir)
                 sites = write_synthetic_sites(tmp / "sites", n_sites=n, patients_per_site=10, size=64)
-                r = consortium_run(sites, tmp / "fed", args.rounds, mode == "secagg")
-            load = f"load avg {load_start:.1f} -> {os.getloadavg()[0]:.1f}" + (f"; {args.note}" if args.note else "")
-            print(f"{n:>3} sites {mode:>6}: round 1 {r['round1']:.2f} s, rounds 2+ {r['round_seconds']:.2f} s, "
-                  f"overhead {r['time_overhead']:.2f} s, aggregate {r['time_aggregate']:.2f} s; site RSS peak "
-                  f"{r['site_peak_mean']:.0f} (max {r['site_peak_max']:.0f}) MB, idle {r['site_idle_mean']:.0f} "
-                  f"(max {r['site_idle_max']:.0f}) MB; coordinator peak {r['coord_peak']:.0f} MB", flush=True)
-            append_result(
-                "many sites: round overhead and per-site memory vs consortium size (issue 26; rounds 2+ mean, "
-                "seconds; RSS of each site's runtime + SuperNode + warm worker, MB)",
-                "| date | machine | sites | mode | rounds | round 1 | round 2+ | overhead | aggregate | "
-                "site peak RSS mean/max | site idle RSS mean/max | coordinator peak/idle RSS | load | command |",
-                f"| {today()} | {machine()} | {n} | {mode} | {args.rounds} | {r['round1']:.2f} | "
-                f"{r['round_seconds']:.2f} | {r['time_overhead']:.2f} | {r['time_aggregate']:.2f} | "
-                f"{r['site_peak_mean']:.0f}/{r['site_peak_max']:.0f} | {r['site_idle_mean']:.0f}/"
-                f"{r['site_idle_max']:.0f} | {r['coord_peak']:.0f}/{r['coord_idle']:.0f} | {load} | {command} |",
-            )
+                r = consortium_run(sites, tmp / "fed", args.rounds, mode == "secagg", args.idle_release == "on")
+            note = (f"load avg {load_start:.1f} -> {os.getloadavg()[0]:.1f} (max {r['load_high']:.1f}) on "
+                    f"{os.cpu_count()} cores" + (f"; {args.note}" if args.note else ""))
+            report(n, mode, r, command, note, args.idle_release == "on")
+            per_site = max(per_site, r["sites_pss_idle_sum"] / n, r["site_peak_mean"] * 0.75)
+            coordinator = max(coordinator, r["coord_peak"])
+            overhead[(n, mode)] = r["time_overhead"]
+    for mode in args.modes.split(","):
+        small = min((n for n, m in overhead if m == mode), default=None)
+        for n in sorted(n for n, m in overhead if m == mode and n != small):
+            ratio = overhead[(n, mode)] / max(overhead[(small, mode)], 1e-9)
+            print(f"{mode}: overhead at {n} sites / at {small} sites = {ratio:.2f}x")
+            record_row(f"fixed overhead at {n} sites / at {small} sites", round(ratio, 2), "x", command=command,
+                       goal="<= 2x (20 sites vs 3)" if (small, n) == (3, 20) else None,
+                       met=(ratio <= 2.0) if (small, n) == (3, 20) else None, note=args.note, sites=n, mode=mode,
+                       base_sites=small)
     return 0
 
 

@@ -36,12 +36,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_label_efficiency import write_hospitals  # noqa: E402
-from common_bench import append_result, fedavg_in_process, machine, shared_data, today  # noqa: E402
+from common_bench import fedavg_in_process, record_row, shared_data  # noqa: E402
 
 FRACTIONS = [0.01, 0.1, 1.0]
 POLICIES = ("batch", "group")
-HEADER = ("| when | policy | pretraining seed | " + " | ".join(f"AUC {f:.0%}" for f in FRACTIONS)
-          + " | gap vs random 1 % | how |")
+
 
 
 def fedavg(sites: list, policy: str, args, seed: int):
@@ -140,12 +139,13 @@ def main() -> int:
                 print(f"{arm.name:<40} seed {seed}: " + "  ".join(cells) + f"  gap 1 % {g:+.3f}  {seconds:.0f}s",
                       flush=True)
                 if not args.no_record:
-                    append_result("norm policy: label-skewed PneumoniaMNIST sites, linear probe AUC", HEADER,
-                                  f"| {today()} | {arm.name} | {seed} | " + " | ".join(cells) + f" | {g:+.3f} | "
-                                  f"`{command}`: {args.rounds} x {args.local_steps} steps x 3 sites, batch "
-                                  f"{args.batch_size}, {args.model} {args.image_size}px, pretraining {seconds:.0f} s"
-                                  f" on {machine()}; random-init " + "/".join(f"{rnd[f]['auc']:.3f}"
-                                                                            for f in FRACTIONS) + " |")
+                    ctx = {"command": command, "policy": arm.name, "pretraining seed": seed,
+                           "schedule": f"{args.rounds} x {args.local_steps} steps x 3 sites, batch {args.batch_size}",
+                           "model": f"{args.model} {args.image_size}px", "pretrain_s": round(seconds),
+                           "random_init_auc": "/".join(f"{rnd[f]['auc']:.3f}" for f in FRACTIONS)}
+                    for f, cell in zip(FRACTIONS, cells, strict=True):
+                        record_row("norm_policy", f"AUC {f:.0%}", round(by[f]["auc"], 3), "AUC", text=cell, **ctx)
+                    record_row("norm_policy", "gap vs random 1 %", round(g, 3), "AUC", **ctx)
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from common_bench import append_result, machine, shared_data, today  # noqa: E402
+from common_bench import bench_command, record_row, shared_data  # noqa: E402
 
 
 def _copies(files: list[Path], copies: int, out: Path) -> list[bytes]:
@@ -94,15 +94,12 @@ def main() -> int:
         finally:
             server.stop()
     if not args.no_record:
-        cmd = (f"`.venv/bin/python benchmarks/bench_pacs.py --copies {args.copies} --size {args.size} "
-               f"--concurrency {args.concurrency} --rate {args.rate:g}`")
-        f_s = n / rows["folder"][0]
-        append_result(
-            "PACS pull vs folder",
-            "| date | machine | files | px | folder files/s | DICOMweb pull+decode files/s | DIMSE pull+decode "
-            "files/s | DICOMweb pull only inst/s | DIMSE pull only inst/s | command |",
-            f"| {today()} | {machine()} | {n} | {args.size} | {f_s:.1f} | {n / rows['dicomweb'][0]:.1f} | "
-            f"{n / rows['dimse'][0]:.1f} | {n / fetch['dicomweb']:.1f} | {n / fetch['dimse']:.1f} | {cmd} |")
+        ctx = {"command": bench_command(__file__), "files": n, "px": args.size}
+        record_row("pacs", "folder files/s", round(n / rows["folder"][0], 1), "files/s", **ctx)
+        record_row("pacs", "DICOMweb pull+decode files/s", round(n / rows["dicomweb"][0], 1), "files/s", **ctx)
+        record_row("pacs", "DIMSE pull+decode files/s", round(n / rows["dimse"][0], 1), "files/s", **ctx)
+        record_row("pacs", "DICOMweb pull only inst/s", round(n / fetch["dicomweb"], 1), "inst/s", **ctx)
+        record_row("pacs", "DIMSE pull only inst/s", round(n / fetch["dimse"], 1), "inst/s", **ctx)
     return 0
 
 

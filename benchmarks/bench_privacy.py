@@ -9,18 +9,20 @@
 2. Local training throughput of the shipping trainer with sample-level DP-SGD (dp = "sample": opacus,
    per-image clipping + noise, simsiam, the GroupNorm model) vs the same trainer and model without DP, for
    each per-image gradient mode (`--dp-modes`), back to back in one process.
-Ratios are appended to benchmarks/RESULTS.md with the machine and the command.
+Ratios are recorded as rows in benchmarks/results/privacy.jsonl (`common_bench.record_row`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common_bench import bench_command, machine, record_row  # noqa: E402
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -135,20 +137,30 @@ def main() -> int:
         lines.append(f"- no DP before / after the DP runs: {rates['no DP'][0]:.1f} / "
                      f"{rates['no DP, again'][0]:.1f} images/s wall ({rates['no DP'][2]} / {rates['no DP, again'][2]}; "
                      f"the ratios use their mean) on {os.cpu_count()} threads")
-    cpu = os.cpu_count()
     where = ("3 SuperNodes on loopback; round time = last round's train+evaluate wall time, incl. Flower's "
              "process start per message") if not args.skip_federation else "DP-SGD throughput only"
-    where += f"; load average at the end {os.getloadavg()[0]:.1f}" if args.skip_dp_sgd else ""
-    header = (f"\n## Privacy cost ({time.strftime('%Y-%m-%d')})\n\n"
-              f"Machine: {platform.machine()}, {cpu} CPU threads visible ({torch.get_num_threads()} torch threads), "
-              f"torch {torch.__version__} "
-              f"({'CUDA' if torch.cuda.is_available() else 'CPU only'}).\n"
-              f"Command: `.venv/bin/python benchmarks/bench_privacy.py {' '.join(sys.argv[1:])}` ({where})\n\n")
-    text = header + "\n".join(lines) + "\n"
-    print(text)
-    results = Path(__file__).resolve().parent / "RESULTS.md"
-    with open(results, "a", encoding="utf-8") as fh:
-        fh.write(text)
+    print(f"Machine: {machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}\n"
+          f"Command: {bench_command(__file__)} ({where})\n\n" + "\n".join(lines))
+    ctx = {"command": bench_command(__file__), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+           "model": args.model, "image_size": args.image_size, "setting": where}
+    if not args.skip_federation:
+        record_row("privacy", "SecAgg+ / plain round time", round(t["secagg"] / t["plain"], 2), "x", goal="<= 1.30x",
+                   met=t["secagg"] / t["plain"] <= 1.30, note=f"{t['secagg']:.1f}s vs {t['plain']:.1f}s",
+                   local_steps=args.steps, rounds=args.rounds, **ctx)
+        record_row("privacy", "dp=client / plain round time", round(t["dp-client"] / t["plain"], 2), "x",
+                   note=f"{t['dp-client']:.1f}s vs {t['plain']:.1f}s", local_steps=args.steps, rounds=args.rounds,
+                   **ctx)
+    if not args.skip_dp_sgd:
+        for mode in args.dp_modes.split(","):
+            private = rates[mode]
+            ratio = private[0] / plain[0]
+            record_row("privacy", f"DP-SGD / no-DP training throughput ({mode})", round(ratio, 2), "x",
+                       goal=">= 0.40x", met=ratio >= 0.40,
+                       note=f"{private[0]:.1f} vs {plain[0]:.1f} images/s wall; {private[1] / plain[1]:.2f}x by CPU "
+                            f"time; {private[2]}", dp_steps=args.dp_steps, **ctx)
+        record_row("privacy", "no-DP throughput (before / after the DP runs)", round(rates["no DP"][0], 1), "images/s",
+                   note=f"after: {rates['no DP, again'][0]:.1f} images/s; {rates['no DP'][2]} / "
+                        f"{rates['no DP, again'][2]}", dp_steps=args.dp_steps, **ctx)
     return 0
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common_bench import append_result, fedavg_in_process, machine, recipe_rounds, shared_data, today  # noqa: E402
+from common_bench import fedavg_in_process, machine, recipe_rounds, record_row, shared_data  # noqa: E402
 
 TARGETS = ["sex", "view", "icu"]
 FRACTIONS = [0.1, 1.0]
@@ -64,16 +64,13 @@ LINES: list[tuple[str, dict[str, object], str]] = [
 ]
 SECTION = ("recipe ablation: Hannover chest X-rays, pretrained - random-init AUC per target (test_resnet 64 px, "
            "FedAvg 4 rounds x 12 steps x 3 sites, batch 32, 1 torch thread; linear probe, 3 label seeds)")
-HEADER = ("| when | line | switch | " + " | ".join(f"{t} {f:.0%}" for f in FRACTIONS for t in TARGETS)
-          + " | mean 10 % | mean 100 % | pretrain s |")
 # PneumoniaMNIST: one target, the label fractions where pretraining matters; lines without patients/headers out.
 PNEUMONIA_FRACTIONS = [0.01, 0.1]
 PNEUMONIA_LINES = [name for name, over, _ in LINES if "objective" not in over]
 PNEUMONIA_SECTION = ("recipe ablation: PneumoniaMNIST, 3 label-skewed hospitals, pretrained - random-init AUC "
                      "(test_resnet {size} px, FedAvg {rounds} rounds x {steps} steps x 3 sites, batch {batch}, 1 torch "
                      "thread; linear probe, {probes} label seeds)")
-PNEUMONIA_HEADER = ("| when | line | switch | " + " | ".join(f"{f:.0%}" for f in PNEUMONIA_FRACTIONS)
-                    + " | mean | pretrain s |")
+
 
 
 def run_config(overrides: dict[str, object], rounds: int, local_steps: int, batch_size: int, size: int):
@@ -172,7 +169,7 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=None, help="default 64 (hannover), 28 (pneumoniamnist)")
     ap.add_argument("--probe-seeds", type=int, default=3, help="label-subsample seeds per fraction")
     ap.add_argument("--work", default="/tmp/fedrad-bench-recipe-ablation", help="decoded-image cache")
-    ap.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    ap.add_argument("--no-record", action="store_true", help="print only; record no rows")
     args = ap.parse_args()
     pneumonia = args.data == "pneumoniamnist"
     defaults = (5, 40, 64, 28) if pneumonia else (4, 12, 32, 64)
@@ -224,9 +221,18 @@ def main() -> int:
             if not args.no_record:
                 section = PNEUMONIA_SECTION.format(size=size, rounds=args.rounds, steps=args.local_steps,
                                                    batch=args.batch_size, probes=args.probe_seeds)
-                append_result(section if pneumonia else SECTION, PNEUMONIA_HEADER if pneumonia else HEADER,
-                              f"| {today()} | {label} | {why or json_like(over)} | " + " | ".join(cells)
-                              + " | " + " | ".join(mean_cells) + f" | {seconds:.0f} |")
+                ctx = {"command": command, "line": label, "switch": why or json_like(over),
+                       "setting": section if pneumonia else SECTION, "pretrain_s": round(seconds)}
+                k = 0
+                for f in fractions:
+                    for t in data.targets:
+                        head = f"{f:.0%}" if pneumonia else f"{t} {f:.0%}"
+                        g = means[f][data.targets.index(t)]
+                        record_row("recipe_ablation", head, round(g, 3), "AUC gap", text=cells[k], **ctx)
+                        k += 1
+                mean_heads = ["mean"] if pneumonia else [f"mean {f * 100:.0f} %" for f in fractions]
+                for head, cell in zip(mean_heads, mean_cells, strict=True):
+                    record_row("recipe_ablation", head, float(cell), "AUC gap", **ctx)
     if random_rows is not None:
         print("random-init AUC: " + ", ".join(f"{t} {f:.0%} {random_rows[('random-init', t, f)]['auc']:.3f}"
                                               for f in fractions for t in data.targets))

@@ -9,7 +9,7 @@ fixed overhead = round wall time - the slowest site's handler seconds (`time_ove
 fedrad.server.rounds documents the fields), and ratio = round wall time / the slowest site's handler seconds.
 `--eval` picks how held-out metrics are measured: `message` (an evaluate message per round, the old
 default), `in-train` (run-config eval-in-train: one message per round) or `off` (fraction-evaluate 0).
-Rows are appended to RESULTS.md.
+Rows go to benchmarks/results/round_overhead.jsonl.
 Run: python benchmarks/bench_round_overhead.py [--size small|realistic] [--modes warm,fresh] [--eval in-train]
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from common_bench import append_result, machine, today  # noqa: E402
+from common_bench import bench_command, record_row  # noqa: E402
 
 SIZES = {
     "small": {"model": "test_resnet", "image-size": 32, "local-steps": 5, "batch-size": 8, "proj-dim": 32},
@@ -81,9 +81,6 @@ def main() -> int:
     cfg = dict(SIZES[args.size], **EVAL[args.eval_mode])
     if args.local_steps:
         cfg["local-steps"] = args.local_steps
-    command = (f"`python benchmarks/bench_round_overhead.py --size {args.size} --modes {args.modes} --eval "
-               f"{args.eval_mode} --sites {args.sites} --rounds {args.rounds} --threads {args.threads}"
-               + (f" --local-steps {args.local_steps}" if args.local_steps else "") + "`")
     rows = []
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -95,22 +92,22 @@ def main() -> int:
             split = {k: sum(r[k] for r in later) / len(later) for k in TIMED}
             ratio = split["round_seconds"] / max(split["time_site_compute_max"], 1e-9)
             rows.append((mode, fed[0]["round_seconds"], split, ratio))
-    load = f"load avg {load_start:.1f} -> {os.getloadavg()[0]:.1f}" + (f"; {args.note}" if args.note else "")
     print(f"{'runtime':>8} {'round 1 s':>9} {'round 2+ s':>10} {'slowest site s':>14} {'overhead s':>10} {'ratio':>6}")
     for mode, first, split, ratio in rows:
         print(f"{mode:>8} {first:>9.2f} {split['round_seconds']:>10.2f} {split['time_site_compute_max']:>14.2f} "
               f"{split['time_overhead']:>10.2f} {ratio:>5.2f}x")
         print("          rounds 2+: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
-        append_result(
-            "round overhead, warm vs fresh site runtime (issue 13; metrics.jsonl, rounds 2+ mean, seconds)",
-            "| date | machine | runtime | sites | size | eval | round 1 | round 2+ | slowest site | overhead | "
-            "ratio | send | wait | aggregate | checkpoint | load | command |",
-            f"| {today()} | {machine()} | {mode} | {args.sites} | {args.size} ({cfg['model']} {cfg['image-size']} px, "
-            f"{cfg['local-steps']} steps, batch {cfg['batch-size']}) | {args.eval_mode} | {first:.2f} | "
-            f"{split['round_seconds']:.2f} | {split['time_site_compute_max']:.2f} | {split['time_overhead']:.2f} | "
-            f"{ratio:.2f}x | {split['time_send']:.2f} | {split['time_wait']:.2f} | {split['time_aggregate']:.2f} | "
-            f"{split['time_checkpoint']:.2f} | {load} | {command} |",
-        )
+        ctx = {"command": bench_command(__file__), "runtime": mode, "sites": args.sites,
+               "size": f"{args.size} ({cfg['model']} {cfg['image-size']} px, {cfg['local-steps']} steps, "
+                       f"batch {cfg['batch-size']})", "eval": args.eval_mode, "load_start": round(load_start, 2),
+               "note": args.note}
+        record_row("round_overhead", "round 1", round(first, 2), "s", **ctx)
+        for metric, key in (("round 2+", "round_seconds"), ("slowest site", "time_site_compute_max"),
+                            ("overhead", "time_overhead"), ("send", "time_send"), ("wait", "time_wait"),
+                            ("aggregate", "time_aggregate"), ("checkpoint", "time_checkpoint")):
+            record_row("round_overhead", metric, round(split[key], 2), "s", **ctx)
+        record_row("round_overhead", "ratio", round(ratio, 2), "x", goal="<= 1.10x at a realistic round",
+                   met=(ratio <= 1.10) if args.size == "realistic" else None, **ctx)
     return 0
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PATHS = ("list, before", "list, streamed", "arriving, streamed", "pulled bytes, streamed")
-TABLE_PATHS = PATHS[:3]  # the columns of RESULTS.md's "coordinator memory" table
+SPILL_PATHS = PATHS[2:]  # the spill-updates paths, whose goal is <= 3x the model above the baseline
 
 
 def _replies(global_arrays, n: int, seed: int):
@@ -184,7 +184,7 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(args)), flush=True)
         return 0
-    from common_bench import append_result, machine, today
+    from common_bench import bench_command, record_row
 
     rows = []
     for path in args.paths.split(";"):
@@ -201,30 +201,18 @@ def main() -> int:
               f"{res['seconds']:.1f}s, checksum {res['checksum']:.6g}", flush=True)
     assert len({round(r["checksum"], 2) for r in rows}) == 1, "the paths disagree on the aggregate"
     mb = rows[0]["model_bytes"]
-    load = os.getloadavg()[0]
-    cmd = "python benchmarks/bench_server_memory.py" + "".join(f" {a}" for a in sys.argv[1:])
-
-    def cell(r: dict) -> str:
-        return (f"{r['peak'] / 2**20:.0f} MiB ({r['peak'] / mb:.1f}x) / "
-                f"+{(r['peak'] - r['baseline']) / 2**20:.0f} MiB ({(r['peak'] - r['baseline']) / mb:.1f}x), "
-                f"{r['seconds']:.1f}s")
-
-    by_path = {r["path"]: r for r in rows}
-    if all(p in by_path for p in TABLE_PATHS):
-        header = ("| date | machine | model | sites | model MiB | list, before: peak / above baseline | "
-                  "list, streamed | arriving, streamed | load | command |")
-        row = (f"| {today()} | {machine()} | {args.model} | {args.sites} | {mb / 2**20:.0f} | "
-               + " | ".join(cell(by_path[p]) for p in TABLE_PATHS) + f" | {load:.1f} | `{cmd}` |")
-        append_result("coordinator memory: ServerApp train-reply path, peak RSS", header, row)
-        print(row)
-    if "pulled bytes, streamed" in by_path:
-        r = by_path["pulled bytes, streamed"]
-        header = ("| date | machine | model | sites | model MiB | baseline MiB | peak / above baseline | load | "
-                  "command |")
-        row = (f"| {today()} | {machine()} | {args.model} | {args.sites} | {mb / 2**20:.0f} | "
-               f"{r['baseline'] / 2**20:.0f} | {cell(r)} | {load:.1f} | `{cmd}` |")
-        append_result("coordinator memory: replies as pulled bytes, streamed (spill-updates), peak RSS", header, row)
-        print(row)
+    ctx = {"command": bench_command(__file__), "model": args.model, "sites": args.sites,
+           "model MiB": round(mb / 2**20)}
+    for r in rows:
+        above = r["peak"] - r["baseline"]
+        text = (f"{r['peak'] / 2**20:.0f} MiB ({r['peak'] / mb:.1f}x) / +{above / 2**20:.0f} MiB "
+                f"({above / mb:.1f}x), {r['seconds']:.1f}s")
+        record_row("server_memory", f"{r['path']}: peak", round(r["peak"] / 2**20), "MiB", text=text, **ctx)
+        record_row("server_memory", f"{r['path']}: above baseline / model bytes", round(above / mb, 1), "x",
+                   goal="<= 3x" if r["path"] in SPILL_PATHS else None,
+                   met=above / mb <= 3 if r["path"] in SPILL_PATHS else None, **ctx)
+        record_row("server_memory", f"{r['path']}: baseline", round(r["baseline"] / 2**20), "MiB", **ctx)
+        record_row("server_memory", f"{r['path']}: seconds", round(r["seconds"], 1), "s", **ctx)
     return 0
 
 

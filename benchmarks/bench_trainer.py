@@ -2,8 +2,8 @@
 
 Same model init, batch, objective, optimizer and augmentation code in both; the bare loop has none of
 fedrad's bookkeeping (sampler, per-step metrics, progress, clipping, split). Runs alternate (bare, fedrad,
-bare, ...) so drift in machine load hits both; the best repeat of each is compared. Appends a row to
-benchmarks/RESULTS.md.
+bare, ...) so drift in machine load hits both; the best repeat of each is compared. Records rows in
+benchmarks/results/trainer.jsonl (`common_bench.record_row`).
 
   python benchmarks/bench_trainer.py                                   # CPU: test_resnet 32 px
   python benchmarks/bench_trainer.py --model resnet50 --image-size 224 --batch 64 --device cuda --amp bf16
@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import shlex
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +29,7 @@ from fedrad.common.losses import get_objective
 from fedrad.common.models import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common_bench import machine  # noqa: E402
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from common_bench import bench_command, machine, record_row  # noqa: E402
 
 
 @dataclass
@@ -127,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    p.add_argument("--no-record", action="store_true", help="print only; record no rows")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -167,18 +163,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{machine()}")
 
     if not args.no_record:
-        if not RESULTS.exists():
-            RESULTS.write_text("# Benchmark results\n\n"
-                               "## trainer throughput (fedrad train_local vs bare loop)\n\n"
-                               "| date | machine | torch | model | px | batch | objective | device/amp "
-                               "| bare steps/s | fedrad steps/s | ratio | command |\n"
-                               "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-        cmd = "python benchmarks/bench_trainer.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        row = (f"| {datetime.now(UTC).strftime('%Y-%m-%d %H:%M')} | {machine()} | {torch.__version__} "
-               f"| {args.model} | {args.image_size} | {args.batch} | {args.objective} | {device}/{amp} "
-               f"| {bare_sps:.2f} | {ours_sps:.2f} | {ratio:.3f} | `{cmd.strip()}` |\n")
-        with RESULTS.open("a") as f:
-            f.write(row)
+        ctx = {"command": bench_command(__file__, argv), "torch": torch.__version__, "model": args.model,
+               "px": args.image_size, "batch": args.batch, "objective": args.objective, "device/amp": f"{device}/{amp}"}
+        record_row("trainer", "bare steps/s", round(bare_sps, 2), "steps/s", **ctx)
+        record_row("trainer", "fedrad steps/s", round(ours_sps, 2), "steps/s", **ctx)
+        record_row("trainer", "ratio", round(ratio, 3), "x", goal=">= 0.95", met=ratio >= 0.95, **ctx)
     return 0
 
 

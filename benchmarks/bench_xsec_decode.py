@@ -7,7 +7,7 @@
    written by streaming frames, so the writer never holds it either): goal <= 1 GB, i.e. never the object.
 
 Run: python benchmarks/bench_xsec_decode.py [--shared DIR] [--slices 300] [--frames 2000] [--repeat 2]
-Prints markdown rows for benchmarks/RESULTS.md.
+Prints markdown rows and records them in benchmarks/results/xsec_decode.jsonl (`--no-record`: print only).
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common_bench import bench_command, record_row  # noqa: E402
 
 SIZE = 128
 
@@ -139,7 +142,18 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=2000)
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--no-record", action="store_true", help="print only; record no rows")
     args = ap.parse_args()
+
+    def record(metric: str, value: float, unit: str, **extra) -> None:
+        if not args.no_record:
+            record_row("xsec_decode", metric, value, unit, command=bench_command(__file__), **extra)
+
+    def record_rates(name: str, frames: int, bare: float, ours: float) -> None:
+        record(f"{name} bare pydicom frames/s", round(bare), "frames/s", frames=frames)
+        record(f"{name} fedrad frames/s", round(ours), "frames/s", frames=frames)
+        record(f"{name} ratio", round(ours / bare, 2), "x", goal=">= 0.8", met=ours / bare >= 0.8, frames=frames)
+
     rows = ["| set | images (frames) | bare pydicom frames/s | fedrad frames/s | ratio |", "|---|---|---|---|---|"]
     index = Path(args.shared) / "dicom_xsec" / "INDEX.csv"
     if index.is_file():
@@ -149,6 +163,7 @@ def main() -> int:
         ours, _ = _rate(_fedrad, shared, args.repeat)
         rows.append(f"| shared dicom_xsec CT/MR/US ({len(shared)} files) | {n} | {bare:.0f} | {ours:.0f} | "
                     f"{ours / bare:.2f}x |")
+        record_rates(f"shared dicom_xsec CT/MR/US ({len(shared)} files)", n, bare, ours)
     with tempfile.TemporaryDirectory(prefix="fedrad-xsec-bench-") as tmp:
         from pydicom.uid import generate_uid
 
@@ -161,6 +176,8 @@ def main() -> int:
         ours, _ = _rate(_fedrad, paths, args.repeat)
         rows.append(f"| synthetic CT series {args.rows}x{args.rows} x {args.slices} slices | {n} | {bare:.0f} | "
                     f"{ours:.0f} | {ours / bare:.2f}x |")
+        record_rates(f"synthetic CT series {args.rows}x{args.rows} x {args.slices} slices (uncompressed)", n, bare,
+                     ours)
         for p in paths:
             p.unlink()
         big = Path(tmp) / "enhanced.dcm"
@@ -170,6 +187,11 @@ def main() -> int:
                  "|---|---|---|---|---|",
                  f"| synthetic Enhanced CT {args.rows}x{args.rows} x {args.frames} frames | "
                  f"{big.stat().st_size / 2**20:.0f} MiB | {n} | {rss:.0f} MiB | {secs:.1f} |"]
+        obj = f"synthetic Enhanced CT {args.rows}x{args.rows} x {args.frames} frames (uncompressed)"
+        size = f"{big.stat().st_size / 2**20:.0f} MiB"
+        record(f"{obj} peak RSS of the decoding process", round(rss), "MiB", goal="<= 1 GB (never the object)",
+               met=rss <= 1024, file=size, frames_decoded=n)
+        record(f"{obj} seconds", round(secs, 1), "s", file=size, frames_decoded=n)
     print("\n".join(rows))
     return 0
 

@@ -9,7 +9,8 @@ body pixels (> -900 HU) each preset saturates is reported too.
 MR: the 10-frame enhanced MR: frame mean brightness after per-frame percentile scaling vs the per-series
 affine, against the frames' true (stored-value) mean; per-frame scaling flattens real differences.
 
-Run: python benchmarks/bench_xsec_intensity.py [SHARED_DATA]  (prints a markdown table; ~5 s on 2 cores)
+Run: python benchmarks/bench_xsec_intensity.py [SHARED_DATA] [--no-record]  (prints a markdown table and records
+its numbers in benchmarks/results/xsec_intensity.jsonl; ~5 s on 2 cores)
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common_bench import bench_command, record_row  # noqa: E402
+
+# (metric, value, unit, extra) of the tables, for record_row
+FOUND: list[tuple[str, float, str, dict]] = []
 
 
 def _ct_files(root: Path) -> list[Path]:
@@ -73,9 +80,16 @@ def ct_table(root: Path) -> list[str]:
         cells = [f"{np.mean(v):.2f} +- {np.std(v):.2f} ({min(v):.2f}..{max(v):.2f}), n={len(v)}" if v else "-"
                  for v in per.values()]
         out.append(f"| {m} | " + " | ".join(cells) + " |")
+        FOUND.extend((f"{m} {t} HU", round(float(np.mean(v)), 2), "grey level (0..1)",
+                      {"text": f"{np.mean(v):.2f} +- {np.std(v):.2f} ({min(v):.2f}..{max(v):.2f})", "n": len(v)})
+                     for t, v in per.items() if v)
     c, w = PRESETS["soft_tissue"]
     fixed = [f"{float(np.clip((v - c + w / 2) / w, 0, 1)):.2f} +- 0.00" for v in tissues.values()]
     out.append("| HU + soft-tissue preset | " + " | ".join(fixed) + " |")
+    FOUND.extend((f"HU + soft-tissue preset {t} HU", float(x.split()[0]), "grey level (0..1)", {"text": x})
+                 for t, x in zip(tissues, fixed, strict=True))
+    FOUND.extend((f"{p} preset: share of body pixels saturated", round(float(np.mean(v)), 2), "fraction", {})
+                 for p, v in sat.items())
     out += ["", "share of body pixels (> -900 HU) each preset saturates, mean over the images:", "",
             "| preset | " + " | ".join(PRESETS) + " |", "|---|" + "---|" * len(PRESETS),
             "| saturated | " + " | ".join(f"{np.mean(v):.2f}" for v in sat.values()) + " |"]
@@ -102,6 +116,11 @@ def mr_table(root: Path) -> list[str]:
     r1 = np.corrcoef(true_mean, per_frame)[0, 1]
     r2 = np.corrcoef(true_mean, per_series)[0, 1]
     spread = true_mean.std() / true_mean.mean()
+    for name, r, m in (("per frame (0.5/99.5 percentiles)", r1, per_frame), ("per series (median percentile range)", r2,
+                                                                            per_series)):
+        FOUND.append((f"MR {name}: Pearson r with true frame mean", round(float(r), 3), "r", {}))
+        FOUND.append((f"MR {name}: relative spread of frame means", round(float(m.std() / m.mean()), 3), "",
+                      {"true_spread": round(float(spread), 3)}))
     return ["", "MR: enhanced MR, 10 frames; frame mean brightness vs the frames' stored-value mean", "",
             "| normalisation | Pearson r with true frame mean | relative spread of frame means (true: "
             f"{spread:.3f}) |", "|---|---|---|",
@@ -110,12 +129,16 @@ def mr_table(root: Path) -> list[str]:
 
 
 def main() -> int:
-    base = Path(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("FEDRAD_SHARED_DATA", "../shared/data"))
+    args = [a for a in sys.argv[1:] if a != "--no-record"]
+    base = Path(args[0] if args else os.environ.get("FEDRAD_SHARED_DATA", "../shared/data"))
     root = base / "dicom_xsec"
     if not (root / "INDEX.csv").is_file():
         print(f"no shared dicom_xsec under {base}", file=sys.stderr)
         return 2
     print("\n".join(ct_table(root) + mr_table(root)))
+    if "--no-record" not in sys.argv[1:]:
+        for metric, value, unit, extra in FOUND:
+            record_row("xsec_intensity", metric, value, unit, command=bench_command(__file__), **extra)
     return 0
 
 

@@ -13,7 +13,7 @@ slices (labels unused) and compared on the held-out patients:
 Each backbone is frozen; a linear probe (bench_label_efficiency's: standardised logistic regression, one vs
 rest) is fitted per label on a fraction of the training patients (label-subsample seeds averaged) and scored
 by macro ROC-AUC on the held-out patients; each cell is the mean ± sd over pretraining seeds. Prints the table
-and appends it to benchmarks/RESULTS.md.
+and records it in benchmarks/results/xsec_quality.jsonl.
 
     python benchmarks/bench_xsec_quality.py --quick   # smoke test, seconds
     python benchmarks/bench_xsec_quality.py           # < 10 min on 2 loaded CPU cores
@@ -29,7 +29,6 @@ import shutil
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +36,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_label_efficiency import RECIPE, pretrain_local  # noqa: E402
-from common_bench import append_to_section, machine  # noqa: E402
+from common_bench import record_row  # noqa: E402
 
 LABELS = ("plane", "body_part", "contrast")
 OBJECTIVES = ("simclr", "slices")
-SECTION = "## Cross-sectional quality (issue 27; bench_xsec_quality.py): header labels held out by patient"
 
 
 def labelled(sd, field: str):
@@ -154,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--workdir", default=None, help="archive and cache (default: a temporary folder, removed)")
-    p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    p.add_argument("--no-record", action="store_true", help="print only; record no rows")
     args = p.parse_args(raw)
     q = args.quick
     args.patients = args.patients or (10 if q else 40)
@@ -185,24 +183,26 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows, args.fractions)
     print("\n" + text + f"\n\ntotal {seconds / 60:.1f} min")
     if not args.no_record:
-        cmd = "python benchmarks/bench_xsec_quality.py" + ("" if not raw else " " + shlex.join(raw))
-        block = "\n".join([
-            f"### {datetime.now(UTC).strftime('%Y-%m-%d %H:%M')} UTC, `{cmd}`", "",
-            f"- machine: {machine()}, CPU, {args.threads} torch threads; load average {load:.1f} at the start "
-            f"(shared with other jobs); wall time {seconds / 60:.1f} min (pretraining {facts['pretrain_s']} s)",
-            f"- data: synthetic CT, {facts['patients']} patients, {facts['series']} series, {facts['images']} "
-            f"slices of {args.rows} px; held out by patient: {facts['train_patients']} train / "
-            f"{facts['test_patients']} test patients",
-            f"- arms: {args.model} {args.image_size} px, {args.steps} steps x batch {args.batch_size} per arm; "
-            f"linear probe, macro one-vs-rest AUC on the held-out patients, mean of {args.label_seeds} "
-            f"label-subsample seed(s); cells: mean ± sd over {args.pretrain_seeds} pretraining seed(s)", "",
-            text])
-        append_to_section(SECTION, block, intro=(
-            "Synthetic CT volumes (deploy/synthetic.py `write_xsec_archive`) whose plane, body part and contrast "
-            "exist only in the headers (ImageOrientationPatient, BodyPartExamined, ContrastBolusAgent), read by "
-            "`load_site`; pretraining on the training patients' slices without labels; linear probes on a fraction "
-            "of the training patients, AUC on held-out patients."))
-        print(f"appended to {Path(__file__).parent / 'RESULTS.md'}")
+        ctx = {"command": "python benchmarks/bench_xsec_quality.py" + ("" if not raw else " " + shlex.join(raw)),
+               "load_start": round(load, 2), "wall_min": round(seconds / 60, 1), "pretrain_s": facts["pretrain_s"],
+               "torch_threads": args.threads,
+               "data": f"synthetic CT, {facts['patients']} patients, {facts['series']} series, {facts['images']} "
+                       f"slices of {args.rows} px; held out by patient: {facts['train_patients']} train / "
+                       f"{facts['test_patients']} test patients",
+               "arms": f"{args.model} {args.image_size} px, {args.steps} steps x batch {args.batch_size} per arm; "
+                       f"linear probe, macro one-vs-rest AUC, mean of {args.label_seeds} label-subsample seed(s); "
+                       f"mean ± sd over {args.pretrain_seeds} pretraining seed(s)"}
+        for field in LABELS:
+            for name in dict.fromkeys(r["backbone"] for r in rows if r["label"] == field):
+                for f in args.fractions:
+                    aucs = [r["auc"] for r in rows if r["label"] == field and r["backbone"] == name
+                            and r["fraction"] == f]
+                    if aucs:
+                        record_row("xsec_quality", f"{field} {name} {f * 100:g} % patients",
+                                   round(float(np.mean(aucs)), 3), "AUC",
+                                   text=f"{np.mean(aucs):.3f} ± {np.std(aucs):.3f}", sd=round(float(np.std(aucs)), 3),
+                                   label=field, backbone=name, **ctx)
+        print("rows in benchmarks/results/xsec_quality.jsonl (python benchmarks/make_results.py)")
     return 0
 
 

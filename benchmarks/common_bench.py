@@ -1,14 +1,20 @@
-"""Shared bits of the benchmarks: where the shared data is, what machine this is, how a result is recorded."""
+"""Shared bits of the benchmarks: where the shared data is, what machine this is, how a result is recorded
+(`record_row`: one JSON line per measurement in benchmarks/results/<bench>.jsonl)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import platform
-import time
+import shlex
+import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
+RESULTS = REPO / "benchmarks" / "RESULTS.md"  # generated: benchmarks/make_results.py
+RESULTS_DIR = REPO / "benchmarks" / "results"
 
 
 def shared_data() -> Path | None:
@@ -89,6 +95,7 @@ def recipe_rounds(cfg, device: str = "cpu"):
 
 
 def machine() -> str:
+    """This machine, short: CPU model (cores); GPU name or "no GPU"."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -105,39 +112,40 @@ def machine() -> str:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
+    cpu = " ".join(cpu.replace("(R)", "").replace("(TM)", "").replace(" CPU", "").split())
     return f"{cpu} ({os.cpu_count()} cores); {gpu}"
 
 
-def append_to_section(header: str, block: str, intro: str = "") -> None:
-    """Append `block` at the end of RESULTS.md's `header` section (before the next "## "), so a run lands under
-    its own benchmark; a new section (header, then `intro`) goes at the end of the file."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if header not in text:
-        text = text.rstrip("\n") + f"\n\n{header}\n" + (f"\n{intro.strip()}\n" if intro else "")
-    start = text.index(header)
-    end = text.find("\n## ", start + len(header))
-    end = len(text) if end < 0 else end
-    RESULTS.write_text(text[:end].rstrip("\n") + "\n\n" + block.strip("\n") + "\n" + text[end:])
+REQUIRED = ("bench", "date", "machine", "load", "command", "metric", "value", "unit", "goal", "met", "note")
 
 
-def append_result(section: str, header: str, row: str) -> None:
-    """Append a table row under `## section` in RESULTS.md, creating the section with its header if new."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    marker = f"## {section}"
-    if marker not in text:
-        text = text.rstrip("\n") + f"\n\n{marker}\n\n{header}\n"
-        sep = "|" + "|".join("---" for _ in header.strip("|").split("|")) + "|"
-        text += sep + "\n"
-    # Insert after the section's last table row (prose under the table stays under it).
-    start = text.index(marker)
-    end = text.find("\n## ", start + len(marker))
-    end = len(text) if end == -1 else end
-    lines = text[start:end].rstrip("\n").split("\n")
-    last_row = max((i for i, line in enumerate(lines) if line.startswith("|")), default=len(lines) - 1)
-    block = "\n".join(lines[:last_row + 1] + [row] + lines[last_row + 1:]) + "\n"
-    text = text[:start] + block + ("\n" + text[end:].lstrip("\n") if end < len(text) else "")
-    RESULTS.write_text(text)
+def record_row(bench: str, metric: str, value, unit: str, *, command: str, goal: str | None = None,
+               met: bool | None = None, note: str = "", results_dir: Path | None = None, **extra) -> dict:
+    """Append one measurement as one JSON line to `<results_dir>/<bench>.jsonl` (default benchmarks/results) and
+    return it. Fields: REQUIRED (date is UTC YYYY-MM-DD, machine is `machine()`, load the 1-min load average),
+    then `extra`. One `write` on a file opened for append, so parallel benches do not interleave lines.
+    benchmarks/make_results.py turns the rows into RESULTS.md."""
+    if isinstance(value, bool) or not (value is None or isinstance(value, int | float)):
+        raise TypeError(f"record_row: value of {bench}/{metric} must be a number or None, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        note, value = (f"{note}; " if note else "") + f"value was {value}", None
+    row = {"bench": bench, "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine(),
+           "load": round(os.getloadavg()[0], 2), "command": command, "metric": metric, "value": value,
+           "unit": unit, "goal": goal, "met": met, "note": note}
+    clash = set(extra) & set(row)
+    if clash:
+        raise TypeError(f"record_row: extra keys {sorted(clash)} clash with the row's fields")
+    row.update(extra)
+    folder = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(row, ensure_ascii=False) + "\n"
+    with open(folder / f"{bench}.jsonl", "a", encoding="utf-8") as f:
+        f.write(line)
+    return row
 
 
-def today() -> str:
-    return time.strftime("%Y-%m-%d %H:%M")
+def bench_command(script: str, argv: list[str] | None = None) -> str:
+    """The command that ran a bench, as a reader would retype it: `python benchmarks/<script's name> ARGS`
+    (`argv` defaults to this process's arguments)."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *(shlex.quote(str(a)) for a in args)])

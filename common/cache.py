@@ -53,7 +53,7 @@ from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.dicom_folder import dicom_entry
 from fedrad.common.sources.errors import reraise_fatal, skip_from
 from fedrad.common.sources.workers import default_workers, map_isolated
-from fedrad.common.store_view import StoreView
+from fedrad.common.store_view import StoreView, hold_store
 
 __all__ = ["DecodedCache", "dicom_entry", "default_workers", "file_fingerprint"]
 
@@ -99,6 +99,13 @@ def file_fingerprint(path: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _abs(path: str) -> str:
+    """os.path.abspath, without its cost for a path that is absolute and normal already (10^5 per load)."""
+    if os.sep == "/" and path.startswith("/") and "/." not in path and "//" not in path and path[-1:] != "/":
+        return path
+    return os.path.abspath(path)
+
+
 def _takes_budget(decoder: Decoder) -> bool:
     try:
         params = inspect.signature(decoder).parameters
@@ -113,6 +120,7 @@ CREATE TABLE IF NOT EXISTS entries(key TEXT PRIMARY KEY, e TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files(path BLOB PRIMARY KEY, size INTEGER NOT NULL, mtime INTEGER NOT NULL,
                                  fp TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks(name TEXT PRIMARY KEY, rows INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dirs(path BLOB PRIMARY KEY, mtime INTEGER NOT NULL, ino INTEGER NOT NULL);
 """
 STALE_TMP_S = 600  # a temp chunk untouched this long belongs to a killed process
 
@@ -139,7 +147,7 @@ class DecodedCache:
 
     def __init__(self, cache_dir: str | os.PathLike[str], size: int, decoder: Decoder | None = None,
                  workers: int | None = None, state_dir: str | os.PathLike[str] | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, hold: bool = True) -> None:
         self.root = Path(cache_dir)
         self.size = int(size)
         self.dir = self.root / f"s{self.size}"
@@ -153,10 +161,12 @@ class DecodedCache:
         self.salt_id = hmac.new(self.salt, b"fedrad-salt-id", hashlib.sha256).hexdigest()[:12]
         self.workers = workers if workers is not None else default_workers()
         self.index_path = self.dir / "index.sqlite"
+        self._hold = hold_store(self.dir) if hold else None  # waits while `fedrad ingest --compact` runs
         self._key_of: dict[str, str] = {}  # item id / locator of the last load -> fingerprint
         self._memo: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, fp) hashed, not yet stored
         self._loaded: dict[str, dict] = {}  # entries read while planning the last load (one query per item)
         self.pending = 0  # items of the last load left for `fedrad ingest` (see load_frames' max_decode)
+        self.changed_paths: list[str] = []  # files that changed while read (not stored: decoded next time)
         self.stats: dict[str, float] = {"decoded": 0, "reused": 0, "hashed": 0, "changed": 0, "seconds": 0.0}
         self._db = self._open()
 
@@ -169,9 +179,10 @@ class DecodedCache:
         db.execute("PRAGMA synchronous=NORMAL")  # WAL: a kill loses nothing committed; power loss only the last
         db.executescript(_SCHEMA)
         want = {"version": str(FORMAT_VERSION), "size": str(self.size), "salt_id": self.salt_id}
-        if dict(db.execute("SELECT k, v FROM info").fetchall()) != want:
+        have = dict(db.execute("SELECT k, v FROM info").fetchall())
+        if {k: have.get(k) for k in want} != want:
             with self._locked(), self._tx(db):  # a new store, another salt: nothing in it is ours
-                for table in ("info", "entries", "files", "chunks"):
+                for table in ("info", "entries", "files", "chunks", "dirs"):
                     db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
                 db.executemany("INSERT INTO info VALUES (?, ?)", list(want.items()))
             with contextlib.suppress(OSError):
@@ -200,6 +211,29 @@ class DecodedCache:
 
     def close(self) -> None:
         self._db.close()
+        if self._hold is not None:
+            self._hold.close()
+            self._hold = None
+
+    # -- folder memo: the quick ingest pass (client/site/ingest.py) ---------------------------------------
+    def dir_known(self, path: str, mtime_ns: int, ino: int) -> bool:
+        """Were all files of folder `path` stored when it last had this mtime and inode?"""
+        row = self._db.execute("SELECT mtime, ino FROM dirs WHERE path = ?", (os.fsencode(path),)).fetchone()
+        return row is not None and (row[0], row[1]) == (mtime_ns, ino)
+
+    def remember_dirs(self, rows: Sequence[tuple[str, int, int]], full: bool) -> None:
+        """Record folders whose files are all stored; `full`: this was a full pass (the memo is replaced)."""
+        with self._tx() as db:
+            if full:
+                db.execute("DELETE FROM dirs")
+                db.execute("INSERT OR REPLACE INTO info VALUES ('full_pass', ?)", (repr(time.time()),))
+            db.executemany("INSERT OR REPLACE INTO dirs VALUES (?, ?, ?)",
+                           [(os.fsencode(p), m, i) for p, m, i in rows])
+
+    def last_full_pass(self) -> float | None:
+        """time.time() of the last completed full ingest pass, None if none was."""
+        row = self._db.execute("SELECT v FROM info WHERE k = 'full_pass'").fetchone()
+        return float(row[0]) if row else None
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -225,14 +259,16 @@ class DecodedCache:
             return False
         return entry.get("reason") != "too-large" or entry.get("max_pixels") == self.max_pixels
 
-    def _fingerprint(self, item: Item) -> str | None:
-        """The item's content key: given by the source, else the local file's hash (memoised by stat)."""
+    def _fingerprint(self, item: Item, memo: tuple | None | bool = False) -> str | None:
+        """The item's content key: given by the source, else the local file's hash (memoised by stat).
+        `memo`: the file's (size, mtime, fp) row already read (None: it has none; False: read it here)."""
         if item.fingerprint:
             return item.fingerprint
-        path = os.path.abspath(item.locator)
+        path = _abs(item.locator)
         try:
             st = os.stat(path)
-            row = self._db.execute("SELECT size, mtime, fp FROM files WHERE path = ?", (os.fsencode(path),)).fetchone()
+            row = self._db.execute("SELECT size, mtime, fp FROM files WHERE path = ?",
+                                   (os.fsencode(path),)).fetchone() if memo is False else memo
             if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
                 return row[2]
             fp = file_fingerprint(path)
@@ -243,6 +279,20 @@ class DecodedCache:
         if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):  # not memoised while it changes
             self._memo[path] = (st.st_size, st.st_mtime_ns, fp)
         return fp
+
+    def _rows(self, sql: str, keys: list) -> dict:
+        """{key: rest of row} for `sql` ('SELECT key, ... WHERE key IN ({})'), 500 keys a query."""
+        out: dict = {}
+        for k in range(0, len(keys), 500):
+            part = keys[k:k + 500]
+            out.update((r[0], r[1:]) for r in self._db.execute(sql.format(",".join("?" * len(part))), part))
+        return out
+
+    def _fingerprints(self, items: Sequence[Item]) -> list[str | None]:
+        """_fingerprint of each item, the memo rows read a few hundred per query (node start, issue 26)."""
+        paths = [b"" if it.fingerprint else os.fsencode(_abs(it.locator)) for it in items]
+        memo = self._rows("SELECT path, size, mtime, fp FROM files WHERE path IN ({})", [p for p in paths if p])
+        return [it.fingerprint or self._fingerprint(it, memo.get(p)) for it, p in zip(items, paths, strict=True)]
 
     # -- chunks ------------------------------------------------------------------------------------
     def _gc(self) -> None:
@@ -308,11 +358,12 @@ class DecodedCache:
         """(fingerprint per item, the (index, locator) of each distinct content not decoded yet)."""
         self._memo = {}
         self._loaded = {}
-        fps = [self._fingerprint(it) for it in items]
+        fps = self._fingerprints(items)
+        stored = self._rows("SELECT key, e FROM entries WHERE key IN ({})", list({f for f in fps if f}))
         todo: list[tuple[int, str]] = []
         queued: set[str] = set()
         for i, (it, fp) in enumerate(zip(items, fps, strict=True)):
-            if fp is not None and fp not in queued and not self._fresh_item(fp):
+            if fp is not None and fp not in queued and not self._fresh_item(fp, stored.get(fp, ())):
                 todo.append((i, it.locator))
                 queued.add(fp)
         return fps, todo
@@ -350,7 +401,7 @@ class DecodedCache:
             if fp in waiting:
                 continue
             self._key_of[it.item_id] = fp
-            self._key_of[os.path.abspath(it.locator)] = fp
+            self._key_of[_abs(it.locator)] = fp
             e = self._get(fp)
             if e is None:  # changed while it was read: not stored, decoded at the next load
                 skipped[it.item_id] = "unreadable"
@@ -379,9 +430,10 @@ class DecodedCache:
         self.stats["seconds"] += time.perf_counter() - t0
         return images, frames, origin, skipped
 
-    def _fresh_item(self, fp: str) -> bool:
-        """Is `fp` decoded already (a multi-frame object: its entry and every frame's entry)?"""
-        e = self._get(fp)
+    def _fresh_item(self, fp: str, row: tuple = ()) -> bool:
+        """Is `fp` decoded already (a multi-frame object: its entry and every frame's entry)? `row`: its
+        entry's text, read already."""
+        e = json.loads(row[0]) if row else self._get(fp)
         if not self._fresh(e):
             return False
         frames = {k: self._get(frame_key(fp, k)) for k in range(int(e.get("frames") or 0))}
@@ -400,6 +452,7 @@ class DecodedCache:
                 batch = batch or _Batch(self.dir, self.size)
                 if not items[i].fingerprint and self._changed_since_hashed(items[i].locator, fps[i]):
                     self.stats["changed"] += 1  # the bytes decoded may not be the bytes hashed: not stored
+                    self.changed_paths.append(_abs(items[i].locator))
                 else:
                     self._add(batch, fps[i], img, meta, reason, detail)
                 if n % BATCH == 0:
@@ -413,7 +466,7 @@ class DecodedCache:
                 batch.discard()
 
     def _changed_since_hashed(self, locator: str, fp: str | None) -> bool:
-        path = os.path.abspath(locator)
+        path = _abs(locator)
         memo = self._memo.get(path)
         if memo is None:
             row = self._db.execute("SELECT size, mtime, fp FROM files WHERE path = ?", (os.fsencode(path),)).fetchone()

@@ -21,6 +21,21 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
+_ON, _OFF = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
+
+
+def _switch(value: Any) -> bool:
+    """A boolean node-config value: true/false, or one of the strings in _ON / _OFF (any case)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _ON:
+        return True
+    if text in _OFF:
+        return False
+    raise ValueError(f"must be one of {'/'.join(_ON)} or {'/'.join(_OFF)}")
+
+
 class NodeConfig(BaseModel):
     """The node-config keys fedrad reads, by kebab-case name (`data_dir` is `data-dir`)."""
 
@@ -35,6 +50,9 @@ class NodeConfig(BaseModel):
     ddp_procs: int = Field(1, ge=1, description="torch.distributed ranks per local round (fedrad node --ddp-procs)")
     inline_decode_max: int | None = Field(None, ge=0, description="a round decodes pending images itself only up "
                                           "to this many (unset: fedrad.common.cache.INLINE_DECODE_MAX)")
+    idle_release: bool = Field(True, description="after each message the warm worker lets go of the model, the "
+                               "site images' memory maps and freed heap (fedrad.client.app.task.release_idle); off: "
+                               "they stay resident between rounds (no rebuild, more idle memory)")
     labels: str = Field("", description="a labels CSV for a PNG/JPEG folder")
     policy: str = Field("", description="the site policy file (empty: the built-in default policy)")
     consortium_key: str = Field("", description="the consortium public key verifying releases")
@@ -47,9 +65,12 @@ class NodeConfig(BaseModel):
         """An empty or missing value means "not set": the field's default."""
         if value is None or value == "":
             return cls.model_fields[info.field_name].default
+        annotation = cls.model_fields[info.field_name].annotation
+        if annotation is bool:  # a switch: `fedrad node` writes it as a string
+            return _switch(value)
         if isinstance(value, bool):
             raise ValueError("must be a string or a number, not true/false")
-        return str(value) if cls.model_fields[info.field_name].annotation is str else value
+        return str(value) if annotation is str else value
 
     @classmethod
     def of(cls, node_config: Mapping[str, Any]) -> NodeConfig:
@@ -64,7 +85,8 @@ class NodeConfig(BaseModel):
     def to_flower(self) -> dict[str, str]:
         """The set keys as `fedrad node` hands them to the SuperNode (strings; unset keys left out)."""
         fields = type(self).model_fields
-        out = {_kebab(k): str(v) for k, v in self.model_dump().items() if k in fields and v not in ("", None)}
+        out = {_kebab(k): (str(v).lower() if isinstance(v, bool) else str(v))
+               for k, v in self.model_dump().items() if k in fields and v not in ("", None)}
         out.update({k: str(v) for k, v in (self.model_extra or {}).items() if v is not None})
         return out
 

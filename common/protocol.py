@@ -32,7 +32,7 @@ class ErrorCode(IntEnum):
     WIRE_BLOCKED = 4004  # the reply broke the wire protocol and was blocked at the site
     PROTOCOL_MISMATCH = 4005  # the coordinator's message does not match the run-config (e.g. SecAgg+ on/off)
     RUN_REPLAYED = 4011  # the signed run's nonce was already used by another Flower run at this site
-    RUN_EXPIRED = 4012  # the signed run's not-after time has passed
+    RUN_EXPIRED = 4012  # the signed run's not-after time passed before it started here
     RUN_OUT_OF_BOUNDS = 4013  # a message type or server-round the signed run does not allow
     SITE_FAILED = 5001  # the site failed while handling the message (details in its own log)
     DATA_UNAVAILABLE = 5002  # the site has no usable data for this run

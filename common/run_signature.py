@@ -10,6 +10,10 @@ A coordinator that changes one byte of the FAB or one config value (model, dp, l
 The statement also carries `RunClaims`: a nonce (each site binds it to the first Flower run id that uses it
 and refuses it under any other, so a signed run cannot be started again), a not-after time, and the message
 types the run may send; the site also refuses a `server-round` above the signed `num-server-rounds`.
+
+The not-after time bounds when the run may START, not how long it may last: a site refuses to start (bind the
+nonce of) a run whose statement has expired, but a run it accepted before then is served to its last signed
+round, however many weeks that takes (`expiry_problem`; the site's side is client/site/site_state.bind_nonce).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 SIGNATURE_KEY = "run-signature"  # run-config key; its own value is left out of what is signed
 STATEMENT_VERSION = 2  # 2: + nonce, not-after, message types (a version-1 signature is refused as replayable)
-DEFAULT_VALID_SECONDS = 7 * 86_400  # `fedrad run --sign-key`: a signed run may be used for a week unless told
+DEFAULT_VALID_SECONDS = 7 * 86_400  # `fedrad run --sign-key`: a signed run must start within a week unless told
 # The message types a run may send (Flower's MessageType.TRAIN/EVALUATE, fedrad.common.release_wire's queries).
 TRAINING_MESSAGES = ("train", "evaluate")
 RELEASE_MESSAGES = ("query.release_offer", "query.release_files")
@@ -37,8 +41,9 @@ MAX_CLAIMS_BYTES = 1024
 @dataclass(frozen=True)
 class RunClaims:
     """What the signature binds besides the FAB and the config: the run may be started once (`nonce`, bound by
-    each site to the first Flower run id that uses it), until `not_after` (unix seconds), sending only
-    `message_types`. The round bound is the signed config's own `num-server-rounds`."""
+    each site to the first Flower run id that uses it), no later than `not_after` (unix seconds; a run started
+    in time goes on after it), sending only `message_types`. The round bound is the signed config's own
+    `num-server-rounds`."""
 
     nonce: str
     not_after: int
@@ -125,14 +130,28 @@ def parse_signature(value: object) -> tuple[str, RunClaims, bytes] | None:
     return (fingerprint, claims, signature) if claims is not None and len(signature) == 64 else None
 
 
-def claims_problem(claims: RunClaims, run_config: dict[str, Any], message_type: str, server_round: int | None,
-                   now: float | None = None) -> tuple[str, str] | None:
-    """(rule, why) a message may not run under these (verified) claims, or None. Rules: "run_expiry",
-    "run_message_types", "run_rounds". The nonce is the site's to bind (rule "run_nonce")."""
+EXPIRY_RULE = "run_expiry"
+
+
+def expiry_problem(claims: RunClaims, now: float | None = None) -> tuple[str, str] | None:
+    """(rule, why) when a run under these claims may no longer START (now is past its not-after), else None.
+
+    Only a run's start is bounded: the site asks this when it first sees the run (its nonce is not yet bound
+    to a Flower run id, client/site/site_state.bind_nonce); a run it accepted before the not-after keeps running
+    to its signed num-server-rounds, so a weeks-long run is not cut off mid-way by its statement's expiry."""
     now = time.time() if now is None else now
-    if now > claims.not_after:
-        expired = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(claims.not_after))
-        return "run_expiry", f"the signed run expired at {expired} (sign it afresh to run it again)"
+    if now <= claims.not_after:
+        return None
+    expired = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(claims.not_after))
+    return EXPIRY_RULE, (f"the signed run had to start by {expired} and did not start here before then "
+                         "(sign it afresh to run it)")
+
+
+def claims_problem(claims: RunClaims, run_config: dict[str, Any], message_type: str,
+                   server_round: int | None) -> tuple[str, str] | None:
+    """(rule, why) a message may not run under these (verified) claims, or None. Rules: "run_message_types",
+    "run_rounds". The nonce and the start deadline are the site's to check when it binds the nonce (rules
+    "run_nonce", "run_expiry": `expiry_problem`), since only a run's start is bounded in time."""
     if message_type not in claims.message_types:
         return "run_message_types", (f"message type {message_type[:64]!r} is not one the signed run may send "
                                      f"({list(claims.message_types)})")

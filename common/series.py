@@ -119,7 +119,8 @@ def group_series(metas: Sequence[dict]) -> list[Series]:
     for i, m in enumerate(metas):
         uid = m.get("series_uid") or ""
         (by_uid[uid] if uid else alone).append(i)
-    out = [order_series(uid, members, metas) for uid, members in by_uid.items()]
+    out = [order_series(uid, members, metas) if len(members) > 1 else Series(uid, members, [0.0], None, "position")
+           for uid, members in by_uid.items()]  # one image: nothing to order (10^5 radiographs, node start)
     out += [Series("", [i], [0.0], None, "position") for i in alone]
     return out
 

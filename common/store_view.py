@@ -8,12 +8,36 @@ a local round that samples B images touches B rows, whatever N is.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 OPEN_CHUNKS = 64  # memory maps kept open (each holds a file descriptor)
+BUSY = ".busy"  # shared flock: held by every open store and lazy view; `fedrad ingest --compact` takes it alone
+
+
+def hold_store(folder: Path, exclusive: bool = False) -> IO[bytes] | None:
+    """Take the store folder's busy lock (shared: blocks while a compaction runs; exclusive: non-blocking,
+    None when anyone else holds it). Closing the returned file (or the process ending) releases it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        return open(os.devnull, "rb") if exclusive else None  # noqa: SIM115 - released by the caller
+    f = open(os.open(Path(folder) / BUSY, os.O_CREAT | os.O_RDWR, 0o600), "a+b")  # noqa: SIM115
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+    except BlockingIOError:
+        f.close()
+        return None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            f.close()
+        raise
+    return f
 
 
 class StoreView:
@@ -27,6 +51,15 @@ class StoreView:
         self.rows = np.asarray(rows, dtype=np.int64)
         self.dtype = np.dtype(np.uint16)
         self._maps: OrderedDict[int, np.memmap] = OrderedDict()
+        self._hold = hold_store(self.folder)  # its chunks are opened lazily: no compaction while it lives
+
+    def __getstate__(self) -> dict:  # sent to a spawned process (DDP ranks): maps and lock are reopened there
+        return {k: v for k, v in self.__dict__.items() if k not in ("_maps", "_hold")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._maps = OrderedDict()
+        self._hold = hold_store(self.folder)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -75,3 +108,10 @@ class StoreView:
     def __iter__(self):
         for i in range(len(self)):
             yield self[i]
+
+    def release(self) -> int:
+        """Close the open memory maps (their file descriptors and the page-cache pages they map leave this
+        process's RSS); the next read maps its chunk again. Returns how many were open."""
+        n = len(self._maps)
+        self._maps.clear()
+        return n

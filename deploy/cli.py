@@ -159,6 +159,10 @@ def _add_federation(sub) -> None:
     p.add_argument("--ddp-procs", type=int, default=1, metavar="N",
                    help="split each local round over N processes with torch.distributed (one per GPU with --device "
                    "cuda: NCCL; gloo on CPU); the site still sends one reply (default 1: one process)")
+    p.add_argument("--keep-resident", action="store_true",
+                   help="the warm worker keeps the model and the site images' memory maps between rounds "
+                   "(node-config idle-release off: no rebuild per round, more idle memory; default: let go of them "
+                   "after each message)")
     p.add_argument("--port", type=int, default=9094, help="local Runtime API port on 127.0.0.1 (unique per node)")
     p.add_argument("--labels", default=None, help="optional CSV of labels to keep site-local (default: none)")
     p.add_argument("--certs", default=None,
@@ -211,8 +215,9 @@ def _add_federation(sub) -> None:
                    help="consortium private key (`fedrad keys generate`): signs the run so sites accept it "
                         "(default: unsigned; only --allow-unsigned sites run it)")
     p.add_argument("--valid-days", type=float, default=7.0, metavar="DAYS",
-                   help="with --sign-key: sites refuse the signed run's messages after this many days; each "
-                        "signature is usable for one run only (default: 7)")
+                   help="with --sign-key: the run must start by then (sites refuse to START it after this many "
+                        "days; a run already started goes on to its last round); each signature is usable for "
+                        "one run only (default: 7)")
     p.set_defaults(func=_lazy("fedrad.deploy.run_command:cmd_run"))
 
     p = sub.add_parser("runs", help="list the coordinator's runs: status, round, last loss (flwr ls)")
@@ -410,6 +415,10 @@ def _add_ingest(sub) -> None:
     p.add_argument("--policy", default=None, help="site policy whose pixel budget applies (default: built-in)")
     p.add_argument("--max-pixels", type=int, default=64 << 20, help="pixel budget without --policy")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--full", action="store_true", help="stat every file (default: skip folders unchanged since "
+                   "the last pass; a full pass runs by itself when the last one is over 24 h old)")
+    p.add_argument("--compact", action="store_true", help="then rewrite the store without the images of deleted "
+                   "files (refused, exit 2, while a round or another ingest uses the store)")
     p.set_defaults(func=_lazy("fedrad.client.site.ingest:cmd_ingest"))
 
 

@@ -24,7 +24,7 @@ from fedrad.deploy.run_command import parse_overrides, report_run, submit_run
 # SimCLR at temperature 0.2: learns fastest here; the features it learns ignore what the augmentations vary
 # (pose, exposure, noise), which is what the random-init baseline is distracted by. Crops keep >= 80 % of the
 # film: the finding is a few local opacities, and with the default 40 % crops one view often loses them, so
-# SimCLR learns to ignore them and the probe falls below random init (benchmarks/RESULTS.md, "demo recipe").
+# SimCLR learns to ignore them and the probe falls below random init (benchmarks/RESULTS.md, "demo_recipe").
 # 100 patients per site and 10 label subsamples: with 60 patients, 50 steps and 5 subsamples the 25 % row (31
 # training patients, 54 test patients) swung by +-0.08 AUC between runs and once put random init ahead.
 DEMO_CONFIG: dict[str, object] = {

@@ -116,6 +116,8 @@ def cmd_node(args) -> int:
                    "labels": args.labels, "policy": str(Path(args.policy).resolve()) if args.policy else None,
                    **node_state_config(args.state_dir, data, cache, getattr(args, "audit_dir", None)),
                    **source_config}
+    if getattr(args, "keep_resident", False):  # the warm worker keeps its model between rounds (fedrad.client.app.task)
+        node_config["idle-release"] = "off"
     if getattr(args, "max_releases", None) is not None:  # the site's quota of held releases (release_store)
         node_config["max-releases"] = str(args.max_releases)
     if getattr(args, "max_release_gib", None) is not None:

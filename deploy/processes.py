@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedrad.client.runtime.site_runtime import SiteTrust, _copy_plain
+from fedrad.common.log_rotation import RotatingLog
 
 DEFAULT_PORT = 8000  # flwr 1.41 SuperLink: Fleet, Control and Runtime APIs share one HTTP port
 
@@ -83,9 +84,11 @@ class ProcessGroup:
 
     def start(self, name: str, cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
               cwd: Path | None = None) -> subprocess.Popen:
-        """Start `cmd`; its output goes to `log_path` as plain text (Flower colours whatever it writes to)."""
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_fh = open(log_path, "a", encoding="utf-8")
+        """Start `cmd`; its output goes to `log_path` as plain text (Flower colours whatever it writes to).
+
+        The process writes to a pipe that a pump thread copies into a `RotatingLog`: the log file stays bounded
+        however long the process runs (FEDRAD_LOG_MAX_BYTES x FEDRAD_LOG_KEEP; fedrad.common.log_rotation)."""
+        log_fh = RotatingLog(log_path)
         self._logs.append(log_fh)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env or flower_env(),
                                 cwd=cwd, start_new_session=True, text=True, encoding="utf-8", errors="replace")

@@ -17,6 +17,7 @@ import tomllib
 from pathlib import Path
 
 from fedrad.client.runtime.site_runtime import _ANSI
+from fedrad.common.log_rotation import RotatingLog
 from fedrad.common.toml_lines import key_line
 from fedrad.deploy.processes import (
     _signal_tree,
@@ -133,7 +134,7 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
     env = flower_env({"FLWR_HOME": str(home)})
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                             start_new_session=True)
-    log_fh = open(log_path, "a", encoding="utf-8") if log_path else None
+    log_fh = RotatingLog(log_path) if log_path else None  # bounded however long the run streams
     # A watchdog, because a stalled run prints nothing that a line-by-line check could notice.
     watchdog = threading.Timer(timeout, _kill_group, args=(proc,)) if timeout else None
     if watchdog:

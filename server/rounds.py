@@ -48,7 +48,7 @@ from fedrad.server.run_log import (
     follow_metrics,
     plot_run,
     read_metrics,
-    site_labels,
+    run_site_labels,
     truncate_metrics,
 )
 from fedrad.server.screening import screen_replies
@@ -248,7 +248,7 @@ def _log_screening(state: RunState, rnd: int, outcome: TrainOutcome) -> None:
 
 def _per_site(state: RunState, entry: dict) -> str:
     """Each site's train loss and image count, by the names the plots use (enrolled name, else "site N")."""
-    labels = site_labels(read_metrics(state.run_dir))
+    labels = run_site_labels(state.run_dir)  # the sites seen so far: no pass over every round
     parts = []
     for node, record in entry["sites"].items():
         loss = record.get("train_loss")

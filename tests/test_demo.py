@@ -59,7 +59,7 @@ def test_demo_from_wheel_learns_and_beats_random_init_with_few_labels(tmp_path):
     pre, rnd = at["pretrained"], at["random-init"]
     wins = sum(r["auc"] >= o["auc"] for r in results for o in results
                if r["backbone"] == "pretrained" and o["backbone"] == "random-init" and r["fraction"] == o["fraction"])
-    # benchmarks/RESULTS.md "demo recipe": with 80 % crops, 4 x 100 steps and 100 patients per site the real demo
+    # benchmarks/RESULTS.md "demo_recipe": with 80 % crops, 4 x 100 steps and 100 patients per site the real demo
     # led random init at 25 % labels by +0.16 AUC with disjoint CIs; the smaller recipe before it swung +-0.08.
     assert pre["auc"] >= rnd["auc"], f"random init ahead at {lowest:.0%} labels: {pre} {rnd}"
     assert wins * 2 > len(results) // 2, f"pretrained behind at most fractions: {results}"

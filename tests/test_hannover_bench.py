@@ -83,17 +83,3 @@ def test_goal_check_full_finetune_beyond_ci():
     assert g["full_checked"] == 2 and g["full_goal"] is False and g["full_worse"] == ["icu 100%"]
     rows[3] = row("icu", "federated", "full", 1.0, 0.76)
     assert bh.goal_check(rows)["full_goal"] is True
-
-
-def test_a_run_lands_under_its_own_section_not_under_the_last_one(tmp_path, monkeypatch):
-    """The benches' RESULTS.md writer: a run goes at the end of its benchmark's section, before the next one; a
-    first run creates the section (with its intro) at the end of the file."""
-    import common_bench
-
-    results = tmp_path / "RESULTS.md"
-    results.write_text("# Benchmark results\n\n## mine\n\nintro\n\n### run 1\n\n## other\n\nrows\n")
-    monkeypatch.setattr(common_bench, "RESULTS", results)
-    common_bench.append_to_section("## mine", "### run 2\n\n| a |")
-    common_bench.append_to_section("## new", "### run 1", intro="what it measures")
-    assert results.read_text() == ("# Benchmark results\n\n## mine\n\nintro\n\n### run 1\n\n### run 2\n\n| a |\n"
-                                   "\n## other\n\nrows\n\n## new\n\nwhat it measures\n\n### run 1\n")

@@ -70,8 +70,10 @@ def test_broken_files_are_skipped_once_with_their_reason_and_a_round_leaves_new_
     cache, state = tmp_path / "cache", tmp_path / "state"
     first = ingest_site(data, 16, cache_dir=cache, state_dir=state, progress=False, workers=0)
     assert first["decoded"] == 30 + len(expected) and first["stored_before"] == 0
-    again = ingest_site(data, 16, cache_dir=cache, state_dir=state, progress=False, workers=0)
+    again = ingest_site(data, 16, cache_dir=cache, state_dir=state, progress=False, workers=0, full=True)
     assert again["decoded"] == 0 and again["stored_before"] == 30 + len(expected)  # broken ones not retried
+    quick = ingest_site(data, 16, cache_dir=cache, state_dir=state, progress=False, workers=0)
+    assert quick["decoded"] == 0 and quick["files"] == 0  # nor even listed by a quick pass
     site = load_site(data, 16, cache_dir=cache, state_dir=state, progress=False, max_decode=0)
     assert len(site) == 30 and site.pending == 0
     assert sum(site.skipped.values()) == len(expected)

@@ -56,3 +56,33 @@ def test_enrolled_site_names_label_the_plot_and_unnamed_sites_stay_numbered():
     assert site_labels(rows) == {NODES[0]: "st-marys", NODES[1]: "site 1", NODES[2]: "charite"}
     legend = [t.get_text() for t in run_figure(rows).axes[1].get_legend().get_texts()]
     assert legend == ["st-marys", "site 1", "charite"]
+
+
+def test_a_long_run_plots_at_most_about_200_rounds_and_keeps_the_last():
+    from fedrad.server.run_log import PLOT_POINTS, thin_rows
+
+    rows = [{"round": r} for r in range(1, 10_001)]
+    kept = thin_rows(rows)
+    assert len(kept) <= PLOT_POINTS + 1 and kept[0]["round"] == 1 and kept[-1]["round"] == 10_000
+    assert thin_rows(rows[:150]) == rows[:150]
+
+
+def test_each_round_parses_only_its_new_line_and_names_sites_without_a_pass_over_every_round(tmp_path, monkeypatch):
+    """Per-round coordinator work does not grow with the round number: after follow_metrics, a round parses
+    only the lines appended since the last one, and the per-site labels come from the sites seen so far."""
+    from fedrad.server import run_log
+
+    rows = _rows() * 40  # 200 rounds
+    for i, row in enumerate(rows, 1):
+        append_metrics(tmp_path, {**row, "round": i})
+    run_log.follow_metrics(tmp_path)
+    expected = site_labels(read_metrics(tmp_path))
+    assert run_log.run_site_labels(tmp_path) == expected and len(expected) == 3
+    seen: list[int] = []
+    real_add = run_log.SiteOrder.add
+    monkeypatch.setattr(run_log.SiteOrder, "add", lambda self, new: (seen.append(len(new)), real_add(self, new)))
+    monkeypatch.setattr(run_log, "site_labels", lambda rows: (_ for _ in ()).throw(AssertionError("full pass")))
+    append_metrics(tmp_path, {**_rows()[0], "round": 201})
+    labels = run_log.run_site_labels(tmp_path)
+    assert seen == [1] and labels == expected
+    assert len(read_metrics(tmp_path)) == 201

@@ -75,8 +75,9 @@ def test_per_image_gradients_sum_both_views_and_ignore_the_batch(name: str):
     alone, _ = per_sample(v1[2:3], v2[2:3])
     for name in alone:
         scale = float(full[name].abs().max()) + 1e-12
-        # image 2's gradient does not depend on images 0, 1, 3
-        torch.testing.assert_close(batch[name][2], alone[name][0], rtol=1e-3, atol=1e-4 * scale, msg=name)
+        # image 2's gradient does not depend on images 0, 1, 3 (a dependence, e.g. through BatchNorm, is of the
+        # order of the gradient itself; 1e-3 of its scale leaves room for a CPU's float summation order)
+        torch.testing.assert_close(batch[name][2], alone[name][0], rtol=1e-3, atol=1e-3 * scale, msg=name)
         # the mean loss's gradient is the mean of the per-image gradients (nothing double-counted or lost)
         torch.testing.assert_close(batch[name].mean(0), full[name], rtol=1e-3, atol=1e-4 * scale, msg=name)
 

@@ -127,8 +127,14 @@ def test_signed_claims_bind_nonce_expiry_rounds_and_message_types(tmp_path):
     assert (rule, code) == ("run_rounds", ErrorCode.RUN_OUT_OF_BOUNDS)
     rule, _, code = check_claims(config, _signed_message("query.release_offer", None), 11, node)
     assert (rule, code) == ("run_message_types", ErrorCode.RUN_OUT_OF_BOUNDS)
-    rule, _, code = check_claims(config, _signed_message(), 11, node, now=claims.not_after + 1)
-    assert (rule, code) == ("run_expiry", ErrorCode.RUN_EXPIRED)
+    # the not-after bounds the START only: run 11, accepted before it, is served on after it (weeks later too)
+    assert check_claims(config, _signed_message("train", 2), 11, node, now=claims.not_after + 1) is None
+    assert check_claims(config, _signed_message("train", 2), 11, node, now=claims.not_after + 40 * 86_400) is None
+    late = {**config, SIGNATURE_KEY: sign_run(fab, overrides, load_signing_key(key), valid_seconds=60)}
+    late_claims = parse_signature(late[SIGNATURE_KEY])[1]
+    rule, why, code = check_claims(late, _signed_message(), 13, node, now=late_claims.not_after + 1)  # a new run
+    assert (rule, code) == ("run_expiry", ErrorCode.RUN_EXPIRED) and "had to start by" in why
+    assert late_claims.nonce not in (tmp_path / "state" / "run_nonces.json").read_text()  # nothing was bound
     nonces = tmp_path / "state" / "run_nonces.json"
     assert nonces.stat().st_mode & 0o777 == 0o600 and claims.nonce in nonces.read_text()
     # a fresh signature of the same config is a fresh nonce: runs anew

@@ -25,19 +25,25 @@ app = ClientApp(mods=[wire_guard_mod, site_policy_mod, privacy_mod])
 def train(msg: Message, context: Context) -> Message:
     """Local contrastive pretraining on this site's images, starting from the global weights."""
     from fedrad.client.app.release_handler import note_training
-    from fedrad.client.app.task import handle_train
+    from fedrad.client.app.task import handle_train, release_after
 
-    reply = handle_train(msg, context)
-    note_training(msg, reply, context)  # a release of this run is accepted here later
-    return reply
+    try:
+        reply = handle_train(msg, context)
+        note_training(msg, reply, context)  # a release of this run is accepted here later
+        return reply
+    finally:
+        release_after(context)  # the warm worker waits for the next round without the model (idle-release)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Held-out contrastive loss and alignment/uniformity of the global model on this site's images."""
-    from fedrad.client.app.task import handle_evaluate
+    from fedrad.client.app.task import handle_evaluate, release_after
 
-    return handle_evaluate(msg, context)
+    try:
+        return handle_evaluate(msg, context)
+    finally:
+        release_after(context)
 
 
 @app.query("release_offer")  # fedrad.common.release_wire.ACTION_OFFER

@@ -8,6 +8,12 @@ In a warm worker (fedrad.client.runtime.site_runtime) this module stays imported
 it (run id included, so nothing outlives its run's worker anyway). Optimizer state is not kept: every
 objective here starts each round from a fresh optimizer on the received weights (client/training/trainer.py), and
 BYOL's target network is rebuilt from them by design (common/losses/byol.py).
+
+Between rounds (node-config `idle-release`, default on) `release_idle` lets go of what the worker does not use
+while it waits: the model (rebuilt from the next message's weights, which overwrite all of it anyway), the
+memory maps of the site's decoded images (a StoreView's maps: mapped again on the next read) or, for a site whose
+images are held in memory, the site data itself (read again from the decoded cache). Most of an idle worker's
+memory is its imports (torch, Flower, fedrad), which stay: benchmarks/notes/many_sites.md has the measured split.
 """
 
 from __future__ import annotations
@@ -39,6 +45,49 @@ def _resident(slot: str, key: tuple, build):
     value = build()
     _RESIDENT[slot] = (key, value)
     return value
+
+
+def release_idle() -> dict[str, int]:
+    """Let go of the resident model and the site images' memory (see the module docstring); collect the freed
+    objects and hand freed heap back to the OS. What was released, by kind (for the node's debug log)."""
+    import gc
+    import sys
+
+    import numpy as np
+
+    from fedrad.common.store_view import StoreView
+
+    out = {"model": 0, "maps": 0, "site": 0}
+    if _RESIDENT.pop("model", None) is not None:
+        out["model"] = 1
+    held = _RESIDENT.get("site")
+    if held is not None:
+        images = getattr(held[1], "images", None)
+        if isinstance(images, StoreView):
+            out["maps"] = images.release()  # the index (paths, keys, labels) stays: no rescan next round
+        elif not isinstance(images, np.memmap):  # images held in memory: read again from the decoded cache
+            # (a single-chunk np.memmap stays: its pages are file-backed, and the kernel reclaims them under
+            # pressure without the worker's help)
+            _RESIDENT.pop("site", None)
+            out["site"] = 1
+    held = images = None
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return out
+
+
+def release_after(context: Context) -> None:
+    """`release_idle` when the site's node-config `idle-release` is on (the default)."""
+    if _node(context).idle_release:
+        log.debug("idle release: %s", release_idle())
 
 
 def _node(context: Context) -> NodeConfig:

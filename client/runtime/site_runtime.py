@@ -171,21 +171,24 @@ def check_claims(run_config: dict[str, Any], message, run_id: int,
                  node_config: dict[str, Any], now: float | None = None) -> tuple[str, str, ErrorCode] | None:
     """For a run whose signature carries claims: (rule, why, code) when this message may not run, else None.
 
-    Refused: a statement past its not-after, a message type it does not name, a server-round above its
-    signed num-server-rounds, and its nonce under a Flower run id other than the first that used it here
-    (bound in the site's state, fedrad.client.site.site_state.bind_nonce). Called for every message."""
+    Refused: a message type the statement does not name, a server-round above its signed num-server-rounds,
+    its nonce under a Flower run id other than the first that used it here, and the START of a run whose
+    statement is past its not-after (bound and checked in the site's state, fedrad.client.site.site_state.bind_nonce:
+    a run accepted before its not-after is served on after it). Called for every message."""
     parsed = parse_signature(run_config.get(SIGNATURE_KEY, ""))
     if parsed is None:
         return None  # unsigned (only reached with --allow-unsigned): nothing was promised to check
     claims = parsed[1]
-    problem = claims_problem(claims, run_config, str(message.metadata.message_type), _server_round(message), now)
+    problem = claims_problem(claims, run_config, str(message.metadata.message_type), _server_round(message))
     if problem is not None:
         rule, why = problem
-        return rule, why, ErrorCode.RUN_EXPIRED if rule == "run_expiry" else ErrorCode.RUN_OUT_OF_BOUNDS
-    from fedrad.client.site.site_state import SiteStateError, bind_nonce, state_paths
+        return rule, why, ErrorCode.RUN_OUT_OF_BOUNDS
+    from fedrad.client.site.site_state import SiteStateError, StatementExpired, bind_nonce, state_paths
 
     try:
         first = bind_nonce(state_paths(node_config), claims.nonce, int(run_id), claims.not_after, now)
+    except StatementExpired as exc:  # a new run, too late to start; one already running here goes on
+        return exc.rule, str(exc), ErrorCode.RUN_EXPIRED
     except (SiteStateError, OSError) as exc:  # the nonce cannot be recorded: the run cannot be shown fresh
         return "run_nonce", f"the signed run's nonce cannot be recorded: {exc}", ErrorCode.SITE_FAILED
     if first is not None:

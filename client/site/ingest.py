@@ -6,6 +6,12 @@ each committed as one append-only chunk plus one index transaction (common/cache
 a rerun decodes only what was never committed. It uses the node's salt (state folder), cache folder and
 pixel budget, so the node finds the images stored under the same keys. Memory stays bounded: the listing
 is walked once, then decoded SLICE files at a time.
+Quick pass (the default for a DICOM folder): the store remembers each folder's mtime and inode once all its
+files are stored, and a later pass lists and stats only the files of folders that changed since (a file
+added, removed or renamed changes its folder's mtime), so picking up one new film does not stat 10^5 others.
+A file rewritten in place under the same name does not change its folder: `full=True` (`--full`) walks and
+stats every file, and a quick pass becomes full by itself when the last full one is older than FULL_EVERY_S.
+`compact=True` (`--compact`) then rewrites the store without the images of deleted files (store_compact).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sqlite3
 import sys
 import time
@@ -22,17 +29,24 @@ from fedrad.client.site.site_data import default_cache_dir
 from fedrad.client.site.site_state import default_state_dir
 from fedrad.common.cache import DecodedCache
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
+from fedrad.common.sources.dicom_folder import DicomFolderReader
 from fedrad.common.sources.layout import open_location
 from fedrad.common.sources.walk import display_name
 
 log = logging.getLogger("fedrad.ingest")
 SLICE = 16384  # files planned and decoded per pass: bounds the memory of one pass, one worker pool each
+FULL_EVERY_S = 24 * 3600  # a quick pass walks every file anyway when the last full pass is older than this
 
 
 def ingest_site(data_dir: str | Path, image_size: int, cache_dir: str | Path | None = None,
                 state_dir: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                progress: bool = True, workers: int | None = None) -> dict[str, int | float]:
-    """Decode every file of the site folder not stored yet; returns counts (files, decoded, stored_before...)."""
+                progress: bool = True, workers: int | None = None, full: bool = False,
+                compact: bool = False) -> dict[str, int | float]:
+    """Decode every file of the site folder not stored yet; returns counts (files, decoded, stored_before...).
+
+    `full`: stat every file (else folders unchanged since a pass stored all their files are skipped);
+    `compact`: afterwards rewrite the store without the images of files no longer in the folder (raises
+    store_compact.CompactRefused while a round or another ingest uses the store)."""
     opened = open_location(data_dir, max_pixels, cache_dir, None)
     root = opened.root
     cdir = opened.cache_dir or (Path(cache_dir) if cache_dir else default_cache_dir(root))
@@ -40,50 +54,87 @@ def ingest_site(data_dir: str | Path, image_size: int, cache_dir: str | Path | N
     cache = DecodedCache(cdir, image_size, decoder=opened.reader.entry, workers=workers, state_dir=state,
                          max_pixels=max_pixels)
     t0 = time.perf_counter()
-    listing = opened.reader.list_items()
-    items = listing.items
-    total = {"files": len(items), "decoded": 0, "stored_before": 0, "changed_while_read": 0,
-             "not_images": len(listing.skipped)}
-    log.info("ingest: %d files found under %s (%d not decodable images), store %s", len(items),
-             display_name(str(root)), len(listing.skipped), display_name(str(cache.dir)))
     try:
-        for start in range(0, len(items), SLICE):
-            done = cache.ingest(items[start:start + SLICE], progress=progress)
-            for k in ("decoded", "stored_before", "changed_while_read"):
-                total[k] += done[k]
-            rate = total["decoded"] / max(1e-9, time.perf_counter() - t0)
-            log.info("ingest: %d/%d files stored (%d decoded by this run, %.1f files/s)",
-                     min(start + SLICE, len(items)), len(items), total["decoded"], rate)
+        total = _ingest(cache, opened.reader, root, full or compact, progress)
     finally:
         cache.close()
+    if compact:
+        from fedrad.common.store_compact import compact_store
+
+        total.update(compact_store(cdir, image_size, opened.reader, state_dir=state, max_pixels=max_pixels))
     total["seconds"] = round(time.perf_counter() - t0, 3)
     return total
 
 
+def _ingest(cache: DecodedCache, reader, root: Path, full: bool, progress: bool) -> dict:
+    quick = isinstance(reader, DicomFolderReader)  # the folder memo needs a walked folder
+    last = cache.last_full_pass() if quick else None
+    full = full or not quick or last is None or time.time() - last > FULL_EVERY_S
+    t0 = time.perf_counter()
+    listing = reader.list_items(None if full else cache.dir_known) if quick else reader.list_items()
+    items = listing.items
+    total = {"files": len(items), "decoded": 0, "stored_before": 0, "changed_while_read": 0,
+             "not_images": len(listing.skipped), "full_pass": int(full), "folders_unchanged": len(listing.unchanged)}
+    log.info("ingest (%s pass): %d files found under %s (%d not decodable images; %d unchanged folders not "
+             "listed), store %s", "full" if full else "quick", len(items), display_name(str(root)),
+             len(listing.skipped), len(listing.unchanged), display_name(str(cache.dir)))
+    for start in range(0, len(items), SLICE):
+        done = cache.ingest(items[start:start + SLICE], progress=progress)
+        for k in ("decoded", "stored_before", "changed_while_read"):
+            total[k] += done[k]
+        rate = total["decoded"] / max(1e-9, time.perf_counter() - t0)
+        log.info("ingest: %d/%d files stored (%d decoded by this run, %.1f files/s)",
+                 min(start + SLICE, len(items)), len(items), total["decoded"], rate)
+    if quick:  # every file of these folders is now stored or skipped with its reason
+        changed = {os.path.dirname(p) for p in cache.changed_paths}
+        unchanged = set(listing.unchanged)
+        cache.remember_dirs([d for d in listing.dirs if d[0] not in changed and d[0] not in unchanged], full)
+    return total
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
-    """CLI handler: exit 0 when every file is stored or skipped with its reason; 2 on bad input or full disk."""
+    """argparse adapter of run_ingest."""
+    return run_ingest(data=args.data, image_size=args.image_size, cache=args.cache, state_dir=args.state_dir,
+                      policy=args.policy, max_pixels=args.max_pixels, quiet=args.quiet,
+                      full=getattr(args, "full", False), compact=getattr(args, "compact", False))
+
+
+def run_ingest(*, data: str, image_size: int, cache: str | None = None, state_dir: str | None = None,
+               policy: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, quiet: bool = False,
+               full: bool = False, compact: bool = False) -> int:
+    """`fedrad ingest`: exit 0 when every file is stored or skipped with its reason; 2 on bad input, a full
+    disk or a compaction refused because the store is in use."""
+    from fedrad.common.store_compact import CompactRefused
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    data = Path(args.data)
-    if not data.is_dir():
-        print(f"fedrad ingest: error: folder not found: {display_name(str(args.data))}", file=sys.stderr)
+    folder = Path(data)
+    if not folder.is_dir():
+        print(f"fedrad ingest: error: folder not found: {display_name(str(data))}", file=sys.stderr)
         return 2
-    max_pixels = args.max_pixels
-    if args.policy:
+    if policy:
         from fedrad.client.site.policy import load_policy
 
-        max_pixels = load_policy(args.policy).max_pixels
+        max_pixels = load_policy(policy).max_pixels
     try:
-        out = ingest_site(data, args.image_size, cache_dir=args.cache, state_dir=args.state_dir,
-                          max_pixels=max_pixels, progress=not args.quiet)
+        out = ingest_site(folder, image_size, cache_dir=cache, state_dir=state_dir, max_pixels=max_pixels,
+                          progress=not quiet, full=full, compact=compact)
+    except CompactRefused as exc:
+        print(f"fedrad ingest: error: {exc}", file=sys.stderr)
+        return 2
     except (OSError, sqlite3.OperationalError) as exc:
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) if isinstance(exc, OSError) else \
+        full_disk = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) if isinstance(exc, OSError) else \
             any(w in str(exc) for w in ("full", "disk I/O"))
-        if full:
+        if full_disk:
             why = getattr(exc, "strerror", None) or exc
             print(f"fedrad ingest: error: the store's disk is full ({why}); everything committed so far is kept: "
                   "free space and run `fedrad ingest` again to continue", file=sys.stderr)
             return 2
         raise
-    print(f"ingest done: {out['files']} files, {out['decoded']} decoded now, {out['stored_before']} already stored, "
-          f"{out['changed_while_read']} changed while read (decoded at the next ingest), {out['seconds']:.1f} s")
+    print(f"ingest done ({'full' if out['full_pass'] else 'quick'} pass): {out['files']} files listed, "
+          f"{out['decoded']} decoded now, {out['stored_before']} already stored, {out['changed_while_read']} changed "
+          f"while read (decoded at the next ingest), {out['folders_unchanged']} unchanged folders skipped, "
+          f"{out['seconds']:.1f} s")
+    if compact:
+        print(f"compacted: {out['rows_dropped']} images of deleted files dropped, {out['chunks_rewritten']} chunks "
+              f"rewritten, {out['bytes_freed']} bytes freed")
     return 0

@@ -33,13 +33,22 @@ AUDIT_DIRNAME = "audit"  # default audit folder (wire guard's outgoing.jsonl, re
 REFUSALS_FILE = "refusals.jsonl"  # every refusal with the rule and its detail: read by the site, never sent
 LOCK_FILE = ".lock"
 NONCES_FILE = "run_nonces.json"  # each signed run's nonce -> the Flower run id that first used it (replays)
-NONCE_KEEP_SECONDS = 30 * 86_400  # a nonce is forgotten this long after its statement expired (it is refused anyway)
+NONCE_KEEP_SECONDS = 30 * 86_400  # a nonce is forgotten this long after its not-after / last use (start refused anyway)
 JOINED_FILE = "runs_joined.json"  # runs (id, key) this site trained in: releases are taken only from these
 RELEASES_DIRNAME = "releases"  # received release bundles, one verified folder each (client/site/release_store.py)
 
 
 class SiteStateError(ValueError):
     """The state directory is unusable (an expected file is missing or unreadable); the message says which."""
+
+
+class StatementExpired(Exception):
+    """A run this site has not served yet comes with a statement past its not-after: it may not START here.
+    `rule` and the message say why (fedrad.common.run_signature.expiry_problem)."""
+
+    def __init__(self, rule: str, why: str) -> None:
+        super().__init__(why)
+        self.rule = rule
 
 
 def default_state_dir(data_dir: str | os.PathLike[str]) -> Path:
@@ -222,13 +231,22 @@ def record_refusal(state: SiteState, rule: str, detail: str, code: int, message_
     append_private(state.refusals, json.dumps(entry) + "\n")
 
 
+NONCE_REFRESH_SECONDS = 3600  # a served run's binding is refreshed at most hourly (one write an hour, not a round)
+
+
 def bind_nonce(state: SiteState, nonce: str, run_id: int, not_after: int, now: float | None = None) -> int | None:
     """Bind a signed run's nonce to the Flower run id that first uses it here (under the state lock, 0600);
     returns that other run id when `run_id` is not it (a replay), None when the use is allowed.
 
-    Entries are dropped NONCE_KEEP_SECONDS after their statement's not-after: an expired statement is refused
-    by its expiry, so the file stays bounded by the runs of the last month."""
+    The statement's not-after bounds the run's START only: a nonce not bound yet whose not-after has passed
+    raises StatementExpired (nothing is recorded), while a run bound before then is served on after it (a
+    weeks-long run is not cut off mid-way). A served binding's `last_used` is refreshed at most hourly, and
+    entries are dropped NONCE_KEEP_SECONDS after the later of their not-after and their last use, so the file
+    stays bounded by the runs of the last month and a long run never loses its own binding."""
+    from fedrad.common.run_signature import RunClaims, expiry_problem
+
     now = time.time() if now is None else now
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
     with locked(state):
         try:
             data = json.loads(state.nonces.read_text())
@@ -241,10 +259,19 @@ def bind_nonce(state: SiteState, nonce: str, run_id: int, not_after: int, now: f
         nonces = data.get("nonces", {})
         held = nonces.get(nonce)
         if held is not None:
-            return None if int(held["run_id"]) == int(run_id) else int(held["run_id"])
-        kept = {k: v for k, v in nonces.items() if float(v.get("not_after", 0)) + NONCE_KEEP_SECONDS >= now}
-        kept[nonce] = {"run_id": int(run_id), "not_after": int(not_after),
-                       "first_used": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
+            if int(held["run_id"]) != int(run_id):
+                return int(held["run_id"])
+            if now - float(held.get("last_used_time", 0)) < NONCE_REFRESH_SECONDS:
+                return None
+            nonces[nonce] = {**held, "last_used": stamp, "last_used_time": int(now)}
+        else:
+            problem = expiry_problem(RunClaims(nonce, int(not_after), ("train",)), now)
+            if problem is not None:
+                raise StatementExpired(*problem)
+            nonces[nonce] = {"run_id": int(run_id), "not_after": int(not_after), "first_used": stamp,
+                             "last_used": stamp, "last_used_time": int(now)}
+        kept = {k: v for k, v in nonces.items()
+                if max(float(v.get("not_after", 0)), float(v.get("last_used_time", 0))) + NONCE_KEEP_SECONDS >= now}
         atomic_write_json(state.nonces, {"format": 1, "nonces": kept}, mode=PRIVATE_FILE)
     return None
 
@@ -273,6 +300,6 @@ def count_activity(state: SiteState, limits: Mapping[str, int], now: float | Non
 
 
 __all__ = ["ACTIVITY_FILE", "AUDIT_DIRNAME", "JOINED_FILE", "LEDGER_FILE", "NONCES_FILE", "REFUSALS_FILE",
-           "RELEASES_DIRNAME", "SALT_FILE", "STATE_FILE", "SiteState", "SiteStateError", "bind_nonce",
-           "count_activity", "default_state_dir", "locked", "node_state_config", "open_state",
+           "RELEASES_DIRNAME", "SALT_FILE", "STATE_FILE", "SiteState", "SiteStateError", "StatementExpired",
+           "bind_nonce", "count_activity", "default_state_dir", "locked", "node_state_config", "open_state",
            "record_refusal", "site_id", "site_salt", "state_paths"]

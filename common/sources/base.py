@@ -53,6 +53,8 @@ class Listing:
     ignored: list[str] = field(default_factory=list)  # certainly not images (CSV, text): listed, not counted
     folders: list[Problem] = field(default_factory=list)  # parts of the source that could not be walked
     files_seen: int = 0
+    dirs: list[tuple[str, int, int]] = field(default_factory=list)  # folders walked (see walk.Walk.dirs)
+    unchanged: list[str] = field(default_factory=list)  # folders whose files were not listed (walk.Walk)
 
 
 class Reader(abc.ABC):

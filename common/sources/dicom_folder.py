@@ -15,7 +15,7 @@ import numpy as np
 from fedrad.common.header_signals import patient_key
 from fedrad.common.sources.base import Frames, Item, Listing, Reader
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
-from fedrad.common.sources.walk import Problem, walk_folder
+from fedrad.common.sources.walk import DirCheck, Problem, walk_folder
 
 # Certainly not image data: listed as ignored.
 NOT_IMAGE_EXTS = {
@@ -33,13 +33,16 @@ UNSUPPORTED_EXTS = {
 }
 
 
-def classify(path: Path) -> tuple[str, str]:
-    """('candidate' | 'ignored' | 'unsupported-format', detail) from a file's name alone."""
-    suffixes = "".join(path.suffixes[-2:]).lower()
-    if suffixes == ".nii.gz":
+def classify(path: Path | str) -> tuple[str, str]:
+    """('candidate' | 'ignored' | 'unsupported-format', detail) from a file's name alone (pathlib's suffix
+    rules, on the string: a walk of 10^6 files makes no Path objects)."""
+    name = os.path.basename(path)
+    dot = name.rfind(".")
+    ext = name[dot:].lower() if 0 < dot < len(name) - 1 else ""
+    if ext == ".gz" and not name.endswith(".") and "".join(
+            "." + s for s in name.lstrip(".").split(".")[1:][-2:]).lower() == ".nii.gz":
         return "unsupported-format", "NIfTI volume (.nii.gz)"
-    ext = path.suffix.lower()
-    if ext in NOT_IMAGE_EXTS or path.name in NOT_IMAGE_NAMES:
+    if ext in NOT_IMAGE_EXTS or name in NOT_IMAGE_NAMES:
         return "ignored", ""
     if ext in UNSUPPORTED_EXTS:
         return "unsupported-format", UNSUPPORTED_EXTS[ext]
@@ -79,15 +82,17 @@ class DicomFolderReader(Reader):
         super().__init__(max_pixels)
         self.root = Path(root).resolve()
 
-    def list_items(self) -> Listing:
-        walk = walk_folder(self.root)
+    def list_items(self, known: DirCheck | None = None) -> Listing:
+        """Every file under the folder; `known` (walk_folder's) leaves out the files of unchanged folders."""
+        walk = walk_folder(self.root, known)
         out = Listing(folders=walk.folders, skipped=list(walk.problems),
-                      files_seen=len(walk.files) + len(walk.problems))
-        for p in walk.files:
-            rel = p.relative_to(self.root).as_posix()
+                      files_seen=len(walk.paths) + len(walk.problems), dirs=walk.dirs, unchanged=walk.unchanged)
+        cut = len(os.path.join(str(self.root), ""))
+        for p in walk.paths:
+            rel = p[cut:] if os.sep == "/" else p[cut:].replace(os.sep, "/")
             kind, detail = classify(p)
             if kind == "candidate":
-                out.items.append(Item(rel, str(p)))
+                out.items.append(Item(rel, p))
             elif kind == "ignored":
                 out.ignored.append(rel)
             else:

@@ -1,0 +1,162 @@
+"""Generate benchmarks/RESULTS.md from the benchmarks' rows and notes.
+
+Each benchmark appends one JSON object per measurement to benchmarks/results/<bench>.jsonl
+(`common_bench.record_row`); prose about a benchmark lives in benchmarks/notes/<bench>.md. RESULTS.md is one
+section per bench: its notes, then one table of its rows (latest date first; superseded rows at the end).
+
+    python benchmarks/make_results.py            # rewrite RESULTS.md
+    python benchmarks/make_results.py --check    # exit 1 if RESULTS.md is not what would be generated
+
+A malformed row is one line naming the file and line, exit 2. Output is deterministic (no clock, no machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common_bench import REQUIRED  # noqa: E402  (the fields record_row writes: one list for writer and reader)
+
+SHOWN = set(REQUIRED) | {"superseded"}  # extra keys (not these) go into the note cell as key=value
+
+
+class RowError(ValueError):
+    """A results line that is not a row: the message names the file, the line and what is wrong."""
+
+
+def load_rows(path: Path) -> list[dict]:
+    """The rows of one <bench>.jsonl; RowError on a line that does not parse or lacks a field."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RowError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise RowError(f"{path}:{number}: not a JSON object")
+        missing = [k for k in REQUIRED if k not in row]
+        if missing:
+            raise RowError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
+        if row["bench"] != path.stem:
+            raise RowError(f"{path}:{number}: bench {row['bench']!r} in {path.name}")
+        rows.append(row)
+    return rows
+
+
+def cell(value) -> str:
+    """A markdown table cell: pipes escaped, newlines flattened."""
+    text = "" if value is None else str(value)
+    return " ".join(text.replace("|", "\\|").split())
+
+
+def number(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value)) if abs(value) >= 1e4 else str(value)
+    return str(value)
+
+
+def table(rows: list[dict]) -> str:
+    """One markdown table: current rows by date (latest first, a day's rows in the order they were written),
+    then superseded rows, marked."""
+    ordered = sorted(rows, key=lambda r: r["date"], reverse=True)
+    ordered = sorted(ordered, key=lambda r: bool(r.get("superseded")))
+    lines = ["| date | metric | value | goal | met | machine | load | command | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in ordered:
+        value = number(r["value"]) + (f" {r['unit']}" if r["unit"] and r["value"] is not None else "")
+        met = {True: "yes", False: "no"}.get(r["met"], "")
+        extras = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in r.items() if k not in SHOWN]
+        note = "; ".join(x for x in [r["note"], *extras] if x)
+        if r.get("superseded"):
+            sup = r["superseded"]
+            note = "superseded" + (f" ({sup})" if isinstance(sup, str) else "") + (f": {note}" if note else "")
+        load = "" if r["load"] is None else str(r["load"])
+        lines.append("| " + " | ".join(cell(x) for x in (r["date"], r["metric"], value, r["goal"], met,
+                                                          r["machine"], load, r["command"], note)) + " |")
+    return "\n".join(lines)
+
+
+def notes_text(path: Path) -> str:
+    """A notes file, its headings moved below the section's own (# and ## become ### and ####)."""
+    out, fenced = [], False
+    for line in path.read_text(encoding="utf-8").strip("\n").splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            if level < 3 and line[level:level + 1] == " ":
+                line = "#" * (level + 2) + line[level:]
+        out.append(line)
+    return "\n".join(out)
+
+
+def generate(results_dir: Path, notes_dir: Path) -> str:
+    """RESULTS.md's text from the rows under `results_dir` and the notes under `notes_dir`."""
+    results_dir, notes_dir = Path(results_dir), Path(notes_dir)
+    rows = {p.stem: load_rows(p) for p in sorted(results_dir.glob("*.jsonl"))}
+    notes = {p.stem: p for p in sorted(notes_dir.glob("*.md"))} if notes_dir.is_dir() else {}
+    benches = sorted(set(rows) | set(notes))
+    parts = ["# Benchmark results",
+             "<!-- Generated by benchmarks/make_results.py from benchmarks/results/*.jsonl and benchmarks/notes/*.md."
+             " Do not edit: run a benchmark (it appends rows), then `python benchmarks/make_results.py`. -->",
+             "Generated file: do not edit. Each benchmark appends one JSON line per measurement to "
+             "`benchmarks/results/<bench>.jsonl` (`common_bench.record_row`); prose about it lives in "
+             "`benchmarks/notes/<bench>.md`; `python benchmarks/make_results.py` rebuilds this file "
+             "(`--check`: is it current?). Rows are latest first; superseded rows are kept, at the end of their table.",
+             "## Contents",
+             "\n".join(f"- [{b}](#{b}) ({len(rows.get(b, []))} rows)" for b in benches)]
+    for bench in benches:
+        parts.append(f"## {bench}")
+        if bench in notes:
+            parts.append(notes_text(notes[bench]))
+        if rows.get(bench):
+            parts.append(table(rows[bench]))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if the output file differs from the generated text")
+    ap.add_argument("--results-dir", type=Path, default=HERE / "results")
+    ap.add_argument("--notes-dir", type=Path, default=HERE / "notes")
+    ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = ap.parse_args(argv)
+    try:
+        text = generate(args.results_dir, args.notes_dir)
+    except RowError as exc:
+        print(f"make_results: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        current = args.out.read_text(encoding="utf-8") if args.out.exists() else None
+        if current != text:
+            print(f"{args.out} is not generated from the rows: run python benchmarks/make_results.py", file=sys.stderr)
+            return 1
+        return 0
+    write_atomic(args.out, text)
+    print(f"wrote {args.out} ({len(text.splitlines())} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
