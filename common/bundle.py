@@ -35,7 +35,6 @@ the whole of what a site must trust before using weights, so it can be audited i
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -277,12 +276,6 @@ class ReleasePolicy:
             raise BundleVerificationError(
                 f"rollback refused: {where} was created {manifest['created']}, before the minimum "
                 f"{self.min_created.strftime(CREATED_FORMAT)}")
-
-
-def policy_from_args(args: argparse.Namespace) -> ReleasePolicy:
-    """The ReleasePolicy of a `verify`/`finetune`/`embed` command line (all three options optional)."""
-    return ReleasePolicy.from_args(getattr(args, "expect_run", None), getattr(args, "min_sequence", None),
-                                   getattr(args, "min_created", None))
 
 
 # -- verification -----------------------------------------------------------------------------------------
@@ -555,19 +548,8 @@ def _config_line(manifest: dict[str, Any]) -> str:
     return f"{CONFIG} sha256 {entry['sha256']} matches the manifest (timm: local-dir:BUNDLE)"
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    """`fedrad verify`: 0 and a summary when the bundle passes, 1 and the reason when it is refused."""
-    policy = policy_from_args(args)
-    try:
-        manifest = verify_bundle(Path(args.bundle), Path(args.pubkey), policy)
-    except BundleVerificationError as exc:
-        print(f"fedrad verify: FAILED: {exc}", file=sys.stderr)
-        return 1
-    print(describe(manifest, args.bundle, args.pubkey))
-    return 0
-
 
 __all__ = ["BUNDLE_FORMAT", "BundleVerificationError", "CARD", "CONFIG", "INTENSITY", "MANIFEST", "ReleasePolicy",
-           "SIGNATURE", "VerifiedBundle", "WEIGHTS", "build_backbone", "check_manifest", "cmd_verify", "describe",
-           "load_verified_backbone", "manifest_bytes", "parse_weights", "policy_from_args",
+           "SIGNATURE", "VerifiedBundle", "WEIGHTS", "build_backbone", "check_manifest", "describe",
+           "load_verified_backbone", "manifest_bytes", "parse_weights",
            "read_manifest_unverified", "read_verified", "sha256_bytes", "verify_bundle"]

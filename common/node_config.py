@@ -6,15 +6,19 @@ coordinator's); Flower hands them over as TOML scalars, `fedrad node` writes the
 value means "not set". A PACS source's `source-*` keys belong to fedrad.common.sources.pacs.PacsOptions (its
 `to_config` / `from_config`), and pass through here untouched.
 
-pydantic v2 (installed with flwr) checks the types: a bad value is a ValueError that names the key.
+One schema mechanism with the run config and the site policy (fedrad.common.schema.Schema, pydantic v2): a bad
+value is a one-line ConfigError (a ValueError) that names the key. Unlike the run config it lets unknown keys
+through (extra = "allow"): a source's own `source-*` keys.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, field_validator
+
+from fedrad.common.schema import Schema
 
 
 def _kebab(name: str) -> str:
@@ -36,10 +40,11 @@ def _switch(value: Any) -> bool:
     raise ValueError(f"must be one of {'/'.join(_ON)} or {'/'.join(_OFF)}")
 
 
-class NodeConfig(BaseModel):
+class NodeConfig(Schema):
     """The node-config keys fedrad reads, by kebab-case name (`data_dir` is `data-dir`)."""
 
     model_config = ConfigDict(frozen=True, extra="allow", alias_generator=_kebab, populate_by_name=True)
+    _where: ClassVar[str] = "node-config"
 
     data_dir: str = Field("", description="the site's folder, or a PACS URL (fedrad node --data / --source)")
     cache_dir: str = Field("", description="decoded-image cache (default <data>/.fedrad-cache)")
@@ -73,14 +78,10 @@ class NodeConfig(BaseModel):
         return str(value) if annotation is str else value
 
     @classmethod
-    def of(cls, node_config: Mapping[str, Any]) -> NodeConfig:
-        """The typed view of Flower's node-config mapping; a bad value raises ValueError naming the key."""
-        try:
-            return cls.model_validate(dict(node_config))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
-            raise ValueError(f"node-config '{key}': {err['msg']} (got {err.get('input')!r})") from None
+    def of(cls, node_config: Mapping[str, Any], source: str | None = None, text: str = "") -> NodeConfig:
+        """The typed view of Flower's node-config mapping (or of a node.toml's, `source` and its `text`); a bad
+        value is a one-line ConfigError naming the key (and `source:line`)."""
+        return cls.parse(node_config, source, text)
 
     def to_flower(self) -> dict[str, str]:
         """The set keys as `fedrad node` hands them to the SuperNode (strings; unset keys left out)."""

@@ -5,14 +5,20 @@ generated from these fields) and the benchmarks' in-process runs all read the sa
 federation is compared with trains the same recipe unless told otherwise. pyproject's `[tool.flwr.app.config]`
 declares the same keys and values (tests/test_recipe_defaults.py checks them field by field).
 
-Each field's `metadata["help"]` is its one-line description (the `fedrad pretrain` option help). Reading a recipe
-never imports torch: `augment_config` does, where training happens.
+A pydantic model on fedrad.common.schema.Schema (the one mechanism of run config, node config and site policy):
+each field's `description` is its one-line help (the `fedrad pretrain` option help); a refusal is one
+ConfigError line naming the key. Reading a recipe never imports torch: `augment_config` does, where training
+happens.
 """
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from collections.abc import Mapping
 from typing import Any, ClassVar
+
+from pydantic import Field, model_validator
+
+from fedrad.common.schema import Rule, Schema
 
 # The model's normalisation layers by name (fedrad.common.norms.NORMS; repeated here so that reading a recipe
 # never imports torch; tests/test_norm_policy.py checks the two agree).
@@ -24,11 +30,10 @@ OPTIMIZER_NAMES = ("adamw", "sgd", "lars")
 
 def _f(default: Any, help: str, choices: str | None = None) -> Any:  # noqa: A002 - argparse's word
     """A recipe field: its default, its help line and, for a name, where the allowed names come from."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+    return Field(default, description=help, json_schema_extra={"choices": choices} if choices else None)
 
 
-@dataclass(frozen=True)
-class Recipe:
+class Recipe(Schema):
     """What a model learns and how: architecture, objective, optimiser, schedule, augmentations."""
 
     # Error messages say where the values came from ("run-config" in RunConfig).
@@ -77,21 +82,29 @@ class Recipe:
     aug_noise_std: float = _f(0.03, "largest noise standard deviation")
 
     @classmethod
-    def recipe_fields(cls) -> list:
-        """The recipe's own dataclass fields (a subclass's extra fields excluded), in declaration order."""
-        return list(fields(Recipe))
+    def recipe_fields(cls) -> tuple[str, ...]:
+        """The recipe's own field names (a subclass's extra fields excluded), in declaration order."""
+        return tuple(Recipe.model_fields)
+
+    @classmethod
+    def field_help(cls, name: str) -> tuple[Any, str, str | None]:
+        """(default, help line, where its allowed names come from) of field `name`."""
+        info = cls.model_fields[name]
+        return info.default, info.description or "", (info.json_schema_extra or {}).get("choices")
 
     @classmethod
     def from_attrs(cls, obj: Any) -> Recipe:
         """The Recipe of an object carrying one attribute per recipe field (`fedrad pretrain`'s parsed options);
-        the range checks run, so a bad value is a ValueError naming the key."""
-        return Recipe(**{f.name: getattr(obj, f.name) for f in cls.recipe_fields()})
+        the range checks run, so a bad value is a ConfigError naming the key."""
+        return Recipe(**{name: getattr(obj, name) for name in cls.recipe_fields()})
 
     @classmethod
-    def from_flower(cls, run_config: dict[str, Any]):
+    def from_flower(cls, run_config: Mapping[str, Any], source: str | None = None, text: str = ""):
         """Build from a flat kebab-case dict of TOML scalars (Flower's run config, a file's table); unknown keys
-        and unreadable values are an error that names them."""
-        known = {f.name: f for f in fields(cls)}
+        and unreadable values are a ConfigError that names them (and `source:line` when `source` is given)."""
+        from fedrad.common.schema import ConfigError
+
+        known = cls.model_fields
         values: dict[str, Any] = {}
         unknown = []
         for key, value in run_config.items():
@@ -99,26 +112,34 @@ class Recipe:
             if name not in known:
                 unknown.append(key)
                 continue
-            default = known[name].default
-            if default is MISSING:
-                raise TypeError(f"{cls.__name__}.{name} has no default")
+            kind = known[name].annotation
             try:
-                if isinstance(default, bool):
+                if kind is bool:
                     values[name] = value if isinstance(value, bool) else str(value).lower() == "true"
-                elif isinstance(default, int):
+                elif kind is int:
                     values[name] = int(value)
-                elif isinstance(default, float):
+                elif kind is float:
                     values[name] = float(value)
                 else:
                     values[name] = str(value)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{cls._where} key '{key}': cannot read {value!r} as "
-                                 f"{type(default).__name__}") from exc
-        if unknown:
-            raise ValueError(f"unknown {cls._where} keys: {', '.join(sorted(unknown))}")
-        return cls(**values)
+            except (TypeError, ValueError):
+                message = f"{cls._where} key '{key}': cannot read {value!r} as {getattr(kind, '__name__', kind)}"
+                if source:
+                    from fedrad.common.toml_lines import at
 
-    def __post_init__(self) -> None:
+                    message = f"{at(source, text, key)}: {message}"
+                raise ConfigError(message, name) from None
+        if unknown:
+            raise ConfigError(f"unknown {cls._where} keys: {', '.join(sorted(unknown))}")
+        return cls.parse(values, source, text)
+
+    @model_validator(mode="after")
+    def _rules(self):
+        self._check()
+        return self
+
+    def _check(self) -> None:
+        """Every rule of this config (RunConfig adds the federation's)."""
         self._check_recipe()
 
     def _check_recipe(self) -> None:
@@ -127,33 +148,33 @@ class Recipe:
 
         w = self._where
         if self.image_size < 16 or self.batch_size < 2 or self.proj_dim < 1:
-            raise ValueError(f"{w} 'image-size' must be >= 16, 'batch-size' >= 2 and 'proj-dim' >= 1")
+            raise Rule(f"{w} 'image-size' must be >= 16, 'batch-size' >= 2 and 'proj-dim' >= 1", 'image_size')
         if not self.lr >= 0 or self.weight_decay < 0 or not self.temperature > 0:  # lr 0: weights stay as loaded
-            raise ValueError(f"{w} 'lr' and 'weight-decay' must be >= 0 and 'temperature' > 0")
+            raise Rule(f"{w} 'lr' and 'weight-decay' must be >= 0 and 'temperature' > 0", 'lr')
         if self.optimizer.lower() not in OPTIMIZER_NAMES:
-            raise ValueError(f"{w} 'optimizer': unknown '{self.optimizer}', choose one of "
-                             f"{', '.join(OPTIMIZER_NAMES)}")
+            raise Rule(f"{w} 'optimizer': unknown '{self.optimizer}', choose one of "
+                       f"{', '.join(OPTIMIZER_NAMES)}", 'optimizer')
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"{w} 'lr-schedule': unknown '{self.lr_schedule}', choose one of "
-                             f"{', '.join(LR_SCHEDULES)}")
+            raise Rule(f"{w} 'lr-schedule': unknown '{self.lr_schedule}', choose one of "
+                       f"{', '.join(LR_SCHEDULES)}", 'lr_schedule')
         if self.warmup_rounds < 0:
-            raise ValueError(f"{w} 'warmup-rounds' must be >= 0")
+            raise Rule(f"{w} 'warmup-rounds' must be >= 0", 'warmup_rounds')
         if not 0 <= self.lr_min <= self.lr:
-            raise ValueError(f"{w} 'lr-min' must be in [0, lr]")
+            raise Rule(f"{w} 'lr-min' must be in [0, lr]", 'lr_min')
         if not 0 < self.aug_crop_min <= self.aug_crop_max <= 1:
-            raise ValueError(f"{w} 'aug-crop-min' and 'aug-crop-max' must satisfy 0 < min <= max <= 1")
+            raise Rule(f"{w} 'aug-crop-min' and 'aug-crop-max' must satisfy 0 < min <= max <= 1", 'aug_crop_min')
         if self.norm not in NORM_NAMES:
-            raise ValueError(f"{w} 'norm': unknown '{self.norm}', choose one of {', '.join(NORM_NAMES)}")
+            raise Rule(f"{w} 'norm': unknown '{self.norm}', choose one of {', '.join(NORM_NAMES)}", 'norm')
         if not 0 <= self.aug_rotate <= 180:
-            raise ValueError(f"{w} 'aug-rotate' must be in [0, 180] degrees")
+            raise Rule(f"{w} 'aug-rotate' must be in [0, 180] degrees", 'aug_rotate')
         if not (0 <= self.aug_brightness < 1 and 0 <= self.aug_contrast < 1):
-            raise ValueError(f"{w} 'aug-brightness' and 'aug-contrast' must be in [0, 1)")
+            raise Rule(f"{w} 'aug-brightness' and 'aug-contrast' must be in [0, 1)", 'aug_brightness')
         if self.aug_gamma < 1:
-            raise ValueError(f"{w} 'aug-gamma' must be >= 1 (gamma is drawn in [1/g, g]; 1 switches it off)")
+            raise Rule(f"{w} 'aug-gamma' must be >= 1 (gamma is drawn in [1/g, g]; 1 switches it off)", 'aug_gamma')
         if not (0 <= self.aug_blur_p <= 1 and 0 <= self.aug_noise_p <= 1):
-            raise ValueError(f"{w} 'aug-blur-p' and 'aug-noise-p' must be probabilities in [0, 1]")
+            raise Rule(f"{w} 'aug-blur-p' and 'aug-noise-p' must be probabilities in [0, 1]", 'aug_blur_p')
         if self.aug_noise_std < 0:
-            raise ValueError(f"{w} 'aug-noise-std' must be >= 0")
+            raise Rule(f"{w} 'aug-noise-std' must be >= 0", 'aug_noise_std')
 
     def augment_config(self):
         """The AugmentConfig these keys describe (imports torch: call it where training happens)."""
@@ -178,7 +199,7 @@ class Recipe:
 
     def recipe_dict(self) -> dict[str, Any]:
         """The recipe's values by kebab-case key (what a weights file's metadata records)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in self.recipe_fields()}
+        return {name.replace("_", "-"): getattr(self, name) for name in self.recipe_fields()}
 
 
 RECIPE_DEFAULTS = Recipe()

@@ -1,17 +1,21 @@
 """Typed view of the Flower run-config (pyproject `[tool.flwr.app.config]`), shared by both apps.
 
 Flower hands run-config over as a flat dict of TOML scalars; both the ServerApp and the ClientApp read
-it through `RunConfig.from_flower` so a misspelt or mistyped key fails loudly, naming the key.
+it through `RunConfig.from_flower` so a misspelt or mistyped key fails loudly, naming the key. Every run-config
+rule is here (the privacy modes, per-sample DP, FedProx, SecAgg+ compatibility): `fedrad run` before submission,
+the coordinator and each site build this one type, so all three refuse the same config with the same line.
+A pydantic model (fedrad.common.schema.Schema, via Recipe): copy one with `cfg.replace(key=value)`, list its
+keys with `RunConfig.model_fields`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, ClassVar
 
 from fedrad.common.recipe import Recipe
+from fedrad.common.schema import Rule
 
 # Aggregation strategies by run-config name, each with the reason it cannot run under SecAgg+ (None: it
 # can). SecAgg+ unmasks only the weighted sum of the sites' updates, so only a weighted mean of updates
@@ -37,7 +41,6 @@ STRATEGY_NAMES: dict[str, str | None] = {
 
 
 
-@dataclass(frozen=True)
 class RunConfig(Recipe):
     """A federated run: the training recipe (fedrad.common.recipe.Recipe: model, objective, optimiser, schedule,
     augmentations, with their defaults and range checks) plus the federation's own keys below."""
@@ -109,26 +112,27 @@ class RunConfig(Recipe):
     publish_only: bool = False
     publish_linger: float = 0.0
 
-    def __post_init__(self) -> None:
-        """Refuse what cannot run as configured, naming the key: both `fedrad run` (before submission) and
-        the ServerApp build a RunConfig, so both refuse."""
+    def _check(self) -> None:
+        """Refuse what cannot run as configured, naming the key: `fedrad run` (before submission), the
+        ServerApp and every site build a RunConfig, so all refuse."""
         name = self.strategy.lower()
         if name not in STRATEGY_NAMES:
-            raise ValueError(f"run-config 'strategy': unknown '{self.strategy}', choose one of "
-                             f"{', '.join(STRATEGY_NAMES)}")
+            raise Rule(f"run-config 'strategy': unknown '{self.strategy}', choose one of "
+                       f"{', '.join(STRATEGY_NAMES)}", 'strategy')
         if self.secagg and STRATEGY_NAMES[name] is not None:
-            raise ValueError(f"run-config secagg=true cannot run strategy '{self.strategy}': it "
-                             f"{STRATEGY_NAMES[name]}. Use strategy=fedavg or fedprox with secagg, or secagg=false.")
+            raise Rule(f"run-config secagg=true cannot run strategy '{self.strategy}': it {STRATEGY_NAMES[name]}. "
+                       "Use strategy=fedavg or fedprox with secagg, or secagg=false.", "strategy")
         if self.norm_outlier_factor < 0 or self.max_example_factor < 0 or self.max_example_growth < 0:
-            raise ValueError("run-config 'norm-outlier-factor', 'max-example-factor' and 'max-example-growth' "
-                             "must be >= 0 (0 disables)")
+            raise Rule("run-config 'norm-outlier-factor', 'max-example-factor' and 'max-example-growth' "
+                       "must be >= 0 (0 disables)", 'norm_outlier_factor')
         if not 0 < self.max_site_share <= 1:
-            raise ValueError("run-config 'max-site-share' must be in (0, 1]")
+            raise Rule("run-config 'max-site-share' must be in (0, 1]", 'max_site_share')
         if self.publish_linger < 0 or (self.publish_only and not self.publish_dir):
-            raise ValueError("run-config 'publish-linger' must be >= 0, and publish-only needs 'publish-dir'")
+            raise Rule("run-config 'publish-linger' must be >= 0, and publish-only needs 'publish-dir'",
+                       "publish_linger" if self.publish_linger < 0 else "publish_only")
         self._check_recipe()
         if not 0 <= self.warmup_rounds < max(self.num_server_rounds, 1):
-            raise ValueError("run-config 'warmup-rounds' must be >= 0 and below num-server-rounds")
+            raise Rule("run-config 'warmup-rounds' must be >= 0 and below num-server-rounds", 'warmup_rounds')
         self._check_monitor()
         self._check_privacy()
 
@@ -147,39 +151,38 @@ class RunConfig(Recipe):
         """The privacy keys: refuse settings that cannot mean what they say (the coordinator, `fedrad run` and
         every site build a RunConfig, so all three refuse the same way)."""
         if self.dp not in DP_MODES:
-            raise ValueError(f"run-config 'dp': unknown '{self.dp}', choose one of {', '.join(DP_MODES)}")
+            raise Rule(f"run-config 'dp': unknown '{self.dp}', choose one of {', '.join(DP_MODES)}", 'dp')
         if self.dp == "none":
             return
         if self.dp_noise <= 0:
-            raise ValueError(f"run-config dp={self.dp} needs 'dp-noise' > 0 (the noise multiplier); "
-                             "with no noise there is no privacy guarantee")
+            raise Rule(f"run-config dp={self.dp} needs 'dp-noise' > 0 (the noise multiplier); "
+                       "with no noise there is no privacy guarantee", 'dp_noise')
         if self.dp_clip <= 0:
-            raise ValueError("run-config 'dp-clip' must be > 0")
+            raise Rule("run-config 'dp-clip' must be > 0", 'dp_clip')
         if not 0 < self.dp_delta < 1:
-            raise ValueError("run-config 'dp-delta' must be in (0, 1)")
+            raise Rule("run-config 'dp-delta' must be in (0, 1)", 'dp_delta')
         if self.dp == "client" and self.strategy.lower() != "fedavg":
-            raise ValueError(f"run-config dp=client works with strategy=fedavg only (the noise is calibrated to an "
-                             f"equal-weight mean of clipped updates), not '{self.strategy}'")
+            raise Rule(f"run-config dp=client works with strategy=fedavg only (the noise is calibrated to an "
+                       f"equal-weight mean of clipped updates), not '{self.strategy}'", 'dp')
         if self.dp == "sample":
             from fedrad.common.losses import per_sample_objectives
 
             per_sample = per_sample_objectives()
             if self.objective.lower() not in per_sample:
-                raise ValueError(
-                    f"run-config dp=sample needs a per-sample objective ({', '.join(per_sample)}); "
-                    f"'{self.objective}' couples the images of a batch (NT-Xent/SupCon/MICLe compare every image "
-                    "with every other), so per-sample clipping would not bound one image's influence and the "
-                    f"reported epsilon would be false. Use objective={' or '.join(per_sample)}, or dp=client for a "
-                    "site-level guarantee.")
+                raise Rule(f"run-config dp=sample needs a per-sample objective ({', '.join(per_sample)}); "
+                           f"'{self.objective}' couples the images of a batch (NT-Xent/SupCon/MICLe compare every "
+                           "image with every other), so per-sample clipping would not bound one image's influence and "
+                           f"the reported epsilon would be false. Use objective={' or '.join(per_sample)}, or "
+                           "dp=client for a site-level guarantee.", "objective")
             if self.secagg:
-                raise ValueError("run-config dp=sample with secagg=true is not supported; use dp=client with secagg")
+                raise Rule("run-config dp=sample with secagg=true is not supported; use dp=client with secagg", 'dp')
             if self.strategy.lower() == "fedprox":
-                raise ValueError("run-config dp=sample does not combine with strategy=fedprox (its proximal "
-                                 "gradient term is not clipped per image); choose another strategy")
+                raise Rule("run-config dp=sample does not combine with strategy=fedprox (its proximal "
+                           "gradient term is not clipped per image); choose another strategy", 'dp')
             if self.eval_in_train:
-                raise ValueError("run-config dp=sample does not combine with eval-in-train: the held-out metrics "
-                                 "would leave the sites un-noised (sites refuse it; under dp=sample no evaluation "
-                                 "is sent)")
+                raise Rule("run-config dp=sample does not combine with eval-in-train: the held-out metrics "
+                           "would leave the sites un-noised (sites refuse it; under dp=sample no evaluation "
+                           "is sent)", 'dp')
 
     @property
     def fedprox_mu(self) -> float:
@@ -191,20 +194,21 @@ class RunConfig(Recipe):
         """probe-monitor names one label column, never one SupCon trains on (its AUCs would flatter the model), and
         stays off under per-image DP; probe-monitor-images bounds what a site embeds per evaluation."""
         if not 16 <= self.probe_monitor_images <= 4096:
-            raise ValueError("run-config 'probe-monitor-images' must be in [16, 4096]")
+            raise Rule("run-config 'probe-monitor-images' must be in [16, 4096]", 'probe_monitor_images')
         column = self.probe_monitor
         if column != column.strip() or "," in column:
-            raise ValueError(f"run-config 'probe-monitor': {column!r} is not one label column name")
+            raise Rule(f"run-config 'probe-monitor': {column!r} is not one label column name", 'probe_monitor')
         if column and self.dp == "sample":
-            raise ValueError("run-config 'probe-monitor' cannot run with dp = \"sample\": its AUCs of the sites' "
-                             "labels would leave outside their image-level epsilon accounting")
+            raise Rule("run-config 'probe-monitor' cannot run with dp = \"sample\": its AUCs of the sites' "
+                       "labels would leave outside their image-level epsilon accounting")
         if column and column in self.label_field_list:
             from fedrad.common.losses import REGISTRY
 
             objective = REGISTRY.get(self.objective.lower())
             if objective is not None and objective().needs_labels:
-                raise ValueError(f"run-config 'probe-monitor' = {column!r} is one of the label-fields objective "
-                                 f"'{self.objective}' trains on: monitor a column the model does not learn from")
+                raise Rule(f"run-config 'probe-monitor' = {column!r} is one of the label-fields objective "
+                           f"'{self.objective}' trains on: monitor a column the model does not learn from",
+                           "probe_monitor")
 
     def round_lr(self, server_round: int) -> float:
         """The learning rate of `server_round` (1-based) under this run's schedule."""

@@ -14,14 +14,13 @@ image-level ε so far), so the figure is exactly what left, not a recomputation.
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter, deque
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedrad.client.site.site_state import REFUSALS_FILE, SiteState, state_paths
+from fedrad.client.site.site_state import REFUSALS_FILE, SiteState
 from fedrad.common.protocol import ErrorCode
 
 OUTGOING_FILE = "outgoing.jsonl"  # written by fedrad.client.app.wire_guard
@@ -191,7 +190,7 @@ def render(summary: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _when(text: str | None, flag: str) -> float | None:
+def parse_when(text: str | None, flag: str) -> float | None:
     if not text:
         return None
     try:
@@ -201,26 +200,4 @@ def _when(text: str | None, flag: str) -> float | None:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
-def cmd_audit(args) -> int:
-    if not (args.state_dir or args.data or args.audit_dir):
-        raise ValueError("give --state-dir (or --data, as the node was started with, or --audit-dir)")
-    state = state_paths({"state-dir": args.state_dir or "", "data-dir": args.data or "",
-                         "audit-dir": args.audit_dir or ""}) if (args.state_dir or args.data) else \
-        SiteState(root=Path(args.audit_dir).absolute().parent, audit_dir=Path(args.audit_dir).absolute())
-    if not state.audit_dir.is_dir():
-        raise FileNotFoundError(f"{state.audit_dir}: no audit folder (has the node run with this state?)")
-    since, until = _when(args.since, "--since"), _when(args.until, "--until")
-    if args.days is not None:
-        if args.days <= 0:
-            raise ValueError(f"--days {args.days}: must be a positive number of days")
-        since = (datetime.now(UTC) - timedelta(days=args.days)).timestamp()
-    summary = audit_summary(state, since, until)
-    if args.format == "json":
-        json.dump(summary, sys.stdout, indent=1)
-        print()
-    else:
-        print(render(summary))
-    return 0
-
-
-__all__ = ["OUTGOING_FILE", "audit_summary", "cmd_audit", "jsonl", "refusal_of", "render"]
+__all__ = ["OUTGOING_FILE", "audit_summary", "parse_when", "jsonl", "refusal_of", "render"]

@@ -179,8 +179,8 @@ def register_node(pubkey_path: Path | str, superlink_address: str, certs_dir: Pa
     The node is enrolled under `name` (default: the site's folder, `sites/<name>/node.pub`), which the
     coordinator shows in its logs, metrics and plots instead of the node id (fedrad.server.site_names).
     """
+    from fedrad.deploy.flower_cli import write_flwr_home
     from fedrad.deploy.processes import flower_env, tool
-    from fedrad.deploy.run_command import write_flwr_home
 
     pub = Path(pubkey_path).resolve()
     if not pub.exists():
@@ -213,7 +213,7 @@ def register_node(pubkey_path: Path | str, superlink_address: str, certs_dir: Pa
 
 def _one_line(flwr_output: str) -> str:
     """Flower's output with its rich error panels folded, as one line (the reason, not a box on a terminal)."""
-    from fedrad.deploy.run_command import FlowerBox
+    from fedrad.deploy.flower_cli import FlowerBox
 
     box, parts = FlowerBox(), []
     for line in flwr_output.splitlines():
@@ -233,7 +233,7 @@ def _now() -> float:
 # --- CLI handlers ----------------------------------------------------------------------------------
 
 
-def cmd_certs_init(args) -> int:
+def certs_init_main(args) -> int:
     sites = [s for s in str(args.sites).split(",") if s.strip()]
     hosts = [h for h in str(args.hosts).split(",") if h.strip()]
     init_certs(Path(args.out), sites, hosts)
@@ -247,7 +247,7 @@ def cmd_certs_init(args) -> int:
     return 0
 
 
-def cmd_add_site(args) -> int:
+def add_site_main(args) -> int:
     folder = add_site(Path(args.certs), args.name)
     root = Path(args.certs).resolve()
     print(f"fedrad certs: site {args.name} added to the consortium in {root} ({folder.resolve()}: ca.pem, node.key, "
@@ -256,7 +256,7 @@ def cmd_add_site(args) -> int:
     return 0
 
 
-def cmd_register(args) -> int:
+def register_main(args) -> int:
     try:
         text = register_node(Path(args.pubkey), args.superlink, Path(args.certs),
                              name=getattr(args, "site_name", None))
@@ -265,3 +265,10 @@ def cmd_register(args) -> int:
         return 1
     print(f"fedrad certs register: {Path(args.pubkey).name} enrolled at {args.superlink}\n{text}")
     return 0
+
+
+def tls_from(certs: str | None, site: str | None = None) -> TlsFiles | None:
+    """The coordinator's TLS files (`site=None`) from a `fedrad certs init` folder."""
+    if not certs:
+        return None
+    return tls_files(Path(certs), site)

@@ -1,10 +1,20 @@
-"""The `fedrad` command: one entry point for hospital IT, consortium operators and fine-tuning sites.
+"""The `fedrad` command: a thin shell over the typed command functions of fedrad.deploy.commands
+(site, operator, finetune), for hospital IT, consortium operators and fine-tuning sites.
 
-Every subcommand imports its implementation lazily, so `fedrad --help` and the Flower processes that
-import this package stay fast.
+Each subcommand parses its options and calls one function with them as keywords (`_lazy("site:scan")`), which
+it imports only when the subcommand runs, so `fedrad --help` and the Flower processes that import this package
+stay fast. The functions raise instead of returning exit codes; `main` turns errors.BadInput and the other
+bad-input errors into one line and exit 2, errors.Refused into its line and exit 1 (or the code it carries).
 
-Over 500 lines because it is the one parser of every audience's commands (issue 24's typer command layer is to
-split it by audience).
+This is the only module that imports argparse (tests/test_cli_shell.py checks it); it also parses the site
+runtime's own command line (`parse_runtime_args`, for `python -m fedrad.deploy.runtime_entry`).
+
+Why argparse and not typer (issue 24 suggested typer, which flwr installs): typer 0.20.1 without rich drops the
+help text of positional arguments (`fedrad scan --help` shows `[DATA]` with no description) and prints usage
+errors as three lines; `fedrad node --config` also needs parser defaults it can set from a file. The shell is
+small either way, since every behaviour lives in the command functions.
+
+Over 500 lines because it is the one parser of every audience's commands and their help texts.
 """
 
 from __future__ import annotations
@@ -16,10 +26,6 @@ import sys
 from pathlib import Path
 
 from fedrad.common.losses import OBJECTIVES
-from fedrad.deploy.export_command import register as register_export
-from fedrad.deploy.publish_command import add_release_source
-from fedrad.deploy.publish_command import register as register_publish
-from fedrad.deploy.recipe_options import add_recipe_options
 
 # Flower phones home and checks for updates unless told not to; fedrad runs on closed networks.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -45,14 +51,94 @@ exit codes:    0 done; 1 refused or failed (bundle verification, a run that did 
 """
 
 
+COMMANDS = "fedrad.deploy.commands"
+SHELL_ONLY = {"command", "func", "version", "log_format", "certs_cmd", "keys_cmd", "policy_cmd"}
+
+
 def _lazy(target: str):
-    """Return a handler that imports `module:function` only when the subcommand runs."""
+    """Return a handler that imports `AUDIENCE:function` of fedrad.deploy.commands only when the subcommand runs
+    and calls it with the parsed options as keywords (a function with **options also gets every other option)."""
 
     def run(args: argparse.Namespace) -> int:
-        module, func = target.split(":")
-        return int(getattr(importlib.import_module(module), func)(args) or 0)
+        import inspect
+
+        module, name = target.split(":")
+        func = getattr(importlib.import_module(f"{COMMANDS}.{module}"), name)
+        params = inspect.signature(func).parameters
+        rest = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        kwargs = {k: v for k, v in vars(args).items() if k not in SHELL_ONLY and (rest or k in params)}
+        func(**kwargs)
+        return 0
 
     return run
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser,
+                        title: str = "training recipe (as `fedrad run -c KEY=VALUE`)") -> None:
+    """One `--key` option per recipe field (fedrad.common.recipe.Recipe): its type, its default and its help from
+    the declaration, so `fedrad pretrain` takes every switch a federated run takes, under the same name."""
+    from fedrad.common.recipe import NORM_NAMES, OPTIMIZER_NAMES, Recipe
+
+    def choices(kind: str | None) -> tuple[str, ...] | None:
+        if kind == "objectives":  # read now: a test (or plugin) may register one after this module was imported
+            from fedrad.common.losses import OBJECTIVES
+
+            return tuple(OBJECTIVES)
+        if kind == "lr_schedules":
+            from fedrad.common.lr_schedule import LR_SCHEDULES
+
+            return LR_SCHEDULES
+        return {"optimizers": OPTIMIZER_NAMES, "norms": NORM_NAMES, None: None}[kind]
+
+    group = parser.add_argument_group(title)
+    for name in Recipe.recipe_fields():
+        default, help_line, kind = Recipe.field_help(name)
+        kw: dict = {"default": default, "help": help_line, "dest": name}
+        if isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = type(default)
+            allowed = choices(kind)
+            if allowed:
+                kw["choices"] = allowed
+        group.add_argument("--" + name.replace("_", "-"), **kw)
+
+
+def recipe_defaults_text() -> str:
+    """`fedrad run --help`'s list of the training recipe's keys and defaults: the same declaration and values as
+    `fedrad pretrain --help` (and pyproject's app config, tests/test_recipe_defaults.py)."""
+    from fedrad.common.recipe import Recipe
+
+    pairs = []
+    for name in Recipe.recipe_fields():
+        default = Recipe.field_help(name)[0]
+        shown = str(default).lower() if isinstance(default, bool) else (repr(default) if default == "" else default)
+        pairs.append(f"{name.replace('_', '-')}={shown}")
+    return ("training recipe run-config keys and their defaults (the same as `fedrad pretrain --help`; set one with "
+            "-c KEY=VALUE): " + ", ".join(pairs))
+
+
+def _add_release_source(p) -> None:
+    """`--release latest|ID` and `--state-dir` for finetune/embed/export (BUNDLE becomes optional)."""
+    p.add_argument("--release", default=None, metavar="latest|ID",
+                   help="use a release this site's node received (from --state-dir) instead of a BUNDLE folder; "
+                        "still verified with --pubkey (default: BUNDLE)")
+    p.add_argument("--state-dir", default=None, help="the site's state folder, for --release (no default)")
+
+
+def _add_publish_options(p, superlink_default: str | None) -> None:
+    p.add_argument("--superlink", default=superlink_default, help="coordinator address HOST[:PORT]"
+                   + ("" if superlink_default else " (needed with --publish; no default)"))
+    p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (default: no TLS)")
+    p.add_argument("--releases", default="fedrad-releases",
+                   help="the coordinator's folder of published releases (the list offered to sites)")
+    p.add_argument("--linger", type=float, default=0.0, metavar="SECONDS",
+                   help="keep serving sites that connect for this long (default 0: the sites connected now)")
+
+
+def _add_format(p, what: str = "output") -> None:
+    p.add_argument("--format", default="table", choices=["table", "json"],
+                   help=f"{what} (json: one JSON document on stdout, times ISO 8601, for piping)")
 
 
 SUPERLINK_HELP = "coordinator address HOST[:PORT] (port 8000 if left out)"
@@ -92,7 +178,8 @@ def _add_scan(sub) -> None:
                    "skipped as too-large, undecoded (a site policy's data.max_megapixels sets it for the node)")
     p.add_argument("--policy", default=None, help="site policy file whose [data] rules (modalities, burned-in "
                    "annotation) the inventory applies (default: the built-in policy)")
-    p.set_defaults(func=_lazy("fedrad.client.site.scan:cmd_scan"))
+    _add_format(p, "what is printed: the inventory as a table, or the inventory JSON itself")
+    p.set_defaults(func=_lazy("site:scan"))
 
 
 def _add_source(p) -> None:
@@ -134,8 +221,8 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--cache", default=None, help="decoded-image cache folder (default <data>/.fedrad-cache)")
     p.add_argument("--out", default="pretrained.safetensors",
                    help="weights file to write (checked before training: not a folder, writable)")
-    add_recipe_options(p)  # every recipe switch, with the defaults `fedrad run` uses (fedrad.common.recipe)
-    p.set_defaults(func=_lazy("fedrad.client.training.pretrain:cmd_pretrain"))
+    _add_recipe_options(p)  # every recipe switch, with the defaults `fedrad run` uses (fedrad.common.recipe)
+    p.set_defaults(func=_lazy("finetune:pretrain"))
 
 
 def _add_federation(sub) -> None:
@@ -145,7 +232,7 @@ def _add_federation(sub) -> None:
     p.add_argument("--state", default="fedrad-coordinator", help="folder for the SuperLink database and logs")
     p.add_argument("--certs", default=None,
         help="folder from `fedrad certs init` (TLS + node auth; default: insecure, loopback only)")
-    p.set_defaults(func=_lazy("fedrad.deploy.node_command:cmd_coordinator"))
+    p.set_defaults(func=_lazy("operator:coordinator"))
 
     p = sub.add_parser("node", help="start a site's Flower SuperNode next to its DICOMs")
     p.add_argument("--config", default=None, metavar="NODE_TOML",
@@ -198,9 +285,10 @@ def _add_federation(sub) -> None:
     p.add_argument("--max-releases", type=int, default=None, help="most released models this site keeps; a "
                    "newer one is refused until an older one is removed (default 5)")
     p.add_argument("--max-release-gib", type=float, default=None, help="most GiB of released models kept (default 20)")
-    p.set_defaults(func=_lazy("fedrad.deploy.node_command:cmd_node"))
+    p.set_defaults(func=_lazy("site:node"))
 
-    p = sub.add_parser("run", help="submit a pretraining run to the coordinator and follow it")
+    p = sub.add_parser("run", help="submit a pretraining run to the coordinator and follow it",
+                       epilog=recipe_defaults_text())
     p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
     p.add_argument("--run-dir", default=None,
         help="where checkpoints, metrics and plots go (default: runs/<date-time>)")
@@ -218,20 +306,20 @@ def _add_federation(sub) -> None:
                    help="with --sign-key: the run must start by then (sites refuse to START it after this many "
                         "days; a run already started goes on to its last round); each signature is usable for "
                         "one run only (default: 7)")
-    p.set_defaults(func=_lazy("fedrad.deploy.run_command:cmd_run"))
+    p.set_defaults(func=_lazy("operator:run"))
 
     p = sub.add_parser("runs", help="list the coordinator's runs: status, round, last loss (flwr ls)")
     p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
     p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (default: no TLS)")
     p.add_argument("--runs-dir", default="runs",
                    help="where `fedrad run` put the run directories (their metrics give round and loss)")
-    p.set_defaults(func=_lazy("fedrad.deploy.runs_command:cmd_runs"))
+    p.set_defaults(func=_lazy("operator:runs"))
 
     p = sub.add_parser("stop", help="stop a run on the coordinator (flwr stop)")
     p.add_argument("run", metavar="RUN", help="the run id, as `fedrad runs` lists it")
     p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
     p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (default: no TLS)")
-    p.set_defaults(func=_lazy("fedrad.deploy.runs_command:cmd_stop"))
+    p.set_defaults(func=_lazy("operator:stop"))
 
     p = sub.add_parser("demo", help="a real local consortium: 3 synthetic hospitals, SuperLink + 3 SuperNodes")
     p.add_argument("--workdir", default="fedrad-demo", help="folder for the sites, run directory and bundle")
@@ -239,7 +327,7 @@ def _add_federation(sub) -> None:
     p.add_argument("--objective", default="simclr", choices=OBJECTIVES, help="self-supervised loss")
     p.add_argument("--secure", action="store_true", help="TLS + SuperNode authentication on loopback")
     p.add_argument("--config", "-c", action="append", default=[], help="extra run-config KEY=VALUE")
-    p.set_defaults(func=_lazy("fedrad.deploy.demo:cmd_demo"))
+    p.set_defaults(func=_lazy("operator:demo"))
 
 
 def _add_policy(sub) -> None:
@@ -248,12 +336,12 @@ def _add_policy(sub) -> None:
     i = ps.add_parser("init", help="write the commented default policy file")
     i.add_argument("path", nargs="?", default=None, help="where (default fedrad-site-policy.toml)")
     i.add_argument("--force", action="store_true", help="replace an existing file")
-    i.set_defaults(func=_lazy("fedrad.client.site.policy:cmd_policy_init"))
+    i.set_defaults(func=_lazy("site:policy_init"))
     c = ps.add_parser("check", help="validate a policy file (errors name the line; exit 2)")
     c.add_argument("path", help="the policy file")
     c.add_argument("--ca", default=None,
         help="also check this CA certificate against coordinator.ca_sha256 (default: no CA check)")
-    c.set_defaults(func=_lazy("fedrad.client.site.policy:cmd_policy_check"))
+    c.set_defaults(func=_lazy("site:policy_check"))
 
 
 def _add_release(sub) -> None:
@@ -261,7 +349,7 @@ def _add_release(sub) -> None:
     ks = p.add_subparsers(dest="keys_cmd", required=True)
     g = ks.add_parser("generate", help="make an Ed25519 signing key pair")
     g.add_argument("--out", default="fedrad-signing", help="path prefix: writes PREFIX.key (0600) and PREFIX.pub")
-    g.set_defaults(func=_lazy("fedrad.server.release:cmd_keys_generate"))
+    g.set_defaults(func=_lazy("operator:keys_generate"))
 
     p = sub.add_parser("release", help="write a signed foundation-weights bundle from a run directory")
     p.add_argument("run_dir", help="the run directory `fedrad run` wrote")
@@ -270,17 +358,37 @@ def _add_release(sub) -> None:
     p.add_argument("--finetune-results", default=None, metavar="RESULTS_JSON",
                    help="results.json of `fedrad finetune`: its AUCs go into the bundle's MODEL_CARD.md "
                         "(default: the card says no evaluation is attached)")
-    p.set_defaults(func=_lazy("fedrad.server.release:cmd_release"))
+    p.add_argument("--license", default=None, metavar="ID",
+                   help="the weights' licence as the model card and timm config.json state it (a Hugging Face "
+                        "licence id; default apache-2.0)")
+    p.add_argument("--publish", action="store_true", help="then publish the bundle to the sites (signed "
+                   "with --key; see `fedrad publish`)")
+    _add_publish_options(p, None)
+    p.set_defaults(func=_lazy("operator:release"))
+
+    p = sub.add_parser("publish", help="send a signed bundle to every site over the consortium's connection")
+    p.add_argument("bundle", help="the bundle folder (from `fedrad release`)")
+    p.add_argument("--sign-key", required=True, metavar="CONSORTIUM_KEY",
+                   help="consortium private key: signs the publish run (sites run only signed runs) and checks the "
+                        "bundle before it is sent")
+    _add_publish_options(p, "127.0.0.1:8000")
+    p.set_defaults(func=_lazy("operator:publish"))
+
+    p = sub.add_parser("releases", help="list the verified releases this site's node received")
+    p.add_argument("--state-dir", required=True, help="the site's state folder (as `fedrad node` printed it)")
+    p.add_argument("--pubkey", default=None, help="verify each again with this consortium.pub (default: list only)")
+    _add_format(p)
+    p.set_defaults(func=_lazy("site:releases"))
 
     p = sub.add_parser("verify", help="check a bundle's signature and the hashes of its weights and model card")
     p.add_argument("bundle", help="the bundle folder (from `fedrad release`)")
     p.add_argument("--pubkey", required=True, help="the consortium's public key (consortium.pub)")
     _add_release_policy(p)
-    p.set_defaults(func=_lazy("fedrad.common.bundle:cmd_verify"))
+    p.set_defaults(func=_lazy("site:verify"))
 
     p = sub.add_parser("finetune", help="label-efficiency fine-tuning of a bundle on a site's labelled set")
     p.add_argument("bundle", nargs="?", help="the bundle folder (from `fedrad release`), or give --release")
-    add_release_source(p)
+    _add_release_source(p)
     p.add_argument("--pubkey", default=None, help="verify the bundle first (required unless --insecure; no default)")
     p.add_argument("--insecure", action="store_true", help="skip signature verification")
     p.add_argument("--data", required=True, help="DICOM folder, PNG folder, or a .npz (MedMNIST layout)")
@@ -305,18 +413,29 @@ def _add_release(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", default="finetune-results", help="results folder (JSON, CSV, plot)")
     _add_release_policy(p)
-    p.set_defaults(func=_lazy("fedrad.client.tools.finetune.command:cmd_finetune"))
+    p.set_defaults(func=_lazy("finetune:finetune"))
 
     p = sub.add_parser("embed", help="write embeddings (npy + CSV) and a t-SNE plot for a folder")
     p.add_argument("bundle", nargs="?", help="the bundle folder (from `fedrad release`), or give --release")
-    add_release_source(p)
+    _add_release_source(p)
     p.add_argument("--pubkey", default=None, help="verify the bundle first (required unless --insecure; no default)")
     p.add_argument("--insecure", action="store_true", help="skip signature verification")
     p.add_argument("--data", required=True, help="DICOM folder, PNG folder, or a .npz (MedMNIST layout)")
     p.add_argument("--color-by", default=None, help="label column to colour the t-SNE plot (default: one colour)")
     p.add_argument("--out", default="embeddings", help="output folder")
     _add_release_policy(p)
-    p.set_defaults(func=_lazy("fedrad.client.tools.embed:cmd_embed"))
+    p.set_defaults(func=_lazy("finetune:embed"))
+
+    from fedrad.client.tools.exporters import FORMATS
+
+    p = sub.add_parser("export", help="write a verified release as a MONAI bundle, an ONNX graph or TorchScript")
+    p.add_argument("bundle", nargs="?", help="the release folder (from `fedrad release`), or give --release")
+    _add_release_source(p)
+    p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
+    p.add_argument("--pubkey", required=True, help="consortium public key: the release is verified first")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    _add_release_policy(p)
+    p.set_defaults(func=_lazy("finetune:export"))
 
 
 def _add_release_policy(p) -> None:
@@ -337,18 +456,18 @@ def _add_security(sub) -> None:
     i.add_argument("--out", default="fedrad-certs", help="output folder (mode 0700)")
     i.add_argument("--sites", default="site-a,site-b,site-c", help="site names, comma separated")
     i.add_argument("--hosts", default="localhost,127.0.0.1,::1", help="coordinator DNS names / IPs (SANs)")
-    i.set_defaults(func=_lazy("fedrad.deploy.certs:cmd_certs_init"))
+    i.set_defaults(func=_lazy("operator:certs_init"))
     a = cs.add_parser("add-site", help="add a site's node key pair to an existing consortium (CA unchanged)")
     a.add_argument("name", help="the new site's name (its folder under --certs/sites)")
     a.add_argument("--certs", default="fedrad-certs", help="the consortium folder from `fedrad certs init`")
-    a.set_defaults(func=_lazy("fedrad.deploy.certs:cmd_add_site"))
+    a.set_defaults(func=_lazy("operator:certs_add_site"))
     r = cs.add_parser("register", help="enrol a site's public key with the coordinator")
     r.add_argument("pubkey", help="the site's node public key file")
     r.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
     r.add_argument("--certs", required=True, help="folder holding the consortium CA")
     r.add_argument("--site-name", default=None, help="the name the coordinator shows for this site in logs, "
                    "metrics and plots (default: the key's folder, e.g. site-a for sites/site-a/node.pub)")
-    r.set_defaults(func=_lazy("fedrad.deploy.certs:cmd_register"))
+    r.set_defaults(func=_lazy("operator:certs_register"))
 
 
 def _add_console(sub, parser) -> None:
@@ -359,20 +478,20 @@ def _add_console(sub, parser) -> None:
     run, runs = sub.choices["run"], sub.choices["runs"]
     run.add_argument("--detach", action="store_true", help="return once the coordinator accepted the run (prints "
                      "its id; re-attach with `fedrad log RUN --follow`)")
-    runs.add_argument("--format", default="table", choices=["table", "json"], help="output (json: ISO 8601 times)")
+    _add_format(runs)
     p = sub.add_parser("log", help="the log of a run at the coordinator; --follow re-attaches until it ends")
     p.add_argument("run", metavar="RUN", help="the run id, as `fedrad run --detach` or `fedrad runs` prints it")
     p.add_argument("--follow", "-f", action="store_true",
                    help="stream until the run ends; exit 0 if it completed, 1 if it failed or was stopped")
     p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
     p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (default: no TLS)")
-    p.set_defaults(func=_lazy("fedrad.deploy.runs_command:cmd_log"))
+    p.set_defaults(func=_lazy("operator:log"))
     p = sub.add_parser("sites", help="the sites enrolled at the coordinator, connected or not (flwr supernode list)")
     p.add_argument("--superlink", default="127.0.0.1:8000", help=SUPERLINK_HELP)
     p.add_argument("--certs", default=None, help="folder holding the consortium CA, ca.pem (default: no TLS)")
     p.add_argument("--runs-dir", default="runs", help="run directories: the sites' names, images and rejections")
     p.add_argument("--format", default="table", choices=["table", "json"], help="output (json: ISO 8601 times)")
-    p.set_defaults(func=_lazy("fedrad.deploy.runs_command:cmd_sites"))
+    p.set_defaults(func=_lazy("operator:sites"))
     p = sub.add_parser("dashboard", help="read-only web dashboard of the runs and sites, on the coordinator host")
     p.add_argument("--runs-dir", default="runs", help="where `fedrad run` puts the run directories")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback only with TLS and a "
@@ -387,7 +506,7 @@ def _add_console(sub, parser) -> None:
                    "reach it by (repeatable; default: loopback and --host only)")
     p.add_argument("--tls-cert", default=None, help="HTTPS certificate (PEM; default: plain HTTP on loopback)")
     p.add_argument("--tls-key", default=None, help="HTTPS private key (PEM; with --tls-cert; default: none)")
-    p.set_defaults(func=_lazy("fedrad.deploy.dashboard:cmd_dashboard"))
+    p.set_defaults(func=_lazy("operator:dashboard"))
     p = sub.add_parser("audit", help="at a site: what left this node per run and per day, refusals, releases")
     p.add_argument("--state-dir", default=None, help="the node's --state-dir (default: derived from --data)")
     p.add_argument("--data", default=None, help="the node's --data folder, to find its default state (default: none)")
@@ -395,13 +514,13 @@ def _add_console(sub, parser) -> None:
     p.add_argument("--days", type=float, default=None, help="only the last N days (default: everything)")
     p.add_argument("--since", default=None, metavar="DATE", help="from this UTC date or time (default: the start)")
     p.add_argument("--until", default=None, metavar="DATE", help="before this UTC date or time (default: now)")
-    p.add_argument("--format", default="table", choices=["table", "json"], help="output (times ISO 8601, UTC)")
-    p.set_defaults(func=_lazy("fedrad.deploy.audit_command:cmd_audit"))
+    _add_format(p)
+    p.set_defaults(func=_lazy("site:audit"))
     p = sub.add_parser("tensorboard", help="TensorBoard event files from a run's metrics.jsonl (RUN_DIR/tensorboard)")
     p.add_argument("run_dir", help="the run directory `fedrad run` wrote")
     p.add_argument("--follow", action="store_true",
                    help="keep exporting new rounds until the run finishes (default: export once)")
-    p.set_defaults(func=_lazy("fedrad.deploy.tensorboard_command:cmd_tensorboard"))
+    p.set_defaults(func=_lazy("operator:tensorboard"))
 
 
 def _add_ingest(sub) -> None:
@@ -419,7 +538,7 @@ def _add_ingest(sub) -> None:
                    "the last pass; a full pass runs by itself when the last one is over 24 h old)")
     p.add_argument("--compact", action="store_true", help="then rewrite the store without the images of deleted "
                    "files (refused, exit 2, while a round or another ingest uses the store)")
-    p.set_defaults(func=_lazy("fedrad.client.site.ingest:cmd_ingest"))
+    p.set_defaults(func=_lazy("site:ingest"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -435,8 +554,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_federation(sub)
     _add_policy(sub)
     _add_release(sub)
-    register_publish(sub, _lazy)
-    register_export(sub, _lazy, _add_release_policy)
     _add_security(sub)
     _add_console(sub, parser)
     _add_ingest(sub)
@@ -499,15 +616,62 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    return run_command(args.func, args, _command_words(args))
+
+
+def _command_words(args: argparse.Namespace) -> str:
+    sub = next((getattr(args, k) for k in ("certs_cmd", "keys_cmd", "policy_cmd") if getattr(args, k, None)), None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
+def run_command(func, args: argparse.Namespace, command: str) -> int:
+    """Call the command; its exceptions become one line on stderr and the exit code (README "Exit codes")."""
+    from fedrad.deploy.commands.errors import BundleRefused, FedradError
+
     try:
-        return args.func(args)
+        return func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BundleRefused as exc:
+        print(f"fedrad {command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except FedradError as exc:
+        if str(exc):  # empty: what ran already said why
+            kind = "error: " if exc.exit_code == 2 and not str(exc).startswith("error:") else ""
+            print(f"fedrad {command}: {kind}{exc}", file=sys.stderr)
+        return exc.exit_code
     except (FileNotFoundError, ValueError, PermissionError) as exc:
         # Bad input: say what and where, without a traceback wall.
-        print(f"fedrad {args.command}: error: {exc}", file=sys.stderr)
+        print(f"fedrad {command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def parse_runtime_args(argv: list[str] | None = None):
+    """The site runtime's command line (`python -m fedrad.deploy.runtime_entry MODE --port N ... [-- SUPERNODE]`,
+    started by `fedrad node` and by the runtime itself) as fedrad.client.runtime.site_runtime.RuntimeArgs."""
+    from fedrad.client.runtime.log_lines import LOG_LEVELS
+    from fedrad.client.runtime.site_runtime import DEFAULT_CLIENT_APP, RUNTIME_MODES, RuntimeArgs
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    supernode_cmd: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, supernode_cmd = argv[:cut], argv[cut + 1:]
+    p = argparse.ArgumentParser(prog="python -m fedrad.deploy.runtime_entry",
+                                description="fedrad's site runtime: the trust gate between the SuperNode and the "
+                                "ClientApp")
+    p.add_argument("mode", choices=RUNTIME_MODES)
+    p.add_argument("--port", type=int, required=True, help="the SuperNode's Runtime API port on 127.0.0.1")
+    p.add_argument("--consortium-key", type=Path, default=None, help="consortium.pub: runs must be signed by it")
+    p.add_argument("--allow-unsigned", action="store_true", help="also run unsigned runs (local experiments)")
+    p.add_argument("--client-app", default=DEFAULT_CLIENT_APP, help="the installed ClientApp, module:attribute")
+    p.add_argument("--client-app-dir", type=Path, default=None, help="folder holding --client-app's module")
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="the node's and its tasks' log level")
+    p.add_argument("--fresh-process-per-message", action="store_true",
+                   help="serve: a fresh process per message instead of a warm worker per run (slower; fallback)")
+    p.add_argument("--run-id", type=int, default=0, help="worker: the run it serves (for its log lines)")
+    return RuntimeArgs(**vars(p.parse_args(argv)), supernode_cmd=tuple(supernode_cmd))
 
 
 if __name__ == "__main__":

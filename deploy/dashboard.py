@@ -111,7 +111,7 @@ class Coordinator:
         self.error: str | None = None
 
     def refresh(self) -> None:
-        from fedrad.deploy.runs_command import CoordinatorError, flwr_json
+        from fedrad.deploy.flower_cli import CoordinatorError, flwr_json
 
         if not self.superlink:
             return
@@ -373,11 +373,11 @@ def check_exposure(host: str, token: str | None, tls_cert: str | None, tls_key: 
                          f"--tls-key) and a token (--token-file or {TOKEN_ENV})")
 
 
-def cmd_dashboard(args) -> int:
+def dashboard_main(args) -> int:
     import uvicorn
 
+    from fedrad.deploy.flower_cli import ca_from
     from fedrad.deploy.processes import with_default_port
-    from fedrad.deploy.run_command import _ca_from
 
     token = read_token(args.token_file)
     check_exposure(args.host, token, args.tls_cert, args.tls_key)
@@ -386,7 +386,7 @@ def cmd_dashboard(args) -> int:
         raise FileNotFoundError(f"--runs-dir {runs_dir}: no such folder (where `fedrad run` writes its runs)")
     superlink = with_default_port(args.superlink) if args.superlink else None
     hosts = tuple(dict.fromkeys([*LOOPBACK_NAMES, args.host, *(args.allow_host or [])]))
-    app = build_app(runs_dir, token, superlink, _ca_from(args.certs), secure_cookie=bool(args.tls_cert), hosts=hosts)
+    app = build_app(runs_dir, token, superlink, ca_from(args.certs), secure_cookie=bool(args.tls_cert), hosts=hosts)
     scheme = "https" if args.tls_cert else "http"
     print(f"fedrad dashboard: {scheme}://{args.host}:{args.port}/ over {runs_dir}"
           + (" (token required)" if token else " (no token: loopback only)"), file=sys.stderr, flush=True)
@@ -395,5 +395,5 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
-__all__ = ["COOKIE", "TOKEN_ENV", "build_app", "check_exposure", "cmd_dashboard", "plotly_js", "read_token",
+__all__ = ["COOKIE", "TOKEN_ENV", "build_app", "check_exposure", "dashboard_main", "plotly_js", "read_token",
            "session_value"]

@@ -54,7 +54,7 @@ def _raise_keyboard_interrupt(signum, _frame):
     raise KeyboardInterrupt
 
 
-def cmd_demo(args) -> int:
+def demo_main(args) -> int:
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     t_start = time.time()
     workdir = Path(args.workdir).resolve()

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 from fedrad.client.runtime.site_runtime import SiteTrust
+from fedrad.deploy.certs import tls_from
 from fedrad.deploy.processes import (
     TlsFiles,
     _run_foreground,
-    _tls_from,
     flower_env,
     is_loopback,
     superlink_command,
@@ -31,13 +31,13 @@ def _node_tls_from(certs: str | None, site: str | None) -> TlsFiles | None:
             raise FileNotFoundError(f"--certs {folder}: no node.key here; give the site's own folder "
                                     "(e.g. fedrad-certs/sites/site-a) or add --site-name")
         site = folder.name
-    return _tls_from(certs, site)
+    return tls_from(certs, site)
 
 
-def cmd_coordinator(args) -> int:
+def coordinator_main(args) -> int:
     state = Path(args.state).resolve()
     state.mkdir(parents=True, exist_ok=True)
-    tls = _tls_from(args.certs)
+    tls = tls_from(args.certs)
     cmd = superlink_command(state, args.host, args.port, tls, node_auth=tls is not None)
     print(f"fedrad coordinator: SuperLink on {args.host}:{args.port} "
           f"({'TLS + node authentication' if tls else 'insecure, loopback/trusted network only'}); "
@@ -51,12 +51,13 @@ def node_location(args) -> tuple[str | Path, str | None, dict[str, str], dict]:
     the secret is)."""
     source, cache, source_config, scan_kw = getattr(args, "source", None), args.cache, {}, {}
     if source:  # a PACS: node config data-dir holds its URL, source-* its query and limits (site-local)
-        from fedrad.client.site.scan import source_options_from_args
+        from fedrad.client.site.scan import PACS_LIMITS, source_options
         from fedrad.common.sources.pacs import default_source_cache_dir, is_source_url
 
         if args.data or not is_source_url(source):
             raise ValueError("--source: give dicomweb+https://HOST/PATH or dimse://AET@HOST:PORT, without --data")
-        options = source_options_from_args(args)
+        options = source_options(args.query, args.since, args.until,
+                                 **{k: getattr(args, k, None) for k in PACS_LIMITS})
         cache = cache or str(default_source_cache_dir(source))
         data, source_config, scan_kw = source, options.to_config(), {"source_options": options, "cache_dir": cache}
     else:
@@ -73,7 +74,7 @@ def node_location(args) -> tuple[str | Path, str | None, dict[str, str], dict]:
 NOT_ENROLLED = "Failed to activate SuperNode"
 
 
-def cmd_node(args) -> int:
+def node_main(args) -> int:
     data, cache, source_config, scan_kw = node_location(args)
     trust = SiteTrust(
         consortium_key=Path(args.consortium_key).resolve() if args.consortium_key else None,

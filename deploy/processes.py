@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedrad.client.runtime.site_runtime import SiteTrust, _copy_plain
+from fedrad.client.runtime.log_lines import copy_plain
+from fedrad.client.runtime.site_runtime import RUNTIME_MODULE, SiteTrust
 from fedrad.common.log_rotation import RotatingLog
 
 DEFAULT_PORT = 8000  # flwr 1.41 SuperLink: Fleet, Control and Runtime APIs share one HTTP port
@@ -92,7 +93,7 @@ class ProcessGroup:
         self._logs.append(log_fh)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env or flower_env(),
                                 cwd=cwd, start_new_session=True, text=True, encoding="utf-8", errors="replace")
-        pump = threading.Thread(target=_copy_plain, args=(proc.stdout, log_fh), name=f"log-{name}", daemon=True)
+        pump = threading.Thread(target=copy_plain, args=(proc.stdout, log_fh), name=f"log-{name}", daemon=True)
         pump.start()
         self._pumps.append(pump)
         self.procs.append((name, proc))
@@ -230,7 +231,7 @@ def supernode_command(superlink: str, port: int, node_config: dict[str, object],
             # flwr 1.41 derives the public key from the private one (--auth-supernode-public-key is deprecated)
             node += ["--auth-supernode-private-key", str(tls.node_private_key)]
     # -I: the runtime imports nothing from the working directory or PYTHON* variables.
-    return [sys.executable, "-I", "-u", "-m", "fedrad.client.runtime.site_runtime", "serve", "--port", str(port),
+    return [sys.executable, "-I", "-u", "-m", RUNTIME_MODULE, "serve", "--port", str(port),
             "--log-level", log_level, *trust.args(), "--", *node]
 
 
@@ -286,15 +287,6 @@ def _installed_app(package: Path) -> Path:
     return folder
 
 
-def _tls_from(certs: str | None, site: str | None = None) -> TlsFiles | None:
-    """The coordinator's TLS files (`site=None`) from a `fedrad certs init` folder."""
-    if not certs:
-        return None
-    from fedrad.deploy.certs import tls_files
-
-    return tls_files(Path(certs), site)
-
-
 def with_default_port(address: str, port: int = DEFAULT_PORT) -> str:
     """`host` -> `host:8000` (IPv6 too: `::1` -> `[::1]:8000`); an address with a port is kept."""
     address = address.strip()
@@ -331,7 +323,7 @@ def _run_foreground(cmd: list[str], env: dict[str, str], watch: Callable[[str], 
                             stderr=subprocess.STDOUT if plain else None, text=plain or None,
                             encoding="utf-8" if plain else None, errors="replace" if plain else None)
     lines = proc.stdout if watch is None else _watched(proc.stdout, watch)
-    pump = threading.Thread(target=_copy_plain, args=(lines, sys.stdout), daemon=True) if plain else None
+    pump = threading.Thread(target=copy_plain, args=(lines, sys.stdout), daemon=True) if plain else None
     if pump:
         pump.start()
 

@@ -16,9 +16,10 @@ import time
 import tomllib
 from pathlib import Path
 
-from fedrad.client.runtime.site_runtime import _ANSI
+from fedrad.client.runtime.log_lines import ANSI
 from fedrad.common.log_rotation import RotatingLog
 from fedrad.common.toml_lines import key_line
+from fedrad.deploy.flower_cli import RUN_FAILED_EXIT, CoordinatorError, FlowerBox, ca_from, flwr_json, write_flwr_home
 from fedrad.deploy.processes import (
     _signal_tree,
     app_dir,
@@ -84,18 +85,6 @@ def validate_with_lines(overrides: dict[str, object], files: list[Path]) -> None
         raise
 
 
-def write_flwr_home(home: Path, address: str, ca_cert: Path | None = None) -> Path:
-    """A private FLWR_HOME whose config.toml names the coordinator's Control API as connection 'fedrad'."""
-    home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", 'default = "fedrad"', "", "[superlink.fedrad]", f"address = {json.dumps(address)}"]
-    if ca_cert is None:
-        lines.append("insecure = true")
-    else:
-        lines.append(f"root-certificates = {json.dumps(str(ca_cert))}")
-    (home / "config.toml").write_text("\n".join(lines) + "\n")
-    return home
-
-
 def run_config_string(overrides: dict[str, object], app: Path, sign_key: Path | None = None,
                       valid_seconds: float | None = None) -> str:
     """The `--run-config` string for `flwr run`; with `sign_key`, plus the consortium's `run-signature`.
@@ -147,7 +136,7 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
         colour_ok = sys.stdout.isatty()  # colours only on a terminal, never in a redirected file
         for line in proc.stdout:
             if log_fh:
-                log_fh.write(_ANSI.sub("", line))  # Flower colours its lines whatever they are written to
+                log_fh.write(ANSI.sub("", line))  # Flower colours its lines whatever they are written to
                 log_fh.flush()
             if run_id is None and (started := _STARTED.search(line)):
                 run_id = int(started.group(1))
@@ -157,7 +146,7 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
                 if boxed.message:
                     print(f"fedrad run: flwr: {boxed.message}", file=sys.stderr, flush=True)
             elif _worth_showing(line):
-                print((line if colour_ok else _ANSI.sub("", line)).rstrip(), flush=True)
+                print((line if colour_ok else ANSI.sub("", line)).rstrip(), flush=True)
         code = proc.wait()
         return _run_outcome(code, run_id, superlink, ca_cert, log_path)
     except KeyboardInterrupt:
@@ -177,11 +166,12 @@ def submit_run(superlink: str, overrides: dict[str, object], log_path: Path | No
 
 
 _STARTED = re.compile(r"Successfully started run (\d+)")
-RUN_FAILED_EXIT = 1  # the coordinator says the run ended "finished:failed" or "finished:stopped"
+STATUS_POLL_SECONDS = 5.0
 
 
 def _run_outcome(code: int, run_id: int | None, superlink: str, ca_cert: Path | None, log_path: Path | None) -> int:
-    """flwr's exit code, unless the coordinator says the run did not complete.
+    """flwr's exit code, unless the coordinator says the run did not complete (a run still going when the stream
+    ended is waited for).
 
     `flwr run --stream` (Flower 1.41) exits 0 once the stream ends, also when the ServerApp raised (its
     "Exit Code: 201" is only printed in the stream), so an operator's script, CI or benchmark would take a failed
@@ -190,14 +180,22 @@ def _run_outcome(code: int, run_id: int | None, superlink: str, ca_cert: Path | 
     """
     if code != 0 or run_id is None:
         return code
-    from fedrad.deploy.runs_command import CoordinatorError, flwr_json
-
-    try:
-        runs = flwr_json(["ls", "--run-id", str(run_id)], superlink, ca_cert).get("runs") or []
-    except CoordinatorError:
-        return code
-    status = str(runs[0].get("status") or "") if runs else ""
-    if not status.startswith("finished:") or status == "finished:completed":
+    said_waiting = False
+    while True:
+        try:
+            runs = flwr_json(["ls", "--run-id", str(run_id)], superlink, ca_cert).get("runs") or []
+        except CoordinatorError:
+            return code
+        status = str(runs[0].get("status") or "") if runs else ""
+        if not runs or status.startswith("finished:"):
+            break
+        # The stream can end while the run goes on (a busy SuperLink): follow the run to its end, not the stream.
+        if not said_waiting:
+            print(f"fedrad run: the stream ended while run {run_id} is {status or 'unknown'} at the coordinator; "
+                  "waiting for it to finish", file=sys.stderr, flush=True)
+            said_waiting = True
+        time.sleep(STATUS_POLL_SECONDS)
+    if status == "finished:completed" or not runs:
         return code
     where = f"; its log: {log_path}" if log_path else ""
     print(f"fedrad run: run {run_id} ended {status} at the coordinator{where}", file=sys.stderr, flush=True)
@@ -239,50 +237,6 @@ def _worth_showing(line: str) -> bool:
                                          "Successfully", "failed", "Failed", "denied", "refused"))
 
 
-_BOX_EDGES = "╭│╰"
-
-
-class FlowerBox:
-    """Folds one of `flwr`'s rich panels (its errors: ╭─ Error ─╮ │ text │ ╰─╯) into one line.
-
-    `feed(line)` says whether the line belonged to a panel; after the closing edge, `message` holds the
-    panel's title and text joined by spaces ("" until then).
-    """
-
-    def __init__(self) -> None:
-        self._parts: list[str] = []
-        self._open = False
-        self.message = ""
-
-    def feed(self, line: str) -> bool:
-        text = line.strip()
-        self.message = ""
-        if not text or text[0] not in _BOX_EDGES:
-            return False
-        inner = text.strip("╭╮╰╯│─ ")
-        if text[0] == "╭":
-            self._parts, self._open = ([inner] if inner else []), True
-        elif text[0] == "│" and self._open:
-            if inner:
-                self._parts.append(inner)
-        elif text[0] == "╰":
-            title, *body = self._parts or [""]
-            joined = " ".join(body)
-            self.message = f"{title}: {joined}" if title and body else (title or joined)
-            self._parts, self._open = [], False
-        return True
-
-
-def _ca_from(certs: str | None) -> Path | None:
-    """The consortium CA that `fedrad run` trusts: `ca.pem` in the --certs folder (no private key needed)."""
-    if not certs:
-        return None
-    ca = Path(certs).resolve() / "ca.pem"
-    if not ca.exists():
-        raise FileNotFoundError(f"--certs: {ca} does not exist (the consortium CA from `fedrad certs init`)")
-    return ca
-
-
 def app_run_config(app: Path | None = None) -> dict[str, object]:
     """The app's run-config defaults: `[tool.flwr.app.config]` of its pyproject.toml, as Flower reads them."""
     pyproject = Path(app or app_dir()) / "pyproject.toml"
@@ -306,7 +260,7 @@ def validate_run_config(overrides: dict[str, object], app: Path | None = None) -
         init_kind(cfg.init, cfg.init_pubkey or None)
 
 
-def cmd_run(args) -> int:
+def run_main(args) -> int:
     overrides = parse_overrides(args.config)
     superlink = with_default_port(args.superlink)
     if args.resume:
@@ -328,7 +282,7 @@ def cmd_run(args) -> int:
             overrides[key] = str(Path(str(overrides[key])).expanduser().resolve())
     files = [Path(c) for c in args.config if c.endswith(".toml") and "=" not in c]
     validate_with_lines(overrides, files)  # a bad -c value: one line naming the key (and line), exit 2
-    ca = _ca_from(args.certs)
+    ca = ca_from(args.certs)
     sign_key = Path(args.sign_key).resolve() if args.sign_key else None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -363,7 +317,7 @@ def submit_detached(superlink: str, overrides: dict[str, object], ca_cert: Path 
         raise SubmitError(f"{superlink}: no answer in {timeout:.0f} s") from None
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    text = _ANSI.sub("", out.stdout + out.stderr)
+    text = ANSI.sub("", out.stdout + out.stderr)
     started = _STARTED.search(text)
     if started:
         return int(started.group(1))

@@ -16,37 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedrad.deploy.flower_cli import RUN_FAILED_EXIT, CoordinatorError, ca_from, flwr_json, write_flwr_home
 from fedrad.deploy.processes import flower_env, tool, with_default_port
-from fedrad.deploy.run_command import _ca_from, write_flwr_home
-
-
-class CoordinatorError(Exception):
-    """Flower could not do what was asked at the coordinator; the message is Flower's own reason."""
-
-
-def flwr_json(command: list[str], superlink: str, ca_cert: Path | None = None, timeout: float = 120.0
-              ) -> dict[str, Any]:
-    """`flwr COMMAND fedrad --format json` against `superlink`; its JSON reply, or CoordinatorError with the
-    last paragraph of Flower's error message (the reason, without its "Using SuperLink ..." preamble)."""
-    home = write_flwr_home(Path(tempfile.mkdtemp(prefix="fedrad-flwr-")), superlink, ca_cert)
-    try:
-        out = subprocess.run([tool("flwr"), *command, "fedrad", "--format", "json"], capture_output=True,
-                             text=True, env=flower_env({"FLWR_HOME": str(home)}), timeout=timeout,
-                             start_new_session=True)
-    except subprocess.TimeoutExpired:
-        raise CoordinatorError(f"no answer from {superlink} in {timeout:.0f} s") from None
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
-    text = out.stdout
-    try:
-        reply = json.loads(text[text.index("{"):])
-    except ValueError:
-        last = (out.stderr or out.stdout).strip().splitlines()
-        raise CoordinatorError(last[-1] if last else f"flwr exited with {out.returncode}") from None
-    if not reply.get("success"):
-        message = str(reply.get("error-message") or "unknown error")
-        raise CoordinatorError(" ".join(message.strip().split("\n\n")[-1].split()))
-    return reply
 
 
 @dataclass(frozen=True)
@@ -174,15 +145,14 @@ def run_status(run_id: int, superlink: str, ca: Path | None) -> str:
     return str(runs[0].get("status") or "")
 
 
-def cmd_log(args) -> int:
+def log_main(args) -> int:
     """`fedrad log RUN [--follow]`: the run's log from the coordinator (Flower's `flwr log`); with --follow it
     streams until the run ends and exits with the run's status (0 completed, 1 failed or stopped)."""
-    from fedrad.client.runtime.site_runtime import _ANSI
-    from fedrad.deploy.run_command import RUN_FAILED_EXIT, write_flwr_home
+    from fedrad.client.runtime.log_lines import ANSI
 
     run_id = parse_run_id(args.run)
     superlink = with_default_port(args.superlink)
-    ca = _ca_from(args.certs)
+    ca = ca_from(args.certs)
     try:
         status = run_status(run_id, superlink, ca)
     except CoordinatorError as exc:
@@ -196,7 +166,7 @@ def cmd_log(args) -> int:
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
-            print(line.rstrip("\n") if colour else _ANSI.sub("", line).rstrip("\n"), flush=True)
+            print(line.rstrip("\n") if colour else ANSI.sub("", line).rstrip("\n"), flush=True)
         proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
@@ -278,10 +248,10 @@ def sites_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines)
 
 
-def cmd_sites(args) -> int:
+def sites_main(args) -> int:
     """`fedrad sites`: the nodes enrolled at the coordinator, connected or not (Flower's `flwr supernode list`)."""
     superlink = with_default_port(args.superlink)
-    ca = _ca_from(args.certs)
+    ca = ca_from(args.certs)
     try:
         nodes = flwr_json(["supernode", "list"], superlink, ca).get("nodes") or []
     except CoordinatorError as exc:
@@ -308,9 +278,9 @@ def parse_run_id(text: str) -> int:
     return int(text)
 
 
-def cmd_runs(args) -> int:
+def runs_main(args) -> int:
     superlink = with_default_port(args.superlink)
-    ca = _ca_from(args.certs)
+    ca = ca_from(args.certs)
     runs_dir = Path(args.runs_dir).resolve()
     try:
         reply = flwr_json(["ls"], superlink, ca)
@@ -328,10 +298,10 @@ def cmd_runs(args) -> int:
     return 0
 
 
-def cmd_stop(args) -> int:
+def stop_main(args) -> int:
     run_id = parse_run_id(args.run)
     superlink = with_default_port(args.superlink)
-    ca = _ca_from(args.certs)
+    ca = ca_from(args.certs)
     try:
         runs = {str(r.get("run-id")): r for r in flwr_json(["ls"], superlink, ca).get("runs") or []}
         if str(run_id) not in runs:
@@ -348,6 +318,6 @@ def cmd_stop(args) -> int:
     return 0
 
 
-__all__ = ["CoordinatorError", "Progress", "cmd_log", "cmd_runs", "cmd_sites", "cmd_stop", "hms", "iso_time",
+__all__ = ["CoordinatorError", "Progress", "log_main", "runs_main", "sites_main", "stop_main", "hms", "iso_time",
            "run_status", "runs_json", "sites_rows", "sites_table", "flwr_json", "parse_run_id", "progress",
            "run_directories", "runs_table"]

@@ -64,7 +64,7 @@ def export(run_dir: Path, follow: bool = False, poll_seconds: float = 5.0) -> in
             time.sleep(poll_seconds)
 
 
-def cmd_tensorboard(args) -> int:
+def tensorboard_main(args) -> int:
     run_dir = Path(args.run_dir).resolve()
     if not (run_dir / "run.json").is_file():
         raise FileNotFoundError(f"{run_dir}: not a fedrad run directory (no run.json)")

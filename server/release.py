@@ -8,10 +8,8 @@ RUN_DIR/releases.jsonl before anything is signed, so numbers only grow (a crashe
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -318,31 +316,5 @@ def release_bundle(run_dir: str | os.PathLike[str], key_path: str | os.PathLike[
     return out
 
 
-# -- CLI ------------------------------------------------------------------------------------------
-def cmd_keys_generate(args: argparse.Namespace) -> int:
-    """`fedrad keys generate`: refuses to overwrite, since losing a signing key orphans released bundles."""
-    try:
-        key, pub = generate_keys(Path(args.out), overwrite=False)
-    except FileExistsError as exc:
-        print(f"fedrad keys generate: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"private key {key} (mode 0600: keep it offline; it signs releases)\npublic key  {pub} "
-          f"(give this to every site)")
-    return 0
-
-
-def cmd_release(args: argparse.Namespace) -> int:
-    out = release_bundle(Path(args.run_dir), Path(args.key), Path(args.out) if args.out else None,
-                         getattr(args, "finetune_results", None), getattr(args, "license", None) or DEFAULT_LICENSE)
-    m = json.loads((out / MANIFEST).read_text())
-    r = m["release"]
-    print(f"released {out}: {m['model']} {m['input_size']}px, {m['objective']}, {m['rounds']} rounds, "
-          f"{m['sites']} sites; run {r['run_id']} release #{r['sequence']}; weights sha256 {m['weights']['sha256']}"
-          f"\nmodel card {out / CARD} (signed with the manifest)"
-          + (f"\ntimm config {out / CONFIG}: timm.create_model('local-dir:{out}', pretrained=True)"
-             if m["config"]["file"] else f"\nno timm config.json: {m['config']['reason']}"))
-    return 0
-
-
-__all__ = ["DEFAULT_LICENSE", "RELEASES", "build_manifest", "cmd_keys_generate", "cmd_release", "generate_keys",
+__all__ = ["DEFAULT_LICENSE", "RELEASES", "build_manifest", "generate_keys",
            "load_private_key", "next_sequence", "release_bundle"]

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
+from fedrad.client.app.error_reply import audit_refusal
 from fedrad.client.app.wire_guard import describe_content
-from fedrad.client.runtime.site_runtime import audit_refusal
-from fedrad.client.site.site_state import SiteState, record_refusal
+from fedrad.client.site.site_state import SiteState
 from fedrad.common.protocol import ErrorCode
 from fedrad.deploy.audit_command import audit_summary
 from fedrad.deploy.cli import main
@@ -48,8 +48,9 @@ def state(tmp_path):
     _outgoing(s, T0 + DAY + 20, 8, "train", error=int(ErrorCode.POLICY_REFUSED))
     with open(s.audit_dir / "outgoing.jsonl", "a") as fh:
         fh.write('{"time": 1, "cut by a cra')  # a line cut by a crash
-    record_refusal(s, "training.max_rounds_per_day", "3 rounds in 24 h", int(ErrorCode.POLICY_REFUSED), "train", 8)
-    record_refusal(s, "training.max_rounds_per_day", "3 rounds in 24 h", int(ErrorCode.POLICY_REFUSED), "train", 8)
+    for _ in range(2):  # the line fedrad.client.app.error_reply.refuse writes for a policy refusal
+        audit_refusal(s, {"rule": "training.max_rounds_per_day", "detail": "3 rounds in 24 h", "message_type": "train",
+                          "run_id": 8, "reply": {"error_code": int(ErrorCode.POLICY_REFUSED)}})
     audit_refusal({"audit-dir": str(s.audit_dir)}, {"event": "refused", "code": int(ErrorCode.RUN_NOT_SIGNED),
                                                      "reason": "no signature", "run_id": 9, "message_type": "train"})
     return s

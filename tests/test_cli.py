@@ -28,7 +28,7 @@ def test_every_subcommand_points_at_an_existing_function():
             "finetune", "embed", "certs init", "certs register"} <= names
     for name, target in handlers:
         module, func = target.split(":")
-        assert callable(getattr(importlib.import_module(module), func)), name
+        assert callable(getattr(importlib.import_module(f"fedrad.deploy.commands.{module}"), func)), name
 
 
 def test_help_and_version_exit_zero():

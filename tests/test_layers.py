@@ -178,14 +178,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-# Pending: deploy/'s processes, certs, run_command and runs_command import each other; the command layer
-# (issue 24) moves the Flower-CLI plumbing they share below them and empties this.
-KNOWN_CIRCLES: list[list[str]] = [["fedrad.deploy.certs", "fedrad.deploy.processes", "fedrad.deploy.run_command",
-                                   "fedrad.deploy.runs_command"]]
-
-
 def test_no_import_circle() -> None:
-    circles = [c for c in _cycles(_module_graph()) if c not in KNOWN_CIRCLES]
+    circles = _cycles(_module_graph())
     assert not circles, "import circles (move the shared piece below both):\n" + "\n".join(
         " <-> ".join(c) for c in circles)
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedrad.client.app.error_reply import audit_refusal
 from fedrad.client.site.budget import SiteBudget
 from fedrad.client.site.release_store import record_participation
-from fedrad.client.site.site_state import SiteState, bind_nonce, count_activity, open_state, record_refusal
+from fedrad.client.site.site_state import SiteState, bind_nonce, count_activity, open_state
 from fedrad.common.atomic import append_private
 
 
@@ -44,7 +45,8 @@ def test_state_ledger_audit_and_joined_runs_are_private(tmp_path, open_umask):
     count_activity(state, {"train": 0})
     bind_nonce(state, "nonce", 1, 2_000_000_000)
     record_participation(state, 7, "key")
-    record_refusal(state, "rule", "detail naming /data/patient/img.dcm", 4001)
+    audit_refusal(state, {"rule": "rule", "detail": "detail naming /data/patient/img.dcm",
+                          "reply": {"error_code": 4001}})
     for path in (state.ledger, state.activity, state.nonces, state.root / "runs_joined.json", state.refusals):
         assert _mode(path) == 0o600, path
     assert _mode(state.audit_dir) == 0o700

@@ -13,7 +13,7 @@ from release_fixtures import bundle_files, two_releases
 from fedrad.client.site.release_store import (
     JOINED_FILE,
     ReleaseRefused,
-    bundle_from_args,
+    bundle_folder,
     held_releases,
     judge_offer,
     record_participation,
@@ -152,20 +152,16 @@ def test_store_is_all_or_nothing_when_the_rename_fails(signed, tmp_path, monkeyp
 
 
 def test_release_argument_resolution(signed, tmp_path):
-    import argparse
-
     first, _, _, pub = signed
     state = _state(tmp_path)
     with pytest.raises(FileNotFoundError, match="no release"):
         resolve_release(state.root, "latest")
     record_participation(state, 1, None)
     store_release(state, bundle_files(first), pub)
-    ns = argparse.Namespace
-    assert bundle_from_args(ns(bundle=None, release="1-1", state_dir=str(state.root))).endswith("releases/1-1")
-    for bad in (ns(bundle="x", release="latest", state_dir=None), ns(bundle=None, release=None, state_dir=None),
-                ns(bundle=None, release="latest", state_dir=None)):
+    assert bundle_folder(None, "1-1", str(state.root)).endswith("releases/1-1")
+    for bad in (("x", "latest", None), (None, None, None), (None, "latest", None)):
         with pytest.raises(ValueError):
-            bundle_from_args(bad)
+            bundle_folder(*bad)
     with pytest.raises(FileNotFoundError, match="held: 1-1"):
         resolve_release(state.root, "nope-3")
 

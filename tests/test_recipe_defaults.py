@@ -4,7 +4,6 @@ TrainConfig a site or a benchmark builds all read fedrad.common.recipe.Recipe.""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tomllib
 from pathlib import Path
@@ -25,19 +24,19 @@ def _kebab(name: str) -> str:
 def test_pyproject_app_config_is_runconfig_field_by_field() -> None:
     declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
     defaults = RunConfig()
-    names = {_kebab(f.name) for f in dataclasses.fields(RunConfig)}
+    names = {_kebab(name) for name in RunConfig.model_fields}
     assert set(declared) == names, (f"only in pyproject: {sorted(set(declared) - names)}; "
                                     f"only in RunConfig: {sorted(names - set(declared))}")
-    for f in dataclasses.fields(RunConfig):
-        value = declared[_kebab(f.name)]
-        want = getattr(defaults, f.name)
-        assert type(value) is type(want) and value == want, f"{_kebab(f.name)}: pyproject {value!r} != {want!r}"
+    for name in RunConfig.model_fields:
+        value = declared[_kebab(name)]
+        want = getattr(defaults, name)
+        assert type(value) is type(want) and value == want, f"{_kebab(name)}: pyproject {value!r} != {want!r}"
 
 
 def test_runconfig_inherits_the_recipe_defaults() -> None:
     run = RunConfig()
-    for f in Recipe.recipe_fields():
-        assert getattr(run, f.name) == getattr(RECIPE_DEFAULTS, f.name), f.name
+    for name in Recipe.recipe_fields():
+        assert getattr(run, name) == getattr(RECIPE_DEFAULTS, name), name
     assert run.objective == "supcon"
 
 
@@ -50,15 +49,15 @@ def test_pretrain_options_are_every_recipe_switch_with_the_run_defaults() -> Non
     parser = _pretrain_parser()
     args = parser.parse_args(["DIR"])
     run = RunConfig()
-    for f in Recipe.recipe_fields():
-        assert getattr(args, f.name) == getattr(run, f.name), f.name
+    for name in Recipe.recipe_fields():
+        assert getattr(args, name) == getattr(run, name), name
     assert Recipe.from_attrs(args) == RECIPE_DEFAULTS
     text = " ".join(parser.format_help().split())
-    for f in Recipe.recipe_fields():
-        assert f"--{_kebab(f.name)}" in text, f.name
-        default = getattr(run, f.name)
-        if f.name not in ("hflip", "init", "init_pubkey"):  # a flag off, and "" explained in words
-            assert f"(default: {default})" in text, f"{f.name}: {default}"
+    for name in Recipe.recipe_fields():
+        assert f"--{_kebab(name)}" in text, name
+        default = getattr(run, name)
+        if name not in ("hflip", "init", "init_pubkey"):  # a flag off, and "" explained in words
+            assert f"(default: {default})" in text, f"{name}: {default}"
     # Every switch settable, e.g. the ones pretrain could not set before.
     args = parser.parse_args(["DIR", "--aug-rotate", "0", "--lr-schedule", "cosine", "--weight-decay", "0.05",
                               "--proj-dim", "32", "--hflip", "--objective", "simclr"])
@@ -109,3 +108,14 @@ def test_pretrain_trains_the_recipe_in_rounds(tmp_path, capsys) -> None:
     assert meta["objective"] == "supcon" and meta["steps"] == "3"
     assert (recipe["lr-schedule"], recipe["aug-rotate"], recipe["weight-decay"], recipe["proj-dim"],
             recipe["rounds"]) == ("cosine", 0.0, 0.02, 16, 2)
+
+
+def test_run_help_and_pretrain_help_show_the_same_defaults() -> None:
+    """Issue 24's "done when": `fedrad pretrain --help` and `fedrad run --help` show the same recipe defaults."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    run_help = " ".join(sub.choices["run"].format_help().split())
+    pretrain = _pretrain_parser().parse_args(["DIR"])
+    for name in Recipe.recipe_fields():
+        value = getattr(pretrain, name)
+        shown = str(value).lower() if isinstance(value, bool) else (repr(value) if value == "" else value)
+        assert f"{_kebab(name)}={shown}" in run_help, name

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from dicom_fixtures import make_corrupt_files, shared_data, small_dicom
 
-from fedrad.client.site.scan import NOTHING_SENT, cmd_scan, scan_folder
+from fedrad.client.site.scan import NOTHING_SENT, scan_folder
+from fedrad.deploy.cli import main
+
+
+def cmd_scan(argv: list[str]) -> int:
+    return main(["scan", *argv])
 
 
 def _args(data, json_out=None, decode=True):
-    return argparse.Namespace(data=str(data), json_out=json_out, decode=decode, quiet=True)
+    return [str(data), "--quiet", *(["--json", json_out] if json_out else []), *([] if decode else ["--no-decode"])]
 
 
 def test_scan_folder_with_corrupt_files(tmp_path, capsys):

@@ -11,7 +11,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.app.message_type import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedrad.client.app.wire_guard import refuse, wire_guard_mod
+from fedrad.client.app.error_reply import refuse
+from fedrad.client.app.wire_guard import wire_guard_mod
 from fedrad.common.packing import pack
 from fedrad.common.protocol import ERROR_TEXT, ErrorCode, SiteReport, metric_specs, metrics_for
 
@@ -122,7 +123,8 @@ def test_error_replies_are_rewritten_to_protocol_codes(tmp_path):
                                                  reply_to=m))
     assert texted.error.code == ErrorCode.PRIVACY_BUDGET
     assert texted.error.reason == ERROR_TEXT[ErrorCode.PRIVACY_BUDGET]
-    coded = _run(tmp_path, lambda m, c: refuse(m, ErrorCode.PRIVACY_BUDGET, f"epsilon 8.65 > budget 8 ({SECRET})"))
+    coded = _run(tmp_path, lambda m, c: refuse(m, ErrorCode.PRIVACY_BUDGET, "budget",
+                                                  f"epsilon 8.65 > budget 8 ({SECRET})"))
     assert coded.error.code == ErrorCode.PRIVACY_BUDGET and SECRET not in coded.error.reason
     entries = _audit(tmp_path)
     assert len(entries) == 3 and SECRET in entries[2]["error"]["detail"]

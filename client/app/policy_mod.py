@@ -14,34 +14,17 @@ their held-out metrics would leave un-noised. The stored `run-key` label is boun
 
 from __future__ import annotations
 
-import logging
 import re
 
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 
-from fedrad.client.app.error_reply import error_reply
-
-log = logging.getLogger("fedrad.client.site.policy")
+from fedrad.client.app.error_reply import refuse
 
 _SECAGG_RECORD = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
 _SECAGG_TRAIN_STAGE = "collect_masked_vectors"  # the SecAgg+ stage in which the site trains
 MAX_RUN_KEY = 64  # common.protocol's rule for `run-key`; it is stored at the site, so its length is bounded
 _RUN_KEY = re.compile(rf"^[A-Za-z0-9._-]{{1,{MAX_RUN_KEY}}}$")
-
-
-def refuse(msg: Message, state, rule: str, detail: str, code) -> Message:
-    """Log and audit a refusal at the site (rule and detail), then reply with the code alone."""
-    from fedrad.client.site.site_state import record_refusal
-
-    log.warning("fedrad site policy: refused %s message of run %s: rule %s: %s", msg.metadata.message_type,
-                msg.metadata.run_id, rule, detail)
-    if state is not None:
-        try:
-            record_refusal(state, rule, detail, int(code), str(msg.metadata.message_type), int(msg.metadata.run_id))
-        except OSError as exc:  # the refusal stands even if the audit folder is not writable
-            log.error("fedrad site policy: cannot write the refusal audit %s: %s", state.refusals, exc)
-    return error_reply(msg, code)
 
 
 def _trains(msg: Message) -> bool:
@@ -78,37 +61,39 @@ def site_policy_mod(msg: Message, context: Context, call_next) -> Message:
     try:
         state = state_paths(node_config)
     except SiteStateError as exc:
-        return refuse(msg, None, "site_state", str(exc), ErrorCode.SITE_FAILED)
+        return refuse(msg, ErrorCode.SITE_FAILED, "site_state", str(exc))  # no state: the log only
     try:
         open_state(state, _cache_dir(node_config))
     except (SiteStateError, OSError) as exc:
-        return refuse(msg, state, "site_state", str(exc), ErrorCode.SITE_FAILED)
+        return refuse(msg, ErrorCode.SITE_FAILED, "site_state", str(exc), audit=state)
     if str(msg.metadata.message_type) in (MESSAGE_OFFER, MESSAGE_FILES):
         # A release touches no data: the training rules do not apply; the bundle is checked on its own signature.
         return call_next(msg, context)
     try:
         policy = policy_for(node_config)
     except PolicyError as exc:  # a configured policy that does not load refuses everything
-        return refuse(msg, state, "policy_file", str(exc), ErrorCode.POLICY_REFUSED)
+        return refuse(msg, ErrorCode.POLICY_REFUSED, "policy_file", str(exc), audit=state)
     try:
         cfg = RunConfig.of(context.run_config)
     except ValueError as exc:
-        return refuse(msg, state, "run_config", str(exc), ErrorCode.POLICY_REFUSED)
+        return refuse(msg, ErrorCode.POLICY_REFUSED, "run_config", str(exc), audit=state)
     refusal = check_run(policy, cfg)
     if refusal is not None:
-        return refuse(msg, state, refusal.rule, f"{refusal.detail} (policy {policy.source})", ErrorCode.POLICY_REFUSED)
+        return refuse(msg, ErrorCode.POLICY_REFUSED, refusal.rule, f"{refusal.detail} (policy {policy.source})",
+                      audit=state)
     sent = msg.content.config_records.get(CONFIG) if msg.has_content() else None
     run_key = sent.get(RUN_KEY) if sent is not None else None
     if run_key is not None and not (isinstance(run_key, str) and _RUN_KEY.match(run_key)):
         # The run-key is stored (ledger label, joined runs): bounded here, for every message.
-        return refuse(msg, state, "run_key", f"message config '{RUN_KEY}' is not 1-{MAX_RUN_KEY} characters of "
-                      f"[A-Za-z0-9._-] ({type(run_key).__name__}, {len(str(run_key))} characters)",
-                      ErrorCode.PROTOCOL_MISMATCH)
+        return refuse(msg, ErrorCode.PROTOCOL_MISMATCH, "run_key", f"message config '{RUN_KEY}' is not 1-{MAX_RUN_KEY} "
+                      f"characters of [A-Za-z0-9._-] ({type(run_key).__name__}, {len(str(run_key))} characters)",
+                      audit=state)
     evaluates = msg.metadata.message_type == MessageType.EVALUATE
     if evaluates and cfg.dp == "sample":
-        return refuse(msg, state, "dp_sample_evaluate", "run has dp = \"sample\": an evaluate reply's held-out "
-                      "metrics would leave un-noised, outside this site's image-level epsilon; refused",
-                      ErrorCode.POLICY_REFUSED)
+        return refuse(msg, ErrorCode.POLICY_REFUSED, "dp_sample_evaluate", "run has dp = \"sample\": an evaluate "
+                      "reply's held-out metrics would leave un-noised, outside this site's image-level epsilon; "
+                      "refused",
+                      audit=state)
     limits = {}
     if _trains(msg):
         limits["train"] = policy.max_rounds_per_day
@@ -118,11 +103,11 @@ def site_policy_mod(msg: Message, context: Context, call_next) -> Message:
         try:
             seen = count_activity(state, limits)
         except SiteStateError as exc:
-            return refuse(msg, state, "site_state", str(exc), ErrorCode.SITE_FAILED)
+            return refuse(msg, ErrorCode.SITE_FAILED, "site_state", str(exc), audit=state)
         if seen is not None:
             kind, count = seen
             rule = "max_rounds_per_day" if kind == "train" else "max_evaluations_per_day"
             what = "training rounds" if kind == "train" else "evaluations"
-            return refuse(msg, state, rule, f"{count} {what} accepted in the last 24 hours; this site allows "
-                          f"{getattr(policy, rule)} (policy {policy.source})", ErrorCode.POLICY_REFUSED)
+            return refuse(msg, ErrorCode.POLICY_REFUSED, rule, f"{count} {what} accepted in the last 24 hours; this "
+                          f"site allows {getattr(policy, rule)} (policy {policy.source})", audit=state)
     return call_next(msg, context)

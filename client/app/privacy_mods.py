@@ -21,7 +21,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 
-from fedrad.client.app.wire_guard import refuse
+from fedrad.client.app.error_reply import refuse
 from fedrad.common.protocol import (
     ARRAYS,
     CONFIG,
@@ -43,7 +43,7 @@ def _secagg_on(context: Context) -> bool:
 
 def _refuse(msg: Message, why: str) -> Message:
     """A mismatch refusal: the code leaves, `why` stays in the site's log and audit file."""
-    return refuse(msg, ErrorCode.PROTOCOL_MISMATCH, f"fedrad privacy: {why}")
+    return refuse(msg, ErrorCode.PROTOCOL_MISMATCH, "privacy_mode", f"fedrad privacy: {why}")
 
 
 def privacy_mod(msg: Message, context: Context, call_next) -> Message:

@@ -12,6 +12,7 @@ import logging
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
+from fedrad.client.app.error_reply import refuse
 from fedrad.client.site.release_store import (
     FILE_LIMITS,
     ReleaseQuota,
@@ -20,7 +21,7 @@ from fedrad.client.site.release_store import (
     record_participation,
     store_release,
 )
-from fedrad.client.site.site_state import SiteState, SiteStateError, record_refusal, state_paths
+from fedrad.client.site.site_state import SiteState, SiteStateError, state_paths
 from fedrad.common.bundle import CREATED_FORMAT
 from fedrad.common.node_config import NodeConfig
 from fedrad.common.protocol import CONFIG, METRICS, RUN_KEY
@@ -46,14 +47,8 @@ def _reply(msg: Message, code: ReleaseCode) -> Message:
 
 
 def _refused(msg: Message, state: SiteState | None, code: ReleaseCode, detail: str) -> Message:
-    log.warning("fedrad release: refused (%s): %s", code.name, detail)
-    if state is not None:
-        try:
-            record_refusal(state, f"release_{code.name.lower()}", detail, int(code), str(msg.metadata.message_type),
-                           int(msg.metadata.run_id))
-        except OSError as exc:
-            log.error("fedrad release: cannot write the refusal audit %s: %s", state.refusals, exc)
-    return _reply(msg, code)
+    """A refused release (fedrad.client.app.error_reply.refuse): audited, answered with its ReleaseCode alone."""
+    return refuse(msg, code, f"release_{code.name.lower()}", detail, audit=state, reply=_reply(msg, code))
 
 
 def _created(value: object) -> str:

@@ -254,7 +254,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     procs = _node(context).ddp_procs
     dp = None
     if cfg.dp == "sample":  # over several processes too: one Poisson draw, one noise, one accountant, one entry
-        from fedrad.client.app.policy_mod import refuse
+        from fedrad.client.app.error_reply import refuse
         from fedrad.client.site.site_state import state_paths
         from fedrad.client.training.trainer import split_indices
         from fedrad.common.protocol import ErrorCode
@@ -263,9 +263,9 @@ def handle_train(msg: Message, context: Context) -> Message:
         try:
             dp, budget, planned, refusal = _sample_dp_for(msg, context, cfg, n_train, server_round)
         except ValueError as exc:  # an unreadable ledger or state: refuse, never restart ε at 0
-            return refuse(msg, state_paths(context.node_config), "dp_ledger", str(exc), ErrorCode.PRIVACY_BUDGET)
+            return refuse(msg, ErrorCode.PRIVACY_BUDGET, "dp_ledger", str(exc), audit=state_paths(context.node_config))
         if refusal is not None:
-            return refuse(msg, budget.state, refusal.rule, refusal.detail, ErrorCode.PRIVACY_BUDGET)
+            return refuse(msg, ErrorCode.PRIVACY_BUDGET, refusal.rule, refusal.detail, audit=budget.state)
     scores = _held_out_scores(model, data, cfg, device) if cfg.eval_in_train else {}
     if cfg.eval_in_train:  # the representation monitor of the received weights, also before training
         scores.update(site_monitor(model, data, cfg, context.node_config, device, server_round))

@@ -11,7 +11,8 @@ What may leave (anything else is replaced by a WIRE_BLOCKED error reply):
   for (public keys; encrypted key shares; masked integer vectors of the packed model's shapes plus the legacy
   FitRes metrics, checked as SiteReport; key shares for unmasking), each of the expected type and size;
 - an error reply: only a code from ErrorCode and its fixed ERROR_TEXT. Any exception in a handler or mod
-  becomes SITE_FAILED; the detailed reason goes to the site's log and audit file, never into the reply.
+  becomes SITE_FAILED; the detailed reason goes to the site's log and audit file, never into the reply (a
+  refusal's detail comes from fedrad.client.app.error_reply.refuse, the one way a site refuses).
 
 Every outgoing message, error replies included, is described (names, shapes, dtypes, metric values; no
 array contents) in `<audit-dir>/outgoing.jsonl` (node-config `audit-dir`), which hospital IT can read.
@@ -29,7 +30,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 
-from fedrad.client.app.error_reply import error_reply
+from fedrad.client.app.error_reply import error_reply, pop_detail
 from fedrad.common.atomic import append_private
 from fedrad.common.protocol import (
     ARRAYS,
@@ -58,17 +59,6 @@ _STAGE = "stage"
 _SETUP, _SHARE_KEYS, _COLLECT, _UNMASK = "setup", "share_keys", "collect_masked_vectors", "unmask"
 _MAX_KEY_BYTES = 512  # a serialised EC public key is ~100-200 bytes
 _MAX_SHARE_BYTES = 4096  # an encrypted pair of Shamir shares (seed + private key) is well under this
-
-# Detailed reasons of refusals made inside this process, by message id, for the audit line (never sent).
-_DETAILS: dict[str, str] = {}
-
-
-def refuse(msg: Message, code: ErrorCode, detail: str) -> Message:
-    """An error reply carrying only `code` and its fixed text; `detail` goes to the log and the audit file."""
-    log.warning("refusing %s message: %s (%s)", msg.metadata.message_type, ERROR_TEXT[code], detail)
-    _DETAILS[msg.metadata.message_id] = detail
-    return error_reply(msg, code)
-
 
 @dataclass
 class Expected:
@@ -269,7 +259,7 @@ def wire_guard_mod(msg: Message, context: Context, call_next) -> Message:
         reply = error_reply(msg, ErrorCode.SITE_FAILED)
     if reply.has_error():
         code = error_code_of(reply.error.code) or ErrorCode.SITE_FAILED
-        detail = detail or _DETAILS.pop(msg.metadata.message_id, None) or (reply.error.reason or None)
+        detail = detail or pop_detail(msg.metadata.message_id) or (reply.error.reason or None)
         if reply.error.reason != ERROR_TEXT[code] or int(reply.error.code) != int(code):
             log.warning("rewriting an error reply (code %s) to the protocol's code %d", reply.error.code, code)
         reply = error_reply(msg, code)

@@ -101,31 +101,15 @@ def load_npz(path: str | Path, image_size: int | None = None) -> LabelledSet:
                        split=split, source=str(path))
 
 
-def _csv_labels_for_images(site, root: Path, labels_csv: Path) -> dict[str, list[str]]:
-    """A labels CSV joined onto a PNG/JPEG site by its `image` or `file` column (relative to the folder)."""
-    from fedrad.client.site.site_data import read_csv
-
-    rows = read_csv(labels_csv)
-    key = "image" if rows and "image" in rows[0] else "file"
-    if not rows or key not in rows[0]:
-        raise ValueError(f"{labels_csv}: needs an 'image' or 'file' column for a PNG/JPEG folder")
-    by_path = {str((root / r[key]).resolve()): r for r in rows}
-    cols = [c for c in rows[0] if c not in (key, "patient_id", "")]
-    return {c: [by_path.get(str(Path(p).resolve()), {}).get(c, "") for p in site.paths] for c in cols}
-
-
 def load_folder(data_dir: str | Path, image_size: int, labels_csv: str | Path | None = None,
                 targets: list[str] | None = None, cache_dir: str | Path | None = None,
                 progress: bool = False) -> LabelledSet:
     """A DICOM or PNG site folder through `load_site`, with the label columns `targets` (default: the CSV's)."""
-    from fedrad.client.site.site_data import HEADER_FIELDS, detect_layout, load_site
+    from fedrad.client.site.site_data import HEADER_FIELDS, load_site
 
-    layout, _ = detect_layout(data_dir)
-    site = load_site(data_dir, image_size, cache_dir=cache_dir, progress=progress,
-                     labels_csv=labels_csv if layout == "dicom" else None)
+    # The reader joins `labels_csv` whatever the folder's layout (fedrad.common.sources.base.Reader.csv_labels).
+    site = load_site(data_dir, image_size, cache_dir=cache_dir, progress=progress, labels_csv=labels_csv)
     labels = dict(site.labels)
-    if labels_csv and layout == "images":
-        labels.update(_csv_labels_for_images(site, Path(data_dir).resolve(), Path(labels_csv)))
     if not targets:
         targets = [c for c in labels if c not in HEADER_FIELDS]
         if len(targets) != 1:

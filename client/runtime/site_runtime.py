@@ -28,13 +28,9 @@ A warm worker keeps imports, the decoded site data and the model resident betwee
 
 from __future__ import annotations
 
-import argparse
 import gc
-import hashlib
-import json
 import logging
 import os
-import re
 import secrets
 import signal
 import socket
@@ -47,18 +43,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedrad.common.atomic import append_private
+from fedrad.client.runtime.log_lines import configure_logging, copy_formatted
+from fedrad.client.runtime.site_trust import (
+    DEFAULT_CLIENT_APP,
+    SiteTrust,
+    VerdictCache,
+    check_claims,
+    check_run,
+    load_site_app,
+)
 from fedrad.common.protocol import ErrorCode
 from fedrad.common.run_signature import (
-    SIGNATURE_KEY,
-    claims_problem,
     fused_run_config,
-    parse_signature,
-    run_statement,
     sha256_hex,
 )
 
-DEFAULT_CLIENT_APP = "fedrad.client.app.client_app:app"
 TOKEN_ENV = "FEDRAD_RUNTIME_TOKEN"  # the task token travels in the child's environment, not on its command line
 # AcquireTask is one loopback HTTP call; 10 per second costs next to nothing and a message waits <= 0.1 s here.
 POLL_SECONDS = 0.1
@@ -72,167 +71,12 @@ _ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
 log = logging.getLogger("fedrad.runtime")
 
 
-@dataclass(frozen=True)
-class SiteTrust:
-    """What a site runs and for whom: its own ClientApp, for runs signed by the key it trusts."""
+def refuse(message, code: ErrorCode, rule: str, reason: str, node_config, entry: dict[str, Any]):
+    """The runtime's refusal (fedrad.client.app.error_reply.refuse: logged, one line in `<audit-dir>/refusals.jsonl`,
+    the code alone in the reply); imported here: `serve` never loads Flower's app."""
+    from fedrad.client.app.error_reply import refuse as site_refuse
 
-    consortium_key: Path | None = None
-    allow_unsigned: bool = False  # local experiments only: run unsigned runs (still the site's own code)
-    client_app: str = DEFAULT_CLIENT_APP
-    client_app_dir: Path | None = None  # folder holding a site-named ClientApp module (tests, site extensions)
-    fresh_process_per_message: bool = False  # the older runtime: a fresh `task` process per message, no warm worker
-
-    def args(self) -> list[str]:
-        """Command-line form, shared by `fedrad node`, the demo and the test harness."""
-        out = ["--client-app", self.client_app]
-        if self.fresh_process_per_message:
-            out.append("--fresh-process-per-message")
-        if self.consortium_key is not None:
-            out += ["--consortium-key", str(self.consortium_key)]
-        if self.allow_unsigned:
-            out.append("--allow-unsigned")
-        if self.client_app_dir is not None:
-            out += ["--client-app-dir", str(self.client_app_dir)]
-        return out
-
-
-# --- the signature check (pure: no network, no site data) ---------------------------------------------
-
-
-def check_run(trust: SiteTrust, fab_bytes: bytes, run_config: dict[str, Any]) -> str | None:
-    """Why this run may not run here (for the site's audit log), or None when it may."""
-    reason = _signature_problem(trust.consortium_key, fab_bytes, run_config)
-    if reason is not None and trust.allow_unsigned:
-        log.warning("fedrad runtime: running an unverified run (--allow-unsigned): %s", reason)
-        return None
-    return reason
-
-
-class VerdictCache:
-    """A warm worker's signature verdicts, keyed by everything `check_run` reads: the FAB's sha256, the fused
-    run-config and the bytes of the consortium key file (a key replaced on disk is a new key). Bounded."""
-
-    MAX_ENTRIES = 64
-
-    def __init__(self) -> None:
-        self._verdicts: dict[tuple[str, str, str], str | None] = {}
-
-    def check(self, trust: SiteTrust, fab_bytes: bytes, run_config: dict[str, Any]) -> str | None:
-        try:
-            key_bytes = trust.consortium_key.read_bytes() if trust.consortium_key is not None else b""
-        except OSError:
-            return check_run(trust, fab_bytes, run_config)  # unreadable now: check (and refuse) uncached
-        config = json.dumps(run_config, sort_keys=True, default=repr).encode()
-        key = (sha256_hex(fab_bytes), hashlib.sha256(config).hexdigest(), hashlib.sha256(key_bytes).hexdigest())
-        if key not in self._verdicts:
-            if len(self._verdicts) >= self.MAX_ENTRIES:
-                self._verdicts.clear()
-            self._verdicts[key] = check_run(trust, fab_bytes, run_config)
-        return self._verdicts[key]
-
-
-def _signature_problem(key_path: Path | None, fab_bytes: bytes, run_config: dict[str, Any]) -> str | None:
-    from fedrad.common.keys import KeyFileError, key_fingerprint, load_public_key, signature_valid
-
-    if key_path is None:
-        return "this node has no consortium key (start it with --consortium-key consortium.pub)"
-    try:
-        public_key = load_public_key(key_path)
-    except KeyFileError as exc:
-        return f"consortium key unusable: {exc}"
-    raw = run_config.get(SIGNATURE_KEY, "")
-    if not raw:
-        return "the run carries no signature"
-    parsed = parse_signature(raw)
-    if parsed is None:
-        return "the run's signature is malformed"
-    signer, claims, signature = parsed
-    trusted = key_fingerprint(public_key)
-    if signer != trusted:
-        return f"the run is signed by key {signer[:16]}..., not by the consortium key {trusted[:16]}..."
-    if not signature_valid(public_key, signature, run_statement(sha256_hex(fab_bytes), run_config, claims)):
-        return "the signature does not match this FAB and run-config (altered or signed for another run)"
-    return None
-
-
-def _server_round(message) -> int | None:
-    """The `server-round` a message carries (plain config, or SecAgg+'s legacy FitIns config), if any."""
-    from fedrad.common.protocol import CONFIG, FIT_CONFIG, SERVER_ROUND
-
-    for name in (CONFIG, FIT_CONFIG):
-        record = message.content.config_records.get(name) if message.has_content() else None
-        if record is not None and SERVER_ROUND in record:
-            value = record[SERVER_ROUND]
-            return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 1 << 62
-    return None
-
-
-def check_claims(run_config: dict[str, Any], message, run_id: int,
-                 node_config: dict[str, Any], now: float | None = None) -> tuple[str, str, ErrorCode] | None:
-    """For a run whose signature carries claims: (rule, why, code) when this message may not run, else None.
-
-    Refused: a message type the statement does not name, a server-round above its signed num-server-rounds,
-    its nonce under a Flower run id other than the first that used it here, and the START of a run whose
-    statement is past its not-after (bound and checked in the site's state, fedrad.client.site.site_state.bind_nonce:
-    a run accepted before its not-after is served on after it). Called for every message."""
-    parsed = parse_signature(run_config.get(SIGNATURE_KEY, ""))
-    if parsed is None:
-        return None  # unsigned (only reached with --allow-unsigned): nothing was promised to check
-    claims = parsed[1]
-    problem = claims_problem(claims, run_config, str(message.metadata.message_type), _server_round(message))
-    if problem is not None:
-        rule, why = problem
-        return rule, why, ErrorCode.RUN_OUT_OF_BOUNDS
-    from fedrad.client.site.site_state import SiteStateError, StatementExpired, bind_nonce, state_paths
-
-    try:
-        first = bind_nonce(state_paths(node_config), claims.nonce, int(run_id), claims.not_after, now)
-    except StatementExpired as exc:  # a new run, too late to start; one already running here goes on
-        return exc.rule, str(exc), ErrorCode.RUN_EXPIRED
-    except (SiteStateError, OSError) as exc:  # the nonce cannot be recorded: the run cannot be shown fresh
-        return "run_nonce", f"the signed run's nonce cannot be recorded: {exc}", ErrorCode.SITE_FAILED
-    if first is not None:
-        return ("run_nonce", f"the signed run (nonce {claims.nonce[:8]}...) was already used by Flower run {first}: "
-                "a replay", ErrorCode.RUN_REPLAYED)
-    return None
-
-
-def audit_refusal(node_config: dict[str, Any], entry: dict[str, Any]) -> None:
-    """One JSON line per error reply the runtime itself sends, in `<audit-dir>/refusals.jsonl` and the node log.
-
-    An audit folder that cannot be written is logged; it never turns a refusal into something else.
-    """
-    log.error("fedrad runtime: %s run %s: %s", entry.get("event"), entry.get("run_id"), entry.get("reason"))
-    audit_dir = node_config.get("audit-dir")
-    if not audit_dir:
-        return
-    try:
-        append_private(Path(str(audit_dir)) / "refusals.jsonl", json.dumps({"time": time.time(), **entry}) + "\n")
-    except OSError as exc:
-        log.error("fedrad runtime: cannot write the audit log in %s: %s", audit_dir, exc)
-
-
-def load_site_app(trust: SiteTrust):
-    """The ClientApp installed at this site (never anything from the FAB)."""
-    from flwr.clientapp import ClientApp
-
-    if trust.client_app == DEFAULT_CLIENT_APP and trust.client_app_dir is None:
-        from fedrad.client.app.client_app import app
-    else:
-        from flwr.clientapp.client_app import LoadClientAppError
-        from flwr.supercore.object_ref import load_app
-
-        app = load_app(trust.client_app, LoadClientAppError, trust.client_app_dir or Path.cwd())
-    if not isinstance(app, ClientApp):
-        raise TypeError(f"--client-app {trust.client_app} is not a Flower ClientApp")
-    return app
-
-
-def error_reply(message, code: ErrorCode):
-    """A reply that carries only the code and its fixed text (imported here: `serve` never loads Flower's app)."""
-    from fedrad.client.app.error_reply import error_reply as reply
-
-    return reply(message, code)
+    return site_refuse(message, code, rule, reason, audit=node_config, entry=entry)
 
 
 # --- one message: `task` ------------------------------------------------------------------------------
@@ -310,17 +154,15 @@ def run_task(address: str, token: str, trust: SiteTrust, verdicts: VerdictCache 
         except Exception as exc:  # an unreadable FAB or config is a run nobody signed
             run_config, reason = {}, f"the FAB or its run-config cannot be read ({type(exc).__name__})"
         if reason is not None:
-            audit_refusal(context.node_config, {
+            reply = refuse(message, ErrorCode.RUN_NOT_SIGNED, "run_signature", reason, context.node_config, {
                 "event": "refused", "rule": "run_signature", "code": int(ErrorCode.RUN_NOT_SIGNED), "reason": reason,
                 "run_id": run.run_id, "message_type": message.metadata.message_type,
                 "fab_id": run.fab_id, "fab_version": run.fab_version, "fab_sha256": sha256_hex(fab.content)})
-            reply = error_reply(message, ErrorCode.RUN_NOT_SIGNED)
         elif (refused := check_claims(run_config, message, run.run_id, context.node_config)) is not None:
-            audit_refusal(context.node_config, {
+            reply = refuse(message, refused[2], refused[0], refused[1], context.node_config, {
                 "event": "refused", "rule": refused[0], "code": int(refused[2]), "reason": refused[1],
                 "run_id": run.run_id, "message_type": message.metadata.message_type,
                 "fab_sha256": sha256_hex(fab.content)})
-            reply = error_reply(message, refused[2])
         else:
             # The ClientApp sees exactly the config that was verified, not whatever the node state holds.
             context.run_config = run_config
@@ -332,10 +174,10 @@ def run_task(address: str, token: str, trust: SiteTrust, verdicts: VerdictCache 
     except Exception as exc:
         log.exception("fedrad runtime: the site's ClientApp failed")  # the details stay in the node's log
         if message is not None:
-            reply = error_reply(message, ErrorCode.SITE_FAILED)
-            audit_refusal(context.node_config if context is not None else {}, {
-                "event": "failed", "code": int(ErrorCode.SITE_FAILED), "reason": type(exc).__name__,
-                "run_id": message.metadata.run_id, "message_type": message.metadata.message_type})
+            reply = refuse(message, ErrorCode.SITE_FAILED, "failed", type(exc).__name__,
+                           context.node_config if context is not None else {}, {
+                               "event": "failed", "code": int(ErrorCode.SITE_FAILED), "reason": type(exc).__name__,
+                               "run_id": message.metadata.run_id, "message_type": message.metadata.message_type})
     finally:
         try:
             if reply is not None and context is not None:
@@ -509,7 +351,7 @@ def serve(port: int, trust: SiteTrust, supernode_cmd: list[str], log_level: str 
     node = subprocess.Popen(cmd, env=node_env, preexec_fn=_die_with_parent,  # noqa: PLW1509 (single-threaded here)
                             **(pipe if plain else {}))
     if plain:
-        threading.Thread(target=_copy_formatted, args=(node.stdout, sys.stderr), daemon=True).start()
+        threading.Thread(target=copy_formatted, args=(node.stdout, sys.stderr), daemon=True).start()
     tasks: list[subprocess.Popen] = []
     pool: WorkerPool | None = None
 
@@ -525,10 +367,9 @@ def serve(port: int, trust: SiteTrust, supernode_cmd: list[str], log_level: str 
         client = _runtime_client(f"127.0.0.1:{port}", [SuperExecAuthHttpInterceptor(
             master_secret=secret, protected_methods={_ACQUIRE_TASK})], max_tries=1)
         child = ["--port", str(port), "--log-level", log_level, *trust.args()]
-        task_cmd = [sys.executable, "-I", "-u", "-m", "fedrad.client.runtime.site_runtime", "task", *child]
+        task_cmd = [sys.executable, "-I", "-u", "-m", RUNTIME_MODULE, "task", *child]
         if not trust.fresh_process_per_message:
-            pool = WorkerPool([sys.executable, "-I", "-u", "-m", "fedrad.client.runtime.site_runtime", "worker",
-                               *child])
+            pool = WorkerPool([sys.executable, "-I", "-u", "-m", RUNTIME_MODULE, "worker", *child])
         whose = f"runs signed by {trust.consortium_key}" if trust.consortium_key else "unsigned runs"
         how = "a fresh process per message" if pool is None else "a warm worker per run"
         log.info("fedrad runtime: serving %s for %s (%s)", trust.client_app, whose, how)
@@ -565,59 +406,33 @@ def serve(port: int, trust: SiteTrust, supernode_cmd: list[str], log_level: str 
             secret_dir.rmdir()
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# The runtime's processes are started as `python -m fedrad.deploy.runtime_entry MODE ...`, whose command line the
+# fedrad shell parses (fedrad.deploy.cli.parse_runtime_args) into RuntimeArgs for `run_runtime`.
+RUNTIME_MODULE = "fedrad.deploy.runtime_entry"
+RUNTIME_MODES = ("serve", "worker", "task")
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """The site's own lines (fedrad.client's one line per message, the runtime's refusals) go to stderr, which
-    is the node's terminal or log file; Flower's lines in the same format, without colour codes."""
-    import flwr.common.logger  # noqa: F401  (Flower's console handler exists once its logger module is imported)
+@dataclass(frozen=True)
+class RuntimeArgs:
+    """What a runtime process is told: its mode (serve: the SuperNode's side; worker: a run's warm process; task:
+    one message in a fresh process), the Runtime API port, the site's trust settings, and for serve the SuperNode
+    command (after `--` on the command line)."""
 
-    from fedrad.common.log_format import configure
-
-    configure(level)  # ISO times and levels, JSON lines with FEDRAD_LOG_FORMAT=json (fedrad.common.log_format)
-
-
-def _copy_formatted(stream, sink) -> None:
-    """Copy the SuperNode's output line by line in the site's log format (fedrad.common.log_format)."""
-    from fedrad.common.log_format import FlowerLines
-
-    lines = FlowerLines("flwr.supernode")
-    for line in stream:
-        sink.write(lines.line(_ANSI.sub("", line)))
-        sink.flush()
+    mode: str
+    port: int
+    consortium_key: Path | None = None
+    allow_unsigned: bool = False
+    client_app: str = DEFAULT_CLIENT_APP
+    client_app_dir: Path | None = None
+    log_level: str = "INFO"
+    fresh_process_per_message: bool = False
+    run_id: int = 0
+    supernode_cmd: tuple[str, ...] = ()
 
 
-def _copy_plain(stream, sink) -> None:
-    """Copy the SuperNode's output line by line without colour codes (it colours whatever it writes to)."""
-    for line in stream:
-        sink.write(_ANSI.sub("", line))
-        sink.flush()
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fedrad.client.runtime.site_runtime", description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["serve", "worker", "task"])
-    p.add_argument("--port", type=int, required=True, help="the SuperNode's Runtime API port on 127.0.0.1")
-    p.add_argument("--consortium-key", type=Path, default=None, help="consortium.pub: runs must be signed by it")
-    p.add_argument("--allow-unsigned", action="store_true", help="also run unsigned runs (local experiments)")
-    p.add_argument("--client-app", default=DEFAULT_CLIENT_APP, help="the installed ClientApp, module:attribute")
-    p.add_argument("--client-app-dir", type=Path, default=None, help="folder holding --client-app's module")
-    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="the node's and its tasks' log level")
-    p.add_argument("--fresh-process-per-message", action="store_true",
-                   help="serve: a fresh process per message instead of a warm worker per run (slower; fallback)")
-    p.add_argument("--run-id", type=int, default=0, help="worker: the run it serves (for its log lines)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    supernode_cmd: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, supernode_cmd = argv[:cut], argv[cut + 1:]
-    args = _parser().parse_args(argv)
+def run_runtime(args: RuntimeArgs) -> int:
+    """Run one runtime process; its exit status (2: bad input, said in one line on stderr)."""
+    supernode_cmd = list(args.supernode_cmd)
     configure_logging(args.log_level)
     trust = SiteTrust(args.consortium_key, args.allow_unsigned, args.client_app, args.client_app_dir,
                       args.fresh_process_per_message)
@@ -646,7 +461,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedrad runtime: error: --consortium-key: {exc}", file=sys.stderr)
             return 2
     return serve(args.port, trust, supernode_cmd, args.log_level)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,12 +16,8 @@ stats every file, and a quick pass becomes full by itself when the last full one
 
 from __future__ import annotations
 
-import argparse
-import errno
 import logging
 import os
-import sqlite3
-import sys
 import time
 from pathlib import Path
 
@@ -91,50 +87,3 @@ def _ingest(cache: DecodedCache, reader, root: Path, full: bool, progress: bool)
         cache.remember_dirs([d for d in listing.dirs if d[0] not in changed and d[0] not in unchanged], full)
     return total
 
-
-def cmd_ingest(args: argparse.Namespace) -> int:
-    """argparse adapter of run_ingest."""
-    return run_ingest(data=args.data, image_size=args.image_size, cache=args.cache, state_dir=args.state_dir,
-                      policy=args.policy, max_pixels=args.max_pixels, quiet=args.quiet,
-                      full=getattr(args, "full", False), compact=getattr(args, "compact", False))
-
-
-def run_ingest(*, data: str, image_size: int, cache: str | None = None, state_dir: str | None = None,
-               policy: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, quiet: bool = False,
-               full: bool = False, compact: bool = False) -> int:
-    """`fedrad ingest`: exit 0 when every file is stored or skipped with its reason; 2 on bad input, a full
-    disk or a compaction refused because the store is in use."""
-    from fedrad.common.store_compact import CompactRefused
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    folder = Path(data)
-    if not folder.is_dir():
-        print(f"fedrad ingest: error: folder not found: {display_name(str(data))}", file=sys.stderr)
-        return 2
-    if policy:
-        from fedrad.client.site.policy import load_policy
-
-        max_pixels = load_policy(policy).max_pixels
-    try:
-        out = ingest_site(folder, image_size, cache_dir=cache, state_dir=state_dir, max_pixels=max_pixels,
-                          progress=not quiet, full=full, compact=compact)
-    except CompactRefused as exc:
-        print(f"fedrad ingest: error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, sqlite3.OperationalError) as exc:
-        full_disk = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) if isinstance(exc, OSError) else \
-            any(w in str(exc) for w in ("full", "disk I/O"))
-        if full_disk:
-            why = getattr(exc, "strerror", None) or exc
-            print(f"fedrad ingest: error: the store's disk is full ({why}); everything committed so far is kept: "
-                  "free space and run `fedrad ingest` again to continue", file=sys.stderr)
-            return 2
-        raise
-    print(f"ingest done ({'full' if out['full_pass'] else 'quick'} pass): {out['files']} files listed, "
-          f"{out['decoded']} decoded now, {out['stored_before']} already stored, {out['changed_while_read']} changed "
-          f"while read (decoded at the next ingest), {out['folders_unchanged']} unchanged folders skipped, "
-          f"{out['seconds']:.1f} s")
-    if compact:
-        print(f"compacted: {out['rows_dropped']} images of deleted files dropped, {out['chunks_rewritten']} chunks "
-              f"rewritten, {out['bytes_freed']} bytes freed")
-    return 0

@@ -5,6 +5,9 @@ owns (`fedrad node --policy FILE`, written by `fedrad policy init`); the node re
 `policy_mod.site_policy_mod` refuses a run that breaks it before any image is loaded. `check_run` returns the
 first rule broken as a `Refusal(rule, detail)`: both stay at the site (log and audit), the coordinator gets
 only a fixed error code. Without a file the node uses `DEFAULT_POLICY_TOML` (the file `policy init` writes).
+
+`SitePolicy` is a pydantic model on fedrad.common.schema.Schema, the one mechanism of the run config and the
+node config: a wrong type and a broken rule are both one PolicyError line `FILE:LINE: table.key ...`.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import hashlib
 import os
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from pydantic import field_validator, model_validator
 
 from fedrad.common.data_rules import DEFAULT_MODALITIES, DataRules
 from fedrad.common.run_config import DP_MODES, RunConfig
+from fedrad.common.schema import ConfigError, Rule, Schema
 
 HEADER_LABEL_FIELDS = ("view", "body_part", "sex", "age", "modality", "plane", "contrast")  # from DICOM headers
 # The default policy's models: those fedrad knows to work (common.models.KNOWN_MODELS, kept equal by a test).
@@ -32,7 +38,7 @@ _TIMM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class PolicyError(ValueError):
+class PolicyError(ConfigError):
     """The policy file is unreadable or breaks its own rules; the message starts with `FILE:LINE:`."""
 
 
@@ -45,9 +51,24 @@ class Refusal:
     detail: str
 
 
-@dataclass(frozen=True)
-class SitePolicy:
-    """The parsed policy; field names are the TOML keys (tables: coordinator, training, privacy)."""
+# table -> keys it may hold
+_LAYOUT: dict[str, tuple[str, ...]] = {
+    "coordinator": ("ca_sha256",),
+    "training": ("objectives", "models", "max_image_size", "max_batch_size", "max_local_steps",
+                 "max_rounds_per_day", "max_evaluations_per_day", "label_fields"),
+    "privacy": ("require_secagg", "dp_modes", "min_dp_noise", "dp_delta", "epsilon_budget"),
+    "data": ("max_megapixels", "modalities", "allow_burned_in", "max_series_share", "min_slice_spacing_mm"),
+}
+_TABLE_OF = {key: table for table, keys in _LAYOUT.items() for key in keys}
+# What a key of each type must be (the words of a refusal).
+_MUST = {bool: "true or false", int: "a whole number >= 0", float: "a finite number >= 0", str: "a string"}
+
+
+class SitePolicy(Schema):
+    """The parsed policy; field names are the TOML keys (tables: coordinator, training, privacy, data)."""
+
+    _where: ClassVar[str] = "policy"
+    _error: ClassVar[type[ConfigError]] = PolicyError
 
     ca_sha256: str = ""
     objectives: tuple[str, ...] = ()
@@ -82,15 +103,40 @@ class SitePolicy:
         return DataRules(tuple(m.upper() for m in self.modalities), self.allow_burned_in, self.max_series_share,
                          self.min_slice_spacing_mm)
 
+    @classmethod
+    def file_key(cls, name: str) -> tuple[str | None, str]:
+        return _TABLE_OF.get(name), name
 
-# table -> keys it may hold
-_LAYOUT: dict[str, tuple[str, ...]] = {
-    "coordinator": ("ca_sha256",),
-    "training": ("objectives", "models", "max_image_size", "max_batch_size", "max_local_steps",
-                 "max_rounds_per_day", "max_evaluations_per_day", "label_fields"),
-    "privacy": ("require_secagg", "dp_modes", "min_dp_noise", "dp_delta", "epsilon_budget"),
-    "data": ("max_megapixels", "modalities", "allow_burned_in", "max_series_share", "min_slice_spacing_mm"),
-}
+    @classmethod
+    def field_message(cls, name: str, what: str, value: Any) -> str:
+        return f"{_TABLE_OF.get(name, '?')}.{name} {what}"
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _typed(cls, value: Any, info) -> Any:
+        """TOML values of the declared kind only (no "yes" for true, no negative counts)."""
+        kind = cls.model_fields[info.field_name].annotation
+        must = _MUST.get(kind, "a list of non-empty strings")
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = not isinstance(value, bool) and isinstance(value, int) and value >= 0
+        elif kind is float:
+            ok = not isinstance(value, bool) and isinstance(value, int | float) and value >= 0 and value != float("inf")
+            value = float(value) if ok else value
+        elif kind is str:
+            ok = isinstance(value, str)
+        else:  # a tuple of strings
+            ok = isinstance(value, list | tuple) and all(isinstance(v, str) and v.strip() for v in value)
+            value = tuple(v.strip() for v in value) if ok else value
+        if not ok:
+            raise ValueError(f"must be {must}, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _rules(self):
+        _validate(self)
+        return self
 
 
 def _default_text() -> str:
@@ -174,34 +220,6 @@ def _norm_fingerprint(value: str) -> str:
     return value.replace(":", "").replace(" ", "").strip().lower()
 
 
-def _coerce(source: str, text: str, table: str, key: str, value: Any, kind: Any) -> Any:
-    where = f"{table}.{key}"
-
-    def bad(what: str) -> PolicyError:
-        return _fail(source, text, table, key, f"{where} must be {what}, got {value!r}")
-
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise bad("a whole number >= 0")
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not (value >= 0) or value == float("inf"):
-            raise bad("a finite number >= 0")
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    # tuple of strings
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise bad("a list of non-empty strings")
-    return tuple(v.strip() for v in value)
-
-
 @functools.lru_cache(maxsize=16)
 def parse_policy(text: str, source: str = "<policy>") -> SitePolicy:
     """Parse and validate policy TOML; missing keys take the default. PolicyError names FILE:LINE and key.
@@ -219,8 +237,6 @@ def _parse(text: str, source: str, base: SitePolicy | None) -> SitePolicy:
         m = re.search(r"\(at line (\d+), column \d+\)", msg)
         line = int(m.group(1)) if m else max(1, len(text.splitlines()))
         raise PolicyError(f"{source}:{line}: not valid TOML: {re.sub(r' [(]at .*[)]$', '', msg)}") from None
-    kinds = {f.name: f.type for f in fields(SitePolicy)}
-    kind_of = {"str": str, "int": int, "float": float, "bool": bool, "tuple[str, ...]": tuple}
     values: dict[str, Any] = {}
     for table, body in data.items():
         if table not in _LAYOUT:
@@ -231,20 +247,19 @@ def _parse(text: str, source: str, base: SitePolicy | None) -> SitePolicy:
             if key not in _LAYOUT[table]:
                 raise _fail(source, text, table, key,
                             f"unknown key {table}.{key} (known: {', '.join(_LAYOUT[table])})")
-            values[key] = _coerce(source, text, table, key, value, kind_of[str(kinds[key])])
-    merged = {f.name: getattr(base, f.name) for f in fields(SitePolicy)} if base else {}
+            values[key] = value
+    merged = {name: getattr(base, name) for name in SitePolicy.model_fields} if base else {}
     merged.update(values)
     merged["source"] = source
-    policy = SitePolicy(**merged)
-    _validate(policy, text, source)
-    return policy
+    return SitePolicy.parse(merged, source, text)
 
 
-def _validate(p: SitePolicy, text: str, source: str) -> None:
+def _validate(p: SitePolicy) -> None:
+    """The policy's own rules (a Rule names the key, so the error names its line)."""
     from fedrad.common.losses import OBJECTIVES
 
-    def fail(table: str, key: str, message: str) -> PolicyError:
-        return _fail(source, text, table, key, message)
+    def fail(table: str, key: str, message: str) -> Rule:
+        return Rule(message, key)
 
     if p.ca_sha256 and not _HEX64.match(_norm_fingerprint(p.ca_sha256)):
         raise fail("coordinator", "ca_sha256", "coordinator.ca_sha256 must be a SHA-256 fingerprint "
@@ -399,45 +414,10 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-# -- CLI: fedrad policy init / check ----------------------------------------------------------------
 DEFAULT_POLICY_FILE = "fedrad-site-policy.toml"
 
 
-def cmd_policy_init(args) -> int:
-    """`fedrad policy init [PATH]`: write the commented default policy (never over an existing file)."""
-    from fedrad.common.atomic import atomic_write_bytes
-
-    path = Path(args.path or DEFAULT_POLICY_FILE)
-    if path.exists() and not args.force:
-        raise PolicyError(f"{path}: already exists (use --force to replace it)")
-    atomic_write_bytes(path, default_policy_text().encode("utf-8"))
-    print(f"fedrad policy: wrote {path}. Edit it, check it with `fedrad policy check {path}`, and start the "
-          f"node with `fedrad node --policy {path} ...`.")
-    return 0
-
-
-def cmd_policy_check(args) -> int:
-    """`fedrad policy check FILE [--ca CA.pem]`: validate (line-numbered errors, exit 2) and summarise."""
-    path = Path(args.path)
-    policy = load_policy(path)
-    check_models_known(policy, path.read_text(encoding="utf-8"), str(path))
-    if args.ca:
-        check_coordinator_ca(policy, args.ca)
-    dp_floor = "DP optional" if "none" in policy.dp_modes else f"dp in {list(policy.dp_modes)}"
-    print(f"{path}: OK (sha256 {file_sha256(path)[:16]})\n"
-          f"  objectives {', '.join(policy.objectives)}; models {', '.join(policy.models)}\n"
-          f"  at most: image {policy.max_image_size} px, batch {policy.max_batch_size}, "
-          f"{policy.max_local_steps} local steps, {policy.max_rounds_per_day or 'unlimited'} rounds/day, "
-          f"{policy.max_evaluations_per_day or 'unlimited'} evaluations/day\n"
-          f"  label fields {', '.join(policy.label_fields) or '(none)'}\n"
-          f"  privacy floor: secagg {'required' if policy.require_secagg else 'optional'}, {dp_floor}, "
-          f"dp-noise >= {policy.min_dp_noise:g}, dp-delta <= {policy.dp_delta:g}; site epsilon budget "
-          f"{policy.epsilon_budget:g} over all runs{' (none)' if not policy.epsilon_budget else ''}\n"
-          f"  coordinator CA: {policy.ca_sha256 or 'any given with --certs'}")
-    return 0
-
-
 __all__ = ["DEFAULT_MODELS", "DP_MODES", "HEADER_LABEL_FIELDS", "PolicyError", "Refusal", "SitePolicy",
-           "ca_fingerprint", "check_coordinator_ca", "check_models_known", "check_run", "cmd_policy_check",
-           "cmd_policy_init", "default_policy", "default_policy_text", "epsilon_limit", "load_policy",
+           "ca_fingerprint", "check_coordinator_ca", "check_models_known", "check_run",
+           "default_policy", "default_policy_text", "epsilon_limit", "load_policy",
            "parse_policy", "policy_for"]

@@ -15,7 +15,6 @@ message (run id and run key, as a release manifest names them).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -306,45 +305,18 @@ def _place(state: SiteState, incoming: Path, rid: str) -> tuple[ReleaseCode, str
     return ReleaseCode.STORED, rid
 
 
-# -- `fedrad releases` ------------------------------------------------------------------------------------
-def cmd_releases(args: argparse.Namespace) -> int:
-    """List the releases this site holds (newest last); with --pubkey, verify each again."""
-    root = Path(args.state_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--state-dir {root}: no such folder")
-    held = held_releases(root)
-    if not held:
-        print(f"no releases in {releases_dir(root)}")
-        return 0
-    status = 0
-    for h in held:
-        line = (f"{h.release_id:<18} run {h.run_id} release #{h.sequence}  created {h.created}  {h.model}  "
-                f"{h.path}")
-        if args.pubkey:
-            try:
-                verify_bundle(h.path, args.pubkey)
-                line += "  verified"
-            except BundleVerificationError as exc:
-                line += f"  FAILED: {exc}"
-                status = 1
-        print(line)
-    print(f"latest: {held[-1].release_id}")
-    return status
-
-
-def bundle_from_args(args: argparse.Namespace) -> str:
-    """`fedrad finetune/embed`: the bundle folder, given as BUNDLE or as `--release latest|ID` from the site's
+def bundle_folder(bundle: str | None, release: str | None, state_dir: str | None) -> str:
+    """`fedrad finetune/embed/export`: the bundle folder, given as BUNDLE or as `--release latest|ID` from the site's
     store (`--state-dir`); ValueError (exit 2) when neither or both are given. It is still verified on loading."""
-    bundle, release = getattr(args, "bundle", None), getattr(args, "release", None)
     if bool(bundle) == bool(release):
         raise ValueError("give either a BUNDLE folder or --release latest|ID (with --state-dir), not both or neither")
     if bundle:
         return str(bundle)
-    if not getattr(args, "state_dir", None):
+    if not state_dir:
         raise ValueError(f"--release {release}: give --state-dir, the site's state folder (as `fedrad node` printed)")
-    return str(resolve_release(Path(args.state_dir), str(release)))
+    return str(resolve_release(Path(state_dir), str(release)))
 
 
-__all__ = ["HeldRelease", "JOINED_FILE", "RELEASES_DIRNAME", "ReleaseQuota", "ReleaseRefused", "bundle_from_args",
-           "cmd_releases", "held_releases", "judge_offer", "record_participation", "releases_dir", "resolve_release",
+__all__ = ["HeldRelease", "JOINED_FILE", "RELEASES_DIRNAME", "ReleaseQuota", "ReleaseRefused", "bundle_folder",
+           "held_releases", "judge_offer", "record_participation", "releases_dir", "resolve_release",
            "store_release", "took_part"]

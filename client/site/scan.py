@@ -11,12 +11,10 @@ those files exactly as a folder, and reports what it fetched and how long that t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
 import statistics
-import sys
 import time
 from collections import Counter
 from functools import partial
@@ -32,7 +30,7 @@ from fedrad.common.sources.base import Frames
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.errors import reraise_fatal, skip_from
 from fedrad.common.sources.layout import csv_columns, open_location
-from fedrad.common.sources.pacs import PacsOptions, PacsQuery, is_source_url
+from fedrad.common.sources.pacs import PacsOptions, PacsQuery
 from fedrad.common.sources.walk import display_name, walk_folder
 from fedrad.common.sources.workers import map_isolated
 
@@ -115,14 +113,19 @@ def _per_patient(keys: list[str]) -> dict[str, float]:
     return {"min": min(per), "median": float(statistics.median(per)), "max": max(per)}
 
 
-def source_options_from_args(args: argparse.Namespace) -> PacsOptions:
-    """PacsOptions from the `--query/--since/--until/--max-instances/...` options of scan and node."""
-    kw = {k: getattr(args, k) for k in ("max_instances", "concurrency", "rate", "auth_file", "auth_env",
-                                         "ca_bundle", "calling_aet", "max_listed")
-          if getattr(args, k, None) not in (None, "")}
-    query = PacsQuery.parse(getattr(args, "query", None) or [], getattr(args, "since", None),
-                            getattr(args, "until", None))
-    return PacsOptions(query=query, **kw)
+PACS_LIMITS = ("max_instances", "concurrency", "rate", "auth_file", "auth_env", "ca_bundle", "calling_aet",
+               "max_listed")
+
+
+def source_options(query: list[str] | None = None, since: str | None = None, until: str | None = None,
+                   **limits) -> PacsOptions:
+    """PacsOptions from the `--query/--since/--until/--max-instances/...` options of scan and node (keyword
+    names as the options'; a limit that is None or empty takes the PACS default)."""
+    unknown = set(limits) - set(PACS_LIMITS)
+    if unknown:
+        raise TypeError(f"unknown PACS option(s): {', '.join(sorted(unknown))}")
+    kw = {k: v for k, v in limits.items() if v not in (None, "")}
+    return PacsOptions(query=PacsQuery.parse(query or [], since, until), **kw)
 
 
 def _volumes(results: list[dict], ok: list[int], rel: list[str]) -> dict:
@@ -340,7 +343,7 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_json(report: dict, json_out: str | None, data: Path) -> Path:
+def write_inventory(report: dict, json_out: str | None, data: Path) -> Path:
     payload = json.dumps(report, indent=2, ensure_ascii=False).encode("utf-8")
     if json_out:
         out = Path(json_out)
@@ -358,36 +361,7 @@ def _write_json(report: dict, json_out: str | None, data: Path) -> Path:
     return out
 
 
-def _rules(policy_file: str | None) -> DataRules:
+def policy_rules(policy_file: str | None) -> DataRules:
     from fedrad.client.site.policy import default_policy, load_policy
 
     return (load_policy(policy_file) if policy_file else default_policy()).data_rules
-
-
-def cmd_scan(args: argparse.Namespace) -> int:
-    """CLI handler: print the inventory, write the JSON atomically, exit 0 (2 if the folder is missing)."""
-    source = getattr(args, "source", None)
-    if source and getattr(args, "data", None):
-        print("fedrad scan: error: give a folder or --source, not both", file=sys.stderr)
-        return 2
-    if not source and not getattr(args, "data", None):
-        print("fedrad scan: error: give a folder, or --source URL for a PACS", file=sys.stderr)
-        return 2
-    if source and not is_source_url(source):
-        print("fedrad scan: error: --source: expected dicomweb+https://HOST/PATH or dimse://AET@HOST:PORT",
-              file=sys.stderr)
-        return 2
-    data = Path(args.data) if not source else None
-    if data is not None and not data.is_dir():
-        print(f"fedrad scan: error: folder not found: {display_name(str(args.data))}", file=sys.stderr)
-        return 2
-    report = scan_folder(source or data, decode=getattr(args, "decode", True),
-                         progress=not getattr(args, "quiet", False),
-                         max_pixels=getattr(args, "max_pixels", None) or DEFAULT_MAX_PIXELS,
-                         source_options=source_options_from_args(args) if source else None,
-                         cache_dir=getattr(args, "cache", None), rules=_rules(getattr(args, "policy", None)))
-    print(format_report(report))
-    out = _write_json(report, getattr(args, "json_out", None), Path(report["store"]) if source else data.resolve())
-    print(f"\ninventory written to {display_name(str(out))}")
-    print(PACS_SENT if source else NOTHING_SENT)
-    return 0

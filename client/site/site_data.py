@@ -190,29 +190,13 @@ def _load_images(reader, image_size: int, cache: DecodedCache, progress: bool) -
             labels[name] = [_norm_header_value(name, rows[i].get(name, "")) for i in kept]
         else:
             labels[name] = [rows[i].get(name, "") for i in kept]
+    labels.update(reader.csv_labels([paths[i] for i in kept]))  # a labels CSV the site added, if any
     keys = [patient_key(rows[i].get("patient_id", ""), f"image:{rows[i]['image']}", cache.salt) for i in kept]
     return SiteData(images=images, paths=[paths[i] for i in kept], patient_keys=keys, labels=labels,
                     skipped=Counter(skipped.values()), image_size=image_size)
 
 
 # -- DICOM ---------------------------------------------------------------------------------------
-def _dicom_labels(root: Path, labels_csv: Path, paths: list[str], sops: list[str]) -> dict[str, list[str]]:
-    rows = read_csv(labels_csv)
-    if not rows:
-        return {}
-    cols = [c for c in rows[0] if c not in ("file", "sop_uid", "")]
-    by_file = {str((root / r["file"]).resolve()): r for r in rows if r.get("file")}
-    by_sop = {r["sop_uid"]: r for r in rows if r.get("sop_uid")}
-    if not by_file and not by_sop:
-        raise ValueError(f"{labels_csv}: needs a 'file' or 'sop_uid' column")
-    out: dict[str, list[str]] = {c: [] for c in cols}
-    for p, sop in zip(paths, sops, strict=True):
-        row = by_file.get(str(Path(p).resolve())) or by_sop.get(sop) or {}
-        for c in cols:
-            out[c].append(row.get(c, ""))  # '' = not labelled
-    return out
-
-
 def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str | os.PathLike[str] | None = None,
               progress: bool = True, labels_csv: str | os.PathLike[str] | None = None,
               state_dir: str | os.PathLike[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -220,7 +204,8 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
               max_decode: int | None = None) -> SiteData:
     """Load a site folder (DICOM tree or PNG/JPEG + manifest) through the decoded-image cache.
 
-    `labels_csv` (DICOM only) overrides the auto-detected `<data>/labels.csv`; unlabelled images get ''.
+    `labels_csv` overrides a DICOM folder's auto-detected `<data>/labels.csv`, and adds label columns to a
+    PNG/JPEG folder's manifest (the reader joins it: `Reader.csv_labels`); unlabelled images get ''.
     `state_dir`: the site state directory holding the salt (see header_signals.load_site_salt); `max_pixels`
     the pixel budget (files over it are skipped as too-large). Files found but unusable, including formats
     without a reader (NIfTI, archives), are counted in `SiteData.skipped` by reason.
@@ -233,11 +218,11 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
     what is stored and `SiteData.pending` counts the rest (a round never decodes a hospital's archive).
     Raises FileNotFoundError if the folder does not exist (the CLI turns that into exit code 2).
     """
-    opened = open_location(data_dir, max_pixels, cache_dir, source_options)
-    reader, root, layout = opened.reader, opened.root, opened.layout
+    opened = open_location(data_dir, max_pixels, cache_dir, source_options, labels_csv)
+    reader, root = opened.reader, opened.root
     cdir = opened.cache_dir or (Path(cache_dir) if cache_dir else default_cache_dir(root))
     cache = DecodedCache(cdir, image_size, decoder=reader.entry, state_dir=state_dir, max_pixels=max_pixels)
-    if layout.kind == "images":
+    if not reader.has_headers:  # labels and patients from the source's own table (a PNG/JPEG manifest)
         return _load_images(reader, image_size, cache, progress)
 
     listing = reader.list_items()
@@ -257,11 +242,9 @@ def load_site(data_dir: str | os.PathLike[str], image_size: int, cache_dir: str 
         "plane": [plane_label(m.get("orientation")) for m in metas],  # cross-sectional weak labels (SupCon)
         "contrast": [contrast_label(m.get("contrast"), m.get("modality")) for m in metas],
     }
-    csv_path = Path(labels_csv) if labels_csv else layout.csv
-    if csv_path is not None:
-        extra = _dicom_labels(root, csv_path, kept_paths, [m.get("sop_uid", "") for m in metas])
-        clash = set(extra) & set(labels)
-        labels.update({(f"csv_{k}" if k in clash else k): v for k, v in extra.items()})
+    extra = reader.csv_labels(kept_paths, [m.get("sop_uid", "") for m in metas])  # the labels CSV, if any
+    clash = set(extra) & set(labels)
+    labels.update({(f"csv_{k}" if k in clash else k): v for k, v in extra.items()})
     keys = [m.get("patient_key") or UNKNOWN for m in metas]
     reasons = Counter(skipped.values())
     reasons.update(p.reason for p in listing.skipped)

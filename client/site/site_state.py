@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedrad.common.atomic import PRIVATE_FILE, append_private, atomic_write_bytes, atomic_write_json, private_dir
+from fedrad.common.atomic import PRIVATE_FILE, atomic_write_bytes, atomic_write_json, private_dir
 from fedrad.common.header_signals import SALT_FILE  # patient-pseudonym salt (0600), one name for all readers
 
 STATE_FILE = "state.json"  # the site's id and which files it has held (the "expected" marks)
@@ -221,16 +221,6 @@ def site_id(state: SiteState) -> str:
     return str(_read_marker(state).get("site_id", ""))
 
 
-def record_refusal(state: SiteState, rule: str, detail: str, code: int, message_type: str = "",
-                   run_id: int | None = None) -> None:
-    """Append a refusal to `<audit>/refusals.jsonl`: the rule and detail for the site's own staff, and the
-    only thing the coordinator got back (the error code)."""
-    entry = {"time": time.time(), "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "rule": rule, "detail": detail, "message_type": message_type, "run_id": run_id,
-             "reply": {"error_code": int(code)}}
-    append_private(state.refusals, json.dumps(entry) + "\n")
-
-
 NONCE_REFRESH_SECONDS = 3600  # a served run's binding is refreshed at most hourly (one write an hour, not a round)
 
 
@@ -302,4 +292,4 @@ def count_activity(state: SiteState, limits: Mapping[str, int], now: float | Non
 __all__ = ["ACTIVITY_FILE", "AUDIT_DIRNAME", "JOINED_FILE", "LEDGER_FILE", "NONCES_FILE", "REFUSALS_FILE",
            "RELEASES_DIRNAME", "SALT_FILE", "STATE_FILE", "SiteState", "SiteStateError", "StatementExpired",
            "bind_nonce", "count_activity", "default_state_dir", "locked", "node_state_config", "open_state",
-           "record_refusal", "site_id", "site_salt", "state_paths"]
+           "site_id", "site_salt", "state_paths"]

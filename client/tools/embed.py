@@ -7,11 +7,9 @@ A quick t-SNE coloured by site, view or finding shows at a glance what the featu
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,27 +91,15 @@ def write_index(path: Path, rows: list[dict[str, Any]]) -> Path:
     return atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
-def cmd_embed(args: argparse.Namespace) -> int:
-    """Verify (unless --insecure), embed every usable image, write npy + index + t-SNE."""
+def embed_folder(backbone, manifest: dict[str, Any], data: str | os.PathLike[str], out: str | os.PathLike[str],
+                 color_by: str | None = None) -> Path:
+    """Embed every usable image of `data` (folder or .npz) with a loaded backbone; write npy + index + t-SNE
+    into `out` and return it."""
     from fedrad.client.evaluation.heads import embed_images
-    from fedrad.client.site.release_store import bundle_from_args
-    from fedrad.client.tools.model_source import load_model_source
     from fedrad.common.atomic import atomic_write
-    from fedrad.common.bundle import BundleVerificationError, policy_from_args
 
-    args.bundle = bundle_from_args(args)  # BUNDLE, or --release latest|ID from the site's store
-    if not args.insecure and not args.pubkey:
-        print("fedrad embed: error: pass --pubkey to verify the bundle (or --insecure to skip)", file=sys.stderr)
-        return 2
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out}: exists and is not a folder")
-    try:
-        backbone, manifest = load_model_source(args.bundle, args.pubkey, args.insecure, policy_from_args(args))
-    except BundleVerificationError as exc:
-        print(f"fedrad embed: bundle verification FAILED: {exc}", file=sys.stderr)
-        return 1
     size = int(manifest.get("input_size") or 64)
-    data = Path(args.data)
+    data = Path(data)
     if data.suffix == ".npz":
         if not data.is_file():
             raise FileNotFoundError(f"--data {data}: no such file")
@@ -124,10 +110,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
         images, rows = _folder_rows(data, size)
     if not rows:
         raise ValueError(f"{data}: no usable images")
-    if args.color_by and args.color_by not in rows[0]:
-        raise ValueError(f"--color-by {args.color_by!r}: not a column (have {', '.join(rows[0])})")
+    if color_by and color_by not in rows[0]:
+        raise ValueError(f"--color-by {color_by!r}: not a column (have {', '.join(rows[0])})")
     emb = embed_images(backbone, images, size)
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     def save(p: Path) -> None:
         with open(p, "wb") as f:  # a file object: np.save on a path would append ".npy" to the temp name
@@ -135,12 +121,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     atomic_write(out / "embeddings.npy", save)
     write_index(out / "index.csv", rows)
-    colours = [str(r.get(args.color_by, "")) for r in rows] if args.color_by else None
+    colours = [str(r.get(color_by, "")) for r in rows] if color_by else None
     tsne_plot(emb, colours, out / "tsne.png", f"{manifest.get('model')} embeddings"
-              + (f" by {args.color_by}" if args.color_by else ""))
+              + (f" by {color_by}" if color_by else ""))
     print(f"fedrad embed: {emb.shape[0]} images x {emb.shape[1]} features -> {out / 'embeddings.npy'}, "
           f"{out / 'index.csv'}, {out / 'tsne.png'}")
-    return 0
+    return out
 
 
-__all__ = ["cmd_embed", "tsne_plot", "write_index"]
+__all__ = ["embed_folder", "tsne_plot", "write_index"]

@@ -5,7 +5,6 @@ Same model, loop and file format as a federated run, so the two are directly com
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -33,20 +32,14 @@ def check_out_file(out: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _apply_init(model, args: argparse.Namespace, recipe):
+def _apply_init(model, recipe):
     """`--init`: the backbone from a local timm checkpoint or a verified release (InitRecord); None without
-    --init, or when the bundle is refused (said on stderr; the caller exits 1, as `fedrad verify` does)."""
+    --init. A refused bundle raises BundleVerificationError (the command exits 1, as `fedrad verify` does)."""
     if not recipe.init:
         return None
-    from fedrad.common.bundle import BundleVerificationError
     from fedrad.common.init_weights import apply_init
 
-    try:
-        record = apply_init(model, recipe.init, recipe.init_pubkey or None, recipe.model, recipe.image_size,
-                            recipe.norm)
-    except BundleVerificationError as exc:
-        print(f"fedrad pretrain: --init bundle verification FAILED: {exc}", file=sys.stderr)
-        return None
+    record = apply_init(model, recipe.init, recipe.init_pubkey or None, recipe.model, recipe.image_size, recipe.norm)
     print(f"  init: {record.kind} {record.path} (sha256 {record.sha256[:16]}...)", file=sys.stderr)
     return record
 
@@ -67,47 +60,45 @@ def train_rounds(model, data, recipe, steps: int, rounds: int, device: str):
     return done
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    """Load the site, train `args.steps` steps of the recipe the options give, evaluate on the held-out
-    patients, write the backbone."""
+def pretrain_folder(data_dir: str | os.PathLike[str], recipe, steps: int, rounds: int, device: str = "auto",
+                    cache: str | os.PathLike[str] | None = None,
+                    out: str | os.PathLike[str] = "pretrained.safetensors") -> Path:
+    """Load the site, train `steps` steps of `recipe` (a fedrad.common.recipe.Recipe) in `rounds` rounds, evaluate
+    on the held-out patients, write the backbone to `out` and return its path."""
     import torch
 
     from fedrad.client.site.site_data import load_site
     from fedrad.client.training.trainer import TrainConfig, evaluate_local, resolve_device
     from fedrad.common.losses import REGISTRY
     from fedrad.common.models import build_model, save_backbone
-    from fedrad.common.recipe import Recipe
 
-    recipe = Recipe.from_attrs(args)  # a bad value: one line naming the option, exit 2
-    if args.steps < 1 or not 1 <= args.rounds <= args.steps:
+    if steps < 1 or not 1 <= rounds <= steps:
         raise ValueError("need --steps >= 1 and 1 <= --rounds <= --steps")
-    if recipe.warmup_rounds >= args.rounds and recipe.warmup_rounds:
+    if recipe.warmup_rounds >= rounds and recipe.warmup_rounds:
         raise ValueError("--warmup-rounds must be below --rounds")
-    check_out_file(args.out)
+    check_out_file(out)
     if recipe.init:
         from fedrad.common.init_weights import init_kind
 
         init_kind(recipe.init, recipe.init_pubkey or None)  # a bad path: one line before the data is loaded
-    device = resolve_device(args.device)
-    print(f"fedrad pretrain: loading {args.data} at {recipe.image_size} px", file=sys.stderr)
-    data = load_site(args.data, recipe.image_size, cache_dir=args.cache, progress=True)
+    device = resolve_device(device)
+    print(f"fedrad pretrain: loading {data_dir} at {recipe.image_size} px", file=sys.stderr)
+    data = load_site(data_dir, recipe.image_size, cache_dir=cache, progress=True)
     skipped = sum((getattr(data, "skipped", None) or {}).values())
     print(f"  {len(data)} images usable, {skipped} skipped", file=sys.stderr)
     if len(data) < 2:
-        raise ValueError(f"{args.data}: {len(data)} usable image(s); contrastive training needs at least 2")
+        raise ValueError(f"{data_dir}: {len(data)} usable image(s); contrastive training needs at least 2")
 
     torch.manual_seed(recipe.seed)
     model = build_model(recipe.model, recipe.objective, recipe.image_size, proj_dim=recipe.proj_dim,
                         norm=recipe.norm)
-    init_record = _apply_init(model, args, recipe)
-    if init_record is None and recipe.init:
-        return 1  # the bundle was refused (already said why)
-    cfg = TrainConfig.from_recipe(recipe, args.steps, str(device))
+    init_record = _apply_init(model, recipe)
+    cfg = TrainConfig.from_recipe(recipe, steps, str(device))
     n_params = sum(p.numel() for p in model.backbone.parameters()) / 1e6
     print(f"  {recipe.model} ({n_params:.1f}M params), {recipe.objective}, batch {cfg.batch_size}, "
-          f"{cfg.steps} steps in {args.rounds} round(s) on {device}", file=sys.stderr)
+          f"{cfg.steps} steps in {rounds} round(s) on {device}", file=sys.stderr)
     t0 = time.perf_counter()
-    result = train_rounds(model, data, recipe, args.steps, args.rounds, str(device))
+    result = train_rounds(model, data, recipe, steps, rounds, str(device))
     k = min(3, max(1, len(result.losses) // 2))
     first, last = _mean(result.losses[:k]), _mean(result.losses[-k:])
     rate = result.steps / result.seconds if result.seconds else float("nan")
@@ -130,7 +121,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         "seed": recipe.seed,
         "norm": recipe.norm,
         "label_fields": recipe.label_fields if needs_labels else "",
-        "recipe": json.dumps({**recipe.recipe_dict(), "steps": args.steps, "rounds": args.rounds}, sort_keys=True),
+        "recipe": json.dumps({**recipe.recipe_dict(), "steps": steps, "rounds": rounds}, sort_keys=True),
         "images": len(data),
         "final_loss": f"{last:.6f}",
         "input": "grayscale [0,1], no mean/std normalisation",
@@ -139,6 +130,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     }
     if init_record is not None:
         meta["init"] = json.dumps(init_record.to_json(), sort_keys=True)
-    save_backbone(model.backbone, args.out, meta)
-    print(f"wrote {args.out} ({time.perf_counter() - t0:.1f}s)")
-    return 0
+    save_backbone(model.backbone, out, meta)
+    print(f"wrote {out} ({time.perf_counter() - t0:.1f}s)")
+    return Path(out)

@@ -8,12 +8,22 @@ loader only talk to this interface, so a new source is one new module here plus 
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.walk import Problem
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV (a manifest or a labels file), keys and values stripped."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 @dataclass(frozen=True)
@@ -66,9 +76,42 @@ class Reader(abc.ABC):
     """
 
     kind: str = ""
+    # True: `entry` reads header signals (modality, body part, view, sex, age, patient) from each file; False: the
+    # source's labels and patients come from its own table (a PNG/JPEG manifest).
+    has_headers: bool = True
+    # A labels CSV the site added to this source (None: none): a row matches an item by its path relative to
+    # the source's root (`file`) or by its SOP Instance UID (`sop_uid`).
+    labels_csv: Path | None = None
+    root: Path
 
-    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, labels_csv: str | os.PathLike[str] | None = None,
+                 ) -> None:
         self.max_pixels = int(max_pixels)
+        self.labels_csv = Path(labels_csv) if labels_csv else None
+
+    def _csv_layout(self, header: list[str]) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+        """(path key columns, columns that are not labels, what a CSV without a key needs) of a labels CSV."""
+        return ("file",), ("file", "sop_uid"), "a 'file' or 'sop_uid' column"
+
+    def csv_labels(self, locators: list[str], sops: list[str] | None = None) -> dict[str, list[str]]:
+        """The labels CSV's columns for these items, aligned with `locators` ('' = not labelled); {} without one.
+
+        The reader owns its labels: site data and fine-tuning ask it instead of branching on the layout."""
+        if self.labels_csv is None:
+            return {}
+        rows = read_csv(self.labels_csv)
+        if not rows:
+            return {}
+        path_keys, not_labels, needs = self._csv_layout(list(rows[0]))
+        by_path = {str((self.root / r[k]).resolve()): r for k in path_keys for r in rows if r.get(k)}
+        by_sop = {r["sop_uid"]: r for r in rows if r.get("sop_uid")} if "sop_uid" in not_labels else {}
+        if not by_path and not by_sop:
+            raise ValueError(f"{self.labels_csv}: needs {needs}")
+        cols = [c for c in rows[0] if c not in (*not_labels, "")]
+        sops = sops if sops is not None else [""] * len(locators)
+        matched = [by_path.get(str(Path(p).resolve())) or by_sop.get(sop) or {}
+                   for p, sop in zip(locators, sops, strict=True)]
+        return {c: [row.get(c, "") for row in matched] for c in cols}
 
     @abc.abstractmethod
     def list_items(self) -> Listing:

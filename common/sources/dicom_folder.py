@@ -78,8 +78,9 @@ class DicomFolderReader(Reader):
     entry = staticmethod(dicom_entry)
     check = staticmethod(dicom_check)
 
-    def __init__(self, root: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        super().__init__(max_pixels)
+    def __init__(self, root: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS,
+                 labels_csv: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(max_pixels, labels_csv)
         self.root = Path(root).resolve()
 
     def list_items(self, known: DirCheck | None = None) -> Listing:

@@ -8,7 +8,6 @@ before any pixels are decoded.
 
 from __future__ import annotations
 
-import csv
 import os
 import warnings
 from pathlib import Path
@@ -16,16 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from fedrad.common.image_ops import fit_square
-from fedrad.common.sources.base import Item, Listing, Reader
+from fedrad.common.sources.base import Item, Listing, Reader, read_csv
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS, check_pixel_budget
 from fedrad.common.sources.errors import SkipImage, reraise_fatal, skip_from
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _open(path: str | bytes, max_pixels: int):
@@ -94,15 +88,20 @@ class ImageFolderReader(Reader):
     """The rows of a manifest CSV; item id = the row's `image` path, `rows[i]` its label columns."""
 
     kind = "images"
+    has_headers = False  # labels and patients come from the manifest's rows
     entry = staticmethod(image_entry)
     check = staticmethod(image_check)
 
     def __init__(self, root: str | os.PathLike[str], manifest: str | os.PathLike[str],
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        super().__init__(max_pixels)
+                 max_pixels: int = DEFAULT_MAX_PIXELS, labels_csv: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(max_pixels, labels_csv)
         self.root = Path(root).resolve()
         self.manifest = Path(manifest)
         self.rows = read_csv(self.manifest)
+
+    def _csv_layout(self, header: list[str]) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+        key = "image" if "image" in header else "file"
+        return (key,), (key, "patient_id"), "an 'image' or 'file' column for a PNG/JPEG folder"
 
     def list_items(self) -> Listing:
         out = Listing(files_seen=len(self.rows))

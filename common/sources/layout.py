@@ -52,9 +52,10 @@ def detect_source(folder: str | os.PathLike[str]) -> Layout:
 
 
 def open_source(folder: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS,
-                layout: Layout | None = None, **pacs) -> Reader:
+                layout: Layout | None = None, labels_csv: str | os.PathLike[str] | None = None, **pacs) -> Reader:
     """The reader for a site folder, chosen by `detect_source` (or the `layout` already detected), or for a
-    PACS source URL (`pacs`: cache_dir, options; see open_pacs)."""
+    PACS source URL (`pacs`: cache_dir, options; see open_pacs). `labels_csv`: a labels CSV the site names (a
+    DICOM folder's own `labels.csv` is found by detect_source); the reader joins it (`Reader.csv_labels`)."""
     from fedrad.common.sources.dicom_folder import DicomFolderReader
     from fedrad.common.sources.image_folder import ImageFolderReader
     from fedrad.common.sources.pacs import is_source_url
@@ -64,8 +65,8 @@ def open_source(folder: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PI
 
     layout = layout or detect_source(folder)
     if layout.kind == "images":
-        return ImageFolderReader(folder, layout.csv, max_pixels)
-    return DicomFolderReader(folder, max_pixels)
+        return ImageFolderReader(folder, layout.csv, max_pixels, labels_csv)
+    return DicomFolderReader(folder, max_pixels, labels_csv or layout.csv)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class OpenedSource:
 
 
 def open_location(location: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS,
-                  cache_dir: str | os.PathLike[str] | None = None, options=None) -> OpenedSource:
+                  cache_dir: str | os.PathLike[str] | None = None, options=None,
+                  labels_csv: str | os.PathLike[str] | None = None) -> OpenedSource:
     """A folder or a PACS source URL, opened the one way site data and scan both need.
 
     Raises FileNotFoundError for a folder that does not exist (the CLI turns it into exit code 2)."""
@@ -90,12 +92,13 @@ def open_location(location: str | os.PathLike[str], max_pixels: int = DEFAULT_MA
     if is_source_url(str(location)):
         cdir = Path(cache_dir) if cache_dir else default_source_cache_dir(str(location))
         reader = open_source(str(location), max_pixels, cache_dir=cdir, options=options)
+        reader.labels_csv = Path(labels_csv) if labels_csv else None  # joined by SOP Instance UID or file
         return OpenedSource(reader, reader.root, Layout("dicom", None), True, cdir)
     root = Path(location).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"folder not found: {location}")
     layout = detect_source(root)
-    return OpenedSource(open_source(root, max_pixels, layout), root, layout, False, None)
+    return OpenedSource(open_source(root, max_pixels, layout, labels_csv), root, layout, False, None)
 
 
 def open_pacs(url: str, max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: str | os.PathLike[str] | None = None,

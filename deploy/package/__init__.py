@@ -1,9 +1,10 @@
 """fedrad's public Python API: the few calls a site's own scripts need, without the command line.
 
 Everything here is lazy: `import fedrad` imports neither torch nor Flower; each call imports what it uses.
-`pretrain`, `finetune` and `embed` run the same code as the `fedrad` commands of the same name (their keyword
-options are the command's long options, `image_size=64` for `--image-size 64`), so the API and the CLI
-cannot drift apart; a failed command raises `FedradError` carrying its exit code.
+`pretrain`, `finetune` and `embed` are the very functions the `fedrad` commands of the same name call
+(fedrad.deploy.commands; keyword options are the command's long options, `image_size=64` for `--image-size
+64`), so the API and the CLI cannot drift apart. They raise `BadInput` (a ValueError; the CLI's exit 2),
+`BundleRefused` / `Refused` (exit 1), all `FedradError`s carrying `exit_code`.
 """
 
 from __future__ import annotations
@@ -13,42 +14,17 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from fedrad.deploy.commands.errors import BadInput, BundleRefused, FedradError, Refused
+
 try:
     __version__ = version("fedrad")
 except PackageNotFoundError:  # a source folder on sys.path without an install
     __version__ = "0+unknown"
 
-__all__ = ["FedradError", "__version__", "embed", "finetune", "load_backbone", "pretrain", "verify_bundle"]
+__all__ = ["BadInput", "BundleRefused", "FedradError", "Refused", "__version__", "embed", "finetune", "load_backbone",
+           "pretrain", "verify_bundle"]
 
 PathLike = str | os.PathLike[str]
-
-
-class FedradError(RuntimeError):
-    """A fedrad command called through the API failed; `exit_code` is the CLI's (2: bad input, 1: refused)."""
-
-    def __init__(self, command: str, exit_code: int) -> None:
-        super().__init__(f"fedrad {command} failed with exit code {exit_code} (its reason is on stderr)")
-        self.exit_code = exit_code
-
-
-def _argv(options: dict[str, Any]) -> list[str]:
-    """Keyword options -> CLI options: True -> a flag, False/None -> left out, anything else -> its str()."""
-    out: list[str] = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            out.append(flag)
-        elif value is not None and value is not False:
-            out += [flag, str(value)]
-    return out
-
-
-def _run(command: str, positional: list[PathLike], options: dict[str, Any]) -> None:
-    from fedrad.deploy.cli import main
-
-    code = main([command, *map(str, positional), *_argv(options)])
-    if code:
-        raise FedradError(command, code)
 
 
 def verify_bundle(bundle: PathLike, pubkey: PathLike) -> dict[str, Any]:
@@ -75,8 +51,9 @@ def pretrain(data: PathLike, out: PathLike = "pretrained.safetensors", **options
     Options as the command's: steps, rounds, device, cache, and every recipe switch with the defaults of a
     federated run (objective, model, batch_size, image_size, lr, aug_*, ...: fedrad.common.recipe.Recipe).
     """
-    _run("pretrain", [data], {**options, "out": out})
-    return Path(out)
+    from fedrad.deploy.commands.finetune import pretrain as run
+
+    return run(data, out=out, **options)
 
 
 def finetune(bundle: PathLike, data: PathLike, out: PathLike = "finetune-results", **options: Any) -> Path:
@@ -85,8 +62,9 @@ def finetune(bundle: PathLike, data: PathLike, out: PathLike = "finetune-results
     Options as the command's: pubkey (verify first; required unless insecure=True), labels, target, mode,
     fractions, seeds, compare, dp_epsilon, dp_delta, epochs, device, and the release-policy checks.
     """
-    _run("finetune", [bundle], {**options, "data": data, "out": out})
-    return Path(out)
+    from fedrad.deploy.commands.finetune import finetune as run
+
+    return run(bundle, data=data, out=out, **options)
 
 
 def embed(bundle: PathLike, data: PathLike, out: PathLike = "embeddings", **options: Any) -> Path:
@@ -94,5 +72,6 @@ def embed(bundle: PathLike, data: PathLike, out: PathLike = "embeddings", **opti
 
     Options as the command's: pubkey (required unless insecure=True), color_by, and the release-policy checks.
     """
-    _run("embed", [bundle], {**options, "data": data, "out": out})
-    return Path(out)
+    from fedrad.deploy.commands.finetune import embed as run
+
+    return run(bundle, data=data, out=out, **options)
