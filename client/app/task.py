@@ -253,15 +253,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     tcfg = train_config_for(cfg, device, server_round, context.node_id % 100_000, round_lr_for(msg, cfg, server_round))
     procs = _node(context).ddp_procs
     dp = None
-    if cfg.dp == "sample" and procs > 1:  # opacus's per-image clipping and the accountant run in one process
-        from fedrad.client.app.error_reply import refuse
-        from fedrad.client.site.site_state import state_paths
-        from fedrad.common.protocol import ErrorCode
-
-        return refuse(msg, ErrorCode.POLICY_REFUSED, "ddp_procs",
-                      f"dp = sample trains in one process; this node runs --ddp-procs {procs}",
-                      audit=state_paths(context.node_config))
-    if cfg.dp == "sample":
+    if cfg.dp == "sample":  # over several processes too: one Poisson draw, one noise, one accountant, one entry
         from fedrad.client.app.error_reply import refuse
         from fedrad.client.site.site_state import state_paths
         from fedrad.client.training.trainer import split_indices
@@ -280,7 +272,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     if procs > 1:  # several devices: rank 0's weights come back into `model`; still one reply (one SecAgg+ share)
         from fedrad.client.training.ddp import train_distributed
 
-        result = train_distributed(model, data, tcfg, procs, proximal=proximal)
+        result = train_distributed(model, data, tcfg, procs, proximal=proximal, dp=dp)
     else:
         result = train_local(model, data, tcfg, progress=False, proximal=proximal, dp=dp)
     model.to("cpu")

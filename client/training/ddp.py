@@ -16,7 +16,14 @@ Semantics, chosen so that N processes compute the update of ONE process on the s
   let a contrastive model tell its own slice's images apart). torch's SyncBatchNorm refuses CPU tensors, so on
   CPU/gloo BatchNorm is per replica and the running statistics are averaged over the ranks at the end; GroupNorm
   models (model-norm "group") are exact on every backend.
-- Sample-level DP (opacus) is not split over processes: the caller refuses dp = "sample" with procs > 1.
+- Sample-level DP (dp = "sample", client/training/sample_dp.py): ONE Poisson draw of the global batch per step
+  (rank 0's secret seed, broadcast, so every rank draws the same mask) and the same augmentations on every
+  rank; each rank computes the per-image gradients of its slice (`rank_slices`) and clips each image to
+  dp-clip (an image lives on one rank, so its clipping is exactly one process's); opacus's Distributed
+  optimizers sum the clipped gradients over the ranks and add the Gaussian noise ONCE, on rank 0 (std
+  dp-noise x dp-clip on the sum), then divide by the GLOBAL expected batch. Every rank steps the same
+  accountant; rank 0's history comes back, and the worker writes the site's one ledger entry (the ranks never
+  touch the ledger). So ε, the update and its noise are those of one process on the same global batch.
 A rank that dies or raises fails the whole round with DistributedTrainingError (the worker's error reply
 carries a code); the other ranks are terminated, nothing is left running, and the next round starts fresh.
 """
@@ -39,6 +46,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from fedrad.client.site.site_data import SiteData
+    from fedrad.client.training.sample_dp import SampleDP
     from fedrad.client.training.trainer import TrainConfig, TrainResult
 
 DEFAULT_TIMEOUT_S = 6 * 3600.0  # a round's ranks are stopped after this; the round timeout is the real bound
@@ -55,10 +63,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _slices(n: int, world: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) rows of each rank (sizes differ by at most one)."""
-    if n < world:
-        raise ValueError(f"a batch of {n} rows cannot be split over {world} processes")
+def rank_slices(n: int, world: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) rows of a global batch of `n` for each of `world` ranks, in rank order (sizes
+    differ by at most one; with n < world the last ranks get empty slices)."""
+    if n < 0 or world < 1:
+        raise ValueError(f"cannot split {n} rows over {world} processes")
     base, extra = divmod(n, world)
     out, start = [], 0
     for r in range(world):
@@ -80,7 +89,9 @@ class GatheredForward:
         import torch.nn.functional as F
         from torch.distributed.nn.functional import all_gather
 
-        bounds = _slices(x.shape[0], self.world)
+        if x.shape[0] < self.world:  # every rank's forward feeds the gather: none may be empty
+            raise ValueError(f"a batch of {x.shape[0]} rows cannot be split over {self.world} processes")
+        bounds = rank_slices(x.shape[0], self.world)
         start, end = bounds[self.rank]
         local = self.module(x[start:end])
         longest = max(e - s for s, e in bounds)
@@ -101,6 +112,28 @@ class RankContext:
 
     rank: int
     world: int
+    device: str = "cpu"  # where the collectives' tensors live (NCCL: this rank's CUDA device)
+
+    def slice(self, n: int) -> tuple[int, int]:
+        """This rank's [start, end) rows of a global batch of `n` (`rank_slices`)."""
+        return rank_slices(n, self.world)[self.rank]
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's `value` on every rank (e.g. the seed of the site's one Poisson draw per step)."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.broadcast(t, src=0)
+        return int(t.item())
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of `t` (a detached copy; `t` is left as it is)."""
+        import torch.distributed as dist
+
+        out = t.detach().clone()
+        dist.all_reduce(out)
+        return out
 
     def wrap(self, model: nn.Module) -> GatheredForward:
         return GatheredForward(model, self.rank, self.world)
@@ -130,7 +163,7 @@ class RankContext:
 
 
 def _rank_main(rank: int, world: int, port: int, model: nn.Module, data: SiteData, cfg: TrainConfig,
-               proximal: Any, out_dir: str, threads: int) -> None:
+               proximal: Any, dp: SampleDP | None, out_dir: str, threads: int) -> None:
     """One rank: join the group, train on its slice, rank 0 saves the weights and the result."""
     import datetime
 
@@ -153,10 +186,10 @@ def _rank_main(rank: int, world: int, port: int, model: nn.Module, data: SiteDat
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
     try:
-        ctx = RankContext(rank, world)
+        ctx = RankContext(rank, world, str(device))
         if device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        result = train_local(model, data, cfg, progress=False, proximal=proximal, dist_ctx=ctx)
+        result = train_local(model, data, cfg, progress=False, proximal=proximal, dp=dp, dist_ctx=ctx)
         if device.type != "cuda":
             ctx.average_buffers(model)
         if rank == 0:
@@ -171,7 +204,7 @@ def _rank_main(rank: int, world: int, port: int, model: nn.Module, data: SiteDat
 
 def train_distributed(model: nn.Module, data: SiteData, cfg: TrainConfig, procs: int,
                       proximal: tuple[float, dict[str, torch.Tensor]] | None = None,
-                      timeout_s: float = DEFAULT_TIMEOUT_S) -> TrainResult:
+                      dp: SampleDP | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> TrainResult:
     """trainer.train_local over `procs` processes (see the module docstring); the trained weights are loaded
     into `model`. procs <= 1 is the single-process path itself."""
     import torch
@@ -181,7 +214,7 @@ def train_distributed(model: nn.Module, data: SiteData, cfg: TrainConfig, procs:
     from fedrad.client.training.trainer import TrainResult, resolve_device, train_local
 
     if procs <= 1:
-        return train_local(model, data, cfg, progress=False, proximal=proximal)
+        return train_local(model, data, cfg, progress=False, proximal=proximal, dp=dp)
     if resolve_device(cfg.device).type == "cuda" and torch.cuda.device_count() < procs:
         raise ValueError(f"{procs} processes asked for, {torch.cuda.device_count()} CUDA devices visible")
     threads = max(1, torch.get_num_threads() // procs)
@@ -189,7 +222,7 @@ def train_distributed(model: nn.Module, data: SiteData, cfg: TrainConfig, procs:
     shared = copy.deepcopy(model).to("cpu")  # moved to shared memory by the spawn, the caller's model is not
     try:
         ctx = mp.start_processes(_rank_main, nprocs=procs, join=False, start_method="spawn",
-                                 args=(procs, _free_port(), shared, data, cfg, proximal, out_dir, threads))
+                                 args=(procs, _free_port(), shared, data, cfg, proximal, dp, out_dir, threads))
         deadline = time.monotonic() + timeout_s
         try:
             while not ctx.join(timeout=0.5):
@@ -211,4 +244,4 @@ def train_distributed(model: nn.Module, data: SiteData, cfg: TrainConfig, procs:
     return TrainResult(**payload["result"])
 
 
-__all__ = ["DistributedTrainingError", "GatheredForward", "RankContext", "train_distributed"]
+__all__ = ["DistributedTrainingError", "GatheredForward", "RankContext", "rank_slices", "train_distributed"]

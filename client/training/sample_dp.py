@@ -8,6 +8,12 @@ one of its images was used. It holds only for objectives whose loss for one imag
 are kept secret from the coordinator here: which images each step samples (Poisson sampling) and the
 noise, both drawn from generators seeded with OS entropy rather than the run-config seed the coordinator
 knows.
+
+Over several processes (client/training/ddp.py, node-config ddp-procs > 1) one site is still one DP-SGD run:
+one Poisson draw of the global batch per step (rank 0's secret seed, broadcast), each rank clips the
+per-image gradients of its slice, opacus's Distributed optimizers sum the clipped gradients over the ranks
+and add the noise once (rank 0's generator), scaled by the global expected batch; one accountant's history
+comes back (rank 0's; every rank steps an identical one).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
     from torch import nn
+
+    from fedrad.client.training.ddp import RankContext
 
 # How per-image gradients are computed; every mode gives opacus's DPOptimizer the same per-image gradients
 # (p.grad_sample), so clipping, noise and the accountant are the same. "ew": PyTorch's expanded weights
@@ -43,13 +51,20 @@ class SampleDP:
     delta: float
     history: list[tuple[float, float, int]] = field(default_factory=list)  # opacus RDP (sigma, q, steps)
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE  # how per-image gradients are computed (same values)
+    # Tests only, never from a run config (the coordinator knows those): fixed seeds for the Poisson draw and
+    # the noise, so a run over N processes can be compared with one process. None: secret (OS entropy).
+    seed: int | None = None
 
 
-def _secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator the coordinator cannot reproduce (the run-config seed is shared with it)."""
+def _secret_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+
+
+def _secret_generator(device: torch.device | str = "cpu", seed: int | None = None) -> torch.Generator:
+    """A generator the coordinator cannot reproduce (the run-config seed is shared with it); `seed`: tests."""
     import torch
 
-    seed = int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+    seed = _secret_seed() if seed is None else seed
     try:
         return torch.Generator(device=device).manual_seed(seed)
     except RuntimeError:
@@ -96,15 +111,23 @@ class DPTraining:
 
     Per-image gradients come from `mode` (GRAD_SAMPLE_MODES); opacus's hooks, when used, are on the model only
     for the duration (`close` removes them), so its state_dict is exactly the plain model's afterwards.
+    `ranks` (client/training/ddp.py RankContext): this is one rank of a site's run over several processes;
+    `n_train` and `batch_size` are the site's (global), so are the sampling rate and the expected batch.
     """
 
     def __init__(self, model: nn.Module, optimizer, dp: SampleDP, n_train: int, batch_size: int,
-                 device: torch.device, objective=None, mode: str = DEFAULT_GRAD_SAMPLE_MODE) -> None:
+                 device: torch.device, objective=None, mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+                 ranks: RankContext | None = None) -> None:
         import warnings
 
         from opacus import GradSampleModule
         from opacus.accountants import RDPAccountant
-        from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+        from opacus.optimizers import (
+            DistributedDPOptimizer,
+            DistributedDPOptimizerFastGradientClipping,
+            DPOptimizer,
+            DPOptimizerFastGradientClipping,
+        )
 
         # The first layer's input needs no gradient, which makes torch warn on every step; harmless here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -118,6 +141,8 @@ class DPTraining:
         self.mode = mode
         self.model = model
         self.objective = objective
+        self.ranks = ranks
+        self._stack = None
         self.sample_rate = sample_rate(batch_size, n_train)
         self.expected_batch = max(1, round(self.sample_rate * n_train))
         self.gsm = None
@@ -135,12 +160,69 @@ class DPTraining:
         else:
             self.gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean",
                                         force_functorch=mode == "functorch")
+        expected = self.expected_batch
+        if ranks is not None:
+            # opacus's Distributed optimizers: rank 0 alone adds the noise to its clipped sum, the ranks' sums
+            # are all-reduced, then divided by expected_batch_size AND by the world size ("mean"): handing them
+            # the global expected batch / world gives (sum of all clipped gradients + one noise) / global batch.
+            optimizer_type = (DistributedDPOptimizerFastGradientClipping if optimizer_type is not DPOptimizer
+                              else DistributedDPOptimizer)
+            expected = self.expected_batch / ranks.world
         self.optimizer = optimizer_type(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                                     expected_batch_size=self.expected_batch, loss_reduction="mean",
-                                     generator=_secret_generator(device))
+                                     expected_batch_size=expected, loss_reduction="mean",
+                                     generator=_secret_generator(device, dp.seed))
         self.accountant = RDPAccountant()
         self.accountant.history = [tuple(h) for h in dp.history]
-        self._sampler = _secret_generator("cpu")
+        draw_seed = _secret_seed() if dp.seed is None else dp.seed + 1
+        if ranks is not None:  # one Poisson draw for the site: every rank samples with rank 0's seed
+            draw_seed = ranks.broadcast_int(draw_seed)
+        self._sampler = _secret_generator("cpu", draw_seed)
+
+    @classmethod
+    def open(cls, model: nn.Module, optimizer, dp: SampleDP, objective, n_train: int, batch_size: int,
+             device: torch.device, ranks: RankContext | None = None) -> DPTraining:
+        """What train_local needs for a DP run: the checks, the objective with one forward per view (opacus
+        would otherwise sum an image's two views into one per-image gradient; `.objective`), started before
+        opacus touches the model (a target network must be a plain copy it never hooks), the model made
+        opacus-safe until `close`."""
+        import contextlib
+        import dataclasses
+
+        from fedrad.common.norms import opacus_safe
+
+        check_model(model, objective)
+        objective = dataclasses.replace(objective, joint_forward=False)
+        objective.start(model)
+        stack = contextlib.ExitStack()
+        stack.enter_context(opacus_safe(model))
+        try:
+            run = cls(model, optimizer, dp, n_train, batch_size, device, objective, dp.grad_sample_mode, ranks)
+        except BaseException:
+            stack.close()
+            raise
+        run._stack = stack
+        return run
+
+    def batch_loss(self, anchors: np.ndarray, views_of) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(the loss to backpropagate, the loss to report, images) of one step on the Poisson batch `anchors`.
+        `views_of(anchors)` gives its two augmented views (a blank image for an empty draw). An empty batch
+        still takes a (noise-only) step, as the accountant assumes: one blank image with weight 0 gives a
+        per-image gradient of exactly 0. Over ranks every rank augments the whole global batch alike (the same
+        generators) and backpropagates its own slice; the reported loss is the global batch's mean."""
+        views = views_of(anchors)
+        n = len(anchors)
+        if self.ranks is None:
+            loss = self.loss(*views)
+            return (loss * 0.0, loss.detach() * 0.0, 0) if n == 0 else (loss, loss.detach(), n)
+        start, end = self.ranks.slice(n)
+        if end > start:
+            loss = self.loss(*(v[start:end] for v in views))
+            part = loss.detach() * (end - start)
+        else:  # this rank's slice is empty: its per-image gradient sum is 0, it still joins the reduction
+            blank = views[0][:1].detach() * 0.0
+            loss = self.loss(blank, blank) * 0.0
+            part = loss.detach()
+        return loss, self.ranks.sum(part) / max(n, 1), n
 
     def draw(self, indices: np.ndarray) -> np.ndarray:
         """Poisson sampling: each training image joins this step independently with probability q."""
@@ -189,6 +271,9 @@ class DPTraining:
         for p in self.model.parameters():  # expanded weights leave p.grad_sample behind
             if hasattr(p, "grad_sample"):
                 del p.grad_sample
+        if self._stack is not None:  # `open`'s opacus_safe: the model's own structure again
+            self._stack.close()
+            self._stack = None
 
 
 def projected_epsilon(dp: SampleDP, n_train: int, batch_size: int, steps: int) -> float:

@@ -331,7 +331,8 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
     `dp` trains with opacus DP-SGD instead (per-image clipping and noise, Poisson-sampled batches, secret
     randomness, so not seeded); the result carries the accounting history and ε.
     `dist_ctx`: this call is one rank of fedrad.client.training.ddp.train_distributed (the global batch's forward is
-    split over the ranks and the gradients averaged).
+    split over the ranks and the gradients averaged; with `dp` one Poisson draw per step for the site, each
+    rank clips its slice's images, the noise is added once).
     """
     import contextlib
     import dataclasses
@@ -344,8 +345,6 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
     if dp is not None:
         if proximal is not None:
             raise ValueError("sample-level DP does not combine with FedProx's proximal term")
-        if dist_ctx is not None:
-            raise ValueError("sample-level DP trains in one process (one accountant): use one device")
         # bf16 per-sample gradients and channels_last buy little here and complicate opacus's hooks.
         cfg = dataclasses.replace(cfg, amp="off", channels_last=False)
     st = _setup(model, data, cfg)
@@ -356,23 +355,12 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
     n_views = st.objective.n_views
     dp_run = None
     stack = contextlib.ExitStack()
-    if dp is not None:
-        from fedrad.client.training.sample_dp import DPTraining, check_model
-        from fedrad.common.norms import opacus_safe
+    if dp is not None:  # over ranks: one Poisson draw, clipping per slice, noise once (sample_dp.py)
+        from fedrad.client.training.sample_dp import DPTraining
 
-        check_model(model, st.objective)
-        # Separate forward passes per view: opacus sums an image's two views into one per-image gradient.
-        st.objective = dataclasses.replace(st.objective, joint_forward=False)
-        st.objective.start(model)  # before opacus: a target network must be a plain copy it never hooks
-        stack.enter_context(opacus_safe(model))
-        try:
-            dp_run = DPTraining(model, opt, dp, len(train_idx), cfg.batch_size, st.device, st.objective,
-                                dp.grad_sample_mode)
-        except BaseException:
-            stack.close()
-            raise
+        dp_run = DPTraining.open(model, opt, dp, st.objective, len(train_idx), cfg.batch_size, st.device, dist_ctx)
         stack.callback(dp_run.close)
-        opt = dp_run.optimizer
+        st.objective, opt = dp_run.objective, dp_run.optimizer
     else:
         st.objective.start(model)
     loss_model = dist_ctx.wrap(model) if dist_ctx is not None else model
@@ -398,12 +386,12 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
             if dp_run is None:
                 batch, b = _views(st, data, sampler, g_aug, n_views)
                 with autocast:
-                    loss = st.objective.batch_loss(loss_model, batch)
+                    loss = shown = st.objective.batch_loss(loss_model, batch)
             else:
-                loss, b = _dp_loss(st, data, dp_run.draw(train_idx), dp_run, g_aug)
+                loss, shown, b = dp_run.batch_loss(dp_run.draw(train_idx), _dp_views(st, data, g_aug))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if dist_ctx is not None:
+            if dist_ctx is not None and dp_run is None:  # under DP the optimizer sums the clipped gradients
                 dist_ctx.sync_grads(params)
             if prox is not None:
                 with torch.no_grad():
@@ -417,7 +405,7 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
                     norm_hist.append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True).detach())
                 opt.step()
             st.objective.after_step(model)
-            loss_hist.append(loss.detach())
+            loss_hist.append(shown.detach())
             examples += b
             times.append(time.perf_counter() - t0)
             if not bar.disable and (step % every == 0 or step == cfg.steps - 1):
@@ -434,19 +422,17 @@ def train_local(model: nn.Module, data: SiteData, cfg: TrainConfig, progress: bo
     return result
 
 
-def _dp_loss(st: _Setup, data: SiteData, anchors: np.ndarray, dp_run, gen_aug) -> tuple:
-    """The DP step's loss on a Poisson batch. An empty draw still takes a (noise-only) step, as the
-    accountant assumes: one blank image with zero weight gives opacus a per-sample gradient of exactly 0."""
+def _dp_views(st: _Setup, data: SiteData, gen_aug):
+    """anchors -> the views a DP step trains on (DPTraining.batch_loss); one blank image for an empty draw."""
     import torch
 
+    def views(anchors: np.ndarray) -> tuple:
+        if len(anchors) == 0:
+            size = st.size or data.image_size
+            return (torch.zeros(1, 1, size, size, device=st.device),) * 2
+        return _views_of(st, data, anchors, None, gen_aug, st.objective.n_views)[0].views
 
-    n_views = st.objective.n_views
-    if len(anchors) == 0:
-        size = st.size or data.image_size
-        blank = torch.zeros(1, 1, size, size, device=st.device)
-        return dp_run.loss(blank, blank) * 0.0, 0
-    batch, b = _views_of(st, data, anchors, None, gen_aug, n_views)
-    return dp_run.loss(*batch.views), b
+    return views
 
 
 def evaluate_local(model: nn.Module, data: SiteData, cfg: TrainConfig) -> dict[str, float]:
