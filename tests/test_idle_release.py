@@ -137,7 +137,6 @@ def test_fedrad_node_keep_resident_turns_idle_release_off(tmp_path, monkeypatch)
     base = ["node", "--data", str(tmp_path / "data"), "--allow-unsigned", "--no-scan",
             "--state-dir", str(tmp_path / "state")]
     for extra in ([], ["--keep-resident"]):
-        args = cli.build_parser().parse_args(base + extra)
-        assert node_command.cmd_node(args) == 0
+        assert cli.main(base + extra) == 0
     assert "idle-release" not in seen[0] and NodeConfig.of(seen[0]).idle_release is True
     assert seen[1]["idle-release"] == "off" and NodeConfig.of(seen[1]).idle_release is False

@@ -35,12 +35,12 @@ def _alive(pid: int) -> bool:
 
 def test_verdict_cache_rechecks_when_fab_config_or_key_changes(tmp_path, monkeypatch):
     """A cached verdict is reused only for the same FAB bytes, run-config and key file contents."""
-    import fedrad.client.runtime.site_runtime as runtime
+    import fedrad.client.runtime.site_trust as site_trust
 
     key = tmp_path / "consortium.pub"
     key.write_text("key one")
     calls: list[tuple] = []
-    monkeypatch.setattr(runtime, "check_run", lambda trust, fab, cfg: calls.append((fab, dict(cfg))) or None)
+    monkeypatch.setattr(site_trust, "check_run", lambda trust, fab, cfg: calls.append((fab, dict(cfg))) or None)
     cache, trust = VerdictCache(), SiteTrust(consortium_key=key)
     for _ in range(3):
         assert cache.check(trust, b"fab", {"lr": 0.1}) is None
