@@ -13,6 +13,7 @@ from fedrad.client.runtime.node_poll import (
     REPLY_POLL_SECONDS,
     capped_sleep,
     patch_supernode_loop,
+    retry_transient,
 )
 
 
@@ -23,6 +24,7 @@ def test_supernode_idle_sleep_is_capped_in_that_module_only(monkeypatch) -> None
     slept: list[float] = []
     monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
     monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
+    monkeypatch.setattr(loop, "_push_messages", loop._push_messages)
     monkeypatch.setattr(time, "sleep", slept.append)
     assert patch_supernode_loop() is True
     loop.time.sleep(3)
@@ -49,6 +51,7 @@ def test_a_reply_handed_over_leaves_within_the_reply_poll(monkeypatch) -> None:
     slept: list[float] = []
     monkeypatch.setattr(loop, "time", loop.time)
     monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
+    monkeypatch.setattr(loop, "_push_messages", loop._push_messages)
     monkeypatch.setattr(time, "sleep", slept.append)
     patch_supernode_loop()
     checks = iter([[], [], ["reply"]])
@@ -60,3 +63,54 @@ def test_a_reply_handed_over_leaves_within_the_reply_poll(monkeypatch) -> None:
     with pytest.raises(AttributeError):  # a stand-in reply: stops right after the wait this test is about
         loop._push_messages(State(), None, None, None)
     assert slept == [REPLY_POLL_SECONDS, REPLY_POLL_SECONDS]
+
+
+def _http_error(status: int):
+    import httpx
+
+    request = httpx.Request("POST", "http://127.0.0.1:1/v1/fleet/push-object")
+    return httpx.HTTPStatusError(f"{status}", request=request, response=httpx.Response(status, request=request))
+
+
+def test_a_push_the_superlink_fails_with_5xx_is_tried_again(monkeypatch) -> None:
+    """At 20 sites Flower's SuperLink answers some concurrent pushes with 500 (SQLite "database is locked") and
+    the SuperNode dropped that reply: the round then waited its round-timeout for the site."""
+    import httpx
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    calls: list[tuple] = []
+
+    def push(*args):
+        calls.append(args)
+        if len(calls) < 3:
+            raise _http_error(500)
+        return "stored"
+
+    assert retry_transient(push)(7, "session", "obj", b"x") == "stored" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(httpx.HTTPStatusError):  # a refusal is not retried
+        retry_transient(lambda: calls.append(1) or (_ for _ in ()).throw(_http_error(403)))()
+    assert calls == [1]
+    calls.clear()
+
+    def down():
+        calls.append(1)
+        raise _http_error(503)
+
+    with pytest.raises(httpx.HTTPStatusError):  # the last failure stands after `tries`
+        retry_transient(down, tries=4)()
+    assert len(calls) == 4
+
+
+def test_the_loop_pushes_replies_through_the_retry(monkeypatch) -> None:
+    seen: dict = {}
+    monkeypatch.setattr(loop, "time", loop.time)
+    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
+    monkeypatch.setattr(loop, "_push_messages", lambda **kw: seen.update(kw))
+    assert patch_supernode_loop() is True
+
+    def send(*a):
+        raise _http_error(500)
+
+    loop._push_messages(state="s", object_store="o", send=send, push_object=send)
+    assert seen["state"] == "s" and seen["send"].__wrapped__ is send and seen["push_object"].__wrapped__ is send

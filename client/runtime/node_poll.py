@@ -9,8 +9,10 @@ ClientApp runs, the same loop checks its own local state for the reply every 0.5
 are capped at REPLY_POLL_SECONDS, so a reply leaves for the SuperLink <= 0.05 s after the worker hands it over
 instead of up to 0.5 s (the round waits for its slowest site's reply). The module's `time` is replaced, not the
 global one. Its object puller (`pull_objects`, which backs off 1, 2, 4 s when the message's arrays are not uploaded
-yet) gets the runtime's loopback-sized backoff (client/runtime/site_runtime.py PULL_BACKOFF). Nothing else in Flower
-changes.
+yet) gets the runtime's loopback-sized backoff (client/runtime/site_runtime.py PULL_BACKOFF). A reply's push to the
+SuperLink is retried on a server error (`retry_transient`): at 20 sites Flower's SuperLink answers some concurrent
+pushes with 500 "database is locked" (its SQLite state), the SuperNode drops that reply after one try, and the round
+then waits its whole round-timeout for the site. Nothing else in Flower changes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ IDLE_POLL_SECONDS = 0.5  # ~2 pulls/s per site: the wait after aggregation drops
 REPLY_POLL_SECONDS = 0.05  # a local state lookup, not an RPC: 20/s per site while its ClientApp works
 LOCAL_WAIT_SECONDS = 0.5  # Flower's sleeps of at most this long are its local reply/object waits
 FLWR_VERSION = "1.41.0"  # the loop patched here; another version runs unpatched (its own timing)
+PUSH_TRIES = 6  # a reply's push: first try + 5 retries, 0.2 s doubling up to 2 s between them (~6 s in all)
 
 
 def capped_sleep(seconds: float, cap: float = IDLE_POLL_SECONDS, local_cap: float = REPLY_POLL_SECONDS) -> float:
@@ -36,6 +39,39 @@ def capped_time(cap: float = IDLE_POLL_SECONDS, local_cap: float = REPLY_POLL_SE
     """A stand-in for the `time` module whose sleep is `capped_sleep`."""
     names = {n: getattr(time, n) for n in dir(time) if not n.startswith("_")}
     return SimpleNamespace(**{**names, "sleep": lambda s: time.sleep(capped_sleep(s, cap, local_cap))})
+
+
+def _transient(exc: BaseException) -> bool:
+    """A server-side failure worth another try (HTTP 5xx, a dropped connection); a refusal (4xx) is not."""
+    import httpx
+
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code >= 500
+    return isinstance(exc, httpx.TransportError)
+
+
+def retry_transient(fn, tries: int = PUSH_TRIES, first_wait: float = 0.2, max_wait: float = 2.0):
+    """`fn` called again after a transient failure (see _transient), at most `tries` times in all; the last
+    failure, or any other error, is raised as it was. Safe for the SuperNode's pushes: a push the SuperLink
+    failed with 5xx stored nothing (its transaction rolled back), and objects are content-addressed."""
+    import functools
+    import logging
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        wait = first_wait
+        for attempt in range(1, tries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if attempt == tries or not _transient(exc):
+                    raise
+                logging.getLogger("fedrad.node").warning("push to the SuperLink failed (%s); try %d of %d in %.1f s",
+                                                         exc, attempt + 1, tries, wait)
+                time.sleep(wait)
+                wait = min(max_wait, wait * 2)
+
+    return call
 
 
 def patch_supernode_loop(cap: float = IDLE_POLL_SECONDS, local_cap: float = REPLY_POLL_SECONDS) -> bool:
@@ -52,6 +88,9 @@ def patch_supernode_loop(cap: float = IDLE_POLL_SECONDS, local_cap: float = REPL
     from fedrad.client.runtime.site_runtime import PULL_BACKOFF
 
     loop.time = capped_time(cap, local_cap)
+    push_messages = loop._push_messages
+    loop._push_messages = lambda state, object_store, send, push_object: push_messages(
+        state=state, object_store=object_store, send=retry_transient(send), push_object=retry_transient(push_object))
     loop.pull_objects = functools.partial(pull_objects, initial_backoff=PULL_BACKOFF[0], backoff_cap=PULL_BACKOFF[1])
     return True
 
