@@ -113,4 +113,4 @@ def test_the_loop_pushes_replies_through_the_retry(monkeypatch) -> None:
         raise _http_error(500)
 
     loop._push_messages(state="s", object_store="o", send=send, push_object=send)
-    assert seen["state"] == "s" and seen["send"].__wrapped__ is send and seen["push_object"].__wrapped__ is send
+    assert seen["state"] == "s" and seen["send"] is send and seen["push_object"].__wrapped__ is send

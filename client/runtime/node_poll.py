@@ -9,8 +9,8 @@ ClientApp runs, the same loop checks its own local state for the reply every 0.5
 are capped at REPLY_POLL_SECONDS, so a reply leaves for the SuperLink <= 0.05 s after the worker hands it over
 instead of up to 0.5 s (the round waits for its slowest site's reply). The module's `time` is replaced, not the
 global one. Its object puller (`pull_objects`, which backs off 1, 2, 4 s when the message's arrays are not uploaded
-yet) gets the runtime's loopback-sized backoff (client/runtime/site_runtime.py PULL_BACKOFF). A reply's push to the
-SuperLink is retried on a server error (`retry_transient`): at 20 sites Flower's SuperLink answers some concurrent
+yet) gets the runtime's loopback-sized backoff (client/runtime/site_runtime.py PULL_BACKOFF). A reply's object pushes to
+the SuperLink are retried on a server error (`retry_transient`): at 20 sites Flower's SuperLink answers some concurrent
 pushes with 500 "database is locked" (its SQLite state), the SuperNode drops that reply after one try, and the round
 then waits its whole round-timeout for the site. Nothing else in Flower changes.
 """
@@ -52,8 +52,8 @@ def _transient(exc: BaseException) -> bool:
 
 def retry_transient(fn, tries: int = PUSH_TRIES, first_wait: float = 0.2, max_wait: float = 2.0):
     """`fn` called again after a transient failure (see _transient), at most `tries` times in all; the last
-    failure, or any other error, is raised as it was. Safe for the SuperNode's pushes: a push the SuperLink
-    failed with 5xx stored nothing (its transaction rolled back), and objects are content-addressed."""
+    failure, or any other error, is raised as it was. For the SuperNode's object pushes: objects are
+    content-addressed, so pushing one twice stores it once."""
     import functools
     import logging
 
@@ -89,8 +89,10 @@ def patch_supernode_loop(cap: float = IDLE_POLL_SECONDS, local_cap: float = REPL
 
     loop.time = capped_time(cap, local_cap)
     push_messages = loop._push_messages
+    # Only the object pushes: they are content-addressed, so a retry cannot duplicate anything. The message push is
+    # left as Flower does it (one try): a retried push-messages seen at 20 sites may have stored a second reply.
     loop._push_messages = lambda state, object_store, send, push_object: push_messages(
-        state=state, object_store=object_store, send=retry_transient(send), push_object=retry_transient(push_object))
+        state=state, object_store=object_store, send=send, push_object=retry_transient(push_object))
     loop.pull_objects = functools.partial(pull_objects, initial_backoff=PULL_BACKOFF[0], backoff_cap=PULL_BACKOFF[1])
     return True
 
