@@ -22,7 +22,8 @@ ALLOWED = {
 }
 
 
-def _fedrad_imports(path: Path) -> list[tuple[int, str]]:
+def _imported_modules(path: Path) -> list[tuple[int, list[str]]]:
+    """(line, dotted name split) of every absolute import statement in `path`, lazy ones included."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found = []
     for node in ast.walk(tree):
@@ -32,11 +33,12 @@ def _fedrad_imports(path: Path) -> list[tuple[int, str]]:
             names = [node.module]
         else:
             continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "fedrad" and len(parts) > 1:
-                found.append((node.lineno, parts[1]))
+        found += [(node.lineno, name.split(".")) for name in names]
     return found
+
+
+def _fedrad_imports(path: Path) -> list[tuple[int, str]]:
+    return [(line, parts[1]) for line, parts in _imported_modules(path) if parts[0] == "fedrad" and len(parts) > 1]
 
 
 def _modules(layer: str) -> list[Path]:
@@ -71,16 +73,8 @@ def _client_package(path: Path) -> str | None:
 
 
 def _client_imports(path: Path) -> list[tuple[int, str]]:
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    found = []
-    for node in ast.walk(tree):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-            [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
-        for name in names:
-            parts = name.split(".")
-            if parts[:2] == ["fedrad", "client"] and len(parts) > 2:
-                found.append((node.lineno, parts[2]))
-    return found
+    return [(line, parts[2]) for line, parts in _imported_modules(path)
+            if parts[:2] == ["fedrad", "client"] and len(parts) > 2]
 
 
 def test_every_client_module_lives_in_a_lifecycle_package() -> None:
