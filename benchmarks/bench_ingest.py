@@ -33,8 +33,9 @@ SIZE = 64
 J2K = "1.2.840.10008.1.2.4.90"  # JPEG 2000 Image Compression (Lossless Only)
 
 
-def write_files(folder: Path, n: int, compressed: bool) -> list[Path]:
-    """n DICOMs: 64 distinct images encoded once, saved with fresh UIDs and patient ids (distinct content)."""
+def write_files(folder: Path, n: int, compressed: bool, side: int = 128) -> list[Path]:
+    """n DICOMs of side x side pixels: 64 distinct images encoded once, saved with fresh UIDs and patient ids
+    (every file is distinct content)."""
     import numpy as np
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -48,11 +49,11 @@ def write_files(folder: Path, n: int, compressed: bool) -> list[Path]:
         ds.file_meta.MediaStorageSOPClassUID = cr
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SOPClassUID, ds.Modality, ds.BodyPartExamined = cr, "CR", "CHEST"
-        ds.Rows = ds.Columns = 128
+        ds.Rows = ds.Columns = side
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        yy, xx = np.mgrid[:128, :128]
-        img = (2000 + 1500 * np.sin(xx / (7 + k)) * np.cos(yy / 9) + rng.normal(0, 40, (128, 128)))
+        yy, xx = np.mgrid[:side, :side] * (128 / side)
+        img = (2000 + 1500 * np.sin(xx / (7 + k)) * np.cos(yy / 9) + rng.normal(0, 40, (side, side)))
         arr = np.clip(img, 0, 4095).astype(np.uint16)
         if compressed:
             ds.compress(J2K, arr, generate_instance_uid=False)
@@ -87,7 +88,7 @@ def bare_rate(paths: list[Path], workers: int) -> float:
     return len(paths) / (time.perf_counter() - t0)
 
 
-def _child(phase: str, data: str, cache: str, state: str) -> None:
+def _child(phase: str, data: str, cache: str, state: str, size: str = str(SIZE)) -> None:
     """Runs in a fresh process: prints {"seconds", "rss_mb" growth over the imports} as JSON."""
     import resource
 
@@ -99,18 +100,19 @@ def _child(phase: str, data: str, cache: str, state: str) -> None:
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     if phase == "index":
-        out = ingest_site(data, SIZE, cache_dir=cache, state_dir=state, progress=False, full=True)
+        out = ingest_site(data, int(size), cache_dir=cache, state_dir=state, progress=False, full=True)
         assert out["decoded"] == 0, out
     else:
-        site = load_site(data, SIZE, cache_dir=cache, state_dir=state, progress=False, max_decode=INLINE_DECODE_MAX)
+        site = load_site(data, int(size), cache_dir=cache, state_dir=state, progress=False,
+                         max_decode=INLINE_DECODE_MAX)
         assert site.pending == 0
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "cpu_s": time.process_time() - cpu0, "rss_mb": peak - rss0, "peak_mb": peak}))
 
 
-def child(phase: str, data: Path, cache: Path, state: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", phase, str(data), str(cache), str(state)],
+def child(phase: str, data: Path, cache: Path, state: Path, size: int = SIZE) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", phase, str(data), str(cache), str(state), str(size)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -129,7 +131,8 @@ def _add(data: Path, tmp: Path, name: str, compressed: bool) -> Path:
     return new
 
 
-def run(n: int, compressed: bool, workers: int, tmp: Path, keep_store: bool, note: str) -> None:
+def run(n: int, compressed: bool, workers: int, tmp: Path, keep_store: bool, note: str, side: int = 128,
+        size: int = SIZE) -> None:
     """The measurements, each recorded as it is made. `tmp` may hold the folder of an earlier run (reused)."""
     import shutil
 
@@ -141,24 +144,25 @@ def run(n: int, compressed: bool, workers: int, tmp: Path, keep_store: bool, not
     kind = "JPEG 2000 lossless" if compressed else "uncompressed"
     data, cache, state = tmp / "data", tmp / "cache", tmp / "state"
     marker = tmp / f"written-{n}"
+    kind = f"{kind} {side}x{side} -> {size} px" if (side, size) != (128, SIZE) else kind
     extra = {"n": n, "files": kind, "processes": workers}
     shutil.rmtree(data / "new", ignore_errors=True)
     if not marker.exists():
         shutil.rmtree(data, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
-        write_files(data, n, compressed)
+        write_files(data, n, compressed, side)
         marker.write_text(kind)
     if not keep_store or not cache.exists():
         shutil.rmtree(cache, ignore_errors=True)
         bare = bare_rate(sorted(data.rglob("*.dcm")), workers)
         t0 = time.perf_counter()
-        out = ingest_site(data, SIZE, cache_dir=cache, state_dir=state, progress=False, workers=workers)
+        out = ingest_site(data, size, cache_dir=cache, state_dir=state, progress=False, workers=workers)
         ingest = out["decoded"] / (time.perf_counter() - t0)
         assert out["decoded"] == n, out
         record("ingest_vs_bare_pydicom", round(ingest / bare, 3), "x", ">= 0.8x", ingest / bare >= 0.8,
                f"{kind}: bare pydicom pool {bare:.0f} img/s, fedrad ingest {ingest:.0f} img/s; {note}",
                bare_img_s=round(bare, 1), ingest_img_s=round(ingest, 1), **extra)
-    start = child("site", data, cache, state)  # first: the store is whole, nothing pending
+    start = child("site", data, cache, state, size)  # first: the store is whole, nothing pending
     record("node_start_s", round(start["seconds"], 2), "s", "<= 10 s at 1e5",
            start["seconds"] <= 10 if n >= 1e5 else None,
            f"{kind}: load_site of the {n}-image store in a fresh process, nothing to decode; its own CPU time "
@@ -166,7 +170,7 @@ def run(n: int, compressed: bool, workers: int, tmp: Path, keep_store: bool, not
            f"{start['rss_mb']:.0f} MB (peak {start['peak_mb']:.0f}); {note}", rss_growth_mb=round(start["rss_mb"], 1),
            cpu_s=round(start.get("cpu_s", float("nan")), 2), **extra)
     new = _add(data, tmp, "one.dcm", compressed)
-    store = DecodedCache(cache, SIZE, decoder=DicomFolderReader.entry, workers=0, state_dir=state)
+    store = DecodedCache(cache, size, decoder=DicomFolderReader.entry, workers=0, state_dir=state)
     t0 = time.perf_counter()
     store.ingest([Item("new/one.dcm", str(new))], progress=False)
     append_s = time.perf_counter() - t0
@@ -176,14 +180,14 @@ def run(n: int, compressed: bool, workers: int, tmp: Path, keep_store: bool, not
     for mode, full in (("quick", False), ("full", True)):
         _add(data, tmp, f"two-{mode}.dcm", compressed)
         t0 = time.perf_counter()
-        out = ingest_site(data, SIZE, cache_dir=cache, state_dir=state, progress=False, workers=workers, full=full)
+        out = ingest_site(data, size, cache_dir=cache, state_dir=state, progress=False, workers=workers, full=full)
         pass_s = time.perf_counter() - t0
         assert out["decoded"] == 1, out
         record(f"ingest_pass_plus_1_file_{mode}_s", round(pass_s, 3), "s", "<= 1 s at 1e5" if not full else None,
                (pass_s <= 1 if n >= 1e5 else None) if not full else None,
                f"{kind}: `fedrad ingest` {'--full ' if full else ''}pass picking up 1 new file "
                f"({out['files']} files listed, {out['folders_unchanged']} unchanged folders skipped); {note}", **extra)
-    index = child("index", data, cache, state)
+    index = child("index", data, cache, state, size)
     record("index_check_rss_growth_mb", round(index["rss_mb"], 1), "MB", "<= 100 MB at 1e5",
            index["rss_mb"] <= 100 if n >= 1e5 else None,
            f"{kind}: peak RSS growth of a fresh process checking all {n} files against the index (a full pass, "
@@ -193,7 +197,7 @@ def run(n: int, compressed: bool, workers: int, tmp: Path, keep_store: bool, not
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(*sys.argv[2:6])
+        _child(*sys.argv[2:7])
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000, help="synthetic DICOMs per kind (issue 26's size: 100000)")
@@ -203,16 +207,18 @@ def main() -> int:
                     "(<dir>/<kind>/data; default: a temporary folder)")
     ap.add_argument("--keep-store", action="store_true", help="with --dir: reuse its store, whole and ingested by a "
                     "full pass (no throughput row)")
+    ap.add_argument("--side", type=int, default=128, help="pixels per side of the synthetic files (512: a CT slice)")
+    ap.add_argument("--size", type=int, default=SIZE, help="image size the store keeps (the recipe's image size)")
     ap.add_argument("--note", default="", help="what else ran on the machine, added to each row's note")
     args = ap.parse_args()
     for kind in args.kinds.split(","):
         if args.dir:
             folder = Path(args.dir) / kind
             folder.mkdir(parents=True, exist_ok=True)
-            run(args.n, kind == "j2k", args.workers, folder, args.keep_store, args.note)
+            run(args.n, kind == "j2k", args.workers, folder, args.keep_store, args.note, args.side, args.size)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                run(args.n, kind == "j2k", args.workers, Path(tmp), False, args.note)
+                run(args.n, kind == "j2k", args.workers, Path(tmp), False, args.note, args.side, args.size)
     return 0
 
 

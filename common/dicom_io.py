@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from fedrad.common.header_signals import age_from_dates, parse_age
-from fedrad.common.image_ops import fit_square, robust_minmax, to_uint16
+from fedrad.common.image_ops import fit_square, percentiles, robust_minmax, to_uint16
 from fedrad.common.sources.base import Frames
 from fedrad.common.sources.budget import (
     DEFAULT_MAX_PIXELS,
@@ -462,9 +462,9 @@ def _to_unit(arr: np.ndarray, ds, modality: str = "") -> tuple[np.ndarray, dict]
     if modality == "CT" and _is_hu(ds):
         return np.ascontiguousarray(hu_to_unit(values)), {"intensity": "hu"}
     if modality == "MR":
+        step = max(1, int(np.sqrt(values.size / 250_000)))
+        lo, hi = percentiles(values[::step, ::step], MR_PERCENTILES)
         v = np.asarray(values, dtype=np.float32)
-        step = max(1, int(np.sqrt(v.size / 250_000)))
-        lo, hi = (float(x) for x in np.percentile(v[::step, ::step], MR_PERCENTILES))
         if hi > lo:
             out = np.clip((v - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
             return np.ascontiguousarray(out, dtype=np.float32), {"intensity": "percentile", "value_range": [lo, hi]}
@@ -488,7 +488,7 @@ def _to_unit(arr: np.ndarray, ds, modality: str = "") -> tuple[np.ndarray, dict]
         if _degenerate(out):
             out = None
     if out is None:
-        out = robust_minmax(np.asarray(values, dtype=np.float32))
+        out = robust_minmax(values if values.dtype.kind in "ui" else np.asarray(values, dtype=np.float32))
     if _str(ds, "PhotometricInterpretation").upper() == "MONOCHROME1":
         out = 1.0 - out
     return np.ascontiguousarray(out, dtype=np.float32), {"intensity": "display"}

@@ -38,13 +38,44 @@ def to_uint16(img: np.ndarray) -> np.ndarray:
     return np.round(np.clip(img, 0.0, 1.0) * 65535.0).astype(np.uint16)
 
 
+def percentiles(values: np.ndarray, qs: tuple[float, ...] | list[float]) -> list[float]:
+    """np.percentile(values, qs) (its default linear method), exactly; O(N) for 8/16-bit integer pixels.
+
+    Stored DICOM pixels are 8-16 bit integers: a histogram of their values gives the order statistics without
+    the partial sort np.percentile does (1.8 ms on a 512x512 slice, ~2/3 of an ingest's own work on it).
+    """
+    flat = values.ravel()
+    if flat.dtype.kind not in "ui" or flat.dtype.itemsize > 2 or not flat.size:
+        return [float(x) for x in np.percentile(flat, list(qs))]
+    low = int(flat.min())
+    counts = np.bincount(flat if low >= 0 else flat.astype(np.int32) - low)
+    cum = np.cumsum(counts)
+    n = flat.size
+    offset = min(low, 0)
+    out = []
+    for q in qs:
+        index = (q / 100.0) * (n - 1)  # numpy's virtual index for the linear method
+        below = int(np.floor(index))
+        above = min(below + 1, n - 1)
+        a = float(np.searchsorted(cum, below, side="right") + offset)
+        b = float(np.searchsorted(cum, above, side="right") + offset)
+        t = index - below
+        diff = b - a  # numpy's _lerp: from the nearer end, so t = 1 gives b exactly
+        out.append(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
+    return out
+
+
 def robust_minmax(img: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """Scale to [0, 1] between the `low` and `high` percentiles (on a subsample: fast on 4k x 3k films)."""
+    """Scale to [0, 1] between the `low` and `high` percentiles (on a subsample: fast on 4k x 3k films).
+
+    `img` may be the stored integer pixels (percentiles from their histogram) or float values."""
     step = max(1, int(np.sqrt(img.size / 250_000)))
-    sample = img[::step, ::step]
-    lo, hi = np.percentile(sample, [low, high])
+    lo, hi = percentiles(img[::step, ::step], (low, high))
     if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
         lo, hi = float(np.nanmin(img)), float(np.nanmax(img))
     if hi <= lo:
         return np.zeros(img.shape, dtype=np.float32)
-    return np.clip((img.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
+    out = img.astype(np.float32)  # a copy: scaled and clipped in place
+    out -= np.float32(lo)
+    out /= np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)

@@ -214,3 +214,20 @@ def test_patient_key_and_salt(tmp_path):
     assert k != patient_key("PAT-1", "1.2.3", b"x" * 32)  # salt-dependent: not linkable across sites
     assert "PAT" not in k
     assert patient_key("", "1.2.3", salt) == patient_key(None, "1.2.3", salt) != k
+
+
+def test_histogram_percentiles_equal_numpy_on_integer_pixels():
+    """image_ops.percentiles (a histogram for 8/16-bit pixels) gives np.percentile's linear values exactly."""
+    from fedrad.common.image_ops import percentiles
+
+    rng = np.random.default_rng(7)
+    for trial in range(400):
+        dtype = (np.uint8, np.uint16, np.int16, np.int8)[trial % 4]
+        info = np.iinfo(dtype)
+        lo = int(rng.integers(info.min, info.max))
+        values = rng.integers(lo, int(rng.integers(lo, info.max + 1)) + 1, size=(int(rng.integers(1, 60)), 37))
+        values = values.astype(dtype)
+        qs = [float(rng.uniform(0, 100)), 0.5, 99.5, 0.0, 100.0]
+        assert percentiles(values, qs) == [float(x) for x in np.percentile(values, qs)], (dtype, values.shape)
+    floats = rng.normal(size=(50, 50)).astype(np.float32)
+    assert percentiles(floats, (1.0, 99.0)) == [float(x) for x in np.percentile(floats, [1.0, 99.0])]
