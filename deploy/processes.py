@@ -184,7 +184,8 @@ class TlsFiles:
 
 def superlink_command(state_dir: Path, host: str, port: int, tls: TlsFiles | None = None,
                       node_auth: bool = False) -> list[str]:
-    cmd = [tool("flower-superlink"), "--disable-runtime-dependency-installation",
+    # Flower's flower-superlink through fedrad.deploy.superlink_entry: the same entry point, a longer SQLite lock wait
+    cmd = [sys.executable, "-m", "fedrad.deploy.superlink_entry", "--disable-runtime-dependency-installation",
            "--database", str(state_dir / "superlink.db"), "--host", host, "--port", str(port)]
     if tls is None:
         cmd.append("--insecure")
