@@ -27,6 +27,7 @@ from pathlib import Path
 from fedrad.common.atomic import atomic_write_bytes
 from fedrad.deploy.processes import TlsFiles
 
+PathLike = str | os.PathLike[str]
 CA_DAYS = 3650
 LEAF_DAYS = 825
 
@@ -233,41 +234,46 @@ def _now() -> float:
 # --- CLI handlers ----------------------------------------------------------------------------------
 
 
-def certs_init_main(args) -> int:
-    sites = [s for s in str(args.sites).split(",") if s.strip()]
-    hosts = [h for h in str(args.hosts).split(",") if h.strip()]
-    init_certs(Path(args.out), sites, hosts)
-    out = Path(args.out).resolve()
-    print(f"fedrad certs: CA and coordinator certificate (SANs: {', '.join(hosts)}) in {out}; node key pairs for "
-          f"{', '.join(sites)} in {out / 'sites'}.\n"
-          f"  coordinator: fedrad coordinator --certs {out} --host 0.0.0.0\n"
-          f"  register each site: fedrad certs register {out}/sites/SITE/node.pub --certs {out} "
+def certs_init_main(*, out: PathLike = "fedrad-certs", sites: str = "site-a,site-b,site-c",
+                    hosts: str = "localhost,127.0.0.1,::1") -> int:
+    """`fedrad certs init`: a CA, the coordinator's certificate for `hosts` and node keys for `sites` (both
+    comma-separated) under `out`; prints what goes where."""
+    site_names = [s for s in str(sites).split(",") if s.strip()]
+    host_names = [h for h in str(hosts).split(",") if h.strip()]
+    init_certs(Path(out), site_names, host_names)
+    root = Path(out).resolve()
+    print(f"fedrad certs: CA and coordinator certificate (SANs: {', '.join(host_names)}) in {root}; node key pairs "
+          f"for {', '.join(site_names)} in {root / 'sites'}.\n"
+          f"  coordinator: fedrad coordinator --certs {root} --host 0.0.0.0\n"
+          f"  register each site: fedrad certs register {root}/sites/SITE/node.pub --certs {root} "
           "--superlink HOST:8000\n"
-          f"  give site SITE the folder {out}/sites/SITE (ca.pem, node.key, node.pub) only; keep ca.key offline.")
+          f"  give site SITE the folder {root}/sites/SITE (ca.pem, node.key, node.pub) only; keep ca.key offline.")
     return 0
 
 
-def add_site_main(args) -> int:
-    folder = add_site(Path(args.certs), args.name)
-    root = Path(args.certs).resolve()
-    print(f"fedrad certs: site {args.name} added to the consortium in {root} ({folder.resolve()}: ca.pem, node.key, "
+def add_site_main(name: str, *, certs: PathLike = "fedrad-certs") -> int:
+    """`fedrad certs add-site NAME`: a new site's node key pair under the existing CA in `certs`."""
+    folder = add_site(Path(certs), name)
+    root = Path(certs).resolve()
+    print(f"fedrad certs: site {name} added to the consortium in {root} ({folder.resolve()}: ca.pem, node.key, "
           f"node.pub).\n  register it: fedrad certs register {folder.resolve() / 'node.pub'} --certs {root} "
-          f"--superlink HOST:8000\n  give site {args.name} the folder {folder.resolve()} only.")
+          f"--superlink HOST:8000\n  give site {name} the folder {folder.resolve()} only.")
     return 0
 
 
-def register_main(args) -> int:
+def register_main(pubkey: PathLike, *, certs: PathLike, superlink: str = "127.0.0.1:8000",
+                  site_name: str | None = None) -> int:
+    """`fedrad certs register PUBKEY`: enrol a site's node public key at the coordinator; 1 when it could not."""
     try:
-        text = register_node(Path(args.pubkey), args.superlink, Path(args.certs),
-                             name=getattr(args, "site_name", None))
+        text = register_node(Path(pubkey), superlink, Path(certs), name=site_name)
     except RuntimeError as exc:  # the coordinator could not be reached or refused: Flower's reason, one line
         print(f"fedrad certs register: {exc}", file=sys.stderr, flush=True)
         return 1
-    print(f"fedrad certs register: {Path(args.pubkey).name} enrolled at {args.superlink}\n{text}")
+    print(f"fedrad certs register: {Path(pubkey).name} enrolled at {superlink}\n{text}")
     return 0
 
 
-def tls_from(certs: str | None, site: str | None = None) -> TlsFiles | None:
+def tls_from(certs: PathLike | None, site: str | None = None) -> TlsFiles | None:
     """The coordinator's TLS files (`site=None`) from a `fedrad certs init` folder."""
     if not certs:
         return None

@@ -40,6 +40,7 @@ from starlette.routing import Route
 
 from fedrad.server.run_watch import RunWatch, site_activity
 
+PathLike = str | os.PathLike[str]
 TOKEN_ENV = "FEDRAD_DASHBOARD_TOKEN"
 COOKIE = "fedrad_dashboard"
 MAX_PATH = 512  # bytes of path + query
@@ -373,25 +374,30 @@ def check_exposure(host: str, token: str | None, tls_cert: str | None, tls_key: 
                          f"--tls-key) and a token (--token-file or {TOKEN_ENV})")
 
 
-def dashboard_main(args) -> int:
+def dashboard_main(*, runs_dir: PathLike = "runs", host: str = "127.0.0.1", port: int = 8050,
+                   superlink: str | None = None, certs: PathLike | None = None, token_file: PathLike | None = None,
+                   allow_host: list[str] | None = None, tls_cert: PathLike | None = None,
+                   tls_key: PathLike | None = None) -> int:
+    """`fedrad dashboard`: serve the read-only dashboard over `runs_dir` until Ctrl-C; returns 0."""
     import uvicorn
 
     from fedrad.deploy.flower_cli import ca_from
     from fedrad.deploy.processes import with_default_port
 
-    token = read_token(args.token_file)
-    check_exposure(args.host, token, args.tls_cert, args.tls_key)
-    runs_dir = Path(args.runs_dir).resolve()
-    if not runs_dir.is_dir():
-        raise FileNotFoundError(f"--runs-dir {runs_dir}: no such folder (where `fedrad run` writes its runs)")
-    superlink = with_default_port(args.superlink) if args.superlink else None
-    hosts = tuple(dict.fromkeys([*LOOPBACK_NAMES, args.host, *(args.allow_host or [])]))
-    app = build_app(runs_dir, token, superlink, ca_from(args.certs), secure_cookie=bool(args.tls_cert), hosts=hosts)
-    scheme = "https" if args.tls_cert else "http"
-    print(f"fedrad dashboard: {scheme}://{args.host}:{args.port}/ over {runs_dir}"
+    cert, key = (os.fspath(tls_cert) if tls_cert else None), (os.fspath(tls_key) if tls_key else None)
+    token = read_token(os.fspath(token_file) if token_file else None)
+    check_exposure(host, token, cert, key)
+    folder = Path(runs_dir).resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--runs-dir {folder}: no such folder (where `fedrad run` writes its runs)")
+    address = with_default_port(superlink) if superlink else None
+    hosts = tuple(dict.fromkeys([*LOOPBACK_NAMES, host, *(allow_host or [])]))
+    app = build_app(folder, token, address, ca_from(certs), secure_cookie=bool(cert), hosts=hosts)
+    scheme = "https" if cert else "http"
+    print(f"fedrad dashboard: {scheme}://{host}:{port}/ over {folder}"
           + (" (token required)" if token else " (no token: loopback only)"), file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", ssl_certfile=args.tls_cert,
-                ssl_keyfile=args.tls_key, server_header=False, h11_max_incomplete_event_size=16 * 1024)
+    uvicorn.run(app, host=host, port=port, log_level="warning", ssl_certfile=cert, ssl_keyfile=key,
+                server_header=False, h11_max_incomplete_event_size=16 * 1024)
     return 0
 
 

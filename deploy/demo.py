@@ -54,10 +54,13 @@ def _raise_keyboard_interrupt(signum, _frame):
     raise KeyboardInterrupt
 
 
-def demo_main(args) -> int:
+def demo_main(*, workdir: str | os.PathLike[str] = "fedrad-demo", rounds: int = 4, objective: str = "simclr",
+              secure: bool = False, config: list[str] | None = None) -> int:
+    """`fedrad demo`: the local consortium under `workdir` (sites, keys, logs, run, release); `config` holds
+    `-c KEY=VALUE` overrides of DEMO_CONFIG. Returns the exit status (0: every step finished)."""
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     t_start = time.time()
-    workdir = Path(args.workdir).resolve()
+    workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
 
     _step("writing 3 synthetic hospital sites as DICOM files")
@@ -76,8 +79,8 @@ def demo_main(args) -> int:
 
     run_dir = workdir / "run"
     overrides = dict(DEMO_CONFIG)
-    overrides.update({"num-server-rounds": args.rounds, "objective": args.objective, "run-dir": str(run_dir)})
-    overrides.update(parse_overrides(args.config))
+    overrides.update({"num-server-rounds": rounds, "objective": objective, "run-dir": str(run_dir)})
+    overrides.update(parse_overrides(list(config or [])))
 
     _step("making the consortium signing key (the sites run only what it signed)")
     from fedrad.server.release import generate_keys
@@ -86,7 +89,7 @@ def demo_main(args) -> int:
     trust = SiteTrust(consortium_key=consortium_pub)
 
     tls = None
-    if args.secure:
+    if secure:
         _step("making a consortium CA, coordinator certificate and site keys (TLS + node authentication)")
         from fedrad.deploy.certs import init_certs, tls_files
 
@@ -123,7 +126,7 @@ def demo_main(args) -> int:
                    "audit-dir": str(workdir / "audit" / site.name), "state-dir": str(workdir / "state" / site.name)}
             group.start(f"node-{site.name}", supernode_command(address, free_port(), cfg, node_tls, trust),
                         workdir / "logs" / f"node-{site.name}.log")
-        _step(f"running {args.rounds} rounds of {args.objective} pretraining, signed (progress below)")
+        _step(f"running {rounds} rounds of {objective} pretraining, signed (progress below)")
         code = submit_run(address, overrides, log_path=workdir / "logs" / "flwr-run.log",
                           ca_cert=tls.ca_cert if tls else None, sign_key=consortium_key)
         status = report_run(run_dir, code)

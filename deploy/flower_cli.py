@@ -6,6 +6,7 @@ folded into one line, the consortium CA from a certs folder. Below all of them, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -92,7 +93,7 @@ class FlowerBox:
         return True
 
 
-def ca_from(certs: str | None) -> Path | None:
+def ca_from(certs: str | os.PathLike[str] | None) -> Path | None:
     """The consortium CA that `fedrad run` trusts: `ca.pem` in the --certs folder (no private key needed)."""
     if not certs:
         return None

@@ -5,6 +5,7 @@ Ctrl-C, and say in one line why it failed (Flower's own reason), offering `--res
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -260,44 +261,51 @@ def validate_run_config(overrides: dict[str, object], app: Path | None = None) -
         init_kind(cfg.init, cfg.init_pubkey or None)
 
 
-def run_main(args) -> int:
-    overrides = parse_overrides(args.config)
-    superlink = with_default_port(args.superlink)
-    if args.resume:
-        run_dir = Path(args.resume).resolve()
-        if not (run_dir / "run.json").exists():
-            raise FileNotFoundError(f"--resume {run_dir}: not a fedrad run directory (no run.json)")
+def run_main(*, superlink: str = "127.0.0.1:8000", run_dir: str | os.PathLike[str] | None = None,
+             resume: str | os.PathLike[str] | None = None, config: list[str] | None = None,
+             certs: str | os.PathLike[str] | None = None, sign_key: str | os.PathLike[str] | None = None,
+             valid_days: float = 7.0, detach: bool = False) -> int:
+    """`fedrad run`: check the run-config (`config`: `-c` values), sign it with sign_key, submit it and follow it
+    to its end (detach: return once the coordinator accepted it); returns the exit status (0 finished)."""
+    config = list(config or [])
+    overrides = parse_overrides(config)
+    superlink = with_default_port(superlink)
+    if resume:
+        folder = Path(resume).resolve()
+        if not (folder / "run.json").exists():
+            raise FileNotFoundError(f"--resume {folder}: not a fedrad run directory (no run.json)")
         # The original run's config, then any new overrides (e.g. a new timeout).
-        original = json.loads((run_dir / "run.json").read_text())["config"]
+        original = json.loads((folder / "run.json").read_text())["config"]
         # The old signature covered the old config; the resumed run is signed afresh (--sign-key).
         merged = {k: v for k, v in original.items() if k not in ("resume", "run-dir", "run-signature")}
         merged.update(overrides)
         overrides = merged
         overrides["resume"] = True
     else:
-        run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
-    overrides["run-dir"] = str(run_dir)
+        folder = Path(run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    overrides["run-dir"] = str(folder)
     for key in ("init", "init-pubkey"):  # the ServerApp runs elsewhere: absolute paths (on the coordinator)
         if overrides.get(key):
             overrides[key] = str(Path(str(overrides[key])).expanduser().resolve())
-    files = [Path(c) for c in args.config if c.endswith(".toml") and "=" not in c]
+    files = [Path(c) for c in config if c.endswith(".toml") and "=" not in c]
     validate_with_lines(overrides, files)  # a bad -c value: one line naming the key (and line), exit 2
-    ca = ca_from(args.certs)
-    sign_key = Path(args.sign_key).resolve() if args.sign_key else None
+    ca = ca_from(certs)
+    key = Path(sign_key).resolve() if sign_key else None
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file in the way, a read-only disk: one line (exit 2), not a traceback
-        raise ValueError(f"--run-dir {run_dir}: cannot make the run folder ({exc.strerror})") from None
-    if sign_key is None:
+        raise ValueError(f"--run-dir {folder}: cannot make the run folder ({exc.strerror})") from None
+    if key is None:
         print("fedrad run: warning: unsigned run (no --sign-key): sites refuse it unless started with "
               "--allow-unsigned", file=sys.stderr, flush=True)
-    print(f"fedrad run: submitting to {superlink}; run directory {run_dir}", flush=True)
-    valid = float(getattr(args, "valid_days", 0) or 0) * 86_400 or None  # --valid-days (signed runs' expiry)
-    if getattr(args, "detach", False):
-        return detach_run(superlink, overrides, run_dir, ca, sign_key, args.certs, valid_seconds=valid)
-    code = submit_run(superlink, overrides, log_path=run_dir / "flwr-run.log", ca_cert=ca, sign_key=sign_key,
+    print(f"fedrad run: submitting to {superlink}; run directory {folder}", flush=True)
+    valid = float(valid_days or 0) * 86_400 or None  # --valid-days (signed runs' expiry)
+    if detach:
+        return detach_run(superlink, overrides, folder, ca, key, os.fspath(certs) if certs else None,
+                          valid_seconds=valid)
+    code = submit_run(superlink, overrides, log_path=folder / "flwr-run.log", ca_cert=ca, sign_key=key,
                       valid_seconds=valid)
-    return report_run(run_dir, code)
+    return report_run(folder, code)
 
 
 def submit_detached(superlink: str, overrides: dict[str, object], ca_cert: Path | None = None,

@@ -8,6 +8,7 @@ fedrad's run directories: run.json names the Flower run id, metrics.jsonl the la
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,9 @@ from typing import Any
 
 from fedrad.deploy.flower_cli import RUN_FAILED_EXIT, CoordinatorError, ca_from, flwr_json, write_flwr_home
 from fedrad.deploy.processes import flower_env, tool, with_default_port
+
+PathLike = str | os.PathLike[str]
+SUPERLINK = "127.0.0.1:8000"
 
 
 @dataclass(frozen=True)
@@ -145,21 +149,21 @@ def run_status(run_id: int, superlink: str, ca: Path | None) -> str:
     return str(runs[0].get("status") or "")
 
 
-def log_main(args) -> int:
+def log_main(run: str, *, follow: bool = False, superlink: str = SUPERLINK, certs: PathLike | None = None) -> int:
     """`fedrad log RUN [--follow]`: the run's log from the coordinator (Flower's `flwr log`); with --follow it
-    streams until the run ends and exits with the run's status (0 completed, 1 failed or stopped)."""
+    streams until the run ends and returns the run's status (0 completed, 1 failed or stopped)."""
     from fedrad.client.runtime.log_lines import ANSI
 
-    run_id = parse_run_id(args.run)
-    superlink = with_default_port(args.superlink)
-    ca = ca_from(args.certs)
+    run_id = parse_run_id(run)
+    superlink = with_default_port(superlink)
+    ca = ca_from(certs)
     try:
         status = run_status(run_id, superlink, ca)
     except CoordinatorError as exc:
         print(f"fedrad log: {superlink}: {exc}", file=sys.stderr, flush=True)
         return 1
     home = write_flwr_home(Path(tempfile.mkdtemp(prefix="fedrad-flwr-")), superlink, ca)
-    cmd = [tool("flwr"), "log", str(run_id), "fedrad", "--stream" if args.follow else "--show"]
+    cmd = [tool("flwr"), "log", str(run_id), "fedrad", "--stream" if follow else "--show"]
     colour = sys.stdout.isatty()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=flower_env({"FLWR_HOME": str(home)}), start_new_session=True)
@@ -176,7 +180,7 @@ def log_main(args) -> int:
         if proc.poll() is None:
             proc.kill()
         shutil.rmtree(home, ignore_errors=True)
-    if not args.follow:
+    if not follow:
         print(f"fedrad log: run {run_id} is {status}", file=sys.stderr, flush=True)
         return 0
     try:
@@ -248,17 +252,18 @@ def sites_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines)
 
 
-def sites_main(args) -> int:
+def sites_main(*, superlink: str = SUPERLINK, certs: PathLike | None = None, runs_dir: PathLike = "runs",
+               format: str = "table") -> int:
     """`fedrad sites`: the nodes enrolled at the coordinator, connected or not (Flower's `flwr supernode list`)."""
-    superlink = with_default_port(args.superlink)
-    ca = ca_from(args.certs)
+    superlink = with_default_port(superlink)
+    ca = ca_from(certs)
     try:
         nodes = flwr_json(["supernode", "list"], superlink, ca).get("nodes") or []
     except CoordinatorError as exc:
         print(f"fedrad sites: {superlink}: {exc}", file=sys.stderr, flush=True)
         return 1
-    rows = sites_rows(nodes, Path(args.runs_dir).resolve())
-    if args.format == "json":
+    rows = sites_rows(nodes, Path(runs_dir).resolve())
+    if format == "json":
         print(json.dumps({"superlink": superlink, "sites": rows}, indent=1))
     elif not rows:
         print(f"fedrad sites: no site has joined the coordinator at {superlink}")
@@ -278,30 +283,34 @@ def parse_run_id(text: str) -> int:
     return int(text)
 
 
-def runs_main(args) -> int:
-    superlink = with_default_port(args.superlink)
-    ca = ca_from(args.certs)
-    runs_dir = Path(args.runs_dir).resolve()
+def runs_main(*, superlink: str = SUPERLINK, certs: PathLike | None = None, runs_dir: PathLike = "runs",
+              format: str = "table") -> int:
+    """`fedrad runs`: the coordinator's runs joined with fedrad's run directories under `runs_dir` (a table, or
+    JSON with ISO 8601 times); 1 when the coordinator cannot be asked."""
+    superlink = with_default_port(superlink)
+    ca = ca_from(certs)
+    folder = Path(runs_dir).resolve()
     try:
         reply = flwr_json(["ls"], superlink, ca)
     except CoordinatorError as exc:
         print(f"fedrad runs: {superlink}: {exc}", file=sys.stderr, flush=True)
         return 1
     runs = sorted(reply.get("runs") or [], key=lambda r: str(r.get("pending-at") or ""))
-    if getattr(args, "format", "table") == "json":
-        print(json.dumps({"superlink": superlink, "runs": runs_json(runs, run_directories(runs_dir))}, indent=1))
+    if format == "json":
+        print(json.dumps({"superlink": superlink, "runs": runs_json(runs, run_directories(folder))}, indent=1))
         return 0
     if not runs:
         print(f"fedrad runs: no runs on the coordinator at {superlink}")
         return 0
-    print(runs_table(runs, run_directories(runs_dir)))
+    print(runs_table(runs, run_directories(folder)))
     return 0
 
 
-def stop_main(args) -> int:
-    run_id = parse_run_id(args.run)
-    superlink = with_default_port(args.superlink)
-    ca = ca_from(args.certs)
+def stop_main(run: str, *, superlink: str = SUPERLINK, certs: PathLike | None = None) -> int:
+    """`fedrad stop RUN`: stop a run at the coordinator (a finished one is left as it is); 1 when it could not."""
+    run_id = parse_run_id(run)
+    superlink = with_default_port(superlink)
+    ca = ca_from(certs)
     try:
         runs = {str(r.get("run-id")): r for r in flwr_json(["ls"], superlink, ca).get("runs") or []}
         if str(run_id) not in runs:

@@ -10,6 +10,7 @@ run's redone rounds are not shown twice.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -64,14 +65,15 @@ def export(run_dir: Path, follow: bool = False, poll_seconds: float = 5.0) -> in
             time.sleep(poll_seconds)
 
 
-def tensorboard_main(args) -> int:
-    run_dir = Path(args.run_dir).resolve()
+def tensorboard_main(run_dir: str | os.PathLike[str], *, follow: bool = False) -> int:
+    """`fedrad tensorboard RUN_DIR [--follow]`: export the run's metrics as event files; returns 0."""
+    run_dir = Path(run_dir).resolve()
     if not (run_dir / "run.json").is_file():
         raise FileNotFoundError(f"{run_dir}: not a fedrad run directory (no run.json)")
-    n = export(run_dir, follow=args.follow)
+    n = export(run_dir, follow=follow)
     print(f"fedrad tensorboard: {n} rounds in {run_dir / FOLDER} (tensorboard --logdir {run_dir / FOLDER})",
           file=sys.stderr)
     return 0
 
 
-__all__ = ["export", "scalars"]
+__all__ = ["export", "scalars", "tensorboard_main"]

@@ -301,18 +301,26 @@ def test_credentials_from_file_or_env_never_printed(tmp_path, monkeypatch):
     assert read_credentials(PacsOptions()) is None
 
 
-def test_node_source_options_become_site_local_node_config(tmp_path, monkeypatch):
+def _node_location(argv: list[str]):
+    """fedrad.deploy.node_command.node_location with the location options `fedrad node ARGV` parses to."""
+    from fedrad.client.site.scan import PACS_LIMITS
     from fedrad.deploy.cli import build_parser
     from fedrad.deploy.node_command import node_location
+
+    args = vars(build_parser().parse_args(argv))
+    return node_location(args["data"], args["source"], query=args["query"], since=args["since"],
+                         until=args["until"], cache=args["cache"], **{k: args[k] for k in PACS_LIMITS})
+
+
+def test_node_source_options_become_site_local_node_config(tmp_path, monkeypatch):
     from fedrad.deploy.processes import node_config_string
 
     auth = tmp_path / "auth"
     auth.write_text("bearer t0ken-XYZ")
-    args = build_parser().parse_args(["node", "--source", "dimse://PACS@10.1.2.3:104", "--query", "Modality=CR,DX",
-                                      "--since", "2020-01-01", "--max-instances", "50", "--rate", "5",
-                                      "--auth-file", str(auth), "--calling-aet", "SITE_A",
-                                      "--cache", str(tmp_path / "c")])
-    data, cache, config, scan_kw = node_location(args)
+    data, cache, config, scan_kw = _node_location(["node", "--source", "dimse://PACS@10.1.2.3:104", "--query",
+                                                   "Modality=CR,DX", "--since", "2020-01-01", "--max-instances",
+                                                   "50", "--rate", "5", "--auth-file", str(auth), "--calling-aet",
+                                                   "SITE_A", "--cache", str(tmp_path / "c")])
     assert (data, cache) == ("dimse://PACS@10.1.2.3:104", str(tmp_path / "c"))
     opts = PacsOptions.from_config(config)
     assert opts == dataclasses.replace(scan_kw["source_options"], offline_ok=True)
@@ -320,11 +328,10 @@ def test_node_source_options_become_site_local_node_config(tmp_path, monkeypatch
         (("CR", "DX"), "20200101", 50, 5.0, "SITE_A")
     assert "t0ken" not in node_config_string({"data-dir": data, **config})
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    args = build_parser().parse_args(["node", "--source", "dicomweb+https://pacs.example/dicom-web"])
-    assert "pacs-" in str(node_location(args)[1])  # a PACS gets its own cache under ~/.cache/fedrad
+    assert "pacs-" in str(_node_location(["node", "--source", "dicomweb+https://pacs.example/dicom-web"])[1])
     for argv in (["node"], ["node", "--source", "/data", "--data", "/data"]):
         with pytest.raises(ValueError):
-            node_location(build_parser().parse_args(argv))
+            _node_location(argv)
 
 
 def test_bad_source_urls_are_one_line_errors(tmp_path):

@@ -77,3 +77,34 @@ def test_scan_odd_file_names_are_escaped_never_fatal(tmp_path, capsys):
     assert report["usable"] == 3
     assert sorted(f["file"] for f in report["files"]) == ["M\\xfcller.dcm", "evil\\x1b]0;title\\x07\\x0aname.dcm",
                                                          "plain.dcm"]
+
+
+def test_scan_image_folder_reports_its_manifest(tmp_path, capsys):
+    """A PNG/JPEG folder's part of the report comes from its reader (ImageFolderReader.inventory): the manifest,
+    the images it does not list, its label columns, patients from `patient_id`; the keys stay in this order."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "png"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["image,patient_id,finding"]
+    for i in range(4):
+        Image.fromarray((rng.random((40, 30)) * 255).astype(np.uint8)).save(root / f"a{i}.png")
+        rows.append(f"a{i}.png,SECRET-{i % 2},{'yes' if i % 2 else 'no'}")
+    rows.append("missing.png,SECRET-9,no")
+    Image.fromarray((rng.random((40, 30)) * 255).astype(np.uint8)).save(root / "extra.png")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "inv.json"
+    assert cmd_scan(_args(root, str(out))) == 0
+    text = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert list(report)[:11] == ["folder", "layout", "decoded", "decodes_reused", "files_seen", "manifest",
+                                 "not_in_manifest", "labels", "candidates", "ignored", "files"]
+    assert (report["layout"], report["files_seen"], report["manifest"], report["not_in_manifest"]) == \
+        ("images", 6, "manifest.csv", 1)
+    assert report["labels"] == {"finding": {"no": 2, "yes": 2}} and "modality" not in report
+    assert (report["candidates"], report["usable"], report["patients"], report["ignored"]) == (5, 4, 2, [])
+    assert report["skipped_by_reason"] == {"unreadable": 1}
+    assert "[image folder (manifest.csv)]" in text and "label finding         no 2, yes 2" in text
+    assert "not in manifest       1" in text and "  files:" not in text and "SECRET" not in out.read_text()

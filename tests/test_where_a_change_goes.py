@@ -241,3 +241,11 @@ def test_a_new_source_is_one_reader_and_its_detection(toy_source, tmp_path) -> N
     assert [it.item_id for it in listing.items] == ["img0.npy", "img1.npy", "img2.npy"]
     image, signals = opened.reader.decode(listing.items[0], 32)
     assert image.shape == (32, 32) and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+
+    from fedrad.client.site.scan import format_report, scan_folder
+    from fedrad.common.data_rules import DataRules
+
+    # `fedrad scan` asks the reader for its inventory (Reader.inventory's default), never its layout's kind
+    report = scan_folder(tmp_path, progress=False, cache_dir=tmp_path / "cache", rules=DataRules(modalities=()))
+    assert (report["layout"], report["usable"], report["candidates"], report["patients"]) == ("npy", 3, 3, 3)
+    assert report["modality"] == {"unknown": 3} and "[npy folder]" in format_report(report)

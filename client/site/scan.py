@@ -24,14 +24,13 @@ from fedrad.client.site.scan_memo import ScanMemo, stat_key
 from fedrad.client.site.site_data import default_cache_dir, is_writable_dir
 from fedrad.common.atomic import atomic_write_bytes
 from fedrad.common.data_rules import DataRules
-from fedrad.common.header_signals import UNKNOWN, age_bucket, contrast_label, patient_key, plane_label
-from fedrad.common.series import group_series
+from fedrad.common.header_signals import patient_key
 from fedrad.common.sources.base import Frames
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 from fedrad.common.sources.errors import reraise_fatal, skip_from
-from fedrad.common.sources.layout import csv_columns, open_location
+from fedrad.common.sources.layout import open_location
 from fedrad.common.sources.pacs import PacsOptions, PacsQuery
-from fedrad.common.sources.walk import display_name, walk_folder
+from fedrad.common.sources.walk import display_name
 from fedrad.common.sources.workers import map_isolated
 
 SCAN_SIZE = 32  # decode target: the full-resolution decode is the proof, the small output is thrown away
@@ -102,10 +101,6 @@ def _file_row(rel: str, r: dict) -> dict:
     return row
 
 
-def _counts(values) -> dict[str, int]:
-    return dict(Counter(display_name(str(v)) if v not in (None, "") else UNKNOWN for v in values).most_common())
-
-
 def _per_patient(keys: list[str]) -> dict[str, float]:
     per = list(Counter(keys).values())
     if not per:
@@ -128,40 +123,6 @@ def source_options(query: list[str] | None = None, since: str | None = None, unt
     return PacsOptions(query=PacsQuery.parse(query or [], since, until), **kw)
 
 
-def _volumes(results: list[dict], ok: list[int], rel: list[str]) -> dict:
-    """Studies, series, slices and frames per modality, and how each series was ordered (series.py)."""
-    per: dict[str, dict] = {}
-    images: list[dict] = []
-    for i in ok:
-        r = results[i]
-        m = per.setdefault(display_name(r.get("modality") or UNKNOWN), {"studies": set(), "series": set(),
-                                                                       "slices": 0, "frames": 0, "files": 0})
-        m["files"] += 1
-        m["studies"].add(r.get("study_key") or f"file:{i}")
-        m["series"].add(r.get("series_key") or f"file:{i}")
-        base = {"series_uid": r.get("series_key") or "", "instance_number": r.get("instance_number"), "file": rel[i],
-                "sop_key": r.get("sop_key") or ""}
-        if "frames_ok" in r:
-            m["frames"] += r["frames_ok"]
-            images += [{**base, **fm, "instance_number": fm.get("frame")} for fm in r.get("frame_metas", [])]
-        elif int(r.get("frames") or 1) > 1:  # --no-decode: the header's frame count, no per-frame geometry
-            m["frames"] += int(r["frames"])
-        else:
-            m["slices"] += 1
-            images.append({**base, "position": r.get("position"), "orientation": r.get("orientation")})
-    series = [s for s in group_series(images) if len(s.members) > 1]
-    order = Counter(s.ordered_by for s in series)
-    independent = [{"files": sorted({images[j]["file"] for j in s.members})[:3], "images": len(s.members),
-                    "reason": s.reason} for s in series if s.independent]
-    spacing = [round(s.spacing, 3) for s in series if s.spacing]
-    return {"by_modality": {k: {"studies": len(v["studies"]), "series": len(v["series"]), "slices": v["slices"],
-                                "frames": v["frames"], "files": v["files"]} for k, v in sorted(per.items())},
-            "plane": _counts(plane_label(results[i].get("orientation")) for i in ok),
-            "contrast": _counts(contrast_label(results[i].get("contrast"), results[i].get("modality")) for i in ok),
-            "series_ordered_by": dict(order.most_common()), "series_independent": independent,
-            "slice_spacing_mm": sorted(set(spacing))}
-
-
 def scan_folder(path: str | os.PathLike[str], decode: bool = True, progress: bool = True,
                 max_pixels: int = DEFAULT_MAX_PIXELS, source_options: PacsOptions | None = None,
                 cache_dir: str | os.PathLike[str] | None = None, rules: DataRules | None = None) -> dict:
@@ -176,9 +137,9 @@ def scan_folder(path: str | os.PathLike[str], decode: bool = True, progress: boo
     """
     t0 = time.perf_counter()
     opened = open_location(path, max_pixels, cache_dir, source_options)
-    reader, root, layout, pacs = opened.reader, opened.root, opened.layout, opened.is_pacs
+    reader, root, pacs = opened.reader, opened.root, opened.is_pacs
     salt = secrets.token_bytes(32)  # in memory only: patients can be counted but not identified
-    report: dict = {"folder": display_name(str(path) if pacs else str(root)), "layout": layout.kind,
+    report: dict = {"folder": display_name(str(path) if pacs else str(root)), "layout": reader.kind,
                     "decoded": bool(decode)}
     listing = reader.list_items()
     if pacs:
@@ -200,48 +161,15 @@ def scan_folder(path: str | os.PathLike[str], decode: bool = True, progress: boo
         memo.close()
     rules = rules or DataRules()
     for r in results:  # read fine, but the site policy keeps it out (modality, burned-in annotation)
-        refused = rules.refuse(r) if r["ok"] and layout.kind == "dicom" else None
+        refused = rules.refuse(r) if r["ok"] and reader.has_headers else None
         if refused:
             r.update(ok=False, reason=refused[0], detail=refused[1])
     ok = [i for i, r in enumerate(results) if r["ok"]]
     rel = [display_name(it.item_id) for it in items]
 
-    if layout.kind == "images":
-        walk = walk_folder(root)
-        rows = reader.rows
-        listed = {it.locator for it in items}
-        report["files_seen"] = len(walk.files)
-        report["manifest"] = layout.csv.name
-        report["not_in_manifest"] = sum(1 for p in walk.files if str(p) not in listed and p != layout.csv
-                                        and p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        keys = [patient_key(rows[i].get("patient_id", ""), f"image:{rows[i].get('image', '')}", salt) for i in ok]
-        label_cols = [c for c in csv_columns(layout.csv) if c not in ("image", "patient_id")]
-        report["labels"] = {display_name(c): _counts(rows[i].get(c, "") for i in ok) for c in label_cols
-                            if len({rows[i].get(c, "") for i in ok}) <= 20}
-        report["candidates"] = len(rows)
-        report["ignored"] = []
-        listing.folders.extend(walk.folders)
-    else:
-        report["files_seen"] = listing.files_seen
-        keys = [results[i]["patient"] for i in ok]
-        report["candidates"] = len(items)
-        report["ignored"] = [display_name(p) for p in listing.ignored]
-        good = [results[i] for i in ok]
-        report["modality"] = _counts(r["modality"] for r in good)
-        report["body_part"] = _counts(r["body_part"] for r in good)
-        report["view"] = _counts(r["view"] for r in good)
-        report["photometric"] = _counts(r["photometric"] for r in good)
-        report["transfer_syntax"] = _counts(r["transfer_syntax_name"] or r["transfer_syntax"] for r in good)
-        report["bits_stored"] = _counts(r["bits_stored"] for r in good)
-        report["sex"] = _counts(r["sex"] for r in good)
-        report["age"] = _counts(age_bucket(r["age_years"]) for r in good)
-        if layout.csv is not None:
-            report["labels_csv"] = display_name(layout.csv.name)
-        report["volumes"] = _volumes(results, ok, rel)
-        report["frames_skipped"] = [{"file": rel[i], "frame": k, "reason": why, "detail": display_name(more)}
-                                    for i in ok for k, why, more in results[i].get("frames_skipped", [])]
-        for r in good:  # per-frame details stay out of the JSON's per-file rows
-            r.pop("frame_metas", None)
+    inventory = reader.inventory(listing, results, salt)  # the layout's own keys, in the report's order
+    report.update(inventory.report)
+    listing.folders.extend(inventory.folders)
 
     skipped = [{"file": rel[i], "reason": r["reason"], "detail": display_name(r.get("detail", ""))}
                for i, r in enumerate(results) if not r["ok"]]
@@ -253,12 +181,15 @@ def scan_folder(path: str | os.PathLike[str], decode: bool = True, progress: boo
     report["skipped_by_reason"] = dict(Counter(s["reason"] for s in skipped).most_common())
     report["folders_skipped"] = [{"folder": display_name(p.path), "reason": p.reason, "detail": p.detail}
                                  for p in listing.folders]
-    report["patients"] = len(set(keys))
-    report["images_per_patient"] = _per_patient(keys)
+    report["patients"] = len(set(inventory.patients))
+    report["images_per_patient"] = _per_patient(inventory.patients)
     report["max_pixels"] = max_pixels
     report["seconds"] = round(time.perf_counter() - t0, 3)
     report["network_used"] = pacs
     return report
+
+
+TITLES = {"dicom": "DICOM folder", "images": "image folder ({manifest})"}  # the heading's words per layout
 
 
 def _fmt_counts(d: dict) -> str:
@@ -266,8 +197,10 @@ def _fmt_counts(d: dict) -> str:
 
 
 def format_report(r: dict) -> str:
-    """The human-readable table printed by `fedrad scan`."""
-    kind = "DICOM folder" if r["layout"] == "dicom" else f"image folder ({r.get('manifest', '')})"
+    """The human-readable table printed by `fedrad scan`: the sections follow the keys the source's inventory
+    gave (header counts and volumes, or a manifest's labels); only the heading names the layout."""
+    kind = TITLES.get(r["layout"], f"{r['layout']} folder").format(manifest=r.get("manifest", ""))
+    headers = "modality" in r  # a source whose items carry header signals (common/sources/inventory.py)
     if r.get("source"):
         kind = {"dicomweb": "DICOMweb PACS", "dimse": "DIMSE PACS"}.get(r["source"], "PACS")
     lines = [f"fedrad scan: {r['folder']}  [{kind}]", ""]
@@ -283,7 +216,7 @@ def format_report(r: dict) -> str:
                              "to continue)"))
         lines.append(row("site store", r["store"]))
     extra = ""
-    if r["layout"] == "dicom" and r["ignored"]:
+    if r["ignored"]:
         by_ext = Counter(Path(p).suffix.lower() or Path(p).name for p in r["ignored"])
         extra = f"  ({r['candidates']} read as DICOM; ignored as non-DICOM: {_fmt_counts(dict(by_ext))})"
     lines.append(row("files seen", f"{r['files_seen']}{extra}"))
@@ -299,7 +232,7 @@ def format_report(r: dict) -> str:
         lines.append(row("folders not read", str(len(r["folders_skipped"]))))
         for f in r["folders_skipped"]:
             lines.append(f"      - {f['folder']}/: {f['reason']} ({f['detail']})")
-    if r["layout"] == "dicom":
+    if headers:
         for key, label in (("modality", "modality"), ("body_part", "body part"), ("view", "view"),
                            ("photometric", "photometric"), ("transfer_syntax", "transfer syntax"),
                            ("bits_stored", "bits stored"), ("sex", "sex"), ("age", "age")):
@@ -322,12 +255,11 @@ def format_report(r: dict) -> str:
             lines.append(row("frames skipped", str(len(r["frames_skipped"]))))
             for f in r["frames_skipped"][:20]:
                 lines.append(f"      - {f['file']} frame {f['frame']}: {f['reason']} ({f['detail'][:120]})")
-    else:
-        for col, counts in r.get("labels", {}).items():
-            lines.append(row(f"label {col}", _fmt_counts(counts)))
-        if r.get("not_in_manifest"):
-            lines.append(row("not in manifest", str(r["not_in_manifest"])))
-    if r["layout"] == "dicom" and 0 < len(r["files"]) <= MAX_FILES_LISTED:
+    for col, counts in r.get("labels", {}).items():  # a manifest's label columns
+        lines.append(row(f"label {col}", _fmt_counts(counts)))
+    if r.get("not_in_manifest"):
+        lines.append(row("not in manifest", str(r["not_in_manifest"])))
+    if headers and 0 < len(r["files"]) <= MAX_FILES_LISTED:
         lines += ["", "  files:"]
         width = max(len(f["file"]) for f in r["files"])
         for f in r["files"]:

@@ -1,7 +1,8 @@
 """Image sources: one reader interface, the readers, the layout dispatch and the ingestion contract.
 
-Public names: Reader, Item, Listing (base); detect_source, open_source, Layout (layout); SkipImage, REASONS
-(errors); DEFAULT_MAX_PIXELS (budget); DicomFolderReader, ImageFolderReader; PACS sources
+Public names: Reader, Item, Listing (base); Inventory (inventory: a reader's part of `fedrad scan`);
+detect_source, open_source, Layout (layout); SkipImage, REASONS (errors); DEFAULT_MAX_PIXELS (budget);
+DicomFolderReader, ImageFolderReader; PACS sources
 (pacs: PacsOptions, PacsQuery, PacsError, is_source_url; layout: open_pacs). Imported lazily so that
 `fedrad.common.dicom_io` (which the readers wrap) can import `sources.errors` without a cycle.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import importlib
 
 _WHERE = {
-    "Reader": "base", "Item": "base", "Listing": "base",
+    "Reader": "base", "Item": "base", "Listing": "base", "Inventory": "inventory",
     "detect_source": "layout", "open_source": "layout", "Layout": "layout",
     "SkipImage": "errors", "REASONS": "errors", "skip_from": "errors",
     "DEFAULT_MAX_PIXELS": "budget",

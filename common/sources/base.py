@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
+from fedrad.common.sources.inventory import Inventory, header_inventory
 from fedrad.common.sources.walk import Problem
 
 
@@ -24,6 +25,17 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
     with open(path, newline="", encoding="utf-8-sig") as f:
         return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def csv_columns(path: Path) -> list[str]:
+    """A CSV's header (its column names, stripped); [] when it cannot be read."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return [c.strip() for c in next(csv.reader(f), [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
 
 
 @dataclass(frozen=True)
@@ -68,7 +80,8 @@ class Listing:
 
 
 class Reader(abc.ABC):
-    """A source of radiographs. Subclasses set `kind` and implement `list_items`, `entry` and `check`.
+    """A source of radiographs. Subclasses set `kind` and implement `list_items`, `entry` and `check`; a source
+    whose items carry no header signals also says what its layout holds for `fedrad scan` (`inventory`).
 
     `entry(locator, size, salt, max_pixels)` and `check(locator, max_pixels)` are module-level functions
     (staticmethods), because they run in decode worker processes under a memory limit: they must pickle,
@@ -116,6 +129,14 @@ class Reader(abc.ABC):
     @abc.abstractmethod
     def list_items(self) -> Listing:
         """Every item of the source, in a stable order."""
+
+    def inventory(self, listing: Listing, results: list[dict], salt: bytes) -> Inventory:
+        """What this source's layout adds to `fedrad scan`'s report (common/sources/inventory.py), from its
+        listing and the scan's record of each item (`results[i]` for `listing.items[i]`); `salt` keys patients.
+
+        The reader owns its inventory: the scan does not branch on the layout. This default is a source whose
+        items carry header signals (a DICOM folder, a PACS): their counts, the labels CSV, volumes."""
+        return header_inventory(listing, results, self.labels_csv)
 
     @staticmethod
     @abc.abstractmethod

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fedrad.common.header_signals import patient_key
 from fedrad.common.image_ops import fit_square
-from fedrad.common.sources.base import Item, Listing, Reader, read_csv
+from fedrad.common.sources.base import Item, Listing, Reader, csv_columns, read_csv
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS, check_pixel_budget
 from fedrad.common.sources.errors import SkipImage, reraise_fatal, skip_from
+from fedrad.common.sources.inventory import Inventory, counts, usable
+from fedrad.common.sources.walk import display_name, walk_folder
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg"}
 
@@ -109,3 +112,23 @@ class ImageFolderReader(Reader):
             rel = r.get("image", "")
             out.items.append(Item(rel, str((self.root / rel).resolve())))
         return out
+
+    def inventory(self, listing: Listing, results: list[dict], salt: bytes) -> Inventory:
+        """The folder's files, its manifest, the PNG/JPEG files the manifest does not list, and the counts of
+        each label column with at most 20 values; patients from the manifest's `patient_id` column."""
+        walk = walk_folder(self.root)
+        ok, rows = usable(results), self.rows
+        listed = {it.locator for it in listing.items}
+        label_cols = [c for c in csv_columns(self.manifest) if c not in ("image", "patient_id")]
+        report = {
+            "files_seen": len(walk.files),
+            "manifest": self.manifest.name,
+            "not_in_manifest": sum(1 for p in walk.files if str(p) not in listed and p != self.manifest
+                                   and p.suffix.lower() in IMAGE_EXTS),
+            "labels": {display_name(c): counts(rows[i].get(c, "") for i in ok) for c in label_cols
+                       if len({rows[i].get(c, "") for i in ok}) <= 20},
+            "candidates": len(rows),
+            "ignored": [],
+        }
+        patients = [patient_key(rows[i].get("patient_id", ""), f"image:{rows[i].get('image', '')}", salt) for i in ok]
+        return Inventory(report, patients, walk.folders)

@@ -7,13 +7,12 @@ kind adds its test here and its reader module beside this one.
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedrad.common.sources.base import Reader
+from fedrad.common.sources.base import Reader, csv_columns
 from fedrad.common.sources.budget import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
@@ -28,14 +27,6 @@ class Layout:
 
     kind: str
     csv: Path | None
-
-
-def csv_columns(path: Path) -> list[str]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            return [c.strip() for c in next(csv.reader(f), [])]
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return []
 
 
 def detect_source(folder: str | os.PathLike[str]) -> Layout:

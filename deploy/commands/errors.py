@@ -5,9 +5,12 @@ and its exit code, the Python API (`import fedrad`) lets them through.
     BadInput        a missing file, a bad value (exit 2); also a ValueError, as bad input always was
     Refused         the command did its checks and said no, or what it started did not finish (exit 1)
     BundleRefused   a release bundle failed verification or the site's rollback policy (exit 1)
+    check_exit      a long-running command's exit status (a node, a run, a dashboard) as one of these
 """
 
 from __future__ import annotations
+
+import sys
 
 
 class FedradError(RuntimeError):
@@ -37,4 +40,13 @@ class BundleRefused(Refused):
     """A bundle that must not be used: its signature, hashes or the site's rollback policy failed."""
 
 
-__all__ = ["BadInput", "BundleRefused", "FedradError", "Refused"]
+def check_exit(code: int | None) -> None:
+    """A process-driving command's exit status (a node, a run, a log that followed a run) as an exception: 0 (or
+    None) is success; anything else is Refused with that code, so the shell exits with it as before (the reason
+    was already printed by what ran)."""
+    if code:
+        raise Refused("", exit_code=int(code))
+    sys.stdout.flush()
+
+
+__all__ = ["BadInput", "BundleRefused", "FedradError", "Refused", "check_exit"]

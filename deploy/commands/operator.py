@@ -2,33 +2,23 @@
 publish), certs, dashboard, tensorboard, demo.
 
 Typed functions with the command's options as keywords; `fedrad.deploy.cli` only parses arguments into them.
-The long-running ones (coordinator, run, log --follow, dashboard, demo) wrap their process code in
-fedrad.deploy.* and turn its exit status into errors.Refused (the code kept), so a script sees an exception
-and the shell the same exit code as before.
+The process-driving ones (coordinator, run, runs, log, sites, stop, certs, dashboard, tensorboard, demo) call
+their implementation in fedrad.deploy.* with the same keywords and turn its exit status into errors.Refused
+(errors.check_exit: the code kept), so a script sees an exception and the shell the same exit code as before.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Literal
 
-from fedrad.deploy.commands.errors import BadInput, Refused
+from fedrad.deploy.commands.errors import BadInput, Refused, check_exit
 
 PathLike = str | os.PathLike[str]
 Format = Literal["table", "json"]
 SUPERLINK = "127.0.0.1:8000"
-
-
-def _run(main: Callable[[Any], int | None], options: dict[str, Any]) -> None:
-    """Run a process-driving implementation on these options; a non-zero status becomes Refused (its code kept;
-    the reason was already printed by what ran)."""
-    code = main(SimpleNamespace(**options))
-    if code:
-        raise Refused("", exit_code=int(code))
 
 
 def coordinator(*, host: str = "127.0.0.1", port: int = 8000, state: PathLike = "fedrad-coordinator",
@@ -36,7 +26,7 @@ def coordinator(*, host: str = "127.0.0.1", port: int = 8000, state: PathLike = 
     """`fedrad coordinator`: run the consortium's SuperLink in the foreground until Ctrl-C."""
     from fedrad.deploy.node_command import coordinator_main
 
-    _run(coordinator_main, locals())
+    check_exit(coordinator_main(host=host, port=port, state=state, certs=certs))
 
 
 def run(*, superlink: str = SUPERLINK, run_dir: PathLike | None = None, resume: PathLike | None = None,
@@ -46,7 +36,8 @@ def run(*, superlink: str = SUPERLINK, run_dir: PathLike | None = None, resume: 
     accepted with detach=True). Refused with Flower's code when the run did not finish."""
     from fedrad.deploy.run_command import run_main
 
-    _run(run_main, {**locals(), "config": list(config or [])})
+    check_exit(run_main(superlink=superlink, run_dir=run_dir, resume=resume, config=config, certs=certs,
+                        sign_key=sign_key, valid_days=valid_days, detach=detach))
 
 
 def runs(*, superlink: str = SUPERLINK, certs: PathLike | None = None, runs_dir: PathLike = "runs",
@@ -54,14 +45,14 @@ def runs(*, superlink: str = SUPERLINK, certs: PathLike | None = None, runs_dir:
     """`fedrad runs`: the coordinator's runs with status, round and last loss (format="json": ISO 8601 times)."""
     from fedrad.deploy.runs_command import runs_main
 
-    _run(runs_main, locals())
+    check_exit(runs_main(superlink=superlink, certs=certs, runs_dir=runs_dir, format=format))
 
 
 def log(run: str, *, follow: bool = False, superlink: str = SUPERLINK, certs: PathLike | None = None) -> None:
     """`fedrad log RUN`: a run's log; with follow, stream until it ends (Refused, exit 1, if it did not complete)."""
     from fedrad.deploy.runs_command import log_main
 
-    _run(log_main, locals())
+    check_exit(log_main(run, follow=follow, superlink=superlink, certs=certs))
 
 
 def sites(*, superlink: str = SUPERLINK, certs: PathLike | None = None, runs_dir: PathLike = "runs",
@@ -69,14 +60,14 @@ def sites(*, superlink: str = SUPERLINK, certs: PathLike | None = None, runs_dir
     """`fedrad sites`: the sites enrolled at the coordinator, connected or not."""
     from fedrad.deploy.runs_command import sites_main
 
-    _run(sites_main, locals())
+    check_exit(sites_main(superlink=superlink, certs=certs, runs_dir=runs_dir, format=format))
 
 
 def stop(run: str, *, superlink: str = SUPERLINK, certs: PathLike | None = None) -> None:
     """`fedrad stop RUN`: stop a run on the coordinator."""
     from fedrad.deploy.runs_command import stop_main
 
-    _run(stop_main, locals())
+    check_exit(stop_main(run, superlink=superlink, certs=certs))
 
 
 def keys_generate(*, out: PathLike = "fedrad-signing") -> tuple[Path, Path]:
@@ -131,7 +122,7 @@ def _publish(bundle: PathLike, sign_key: PathLike, superlink: str, certs: PathLi
     from fedrad.deploy.publish_command import DEFAULT_RELEASES, publish_bundle
 
     code, answers = publish_bundle(Path(bundle), Path(releases or DEFAULT_RELEASES), superlink, Path(sign_key),
-                                   ca_from(os.fspath(certs) if certs else None), linger)
+                                   ca_from(certs), linger)
     summary = ", ".join(f"{n} {name}" for name, n in sorted(answers.items())) or "no site answered"
     print(f"fedrad publish: {summary} (codes: fedrad.common.release_wire.ReleaseCode; each site's reasons stay in "
           f"its refusals.jsonl)")
@@ -147,14 +138,14 @@ def certs_init(*, out: PathLike = "fedrad-certs", sites: str = "site-a,site-b,si
     """`fedrad certs init`: a CA, a coordinator certificate and per-site node keys."""
     from fedrad.deploy.certs import certs_init_main
 
-    _run(certs_init_main, locals())
+    check_exit(certs_init_main(out=out, sites=sites, hosts=hosts))
 
 
 def certs_add_site(name: str, *, certs: PathLike = "fedrad-certs") -> None:
     """`fedrad certs add-site NAME`: a new site's node key pair under an existing CA."""
     from fedrad.deploy.certs import add_site_main
 
-    _run(add_site_main, locals())
+    check_exit(add_site_main(name, certs=certs))
 
 
 def certs_register(pubkey: PathLike, *, certs: PathLike, superlink: str = SUPERLINK,
@@ -162,7 +153,7 @@ def certs_register(pubkey: PathLike, *, certs: PathLike, superlink: str = SUPERL
     """`fedrad certs register PUBKEY`: enrol a site's node public key with the coordinator."""
     from fedrad.deploy.certs import register_main
 
-    _run(register_main, locals())
+    check_exit(register_main(pubkey, certs=certs, superlink=superlink, site_name=site_name))
 
 
 def dashboard(*, runs_dir: PathLike = "runs", host: str = "127.0.0.1", port: int = 8050,
@@ -172,14 +163,15 @@ def dashboard(*, runs_dir: PathLike = "runs", host: str = "127.0.0.1", port: int
     """`fedrad dashboard`: the read-only web dashboard of the runs and sites, until Ctrl-C."""
     from fedrad.deploy.dashboard import dashboard_main
 
-    _run(dashboard_main, locals())
+    check_exit(dashboard_main(runs_dir=runs_dir, host=host, port=port, superlink=superlink, certs=certs,
+                              token_file=token_file, allow_host=allow_host, tls_cert=tls_cert, tls_key=tls_key))
 
 
 def tensorboard(run_dir: PathLike, *, follow: bool = False) -> None:
     """`fedrad tensorboard RUN_DIR`: TensorBoard event files from the run's metrics."""
     from fedrad.deploy.tensorboard_command import tensorboard_main
 
-    _run(tensorboard_main, locals())
+    check_exit(tensorboard_main(run_dir, follow=follow))
 
 
 def demo(*, workdir: PathLike = "fedrad-demo", rounds: int = 4, objective: str = "simclr", secure: bool = False,
@@ -187,7 +179,7 @@ def demo(*, workdir: PathLike = "fedrad-demo", rounds: int = 4, objective: str =
     """`fedrad demo`: a real local consortium of three synthetic hospitals, a run, a release, a fine-tune."""
     from fedrad.deploy.demo import demo_main
 
-    _run(demo_main, {**locals(), "config": list(config or [])})
+    check_exit(demo_main(workdir=workdir, rounds=rounds, objective=objective, secure=secure, config=config))
 
 
 __all__ = ["certs_add_site", "certs_init", "certs_register", "coordinator", "dashboard", "demo", "keys_generate",

@@ -11,10 +11,9 @@ import json
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
-from fedrad.deploy.commands.errors import BadInput, BundleRefused, Refused
+from fedrad.deploy.commands.errors import BadInput, BundleRefused, Refused, check_exit
 
 PathLike = str | os.PathLike[str]
 Format = Literal["table", "json"]
@@ -147,7 +146,15 @@ def node(*, data: PathLike | None = None, superlink: str = "127.0.0.1:8000", sou
     Refused (exit 2) when the coordinator has not enrolled this node, Refused with Flower's code if it fails."""
     from fedrad.deploy.node_command import node_main
 
-    _exit(node_main(SimpleNamespace(**locals())), "node")
+    check_exit(node_main(
+        data=data, superlink=superlink, source=source, query=query, since=since, until=until, cache=cache,
+        max_instances=max_instances, concurrency=concurrency, rate=rate, auth_file=auth_file, auth_env=auth_env,
+        ca_bundle=ca_bundle, calling_aet=calling_aet, max_listed=max_listed, device=device, ddp_procs=ddp_procs,
+        port=port, labels=labels, certs=certs, site_name=site_name, no_scan=no_scan, audit_dir=audit_dir,
+        policy=policy, state_dir=state_dir, consortium_key=consortium_key, allow_unsigned=allow_unsigned,
+        insecure=insecure, fresh_process_per_message=fresh_process_per_message, client_app=client_app,
+        client_app_dir=client_app_dir, log_level=log_level, max_releases=max_releases,
+        max_release_gib=max_release_gib, keep_resident=keep_resident))
 
 
 def verify(bundle: PathLike, *, pubkey: PathLike, expect_run: str | None = None, min_sequence: int | None = None,
@@ -270,14 +277,6 @@ def policy_check(path: PathLike, *, ca: PathLike | None = None):
           f"{policy.epsilon_budget:g} over all runs{' (none)' if not policy.epsilon_budget else ''}\n"
           f"  coordinator CA: {policy.ca_sha256 or 'any given with --certs'}")
     return policy
-
-
-def _exit(code: int | None, command: str) -> None:
-    """A long-running command's exit status (a node, a run, a log that followed a run) as an exception: 0 is
-    success; anything else is Refused with that code (the reason was already printed by what ran)."""
-    if code:
-        raise Refused("", exit_code=int(code))
-    sys.stdout.flush()
 
 
 __all__ = ["audit", "ingest", "node", "policy_check", "policy_init", "release_policy", "releases", "scan",
