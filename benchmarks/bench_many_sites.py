@@ -27,11 +27,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import common_bench  # noqa: E402
-from memory_split import MIB, mib, tree_cpu_seconds, tree_split  # noqa: E402
+from memory_split import MIB, mib, tree_cpu_by_kind, tree_cpu_seconds, tree_split  # noqa: E402
 
 BENCH = "many_sites"
 TINY = {"model": "test_resnet", "image-size": 32, "local-steps": 5, "batch-size": 8, "proj-dim": 32,
         "objective": "simclr", "fraction-evaluate": 0.0, "eval-in-train": True}
+IDLE_CPU_SECONDS = 10.0  # after the run: CPU seconds per second of the idle sites and coordinator over this long
 TIMED = ("round_seconds", "time_site_compute_max", "time_send", "time_wait", "time_aggregate", "time_checkpoint",
          "time_train", "time_overhead")
 
@@ -67,16 +68,28 @@ def mem_available() -> int:
 
 
 class Sampler(threading.Thread):
-    """Peak tree RSS per named process, the machine's lowest MemAvailable and the highest 1-min load."""
+    """Peak tree RSS per named process, the machine's lowest MemAvailable and the highest 1-min load; and each
+    tree's CPU seconds when a round ends (a new line in `metrics`), so rounds 2+ get their own CPU account."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], metrics: Path | None = None) -> None:
         super().__init__(daemon=True)
         self.pids, self.peak = pids, dict.fromkeys(pids, 0)
         self.low_available, self.high_load = mem_available(), os.getloadavg()[0]
+        self.metrics, self.rounds_seen = metrics, 0
+        self.round_cpu: list[dict[str, float]] = []  # per finished round: CPU seconds of each tree so far
         self.done = threading.Event()
+
+    def _round_ended(self) -> bool:
+        if self.metrics is None or not self.metrics.exists():
+            return False
+        lines = sum(1 for line in self.metrics.read_text().splitlines() if line.strip())
+        ended, self.rounds_seen = lines > self.rounds_seen, max(lines, self.rounds_seen)
+        return ended
 
     def run(self) -> None:
         while not self.done.is_set():
+            if self._round_ended():
+                self.round_cpu.append({name: tree_cpu_seconds(pid) for name, pid in self.pids.items()})
             for name, pid in self.pids.items():
                 self.peak[name] = max(self.peak[name], tree_rss(pid))
             self.low_available = min(self.low_available, mem_available())
@@ -104,7 +117,7 @@ def consortium_run(sites: list[Path], work: Path, rounds: int, secagg: bool, idl
             cfg.update({"secagg": True, "secagg-shares": min(n, 3), "secagg-threshold": 2})
         pids = {name: proc.pid for name, proc in c.nodes.items()}
         pids["coordinator"] = c.link.pid
-        sampler = Sampler(pids)
+        sampler = Sampler(pids, work / "run" / "metrics.jsonl")
         sampler.start()
         cpu0 = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
         t0 = time.perf_counter()
@@ -118,6 +131,17 @@ def consortium_run(sites: list[Path], work: Path, rounds: int, secagg: bool, idl
         time.sleep(5)
         site_names = [k for k in pids if k != "coordinator"]
         idle = {name: tree_split(pid) for name, pid in pids.items()}
+        # idle CPU: what N waiting sites (SuperNode polls, heartbeats) and the coordinator answering them cost
+        idle0, t_idle = {name: tree_cpu_by_kind(pid) for name, pid in pids.items()}, time.perf_counter()
+        time.sleep(IDLE_CPU_SECONDS)
+        idle_s = time.perf_counter() - t_idle
+        idle1 = {name: tree_cpu_by_kind(pid) for name, pid in pids.items()}
+        idle_cpu = {name: sum(idle1[name].values()) - sum(idle0[name].values()) for name in pids}
+        idle_cpu = {name: v / idle_s for name, v in idle_cpu.items()}
+        idle_kinds: dict[str, float] = {}  # summed over the sites
+        for name in (k for k in pids if k != "coordinator"):
+            for kind, v in idle1[name].items():
+                idle_kinds[kind] = idle_kinds.get(kind, 0.0) + (v - idle0[name].get(kind, 0.0)) / idle_s
         rows = read_metrics(work / "run") if (work / "run" / "metrics.jsonl").exists() else []
         if not rows:  # the run ended without a round line: keep its logs, they leave with the temporary folder
             import shutil
@@ -127,12 +151,17 @@ def consortium_run(sites: list[Path], work: Path, rounds: int, secagg: bool, idl
             raise RuntimeError(f"the run exited {code} without a round in metrics.jsonl; logs kept in {kept}")
         later = rows[1:] or rows
         split = {k: sum(float(r.get(k) or 0.0) for r in later) / len(later) for k in TIMED}
+        snaps = sampler.round_cpu  # CPU of rounds 2+ alone: first round's end to the last round's end
+        spent = {k: snaps[-1][k] - snaps[0][k] for k in pids} if len(snaps) >= 2 else {}
+        per_later = max(1, len(snaps) - 1)
         kinds = sorted({k for s in site_names for k in idle[s]})
         idle_mean = {k: {f: sum(idle[s].get(k, {}).get(f, 0) for s in site_names) / n for f in ("rss", "pss", "uss",
                                                                                                  "anon")}
                      for k in kinds}
         return {"wall": wall, "round1": float(rows[0]["round_seconds"]), "rounds": len(rows), **split,
                 "cpu_sites": sum(cpu[s] for s in site_names), "cpu_coord": cpu["coordinator"],
+                "cpu_sites_later": sum(spent[s] for s in site_names) / per_later if spent else None,
+                "cpu_coord_later": spent["coordinator"] / per_later if spent else None,
                 "site_peak_mean": sum(sampler.peak[s] for s in site_names) / n / MIB,
                 "site_peak_max": max(sampler.peak[s] for s in site_names) / MIB,
                 "idle_by_kind": {k: mib(v) for k, v in idle_mean.items()},
@@ -141,7 +170,9 @@ def consortium_run(sites: list[Path], work: Path, rounds: int, secagg: bool, idl
                 "coord_peak": sampler.peak["coordinator"] / MIB,
                 "coord_idle": mib(idle["coordinator"].get("total", {})),
                 "available_drop": (available_before - sampler.low_available) / MIB,
-                "load_high": sampler.high_load}
+                "load_high": sampler.high_load,
+                "idle_cpu_sites": sum(idle_cpu[s] for s in site_names), "idle_cpu_coord": idle_cpu["coordinator"],
+                "idle_cpu_kinds": {k: round(v, 3) for k, v in sorted(idle_kinds.items())}}
     finally:
         c.stop()
 
@@ -158,21 +189,33 @@ def report(n: int, mode: str, r: dict, command: str, note: str, idle_release: bo
     cpu = {"sites_cpu_s_per_round": round(r["cpu_sites"] / per_round, 2),
            "coordinator_cpu_s_per_round": round(r["cpu_coord"] / per_round, 2),
            "cpu_capacity_s_per_round": round(cores * r["wall"] / per_round, 2), "run_wall_s": round(r["wall"], 1)}
+    if r.get("cpu_sites_later") is not None:  # rounds 2+ alone (no start-up, no first decode)
+        cpu.update(rounds_2plus_sites_cpu_s=round(r["cpu_sites_later"], 2),
+                   rounds_2plus_coordinator_cpu_s=round(r["cpu_coord_later"], 2),
+                   rounds_2plus_capacity_s=round(cores * r["round_seconds"], 2))
     print(f"{n:>3} sites {mode:>6}: round 1 {r['round1']:.2f} s, rounds 2+ {r['round_seconds']:.2f} s = compute "
           f"{compute:.2f} + overhead {r['time_overhead']:.2f} (send {r['time_send']:.2f}, wait beyond slowest "
           f"{beyond:.2f}, aggregate {r['time_aggregate']:.2f}, checkpoint {r['time_checkpoint']:.2f}); CPU s/round "
           f"sites {cpu['sites_cpu_s_per_round']:.1f} coordinator {cpu['coordinator_cpu_s_per_round']:.1f} of "
-          f"{cpu['cpu_capacity_s_per_round']:.1f}", flush=True)
+          f"{cpu['cpu_capacity_s_per_round']:.1f}"
+          + (f"; rounds 2+ alone: sites {cpu['rounds_2plus_sites_cpu_s']:.1f} coordinator "
+             f"{cpu['rounds_2plus_coordinator_cpu_s']:.1f} of {cpu['rounds_2plus_capacity_s']:.1f} CPU s a round"
+             if "rounds_2plus_sites_cpu_s" in cpu else ""), flush=True)
     print(f"    site peak RSS {r['site_peak_mean']:.0f} (max {r['site_peak_max']:.0f}) MiB; idle per kind (mean MiB): "
           + "; ".join(f"{k} {v}" for k, v in r["idle_by_kind"].items())
           + f"; all sites idle: RSS sum {r['sites_rss_idle_sum']:.0f} MiB, PSS sum {r['sites_pss_idle_sum']:.0f} MiB;"
-          f" MemAvailable drop {r['available_drop']:.0f} MiB; coordinator peak {r['coord_peak']:.0f} MiB", flush=True)
+          f" MemAvailable drop {r['available_drop']:.0f} MiB; coordinator peak {r['coord_peak']:.0f} MiB; idle CPU: "
+          f"sites {r['idle_cpu_sites']:.2f} cores {r['idle_cpu_kinds']}, coordinator {r['idle_cpu_coord']:.2f} cores",
+          flush=True)
     common = dict(command=command, note=note, **extra)
     record_row("fixed overhead per round (rounds 2+ mean: round wall - slowest site's compute)",
                round(r["time_overhead"], 2), "s", goal="<= 5 s (round latency goal, demo)" if n <= 3 else None,
                met=(r["time_overhead"] <= 5.0) if n <= 3 else None, breakdown=breakdown, cpu=cpu, **common)
     record_row("round wall time (rounds 2+ mean)", round(r["round_seconds"], 2), "s", breakdown=breakdown, **common)
     record_row("coordinator CPU seconds per round", cpu["coordinator_cpu_s_per_round"], "s", cpu=cpu, **common)
+    if "rounds_2plus_sites_cpu_s" in cpu:
+        record_row("all sites' CPU seconds per round (rounds 2+; capacity = cores x round wall)",
+                   cpu["rounds_2plus_sites_cpu_s"], "s", cpu=cpu, **common)
     record_row("site peak RSS (mean over sites; runtime + SuperNode + warm worker)", round(r["site_peak_mean"], 1),
                "MiB", peak_max=round(r["site_peak_max"], 1), **common)
     total = r["idle_by_kind"].get("total", {})
@@ -180,6 +223,9 @@ def report(n: int, mode: str, r: dict, command: str, note: str, idle_release: bo
                total.get("uss"), "MiB", by_kind=r["idle_by_kind"], **common)
     record_row("site idle PSS (mean over sites; shared pages split)", total.get("pss"), "MiB",
                by_kind=r["idle_by_kind"], **common)
+    record_row("idle CPU between runs: all sites (cores busy; SuperNode polls, heartbeats)",
+               round(r["idle_cpu_sites"], 3), "cores", coordinator_cores=round(r["idle_cpu_coord"], 3),
+               sites_by_kind=r["idle_cpu_kinds"], **common)
     record_row("all sites idle PSS sum", round(r["sites_pss_idle_sum"], 1), "MiB",
                rss_sum=round(r["sites_rss_idle_sum"], 1), mem_available_drop=round(r["available_drop"], 1),
                coordinator_idle=r["coord_idle"], coordinator_peak_rss=round(r["coord_peak"], 1), **common)

@@ -39,8 +39,9 @@ def smaps(pid: int) -> dict[str, int]:
 def kind_of(cmdline: list[str]) -> str:
     """Which of a site's processes this is: runtime (serve), supernode, worker, task, or other."""
     own = cmdline[:cmdline.index("--")] if "--" in cmdline else cmdline  # serve names the SuperNode after "--"
-    runtime = "fedrad.client.runtime.site_runtime"
-    if runtime in own:
+    # the runtime's entry (fedrad.deploy.runtime_entry; site_runtime itself before the client/ reorganisation)
+    runtime = next((m for m in ("fedrad.deploy.runtime_entry", "fedrad.client.runtime.site_runtime") if m in own), "")
+    if runtime:
         mode = own[own.index(runtime) + 1] if own[-1] != runtime else ""
         return {"serve": "runtime", "worker": "worker", "task": "task"}.get(mode, "other")
     if "fedrad.client.runtime.node_poll" in own or any(Path(a).name == "flower-supernode" for a in own):
@@ -68,6 +69,25 @@ def tree_split(pid: int) -> dict[str, dict[str, int]]:
             slot = out.setdefault(key, dict.fromkeys(numbers, 0))
             for k, v in numbers.items():
                 slot[k] += v
+    return out
+
+
+def tree_cpu_by_kind(pid: int) -> dict[str, float]:
+    """User + system CPU seconds of a process and its live descendants, by kind_of (runtime, supernode, ...)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for p in procs:
+        try:
+            t, kind = p.cpu_times(), kind_of(p.cmdline())
+            out[kind] = out.get(kind, 0.0) + t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
     return out
 
 

@@ -9,8 +9,10 @@ import flwr.supernode.start_client_internal as loop
 import pytest
 
 from fedrad.client.runtime.node_poll import (
+    FAST_POLL_WINDOW_SECONDS,
     IDLE_POLL_SECONDS,
     REPLY_POLL_SECONDS,
+    PollClock,
     capped_sleep,
     patch_supernode_loop,
     retry_transient,
@@ -27,10 +29,11 @@ def test_supernode_idle_sleep_is_capped_in_that_module_only(monkeypatch) -> None
     monkeypatch.setattr(loop, "_push_messages", loop._push_messages)
     monkeypatch.setattr(time, "sleep", slept.append)
     assert patch_supernode_loop() is True
+    loop.time.sleep(3)  # no run yet: Flower's own idle interval
+    loop.time.sleep(0.5)  # a message being worked on: the local wait is short, and the site is now in a run
     loop.time.sleep(3)
-    loop.time.sleep(0.5)
     loop.time.sleep(0.01)
-    assert slept == [IDLE_POLL_SECONDS, REPLY_POLL_SECONDS, 0.01]
+    assert slept == [3.0, REPLY_POLL_SECONDS, IDLE_POLL_SECONDS, 0.01]
     assert loop.time.time is time.time and loop.time is not time  # the rest of `time` unchanged, global untouched
     from fedrad.client.runtime.site_runtime import PULL_BACKOFF
 
@@ -44,6 +47,20 @@ def test_idle_poll_and_local_reply_waits_are_capped_apart(flower, expected) -> N
     """The idle pull from the SuperLink (an RPC) stays at <= 0.5 s; the local reply lookup goes to 0.05 s."""
     assert capped_sleep(flower) == expected
     assert REPLY_POLL_SECONDS < IDLE_POLL_SECONDS
+
+
+def test_idle_pulls_are_fast_only_while_the_site_is_in_a_run() -> None:
+    """A site that worked on a message in the last FAST_POLL_WINDOW_SECONDS pulls every IDLE_POLL_SECONDS; one
+    idle longer goes back to Flower's 3 s (each fast pull is a request the coordinator answers)."""
+    now = [1000.0]
+    clock = PollClock(now=lambda: now[0])
+    assert clock.seconds(3) == 3.0  # started, no run: Flower's interval
+    assert clock.seconds(0.5) == REPLY_POLL_SECONDS  # a ClientApp is working
+    now[0] += FAST_POLL_WINDOW_SECONDS - 1
+    assert clock.seconds(3) == IDLE_POLL_SECONDS  # between rounds: the next message is seen within 0.5 s
+    now[0] += 2
+    assert clock.seconds(3) == 3.0  # the run is over (or the site waits long for the others): Flower's again
+    assert clock.seconds(0.2) == REPLY_POLL_SECONDS and clock.seconds(3) == IDLE_POLL_SECONDS
 
 
 def test_a_reply_handed_over_leaves_within_the_reply_poll(monkeypatch) -> None:

@@ -4,12 +4,15 @@ flwr 1.41's SuperNode loop (flwr/supernode/start_client_internal.py) sleeps a fi
 SuperLink brings no message, and no option changes it. Right after a site pushes its reply the next round's message
 is not there yet, so every round waited up to 3 s more at every site before it was even received. The runtime
 (client/runtime/site_runtime.py) owns this process and starts it through here: the same Flower entry point, with
-that loop's sleeps capped at IDLE_POLL_SECONDS (one small PullMessages call per site per interval). While a site's
+that loop's idle sleeps capped at IDLE_POLL_SECONDS while the site is in a run (it worked on a message in the last
+FAST_POLL_WINDOW_SECONDS), and Flower's own 3 s otherwise: a fast pull costs the coordinator a request each time
+(20 idle sites at 0.5 s: 40 requests/s, 0.31 of a core at the SuperLink; at 3 s: 0.08), so a site that has no run
+does not pay it (PollClock; the rates: client/runtime/poll_timing.py). While a site's
 ClientApp runs, the same loop checks its own local state for the reply every 0.5 s (no network call): those waits
 are capped at REPLY_POLL_SECONDS, so a reply leaves for the SuperLink <= 0.05 s after the worker hands it over
 instead of up to 0.5 s (the round waits for its slowest site's reply). The module's `time` is replaced, not the
 global one. Its object puller (`pull_objects`, which backs off 1, 2, 4 s when the message's arrays are not uploaded
-yet) gets the runtime's loopback-sized backoff (client/runtime/site_runtime.py PULL_BACKOFF). A reply's object pushes to
+yet) gets the runtime's loopback-sized backoff (client/runtime/poll_timing.py PULL_BACKOFF). A reply's object pushes to
 the SuperLink are retried on a server error (`retry_transient`): at 20 sites Flower's SuperLink answers some concurrent
 pushes with 500 "database is locked" (its SQLite state), the SuperNode drops that reply after one try, and the round
 then waits its whole round-timeout for the site. Nothing else in Flower changes.
@@ -21,9 +24,15 @@ import sys
 import time
 from types import SimpleNamespace
 
-IDLE_POLL_SECONDS = 0.5  # ~2 pulls/s per site: the wait after aggregation drops from ~3 s to <= 0.5 s
-REPLY_POLL_SECONDS = 0.05  # a local state lookup, not an RPC: 20/s per site while its ClientApp works
-LOCAL_WAIT_SECONDS = 0.5  # Flower's sleeps of at most this long are its local reply/object waits
+from fedrad.client.runtime.poll_timing import (
+    FAST_POLL_WINDOW_SECONDS,
+    IDLE_POLL_SECONDS,
+    LOCAL_WAIT_SECONDS,
+    PULL_BACKOFF,
+    REPLY_POLL_SECONDS,
+    in_run,
+)
+
 FLWR_VERSION = "1.41.0"  # the loop patched here; another version runs unpatched (its own timing)
 PUSH_TRIES = 6  # a reply's push: first try + 5 retries, 0.2 s doubling up to 2 s between them (~6 s in all)
 
@@ -35,10 +44,30 @@ def capped_sleep(seconds: float, cap: float = IDLE_POLL_SECONDS, local_cap: floa
     return min(seconds, local_cap if seconds <= LOCAL_WAIT_SECONDS else cap)
 
 
-def capped_time(cap: float = IDLE_POLL_SECONDS, local_cap: float = REPLY_POLL_SECONDS) -> SimpleNamespace:
-    """A stand-in for the `time` module whose sleep is `capped_sleep`."""
+class PollClock:
+    """How long the patched loop sleeps: `capped_sleep` while the site is in a run (a local wait, i.e. a message
+    being worked on, within the last `window` seconds), Flower's own idle interval once it has been idle longer."""
+
+    def __init__(self, cap: float = IDLE_POLL_SECONDS, local_cap: float = REPLY_POLL_SECONDS,
+                 window: float = FAST_POLL_WINDOW_SECONDS, now=time.monotonic) -> None:
+        self.cap, self.local_cap, self.window, self.now = cap, local_cap, window, now
+        self.last_work = float("-inf")
+
+    def seconds(self, flower_seconds: float) -> float:
+        flower_seconds = float(flower_seconds)
+        if flower_seconds <= LOCAL_WAIT_SECONDS:  # waiting for a ClientApp's reply or objects: in a run
+            self.last_work = self.now()
+        elif not in_run(self.last_work, self.now(), self.window):
+            return flower_seconds  # no run lately: Flower's idle interval, no extra requests at the SuperLink
+        return capped_sleep(flower_seconds, self.cap, self.local_cap)
+
+
+def capped_time(cap: float = IDLE_POLL_SECONDS, local_cap: float = REPLY_POLL_SECONDS,
+                window: float = FAST_POLL_WINDOW_SECONDS) -> SimpleNamespace:
+    """A stand-in for the `time` module whose sleep is PollClock's."""
+    clock = PollClock(cap, local_cap, window)
     names = {n: getattr(time, n) for n in dir(time) if not n.startswith("_")}
-    return SimpleNamespace(**{**names, "sleep": lambda s: time.sleep(capped_sleep(s, cap, local_cap))})
+    return SimpleNamespace(**{**names, "sleep": lambda s: time.sleep(clock.seconds(s))})
 
 
 def _transient(exc: BaseException) -> bool:
@@ -84,8 +113,6 @@ def patch_supernode_loop(cap: float = IDLE_POLL_SECONDS, local_cap: float = REPL
 
     import flwr.supernode.start_client_internal as loop
     from flwr.supercore.inflatable.inflatable_utils import pull_objects
-
-    from fedrad.client.runtime.site_runtime import PULL_BACKOFF
 
     loop.time = capped_time(cap, local_cap)
     push_messages = loop._push_messages

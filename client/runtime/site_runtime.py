@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrad.client.runtime.log_lines import configure_logging, copy_formatted
+from fedrad.client.runtime.poll_timing import ACQUIRE_IDLE_SECONDS, ACQUIRE_POLL_SECONDS, PULL_BACKOFF, in_run
 from fedrad.client.runtime.site_trust import (
     DEFAULT_CLIENT_APP,
     SiteTrust,
@@ -59,14 +60,8 @@ from fedrad.common.run_signature import (
 )
 
 TOKEN_ENV = "FEDRAD_RUNTIME_TOKEN"  # the task token travels in the child's environment, not on its command line
-# AcquireTask is one loopback HTTP call; 10 per second costs next to nothing and a message waits <= 0.1 s here.
-POLL_SECONDS = 0.1
 WORKER_IDLE_SECONDS = 900.0  # a run's worker with no message for this long leaves (its memory with it)
 MAX_WORKERS = 3  # warm workers alive at once, retiring ones included; the oldest retiring one is stopped first
-# The SuperNode hands out a message's token before it has pulled the message's arrays from the SuperLink;
-# Flower's puller backs off 1, 2, 4, 8 s on an object not there yet (15 s seen per round on a busy box). Here
-# the objects come from the SuperNode on loopback, so look again soon: 0.05 s, doubling up to 0.5 s.
-PULL_BACKOFF = (0.05, 0.5)
 _ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
 log = logging.getLogger("fedrad.runtime")
 
@@ -373,6 +368,7 @@ def serve(port: int, trust: SiteTrust, supernode_cmd: list[str], log_level: str 
         whose = f"runs signed by {trust.consortium_key}" if trust.consortium_key else "unsigned runs"
         how = "a fresh process per message" if pool is None else "a warm worker per run"
         log.info("fedrad runtime: serving %s for %s (%s)", trust.client_app, whose, how)
+        last_task = float("-inf")  # fast AcquireTask polls only while the site is in a run (poll_timing.py)
         while node.poll() is None:
             try:
                 res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
@@ -380,6 +376,8 @@ def serve(port: int, trust: SiteTrust, supernode_cmd: list[str], log_level: str 
                 log.debug("fedrad runtime: AcquireTask failed: %s", exc)
                 res = None
             got = res is not None and res.HasField("task") and bool(res.token)
+            if got:
+                last_task = time.monotonic()
             if got and pool is not None:
                 pool.hand(int(res.task.run_id), res.token)
             elif got:
@@ -389,7 +387,7 @@ def serve(port: int, trust: SiteTrust, supernode_cmd: list[str], log_level: str 
             if pool is not None:
                 pool.tick()
             if not got:  # one message claimed: look again at once (a SecAgg+ stage or the next run may wait)
-                time.sleep(POLL_SECONDS)
+                time.sleep(ACQUIRE_POLL_SECONDS if in_run(last_task, time.monotonic()) else ACQUIRE_IDLE_SECONDS)
         return node.returncode or 0
     finally:
         children = [*tasks, *(pool.processes() if pool is not None else []), node]
