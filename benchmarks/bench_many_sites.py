@@ -32,6 +32,8 @@ from memory_split import MIB, mib, tree_cpu_by_kind, tree_cpu_seconds, tree_spli
 BENCH = "many_sites"
 TINY = {"model": "test_resnet", "image-size": 32, "local-steps": 5, "batch-size": 8, "proj-dim": 32,
         "objective": "simclr", "fraction-evaluate": 0.0, "eval-in-train": True}
+from fedrad.client.runtime.poll_timing import FAST_POLL_WINDOW_SECONDS  # noqa: E402
+
 IDLE_CPU_SECONDS = 10.0  # after the run: CPU seconds per second of the idle sites and coordinator over this long
 TIMED = ("round_seconds", "time_site_compute_max", "time_send", "time_wait", "time_aggregate", "time_checkpoint",
          "time_train", "time_overhead")
@@ -131,7 +133,9 @@ def consortium_run(sites: list[Path], work: Path, rounds: int, secagg: bool, idl
         time.sleep(5)
         site_names = [k for k in pids if k != "coordinator"]
         idle = {name: tree_split(pid) for name, pid in pids.items()}
-        # idle CPU: what N waiting sites (SuperNode polls, heartbeats) and the coordinator answering them cost
+        # idle CPU: what N waiting sites (SuperNode polls, heartbeats) and the coordinator answering them cost,
+        # once the sites' fast-poll window after their last message has passed (client/runtime/poll_timing.py)
+        time.sleep(max(0.0, FAST_POLL_WINDOW_SECONDS + 2.0 - (time.perf_counter() - t0 - wall)))
         idle0, t_idle = {name: tree_cpu_by_kind(pid) for name, pid in pids.items()}, time.perf_counter()
         time.sleep(IDLE_CPU_SECONDS)
         idle_s = time.perf_counter() - t_idle
