@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import common_bench  # noqa: E402
-from memory_split import MIB, mib, tree_cpu_by_kind, tree_cpu_seconds, tree_split  # noqa: E402
+from memory_split import MIB, mib, tree, tree_cpu_by_kind, tree_cpu_seconds, tree_split  # noqa: E402
 
 BENCH = "many_sites"
 TINY = {"model": "test_resnet", "image-size": 32, "local-steps": 5, "batch-size": 8, "proj-dim": 32,
@@ -48,13 +48,8 @@ def tree_rss(pid: int) -> int:
     """RSS bytes of a process and all its descendants (0 once it is gone)."""
     import psutil
 
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
     total = 0
-    for p in procs:
+    for p in tree(pid):
         try:
             total += p.memory_info().rss
         except psutil.NoSuchProcess:

@@ -49,17 +49,23 @@ def kind_of(cmdline: list[str]) -> str:
     return "other"
 
 
+def tree(pid: int) -> list:
+    """psutil processes of `pid` and its live descendants ([] once it is gone)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def tree_split(pid: int) -> dict[str, dict[str, int]]:
     """{kind: {rss, pss, uss, anon}} summed over a process and its descendants, plus "total"."""
     import psutil
 
     out: dict[str, dict[str, int]] = {}
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return out
-    for p in procs:
+    for p in tree(pid):
         try:
             kind = kind_of(p.cmdline())
         except psutil.NoSuchProcess:
@@ -73,16 +79,12 @@ def tree_split(pid: int) -> dict[str, dict[str, int]]:
 
 
 def tree_cpu_by_kind(pid: int) -> dict[str, float]:
-    """User + system CPU seconds of a process and its live descendants, by kind_of (runtime, supernode, ...)."""
+    """User + system CPU seconds of a process and its live descendants (children that exited are not counted),
+    by kind_of (runtime, supernode, ...)."""
     import psutil
 
     out: dict[str, float] = {}
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return out
-    for p in procs:
+    for p in tree(pid):
         try:
             t, kind = p.cpu_times(), kind_of(p.cmdline())
             out[kind] = out.get(kind, 0.0) + t.user + t.system
@@ -92,22 +94,8 @@ def tree_cpu_by_kind(pid: int) -> dict[str, float]:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its live descendants (children that exited are not counted)."""
-    import psutil
-
-    total = 0.0
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
+    """User + system CPU seconds of a process and its live descendants."""
+    return sum(tree_cpu_by_kind(pid).values())
 
 
 # What each of a site's processes imports (fedrad.client.runtime.site_runtime's serve, the SuperNode, the warm
