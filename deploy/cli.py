@@ -23,6 +23,7 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedrad.common.losses import OBJECTIVES
@@ -560,6 +561,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_parsers(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
+                    ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """(words, parser) of every command under `parser` that runs something (`fedrad certs init` is
+    ("certs", "init")), depth first; argparse keeps subcommands in its private `_subparsers`."""
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        for name, sub in action.choices.items():
+            if sub.get_default("func") is not None:
+                yield (*prefix, name), sub
+            if sub._subparsers is not None:
+                yield from command_parsers(sub, (*prefix, name))
+
+
 def _with_node_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
                       argv: list[str] | None) -> argparse.Namespace:
     """`fedrad node --config node.toml`: the file's values become the node command's defaults, then the command
@@ -576,8 +589,7 @@ def _with_node_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
         raise FileNotFoundError(f"--config {path}: cannot read ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from None
-    node = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
-    node_parser = node.choices["node"]
+    node_parser = dict(command_parsers(parser))[("node",)]
     actions = {a.dest: a for a in node_parser._actions if a.option_strings}
     defaults = {}
     for key, value in data.items():

@@ -6,19 +6,14 @@ import importlib
 import subprocess
 import sys
 
-from fedrad.deploy.cli import build_parser, main
+import pytest
+
+from fedrad.deploy.cli import build_parser, command_parsers, main
 
 
 def _handlers(parser) -> list[tuple[str, str]]:
-    out = []
-    for action in parser._subparsers._group_actions:  # argparse keeps subcommands here
-        for name, sub in action.choices.items():
-            func = sub.get_default("func")
-            if func is not None:
-                out.append((name, func.__closure__[0].cell_contents))
-            if sub._subparsers is not None:
-                out += [(f"{name} {n}", t) for n, t in _handlers(sub)]
-    return out
+    return [(" ".join(words), sub.get_default("func").__closure__[0].cell_contents)
+            for words, sub in command_parsers(parser)]
 
 
 def test_every_subcommand_points_at_an_existing_function():
@@ -76,23 +71,13 @@ def test_run_names_a_missing_signing_key(tmp_path, capsys):
     assert str(missing) in capsys.readouterr().err
 
 
-def _leaf_parsers(parser, prefix=()):
-    for action in parser._subparsers._group_actions if parser._subparsers else []:
-        for name, sub in action.choices.items():
-            if sub.get_default("func") is not None:
-                yield (*prefix, name), sub
-            if sub._subparsers is not None:
-                yield from _leaf_parsers(sub, (*prefix, name))
-
-
 def test_every_subcommand_help_runs_and_shows_defaults(capsys):
-    leaves = list(_leaf_parsers(build_parser()))
-    assert len(leaves) >= 15
+    leaves = list(command_parsers(build_parser()))
+    assert len(leaves) >= 25
     for words, _ in leaves:
-        try:
+        with pytest.raises(SystemExit) as done:
             main([*words, "--help"])
-        except SystemExit as exc:
-            assert exc.code == 0, words
+        assert done.value.code == 0, words
         out = capsys.readouterr().out
         assert out.startswith("usage: fedrad " + " ".join(words)), words
         assert "default" in out, words
@@ -102,7 +87,7 @@ def test_every_option_has_help_and_a_stated_default():
     """Help text everywhere; an option whose default is None says in words what happens without it."""
     import argparse
 
-    for words, sub in _leaf_parsers(build_parser()):
+    for words, sub in command_parsers(build_parser()):
         for action in sub._actions:
             if isinstance(action, argparse._HelpAction):
                 continue
