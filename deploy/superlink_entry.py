@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import sys
 
+from fedrad.common.flower_patch import flower_is_patched_release, run_flower_entry
+
 # a request waits this long for SQLite's write lock before the SuperLink answers 500; below the 30 s the SuperNode's
 # HTTP client waits for an answer (flwr/supercore/protobuf/client.py), so a slow answer is not a client timeout
 BUSY_TIMEOUT_MS = 20_000
-FLWR_VERSION = "1.41.0"  # the constant patched here; another version runs unpatched
 
 
 def patch_busy_timeout(ms: int = BUSY_TIMEOUT_MS) -> bool:
-    """Set the SuperLink's SQLite busy_timeout to `ms`; False (nothing changed) on a Flower other than FLWR_VERSION."""
-    from importlib.metadata import version
-
-    if version("flwr") != FLWR_VERSION:
+    """Set the SuperLink's SQLite busy_timeout to `ms`; False (nothing changed) on a Flower other than the one it was
+    read in (fedrad.common.flower_patch)."""
+    if not flower_is_patched_release():
         return False
     import flwr.supercore.constant as constant
     import flwr.supercore.sql_mixin as sql_mixin  # it copied the pragmas at import: patch both
@@ -38,8 +38,7 @@ def main() -> int:
     from flwr.superlink.cli import flower_superlink
 
     patch_busy_timeout()
-    sys.argv[0] = "flower-superlink"
-    return flower_superlink() or 0
+    return run_flower_entry("flower-superlink", flower_superlink)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,12 @@ are capped at REPLY_POLL_SECONDS, so a reply leaves for the SuperLink <= 0.05 s 
 instead of up to 0.5 s (the round waits for its slowest site's reply). The module's `time` is replaced, not the
 global one. Its object puller (`pull_objects`, which backs off 1, 2, 4 s when the message's arrays are not uploaded
 yet) gets the runtime's loopback-sized backoff (client/runtime/poll_timing.py PULL_BACKOFF). A reply's object pushes to
-the SuperLink are retried on a server error (`retry_transient`): at 20 sites Flower's SuperLink answers some concurrent
-pushes with 500 "database is locked" (its SQLite state), the SuperNode drops that reply after one try, and the round
-then waits its whole round-timeout for the site. Nothing else in Flower changes.
+the SuperLink are retried on a server error (`retry_transient`): at 20 sites Flower's SuperLink answered some concurrent
+pushes with 500 "database is locked" (its SQLite state) and the SuperNode dropped that reply after one try, so the
+round waited its whole round-timeout for the site. The cause is fixed where it happens, in the SuperLink fedrad starts
+(deploy/superlink_entry.py: a longer lock wait); the retry stays for a coordinator started otherwise, and only for
+object pushes, which are content-addressed (a retried message push could store a reply twice). Nothing else in
+Flower changes.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from fedrad.client.runtime.poll_timing import (
     REPLY_POLL_SECONDS,
     in_run,
 )
+from fedrad.common.flower_patch import flower_is_patched_release, run_flower_entry
 
-FLWR_VERSION = "1.41.0"  # the loop patched here; another version runs unpatched (its own timing)
 PUSH_TRIES = 6  # a reply's push: first try + 5 retries, 0.2 s doubling up to 2 s between them (~6 s in all)
 
 
@@ -104,10 +107,8 @@ def retry_transient(fn, tries: int = PUSH_TRIES, first_wait: float = 0.2, max_wa
 
 
 def patch_supernode_loop(cap: float = IDLE_POLL_SECONDS, local_cap: float = REPLY_POLL_SECONDS) -> bool:
-    """Cap the SuperNode loop's sleeps; False (nothing changed) on a Flower other than FLWR_VERSION."""
-    from importlib.metadata import version
-
-    if version("flwr") != FLWR_VERSION:
+    """Cap the SuperNode loop's sleeps; False (nothing changed) on a Flower other than the one it was read in."""
+    if not flower_is_patched_release():
         return False
     import functools
 
@@ -128,8 +129,7 @@ def main() -> int:
     from flwr.supernode.cli import flower_supernode
 
     patch_supernode_loop()
-    sys.argv[0] = "flower-supernode"
-    return flower_supernode() or 0
+    return run_flower_entry("flower-supernode", flower_supernode)
 
 
 if __name__ == "__main__":
