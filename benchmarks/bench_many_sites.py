@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import common_bench  # noqa: E402
 from memory_split import MIB, mib, tree, tree_cpu_by_kind, tree_cpu_seconds, tree_split  # noqa: E402
 
+from fedrad.client.runtime.poll_timing import FAST_POLL_WINDOW_SECONDS  # noqa: E402
+
 BENCH = "many_sites"
 TINY = {"model": "test_resnet", "image-size": 32, "local-steps": 5, "batch-size": 8, "proj-dim": 32,
         "objective": "simclr", "fraction-evaluate": 0.0, "eval-in-train": True}
-from fedrad.client.runtime.poll_timing import FAST_POLL_WINDOW_SECONDS  # noqa: E402
-
 IDLE_CPU_SECONDS = 10.0  # after the run: CPU seconds per second of the idle sites and coordinator over this long
 TIMED = ("round_seconds", "time_site_compute_max", "time_send", "time_wait", "time_aggregate", "time_checkpoint",
          "time_train", "time_overhead")
@@ -134,13 +134,13 @@ def consortium_run(sites: list[Path], work: Path, rounds: int, secagg: bool, idl
         idle0, t_idle = {name: tree_cpu_by_kind(pid) for name, pid in pids.items()}, time.perf_counter()
         time.sleep(IDLE_CPU_SECONDS)
         idle_s = time.perf_counter() - t_idle
-        idle1 = {name: tree_cpu_by_kind(pid) for name, pid in pids.items()}
-        idle_cpu = {name: sum(idle1[name].values()) - sum(idle0[name].values()) for name in pids}
-        idle_cpu = {name: v / idle_s for name, v in idle_cpu.items()}
+        idle_by = {name: {kind: (v - idle0[name].get(kind, 0.0)) / idle_s for kind, v in tree_cpu_by_kind(pid).items()}
+                   for name, pid in pids.items()}  # cores busy, per tree and process kind
+        idle_cpu = {name: sum(by.values()) for name, by in idle_by.items()}
         idle_kinds: dict[str, float] = {}  # summed over the sites
-        for name in (k for k in pids if k != "coordinator"):
-            for kind, v in idle1[name].items():
-                idle_kinds[kind] = idle_kinds.get(kind, 0.0) + (v - idle0[name].get(kind, 0.0)) / idle_s
+        for name in site_names:
+            for kind, v in idle_by[name].items():
+                idle_kinds[kind] = idle_kinds.get(kind, 0.0) + v
         rows = read_metrics(work / "run") if (work / "run" / "metrics.jsonl").exists() else []
         if not rows:  # the run ended without a round line: keep its logs, they leave with the temporary folder
             import shutil
