@@ -54,6 +54,7 @@ from fedrad.common.sources.dicom_folder import dicom_entry
 from fedrad.common.sources.errors import reraise_fatal, skip_from
 from fedrad.common.sources.workers import default_workers, map_isolated
 from fedrad.common.store_view import StoreView, hold_store
+from fedrad.common.wal_db import open_wal
 
 __all__ = ["DecodedCache", "dicom_entry", "default_workers", "file_fingerprint"]
 
@@ -172,12 +173,7 @@ class DecodedCache:
 
     # -- index -------------------------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
-        if not self.index_path.exists():
-            os.close(os.open(self.index_path, os.O_CREAT | os.O_WRONLY, 0o600))  # WAL/SHM files inherit 0600
-        db = sqlite3.connect(self.index_path, timeout=600, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL: a kill loses nothing committed; power loss only the last
-        db.executescript(_SCHEMA)
+        db = open_wal(self.index_path, _SCHEMA)  # WAL + synchronous NORMAL: a kill loses nothing committed
         want = {"version": str(FORMAT_VERSION), "size": str(self.size), "salt_id": self.salt_id}
         have = dict(db.execute("SELECT k, v FROM info").fetchall())
         if {k: have.get(k) for k in want} != want:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from pathlib import Path
+
+from fedrad.common.wal_db import open_wal
 
 KEPT = ("ok", "reason", "detail", "frames_ok", "frame_metas", "frames_skipped")
 NOT_KEPT_REASONS = {"out-of-memory", "decoder-crashed"}  # about the machine at that moment, not the file
@@ -32,12 +33,8 @@ class ScanMemo:
     def __init__(self, folder: Path, max_pixels: int, reader: str) -> None:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = folder / "scan.sqlite"
-        if not path.exists():
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        self.db = sqlite3.connect(path, timeout=600, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS outcome(path BLOB PRIMARY KEY, size INTEGER, mtime INTEGER, "
-                        "ino INTEGER, budget TEXT, result TEXT)")
+        self.db = open_wal(path, "CREATE TABLE IF NOT EXISTS outcome(path BLOB PRIMARY KEY, size INTEGER, "
+                                 "mtime INTEGER, ino INTEGER, budget TEXT, result TEXT)", synchronous="FULL")
         self.budget = f"{reader}:{int(max_pixels)}"
 
     def known(self, path: str, key: tuple[int, int, int] | None) -> dict | None:
