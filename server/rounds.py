@@ -44,6 +44,7 @@ from fedrad.server.exchange import RoundTimes, exchange
 from fedrad.server.privacy import privacy_summary
 from fedrad.server.round_modes import RoundStop, TrainOutcome, round_mode, screening_rules
 from fedrad.server.run_log import (
+    PLOT_EVERY_S,
     append_metrics,
     follow_metrics,
     plot_run,
@@ -114,6 +115,7 @@ class RunState:
     run_key: str
     array_order: list[str]
     names: SiteNames | None = None  # enrolled site names for logs, metrics.jsonl and plots (read from the grid)
+    plotted_at: float = -PLOT_EVERY_S  # time.monotonic() of the last redraw of plots/loss.png
 
     def __post_init__(self) -> None:
         if self.names is None:
@@ -176,6 +178,7 @@ def run_federation(grid: Grid, context: Context) -> None:
 def _finish(state: RunState, context: Context, arrays: ArrayRecord, rounds_done: int, stopped: str, ledger) -> None:
     cfg, run_dir = state.cfg, state.run_dir
     weights = save_global_backbone(arrays, cfg, run_dir, rounds_done)
+    plot_run(run_dir)  # every round, whichever the redraw interval skipped
     rows = read_metrics(run_dir)
     sites_seen = len({n for r in rows for n in (r.get("sites") or {})})
     site_eps = {n: m["dp_epsilon"] for r in rows for n, m in (r.get("sites") or {}).items() if "dp_epsilon" in m}
@@ -217,7 +220,9 @@ def _round_loop(state: RunState, mode, arrays: ArrayRecord, start_round: int) ->
         # Plot (with this round's line) before the checkpoint, the line after it: a crash in between leaves
         # at most a line that resume's truncate_metrics drops, never a checkpoint without its line.
         t_ckpt = time.perf_counter()
-        plot_run(state.run_dir, pending=entry)
+        if time.monotonic() - state.plotted_at >= PLOT_EVERY_S:  # _finish draws the last round in any case
+            plot_run(state.run_dir, pending=entry)
+            state.plotted_at = time.monotonic()
         info = {"array_order": state.array_order, "time": time.time(), "run_key": state.run_key,
                 **mode.checkpoint_info()}
         save_checkpoint(state.run_dir, rnd, arrays, state.strategy, info, keep=cfg.keep_checkpoints)

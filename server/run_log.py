@@ -149,6 +149,9 @@ def plot_run(run_dir: Path, pending: dict[str, Any] | None = None) -> Path | Non
 
 
 PLOT_POINTS = 200  # rounds drawn per line: a 10^4-round run redraws as fast as a 200-round one
+# a run's plot is redrawn after a round at most this often (and once at the end): a draw takes ~0.23 CPU s in the
+# ServerApp between two rounds, ~10 % of the demo's per-round overhead when rounds last seconds (issue 26)
+PLOT_EVERY_S = 20.0
 
 
 def thin_rows(rows: list[dict[str, Any]], points: int = PLOT_POINTS) -> list[dict[str, Any]]:
