@@ -26,6 +26,9 @@ def test_dicom_site_labels_keys_and_csv(sites, tmp_path):
     assert set(data.labels) >= {"modality", "body_part", "view", "sex", "age", "finding"}
     assert set(data.labels["finding"]) <= {"0", "1"} and set(data.labels["modality"]) == {"DX"}
     assert len(set(data.patient_keys)) == 5
+    # one string object per distinct value (memory between rounds at 10^6 images, issue 26)
+    assert len({id(v) for v in data.labels["modality"]}) == 1
+    assert len({id(k) for k in data.patient_keys}) == 5
     assert not any("SITE-B" in k for k in data.patient_keys)  # salted HMACs, not raw PatientIDs
     groups = data.group_ids()
     assert groups.dtype == np.int64 and len(set(groups.tolist())) == 5
