@@ -127,12 +127,12 @@ def test_a_bad_idle_release_names_its_key(value):
 def test_fedrad_node_keep_resident_turns_idle_release_off(tmp_path, monkeypatch):
     """`fedrad node --keep-resident` hands the SuperNode node-config idle-release = off; without it the key is
     unset (the default: on)."""
-    from fedrad.deploy import cli, node_command
+    from fedrad.deploy import cli, processes
 
     seen: list[dict] = []
-    monkeypatch.setattr(node_command, "supernode_command", lambda _link, _port, config, *a, **k: seen.append(config)
+    monkeypatch.setattr(processes, "supernode_command", lambda _link, _port, config, *a, **k: seen.append(config)
                         or ["true"])
-    monkeypatch.setattr(node_command, "_run_foreground", lambda *a, **k: 0)
+    monkeypatch.setattr(processes, "_run_foreground", lambda *a, **k: 0)
     (tmp_path / "data").mkdir()
     base = ["node", "--data", str(tmp_path / "data"), "--allow-unsigned", "--no-scan",
             "--state-dir", str(tmp_path / "state")]

@@ -24,9 +24,17 @@ SUPERLINK = "127.0.0.1:8000"
 def coordinator(*, host: str = "127.0.0.1", port: int = 8000, state: PathLike = "fedrad-coordinator",
                 certs: PathLike | None = None) -> None:
     """`fedrad coordinator`: run the consortium's SuperLink in the foreground until Ctrl-C."""
-    from fedrad.deploy.node_command import coordinator_main
+    from fedrad.deploy import processes
+    from fedrad.deploy.certs import tls_from
 
-    check_exit(coordinator_main(host=host, port=port, state=state, certs=certs))
+    folder = Path(state).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    tls = tls_from(certs)
+    cmd = processes.superlink_command(folder, host, port, tls, node_auth=tls is not None)
+    print(f"fedrad coordinator: SuperLink on {host}:{port} "
+          f"({'TLS + node authentication' if tls else 'insecure, loopback/trusted network only'}); "
+          f"state in {folder}. Ctrl-C stops it.", flush=True)
+    check_exit(processes._run_foreground(cmd, processes.flower_env()))
 
 
 def run(*, superlink: str = SUPERLINK, run_dir: PathLike | None = None, resume: PathLike | None = None,

@@ -144,17 +144,82 @@ def node(*, data: PathLike | None = None, superlink: str = "127.0.0.1:8000", sou
          max_release_gib: float | None = None, keep_resident: bool = False) -> None:
     """`fedrad node`: start the site's SuperNode next to its data and run until it stops (Ctrl-C).
     Refused (exit 2) when the coordinator has not enrolled this node, Refused with Flower's code if it fails."""
-    from fedrad.deploy.node_command import node_main
+    from fedrad.client.runtime.site_runtime import SiteTrust
+    from fedrad.deploy import node_command as nc
+    from fedrad.deploy import processes  # looked up at call time: tests replace its process starts
 
-    check_exit(node_main(
-        data=data, superlink=superlink, source=source, query=query, since=since, until=until, cache=cache,
-        max_instances=max_instances, concurrency=concurrency, rate=rate, auth_file=auth_file, auth_env=auth_env,
-        ca_bundle=ca_bundle, calling_aet=calling_aet, max_listed=max_listed, device=device, ddp_procs=ddp_procs,
-        port=port, labels=labels, certs=certs, site_name=site_name, no_scan=no_scan, audit_dir=audit_dir,
-        policy=policy, state_dir=state_dir, consortium_key=consortium_key, allow_unsigned=allow_unsigned,
-        insecure=insecure, fresh_process_per_message=fresh_process_per_message, client_app=client_app,
-        client_app_dir=client_app_dir, log_level=log_level, max_releases=max_releases,
-        max_release_gib=max_release_gib, keep_resident=keep_resident))
+    data, cache, source_config, scan_kw = nc.node_location(
+        data, source, query=query, since=since, until=until, cache=cache, max_instances=max_instances,
+        concurrency=concurrency, rate=rate, auth_file=auth_file, auth_env=auth_env, ca_bundle=ca_bundle,
+        calling_aet=calling_aet, max_listed=max_listed)
+    trust = SiteTrust(
+        consortium_key=Path(consortium_key).resolve() if consortium_key else None,
+        allow_unsigned=allow_unsigned,
+        client_app=client_app,
+        client_app_dir=Path(client_app_dir).resolve() if client_app_dir else None,
+        fresh_process_per_message=fresh_process_per_message)
+    if trust.consortium_key is None and not trust.allow_unsigned:
+        raise ValueError("--consortium-key is required (the consortium's public key, e.g. consortium.pub): this "
+                         "node runs only what the consortium signed (--allow-unsigned: local experiments only)")
+    if trust.consortium_key is not None:
+        from fedrad.common.keys import load_public_key
+
+        load_public_key(trust.consortium_key)  # KeyFileError (a ValueError) names the file
+    superlink = processes.with_default_port(superlink)
+    if not certs and not insecure and not processes.is_loopback(superlink):
+        raise ValueError(f"--superlink {superlink} is not on this machine and --certs is not given: "
+                         "give the site folder from `fedrad certs init` (TLS), or --insecure to send in plaintext")
+    from fedrad.client.site.policy import check_coordinator_ca, default_policy, load_policy
+
+    site_policy = load_policy(policy) if policy else default_policy()  # bad file: one line, exit 2
+    if not no_scan:
+        from fedrad.client.site.scan import scan_folder
+
+        print(f"fedrad node: scanning {data} to show what this site would train on ...", flush=True)
+        report = scan_folder(data, decode=False, progress=True, max_pixels=site_policy.max_pixels, **scan_kw)
+        usable = report["usable"]
+        if "pull" in report:
+            p = report["pull"]
+            print(f"fedrad node: fetched {p['fetched']} instances from the PACS in {p['fetch_seconds']:.1f} s "
+                  f"({p['pending']} left for the next pull)", flush=True)
+        print(f"fedrad node: {usable} usable images. Only model weights and aggregate numbers will leave "
+              f"this machine; images and headers stay here.", flush=True)
+    from fedrad.client.site.site_state import node_state_config
+
+    procs = int(ddp_procs or 1)
+    if procs < 1:
+        raise ValueError(f"--ddp-procs {procs}: give 1 or more processes")
+    node_config = {"data-dir": str(data), "cache-dir": cache, "device": device, "ddp-procs": str(procs),
+                   "labels": os.fspath(labels) if labels else labels,
+                   "policy": str(Path(policy).resolve()) if policy else None,
+                   **node_state_config(os.fspath(state_dir) if state_dir else None, data, cache,
+                                       os.fspath(audit_dir) if audit_dir else None),
+                   **source_config}
+    if keep_resident:  # the warm worker keeps its model between rounds (fedrad.client.app.task)
+        node_config["idle-release"] = "off"
+    if max_releases is not None:  # the site's quota of held releases (release_store)
+        node_config["max-releases"] = str(max_releases)
+    if max_release_gib is not None:
+        node_config["max-release-bytes"] = str(int(max_release_gib * (1 << 30)))
+    tls = nc._node_tls_from(certs, site_name)
+    check_coordinator_ca(site_policy, tls.ca_cert if tls else None)
+    print(f"fedrad node: site policy {site_policy.source}; state (salt, DP ledger) in {node_config['state-dir']}; "
+          f"audit in {node_config['audit-dir']}", flush=True)
+    cmd = processes.supernode_command(superlink, port, node_config, tls, trust, log_level)
+    signed_by = f"runs signed by {trust.consortium_key}" if trust.consortium_key else "UNSIGNED runs too"
+    print(f"fedrad node: joining the coordinator at {superlink} "
+          f"({'TLS' if tls else 'plaintext'}); running {trust.client_app} for {signed_by}. Ctrl-C leaves.",
+          flush=True)
+    refused: list[str] = []
+    code = processes._run_foreground(cmd, processes.flower_env(),
+                                     watch=lambda line: nc.NOT_ENROLLED in line and refused.append(line))
+    if refused and tls is not None:
+        print(f"fedrad node: this node is not enrolled at the coordinator {superlink} (its key "
+              f"{tls.node_public_key} is not registered there); the coordinator's operator enrols it with: "
+              f"fedrad certs register CERTS/sites/{tls.node_public_key.parent.name}/node.pub --certs CERTS "
+              f"--superlink {superlink}", file=sys.stderr, flush=True)
+        raise Refused("", exit_code=2)
+    check_exit(code)
 
 
 def verify(bundle: PathLike, *, pubkey: PathLike, expect_run: str | None = None, min_sequence: int | None = None,
