@@ -175,12 +175,17 @@ class DecodedCache:
     def _open(self) -> sqlite3.Connection:
         db = open_wal(self.index_path, _SCHEMA)  # WAL + synchronous NORMAL: a kill loses nothing committed
         want = {"version": str(FORMAT_VERSION), "size": str(self.size), "salt_id": self.salt_id}
-        have = dict(db.execute("SELECT k, v FROM info").fetchall())
-        if {k: have.get(k) for k in want} != want:
+
+        def ours() -> bool:
+            have = dict(db.execute("SELECT k, v FROM info").fetchall())
+            return {k: have.get(k) for k in want} == want
+
+        if not ours():
             with self._locked(), self._tx(db):  # a new store, another salt: nothing in it is ours
-                for table in ("info", "entries", "files", "chunks", "dirs"):
-                    db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
-                db.executemany("INSERT INTO info VALUES (?, ?)", list(want.items()))
+                if not ours():  # read again under the lock: a second opener must not wipe what the first stored
+                    for table in ("info", "entries", "files", "chunks", "dirs"):
+                        db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
+                    db.executemany("INSERT INTO info VALUES (?, ?)", list(want.items()))
             with contextlib.suppress(OSError):
                 (self.dir / "index.json").unlink()  # format 3: decoded again, its chunks deleted by _gc
         self._db = db

@@ -182,3 +182,31 @@ def test_out_of_memory_is_reported_and_retried_at_the_next_load_not_cached(tmp_p
     again = DecodedCache(tmp_path / "c", 32, decoder=out_of_memory_once, workers=0)
     imgs, kept, skipped = again.load(paths[:2], progress=False)
     assert kept == [0, 1] and skipped == {} and again.stats["decoded"] == 2 and len(imgs) == 2
+
+
+def test_an_opener_waiting_to_claim_a_new_store_keeps_what_another_stored_meanwhile(tmp_path, monkeypatch):
+    """Two messages open a new store at once: both see it is not theirs yet; the one that waits for the lock
+    must not wipe what the first claimed and stored meanwhile (it would be decoded again)."""
+    import contextlib
+
+    CALLS.clear()
+    paths, _ = _folder(tmp_path)
+    real_locked = DecodedCache._locked
+    first_done = []
+
+    @contextlib.contextmanager
+    def locked(self):
+        if not first_done:  # the second opener, about to claim: the first claims the store and stores first
+            first_done.append(True)
+            other = DecodedCache(tmp_path / "cache", 32, decoder=counting_entry, workers=0)
+            other.load(paths, progress=False)
+            other.close()
+        with real_locked(self):
+            yield
+
+    monkeypatch.setattr(DecodedCache, "_locked", locked)
+    second = DecodedCache(tmp_path / "cache", 32, decoder=counting_entry, workers=0)
+    assert first_done and len(CALLS) == len(paths)
+    imgs, kept, _ = second.load(paths, progress=False)
+    assert len(CALLS) == len(paths) and kept == [0, 1, 2, 3]  # nothing decoded twice
+    second.close()
