@@ -107,3 +107,15 @@ def test_a_bad_line_is_one_message_naming_file_and_line(tmp_path, capsys):
                               "--out", str(tmp_path / "R.md")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "x.jsonl:1" in err and "missing" in err
+
+
+def test_every_benchmark_module_imports():
+    """A benchmark run weeks later must still start: each benchmarks/*.py imports (in one fresh interpreter), so
+    a helper moved between them breaks a test, not the next measurement (bench_soak lost `MB` that way)."""
+    names = sorted(p.stem for p in BENCH.glob("*.py"))
+    code = ("import importlib, sys\nsys.path[:0] = [sys.argv[1], sys.argv[2]]\nbad = []\n"
+            "for name in sys.argv[3:]:\n    try:\n        importlib.import_module(name)\n"
+            "    except Exception as exc:\n        bad.append(f'{name}: {exc!r}')\nprint('\\n'.join(bad))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(BENCH), str(REPO / "tests"), *names],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
