@@ -4,10 +4,10 @@ the same run directory with resume = true up to --rounds).
 
 Reported (rows in benchmarks/results/soak.jsonl, a plot in benchmarks/plots/soak_rss.png, at most ~200 points):
 - RSS of the coordinator's process tree (SuperLink + ServerApp) and of each site's tree (runtime + SuperNode +
-  warm worker), sampled every 2 s; per run segment (before / after the restart) the mean over its first
-  quarter (after a 5 % warm-up) vs its last quarter (goal: within 10 %). Across the restart the sites hold a
-  second warm worker for the new Flower run until the first one's idle timeout, so the segments are compared
-  each on its own.
+  warm worker), sampled every 2 s; per run segment (before / after the restart) the mean while its first
+  quarter of rounds ran (after a 5 % warm-up) vs its last quarter, up to its last round (goal: within 10 %).
+  Across the restart the sites hold a second warm worker for the new Flower run until the first one's idle
+  timeout, so the segments are compared each on its own.
 - the coordinator's own work per round (send + aggregate + checkpoint-and-plot seconds, metrics.jsonl) over the
   first vs the last quarter of the rounds, and its least-squares slope per 100 rounds (goal: flat).
 - whether the resumed run continued exactly (rounds 1..N each once in metrics.jsonl, the latest checkpoint is
@@ -39,28 +39,48 @@ LOG_MAX_BYTES, LOG_KEEP = 64 * 1024, 3
 PLOT = REPO / "benchmarks" / "plots" / "soak_rss.png"
 
 
-class Series(threading.Thread):
-    """(time, coordinator RSS MB, mean site RSS MB) every 2 s."""
+def rounds_recorded(metrics: Path) -> int:
+    """Rounds whose metrics line is written (a newline count: no parse, cheap every 2 s)."""
+    try:
+        return metrics.read_bytes().count(b"\n")
+    except OSError:
+        return 0
 
-    def __init__(self, coordinator: int, sites: list[int]) -> None:
+
+class Series(threading.Thread):
+    """(time, coordinator RSS MB, mean site RSS MB, rounds recorded so far) every 2 s."""
+
+    def __init__(self, coordinator: int, sites: list[int], metrics: Path) -> None:
         super().__init__(daemon=True)
-        self.coordinator, self.sites, self.rows = coordinator, sites, []
+        self.coordinator, self.sites, self.metrics, self.rows = coordinator, sites, metrics, []
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
             site = sum(tree_rss(p) for p in self.sites) / len(self.sites)
-            self.rows.append((time.time(), tree_rss(self.coordinator) / MB, site / MB))
+            self.rows.append((time.time(), tree_rss(self.coordinator) / MB, site / MB, rounds_recorded(self.metrics)))
             self.done.wait(2.0)
 
 
-def quarters(rows: list[tuple], start: float, end: float) -> tuple[float, float, float, float]:
-    """(coordinator first, coordinator last, site first, site last) means of a segment [start, end]:
-    first = 5..25 % of its span (start-up excluded), last = 75..100 %."""
-    span = max(1e-9, end - start)
+def quarters(rows: list[tuple], start: float, end: float, first_round: int = 0,
+             last_round: int = 0) -> tuple[float, float, float, float]:
+    """(coordinator first, coordinator last, site first, site last) means of a segment [start, end].
+    With rounds recorded per sample (4th field) the quarters are of the segment's rounds first_round..last_round:
+    first = samples while rounds 5..25 % of them ran (start-up excluded), last = from 75 % until the last round's
+    line (the run's end, which builds the model to export it, is not a round). Older raw files: of its time span."""
     seg = [r for r in rows if start <= r[0] <= end]
-    early = [r for r in seg if 0.05 <= (r[0] - start) / span <= 0.25] or seg[:1]
-    late = [r for r in seg if (r[0] - start) / span >= 0.75] or seg[-1:]
+    if last_round > first_round and seg and len(seg[0]) > 3:
+        n = last_round - first_round + 1
+
+        def part(r) -> float:
+            return (r[3] - first_round + 1) / n  # share of the segment's rounds done when sampled
+
+        early = [r for r in seg if 0.05 <= part(r) <= 0.25] or seg[:1]
+        late = [r for r in seg if 0.75 <= part(r) and r[3] < last_round] or seg[-1:]
+    else:
+        span = max(1e-9, end - start)
+        early = [r for r in seg if 0.05 <= (r[0] - start) / span <= 0.25] or seg[:1]
+        late = [r for r in seg if (r[0] - start) / span >= 0.75] or seg[-1:]
 
     def mean(rs, i):
         return sum(r[i] for r in rs) / max(1, len(rs))
@@ -146,7 +166,7 @@ def main() -> int:
                 c.start_node(f"s{i}", site, trust=SiteTrust(consortium_key=c.consortium_pub), config={"threads": 1})
             base = dict(TINY, **{"run-dir": str(run_dir), "round-timeout": 3600.0, "min-train-nodes": n,
                                  "min-available-nodes": n, "keep-checkpoints": 5})
-            series = Series(c.link.pid, [p.pid for p in c.nodes.values()])
+            series = Series(c.link.pid, [p.pid for p in c.nodes.values()], run_dir / "metrics.jsonl")
             series.start()
             dumper_done = threading.Event()
 
@@ -195,8 +215,8 @@ def report(raw: dict, args) -> int:
             for r in rows]
     per_round = [float(r.get("round_seconds") or 0) for r in rows]
     work_first, work_last = sum(work[1:q + 1]) / q, sum(work[-q:]) / q
-    a = quarters(series_rows, t0, t_restart)
-    b = quarters(series_rows, t_restart, t_end) if len(codes) == 2 else (0.0, 0.0, 0.0, 0.0)
+    a = quarters(series_rows, t0, t_restart, 1, half)
+    b = quarters(series_rows, t_restart, t_end, half + 1, args.rounds) if len(codes) == 2 else (0.0, 0.0, 0.0, 0.0)
     bound = LOG_MAX_BYTES * LOG_KEEP + 64 * 1024  # + one oversized write at most
     logs_ok = all(v["files"] <= LOG_KEEP and v["bytes"] <= bound for v in logs.values())
     rotated = sum(1 for v in logs.values() if v["files"] > 1)
