@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedrad.common.file_lock import exclusive_lock
 from fedrad.common.header_signals import load_site_salt
 from fedrad.common.image_ops import to_uint16
 from fedrad.common.sources.base import Frames, Item
@@ -236,20 +237,8 @@ class DecodedCache:
         row = self._db.execute("SELECT v FROM info WHERE k = 'full_pass'").fetchone()
         return float(row[0]) if row else None
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no cross-process lock, writes are still atomic
-            yield
-            return
-        fd = os.open(self.dir / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
-        with open(fd, "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return exclusive_lock(self.dir / ".lock")
 
     def _fresh(self, entry: dict | None) -> bool:
         if entry is None or entry.get("decoder") != self.decoder_name:

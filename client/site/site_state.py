@@ -12,7 +12,6 @@ empty ledger would restart ε at 0 and a new salt would change every patient key
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrad.common.atomic import PRIVATE_FILE, atomic_write_bytes, atomic_write_json, private_dir
+from fedrad.common.file_lock import exclusive_lock
 from fedrad.common.header_signals import SALT_FILE  # patient-pseudonym salt (0600), one name for all readers
 
 STATE_FILE = "state.json"  # the site's id and which files it has held (the "expected" marks)
@@ -198,12 +198,8 @@ def locked(state: SiteState) -> Iterator[None]:
     """Exclusive lock on the site's state: ClientApp processes of concurrent runs read-modify-write the
     same ledger, and a lost update would under-count ε."""
     state.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(state.lock, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    with exclusive_lock(state.lock):
+        yield
 
 
 def site_salt(state: SiteState) -> bytes:
