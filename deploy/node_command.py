@@ -12,7 +12,7 @@ from fedrad.deploy.processes import TlsFiles
 PathLike = str | os.PathLike[str]
 
 
-def _node_tls_from(certs: PathLike | None, site: str | None) -> TlsFiles | None:
+def node_tls_from(certs: PathLike | None, site: str | None) -> TlsFiles | None:
     """A site's TLS files: its own folder (`fedrad-certs/sites/site-a`: ca.pem + node.key, the site's name is
     the folder's), or the consortium folder plus `--site-name`."""
     if not certs:

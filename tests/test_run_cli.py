@@ -92,16 +92,16 @@ def _certs(tmp_path):
     return tmp_path / "fedrad-certs"
 
 
-def test_node_tls_from_the_site_folder_needs_no_site_name(tmp_path):
-    from fedrad.deploy.node_command import _node_tls_from
+def testnode_tls_from_the_site_folder_needs_no_site_name(tmp_path):
+    from fedrad.deploy.node_command import node_tls_from
 
     certs = _certs(tmp_path)
     site = certs / "sites" / "site-a"
-    tls = _node_tls_from(str(site), None)
+    tls = node_tls_from(str(site), None)
     assert tls.node_private_key == site / "node.key" and tls.ca_cert.exists()
-    assert _node_tls_from(str(certs), "site-b").node_private_key == certs / "sites" / "site-b" / "node.key"
+    assert node_tls_from(str(certs), "site-b").node_private_key == certs / "sites" / "site-b" / "node.key"
     with pytest.raises(FileNotFoundError, match="--site-name"):
-        _node_tls_from(str(certs), None)
+        node_tls_from(str(certs), None)
 
 
 def test_node_step_as_in_the_readme_gets_past_tls(tmp_path, capsys):

@@ -144,7 +144,7 @@ def node(*, data: PathLike | None = None, superlink: str = "127.0.0.1:8000", sou
          max_release_gib: float | None = None, keep_resident: bool = False) -> None:
     """`fedrad node`: start the site's SuperNode next to its data and run until it stops (Ctrl-C).
     Refused (exit 2) when the coordinator has not enrolled this node, Refused with Flower's code if it fails."""
-    from fedrad.client.runtime.site_runtime import SiteTrust
+    from fedrad.client.runtime.site_trust import SiteTrust
     from fedrad.deploy import node_command as nc
     from fedrad.deploy import processes  # looked up at call time: tests replace its process starts
 
@@ -201,7 +201,7 @@ def node(*, data: PathLike | None = None, superlink: str = "127.0.0.1:8000", sou
         node_config["max-releases"] = str(max_releases)
     if max_release_gib is not None:
         node_config["max-release-bytes"] = str(int(max_release_gib * (1 << 30)))
-    tls = nc._node_tls_from(certs, site_name)
+    tls = nc.node_tls_from(certs, site_name)
     check_coordinator_ca(site_policy, tls.ca_cert if tls else None)
     print(f"fedrad node: site policy {site_policy.source}; state (salt, DP ledger) in {node_config['state-dir']}; "
           f"audit in {node_config['audit-dir']}", flush=True)
