@@ -32,8 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from bench_many_sites import TINY, tree_rss  # noqa: E402
 from common_bench import REPO, record_row  # noqa: E402
-
-MB = 1 << 20
+from memory_split import MIB  # noqa: E402
 
 LOG_MAX_BYTES, LOG_KEEP = 64 * 1024, 3
 PLOT = REPO / "benchmarks" / "plots" / "soak_rss.png"
@@ -58,7 +57,7 @@ class Series(threading.Thread):
     def run(self) -> None:
         while not self.done.is_set():
             site = sum(tree_rss(p) for p in self.sites) / len(self.sites)
-            self.rows.append((time.time(), tree_rss(self.coordinator) / MB, site / MB, rounds_recorded(self.metrics)))
+            self.rows.append((time.time(), tree_rss(self.coordinator) / MIB, site / MIB, rounds_recorded(self.metrics)))
             self.done.wait(2.0)
 
 

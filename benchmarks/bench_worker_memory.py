@@ -27,12 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 import common_bench  # noqa: E402
-from memory_split import import_ladder, mib, smaps  # noqa: E402
+from memory_split import MIB, import_ladder, mib, smaps  # noqa: E402
 
 SMALL = {"model": "test_resnet", "image-size": 32, "local-steps": 3, "batch-size": 8, "proj-dim": 32,
          "fraction-evaluate": 0.0, "eval-in-train": True, "objective": "simclr"}
 WORKER_STARTED = re.compile(r"warm worker (\d+) started for run (\d+)")
-MIB = 1024 * 1024
 BENCH = "worker_memory"
 
 
